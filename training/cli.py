@@ -1,0 +1,223 @@
+"""`switchyard` — the one console script. Argument parsing only.
+
+Each subcommand names a handler ``"package.module:function"`` that is imported only when that
+subcommand runs (no heavy imports for ``--help``). A handler takes the parsed ``argparse.Namespace``
+and returns an exit code (``int``) or ``None`` (= 0).
+
+Errors: a handler raises ``CLIError`` (or ``ValueError``/``FileNotFoundError``/``ConfigError``) for
+bad input; ``main`` prints one line ``switchyard: error: ...`` and exits 2. Nothing else prints a traceback
+unless ``SWITCHYARD_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from gateway import __version__
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _handler(target: str) -> Callable[[argparse.Namespace], int | None]:
+    def run(args: argparse.Namespace) -> int | None:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def _add(sub: argparse._SubParsersAction, name: str, target: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(func=_handler(target))
+    return p
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchyard",
+        description="OpenAI-compatible LLM gateway: guard, router, cascade, example cache, model pools.",
+    )
+    parser.add_argument("--version", action="version", version=f"switchyard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=lambda args: print(f"switchyard {__version__}"))
+
+    # --- serve ---------------------------------------------------------------------------------
+    p = _add(sub, "serve", "gateway.__main__:serve", "run the gateway (embedded default with no --config)")
+    p.add_argument("--config", help="YAML config file (default: the embedded default)")
+    p.add_argument("--host", help="bind address (overrides config)")
+    p.add_argument("--port", type=int, help="port (overrides config)")
+
+    # --- engine --------------------------------------------------------------------------------
+    p = sub.add_parser("engine", help="the embedded inference engine")
+    esub = p.add_subparsers(dest="engine_command", metavar="ENGINE_COMMAND", required=True)
+    p = _add(esub, "serve", "backends.engine.server:serve", "serve one model as an OpenAI-compatible server")
+    p.add_argument("--model", required=True, help="bundled model name or HF folder path")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--served-name", help="model id reported by /v1/models (default: --model)")
+    p.add_argument("--chat-template", help="'gemma_plain' or a Jinja template file")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default="none", choices=["none", "int8"])
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    # --- models --------------------------------------------------------------------------------
+    p = sub.add_parser("models", help="the bundled model catalogue")
+    msub = p.add_subparsers(dest="models_command", metavar="MODELS_COMMAND", required=True)
+    _add(msub, "list", "training.admin:list_cmd", "list bundled models and their status")
+    p = _add(msub, "prepare", "training.admin:prepare_cmd", "convert bundled GGUFs once (idempotent)")
+    p.add_argument("names", nargs="*", help="models to prepare (default: all bundled)")
+    p.add_argument("--force", action="store_true", help="convert again even if prepared")
+    p.add_argument("--verify", action="store_true", help="re-hash every prepared file")
+
+    # --- keys ----------------------------------------------------------------------------------
+    p = sub.add_parser("keys", help="API key helpers")
+    ksub = p.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
+    p = _add(ksub, "hash", "training.admin:hash_key_cmd", "print the sha256 to put in api_keys[].sha256")
+    p.add_argument("key", nargs="?", help="the key (default: read one line from stdin)")
+
+    # --- config --------------------------------------------------------------------------------
+    p = sub.add_parser("config", help="configuration helpers")
+    csub = p.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
+    p = _add(csub, "check", "training.admin:config_check_cmd", "validate a config (and env overrides)")
+    p.add_argument("--config", help="YAML file (default: the embedded default)")
+    _add(csub, "default", "training.admin:config_default_cmd", "print the embedded default config")
+
+    # --- train / eval / calibrate / label --------------------------------------------------------
+    train = sub.add_parser("train", help="train a guard or router artifact")
+    tsub = train.add_subparsers(dest="train_command", metavar="WHAT", required=True)
+    p = _add(tsub, "guard", "training.guard_cmd:train_guard", "train the domain/OOD/unsafe guard")
+    p.add_argument("--train", required=True, help="JSONL rows {text, label[, source]} (in-domain)")
+    p.add_argument("--dev", required=True, help="in-domain dev rows; OOD thresholds are set here")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--ood-train", help="optional OOD rows used as negatives (reported separately)")
+    p.add_argument("--unsafe-train", help="optional unsafe/toxic/jailbreak rows → explicit 'unsafe' verdict")
+    p.add_argument("--kind", default="ensemble", choices=["widemlp", "embedding", "ensemble"])
+    p.add_argument("--id-recall", type=float, default=0.95, help="in-domain recall the OOD threshold keeps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+
+    p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
+    p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--kind", default="mlp", help="scorer kind (see --help-kinds in docs)")
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of ids hashed into the eval split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-source", action="append", default=[], help="drop a source from training")
+    p.add_argument("--strong-share", type=float, default=0.5, help="initial calibration target")
+
+    ev = sub.add_parser("eval", help="evaluate a guard or router artifact")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    p = _add(evsub, "guard", "training.guard_cmd:eval_guard", "GQR-score, accuracy, OOD rejection, latency")
+    p.add_argument("--model", required=True, help="guard artifact folder")
+    p.add_argument("--test-id", required=True)
+    p.add_argument("--test-ood", required=True)
+    p.add_argument("--train", help="train file for the baselines trained in the same run")
+    p.add_argument("--dev", help="dev file for the baselines' thresholds")
+    p.add_argument("--plot", help="write the ID-recall vs OOD-rejection curve to this PNG")
+    p.add_argument("--max-latency-queries", type=int, default=1000)
+    _json_flag(p)
+
+    p = _add(evsub, "router", "training.router_cmd:eval_router", "APGR, CPT per source, latency")
+    p.add_argument("--model", required=True, help="router artifact folder")
+    p.add_argument("--data", required=True, help="routing rows; only the eval split (by id hash) is used")
+    p.add_argument("--all-rows", action="store_true", help="evaluate every row (data never seen in training)")
+    p.add_argument("--plot", help="write the cost-quality curve to this PNG")
+    p.add_argument("--baselines", action="store_true", help="also train/eval TF-IDF+LR on the same split")
+    _json_flag(p)
+
+    p = _add(sub, "calibrate", "training.router_cmd:calibrate", "set the router threshold to a cost target")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--strong-share", type=float, help="share of traffic sent to the strong model (0..1)")
+    g.add_argument("--max-cost", type=float, help="USD per 1k requests, from the artifact's prices")
+    _json_flag(p)
+
+    p = _add(sub, "label", "training.label:label", "routing labels from your prompts by running both models")
+    p.add_argument("--prompts", required=True, help="JSONL {prompt[, answer][, id]}")
+    p.add_argument("--slm", required=True, help="model name/path or http(s) base URL")
+    p.add_argument("--llm", required=True, help="model name/path or http(s) base URL")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int)
+
+    # --- cache ---------------------------------------------------------------------------------
+    cache = sub.add_parser("cache", help="the in-context example cache")
+    ccsub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
+    for name, helptext in (
+        ("stats", "entry counts and utility per namespace"),
+        ("export", "write entries as JSONL"),
+        ("import", "read entries from JSONL"),
+        ("clear", "delete a namespace's entries"),
+        ("replay", "re-score stored examples and drop harmful ones"),
+    ):
+        p = _add(ccsub, name, f"gateway.example_cache_cli:{name}_cmd", helptext)
+        p.add_argument("--config", help="gateway config (for redis_url / backend)")
+        p.add_argument("--redis-url", help="overrides the config's redis_url")
+        p.add_argument("--namespace", help="namespace (default: all for stats/export)")
+        if name in ("export", "import"):
+            p.add_argument("--file", required=True)
+        if name == "replay":
+            p.add_argument("--dry-run", action="store_true")
+            p.add_argument("--slm", default="smollm2-135m")
+            p.add_argument("--llm", default="gemma3-270m")
+            p.add_argument("--limit", type=int)
+        if name == "stats":
+            _json_flag(p)
+
+    # --- bench ---------------------------------------------------------------------------------
+    bench = sub.add_parser("bench", help="benchmarks that print side-by-side comparisons")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    for name, helptext in (
+        ("engine", "engine tokens/s and TTFT vs HF generate and llama.cpp"),
+        ("gateway", "gateway overhead vs LiteLLM proxy"),
+        ("cache", "example retrieval latency and quality"),
+    ):
+        p = _add(bsub, name, f"bench.{name}:main", helptext)
+        p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # one line, never a traceback, for anything the user can fix
+        if os.environ.get("SWITCHYARD_DEBUG") == "1":
+            raise
+        if isinstance(e, CLIError | ValueError | FileNotFoundError | PermissionError | IsADirectoryError):
+            print(f"switchyard: error: {e}", file=sys.stderr)
+            return 2
+        print(f"switchyard: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
