@@ -66,7 +66,9 @@ def test_env_overrides_and_their_errors(tmp_path):
 
 def test_settings_are_read_only():
     s = load_settings(environ={})
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         s.port = 1  # type: ignore[misc]
 
 
