@@ -1,0 +1,175 @@
+"""Paged attention: KV writes into block caches and attention over block tables (torch path).
+
+KV cache layout (shared with the Triton kernels in ``triton_attention.py``): per layer ``k_cache`` and
+``v_cache`` of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``; token slot
+``slot = block_id * block_size + offset``; slot ``-1`` means "do not store".
+
+``Attention`` is the layer the models call. On CUDA it uses the Triton kernels for KV writes and decode;
+on CPU (and for prefill everywhere) the torch functions below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def store_kvcache_torch(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write ``key``/``value`` [N, Hkv, D] into the caches at ``slot_mapping`` [N] (int64; -1 = skip)."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    k_flat = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    v_flat = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    slot_mapping = slot_mapping.long()
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    k_flat.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_positions: int
+) -> torch.Tensor:
+    """Cache rows for positions 0..num_positions-1 of each table row → [B, L, Hkv, D]."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    pos = torch.arange(num_positions, device=cache.device)
+    blocks = block_tables[:, pos // block_size].long().clamp_(min=0)  # [B, L]
+    slots = blocks * block_size + (pos % block_size)
+    return cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots]
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] → out [B, Hq, D].
+
+    ``context_lens`` [B] counts the keys to attend to, including the current token (already stored).
+    ``block_tables`` [B, max_blocks] int32 (unused entries may hold anything, e.g. -1).
+    ``sliding_window`` keeps only the last ``sliding_window`` keys; ``softcap`` applies
+    ``softcap * tanh(scores / softcap)`` before the softmax.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = int(context_lens.max())
+    k = _gather_kv(k_cache, block_tables, max_len)  # [B, L, Hkv, D]
+    v = _gather_kv(v_cache, block_tables, max_len)
+    qg = q.view(batch, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(max_len, device=q.device)
+    lens = context_lens.to(q.device).long().view(batch, 1)
+    invalid = pos.view(1, -1) >= lens
+    if sliding_window is not None:
+        invalid |= pos.view(1, -1) < lens - sliding_window
+    scores.masked_fill_(invalid.view(batch, 1, 1, max_len), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: int,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention for one sequence's chunk: q [N, Hq, D] at positions start_pos..start_pos+N-1.
+
+    Keys are read from the cache for positions 0..start_pos+N-1 (the chunk's own KV is already stored),
+    so prefix-cache hits and chunked prefill need no special case.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    total = start_pos + num_tokens
+    k = _gather_kv(k_cache, block_table.view(1, -1), total)[0]  # [L, Hkv, D]
+    v = _gather_kv(v_cache, block_table.view(1, -1), total)[0]
+    qh = q.view(num_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).float()  # [Hkv, G, N, D]
+    kh = k.permute(1, 0, 2).float().unsqueeze(1)  # [Hkv, 1, L, D]
+    vh = v.permute(1, 0, 2).float().unsqueeze(1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [Hkv, G, N, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = torch.arange(start_pos, total, device=q.device).view(-1, 1)
+    k_pos = torch.arange(total, device=q.device).view(1, -1)
+    invalid = k_pos > q_pos
+    if sliding_window is not None:
+        invalid |= k_pos <= q_pos - sliding_window
+    scores.masked_fill_(invalid, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), vh)  # [Hkv, G, N, D]
+    return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim).to(q.dtype)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a flat batch sits in the paged cache; built once per step by the model runner.
+
+    Tokens are laid out as: all decode tokens first (one per sequence), then each prefill chunk.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int32
+    # one entry per prefill chunk: (first token row, number of tokens, start position, block table tensor)
+    prefills: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
+    use_triton: bool = False
+
+
+class Attention(nn.Module):
+    """Paged attention for one layer; caches are attached by the model runner (``k_cache``/``v_cache``)."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+        sliding_window: int | None = None, softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hkv, D] → [N, Hq, D]."""
+        if meta.use_triton:
+            from backends.engine.layers.triton_attention import paged_decode_attention, store_kvcache
+        else:
+            store_kvcache, paged_decode_attention = store_kvcache_torch, paged_decode_attention_torch
+        store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if not meta.prefills:
+            return paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, self.sliding_window, self.softcap,
+            )
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = paged_decode_attention(
+                q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, self.sliding_window, self.softcap,
+            )
+        for row, num_tokens, start_pos, block_table in meta.prefills:
+            out[row:row + num_tokens] = paged_prefill_attention_torch(
+                q[row:row + num_tokens], self.k_cache, self.v_cache, block_table, start_pos,
+                self.scale, self.sliding_window, self.softcap,
+            )
+        return out
