@@ -1,0 +1,478 @@
+"""Text → features, the same code at training and at serving time.
+
+Three pieces, shared by the guard, the router and the example cache:
+
+- ``HashedTfidf``: hashed word and character n-gram TF-IDF. Stable across processes and machines
+  (a fixed FNV-1a/splitmix64 hash over Unicode code points and a CRC-32 over words — never Python's
+  ``hash()``), language-agnostic, fast for one short query (a few hundred microseconds).
+- ``MiniLMEmbedder``: all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm, as
+  sentence-transformers does), through ONNX Runtime (exported once, checksummed) with a torch fallback.
+- ``last_user_text``: which part of a multi-turn chat the guard and the router look at.
+
+Nothing is loaded at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import warnings
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FEATURES_VERSION = 1
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+_SPACE_RE = re.compile(r"\s+")
+_FNV_PRIME = np.uint64(0x100000001B3)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_WORD_SEED = np.uint64(0x5157A5D1)
+_CHAR_SEED = np.uint64(0xC4A2B00F)
+
+
+def _seed(base: np.uint64, n: int) -> np.uint64:
+    return np.uint64((int(base) + n * int(_GOLDEN)) & 0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads every input bit over the low bits we keep."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case and collapse whitespace; the one normalisation every featurizer applies."""
+    return _SPACE_RE.sub(" ", text.lower()).strip()
+
+
+def char_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
+    """uint64 hashes of every character n-gram (n in ``ngram_range``) of ``" " + text + " "``."""
+    lo, hi = ngram_range
+    cps = np.frombuffer((" " + text + " ").encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    out: list[np.ndarray] = []
+    h = (_FNV_OFFSET ^ cps) * _FNV_PRIME  # n = 1 at every position
+    for n in range(1, hi + 1):
+        if n > 1:
+            if len(cps) < n:
+                break
+            h = (h[:-1] ^ cps[n - 1:]) * _FNV_PRIME
+        if n >= lo:
+            out.append(_mix(h ^ _seed(_CHAR_SEED, n)))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+
+def word_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
+    """uint64 hashes of every word n-gram (``\\w+`` tokens) of a normalised text."""
+    lo, hi = ngram_range
+    words = _WORD_RE.findall(text)
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    base = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+    out: list[np.ndarray] = []
+    h = (_FNV_OFFSET ^ base) * _FNV_PRIME
+    for n in range(1, hi + 1):
+        if n > 1:
+            if len(base) < n:
+                break
+            h = (h[:-1] ^ _mix(base[n - 1:])) * _FNV_PRIME
+        if n >= lo:
+            out.append(_mix(h ^ _seed(_WORD_SEED, n)))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+
+class HashedTfidf:
+    """Hashed word + character n-gram TF-IDF.
+
+    Contract:
+    - ``transform`` returns a ``scipy.sparse.csr_matrix`` [n, n_features] float32. The word part and the
+      character part are each L2-normalised and scaled by 1/sqrt(2), so every non-empty row has L2 norm 1
+      (like a FeatureUnion of two normalised TF-IDF vectors; the row is renormalised after word and char
+      n-grams that share a bucket are summed); an empty text gives an all-zero row.
+    - Term frequency is ``1 + log(tf)`` when ``sublinear_tf``; IDF is sklearn's smoothed
+      ``log((1 + n) / (1 + df)) + 1``, learned by ``fit`` (before ``fit`` the IDF is all ones).
+    - Bucket ids depend only on the text and ``n_features``: the same in every process.
+    - ``state()`` → ``(meta, arrays)`` with JSON-able meta and one array ``"idf"``; callers that store
+      several featurizers in one artifact prefix the array names themselves.
+    - Thread-safe for ``transform``/``transform_one`` after ``fit``.
+    """
+
+    def __init__(
+        self,
+        n_features: int = 2**18,
+        word_ngrams: tuple[int, int] = (1, 2),
+        char_ngrams: tuple[int, int] = (2, 5),
+        sublinear_tf: bool = True,
+    ) -> None:
+        if n_features <= 0 or n_features & (n_features - 1):
+            raise ValueError(f"n_features must be a power of two, got {n_features}")
+        for name, (lo, hi) in (("word_ngrams", word_ngrams), ("char_ngrams", char_ngrams)):
+            if not (0 <= lo <= hi) or (lo == 0 and hi != 0):
+                raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi, or (0, 0) to disable")
+        self.n_features = int(n_features)
+        self.word_ngrams = (int(word_ngrams[0]), int(word_ngrams[1]))
+        self.char_ngrams = (int(char_ngrams[0]), int(char_ngrams[1]))
+        self.sublinear_tf = bool(sublinear_tf)
+        self.idf = np.ones(self.n_features, dtype=np.float32)
+        self.num_docs = 0
+        self._mask = np.uint64(self.n_features - 1)
+
+    # -- bucket ids ---------------------------------------------------------------------------
+    def _parts(self, text: str) -> list[np.ndarray]:
+        """Bucket ids of the word part and the char part (each possibly empty)."""
+        norm = normalize_text(text)
+        parts = []
+        if self.word_ngrams[0] > 0:
+            parts.append((word_ngram_hashes(norm, self.word_ngrams) & self._mask).astype(np.int64))
+        if self.char_ngrams[0] > 0 and norm:
+            parts.append((char_ngram_hashes(norm, self.char_ngrams) & self._mask).astype(np.int64))
+        return parts
+
+    def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted unique column ids, float32 values) of one text."""
+        parts = [p for p in self._parts(text) if len(p)]
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        cols, vals = [], []
+        scale = 1.0 / np.sqrt(len(parts))
+        for ids in parts:
+            u, tf = np.unique(ids, return_counts=True)
+            w = (1.0 + np.log(tf)) if self.sublinear_tf else tf.astype(np.float64)
+            w = w * self.idf[u]
+            w *= scale / np.sqrt(np.dot(w, w))
+            cols.append(u)
+            vals.append(w)
+        if len(cols) == 1:
+            return cols[0], vals[0].astype(np.float32)
+        c = np.concatenate(cols)
+        v = np.concatenate(vals)
+        u, inv = np.unique(c, return_inverse=True)
+        w = np.bincount(inv, weights=v, minlength=len(u))
+        return u, (w / np.sqrt(np.dot(w, w))).astype(np.float32)  # word/char bucket collisions
+
+    # -- API ------------------------------------------------------------------------------------
+    def fit(self, texts: Iterable[str]) -> HashedTfidf:
+        """Learn the IDF from ``texts``; returns self."""
+        df = np.zeros(self.n_features, dtype=np.int64)
+        n = 0
+        for text in texts:
+            parts = self._parts(text)
+            if parts:
+                df[np.unique(np.concatenate(parts))] += 1
+            n += 1
+        if n == 0:
+            raise ValueError("HashedTfidf.fit needs at least one text")
+        self.num_docs = n
+        self.idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+        return self
+
+    def transform(self, texts: Sequence[str]):
+        """[n, n_features] csr_matrix float32, rows as described in the class contract."""
+        from scipy.sparse import csr_matrix
+
+        indptr = [0]
+        cols, vals = [], []
+        for text in texts:
+            c, v = self._row(text)
+            cols.append(c)
+            vals.append(v)
+            indptr.append(indptr[-1] + len(c))
+        indices = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        data = np.concatenate(vals) if vals else np.zeros(0, dtype=np.float32)
+        return csr_matrix(
+            (data, indices.astype(np.int32), np.asarray(indptr, dtype=np.int64)),
+            shape=(len(indptr) - 1, self.n_features),
+        )
+
+    def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The fast path for one query: (sorted column ids int64, values float32), no scipy."""
+        return self._row(text)
+
+    def fit_transform(self, texts: Sequence[str]):
+        return self.fit(texts).transform(texts)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {
+            "type": "hashed_tfidf",
+            "version": FEATURES_VERSION,
+            "n_features": self.n_features,
+            "word_ngrams": list(self.word_ngrams),
+            "char_ngrams": list(self.char_ngrams),
+            "sublinear_tf": self.sublinear_tf,
+            "num_docs": self.num_docs,
+        }
+        return meta, {"idf": self.idf.copy()}
+
+    to_arrays = state
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> HashedTfidf:
+        if meta.get("type") != "hashed_tfidf" or meta.get("version") != FEATURES_VERSION:
+            raise ValueError(
+                f"featurizer state is {meta.get('type')!r} v{meta.get('version')}, "
+                f"expected 'hashed_tfidf' v{FEATURES_VERSION}; retrain the artifact"
+            )
+        obj = cls(
+            n_features=int(meta["n_features"]),
+            word_ngrams=tuple(meta["word_ngrams"]),
+            char_ngrams=tuple(meta["char_ngrams"]),
+            sublinear_tf=bool(meta["sublinear_tf"]),
+        )
+        idf = np.asarray(arrays["idf"], dtype=np.float32)
+        if idf.shape != (obj.n_features,):
+            raise ValueError(f"idf has shape {idf.shape}, expected ({obj.n_features},)")
+        obj.idf = idf
+        obj.num_docs = int(meta.get("num_docs", 0))
+        return obj
+
+    from_arrays = from_state
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniLM sentence embeddings
+# --------------------------------------------------------------------------------------------------
+
+EMBEDDING_DIM = 384
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings: ``encode(texts) -> float32 [n, 384]``, rows L2-normalised.
+
+    - Mean pooling over non-padding tokens, then L2 norm (sentence-transformers' recipe);
+      texts are truncated to ``max_length`` word pieces (256, the model's own limit).
+    - ``backend``: ``"onnx"`` (ONNX Runtime; the graph is exported once to
+      ``$SWITCHYARD_HOME/onnx/minilm.onnx`` beside a ``.json`` checksum record and re-exported when the
+      source weights or the file no longer match), ``"torch"``, or ``"auto"`` (onnx, else torch).
+    - ``num_threads`` intra-op threads (1 = the serving setting).
+    - Loading is lazy (first ``encode``) and guarded by a lock; ``encode`` is thread-safe afterwards.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        backend: str = "auto",
+        max_length: int = 256,
+        num_threads: int = 1,
+    ) -> None:
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be one of auto, onnx, torch; got {backend!r}")
+        self._model_dir = Path(model_dir) if model_dir is not None else None
+        self.requested_backend = backend
+        self.max_length = int(max_length)
+        self.num_threads = int(num_threads)
+        self.backend: str | None = None  # the one actually in use, after load
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._session = None
+        self._torch_model = None
+
+    # -- loading ------------------------------------------------------------------------------------
+    @property
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            from backends.models import prepare
+
+            self._model_dir = Path(prepare("minilm"))
+        return self._model_dir
+
+    def load(self) -> MiniLMEmbedder:
+        with self._lock:
+            if self.backend is not None:
+                return self
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+            tok.enable_truncation(max_length=self.max_length)
+            tok.enable_padding(pad_id=0, pad_token="[PAD]")
+            self._tokenizer = tok
+            if self.requested_backend in ("auto", "onnx"):
+                try:
+                    self._session = self._onnx_session()
+                    self.backend = "onnx"
+                    return self
+                except Exception:
+                    if self.requested_backend == "onnx":
+                        raise
+            self._torch_model = self._load_torch()
+            self.backend = "torch"
+            return self
+
+    def _load_torch(self):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(self.model_dir))
+        model.eval()
+        return model
+
+    def onnx_path(self) -> Path:
+        from backends.models import switchyard_home
+
+        return switchyard_home() / "onnx" / "minilm.onnx"
+
+    def _onnx_session(self):
+        import onnxruntime as ort
+
+        path = self.onnx_path()
+        record = path.with_suffix(".json")
+        source_sha = _sha256(self.model_dir / "model.safetensors")
+        ok = False
+        if path.is_file() and record.is_file():
+            try:
+                rec = json.loads(record.read_text())
+                ok = rec.get("source_sha256") == source_sha and rec.get("onnx_sha256") == _sha256(path)
+            except (OSError, json.JSONDecodeError):
+                ok = False
+        if not ok:
+            self._export_onnx(path, record, source_sha)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.num_threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def _export_onnx(self, path: Path, record: Path, source_sha: str) -> None:
+        """Export the encoder (last_hidden_state) once; atomic rename so concurrent loaders never see half a file."""
+        import torch
+
+        model = self._load_torch()
+
+        class _Encoder(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.m(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                ).last_hidden_state
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        dummy = torch.ones(1, 8, dtype=torch.long)
+        axes = {0: "batch", 1: "seq"}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python control flow in HF code
+            torch.onnx.export(
+                _Encoder(model),
+                (dummy, dummy, torch.zeros_like(dummy)),
+                str(tmp),
+                input_names=["input_ids", "attention_mask", "token_type_ids"],
+                output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
+                              "last_hidden_state": axes},
+                opset_version=17,
+                dynamo=False,
+            )
+        rec_tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        rec_tmp.write_text(json.dumps({"source_sha256": source_sha, "onnx_sha256": _sha256(tmp),
+                                       "max_length": self.max_length}, indent=2))
+        os.replace(tmp, path)
+        os.replace(rec_tmp, record)
+
+    # -- encoding -----------------------------------------------------------------------------------
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """float32 [len(texts), 384], each row L2-normalised (an empty text still gets [CLS] [SEP])."""
+        if self.backend is None:
+            self.load()
+        out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            batch = list(texts[start:start + batch_size])
+            encs = self._tokenizer.encode_batch(batch)
+            ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+            mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+            hidden = self._hidden(ids, mask)
+            m = mask[:, :, None].astype(np.float32)
+            pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            out[start:start + len(batch)] = pooled
+        return out
+
+    def encode_one(self, text: str) -> np.ndarray:
+        return self.encode([text], batch_size=1)[0]
+
+    def _hidden(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        types = np.zeros_like(ids)
+        if self.backend == "onnx":
+            return self._session.run(
+                None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            )[0]
+        import torch
+
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        with torch.inference_mode():
+            return self._torch_model(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                token_type_ids=torch.from_numpy(types),
+            ).last_hidden_state.float().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-turn chats
+# --------------------------------------------------------------------------------------------------
+
+
+def message_text(content: Any) -> str:
+    """Text of one OpenAI message ``content``: a string, or the ``text`` parts of a content list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text") or ""))
+            elif isinstance(part, str):
+                parts.append(part)
+        return "\n".join(p for p in parts if p)
+    raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def last_user_text(messages: Sequence[dict[str, Any]], max_chars: int = 2000) -> str:
+    """The text the guard and the router see for a chat.
+
+    Rule: the last ``user`` turn, preceded by earlier ``user`` turns (newest first, joined by newlines)
+    while the total stays within ``max_chars``. System/developer prompts and assistant/tool turns are
+    excluded: they are written by the deployment or the model, not by the person whose request is being
+    judged. A last user turn longer than ``max_chars`` is cut to its first ``max_chars`` characters.
+    No user turn at all → ``""``. Messages are dicts with ``role`` and ``content`` (string or parts).
+    """
+    if max_chars <= 0:
+        raise ValueError("max_chars must be positive")
+    user_texts = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise ValueError(f"a message must be a dict with role/content, got {type(m).__name__}")
+        if m.get("role") == "user":
+            text = message_text(m.get("content")).strip()
+            if text:
+                user_texts.append(text)
+    if not user_texts:
+        return ""
+    picked = [user_texts[-1][:max_chars]]
+    used = len(picked[0])
+    for text in reversed(user_texts[:-1]):
+        if used + 1 + len(text) > max_chars:
+            break
+        picked.append(text)
+        used += 1 + len(text)
+    return "\n".join(reversed(picked))

@@ -1,0 +1,105 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from routers.features import HashedTfidf, MiniLMEmbedder, last_user_text
+
+TEXTS = [
+    "How do I file a small claims lawsuit against my landlord?",
+    "Is it better to pay off my credit card or invest in an index fund?",
+    "What are the side effects of ibuprofen?",
+    "Mein Vermieter hat die Kaution nicht zurückgezahlt.",
+]
+
+
+def test_rows_are_l2_normalised_and_empty_text_is_zero():
+    v = HashedTfidf(n_features=2**14).fit(TEXTS)
+    X = v.transform(TEXTS + ["", "   "])
+    assert X.shape == (6, 2**14)
+    assert X.dtype == np.float32
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1))).ravel()
+    assert np.allclose(norms[:4], 1.0, atol=1e-5)
+    assert norms[4] == 0 and norms[5] == 0
+
+
+def test_transform_one_matches_transform_row():
+    v = HashedTfidf(n_features=2**12).fit(TEXTS)
+    cols, vals = v.transform_one(TEXTS[1])
+    row = v.transform([TEXTS[1]])
+    assert list(cols) == list(row.indices)
+    assert np.allclose(vals, row.data)
+    assert np.all(np.diff(cols) > 0)
+
+
+def test_hash_buckets_are_stable_across_processes():
+    code = (
+        "from routers.features import HashedTfidf;"
+        "c,_=HashedTfidf(n_features=2**16).transform_one('Stable hashing, please: ünïcode too');"
+        "print(','.join(map(str,c.tolist())))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert len(outs) == 1
+    here, _ = HashedTfidf(n_features=2**16).transform_one("Stable hashing, please: ünïcode too")
+    assert outs.pop() == ",".join(map(str, here.tolist()))
+
+
+def test_idf_downweights_common_terms_and_state_round_trips():
+    v = HashedTfidf(n_features=2**14, word_ngrams=(1, 1), char_ngrams=(0, 0)).fit(
+        ["the cat", "the dog", "the bird", "a fish"]
+    )
+    cols, vals = v.transform_one("the fish")
+    assert len(cols) == 2
+    by_col = dict(zip(cols.tolist(), vals.tolist(), strict=True))
+    the_col, _ = v.transform_one("the")
+    assert by_col[int(the_col[0])] < max(by_col.values())
+    meta, arrays = v.state()
+    w = HashedTfidf.from_state(meta, arrays)
+    assert (w.transform(TEXTS) != v.transform(TEXTS)).nnz == 0
+    with pytest.raises(ValueError):
+        HashedTfidf.from_state({**meta, "version": 99}, arrays)
+
+
+def test_bad_construction_raises():
+    with pytest.raises(ValueError):
+        HashedTfidf(n_features=1000)
+    with pytest.raises(ValueError):
+        HashedTfidf(word_ngrams=(2, 1))
+
+
+def test_last_user_text_rule():
+    msgs = [
+        {"role": "system", "content": "You are a legal assistant."},
+        {"role": "user", "content": "My landlord kept my deposit."},
+        {"role": "assistant", "content": "Where do you live?"},
+        {"role": "user", "content": [{"type": "text", "text": "In California."}]},
+    ]
+    assert last_user_text(msgs, 200) == "My landlord kept my deposit.\nIn California."
+    assert last_user_text(msgs, 20) == "In California."
+    assert last_user_text(msgs, 5) == "In Ca"
+    assert last_user_text([{"role": "system", "content": "x"}], 100) == ""
+    with pytest.raises(ValueError):
+        last_user_text(msgs, 0)
+
+
+@pytest.mark.slow
+def test_minilm_onnx_matches_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
+    from backends.models import prepare
+
+    folder = prepare("minilm")
+    texts = ["What are the side effects of ibuprofen?", "", "Tvivler jeg på for det bringer skam"]
+    onnx = MiniLMEmbedder(folder, backend="onnx")
+    a = onnx.encode(texts)
+    b = MiniLMEmbedder(folder, backend="torch").encode(texts)
+    assert onnx.backend == "onnx"
+    assert a.shape == (3, 384) and a.dtype == np.float32
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.all((a * b).sum(axis=1) > 0.999)
+    assert np.allclose(onnx.encode_one(texts[0]), a[0], atol=1e-5)
+    assert (tmp_path / "onnx" / "minilm.onnx").is_file() and (tmp_path / "onnx" / "minilm.json").is_file()
