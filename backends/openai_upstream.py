@@ -1,0 +1,366 @@
+"""A Backend for any OpenAI-compatible server (vLLM, SGLang, llama.cpp, a cloud API) over httpx.
+
+One ``OpenAIUpstream`` is one replica: one base URL ending in ``/v1`` and one ``httpx.AsyncClient``
+(connection pool, HTTP/1.1 keep-alive), opened by ``load()`` and released by ``close()``.
+
+Contract (see ``backends/base.py``):
+  * ``generate`` streams ``/chat/completions`` (``messages``) or ``/completions`` (``prompt``) with
+    ``stream_options.include_usage`` and maps every SSE chunk to ``Delta``s; the finish Deltas are held
+    back until the stream ends so the last one can carry ``is_final=True`` and the usage;
+  * ``generate(request, stream=False)`` asks the upstream for one JSON answer instead (cheaper when the
+    caller buffers anyway); the Deltas it yields are the same, one per choice;
+  * errors become ``BackendError``: connect error, 5xx, 429, timeout, a broken stream → ``retryable=True``
+    before the first Delta; other 4xx → ``retryable=False`` with the upstream's status, message and code;
+    anything after the first Delta → ``after_first_token=True`` (not retryable);
+  * ``request.deadline`` bounds every read; a passed deadline is ``BackendError(504, "deadline_exceeded")``;
+  * closing the generator (client disconnect) closes the upstream response, which aborts the request there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+
+from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
+
+_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+
+class OpenAIUpstream:
+    """One remote OpenAI-compatible server. ``model`` is the upstream model id sent in every request."""
+
+    supports_buffered = True  # generate(..., stream=False) is understood (backends/pool.py uses it)
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 2.0,
+        supports_tools: bool = False,
+        supports_json_mode: bool = False,
+        max_connections: int = 1024,
+        health_timeout_s: float | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
+        if timeout_s <= 0 or connect_timeout_s <= 0:
+            raise ValueError("timeout_s and connect_timeout_s must be > 0")
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.supports_tools = supports_tools
+        self.supports_json_mode = supports_json_mode
+        self.max_connections = max_connections
+        self.health_timeout_s = health_timeout_s or max(connect_timeout_s, 1.0)
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenAIUpstream({self.name!r}, {self.base_url!r}, model={self.model!r})"
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def load(self) -> None:
+        if self._client is not None:
+            return
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            limits=httpx.Limits(max_connections=self.max_connections,
+                                max_keepalive_connections=self.max_connections, keepalive_expiry=60.0),
+            http1=True,
+            http2=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def health(self) -> bool:
+        """True when ``GET /models`` (or ``GET /healthz`` beside ``/v1``) answers 200 in time."""
+        client = await self._ensure_client()
+        timeout = httpx.Timeout(self.health_timeout_s)
+        try:
+            r = await client.get("/models", timeout=timeout)
+            if r.status_code == 404:
+                root = self.base_url.removesuffix("/v1")
+                r = await client.get(f"{root}/healthz", timeout=timeout)
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def num_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return None
+
+    async def _ensure_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            await self.load()
+        assert self._client is not None, "load() must create the client"
+        return self._client
+
+    # ------------------------------------------------------------------------------- request
+
+    def build_payload(self, request: GenerationRequest, *, stream: bool) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) for this request. Raises BackendError(400) for features this upstream lacks."""
+        s = request.sampling
+        is_chat = request.messages is not None
+        if request.tools and not self.supports_tools:
+            raise BackendError(f"model pool replica {self.name} does not support tools", retryable=False,
+                               status_code=400, code="tools_not_supported")
+        rf_type = (request.response_format or {}).get("type", "text")
+        if rf_type != "text" and not self.supports_json_mode:
+            raise BackendError(f"model pool replica {self.name} does not support response_format {rf_type!r}",
+                               retryable=False, status_code=400, code="response_format_not_supported")
+        body: dict[str, Any] = {"model": self.model, "stream": stream, "max_tokens": s.max_tokens,
+                                "temperature": s.temperature, "top_p": s.top_p}
+        if is_chat:
+            body["messages"] = request.messages
+        else:
+            body["prompt"] = request.prompt
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if request.n != 1:
+            body["n"] = request.n
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.presence_penalty:
+            body["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            body["frequency_penalty"] = s.frequency_penalty
+        if s.logprobs:
+            if is_chat:
+                body["logprobs"] = True
+                if s.top_logprobs:
+                    body["top_logprobs"] = s.top_logprobs
+            else:
+                body["logprobs"] = s.top_logprobs
+        # Non-OpenAI sampling knobs (vLLM / SGLang / llama.cpp accept them): sent only when set.
+        if s.top_k != -1:
+            body["top_k"] = s.top_k
+        if s.min_p:
+            body["min_p"] = s.min_p
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        if s.ignore_eos:
+            body["ignore_eos"] = True
+        if s.stop_token_ids:
+            body["stop_token_ids"] = list(s.stop_token_ids)
+        if request.tools:
+            body["tools"] = request.tools
+            if request.tool_choice is not None:
+                body["tool_choice"] = request.tool_choice
+        if request.response_format is not None and rf_type != "text":
+            body["response_format"] = request.response_format
+        if request.user is not None:
+            body["user"] = request.user
+        return ("/chat/completions" if is_chat else "/completions"), body
+
+    def _timeout(self, request: GenerationRequest) -> httpx.Timeout:
+        read = self.timeout_s
+        if request.deadline is not None:
+            remaining = request.deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendError(f"deadline passed before calling {self.name}", retryable=False,
+                                   status_code=504, code="deadline_exceeded")
+            read = min(read, remaining)
+        return httpx.Timeout(read, connect=min(self.connect_timeout_s, read))
+
+    async def generate(self, request: GenerationRequest, stream: bool = True) -> AsyncIterator[Delta]:
+        """Stream the answer as Deltas (see the module docstring for errors and cancellation)."""
+        path, body = self.build_payload(request, stream=stream)
+        timeout = self._timeout(request)
+        client = await self._ensure_client()
+        is_chat = request.messages is not None
+        num_yielded = 0
+        try:
+            async with client.stream("POST", path, json=body, timeout=timeout) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise self._status_error(response)
+                if not stream:
+                    await response.aread()
+                    for delta in self._whole_to_deltas(_json(response.content, self.name), is_chat):
+                        yield delta
+                    return
+                parser = _StreamParser(is_chat=is_chat, n=request.n, name=self.name)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    for delta in parser.feed(_json(data, self.name)):
+                        num_yielded += 1
+                        yield delta
+                    if request.deadline is not None and time.monotonic() > request.deadline:
+                        raise BackendError(f"deadline passed while streaming from {self.name}",
+                                           retryable=False, status_code=504, code="deadline_exceeded",
+                                           after_first_token=num_yielded > 0)
+                for delta in parser.finish():
+                    num_yielded += 1
+                    yield delta
+        except BackendError as e:
+            if num_yielded and not e.after_first_token:
+                raise BackendError(e.message, retryable=False, status_code=e.status_code, code=e.code,
+                                   after_first_token=True) from e
+            raise
+        except httpx.TimeoutException as e:
+            raise self._transport_error(e, "timed out", 504, "upstream_timeout", num_yielded) from None
+        except httpx.ConnectError as e:
+            raise self._transport_error(e, "connection failed", 502, "upstream_connect_error", num_yielded) from None
+        except httpx.HTTPError as e:
+            raise self._transport_error(e, "broke the connection", 502, "upstream_error", num_yielded) from None
+
+    def _transport_error(self, e: Exception, what: str, status: int, code: str, num_yielded: int) -> BackendError:
+        after = num_yielded > 0
+        return BackendError(f"upstream {self.name} {what}: {type(e).__name__}: {e}".rstrip(": "),
+                            retryable=not after, status_code=status, code=code, after_first_token=after)
+
+    def _status_error(self, response: httpx.Response) -> BackendError:
+        status = response.status_code
+        message, code = f"upstream {self.name} answered HTTP {status}", None
+        try:
+            err = response.json().get("error")
+            if isinstance(err, dict):
+                message = f"{message}: {err.get('message') or ''}".rstrip(": ")
+                code = err.get("code") if isinstance(err.get("code"), str) else None
+            elif isinstance(err, str):
+                message = f"{message}: {err}"
+        except (ValueError, AttributeError):
+            pass
+        if status >= 500 or status in _RETRYABLE_STATUS:
+            return BackendError(message, retryable=True, status_code=502 if status >= 500 else status,
+                                code=code or "upstream_error")
+        return BackendError(message, retryable=False, status_code=status, code=code)
+
+    def _whole_to_deltas(self, obj: dict[str, Any], is_chat: bool) -> list[Delta]:
+        choices = sorted(obj.get("choices") or [], key=lambda c: c.get("index", 0))
+        if not choices:
+            raise BackendError(f"upstream {self.name} answered without choices", retryable=True, code="upstream_error")
+        deltas = []
+        num_completion = 0
+        for c in choices:
+            if is_chat:
+                msg = c.get("message") or {}
+                text = msg.get("content") or ""
+                tool_calls = msg.get("tool_calls")
+                if tool_calls:
+                    tool_calls = [{"index": i, **tc} if "index" not in tc else tc for i, tc in enumerate(tool_calls)]
+                logprobs = _chat_logprobs(c.get("logprobs"))
+            else:
+                text, tool_calls = c.get("text") or "", None
+                logprobs = _completion_logprobs(c.get("logprobs"))
+            num_completion += len(logprobs) or (1 if text else 0)
+            deltas.append(Delta(index=c.get("index", 0), text=text, logprobs=logprobs,
+                                finish_reason=_finish(c.get("finish_reason")), tool_calls=tool_calls or None))
+        usage = _usage(obj.get("usage")) or Usage(0, num_completion)
+        deltas[-1] = replace(deltas[-1], is_final=True, usage=usage)
+        return deltas
+
+
+class _StreamParser:
+    """Turns OpenAI stream chunks into Deltas; holds finish Deltas back until ``finish()``."""
+
+    def __init__(self, *, is_chat: bool, n: int, name: str) -> None:
+        self.is_chat, self.n, self.name = is_chat, n, name
+        self.finished: list[Delta] = []
+        self.usage: Usage | None = None
+        self.num_content_chunks = 0
+
+    def feed(self, chunk: dict[str, Any]) -> list[Delta]:
+        if "error" in chunk and not chunk.get("choices"):
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise BackendError(f"upstream {self.name} sent an error event: {message}", retryable=True,
+                               code="upstream_error")
+        usage = _usage(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        out = []
+        for c in chunk.get("choices") or ():
+            index = c.get("index", 0)
+            if self.is_chat:
+                d = c.get("delta") or {}
+                text, tool_calls = d.get("content") or "", d.get("tool_calls")
+                logprobs = _chat_logprobs(c.get("logprobs"))
+            else:
+                text, tool_calls = c.get("text") or "", None
+                logprobs = _completion_logprobs(c.get("logprobs"))
+            finish = _finish(c.get("finish_reason"))
+            if text or logprobs or tool_calls:
+                self.num_content_chunks += 1
+                out.append(Delta(index=index, text=text, logprobs=logprobs, tool_calls=tool_calls or None))
+            if finish is not None:
+                self.finished.append(Delta(index=index, finish_reason=finish))
+        return out
+
+    def finish(self) -> list[Delta]:
+        seen = {d.index for d in self.finished}
+        if len(seen) < self.n:
+            raise BackendError(f"upstream {self.name} ended the stream before every choice finished",
+                               retryable=True, code="upstream_incomplete_stream")
+        usage = self.usage or Usage(0, self.num_content_chunks)
+        return self.finished[:-1] + [replace(self.finished[-1], is_final=True, usage=usage)]
+
+
+def _json(data: str | bytes, name: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise BackendError(f"upstream {name} sent invalid JSON: {data[:80]!r}", retryable=True,
+                           code="upstream_bad_response") from None
+    if not isinstance(obj, dict):
+        raise BackendError(f"upstream {name} sent a non-object JSON", retryable=True, code="upstream_bad_response")
+    return obj
+
+
+def _finish(reason: Any) -> Any:
+    if reason is None:
+        return None
+    return reason if reason in ("stop", "length", "tool_calls", "content_filter", "abort") else "stop"
+
+
+def _usage(u: Any) -> Usage | None:
+    if not isinstance(u, dict):
+        return None
+    details = u.get("prompt_tokens_details") or {}
+    return Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0),
+                 cached_tokens=int(details.get("cached_tokens") or 0))
+
+
+def _chat_logprobs(lp: Any) -> tuple[TokenLogprob, ...]:
+    if not isinstance(lp, dict) or not lp.get("content"):
+        return ()
+    return tuple(TokenLogprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)),
+                              top_logprobs=tuple((x.get("token", ""), float(x.get("logprob", 0.0)))
+                                                 for x in t.get("top_logprobs") or ()))
+                 for t in lp["content"])
+
+
+def _completion_logprobs(lp: Any) -> tuple[TokenLogprob, ...]:
+    if not isinstance(lp, dict) or not lp.get("tokens"):
+        return ()
+    tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+    out = []
+    for tok, logprob, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops, strict=False):
+        ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
+        out.append(TokenLogprob(token=tok, logprob=float(logprob if logprob is not None else 0.0),
+                                top_logprobs=tuple((t, float(v)) for t, v in ranked)))
+    return tuple(out)
