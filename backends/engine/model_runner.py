@@ -1,0 +1,127 @@
+"""Runs one scheduled batch: builds the flat token batch, slot mapping and block tables, calls the model,
+samples. Owns the model weights and the paged KV cache tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from backends.engine.config import EngineConfig
+from backends.engine.layers.attention import AttentionMetadata
+from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample
+from backends.engine.loader import load_model
+from backends.engine.scheduler import ScheduledBatch, ScheduledSeq
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from backends.engine.layers import triton_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
+        if config.quantization == "int8":
+            from backends.engine.layers.quantization import quantize_model
+
+            quantize_model(self.model, "int8")
+        self.block_size = config.block_size
+        self.use_triton = _triton_available(self.device)
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_memory()
+        self._allocate_kv_cache()
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        attn = self.model.attention_layers()
+        return len(attn), attn[0].num_kv_heads, attn[0].head_dim
+
+    def _blocks_for_memory(self) -> int:
+        num_layers, num_kv_heads, head_dim = self._kv_shape()
+        itemsize = torch.empty(0, dtype=self.config.dtype).element_size()
+        bytes_per_block = 2 * num_layers * self.block_size * num_kv_heads * head_dim * itemsize
+        min_blocks = -(-self.config.max_model_len // self.block_size)
+        return max(int(self.config.kv_cache_memory_gb * (1 << 30)) // bytes_per_block, min_blocks)
+
+    def _allocate_kv_cache(self) -> None:
+        num_layers, num_kv_heads, head_dim = self._kv_shape()
+        self.kv_cache = torch.zeros(
+            2, num_layers, self.num_blocks, self.block_size, num_kv_heads, head_dim,
+            dtype=self.config.dtype, device=self.device,
+        )
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.k_cache = self.kv_cache[0, i]
+            layer.v_cache = self.kv_cache[1, i]
+
+    def _slots(self, block_table: torch.Tensor, start: int, num: int) -> torch.Tensor:
+        pos = torch.arange(start, start + num)
+        return block_table[pos // self.block_size].long() * self.block_size + pos % self.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, positions, attention metadata and the row of each sampling sequence."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        decodes = batch.decodes
+        decode_tables = None
+        decode_lens = None
+        if decodes:
+            max_blocks = max(len(d.seq.block_table) for d in decodes)
+            tables = [d.seq.block_table + [-1] * (max_blocks - len(d.seq.block_table)) for d in decodes]
+            decode_tables = torch.tensor(tables, dtype=torch.int32)
+            decode_slots = []
+            for row, d in enumerate(decodes):
+                pos = d.seq.num_computed_tokens
+                input_ids.append(d.seq.token_ids[pos])
+                positions.append(pos)
+                decode_slots.append(d.seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+                if d.is_sampling:
+                    sample_rows.append(row)
+            slots.append(torch.tensor(decode_slots, dtype=torch.long))
+            decode_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32)
+        prefills = []
+        for p in batch.prefills:
+            seq, start, num = p.seq, p.seq.num_computed_tokens, p.num_new_tokens
+            row = len(input_ids)
+            table = torch.tensor(seq.block_table, dtype=torch.int32)
+            input_ids.extend(seq.token_ids[start:start + num])
+            positions.extend(range(start, start + num))
+            slots.append(self._slots(table, start, num))
+            prefills.append((row, num, start, table.to(self.device)))
+            if p.is_sampling:
+                sample_rows.append(row + num - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=decode_tables.to(dev) if decode_tables is not None else None,
+            decode_context_lens=decode_lens.to(dev) if decode_lens is not None else None,
+            prefills=prefills,
+            use_triton=self.use_triton,
+        )
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
+        """Compute the batch's tokens; sample one token for each sequence whose chunk reached its end."""
+        input_ids, positions, meta, sample_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        sampling = [s for s in batch.scheduled if s.is_sampling]
+        if not sampling:
+            return [], None
+        logits = self.model.compute_logits(hidden[sample_rows])
+        inp = SamplerInput(
+            params=[s.seq.params for s in sampling],
+            token_ids=[s.seq.token_ids for s in sampling],
+            num_prompt_tokens=[s.seq.num_prompt_tokens for s in sampling],
+            generators=[s.seq.generator for s in sampling],
+        )
+        return sampling, sample(logits, inp)

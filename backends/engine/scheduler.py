@@ -1,0 +1,149 @@
+"""Continuous batching: which sequences run this step and how many tokens each computes.
+
+One step has a token budget (``max_num_batched_tokens``). Running sequences go first in priority/FCFS
+order (a decode costs 1 token, an unfinished chunked prefill takes what the budget allows); when blocks run
+out, the lowest-priority, latest running sequence is preempted (its blocks freed; it is recomputed later).
+Then waiting sequences are admitted in order while budget, sequence slots and blocks last. A sequence
+that fits an empty pool is always eventually scheduled: nothing is dropped and nothing deadlocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from backends.engine.block_manager import BlockManager
+from backends.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def is_sampling(self) -> bool:
+        """True when this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class ScheduledBatch:
+    """What the model runner computes in one step: decodes (1 token) first, then prefill chunks."""
+
+    decodes: list[ScheduledSeq] = field(default_factory=list)
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def scheduled(self) -> list[ScheduledSeq]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        keys = [s.sort_key for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, seq.sort_key), seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished and free its blocks at once (also used for abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+        self.add(seq)
+
+    def _shared_blocks(self, seq: Sequence) -> list[int] | None:
+        """Blocks a waiting seq starts with; None when it must wait for its parent's prompt."""
+        parent = seq.parent
+        if parent is not None and not parent.is_finished and not seq.block_table:
+            if parent.num_computed_tokens < parent.num_prompt_tokens:
+                return None  # share the parent's prompt blocks once they are computed
+            num_shared = (seq.num_tokens - 1) // self.block_manager.block_size
+            if num_shared <= len(parent.block_table):
+                return parent.block_table[:num_shared]
+        return self.block_manager.match_prefix(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        # 1. running sequences, highest priority first; preempt from the tail when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            assert num_new > 0, f"running seq {seq.seq_id} has nothing to compute"
+            while self.block_manager.allocate(seq, num_new) is None:
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            self._add_to_batch(batch, ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+        # 2. waiting sequences, in order, unless this step already had to preempt
+        if batch.preempted:
+            return batch
+        j = 0
+        while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[j]
+            shared = self._shared_blocks(seq)
+            if shared is None:
+                j += 1
+                continue
+            num_computed = len(shared) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if self.block_manager.allocate(seq, num_new, shared) is None:
+                break  # head of the queue doesn't fit: wait for blocks (FCFS, no overtaking)
+            if seq.num_preemptions == 0 and seq.parent is None:
+                self.block_manager.record_prefix_lookup(seq.num_prompt_tokens, num_computed)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_computed
+            self.waiting.pop(j)
+            seq.status = SequenceStatus.RUNNING
+            keys = [s.sort_key for s in self.running]
+            self.running.insert(bisect.bisect_right(keys, seq.sort_key), seq)
+            self._add_to_batch(batch, ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return batch
+
+    @staticmethod
+    def _add_to_batch(batch: ScheduledBatch, item: ScheduledSeq) -> None:
+        if item.num_new_tokens == 1:
+            batch.decodes.append(item)
+        else:
+            batch.prefills.append(item)
