@@ -875,8 +875,13 @@ class RedisExampleStore(_StoreBase):
 
     # --- admin (CLI, tests): these raise on Redis errors ---
     async def namespaces(self) -> list[str]:
-        names = await self._client().smembers(KEY_PREFIX + "namespaces")
-        return sorted(n.decode() for n in names)
+        """Namespaces that hold at least one entry."""
+        r = self._client()
+        names = sorted(n.decode() for n in await r.smembers(KEY_PREFIX + "namespaces"))
+        pipe = r.pipeline(transaction=False)
+        for ns in names:
+            pipe.zcard(self._key(ns, "time"))
+        return [ns for ns, n in zip(names, await pipe.execute(), strict=True) if n]
 
     async def entries(self, namespace: str) -> list[Entry]:
         """Every live entry of a namespace, oldest first; corrupt ones are skipped with a log line."""

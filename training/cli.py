@@ -174,13 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--redis-url", help="overrides the config's redis_url")
         p.add_argument("--namespace", help="namespace (default: all for stats/export)")
         if name in ("export", "import"):
-            p.add_argument("--file", required=True)
+            p.add_argument("--file", required=True, help="JSONL file ('-' = stdout for export)")
         if name == "replay":
             p.add_argument("--dry-run", action="store_true")
             p.add_argument("--slm", default="smollm2-135m")
             p.add_argument("--llm", default="gemma3-270m")
             p.add_argument("--limit", type=int)
-        if name == "stats":
+            p.add_argument("--method", default="judge", choices=["judge", "neighbours"],
+                           help="judge: LLM grades each answer; neighbours: does it help the SLM on similar ones")
+            p.add_argument("--min-score", type=float, help="drop below this (judge: 0.5, neighbours: 0.0)")
+        if name in ("stats", "replay"):
             _json_flag(p)
 
     # --- bench ---------------------------------------------------------------------------------
