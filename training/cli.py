@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `bench X --opt ...`: argparse leaves leading options out of the REMAINDER positional
+        if getattr(args, "bench_args", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.bench_args = [*extra, *args.bench_args]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
