@@ -606,3 +606,54 @@ def test_notes_say_how_to_call_the_endpoint():
     proc = helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
     assert "port-forward svc/sy-switchyard 8000:80" in proc.stdout
     assert "/chat/completions" in proc.stdout and "helm test sy" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------ docs
+
+
+def undocumented_keys(text: str, schema: dict) -> list[str]:
+    """Keys of values.yaml that the schema defines but no comment documents (the line above, or a
+    trailing comment). Items after the first of a list, flow mappings and Kubernetes-native blocks
+    (resources, probe timings) are documented by their parent key."""
+    lines = text.splitlines()
+    definitions = schema["definitions"]
+
+    def resolve(s: dict | None) -> dict | None:
+        while s and "$ref" in s:
+            s = definitions[s["$ref"].rsplit("/", 1)[1]]
+        return s
+
+    def commented(line_no: int) -> bool:
+        if "#" in lines[line_no].split(":", 1)[1]:
+            return True
+        previous = next((p.strip() for p in reversed(lines[:line_no]) if p.strip()), "")
+        return previous.removeprefix("- ").lstrip().startswith("#")
+
+    missing: list[str] = []
+
+    def walk(node: yaml.Node, s: dict | None, path: str, skip: bool) -> None:
+        if s and s.get("$ref", "").rsplit("/", 1)[-1] in ("resources", "probe"):
+            return
+        s = resolve(s)
+        if s is None:
+            return
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                sub = s.get("properties", {}).get(k.value)
+                if sub is None:
+                    continue
+                if not skip and not node.flow_style and not commented(k.start_mark.line):
+                    missing.append(f"{path}{k.value}")
+                walk(v, sub, f"{path}{k.value}.", skip or bool(node.flow_style))
+        elif isinstance(node, yaml.SequenceNode) and "items" in s:
+            for i, item in enumerate(node.value):
+                walk(item, s["items"], f"{path}{i}.", skip or i > 0 or path != "pools.")
+
+    walk(yaml.compose(text), schema, "", False)
+    return missing
+
+
+def test_every_values_key_is_documented_where_it_lives():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert undocumented_keys((CHART / "values.yaml").read_text(), schema) == []
+    assert undocumented_keys("gateway:\n  replicas: 2\n", schema) == ["gateway", "gateway.replicas"]
