@@ -14,7 +14,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -600,6 +602,54 @@ def test_helm_test_pod_calls_readyz_and_one_chat_completion():
     env = container_environ(docs, container)
     assert env["BASE_URL"] == f"http://{fullname()}:80"
     assert env["TEST_API_KEY"] == "sk-ci-test-key"
+
+
+class _StandIn(BaseHTTPRequestHandler):
+    """Answers like a ready gateway and records what the helm test pod sent."""
+
+    seen: list[tuple[str, str, dict, dict | None]] = []
+
+    def do_GET(self):  # noqa: N802
+        self.seen.append(("GET", self.path, dict(self.headers), None))
+        self._answer(200 if self.path == "/readyz" else 404, {"status": "ready"})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append(("POST", self.path, dict(self.headers), body))
+        self._answer(200, {"model": "slm", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]})
+
+    def _answer(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_helm_test_pod_script_runs_against_a_gateway():
+    docs = render(GPU_FILE)
+    (container,) = one(docs, "Pod", f"{fullname()}-test")["spec"]["containers"]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _StandIn.seen = []
+    try:
+        env = {**container_environ(docs, container), "BASE_URL": f"http://127.0.0.1:{server.server_port}"}
+        proc = subprocess.run([sys.executable, *container["command"][1:], *container["args"]],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert "ok: slm 'hi'" in proc.stdout
+    (method, path, _, _), (method2, path2, headers, body) = _StandIn.seen
+    assert (method, path, method2, path2) == ("GET", "/readyz", "POST", "/v1/chat/completions")
+    assert headers["Authorization"] == "Bearer sk-ci-test-key"
+    assert body["model"] == "auto" and body["max_tokens"] == 8
 
 
 def test_notes_say_how_to_call_the_endpoint():
