@@ -305,6 +305,8 @@ def test_gpu_pools_request_nvidia_gpus():
         assert resources["requests"]["nvidia.com/gpu"] == pool["gpu"]
         assert resources["requests"]["memory"] == pool["resources"]["requests"]["memory"]
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        strategy = one(docs, "Deployment", f"{fullname()}-pool-{pool['name']}")["spec"]["strategy"]
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     slm = pod_spec(one(docs, "Deployment", f"{fullname()}-pool-slm"))
     assert slm["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
     assert slm["volumes"][-1]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
@@ -579,7 +581,9 @@ def test_network_policies_let_only_the_gateway_reach_pools():
     (rule,) = pool["spec"]["ingress"]
     assert rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
     gateway = policies[f"{fullname()}-gateway"]
-    assert len(gateway["spec"]["ingress"][0]["from"]) == 2
+    peers = gateway["spec"]["ingress"][0]["from"]
+    assert peers[:2] == ci_values(GPU_FILE)["networkPolicy"]["gatewayFrom"]
+    assert peers[2]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
 
 
 def test_gateway_only_renders_just_the_gateway():
