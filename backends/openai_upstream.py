@@ -200,12 +200,14 @@ class OpenAIUpstream:
                         yield delta
                     return
                 parser = _StreamParser(is_chat=is_chat, n=request.n, name=self.name)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                is_done = False
+                async for line in response.aiter_lines():  # read to the end: the connection stays reusable
+                    if is_done or not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        is_done = True
+                        continue
                     for delta in parser.feed(_json(data, self.name)):
                         num_yielded += 1
                         yield delta

@@ -1,0 +1,398 @@
+"""`switchyard bench gateway`: gateway overhead beside LiteLLM's proxy, same upstream, same load, one run.
+
+What runs (each a separate process on loopback):
+  * the fast fake OpenAI upstream (``bench/fake_upstream.py``, uvicorn + uvloop + httptools);
+  * the switchyard gateway (``python -m gateway``) with two remote pools (slm, llm) on that upstream and
+    routing on: a guard (``widemlp``) and a router (``tfidf_ridge``) artifact trained at bench start on a
+    small synthetic in-domain set (a few seconds), or the folders given with ``--guard-artifact`` /
+    ``--router-artifact``; guard verdicts are logged, not enforced (``action: allow``), so every request
+    reaches the upstream; cascade and example cache off (they are measured by their own benchmarks);
+  * LiteLLM's proxy (``litellm[proxy]==1.108.7``, 1 worker), installed on first use into its own venv
+    ``.bench/litellm-venv`` (git-ignored; never a project dependency);
+  * the open-loop load generator (``bench/loadgen.py``).
+
+For every mode (non-stream, stream) and rate, the same load goes direct to the upstream, through
+switchyard and through LiteLLM, minutes apart at most. Overhead = latency through the proxy − direct
+latency, at p50 and p99 (percentile minus percentile). The gateway's own ``x-switchyard-overhead-ms``
+header is reported beside it.
+
+``switchyard bench gateway [--quick] [--rates 100,500] [--duration 10] [--modes nonstream,stream]
+[--no-litellm] [--guard-artifact DIR --router-artifact DIR] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LITELLM_SPEC = "litellm[proxy]==1.108.7"
+DEFAULT_LITELLM_VENV = ROOT / ".bench" / "litellm-venv"
+MODEL = "fake-model"
+
+_DOMAINS = {
+    "law": ["contract", "tenant lease", "copyright claim", "court appeal", "employment dispute", "will and estate",
+            "trademark", "non-compete clause", "small claims case", "custody agreement"],
+    "finance": ["index fund", "mortgage rate", "retirement account", "credit score", "capital gains tax",
+                "bond yield", "emergency savings", "stock dividend", "student loan", "inflation hedge"],
+    "healthcare": ["blood pressure", "flu vaccine", "knee pain", "type 2 diabetes", "migraine", "cholesterol",
+                   "sleep apnea", "allergy medication", "physical therapy", "vitamin D deficiency"],
+}
+_EASY = ["What is a {t}?", "Define {t} in one sentence.", "Give a short example of a {t}.",
+         "Is a {t} common?", "Name one fact about {t}."]
+_HARD = ["Compare the trade-offs of a {t} under three different jurisdictions or scenarios, step by step.",
+         "Write a detailed analysis of how a {t} interacts with recent regulation, citing edge cases.",
+         "Explain, with a worked numerical example and caveats, how to evaluate a {t} for a complex case.",
+         "Draft a structured plan covering risks, alternatives and long-term effects of a {t}."]
+
+
+def synthetic_prompts(n: int, seed: int = 0) -> list[tuple[str, str, bool]]:
+    """(text, domain, is_hard) rows from fixed templates; deterministic."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        domain = list(_DOMAINS)[i % 3]
+        topic = rng.choice(_DOMAINS[domain])
+        hard = rng.random() < 0.4
+        template = rng.choice(_HARD if hard else _EASY)
+        rows.append((template.format(t=topic) + f" (case {rng.randint(1, 999)})", domain, hard))
+    return rows
+
+
+def write_training_data(folder: Path) -> dict[str, Path]:
+    """Small guard (train/dev) and routing files in the formats of DESIGN.md."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"guard_train": folder / "guard_train.jsonl", "guard_dev": folder / "guard_dev.jsonl",
+             "routing": folder / "routing.jsonl"}
+    with files["guard_train"].open("w") as f:
+        for text, domain, _ in synthetic_prompts(450, seed=1):
+            f.write(json.dumps({"text": text, "label": domain}) + "\n")
+    with files["guard_dev"].open("w") as f:
+        for text, domain, _ in synthetic_prompts(90, seed=2):
+            f.write(json.dumps({"text": text, "label": domain}) + "\n")
+    rng = random.Random(3)
+    with files["routing"].open("w") as f:
+        for i, (text, domain, hard) in enumerate(synthetic_prompts(400, seed=4)):
+            weak = rng.uniform(0.1, 0.5) if hard else rng.uniform(0.7, 1.0)
+            f.write(json.dumps({"prompt": text, "strong_score": rng.uniform(0.8, 1.0), "weak_score": weak,
+                                "source": domain, "id": f"r{i}"}) + "\n")
+    return files
+
+
+def train_artifacts(folder: Path, log: Path) -> tuple[str | None, str | None, str]:
+    """(guard dir, router dir, note) trained through the CLI; None where training failed."""
+    data = write_training_data(folder / "data")
+    cli = [sys.executable, "-m", "training.cli"]
+    runs = {
+        "guard": cli + ["train", "guard", "--train", str(data["guard_train"]), "--dev", str(data["guard_dev"]),
+                        "--out", str(folder / "guard"), "--kind", "widemlp"],
+        "router": cli + ["train", "router", "--data", str(data["routing"]), "--out", str(folder / "router"),
+                         "--kind", "tfidf_ridge"],
+    }
+    out: dict[str, str | None] = {}
+    notes = []
+    for what, cmd in runs.items():
+        t0 = time.monotonic()
+        with log.open("a") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        if proc.returncode == 0:
+            out[what] = str(folder / what)
+            notes.append(f"{what} trained in {time.monotonic() - t0:.1f}s")
+        else:
+            out[what] = None
+            notes.append(f"{what} training failed (rc {proc.returncode}; see {log})")
+    return out["guard"], out["router"], "; ".join(notes)
+
+
+def gateway_config(upstream: str, guard: str | None, router: str | None) -> dict[str, Any]:
+    pools = [
+        {"name": "slm", "kind": "remote", "model": MODEL, "urls": [upstream], "max_retries": 2,
+         "price": {"input_per_1m": 0.02, "output_per_1m": 0.04}},
+        {"name": "llm", "kind": "remote", "model": MODEL, "urls": [upstream], "max_retries": 2,
+         "price": {"input_per_1m": 0.10, "output_per_1m": 0.20}},
+    ]
+    return {
+        "host": "127.0.0.1", "pools": pools, "log_level": "warning",
+        "routing": {"slm_pool": "slm", "llm_pool": "llm", "router_artifact": router, "cascade": {"mode": "off"}},
+        "guard": {"artifact": guard, "ood": {"action": "allow"}, "unsafe": {"action": "allow"}},
+        "example_cache": {"enabled": False},
+    }
+
+
+def litellm_config(upstream: str) -> str:
+    return (f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/{MODEL}\n"
+            f"      api_base: {upstream}\n      api_key: sk-fake\n")
+
+
+def ensure_litellm(venv: Path) -> Path:
+    """The ``litellm`` executable, installing LITELLM_SPEC into ``venv`` on first use."""
+    exe = venv / "bin" / "litellm"
+    if exe.exists():
+        return exe
+    print(f"installing {LITELLM_SPEC} into {venv} (first use; a few minutes)...", file=sys.stderr, flush=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    base = getattr(sys, "_base_executable", None) or shutil.which("python3") or sys.executable
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    subprocess.run(["nice", "-n", "10", str(venv / "bin" / "pip"), "install", "-q", LITELLM_SPEC], check=True)
+    if not exe.exists():
+        raise RuntimeError(f"{LITELLM_SPEC} installed but {exe} is missing")
+    return exe
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD__")}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """The processes this benchmark started; ``stop()`` ends each by its own process group id."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = (self.logdir / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, n: int = 15) -> str:
+        path = self.logdir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not up after {timeout_s:.0f}s")
+
+
+def probe(url: str, body: dict[str, Any], api_key: str) -> dict[str, str]:
+    """One request; returns the interesting response headers. Raises on a non-200."""
+    import httpx
+
+    r = httpx.post(url, json=body, timeout=30, headers={"Authorization": f"Bearer {api_key}"})
+    if r.status_code != 200:
+        raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
+    return {k: v for k, v in r.headers.items() if k.startswith("x-switchyard")}
+
+
+def run_loadgen(url: str, bodies: Path, rate: float, opts: argparse.Namespace, stream: bool,
+                model: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--bodies", str(bodies), "--rate", str(rate),
+           "--duration", str(opts.duration), "--warmup", str(opts.warmup), "--model", model,
+           "--timeout", str(opts.request_timeout), "--api-key", opts.api_key]
+    if stream:
+        cmd.append("--stream")
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=opts.warmup + opts.duration + opts.request_timeout + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="switchyard bench gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short cells (2 s + 0.5 s warm-up): a smoke run")
+    p.add_argument("--rates", default="100,500", help="comma-separated requests/s (default 100,500)")
+    p.add_argument("--modes", default="nonstream,stream", help="nonstream,stream")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 10)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2)")
+    p.add_argument("--num-tokens", type=int, default=16, help="tokens the fake upstream answers with")
+    p.add_argument("--request-timeout", type=float, default=30.0)
+    p.add_argument("--guard-artifact", help="guard artifact folder (default: train one at start)")
+    p.add_argument("--router-artifact", help="router artifact folder (default: train one at start)")
+    p.add_argument("--no-routing", action="store_true", help="no guard / router (pure proxy path)")
+    p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer")
+    p.add_argument("--litellm-venv", default=str(DEFAULT_LITELLM_VENV))
+    p.add_argument("--keep-logs", help="copy the process logs into this folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    opts = p.parse_args(argv)
+    opts.rates = [float(r) for r in opts.rates.split(",") if r.strip()]
+    opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    bad = [m for m in opts.modes if m not in ("nonstream", "stream")]
+    if bad or not opts.modes:
+        raise ValueError(f"--modes: unknown {bad}; valid: nonstream, stream")
+    if not opts.rates or any(r <= 0 for r in opts.rates):
+        raise ValueError("--rates must be positive numbers")
+    opts.api_key = "sk-bench-" + secrets.token_hex(16)  # LiteLLM's master key; the others ignore it
+    opts.duration = opts.duration or (2.0 if opts.quick else 10.0)
+    opts.warmup = opts.warmup if opts.warmup is not None else (0.5 if opts.quick else 2.0)
+    return opts
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = parse_args(list(getattr(args, "bench_args", None) or []))
+    with tempfile.TemporaryDirectory(prefix="switchyard-bench-gw-") as tmp:
+        work = Path(tmp)
+        procs = Procs(work)
+        try:
+            report = _run(opts, work, procs)
+        finally:
+            procs.stop()
+            if opts.keep_logs:
+                shutil.copytree(work, opts.keep_logs, dirs_exist_ok=True)
+    _print(report, opts)
+    return 0
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
+    up_port, gw_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}/v1"
+    proc = procs.start("upstream", [sys.executable, "-m", "bench.fake_upstream", "--port", str(up_port),
+                                    "--num-tokens", str(opts.num_tokens), "--model", MODEL])
+    wait_http(f"{upstream}/models", proc, 30)
+
+    guard, router, routing_note = opts.guard_artifact, opts.router_artifact, "artifacts given by flags"
+    if opts.no_routing:
+        guard = router = None
+        routing_note = "routing off (--no-routing)"
+    elif guard is None and router is None:
+        say("training a guard and a router on synthetic data...")
+        guard, router, routing_note = train_artifacts(work / "artifacts", work / "train.log")
+    config = work / "gateway.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(gateway_config(upstream, guard, router), sort_keys=False))
+    proc = procs.start("gateway", [sys.executable, "-m", "gateway", "--config", str(config), "--port", str(gw_port)])
+    try:
+        wait_http(f"http://127.0.0.1:{gw_port}/healthz", proc, 120)
+    except (RuntimeError, TimeoutError) as e:
+        raise RuntimeError(f"gateway did not start: {e}\n{procs.log_tail('gateway')}") from None
+
+    targets = {"direct": (f"{upstream}/chat/completions", MODEL),
+               "switchyard": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", "auto")}
+    litellm_note = "skipped (--no-litellm)"
+    if not opts.no_litellm:
+        exe = ensure_litellm(Path(opts.litellm_venv))
+        ll_port = free_port()
+        (work / "litellm.yaml").write_text(litellm_config(upstream))
+        proc = procs.start("litellm", [str(exe), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
+                                       "--port", str(ll_port), "--num_workers", "1"],
+                           env=_env(LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False", LITELLM_MASTER_KEY=opts.api_key))
+        say("waiting for LiteLLM's proxy (first start takes ~20 s)...")
+        try:
+            wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", proc, 240)
+            targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", MODEL)
+            litellm_note = f"{LITELLM_SPEC}, 1 worker"
+        except (RuntimeError, TimeoutError) as e:
+            litellm_note = f"failed to start: {e}"
+            say(f"LiteLLM: {litellm_note}\n{procs.log_tail('litellm')}")
+
+    prompts = [text for text, _, _ in synthetic_prompts(256, seed=7)]
+    bodies = work / "bodies.jsonl"
+    with bodies.open("w") as f:
+        for text in prompts:
+            f.write(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
+                                "max_tokens": opts.num_tokens, "temperature": 0}) + "\n")
+    first = {"model": "auto", "messages": [{"role": "user", "content": prompts[0]}], "max_tokens": 4}
+    headers = {name: probe(url, dict(first, model=model), opts.api_key) for name, (url, model) in targets.items()}
+
+    cells = []
+    for mode in opts.modes:
+        for rate in opts.rates:
+            cell: dict[str, Any] = {"mode": mode, "rate": rate}
+            for name, (url, model) in targets.items():
+                say(f"{mode} @ {rate:g} rps → {name}")
+                cell[name] = run_loadgen(url, bodies, rate, opts, mode == "stream", model)
+            for name in targets:
+                if name != "direct":
+                    cell[f"{name}_overhead"] = _overhead(cell[name], cell["direct"])
+            cells.append(cell)
+    return {"bench": "gateway", "cells": cells, "routing": routing_note, "litellm": litellm_note,
+            "probe_headers": headers.get("switchyard", {}), "duration_s": opts.duration, "warmup_s": opts.warmup,
+            "num_tokens": opts.num_tokens, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+
+
+def _overhead(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, float | None]:
+    out = {}
+    for key in ("latency_ms_p50", "latency_ms_p99", "ttfb_ms_p50", "ttfb_ms_p99"):
+        a, b = target.get(key), direct.get(key)
+        out[key.replace("latency_ms", "ms").replace("ttfb_ms", "ttfb_ms")] = (
+            None if a is None or b is None else round(a - b, 3))
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "   n/a" if x is None else f"{x:6.2f}"
+
+
+def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
+    print(f"gateway overhead = latency through the proxy − direct upstream latency (ms); open-loop load, "
+          f"{report['duration_s']:g} s per cell after {report['warmup_s']:g} s warm-up; fake upstream answers "
+          f"{report['num_tokens']} tokens; routing: {report['routing']}; LiteLLM: {report['litellm']}; "
+          f"load avg {report['load_avg_1m']:.1f} on {report['cpu_count']} cores")
+    print(f"switchyard headers on a probe: {report['probe_headers']}")
+    has_ll = any("litellm" in c for c in report["cells"])
+    head = f"{'mode':<10}{'rps':>6} | {'direct p50':>10}{'p99':>8} | {'ours ovh p50':>12}{'p99':>8}{'(hdr p50)':>10}"
+    if has_ll:
+        head += f" | {'LiteLLM ovh p50':>15}{'p99':>8} | {'p99 ratio':>9}"
+    head += f" | {'errors o/l':>10}"
+    print(head)
+    print("-" * len(head))
+    for c in report["cells"]:
+        d, ours, o = c["direct"], c["switchyard"], c["switchyard_overhead"]
+        row = (f"{c['mode']:<10}{c['rate']:>6g} | {_fmt(d['latency_ms_p50']):>10}{_fmt(d['latency_ms_p99']):>8} | "
+               f"{_fmt(o['ms_p50']):>12}{_fmt(o['ms_p99']):>8}{_fmt(ours['reported_overhead_ms_p50']):>10}")
+        errors = f"{ours['num_errors']}"
+        if has_ll and "litellm" in c:
+            lo = c["litellm_overhead"]
+            ratio = None
+            if lo["ms_p99"] is not None and o["ms_p99"] is not None:
+                ratio = lo["ms_p99"] / max(o["ms_p99"], 0.01)
+                c["p99_overhead_ratio_litellm_over_ours"] = round(ratio, 2)
+            row += f" | {_fmt(lo['ms_p50']):>15}{_fmt(lo['ms_p99']):>8} | {_fmt(ratio):>9}"
+            errors += f"/{c['litellm']['num_errors']}"
+        print(row + f" | {errors:>10}")
+    print("ratio = LiteLLM's p99 overhead / ours (higher is better for switchyard); errors = failed requests "
+          "(ours/LiteLLM) in the measured window")
+    if opts.json:
+        print(json.dumps(report))
