@@ -108,6 +108,7 @@ def test_unknown_architecture_is_rejected(tmp_path):
         load_model(tmp_path, cfg, None, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_bundled_models_match_hf(name, bundled_model_dir):
     folder = bundled_model_dir(name)
