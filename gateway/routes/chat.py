@@ -1,0 +1,23 @@
+"""POST /v1/chat/completions — parse, run the pipeline, shape the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from gateway.pipeline import Pipeline
+from gateway.protocol import ChatCompletion, ChatCompletionRequest
+from gateway.routes.common import ERROR_RESPONSES, chat_job, respond, stream_response_doc
+from gateway.routes.deps import get_pipeline
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"],
+             responses={200: stream_response_doc("ChatCompletionChunk"), **ERROR_RESPONSES},
+             summary="Create a chat completion (model 'auto' routes; a pool alias goes straight there)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 pipeline: Pipeline = Depends(get_pipeline)) -> Response:
+    job = chat_job(body, request, pipeline.default_max_tokens)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(pipeline, job, request, include_usage)

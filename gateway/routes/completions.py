@@ -1,0 +1,23 @@
+"""POST /v1/completions — parse, run the pipeline, shape the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from gateway.pipeline import Pipeline
+from gateway.protocol import Completion, CompletionRequest
+from gateway.routes.common import ERROR_RESPONSES, completion_job, respond, stream_response_doc
+from gateway.routes.deps import get_pipeline
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=Completion, tags=["openai"],
+             responses={200: stream_response_doc("Completion"), **ERROR_RESPONSES},
+             summary="Create a text completion")
+async def create_completion(body: CompletionRequest, request: Request,
+                            pipeline: Pipeline = Depends(get_pipeline)) -> Response:
+    job = completion_job(body, request, pipeline.default_max_tokens)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(pipeline, job, request, include_usage)

@@ -1,0 +1,15 @@
+"""Dependencies: state built in the lifespan, reached from routes (never module globals)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from gateway.errors import ServiceUnavailable
+from gateway.pipeline import Pipeline
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        raise ServiceUnavailable("The gateway is starting up.", code="starting")
+    return pipeline
