@@ -1,28 +1,124 @@
-"""create_app(settings): the FastAPI app. (Foundation stage: /healthz and /v1/models only.)"""
+"""create_app(settings): the FastAPI app.
+
+The lifespan builds the ``Pipeline`` once (pools, guard, router policy, cascade rule, example store,
+admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
+Every error leaves in OpenAI's envelope (``gateway/errors.py``): pydantic validation errors are 400
+``invalid_request_error`` (not FastAPI's 422), unknown paths 404, anything unexpected 500.
+"""
 
 from __future__ import annotations
 
-import time
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
+from gateway.admission import BodyLimit
+from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
 from gateway.settings import Settings
 
+log = logging.getLogger("switchyard")
 
-def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="switchyard", version=__version__)
+PipelineFactory = Callable[[Settings], Any]  # settings -> Pipeline (tests inject fakes through it)
+
+
+def _error_response(err: GatewayError) -> Response:
+    return Response(err.body_bytes(), status_code=err.status_code, media_type="application/json",
+                    headers=err.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in exc.errors()[:5]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        param = param or (where or None)
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "Invalid request: " + "; ".join(parts or ["malformed body"]), param
+
+
+def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,
+               backend_factory: Any = None) -> FastAPI:
+    """The gateway app. ``pipeline_factory`` / ``backend_factory`` replace the real pipeline / replicas
+    (tests); by default ``Pipeline.build(settings)`` makes everything from the settings."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from gateway.pipeline import Pipeline
+
+        if pipeline_factory is not None:
+            pipeline = pipeline_factory(settings)
+        else:
+            pipeline = Pipeline.build(settings, backend_factory=backend_factory)
+        if not settings.api_keys:
+            log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
+                        settings.host, settings.port)
+        await pipeline.start()
+        app.state.pipeline = pipeline
+        try:
+            yield
+        finally:
+            app.state.pipeline = None
+            await pipeline.close()
+
+    app = FastAPI(title="switchyard", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible LLM gateway: guard, router, cascade, example cache, model pools.")
     app.state.settings = settings
+    app.state.pipeline = None
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        _record_error(request, exc.status_code)
+        return _error_response(exc)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        now = int(time.time())
-        ids = ["auto"] + [p.name for p in settings.pools]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "switchyard"}
-                                           for i in ids]}
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _validation_message(exc)
+        _record_error(request, 400)
+        return _error_response(InvalidRequest(message, param=param))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: GatewayError = NotFound(f"No route {request.method} {request.url.path}", code="not_found")
+        else:
+            err = GatewayError(str(exc.detail), code=None)
+            err.status_code = exc.status_code
+            err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return Response(err.body_bytes(), status_code=exc.status_code, media_type="application/json",
+                        headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        _record_error(request, 499)
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        _record_error(request, 500)
+        err = GatewayError("Internal error in the gateway.", code="internal_error")
+        return _error_response(err)
+
+    from gateway.routes import chat, completions, health, models
+
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.limits.max_body_bytes)
     return app
+
+
+def _record_error(request: Request, status: int) -> None:
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None or not request.url.path.startswith("/v1/"):
+        return
+    from gateway.routes.common import t_start_of
+
+    pipeline.record(route="error", model="-", status=status, t_start=t_start_of(request), overhead_s=None)

@@ -151,6 +151,7 @@ class Limits(_Frozen):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_prompt_tokens: int = Field(8192, ge=1)
     max_completion_tokens: int = Field(2048, ge=1)
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a chat request names none")
     request_timeout_s: float = Field(120.0, gt=0)
     max_n: int = Field(8, ge=1)
 

@@ -1,0 +1,550 @@
+"""The request path, short and literal (DESIGN.md):
+
+    admission → guard → policy → example cache → pool → backend → cascade → (stream) → cache admit + metrics
+
+``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
+error a client should see as an HTTP status (401/403/404/413/429/400 policy/503/504) is raised *before*
+any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose end
+triggers the bookkeeping (cost, metrics, token rate limits, example-cache admit and feedback).
+
+Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
+``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
+``CascadeRule``, and either replayed or replaced by the LLM's answer. With ``stream_when_confident`` a
+route-``slm`` request streams the SLM directly (lowest time to first token, no after-the-fact check).
+The latency trade-off: buffering adds the whole SLM generation time to the time to first token (and the
+LLM's on escalation); streaming directly keeps TTFT at the SLM's but cannot take an answer back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from backends.base import BackendError, Delta, GenerationRequest, SamplingOptions, Usage
+from gateway.admission import Admission, Admitter
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PolicyRejection,
+    from_backend_error,
+)
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+log = logging.getLogger("switchyard.pipeline")
+
+# Cascade judge needs token logprobs from the SLM even when the caller did not ask for them.
+_CASCADE_ROUTES = ("slm", "slm_then_escalate")
+
+
+@dataclass
+class Job:
+    """One parsed request, chat or completion, as the pipeline sees it."""
+
+    kind: Literal["chat", "completion"]
+    model: str  # as requested: "auto", a pool alias, or a pool's model name
+    messages: list[dict[str, Any]] | None
+    prompt: str | list[int] | None
+    sampling: SamplingOptions
+    n: int = 1
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Trace:
+    """What the gateway decided and measured for one request (→ x-switchyard-* headers, ``switchyard``)."""
+
+    route: str = "explicit"
+    pool: str = ""
+    guard: str = "off"
+    score: float | None = None
+    threshold: float | None = None
+    reason: str = ""
+    escalated: bool = False
+    judged: bool = False  # the cascade judged an SLM answer
+    namespace: str = "default"
+    num_examples: int = 0
+    example_ids: list[str] = field(default_factory=list)
+    backend_wait_s: float = 0.0
+    overhead_s: float | None = None
+    cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
+
+    def info(self) -> dict[str, Any]:
+        return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
+                "threshold": self.threshold, "escalated": self.escalated, "num_examples": self.num_examples,
+                "overhead_ms": round((self.overhead_s or 0.0) * 1000, 3), "cost_usd": round(self.cost_usd, 10),
+                "reason": self.reason}
+
+    def headers(self, *, with_cost: bool) -> dict[str, str]:
+        h = {"x-switchyard-route": self.route, "x-switchyard-model": self.pool, "x-switchyard-guard": self.guard,
+             "x-switchyard-overhead-ms": f"{(self.overhead_s or 0.0) * 1000:.3f}"}
+        if with_cost:
+            h["x-switchyard-cost-usd"] = f"{self.cost_usd:.10f}"
+        return h
+
+
+class Execution:
+    """A request past its first Delta. Iterate ``deltas()`` once; afterwards ``usage`` and ``trace`` are final."""
+
+    def __init__(self, pipeline: Pipeline, job: Job, admission: Admission, trace: Trace, model_name: str,
+                 first: Delta | None, rest: AsyncIterator[Delta] | None, text: str) -> None:
+        self.pipeline = pipeline
+        self.job = job
+        self.admission = admission
+        self.trace = trace
+        self.model_name = model_name
+        self.usage: Usage | None = None
+        self._first = first
+        self._rest = rest
+        self._text = text  # what guard / router / cache saw
+        self._answer: list[str] = []
+        self._finish_reason: str | None = None
+        self._num_deltas = 0
+        self._done = False
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        try:
+            if self._first is not None:
+                self._see(self._first)
+                yield self._first
+            if self._rest is not None:
+                async for delta in self._rest:
+                    self._see(delta)
+                    yield delta
+            self._done = True
+        finally:
+            await self.aclose()
+        self.pipeline.finish(self)
+
+    def _see(self, delta: Delta) -> None:
+        self._num_deltas += 1
+        if delta.index == 0:
+            if delta.text:
+                self._answer.append(delta.text)
+            if delta.finish_reason is not None:
+                self._finish_reason = delta.finish_reason
+        if delta.usage is not None:
+            self.usage = delta.usage
+
+    async def aclose(self) -> None:
+        """Abort the backend request if it is still running (client went away, deadline, error)."""
+        rest, self._rest = self._rest, None
+        if rest is not None and hasattr(rest, "aclose"):
+            with contextlib.suppress(Exception):
+                await rest.aclose()
+
+
+async def _replay(deltas: list[Delta]) -> AsyncIterator[Delta]:
+    for d in deltas:
+        yield d
+
+
+def _strip_logprobs(deltas: list[Delta]) -> list[Delta]:
+    return [replace(d, logprobs=()) if d.logprobs else d for d in deltas]
+
+
+def _estimate_prompt_tokens(job: Job) -> int:
+    """Cheap upper-end estimate for the prompt-length limit: ~4 characters per token."""
+    if isinstance(job.prompt, list):
+        return len(job.prompt)
+    if job.prompt is not None:
+        return (len(job.prompt) + 3) // 4
+    chars = sum(len(str(m.get("content") or "")) for m in job.messages or ())
+    return (chars + 3) // 4 + 4 * len(job.messages or ())
+
+
+class Pipeline:
+    """Built once per app (``create_app``'s lifespan). Components are injected; ``build`` makes the real ones."""
+
+    def __init__(self, settings: Settings, pools: Any, *, admitter: Admitter, metrics: Metrics,
+                 policy: Any, guard: Any = None, cascade_rule: Any = None, store: Any = None,
+                 limiter_ping: Any = None) -> None:
+        self.settings = settings
+        self.pools = pools
+        self.admitter = admitter
+        self.metrics = metrics
+        self.policy = policy
+        self.guard = guard
+        self.cascade_rule = cascade_rule
+        self.store = store
+        self._limiter_ping = limiter_ping
+        self._aliases = {p.name for p in settings.pools}
+        self._by_model = {}
+        for p in settings.pools:
+            self._by_model.setdefault(p.model, p.name)
+        self._tasks: set[asyncio.Task] = set()
+        self.llm_price = settings.pool(settings.routing.llm_pool).price
+        self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def build(cls, settings: Settings, *, backend_factory: Any = None, metrics: Metrics | None = None,
+              embed: Any = None) -> Pipeline:
+        """The real components from settings. Loads artifacts (fast); pools start in ``start()``.
+        ``backend_factory`` (PoolConfig, index) → Backend and ``embed`` (texts → unit vectors, for the
+        example store) replace the real replicas / MiniLM (tests)."""
+        from backends.pool import PoolSet
+        from gateway.admission import InProcessRateLimiter, RedisRateLimiter
+        from gateway.cascade import resolve_rule
+        from routers.policy import RoutePolicy
+
+        pools = PoolSet.from_settings(settings, backend_factory=backend_factory)
+        limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else InProcessRateLimiter()
+        guard = None
+        if settings.guard.artifact:
+            from routers.guard import Guard
+
+            guard = Guard.load(settings.guard.artifact)
+        router = None
+        if settings.routing.router_artifact:
+            from routers.scorers import Router
+
+            router = Router.load(settings.routing.router_artifact)
+        policy = RoutePolicy.from_settings(settings, router)
+        cascade = settings.routing.cascade
+        rule = None
+        if cascade.mode != "off":
+            artifact_cascade = (router.meta.get("cascade") or None) if router is not None else None
+            rule = resolve_rule(cascade.min_mean_logprob, cascade.min_token_logprob, artifact_cascade)
+        store = None
+        if settings.example_cache.enabled and settings.example_cache.top_k > 0:
+            from gateway.example_cache import build_example_store
+
+            store = build_example_store(settings, embed=embed)
+        ping = limiter.ping if isinstance(limiter, RedisRateLimiter) else None
+        return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics or Metrics(),
+                   policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping)
+
+    async def start(self) -> None:
+        await self.pools.start()
+        self.metrics.read_at_scrape(self._scrape_values)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pools.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+        with contextlib.suppress(Exception):
+            await self.admitter.limiter.close()
+
+    def _scrape_values(self) -> dict[str, Any]:
+        failures: dict[str, int] = {}
+        limiter = self.admitter.limiter
+        if hasattr(limiter, "num_failures"):
+            failures["rate_limiter"] = limiter.num_failures
+        if self.store is not None:
+            stats = getattr(self.store, "stats", {}) or {}
+            failures["example_cache"] = sum(v for k, v in stats.items() if "fail" in k or "error" in k
+                                            or "timeout" in k)
+        healthy = {alias: sum(1 for ok in replicas.values() if ok) for alias, replicas in self.pools.health().items()}
+        return {"redis_failures": failures, "healthy_replicas": healthy}
+
+    async def readiness(self) -> dict[str, Any]:
+        """{"ready": bool, "pools": {alias: {replica: bool}}, "redis": bool | None}."""
+        pools = self.pools.health()
+        ready = all(any(r.values()) for r in pools.values())
+        redis_ok: bool | None = None
+        checks = []
+        if self._limiter_ping is not None:
+            checks.append(self._limiter_ping())
+        if self.store is not None and self.settings.example_cache.backend == "redis":
+            checks.append(self.store.health())
+        if checks:
+            results = await asyncio.gather(*checks, return_exceptions=True)
+            redis_ok = all(r is True for r in results)
+            ready = ready and redis_ok
+        return {"ready": ready, "pools": pools, "redis": redis_ok}
+
+    def model_ids(self) -> list[str]:
+        return ["auto", *[p.name for p in self.settings.pools]]
+
+    # ---------------------------------------------------------------------------- the request
+
+    def resolve_model(self, model: str) -> str:
+        """'auto', a pool alias, or a pool's model name → 'auto' or the alias; unknown → 404."""
+        if model == "auto" or model in self._aliases:
+            return model
+        alias = self._by_model.get(model)
+        if alias is None:
+            raise NotFound(f"The model {model!r} does not exist; available: {self.model_ids()}",
+                           code="model_not_found", param="model")
+        return alias
+
+    async def run(self, job: Job, api_key: str | None) -> Execution:
+        trace = Trace()
+        requested = self.resolve_model(job.model)
+        # [1] admission
+        admission = await self.admitter.admit(api_key, job.model)
+        trace.namespace = admission.namespace
+        self._check_limits(job)
+        text = self._routing_text(job)
+        # [2] guard
+        forced_pool = None
+        if self.guard is None:
+            trace.guard = "off"
+        elif admission.guard_exempt:
+            trace.guard = "exempt"
+        else:
+            verdict = (self.guard.classify_messages(job.messages) if job.messages is not None
+                       else self.guard.classify(text))
+            trace.guard = verdict.label
+            self.metrics.guard.labels(verdict.label).inc()
+            if verdict.label != "domain":
+                policy = self.settings.guard.ood if verdict.label == "ood" else self.settings.guard.unsafe
+                code = "out_of_domain" if verdict.label == "ood" else "unsafe_content"
+                if policy.action == "reject":
+                    raise PolicyRejection(policy.message, code=code)
+                if policy.action == "refuse":
+                    return self._refusal(job, admission, trace, policy.message, text)
+                if policy.action == "route":
+                    forced_pool = policy.pool
+        # [3] policy
+        if forced_pool is not None:
+            trace.route, trace.pool, trace.reason = "guard", forced_pool, f"guard verdict {trace.guard}"
+        elif requested != "auto":
+            trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
+        else:
+            decision = self.policy.decide(text, "auto", job.hint)
+            trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
+            trace.score, trace.threshold = decision.score, decision.threshold
+            self._route_for_capabilities(job, trace)
+        self._check_capabilities(job, trace.pool)
+        # [4] example cache (only the SLM gets examples)
+        messages = job.messages
+        if (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
+                and trace.pool == self.settings.routing.slm_pool and text):
+            examples = await self.store.lookup(admission.namespace, text, self.settings.example_cache.top_k)
+            self.metrics.cache_lookups.labels("hit" if examples else "miss").inc()
+            if examples:
+                from gateway.example_cache import format_examples
+
+                trace.num_examples = len(examples)
+                trace.example_ids = [e.id for e in examples]
+                messages = _with_examples(job.messages or [], format_examples(examples))
+        # [5-7] pool → backend → cascade
+        request = self._generation_request(job, trace.pool, messages)
+        cascade = self._cascade_applies(trace)
+        try:
+            if cascade:
+                first, rest = await self._cascade(job, request, trace)
+            else:
+                first, rest = await self._start(self._timed(trace.pool, request, job.stream, trace), trace)
+        except BackendError as e:
+            raise from_backend_error(e) from None
+        trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
+        model_name = self.settings.pool(trace.pool).model
+        return Execution(self, job, admission, trace, model_name, first, rest, text)
+
+    def _routing_text(self, job: Job) -> str:
+        max_chars = self.settings.guard.max_context_chars
+        if job.messages is not None:
+            from routers.features import last_user_text
+
+            return last_user_text(job.messages, max_chars)
+        if isinstance(job.prompt, str):
+            return job.prompt[-max_chars:]
+        return ""
+
+    def _check_limits(self, job: Job) -> None:
+        limits = self.settings.limits
+        if job.n > limits.max_n:
+            raise InvalidRequest(f"n = {job.n} is above the limit {limits.max_n}", param="n")
+        if job.sampling.max_tokens > limits.max_completion_tokens:
+            raise InvalidRequest(f"max_tokens = {job.sampling.max_tokens} is above the limit "
+                                 f"{limits.max_completion_tokens}", param="max_tokens")
+        num = _estimate_prompt_tokens(job)
+        if num > limits.max_prompt_tokens:
+            raise InvalidRequest(f"The prompt is about {num} tokens, above the limit of {limits.max_prompt_tokens}.",
+                                 code="context_length_exceeded", param="messages" if job.messages else "prompt")
+
+    def _route_for_capabilities(self, job: Job, trace: Trace) -> None:
+        """An auto-routed request that needs tools or JSON mode goes to the LLM pool when only it can."""
+        if not (job.tools or self._wants_json(job)):
+            return
+        llm = self.settings.routing.llm_pool
+        if trace.pool != llm and not self._can_serve(job, trace.pool) and self._can_serve(job, llm):
+            trace.route, trace.pool = "llm", llm
+            trace.reason = "tools / response_format need the LLM pool"
+
+    @staticmethod
+    def _wants_json(job: Job) -> bool:
+        return bool(job.response_format) and job.response_format.get("type") in ("json_object", "json_schema")
+
+    def _can_serve(self, job: Job, alias: str) -> bool:
+        cfg = self.settings.pool(alias)
+        if job.tools and not (cfg.kind == "remote" and cfg.supports_tools):
+            return False
+        return not (self._wants_json(job) and not cfg.supports_json_mode)
+
+    def _check_capabilities(self, job: Job, alias: str) -> None:
+        cfg = self.settings.pool(alias)
+        if job.tools and not (cfg.kind == "remote" and cfg.supports_tools):
+            raise InvalidRequest(f"Pool {alias!r} does not support tools / tool_choice "
+                                 f"(set supports_tools on a remote pool).", code="tools_not_supported", param="tools")
+        if self._wants_json(job) and not cfg.supports_json_mode:
+            raise InvalidRequest(f"Pool {alias!r} does not support response_format "
+                                 f"{job.response_format.get('type')!r} (supports_json_mode is false).",
+                                 code="response_format_not_supported", param="response_format")
+
+    def _cascade_applies(self, trace: Trace) -> bool:
+        if self.cascade_rule is None or trace.pool != self.settings.routing.slm_pool:
+            return False
+        if trace.route == "slm_then_escalate":
+            return True
+        return trace.route == "slm" and self.settings.routing.cascade.stream_mode == "buffer"
+
+    def _generation_request(self, job: Job, alias: str, messages: list[dict[str, Any]] | None) -> GenerationRequest:
+        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        return GenerationRequest(
+            request_id=job.request_id, model=self.settings.pool(alias).model,
+            messages=messages if job.kind == "chat" else None, prompt=job.prompt if job.kind == "completion" else None,
+            sampling=job.sampling, n=job.n, tools=job.tools, tool_choice=job.tool_choice,
+            response_format=job.response_format, user=job.user, deadline=deadline,
+        )
+
+    async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
+        """The pool's Delta stream; time spent waiting on it is added to ``trace.backend_wait_s``."""
+        agen = self.pools.get(alias).generate(request, stream=stream)
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    delta = await agen.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    trace.backend_wait_s += time.perf_counter() - t
+                yield delta
+        finally:
+            await agen.aclose()
+
+    async def _start(self, deltas: AsyncIterator[Delta], trace: Trace) -> tuple[Delta | None, AsyncIterator[Delta]]:
+        """Wait for the first Delta, so failures before it become HTTP errors."""
+        try:
+            first = await deltas.__anext__()
+        except StopAsyncIteration:
+            return None, deltas
+        except BaseException:
+            await deltas.aclose()
+            raise
+        return first, deltas
+
+    async def _collect(self, alias: str, request: GenerationRequest, trace: Trace) -> list[Delta]:
+        return [d async for d in self._timed(alias, request, False, trace)]
+
+    async def _cascade(self, job: Job, request: GenerationRequest,
+                       trace: Trace) -> tuple[Delta | None, AsyncIterator[Delta]]:
+        """Produce the SLM answer, judge it, then replay it or start the LLM's."""
+        from gateway.cascade import Confidence
+
+        slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
+        judged = replace(request, sampling=replace(request.sampling, logprobs=True,
+                                                   top_logprobs=request.sampling.top_logprobs))
+        escalate, reason = False, ""
+        try:
+            deltas = await self._collect(slm, judged, trace)
+        except BackendError as e:
+            if e.status_code < 500 and e.code != "no_healthy_replica":
+                raise
+            escalate, reason, deltas = True, f"SLM failed ({e.code or e.status_code})", []
+        if not escalate:
+            trace.judged = True
+            self.metrics.cascade_judged.inc()
+            for index in sorted({d.index for d in deltas}):
+                values = [lp.logprob for d in deltas if d.index == index for lp in d.logprobs]
+                if self.cascade_rule.should_escalate(Confidence.from_logprobs(values)):
+                    escalate, reason = True, "SLM answer unsure (low token log-probabilities)"
+                    break
+        if self.store is not None and trace.example_ids:
+            trace.judged = True
+            self._background(self.store.feedback(trace.namespace, trace.example_ids, escalate))
+        if not escalate:
+            if not job.sampling.logprobs:
+                deltas = _strip_logprobs(deltas)
+            return await self._start(_replay(deltas), trace)
+        usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
+        if usage is not None:
+            trace.cost_usd += self.settings.pool(slm).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+        self.metrics.escalations.inc()
+        trace.escalated, trace.pool, trace.reason = True, llm, reason
+        self._check_capabilities(job, llm)
+        llm_request = self._generation_request(job, llm, job.messages)
+        llm_request.deadline = request.deadline
+        return await self._start(self._timed(llm, llm_request, job.stream, trace), trace)
+
+    def _refusal(self, job: Job, admission: Admission, trace: Trace, message: str, text: str) -> Execution:
+        trace.route, trace.pool, trace.reason = "policy", "policy", f"guard verdict {trace.guard}: refused"
+        trace.overhead_s = time.perf_counter() - job.t_start
+        finish = "content_filter" if trace.guard == "unsafe" else "stop"
+        deltas = [Delta(index=i, text=message, finish_reason=finish, is_final=(i == job.n - 1),
+                        usage=Usage(0, 0) if i == job.n - 1 else None) for i in range(job.n)]
+        return Execution(self, job, admission, trace, "switchyard-policy", deltas[0], _replay(deltas[1:]), text)
+
+    # ------------------------------------------------------------------------------ bookkeeping
+
+    def finish(self, execution: Execution) -> None:
+        """Called once the Delta stream ended normally: cost, metrics, token limits, cache admit."""
+        trace, job = execution.trace, execution.job
+        usage = execution.usage or Usage(0, execution._num_deltas)
+        if trace.pool in self._aliases:
+            price = self.settings.pool(trace.pool).price
+            trace.cost_usd += price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+            always = self.llm_price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+            self.metrics.record_usage(model=trace.pool, num_prompt_tokens=usage.prompt_tokens,
+                                      num_completion_tokens=usage.completion_tokens, cost_usd=trace.cost_usd,
+                                      always_llm_cost_usd=always)
+        if job.stream is False and trace.overhead_s is not None:
+            trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
+        if usage.total_tokens:
+            self._background(self.admitter.record_tokens(execution.admission, usage.total_tokens))
+        if (self.store is not None and job.kind == "chat" and trace.pool == self.settings.routing.llm_pool
+                and execution._finish_reason == "stop" and execution._text):
+            guard_ok = trace.guard in ("domain", "off", "exempt")
+            if guard_ok:
+                self.metrics.cache_admits.inc()
+                self._background(self.store.admit(execution.admission.namespace, execution._text,
+                                                  "".join(execution._answer), trace.pool, "stop", guard_ok=True))
+        if self.store is not None and trace.example_ids and not trace.judged:
+            self._background(self.store.feedback(trace.namespace, trace.example_ids, False))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
+
+    def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None) -> None:
+        self.metrics.record_request(route=route, model=model, status=status,
+                                    latency_s=time.perf_counter() - t_start, overhead_s=overhead_s)
+
+
+def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Examples go after the leading system/developer messages, before the conversation."""
+    i = 0
+    while i < len(messages) and messages[i].get("role") in ("system", "developer"):
+        i += 1
+    return [*messages[:i], *examples, *messages[i:]]
+
+
+__all__ = ["Execution", "GatewayError", "Job", "Pipeline", "Trace"]

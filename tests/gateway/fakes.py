@@ -1,0 +1,148 @@
+"""Deterministic in-process backends for gateway tests (real Pool, real uvicorn, real openai client).
+
+``FakeBackend`` answers ``"<alias>: echo <words of the last user turn> done."`` one word per Delta, so
+answers are checkable and stream == non-stream by construction of the *gateway's* framing. Words in the
+prompt steer it:
+  * ``unsure``  → every token has log-prob -3 (the cascade escalates); otherwise -0.05;
+  * ``slow``    → 200 tokens, 20 ms apart (disconnect / deadline tests);
+  * ``explode`` → fails after the first token (BackendError after_first_token).
+``tools`` in the request → one ``tool_calls`` Delta with finish_reason ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
+
+
+def _last_user(request: GenerationRequest) -> str:
+    if request.messages is None:
+        return request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
+    for m in reversed(request.messages):
+        if m.get("role") == "user":
+            return str(m.get("content") or "")
+    return ""
+
+
+class FakeBackend:
+    def __init__(self, name: str, alias: str, *, fail_load: bool = False) -> None:
+        self.name = name
+        self.alias = alias
+        self.fail_load = fail_load
+        self.requests: list[GenerationRequest] = []
+        self.num_aborted = 0
+        self.num_active = 0
+
+    async def load(self) -> None:
+        if self.fail_load:
+            raise RuntimeError("cannot load")
+
+    async def close(self) -> None:
+        return None
+
+    async def health(self) -> bool:
+        return not self.fail_load
+
+    def num_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return None
+
+    def answer_tokens(self, text: str) -> list[str]:
+        if "slow" in text:
+            return [f" t{i}" for i in range(200)]
+        return [f"{self.alias}:", " echo", *[" " + w for w in text.split()], " done."]
+
+    async def generate(self, request: GenerationRequest, stream: bool = True):
+        self.requests.append(request)
+        text = _last_user(request)
+        s = request.sampling
+        lp_value = -3.0 if "unsure" in text else -0.05
+        num_prompt = len(text.split()) + 1
+        num_completion = 0
+        self.num_active += 1
+        finished = False
+        try:
+            if request.tools:
+                call = {"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": request.tools[0]["function"]["name"], "arguments": "{}"}}
+                yield Delta(index=0, tool_calls=[call], finish_reason="tool_calls", is_final=True,
+                            usage=Usage(num_prompt, 1))
+                finished = True
+                return
+            tokens = self.answer_tokens(text)
+            for index in range(request.n):
+                produced = ""
+                count = 0
+                finish = "stop"
+                for tok in tokens:
+                    if count >= s.max_tokens:
+                        finish = "length"
+                        break
+                    cut = None
+                    for stop in s.stop:
+                        pos = (produced + tok).find(stop)
+                        if pos != -1 and (cut is None or pos < cut):
+                            cut = pos
+                    if cut is not None:
+                        piece = (produced + tok)[:cut][len(produced):]
+                        if piece:
+                            yield Delta(index=index, text=piece)
+                        finish = "stop"
+                        break
+                    if "slow" in text:
+                        await asyncio.sleep(0.02)
+                    if "explode" in text and count == 1:
+                        raise BackendError("replica died mid-answer", retryable=True, status_code=502,
+                                           code="upstream_error", after_first_token=True)
+                    lps: tuple[TokenLogprob, ...] = ()
+                    if s.logprobs:
+                        tops = tuple((t, lp_value - k) for k, t in enumerate([tok, " x", " y", " z", " w"][: s.top_logprobs]))
+                        lps = (TokenLogprob(token=tok, logprob=lp_value, token_id=count, top_logprobs=tops),)
+                    produced += tok
+                    count += 1
+                    num_completion += 1
+                    yield Delta(index=index, text=tok, token_ids=(count,), logprobs=lps)
+                last = index == request.n - 1
+                yield Delta(index=index, finish_reason=finish, is_final=last,
+                            usage=Usage(num_prompt, num_completion) if last else None)
+            finished = True
+        finally:
+            self.num_active -= 1
+            if not finished:
+                self.num_aborted += 1
+
+
+class FakeFactory:
+    """``backend_factory`` for ``PoolSet.from_settings``: FakeBackends, remembered by pool alias."""
+
+    def __init__(self, fail_load: frozenset[str] = frozenset()) -> None:
+        self.fail_load = fail_load
+        self.backends: dict[str, list[FakeBackend]] = {}
+
+    def __call__(self, cfg: Any, index: int) -> FakeBackend:
+        b = FakeBackend(f"{cfg.name}/{index}", cfg.name, fail_load=cfg.name in self.fail_load)
+        self.backends.setdefault(cfg.name, []).append(b)
+        return b
+
+    def requests(self, alias: str) -> list[GenerationRequest]:
+        return [r for b in self.backends.get(alias, []) for r in b.requests]
+
+
+def fake_settings(**overrides: Any):
+    """Two local pools (slm, llm) + a remote-kind pool 'cloud' that can do tools and JSON mode."""
+    from gateway.settings import settings_from_dict
+
+    data: dict[str, Any] = {
+        "pools": [
+            {"name": "slm", "model": "fake-slm", "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}},
+            {"name": "llm", "model": "fake-llm", "price": {"input_per_1m": 10.0, "output_per_1m": 20.0}},
+            {"name": "cloud", "kind": "remote", "model": "fake-cloud", "urls": ["http://127.0.0.1:9/v1"],
+             "supports_tools": True, "supports_json_mode": True},
+        ],
+        "routing": {"cascade": {"mode": "slm_then_escalate", "stream_mode": "buffer", "min_mean_logprob": -1.0}},
+        "example_cache": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return settings_from_dict(data)
