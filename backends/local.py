@@ -1,0 +1,183 @@
+"""LocalBackend: the Backend protocol over the embedded engine (one in-process replica).
+
+Turns a GenerationRequest into prompt token ids (the tokenizer's chat template, a Jinja override, or
+"gemma_plain" turns for base Gemma models), streams the engine's incremental text as Deltas, and maps
+engine errors to BackendError: prompt too long → 400 ``context_length_exceeded``; ``tools`` → 400
+``tools_not_supported``; invalid sampling values → 400 ``invalid_parameter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+
+from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
+from backends.engine.async_engine import AsyncEngine, EngineDeadError
+from backends.engine.llm_engine import ContextLengthError, LLMEngine
+from backends.engine.sampling_params import SamplingParams
+from backends.engine.sequence import TokenLogprobs
+from gateway.settings import EngineOptions
+
+GEMMA_PLAIN = "gemma_plain"
+END_OF_TURN = "<end_of_turn>"
+
+
+def gemma_plain_prompt(messages: list[dict]) -> str:
+    """Plain Gemma turns; a system message is folded into the first user turn (Gemma has no system role)."""
+    parts: list[str] = []
+    system = ""
+    for m in messages:
+        role, content = m.get("role"), _content_text(m.get("content"))
+        if role == "system" or role == "developer":
+            system += content + "\n\n"
+            continue
+        turn_role = "model" if role == "assistant" else "user"
+        if turn_role == "user" and system:
+            content, system = system + content, ""
+        parts.append(f"<start_of_turn>{turn_role}\n{content}{END_OF_TURN}\n")
+    if system:
+        parts.append(f"<start_of_turn>user\n{system.rstrip()}{END_OF_TURN}\n")
+    return "".join(parts) + "<start_of_turn>model\n"
+
+
+def _content_text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+class LocalBackend:
+    def __init__(self, name: str, model: str, options: EngineOptions, chat_template: str | None = None,
+                 device: str | None = None) -> None:
+        from backends.models import chat_template_override
+
+        self.name = name
+        self.model = model
+        self.options = options
+        self.chat_template = chat_template or chat_template_override(model)
+        self.device = device
+        self.engine: AsyncEngine | None = None
+        self._load_lock = asyncio.Lock()
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def load(self) -> None:
+        async with self._load_lock:
+            if self.engine is None:
+                self.engine = await AsyncEngine.create(self.model, self.options, device=self.device)
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+            self.engine = None
+
+    async def health(self) -> bool:
+        return self.engine is not None and self.engine.is_running
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise BackendError(f"{self.name}: model not loaded", retryable=True, status_code=503)
+        return self.engine.engine
+
+    @property
+    def tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm_engine.max_model_len
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self.tokenizer
+        if request.messages is None:
+            if isinstance(request.prompt, list):
+                return [int(t) for t in request.prompt]
+            return tok(request.prompt or "")["input_ids"]
+        if self.chat_template == GEMMA_PLAIN:
+            return tok(gemma_plain_prompt(request.messages))["input_ids"]
+        template = self.chat_template
+        if template is None and not getattr(tok, "chat_template", None):
+            raise BackendError(
+                f"model {self.model!r} has no chat template; configure chat_template for its pool",
+                retryable=False, status_code=400, code="chat_template_missing",
+            )
+        messages = [dict(m, content=_content_text(m.get("content"))) for m in request.messages]
+        text = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def num_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        if self.engine is None:
+            return None
+        return len(self.prompt_token_ids(request))
+
+    def _params(self, request: GenerationRequest) -> SamplingParams:
+        try:
+            params = SamplingParams.from_options(request.sampling, n=request.n)
+        except ValueError as exc:
+            raise BackendError(str(exc), retryable=False, status_code=400, code="invalid_parameter") from exc
+        if self.chat_template == GEMMA_PLAIN and request.messages is not None:
+            eot = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+            if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
+                params = SamplingParams(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + (eot,)})
+            else:
+                params = SamplingParams(**{**params.__dict__, "stop": params.stop + (END_OF_TURN,)})
+        return params
+
+    def _logprobs(self, items: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
+        tok = self.tokenizer
+        return tuple(
+            TokenLogprob(
+                token=tok.decode([lp.token_id]), logprob=lp.logprob, token_id=lp.token_id,
+                top_logprobs=tuple((tok.decode([t]), v) for t, v in lp.top),
+            )
+            for lp in items
+        )
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.tools:
+            raise BackendError("tools are not supported by local models", retryable=False, status_code=400,
+                               code="tools_not_supported")
+        if self.engine is None or not self.engine.is_running:
+            raise BackendError(f"{self.name}: engine not running", retryable=True, status_code=503)
+        prompt = self.prompt_token_ids(request)
+        params = self._params(request)
+        if len(prompt) >= self.max_model_len:
+            raise BackendError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt)} tokens (at least 1 more is needed for the answer).",
+                retryable=False, status_code=400, code="context_length_exceeded",
+            )
+        engine_id = f"{request.request_id}#{next(self._ids)}"
+        completion_tokens = 0
+        cached = 0
+        open_choices = params.n
+        started = False
+        stream = self.engine.stream(engine_id, prompt, params, priority=request.priority)
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    completion_tokens += len(out.new_token_ids)
+                    if out.index == 0:
+                        cached = out.num_cached_tokens
+                    if out.finished:
+                        open_choices -= 1
+                    is_final = open_choices == 0
+                    started = True
+                    yield Delta(
+                        index=out.index, text=out.new_text, token_ids=tuple(out.new_token_ids),
+                        logprobs=self._logprobs(out.new_logprobs), finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                        is_final=is_final,
+                        usage=Usage(len(prompt), completion_tokens, cached) if is_final else None,
+                    )
+        except ContextLengthError as exc:
+            raise BackendError(str(exc), retryable=False, status_code=400, code="context_length_exceeded") from exc
+        except (EngineDeadError, ValueError) as exc:
+            raise BackendError(str(exc), retryable=not started, status_code=500 if started else 503,
+                               after_first_token=started) from exc

@@ -1,0 +1,111 @@
+"""Engine server against a live uvicorn with the official openai client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from backends.engine.server import create_engine_app
+from backends.local import LocalBackend
+from gateway.settings import EngineOptions
+
+OPTIONS = EngineOptions(num_kv_blocks=128, block_size=4, max_model_len=128, max_num_batched_tokens=64, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    from tests.conftest import start_live_server
+
+    backend = LocalBackend("tiny/0", str(tiny_model_dir("llama")), OPTIONS, device="cpu")
+    live = start_live_server(create_engine_app(backend, served_name="tiny"))
+    yield live, backend
+    live.stop()
+
+
+@pytest.fixture
+def client(server):
+    live, _ = server
+    return openai.OpenAI(base_url=live.base_url + "/v1", api_key="none", max_retries=0)
+
+
+MESSAGES = [{"role": "user", "content": "Hello world! How are you?"}]
+
+
+def test_chat_stream_equals_non_stream_with_usage(client, server):
+    kwargs = dict(model="tiny", messages=MESSAGES, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kwargs)
+    assert full.object == "chat.completion"
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 12 and full.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == full.choices[0].message.content
+    assert reasons == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # the second identical prompt hits the prefix cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    _, backend = server
+    assert backend.llm_engine.block_manager.num_used_blocks == 0
+
+
+def test_completions_stream_equals_non_stream_and_logprobs(client):
+    kwargs = dict(model="tiny", prompt="The quick brown fox", temperature=0, max_tokens=8, logprobs=2,
+                  extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs)
+    assert full.choices[0].finish_reason == "length"
+    lp = full.choices[0].logprobs
+    assert len(lp.tokens) == 8 and len(lp.top_logprobs[0]) == 2
+    assert all(v <= 0 for v in lp.token_logprobs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
+def test_n_choices_and_stop(client):
+    res = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=6, n=2,
+                                         extra_body={"ignore_eos": True})
+    assert [c.index for c in res.choices] == [0, 1]
+    assert res.choices[0].message.content == res.choices[1].message.content
+    text = res.choices[0].message.content
+    if len(text) > 2:
+        stop = text[1:3]
+        cut = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=6,
+                                             stop=[stop], extra_body={"ignore_eos": True})
+        assert cut.choices[0].message.content == text[: text.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, temperature=1.0, max_tokens=10, seed=123,
+                  extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kwargs).choices[0].message.content
+    b = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert a == b
+
+
+def test_too_long_prompt_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello " * 400}])
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hello " * 400, stream=True)
+
+
+def test_bad_params_and_tools_are_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert info.value.code == "tools_not_supported"
+
+
+def test_models_health_metrics(client, server):
+    live, _ = server
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(live.base_url + "/healthz").status_code == 200
+    metrics = httpx.get(live.base_url + "/metrics").text
+    assert 'switchyard_engine_kv_blocks_total{model="tiny"} 128' in metrics
+    assert "switchyard_engine_generation_tokens_total" in metrics
