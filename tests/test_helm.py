@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -654,6 +656,39 @@ def test_helm_test_pod_script_runs_against_a_gateway():
     assert (method, path, method2, path2) == ("GET", "/readyz", "POST", "/v1/chat/completions")
     assert headers["Authorization"] == "Bearer sk-ci-test-key"
     assert body["model"] == "auto" and body["max_tokens"] == 8
+
+
+def test_rendered_release_serves_the_helm_test_end_to_end(live_server, monkeypatch, tmp_path):
+    """The chart's gateway config + env, loaded by the real gateway in front of a fake vLLM; then the
+    helm test pod's own script passes against it (API key from the chart's Secret)."""
+    from bench.fake_upstream import FakeBehavior, FakeUpstream
+    from gateway.app import create_app
+
+    upstream = FakeUpstream(name="vllm", model="meta-llama/Llama-3.1-70B-Instruct", behavior=FakeBehavior(num_tokens=3))
+    pool = dict(ci_values(VLLM_FILE)["pools"][0], urls=[f"{live_server(upstream).base_url}/v1"])
+    extra = yaml.safe_dump({"pools": [pool], "apiKeys": {"keys": [{"name": "ops", "key": "sk-e2e"}]}})
+    docs = render(VLLM_FILE, extra_values=extra)
+    config = tmp_path / "config.yaml"
+    config.write_text(one(docs, "ConfigMap", f"{fullname()}-config")["data"]["config.yaml"])
+    (gateway,) = pod_spec(gateway_deployment(docs))["containers"]
+    environ = container_environ(docs, gateway)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    server = live_server(create_app(load_settings(config, environ=environ)))
+    (container,) = one(docs, "Pod", f"{fullname()}-test")["spec"]["containers"]
+    env = {**container_environ(docs, container), "BASE_URL": server.base_url}
+    proc = subprocess.run([sys.executable, *container["command"][1:], *container["args"]],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert upstream.num_requests == 1
+    assert upstream.last_bodies[-1]["model"] == "meta-llama/Llama-3.1-70B-Instruct"
+    # The key list really came from the Secret: without the key the gateway refuses.
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(f"{server.base_url}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 401
 
 
 def test_notes_say_how_to_call_the_endpoint():
