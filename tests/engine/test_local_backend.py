@@ -1,0 +1,97 @@
+"""LocalBackend: the Backend contract over the embedded engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends.base import Backend, BackendError, GenerationRequest, SamplingOptions
+from backends.local import LocalBackend, gemma_plain_prompt
+from gateway.settings import EngineOptions
+
+OPTIONS = EngineOptions(num_kv_blocks=64, block_size=4, max_model_len=64, max_num_batched_tokens=64, num_threads=1)
+
+
+@pytest.fixture
+async def backend(tiny_model_dir):
+    b = LocalBackend("slm/0", str(tiny_model_dir("llama")), OPTIONS, device="cpu")
+    await b.load()
+    yield b
+    await b.close()
+
+
+def req(**kw) -> GenerationRequest:
+    kw.setdefault("sampling", SamplingOptions(temperature=0, max_tokens=5, ignore_eos=True))
+    kw.setdefault("messages", [{"role": "user", "content": "Hello world!"}])
+    return GenerationRequest(request_id="r1", model="slm", **kw)
+
+
+async def test_contract_final_delta_usage_finish_once(backend):
+    assert isinstance(backend, Backend)
+    assert await backend.health()
+    sampling = SamplingOptions(temperature=0, max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=2)
+    deltas = [d async for d in backend.generate(req(n=2, sampling=sampling))]
+    assert sum(1 for d in deltas if d.is_final) == 1 and deltas[-1].is_final
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1]
+    usage = deltas[-1].usage
+    assert usage.completion_tokens == 10
+    assert usage.prompt_tokens == backend.num_prompt_tokens(req())
+    lps = [lp for d in deltas if d.index == 0 for lp in d.logprobs]
+    assert len(lps) == 5 and all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in lps)
+    text0 = "".join(d.text for d in deltas if d.index == 0)
+    ids0 = [t for d in deltas if d.index == 0 for t in d.token_ids]
+    assert text0 == backend.tokenizer.decode(ids0, skip_special_tokens=True)
+
+
+async def test_errors(backend):
+    with pytest.raises(BackendError) as info:
+        [d async for d in backend.generate(req(tools=[{"type": "function", "function": {"name": "f"}}]))]
+    assert info.value.code == "tools_not_supported" and info.value.status_code == 400 and not info.value.retryable
+    with pytest.raises(BackendError) as info:
+        [d async for d in backend.generate(req(messages=[{"role": "user", "content": "hello " * 100}]))]
+    assert info.value.code == "context_length_exceeded" and info.value.status_code == 400
+    with pytest.raises(BackendError) as info:
+        [d async for d in backend.generate(req(sampling=SamplingOptions(top_k=0)))]
+    assert info.value.status_code == 400
+
+
+async def test_aclose_aborts_and_frees_blocks(backend):
+    gen = backend.generate(req(sampling=SamplingOptions(max_tokens=50, ignore_eos=True)))
+    await anext(gen)
+    engine = backend.llm_engine
+    assert engine.block_manager.num_used_blocks > 0
+    await gen.aclose()
+    for _ in range(500):
+        if engine.block_manager.num_used_blocks == 0 and not engine.requests:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+async def test_completion_prompt_string_and_ids(backend):
+    text = [d async for d in backend.generate(req(messages=None, prompt="The quick brown"))]
+    ids = backend.tokenizer("The quick brown")["input_ids"]
+    by_ids = [d async for d in backend.generate(req(messages=None, prompt=ids))]
+    assert "".join(d.text for d in text) == "".join(d.text for d in by_ids)
+
+
+def test_gemma_plain_prompt():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    assert gemma_plain_prompt(msgs) == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+async def test_gemma_plain_backend_runs(tiny_model_dir):
+    b = LocalBackend("llm/0", str(tiny_model_dir("gemma3")), OPTIONS, chat_template="gemma_plain", device="cpu")
+    await b.load()
+    try:
+        deltas = [d async for d in b.generate(req())]
+        assert deltas[-1].is_final and deltas[-1].finish_reason in ("stop", "length")
+        assert b.num_prompt_tokens(req()) > 5
+    finally:
+        await b.close()
+    assert not await b.health()
