@@ -200,21 +200,22 @@ class OpenAIUpstream:
                         yield delta
                     return
                 parser = _StreamParser(is_chat=is_chat, n=request.n, name=self.name)
-                is_done = False
-                async for line in response.aiter_lines():  # read to the end: the connection stays reusable
-                    if is_done or not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        is_done = True
-                        continue
-                    for delta in parser.feed(_json(data, self.name)):
+                pending = b""
+                async for data in response.aiter_bytes():  # read to the end: the connection stays reusable
+                    lines = (pending + data).split(b"\n")
+                    pending = lines.pop()
+                    events = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+                    for delta in _coalesce(parser.feed_many(events)):
                         num_yielded += 1
                         yield delta
                     if request.deadline is not None and time.monotonic() > request.deadline:
                         raise BackendError(f"deadline passed while streaming from {self.name}",
                                            retryable=False, status_code=504, code="deadline_exceeded",
                                            after_first_token=num_yielded > 0)
+                if pending.startswith(b"data:"):
+                    for delta in parser.feed_many([pending[5:].strip()]):
+                        num_yielded += 1
+                        yield delta
                 for delta in parser.finish():
                     num_yielded += 1
                     yield delta
@@ -285,6 +286,17 @@ class _StreamParser:
         self.finished: list[Delta] = []
         self.usage: Usage | None = None
         self.num_content_chunks = 0
+        self.is_done = False
+
+    def feed_many(self, events: list[bytes]) -> list[Delta]:
+        """Deltas of the SSE ``data:`` payloads received together; ``[DONE]`` and anything after it is ignored."""
+        out: list[Delta] = []
+        for event in events:
+            if self.is_done or event == b"[DONE]":
+                self.is_done = True
+                continue
+            out.extend(self.feed(_json(event, self.name)))
+        return out
 
     def feed(self, chunk: dict[str, Any]) -> list[Delta]:
         if "error" in chunk and not chunk.get("choices"):
@@ -320,6 +332,21 @@ class _StreamParser:
                                retryable=True, code="upstream_incomplete_stream")
         usage = self.usage or Usage(0, self.num_content_chunks)
         return self.finished[:-1] + [replace(self.finished[-1], is_final=True, usage=usage)]
+
+
+def _coalesce(deltas: list[Delta]) -> list[Delta]:
+    """Merge consecutive text Deltas of one choice that arrived in the same read (fewer, larger chunks
+    downstream when the upstream is faster than the client; text and logprobs are kept in order)."""
+    if len(deltas) < 2:
+        return deltas
+    out = [deltas[0]]
+    for d in deltas[1:]:
+        last = out[-1]
+        if d.index == last.index and not d.tool_calls and not last.tool_calls:
+            out[-1] = replace(last, text=last.text + d.text, logprobs=last.logprobs + d.logprobs)
+        else:
+            out.append(d)
+    return out
 
 
 def _json(data: str | bytes, name: str) -> dict[str, Any]:

@@ -205,3 +205,26 @@ def test_bad_arguments_raise_value_error():
         OpenAIUpstream("a", "ftp://x", "m")
     with pytest.raises(ValueError):
         OpenAIUpstream("a", "http://x/v1", "m", timeout_s=0)
+
+
+async def test_events_split_across_reads_and_crlf(live_server):
+    pieces = [b'data: {"choices":[{"index":0,"delta":{"content":"hel', b'lo"},"finish_reason":null}]}\r\n\r\n',
+              b'data: {"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":null}]}\r\n\r\n'
+              b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\r\n\r\n',
+              b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}\r\n\r\n'
+              b'data: [DONE]\r\n\r\n']
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    up = OpenAIUpstream("split", f"{live_server(app).base_url}/v1", "m")
+    deltas = await collect(up, chat())
+    await up.close()
+    assert "".join(d.text for d in deltas) == "hello world"
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].usage.completion_tokens == 2
