@@ -295,6 +295,28 @@ def test_engine_options_become_engine_serve_flags():
     assert "--no-prefix-caching" in engine["args"]
 
 
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_every_switchyard_command_parses_with_the_real_cli(values_file):
+    """Gateway, engine and model-preparation containers run `switchyard ...` with flags the CLI accepts."""
+    from training.cli import build_parser
+
+    parser = build_parser()
+    commands = []
+    for doc in render(values_file):
+        if doc["kind"] in POD_KINDS:
+            commands += [c["command"] + c.get("args", []) for c in all_containers(pod_spec(doc))]
+    commands = [c[1:] for c in commands if c[0] == "switchyard"]
+    assert commands
+    for argv in commands:
+        args = parser.parse_args(argv)
+        if argv[:2] == ["engine", "serve"]:
+            assert args.host == "0.0.0.0" and args.served_name and args.device in ("cpu", "cuda")
+        elif argv[0] == "serve":
+            assert (args.config, args.host, args.port) == ("/etc/switchyard/config.yaml", "0.0.0.0", 8000)
+        else:
+            assert argv[:2] == ["models", "prepare"] and args.names
+
+
 # ------------------------------------------------------------------------------------ GPUs
 
 
