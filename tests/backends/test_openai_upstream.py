@@ -23,6 +23,14 @@ async def collect(backend, request, **kw):
     return [d async for d in backend.generate(request, **kw)]
 
 
+@pytest.fixture(autouse=True, params=["lean", "httpx"])
+def client_kind(request, monkeypatch):
+    """Every test runs on both transports (the default for http:// is the lean one)."""
+    defaults = dict(OpenAIUpstream.__init__.__kwdefaults__, client=request.param)
+    monkeypatch.setattr(OpenAIUpstream.__init__, "__kwdefaults__", defaults)
+    return request.param
+
+
 @pytest.fixture
 def fake(live_server):
     app = FakeUpstream(name="a", model="up-model", behavior=FakeBehavior(num_tokens=4))
@@ -200,7 +208,11 @@ async def test_health_and_closing_aborts_upstream(fake):
     await up.close()
 
 
-def test_bad_arguments_raise_value_error():
+def test_bad_arguments_raise_value_error(client_kind):
+    assert OpenAIUpstream("a", "http://x/v1", "m").client_kind == client_kind
+    assert OpenAIUpstream("a", "https://x/v1", "m", client="auto").client_kind == "httpx"
+    with pytest.raises(ValueError):
+        OpenAIUpstream("a", "https://x/v1", "m", client="lean")
     with pytest.raises(ValueError):
         OpenAIUpstream("a", "ftp://x", "m")
     with pytest.raises(ValueError):

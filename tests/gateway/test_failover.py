@@ -160,8 +160,8 @@ def upstream_process(token_delay_ms: float):
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_burst_of_200_with_one_replica_killed_loses_nothing(stream):
-    with upstream_process(10) as (victim, url0), upstream_process(10) as (_, url1), \
-            upstream_process(10) as (_, url2):
+    with upstream_process(50) as (victim, url0), upstream_process(50) as (_, url1), \
+            upstream_process(50) as (_, url2):
         pool = make_pool([url0, url1, url2], timeout_s=10, max_retries=3, eject_after_failures=2)
         await pool.start()
 
@@ -172,7 +172,10 @@ async def test_burst_of_200_with_one_replica_killed_loses_nothing(stream):
                 return "after_first_token" if e.after_first_token else f"error: {e.message}"
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(200)]
-        await asyncio.sleep(0.15)
+        for _ in range(1000):  # kill the replica while it is serving
+            if pool.replicas[0].num_outstanding_requests >= 10:
+                break
+            await asyncio.sleep(0.005)
         victim.kill()
         results = await asyncio.gather(*tasks)
         await pool.close()
