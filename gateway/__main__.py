@@ -18,6 +18,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
+    settings = settings.model_copy(update={"host": host, "port": port})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     loop = "uvloop" if sys.platform != "win32" else "auto"

@@ -198,7 +198,9 @@ class Pipeline:
         """The real components from settings. Loads artifacts (fast); pools start in ``start()``.
         ``backend_factory`` (PoolConfig, index) → Backend and ``embed`` (texts → unit vectors, for the
         example store) replace the real replicas / MiniLM (tests)."""
+        import routers.features  # noqa: F401 - imported now, not on the first request
         from backends.pool import PoolSet
+        from gateway import cascade as _cascade  # noqa: F401
         from gateway.admission import InProcessRateLimiter, RedisRateLimiter
         from gateway.cascade import resolve_rule
         from routers.policy import RoutePolicy
@@ -231,7 +233,16 @@ class Pipeline:
                    policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping)
 
     async def start(self) -> None:
+        if any(p.kind == "local" for p in self.settings.pools):
+            # Local replicas load in worker threads at the same time; importing transformers from two
+            # threads at once can fail ("cannot import name ..."), so import it once here first.
+            import transformers  # noqa: F401
+            from transformers import AutoConfig, AutoTokenizer  # noqa: F401
         await self.pools.start()
+        for alias, replicas in self.pools.health().items():
+            for name, ok in replicas.items():
+                if not ok:
+                    log.warning("pool %s: replica %s is not available after start-up", alias, name)
         self.metrics.read_at_scrape(self._scrape_values)
 
     async def close(self) -> None:
