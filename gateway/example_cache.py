@@ -181,17 +181,32 @@ class _IdClock:
 class VectorIndex:
     """Exact top-k cosine search over the unit vectors of one namespace (numpy, in process).
 
-    Rows live in one preallocated float32 matrix; removal swaps the last row into the hole. Not thread
+    Rows live in preallocated float32 matrices; removal swaps the last row into the hole. Not thread
     safe: one store owns it and touches it from its event loop only.
+
+    Large namespaces (>= ``rotate_at`` rows) search in two exact stages: rows are kept in a PCA basis
+    fitted once on the rows present then (an orthonormal rotation, so dot products are unchanged), split
+    into the first ``head_dim`` coordinates and the rest. Stage one scans only the head matrix (small
+    enough to stay in the CPU cache) and bounds each row's score by Cauchy-Schwarz:
+    ``q.x <= q_head.x_head + |q_tail| |x_tail|``. Stage two scores exactly only the rows whose bound
+    reaches the cutoff (the larger of ``min_similarity`` and the k-th best exact score among the head's
+    top k); when too many rows pass, it scores all of them. Results equal a full scan.
     """
 
-    def __init__(self, dim: int, capacity: int = 1024) -> None:
+    def __init__(self, dim: int, capacity: int = 1024, *, head_dim: int = 64, rotate_at: int = 16384) -> None:
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim = dim
-        self._mat = np.zeros((max(capacity, 16), dim), dtype=np.float32)
+        self.head_dim = min(head_dim, dim)
+        self.rotate_at = rotate_at
+        self.rotation: np.ndarray | None = None  # dim x dim, columns = basis; None = identity
+        cap = max(capacity, 16)
+        self._head = np.zeros((cap, self.head_dim), dtype=np.float32)
+        self._tail = np.zeros((cap, dim - self.head_dim), dtype=np.float32)
+        self._tail_norm = np.zeros(cap, dtype=np.float32)
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
+        self.num_exact_rows_last = 0  # rows scored exactly by the last search (for benchmarks)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -209,13 +224,39 @@ class VectorIndex:
         row = self._row.get(id_)
         if row is None:
             row = len(self._ids)
-            if row == self._mat.shape[0]:
-                grown = np.zeros((row * 2, self.dim), dtype=np.float32)
-                grown[:row] = self._mat
-                self._mat = grown
+            if row == self._head.shape[0]:
+                self._grow(row * 2)
             self._ids.append(id_)
             self._row[id_] = row
-        self._mat[row] = vec
+        self._set_row(row, vec if self.rotation is None else vec @ self.rotation)
+        if self.rotation is None and len(self._ids) >= self.rotate_at:
+            self._fit_rotation()
+
+    def _set_row(self, row: int, rotated: np.ndarray) -> None:
+        self._head[row] = rotated[: self.head_dim]
+        self._tail[row] = rotated[self.head_dim :]
+        self._tail_norm[row] = np.linalg.norm(rotated[self.head_dim :])
+
+    def _grow(self, cap: int) -> None:
+        n = len(self._ids)
+        for name in ("_head", "_tail", "_tail_norm"):
+            old = getattr(self, name)
+            new = np.zeros((cap, *old.shape[1:]), dtype=np.float32)
+            new[:n] = old[:n]
+            setattr(self, name, new)
+
+    def _fit_rotation(self) -> None:
+        """Principal axes of the rows present (uncentred second moments), largest first; rotate all rows."""
+        n = len(self._ids)
+        rows = np.hstack([self._head[:n], self._tail[:n]])
+        sample = rows[:: max(1, n // 8192)]
+        _, eigvecs = np.linalg.eigh(sample.T @ sample)
+        basis = np.ascontiguousarray(eigvecs[:, ::-1], dtype=np.float32)
+        rotated = rows @ basis
+        self.rotation = basis
+        self._head[:n] = rotated[:, : self.head_dim]
+        self._tail[:n] = rotated[:, self.head_dim :]
+        self._tail_norm[:n] = np.linalg.norm(rotated[:, self.head_dim :], axis=1)
 
     def remove(self, id_: str) -> bool:
         row = self._row.pop(id_, None)
@@ -224,7 +265,9 @@ class VectorIndex:
         last = len(self._ids) - 1
         if row != last:
             moved = self._ids[last]
-            self._mat[row] = self._mat[last]
+            self._head[row] = self._head[last]
+            self._tail[row] = self._tail[last]
+            self._tail_norm[row] = self._tail_norm[last]
             self._ids[row] = moved
             self._row[moved] = row
         self._ids.pop()
@@ -235,13 +278,33 @@ class VectorIndex:
         n = len(self._ids)
         if n == 0 or k <= 0:
             return []
-        scores = self._mat[:n] @ np.asarray(query, dtype=np.float32).reshape(-1)
-        if k < n:
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if self.rotation is not None:
+            q = q @ self.rotation
+        q_head, q_tail = q[: self.head_dim], q[self.head_dim :]
+        partial = self._head[:n] @ q_head
+        rows: np.ndarray | None = None
+        if self.rotation is not None:
+            probe = np.argpartition(-partial, k - 1)[:k] if k < n else np.arange(n)
+            probe_scores = partial[probe] + self._tail[probe] @ q_tail
+            cutoff = float(min_similarity)
+            if len(probe) == k:
+                cutoff = max(cutoff, float(probe_scores.min()))
+            bound = partial + float(np.linalg.norm(q_tail)) * self._tail_norm[:n]
+            passing = np.flatnonzero(bound >= cutoff - 1e-5)
+            if len(passing) <= n // 4:
+                rows = passing
+        if rows is None:
+            scores, rows = partial + self._tail[:n] @ q_tail, np.arange(n)
+        else:
+            scores = partial[rows] + self._tail[rows] @ q_tail
+        self.num_exact_rows_last = len(rows)
+        if k < len(rows):
             top = np.argpartition(-scores, k - 1)[:k]
         else:
-            top = np.arange(n)
+            top = np.arange(len(rows))
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [(self._ids[i], float(scores[i])) for i in top if scores[i] >= min_similarity]
+        return [(self._ids[rows[i]], float(scores[i])) for i in top if scores[i] >= min_similarity]
 
 
 # ---------------------------------------------------------------------------- the protocol
@@ -778,10 +841,14 @@ class RedisExampleStore(_StoreBase):
         return entry.id not in evicted  # the newcomer itself may be the lowest rank
 
     async def _write(self, entry: Entry) -> None:
+        floor = float(await self._client().get(self._key(entry.namespace, "floor")) or 0.0)
+        pipe = self._client().pipeline(transaction=True)
+        self._queue_write(pipe, entry, floor)
+        await pipe.execute()
+
+    def _queue_write(self, pipe: Any, entry: Entry, floor: float) -> None:
         ns = entry.namespace
         key = self._key(ns, "e", entry.id)
-        floor = float(await self._client().get(self._key(ns, "floor")) or 0.0)
-        pipe = self._client().pipeline(transaction=True)
         pipe.hset(key, mapping={
             "text": entry.request_text, "answer": entry.answer, "model": entry.model,
             "created": repr(entry.created_at), "emb": np.asarray(entry.embedding, np.float16).tobytes(),
@@ -795,7 +862,6 @@ class RedisExampleStore(_StoreBase):
         pipe.xadd(self._key(ns, "log"), {"op": "add", "id": entry.id}, maxlen=self._stream_maxlen,
                   approximate=True)
         pipe.sadd(KEY_PREFIX + "namespaces", ns)
-        await pipe.execute()
 
     async def _delete(self, namespace: str, ids: Sequence[str], st: _RedisNamespace | None) -> None:
         if not ids:
@@ -915,6 +981,25 @@ class RedisExampleStore(_StoreBase):
             return
         await self._write(entry)
         await self._evict(entry.namespace, self._ns.get(entry.namespace))
+
+    async def put_many(self, entries: Sequence[Entry], batch_size: int = 1000) -> int:
+        """Bulk ``put`` (import, benchmarks): entries need embeddings; pipelined; evicts once per namespace."""
+        r = self._client()
+        now, stored = time.time(), 0
+        for start in range(0, len(entries), batch_size):
+            pipe = r.pipeline(transaction=False)
+            for entry in entries[start : start + batch_size]:
+                if entry.embedding is None:
+                    raise ValueError(f"entry {entry.id!r} has no embedding")
+                if self._is_expired(entry.created_at, now):
+                    continue
+                entry.id = entry.id or self._ids.next(entry.created_at)
+                self._queue_write(pipe, entry, 0.0)
+                stored += 1
+            await pipe.execute()
+        for ns in sorted({e.namespace for e in entries}):
+            await self._evict(ns, self._ns.get(ns))
+        return stored
 
     async def remove(self, namespace: str, ids: Sequence[str]) -> int:
         r = self._client()
