@@ -117,3 +117,23 @@ def test_no_healthy_replica_is_503(live_server):
     assert e.value.status_code == 503 and e.value.code == "no_healthy_replica"
     ready = httpx.get(server.base_url + "/readyz")
     assert ready.status_code == 503 and ready.json()["pools"]["llm"] == {"llm/0": False}
+
+
+def test_request_deadline(live_server):
+    settings = fake_settings(limits={"request_timeout_s": 0.5})
+    factory = FakeFactory()
+    server = live_server(create_app(settings, backend_factory=factory))
+    client = _client(server, "x")
+    with pytest.raises(openai.InternalServerError) as e:
+        _chat(client, content="slow please")
+    assert e.value.status_code == 504 and e.value.code == "deadline_exceeded"
+    stream = client.chat.completions.create(model="slm", messages=[{"role": "user", "content": "slow"}], stream=True)
+    with pytest.raises(openai.APIError):  # tokens were sent: the stream ends with an error event
+        for _ in stream:
+            pass
+    import time
+
+    deadline = time.monotonic() + 5
+    while factory.backends["slm"][0].num_active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert factory.backends["slm"][0].num_active == 0
