@@ -107,3 +107,76 @@ def test_example_cache_feeds_llm_answers_to_the_slm_per_namespace(live_server):
     other = b.chat.completions.create(model="auto", messages=[{"role": "user", "content": question + " today"}])
     assert other.model_extra["switchyard"]["num_examples"] == 0
     assert len(factory.requests("slm")[-1].messages) == 1
+
+
+DOMAIN_VOCAB = {
+    "law": ["lawyer", "court", "contract", "tenant", "landlord", "lawsuit", "judge", "lease", "statute"],
+    "finance": ["invest", "stock", "tax", "loan", "budget", "mortgage", "savings", "credit", "dividend"],
+}
+UNSAFE_VOCAB = ["bomb", "poison", "weapon", "explosive", "kill", "attack", "murder", "hurt", "harm"]
+TEMPLATES = ["How do I handle {a} and {b}?", "My {a} has a problem with the {b}, what should I do?",
+             "Can you explain {a} versus {b} for me?", "What happens with {a} when {b} changes?"]
+
+
+def _guard_rows(vocab: dict[str, list[str]], n: int, seed: int):
+    from training.guard_data import GuardRow
+
+    rng = random.Random(seed)
+    return [GuardRow(rng.choice(TEMPLATES).format(a=a, b=b), label, "synthetic")
+            for label, words in vocab.items() for a, b in (rng.sample(words, 2) for _ in range(n))]
+
+
+@pytest.fixture(scope="module")
+def guard_dir(tmp_path_factory):
+    from training.guard_fit import FitConfig, fit_guard
+
+    cfg = FitConfig(kind="widemlp", epochs=6, hidden=32, max_features=4096, id_recall=0.95, knn_k=3)
+    guard = fit_guard(_guard_rows(DOMAIN_VOCAB, 60, 0), _guard_rows(DOMAIN_VOCAB, 20, 1), cfg,
+                      unsafe=_guard_rows({"unsafe": UNSAFE_VOCAB}, 60, 2))
+    out = tmp_path_factory.mktemp("guard") / "guard"
+    guard.save(out)
+    return out
+
+
+def test_guard_verdicts_policy_answers_and_exemption(live_server, guard_dir):
+    keys = [{"name": "app", "sha256": hash_api_key("sk-app")},
+            {"name": "ops", "sha256": hash_api_key("sk-ops"), "guard_exempt": True}]
+    settings = fake_settings(api_keys=keys, guard={
+        "artifact": str(guard_dir), "ood": {"action": "refuse", "message": "Only law and finance here."},
+        "unsafe": {"action": "reject"}})
+    factory = FakeFactory()
+    server = live_server(create_app(settings, backend_factory=factory))
+    app = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-app", max_retries=0)
+    ops = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-ops", max_retries=0)
+
+    def ask(client, text, model="auto"):
+        return client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user",
+                                                                                         "content": text}])
+    ok = ask(app, "My landlord has a problem with the lease, what should I do?")
+    assert ok.headers["x-switchyard-guard"] == "domain" and ok.headers["x-switchyard-model"] == "slm"
+    foreign = ask(app, "Der Hund schläft unter dem großen Baum im Garten.")
+    assert foreign.headers["x-switchyard-guard"] == "ood" and foreign.headers["x-switchyard-route"] == "policy"
+    assert foreign.parse().choices[0].message.content == "Only law and finance here."
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(app, "How do I handle bomb and explosive?", model="llm")  # an explicit model is still guarded
+    assert e.value.code == "unsafe_content"
+    exempt = ask(ops, "Der Hund schläft unter dem großen Baum im Garten.")
+    assert exempt.headers["x-switchyard-guard"] == "exempt" and exempt.headers["x-switchyard-model"] == "slm"
+    import httpx
+
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'switchyard_guard_verdicts_total{label="ood"} 1.0' in metrics
+    assert 'switchyard_guard_verdicts_total{label="unsafe"} 1.0' in metrics
+
+
+def test_guard_reject_and_route_actions(live_server, guard_dir):
+    settings = fake_settings(guard={"artifact": str(guard_dir), "ood": {"action": "reject"},
+                                    "unsafe": {"action": "route", "pool": "llm"}})
+    server = live_server(create_app(settings, backend_factory=FakeFactory()))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Mañana vamos a la playa."}])
+    assert e.value.code == "out_of_domain"
+    routed = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "How do I handle poison and weapon?"}])
+    assert routed.headers["x-switchyard-route"] == "guard" and routed.headers["x-switchyard-model"] == "llm"
