@@ -177,6 +177,23 @@ class _IdClock:
 
 # ------------------------------------------------------------------------------- the index
 
+_blas_controller: Any = None
+
+
+def _single_threaded_blas() -> Any:
+    """A context that holds BLAS to one thread: a matrix-vector product gains nothing from threads, and
+    on a busy CPU OpenBLAS's threads turn a 0.1 ms scan into tens of ms (measured; see BENCHMARKS.md)."""
+    global _blas_controller
+    if _blas_controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_controller = ThreadpoolController().select(user_api="blas")
+        except Exception:  # noqa: BLE001 - optional speed-up only
+            _blas_controller = False
+    return _blas_controller.limit(limits=1) if _blas_controller else contextlib.nullcontext()
+
+
 
 class VectorIndex:
     """Exact top-k cosine search over the unit vectors of one namespace (numpy, in process).
@@ -275,9 +292,13 @@ class VectorIndex:
 
     def search(self, query: np.ndarray, k: int, min_similarity: float = -1.0) -> list[tuple[str, float]]:
         """Top ``k`` (id, cosine) with cosine >= ``min_similarity``, best first."""
-        n = len(self._ids)
-        if n == 0 or k <= 0:
+        if len(self._ids) == 0 or k <= 0:
             return []
+        with _single_threaded_blas():
+            return self._search(query, k, min_similarity)
+
+    def _search(self, query: np.ndarray, k: int, min_similarity: float) -> list[tuple[str, float]]:
+        n = len(self._ids)
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if self.rotation is not None:
             q = q @ self.rotation
