@@ -16,9 +16,12 @@
     ``BackendError(504, code "deadline_exceeded")``;
   * nothing available and no fallback → ``BackendError(503, code "no_healthy_replica", retryable=False)``;
   * health: ``eject_after_failures`` consecutive retryable failures eject a replica for
-    ``eject_cooldown_s``, after which it gets traffic again (half-open: one more failure ejects it again);
-    a periodic probe (``health_interval_s``) marks replicas down/up and lifts an ejection early when the
-    replica answers its probe.
+    ``eject_cooldown_s``, after which it gets traffic again (half-open: one more failure ejects it again).
+    Passive ejection never takes out the last available replica of a pool without a fallback: under
+    overload (timeouts) that would turn slowness into a full outage; a dead replica there still fails
+    fast (connect refused) and the probe marks it down. A periodic probe (``health_interval_s``) marks
+    replicas down/up and lifts an ejection early when the replica answers; a replica that completed a
+    request within the last interval counts as up without a probe.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Replica:
     num_consecutive_failures: int = 0
     ejected_until: float = 0.0  # time.monotonic(); 0 = not ejected
     is_healthy: bool = True  # last active probe
+    last_success: float = 0.0  # time.monotonic() of the last completed request
     num_requests: int = 0
     num_failures: int = 0
 
@@ -159,10 +163,13 @@ class Pool:
         return {r.name: ok for r, ok in zip(self.replicas, results, strict=True)}
 
     async def _probe(self, replica: Replica) -> bool:
-        try:
-            ok = bool(await replica.backend.health())
-        except Exception:
-            ok = False
+        if self.health_interval_s > 0 and time.monotonic() - replica.last_success < self.health_interval_s:
+            ok = True  # it just served a request; no need to ask (and a busy loop can time a probe out)
+        else:
+            try:
+                ok = bool(await replica.backend.health())
+            except Exception:
+                ok = False
         replica.is_healthy = ok
         if ok and replica.ejected_until:
             replica.ejected_until = 0.0
@@ -334,6 +341,7 @@ class Pool:
 
     def _record_success(self, replica: Replica) -> None:
         replica.num_consecutive_failures = 0
+        replica.last_success = time.monotonic()
 
     def _record_failure(self, replica: Replica, error: BackendError) -> None:
         if not error.retryable and not error.after_first_token:
@@ -342,10 +350,15 @@ class Pool:
             return
         replica.num_failures += 1
         replica.num_consecutive_failures += 1
-        if replica.num_consecutive_failures >= self.eject_after_failures:
-            if time.monotonic() >= replica.ejected_until:
-                self.stats.num_ejections += 1
-            replica.ejected_until = time.monotonic() + self.eject_cooldown_s
+        if replica.num_consecutive_failures < self.eject_after_failures:
+            return
+        now = time.monotonic()
+        others = [r for r in self.replicas if r is not replica and r.is_available(now)]
+        if not others and self.fallback is None:
+            return  # the last one standing stays in (see the module docstring)
+        if now >= replica.ejected_until:
+            self.stats.num_ejections += 1
+        replica.ejected_until = now + self.eject_cooldown_s
 
     async def _backoff(self, num_attempts: int, request: GenerationRequest) -> None:
         delay = self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (num_attempts - 1)))

@@ -176,6 +176,26 @@ async def test_ejection_and_recovery_after_cooldown():
     assert p.replicas[0].num_consecutive_failures == 0
 
 
+async def test_last_replica_is_ejected_only_when_a_fallback_exists():
+    alone = pool([Scripted("a", "fail")], eject_after_failures=1, max_retries=0)
+    with pytest.raises(BackendError):
+        await text_of(alone, req())
+    assert alone.health() == {"a": True} and alone.stats.num_ejections == 0
+    alone.fallback = pool([Scripted("b")], name="backup")
+    assert await text_of(alone, req()) == "b:0 b:1 b:2 "
+    assert alone.health() == {"a": False} and alone.stats.num_ejections == 1
+
+
+async def test_recent_success_counts_as_healthy_without_probe():
+    a = Scripted("a")
+    p = pool([a], health_interval_s=60)
+    await text_of(p, req())
+    a.healthy = False
+    assert await p.check_health() == {"a": True}  # served a request just now
+    p.replicas[0].last_success = 0.0
+    assert await p.check_health() == {"a": False}
+
+
 async def test_active_probe_marks_down_and_lifts_ejection():
     a, b = Scripted("a"), Scripted("b")
     p = pool([a, b], eject_cooldown_s=60)

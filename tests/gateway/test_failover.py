@@ -114,11 +114,14 @@ async def test_stream_fails_over_to_fallback_pool_before_first_token(fakes):
 
 
 async def test_every_replica_down_without_fallback_is_503():
-    pool = make_pool([dead_url(), dead_url()], eject_after_failures=1, max_retries=1)
+    a, b = dead_url(), dead_url()
+    pool = make_pool([a, b], eject_after_failures=1, max_retries=1)
     with pytest.raises(BackendError) as err:
         await text_of(pool, chat())
-    assert err.value.retryable is False
-    with pytest.raises(BackendError) as err:  # both ejected now
+    assert err.value.retryable is False and err.value.code == "upstream_connect_error"
+    assert sorted(pool.health().values()) == [False, True]  # the last one standing is not ejected
+    assert await pool.check_health() == {a: False, b: False}  # the probe finds both down
+    with pytest.raises(BackendError) as err:
         await text_of(pool, chat())
     assert err.value.status_code == 503 and err.value.code == "no_healthy_replica"
     await pool.close()
