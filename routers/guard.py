@@ -1,0 +1,376 @@
+"""The guard: is a request in one of this deployment's domains, out of domain (``ood``), or ``unsafe``?
+
+Two classifier kinds and their ensemble, each trained on in-domain rows only, with an out-of-domain
+rule calibrated on in-domain dev rows only:
+
+- ``widemlp``: hashed word + char n-gram TF-IDF (``routers.features.HashedTfidf``) → TF-IDF-weighted
+  embedding bag (the wide first layer, one row per kept hash bucket) → ReLU → linear → softmax.
+  Trained with torch on CPU, served with numpy (a gather and two small matmuls; well under a millisecond).
+- ``embedding``: MiniLM sentence embedding (``routers.features.MiniLMEmbedder``) → linear softmax head.
+- ``ensemble``: both; class probabilities averaged, OOD evidence from both members.
+
+The OOD rule. Each member gives in-domain evidence scores (higher = more in-domain):
+``msp`` (largest domain-class probability) and ``knn`` (mean cosine similarity to the ``k`` nearest
+training rows, in the member's hidden/embedding space). Each score is turned into its in-domain percentile
+against the dev rows (the share of dev rows scoring lower), the percentiles are combined by taking the
+smallest, and a text is ``ood`` when that combined percentile falls below the threshold that keeps
+``id_recall`` of the dev rows. Nothing about OOD data is used unless ``--ood-train`` is given, in which
+case ``ood`` becomes an extra trained class (reported separately: a deviation from the GQR protocol).
+With ``--unsafe-train`` an ``unsafe`` class is trained and wins before the OOD rule; without it unsafe text
+has no class of its own and is rejected by the OOD rule like any other foreign text.
+
+Serving contract: ``Guard.load(path)`` reads an artifact folder once; ``classify`` and
+``classify_messages`` are pure, synchronous, CPU-only, thread-safe and do no I/O (the ``embedding`` and
+``ensemble`` kinds load MiniLM at ``load`` time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from routers.artifact import Artifact, ArtifactError
+from routers.artifact import load as load_artifact
+from routers.features import HashedTfidf, MiniLMEmbedder, last_user_text
+
+KINDS = ("widemlp", "embedding", "ensemble")
+OOD = "ood"
+UNSAFE = "unsafe"
+RESERVED_LABELS = (OOD, UNSAFE)
+
+
+@dataclass(frozen=True)
+class GuardVerdict:
+    """What the guard says about one request.
+
+    ``label``: ``"domain"`` (then ``domain`` names which), ``"ood"`` or ``"unsafe"`` (``domain`` is None).
+    ``confidence``: in [0, 1], the guard's confidence in ``label`` (class probability for domain/unsafe;
+    for ood, how far below the in-domain threshold the text fell). ``scores``: class probabilities plus
+    ``id_percentile`` (in-domain evidence, 0..1) — for logs and metrics, not a stable schema.
+    """
+
+    label: Literal["domain", "ood", "unsafe"]
+    domain: str | None
+    confidence: float
+    scores: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------
+# members: numpy inference
+# --------------------------------------------------------------------------------------------------
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _normalize_rows(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def _knn_similarity(queries: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
+    """Mean cosine similarity of each (unit) query row to its ``k`` nearest (unit) reference rows."""
+    out = np.empty(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), 512):
+        sims = queries[start:start + 512] @ reference.T
+        k_eff = min(k, sims.shape[1])
+        top = np.partition(sims, sims.shape[1] - k_eff, axis=1)[:, -k_eff:]
+        out[start:start + 512] = top.mean(axis=1)
+    return out
+
+
+@dataclass
+class WideMLP:
+    """TF-IDF-weighted embedding bag → ReLU → linear; numpy at serve time.
+
+    ``col_map[bucket]`` is the row of ``w_in`` for a kept hash bucket, -1 for a dropped one.
+    ``reference`` holds unit hidden vectors of (a sample of) the training rows, for kNN evidence.
+    """
+
+    featurizer: HashedTfidf
+    col_map: np.ndarray  # int32 [n_features]
+    w_in: np.ndarray  # float32 [n_kept, hidden]
+    b_in: np.ndarray  # float32 [hidden]
+    w_out: np.ndarray  # float32 [hidden, n_classes]
+    b_out: np.ndarray  # float32 [n_classes]
+    reference: np.ndarray  # float32 [n_ref, hidden], unit rows
+    knn_k: int = 10
+
+    def hidden_one(self, text: str) -> np.ndarray:
+        cols, vals = self.featurizer.transform_one(text)
+        rows = self.col_map[cols]
+        keep = rows >= 0
+        h = vals[keep] @ self.w_in[rows[keep]] + self.b_in
+        return np.maximum(h, 0.0)
+
+    def hidden(self, texts: Sequence[str]) -> np.ndarray:
+        X = self.featurizer.transform(texts)
+        rows = self.col_map[X.indices]
+        keep = rows >= 0
+        from scipy.sparse import csr_matrix
+
+        counts = np.add.reduceat(keep.astype(np.int64), X.indptr[:-1]) if X.nnz else np.zeros(len(texts))
+        counts[np.diff(X.indptr) == 0] = 0
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        Xc = csr_matrix((X.data[keep], rows[keep], indptr), shape=(X.shape[0], self.w_in.shape[0]))
+        return np.maximum(np.asarray(Xc @ self.w_in) + self.b_in, 0.0).astype(np.float32)
+
+    def evidence(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class probabilities [n, C], knn similarity [n]) from hidden vectors [n, hidden]."""
+        probs = _softmax(h @ self.w_out + self.b_out)
+        knn = _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)
+        return probs, knn
+
+    def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fmeta, farrays = self.featurizer.state()
+        arrays = {f"{prefix}idf": farrays["idf"], f"{prefix}col_map": self.col_map.astype(np.int32),
+                  f"{prefix}w_in": self.w_in.astype(np.float16), f"{prefix}b_in": self.b_in,
+                  f"{prefix}w_out": self.w_out, f"{prefix}b_out": self.b_out,
+                  f"{prefix}reference": self.reference.astype(np.float16)}
+        return {"featurizer": fmeta, "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k,
+                "num_kept_features": int(self.w_in.shape[0])}, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> WideMLP:
+        return cls(
+            featurizer=HashedTfidf.from_state(meta["featurizer"], {"idf": arrays[f"{prefix}idf"]}),
+            col_map=arrays[f"{prefix}col_map"].astype(np.int64),
+            w_in=arrays[f"{prefix}w_in"].astype(np.float32),
+            b_in=arrays[f"{prefix}b_in"].astype(np.float32),
+            w_out=arrays[f"{prefix}w_out"].astype(np.float32),
+            b_out=arrays[f"{prefix}b_out"].astype(np.float32),
+            reference=arrays[f"{prefix}reference"].astype(np.float32),
+            knn_k=int(meta["knn_k"]),
+        )
+
+
+@dataclass
+class EmbeddingHead:
+    """MiniLM embedding → linear softmax head; kNN evidence against training embeddings."""
+
+    embedder: MiniLMEmbedder
+    w: np.ndarray  # float32 [384, n_classes]
+    b: np.ndarray  # float32 [n_classes]
+    reference: np.ndarray  # float32 [n_ref, 384], unit rows
+    knn_k: int = 10
+
+    def hidden_one(self, text: str) -> np.ndarray:
+        return self.embedder.encode_one(text)
+
+    def hidden(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embedder.encode(list(texts))
+
+    def evidence(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _softmax(h @ self.w + self.b), _knn_similarity(h, self.reference, self.knn_k)
+
+    def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"embedder": "minilm", "max_length": self.embedder.max_length, "knn_k": self.knn_k}, {
+            f"{prefix}w": self.w, f"{prefix}b": self.b, f"{prefix}reference": self.reference.astype(np.float16)}
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str,
+                   embedder: MiniLMEmbedder | None = None) -> EmbeddingHead:
+        return cls(
+            embedder=embedder or MiniLMEmbedder(max_length=int(meta.get("max_length", 256))),
+            w=arrays[f"{prefix}w"].astype(np.float32), b=arrays[f"{prefix}b"].astype(np.float32),
+            reference=arrays[f"{prefix}reference"].astype(np.float32), knn_k=int(meta["knn_k"]),
+        )
+
+
+Member = WideMLP | EmbeddingHead
+
+
+# --------------------------------------------------------------------------------------------------
+# the OOD rule
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OODRule:
+    """Dev-calibrated in-domain percentile: ``min`` over components of the share of dev rows scoring lower.
+
+    ``dev_scores[name]`` are the sorted dev scores of one component; ``dev_combined`` the sorted combined
+    percentiles of the dev rows; ``threshold`` the combined percentile below which a text is OOD.
+    """
+
+    dev_scores: dict[str, np.ndarray]
+    dev_combined: np.ndarray
+    id_recall: float
+    threshold: float = 0.0
+
+    @classmethod
+    def calibrate(cls, dev_components: dict[str, np.ndarray], id_recall: float) -> OODRule:
+        if not 0.0 < id_recall <= 1.0:
+            raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
+        sorted_scores = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in dev_components.items()}
+        rule = cls(dev_scores=sorted_scores, dev_combined=np.zeros(0), id_recall=id_recall)
+        rule.dev_combined = np.sort(rule.percentile(dev_components))
+        rule.threshold = rule.threshold_for(id_recall)
+        return rule
+
+    def percentile(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        out = None
+        for name, ref in self.dev_scores.items():
+            p = np.searchsorted(ref, np.asarray(components[name], dtype=np.float64), side="left") / len(ref)
+            out = p if out is None else np.minimum(out, p)
+        return out
+
+    def threshold_for(self, id_recall: float) -> float:
+        """Combined-percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing."""
+        if not 0.0 < id_recall <= 1.0:
+            raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
+        n = len(self.dev_combined)
+        idx = int(math.floor((1.0 - id_recall) * n + 1e-9))
+        return float(self.dev_combined[min(idx, n - 1)]) if idx > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the guard
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GuardBatch:
+    """Batched raw outputs, for evaluation: class probabilities, in-domain percentile, verdict labels."""
+
+    probs: np.ndarray  # [n, C] over Guard.classes
+    id_percentile: np.ndarray  # [n]
+    labels: list[str]  # per row: a domain name, "ood" or "unsafe"
+
+
+@dataclass
+class Guard:
+    kind: str
+    classes: list[str]  # classifier outputs: domains, then "unsafe"/"ood" when trained
+    members: dict[str, Member]
+    rule: OODRule
+    max_chars: int = 2000
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def domains(self) -> list[str]:
+        return [c for c in self.classes if c not in RESERVED_LABELS]
+
+    # -- scoring --------------------------------------------------------------------------------------
+    def _combine(self, outs: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        n_dom = len(self.domains)
+        probs = np.mean([p for p, _ in outs.values()], axis=0)
+        comps: dict[str, np.ndarray] = {}
+        for name, (p, knn) in outs.items():
+            comps[f"{name}.msp"] = p[:, :n_dom].max(axis=1)
+            comps[f"{name}.knn"] = knn
+        return probs, comps
+
+    def _decide(self, probs: np.ndarray, pct: np.ndarray, threshold: float) -> list[str]:
+        labels = []
+        for p, q in zip(probs, pct, strict=True):
+            top = self.classes[int(np.argmax(p))]
+            if top in RESERVED_LABELS:
+                labels.append(top)
+            elif q < threshold:
+                labels.append(OOD)
+            else:
+                labels.append(top)
+        return labels
+
+    def score_batch(self, texts: Sequence[str], id_recall: float | None = None,
+                    progress: Callable[[int], None] | None = None) -> GuardBatch:
+        """Batched scoring (evaluation, calibration). ``id_recall`` overrides the stored threshold."""
+        texts = [t[: self.max_chars] for t in texts]
+        outs = {}
+        for name, m in self.members.items():
+            outs[name] = m.evidence(m.hidden(texts))
+        probs, comps = self._combine(outs)
+        pct = self.rule.percentile(comps)
+        threshold = self.rule.threshold if id_recall is None else self.rule.threshold_for(id_recall)
+        return GuardBatch(probs=probs, id_percentile=pct, labels=self._decide(probs, pct, threshold))
+
+    def classify(self, text: str) -> GuardVerdict:
+        """Verdict for one text (already the text to judge; chats go through ``classify_messages``)."""
+        if not isinstance(text, str):
+            raise ValueError(f"classify expects a str, got {type(text).__name__}")
+        text = text[: self.max_chars]
+        outs = {}
+        for name, m in self.members.items():
+            outs[name] = m.evidence(m.hidden_one(text)[None, :])
+        probs, comps = self._combine(outs)
+        p = probs[0]
+        pct = float(self.rule.percentile(comps)[0])
+        label = self._decide(probs, np.array([pct]), self.rule.threshold)[0]
+        scores = {c: float(v) for c, v in zip(self.classes, p, strict=True)}
+        scores["id_percentile"] = pct
+        if label == OOD:
+            conf = float(p[self.classes.index(OOD)]) if OOD in self.classes and label == self.classes[
+                int(np.argmax(p))] else 1.0 - pct / max(self.rule.threshold, 1e-9)
+            return GuardVerdict("ood", None, min(max(conf, 0.0), 1.0), scores)
+        if label == UNSAFE:
+            return GuardVerdict("unsafe", None, float(p[self.classes.index(UNSAFE)]), scores)
+        return GuardVerdict("domain", label, float(p[self.classes.index(label)]), scores)
+
+    def classify_messages(self, messages: list[dict]) -> GuardVerdict:
+        """Verdict for a chat: judged on ``last_user_text(messages, max_chars)`` (see routers.features)."""
+        return self.classify(last_user_text(messages, self.max_chars))
+
+    def with_id_recall(self, id_recall: float) -> Guard:
+        """A copy whose OOD threshold keeps ``id_recall`` of the dev rows (members shared)."""
+        rule = OODRule(self.rule.dev_scores, self.rule.dev_combined, id_recall, self.rule.threshold_for(id_recall))
+        return Guard(self.kind, self.classes, self.members, rule, self.max_chars, self.meta)
+
+    # -- artifacts ----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        arrays: dict[str, np.ndarray] = {"rule.dev_combined": self.rule.dev_combined}
+        members_meta = {}
+        for name, m in self.members.items():
+            mmeta, marrays = m.state(f"{name}.")
+            members_meta[name] = mmeta
+            arrays.update(marrays)
+        for comp, ref in self.rule.dev_scores.items():
+            arrays[f"rule.dev.{comp}"] = ref
+        meta = {
+            **self.meta,
+            "description": f"switchyard guard ({self.kind})",
+            "guard_kind": self.kind,
+            "labels": self.classes,
+            "domains": self.domains,
+            "members": members_meta,
+            "thresholds": {"id_recall": self.rule.id_recall, "id_percentile": self.rule.threshold,
+                           "components": sorted(self.rule.dev_scores)},
+            "max_chars": self.max_chars,
+        }
+        return Artifact(kind="guard", meta=meta, arrays=arrays).save(path)
+
+    @classmethod
+    def load(cls, path: str | Path, embedder: MiniLMEmbedder | None = None) -> Guard:
+        """Read an artifact folder; raises ``ArtifactError`` when it is not a loadable guard."""
+        art = load_artifact(path, kind="guard")
+        meta, arrays = art.meta, art.arrays
+        try:
+            kind = meta["guard_kind"]
+            members: dict[str, Member] = {}
+            for name, mmeta in meta["members"].items():
+                if name == "widemlp":
+                    members[name] = WideMLP.from_state(mmeta, arrays, f"{name}.")
+                elif name == "embedding":
+                    head = EmbeddingHead.from_state(mmeta, arrays, f"{name}.", embedder)
+                    head.embedder.load()
+                    members[name] = head
+                else:
+                    raise ArtifactError(f"unknown guard member {name!r}")
+            th = meta["thresholds"]
+            rule = OODRule(
+                dev_scores={c: arrays[f"rule.dev.{c}"] for c in th["components"]},
+                dev_combined=arrays["rule.dev_combined"],
+                id_recall=float(th["id_recall"]),
+                threshold=float(th["id_percentile"]),
+            )
+        except KeyError as e:
+            raise ArtifactError(f"guard artifact {str(path)!r} is missing {e}; retrain it") from None
+        return cls(kind=kind, classes=list(meta["labels"]), members=members, rule=rule,
+                   max_chars=int(meta.get("max_chars", 2000)), meta=meta)

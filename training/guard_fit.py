@@ -1,0 +1,185 @@
+"""Fitting guard members with torch on CPU; the result is a ``routers.guard.Guard`` (numpy at serve time).
+
+Determinism: every fit takes a ``seed`` (torch, numpy) and runs single-process; the same data and seed
+give the same artifact on the same machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from routers.features import HashedTfidf, MiniLMEmbedder
+from routers.guard import KINDS, OOD, UNSAFE, EmbeddingHead, Guard, OODRule, WideMLP, _normalize_rows
+from training.guard_data import GuardRow
+
+Progress = Callable[[str, int], Callable[[int], None]]  # (description, total) -> step(n)
+
+
+def _no_progress(desc: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    kind: str = "widemlp"
+    id_recall: float = 0.95
+    seed: int = 0
+    epochs: int | None = None  # None: 8 (widemlp) / 60 (embedding head)
+    hidden: int = 256
+    max_features: int = 2**16  # hash buckets kept for the wide layer (most frequent in training)
+    max_reference: int = 4000  # training rows kept for kNN evidence
+    knn_k: int = 10
+    max_chars: int = 2000
+    lr: float = 1e-3  # widemlp Adam step size
+
+
+def _set_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _bags(X, col_map: np.ndarray):
+    """csr rows → (indices, offsets, weights) for torch EmbeddingBag, dropping unkept buckets."""
+    import torch
+
+    rows = col_map[X.indices]
+    keep = rows >= 0
+    lens = np.diff(X.indptr)
+    kept_per_row = np.zeros(X.shape[0], dtype=np.int64)
+    if X.nnz:
+        nz = lens > 0
+        kept_per_row[nz] = np.add.reduceat(keep.astype(np.int64), X.indptr[:-1][nz])
+    offsets = np.concatenate([[0], np.cumsum(kept_per_row)[:-1]])
+    return (torch.from_numpy(rows[keep].astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)),
+            torch.from_numpy(X.data[keep].astype(np.float32)))
+
+
+def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask: np.ndarray,
+                cfg: FitConfig, progress: Progress = _no_progress) -> WideMLP:
+    import torch
+
+    _set_seed(cfg.seed)
+    featurizer = HashedTfidf().fit(texts)
+    X = featurizer.transform(texts)
+    df = np.bincount(X.indices, minlength=featurizer.n_features)
+    order = np.argsort(-df, kind="stable")
+    kept = order[: min(cfg.max_features, int((df > 0).sum()))]
+    col_map = np.full(featurizer.n_features, -1, dtype=np.int64)
+    col_map[np.sort(kept)] = np.arange(len(kept))
+
+    emb = torch.nn.EmbeddingBag(len(kept), cfg.hidden, mode="sum", sparse=True)
+    torch.nn.init.normal_(emb.weight, 0.0, 0.01)
+    b_in = torch.nn.Parameter(torch.zeros(cfg.hidden))
+    out = torch.nn.Linear(cfg.hidden, num_classes)
+    drop = torch.nn.Dropout(0.5)
+    opt_sparse = torch.optim.SparseAdam(list(emb.parameters()), lr=cfg.lr)
+    opt_dense = torch.optim.Adam([b_in, *out.parameters()], lr=cfg.lr)
+    yt = torch.from_numpy(y.astype(np.int64))
+    n = X.shape[0]
+    epochs = cfg.epochs or 8
+    rng = np.random.RandomState(cfg.seed)
+    step = progress("widemlp", epochs * ((n + 31) // 32))
+    for _ in range(epochs):
+        perm = rng.permutation(n)
+        for start in range(0, n, 32):
+            idx = perm[start:start + 32]
+            i, o, w = _bags(X[idx], col_map)
+            h = torch.relu(emb(i, o, per_sample_weights=w) + b_in)
+            loss = torch.nn.functional.cross_entropy(out(drop(h)), yt[idx])
+            opt_sparse.zero_grad()
+            opt_dense.zero_grad()
+            loss.backward()
+            opt_sparse.step()
+            opt_dense.step()
+            step(1)
+    model = WideMLP(
+        featurizer=featurizer, col_map=col_map, w_in=emb.weight.detach().numpy().copy(),
+        b_in=b_in.detach().numpy().copy(), w_out=out.weight.detach().numpy().T.copy(),
+        b_out=out.bias.detach().numpy().copy(), reference=np.zeros((1, cfg.hidden), np.float32),
+        knn_k=cfg.knn_k,
+    )
+    ref_idx = _reference_rows(ref_mask, cfg)
+    model.reference = _normalize_rows(model.hidden([texts[i] for i in ref_idx]))
+    return model
+
+
+def _reference_rows(ref_mask: np.ndarray, cfg: FitConfig) -> np.ndarray:
+    idx = np.flatnonzero(ref_mask)
+    if len(idx) > cfg.max_reference:
+        idx = np.sort(np.random.RandomState(cfg.seed).choice(idx, cfg.max_reference, replace=False))
+    return idx
+
+
+def fit_embedding(emb: np.ndarray, y: np.ndarray, num_classes: int, ref_mask: np.ndarray, cfg: FitConfig,
+                  embedder: MiniLMEmbedder, progress: Progress = _no_progress) -> EmbeddingHead:
+    """Linear softmax head on frozen MiniLM embeddings (full-batch Adam, light L2)."""
+    import torch
+
+    _set_seed(cfg.seed)
+    Xt = torch.from_numpy(emb.astype(np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    lin = torch.nn.Linear(emb.shape[1], num_classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-5)
+    epochs = cfg.epochs or 60
+    step = progress("embedding head", epochs)
+    for _ in range(epochs):
+        loss = torch.nn.functional.cross_entropy(lin(Xt * 10.0), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step(1)
+    ref = emb[_reference_rows(ref_mask, cfg)]
+    return EmbeddingHead(embedder=embedder, w=(lin.weight.detach().numpy().T * 10.0).copy(),
+                         b=lin.bias.detach().numpy().copy(), reference=_normalize_rows(ref), knn_k=cfg.knn_k)
+
+
+def class_list(train: Sequence[GuardRow], ood: Sequence[GuardRow] = (), unsafe: Sequence[GuardRow] = ()) -> list[str]:
+    domains = sorted({r.label for r in train})
+    bad = [d for d in domains if d in (OOD, UNSAFE)]
+    if bad:
+        raise ValueError(f"the in-domain training file has rows labelled {bad[0]!r}; pass them with "
+                         f"--{'ood' if bad[0] == OOD else 'unsafe'}-train instead")
+    if len(domains) < 2:
+        raise ValueError(f"the training file needs at least two domain labels, found {domains}")
+    return domains + ([UNSAFE] if unsafe else []) + ([OOD] if ood else [])
+
+
+def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig,
+              ood: Sequence[GuardRow] = (), unsafe: Sequence[GuardRow] = (),
+              progress: Progress = _no_progress, embedder: MiniLMEmbedder | None = None) -> Guard:
+    """Train the members named by ``cfg.kind`` on ``train`` (+ optional extra classes), calibrate the OOD
+    rule on ``dev`` (in-domain rows only) at ``cfg.id_recall``."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown guard kind {cfg.kind!r}; valid: {', '.join(KINDS)}")
+    classes = class_list(train, ood, unsafe)
+    dev_bad = [r for r in dev if r.label not in classes or r.label in (OOD, UNSAFE)]
+    if dev_bad:
+        raise ValueError(f"dev has label {dev_bad[0].label!r}, not a training domain ({', '.join(classes)})")
+    rows = [*train, *unsafe, *ood]
+    texts = [r.text[: cfg.max_chars] for r in rows]
+    y = np.array([classes.index(r.label) for r in rows])
+    ref_mask = np.array([r.label not in (OOD, UNSAFE) for r in rows])
+    members = {}
+    if cfg.kind in ("widemlp", "ensemble"):
+        members["widemlp"] = fit_widemlp(texts, y, len(classes), ref_mask, cfg, progress)
+    if cfg.kind in ("embedding", "ensemble"):
+        embedder = embedder or MiniLMEmbedder()
+        step = progress("minilm embeddings", len(texts))
+        embs = []
+        for start in range(0, len(texts), 256):
+            embs.append(embedder.encode(texts[start:start + 256]))
+            step(len(embs[-1]))
+        members["embedding"] = fit_embedding(np.concatenate(embs), y, len(classes), ref_mask, cfg, embedder,
+                                             progress)
+    guard = Guard(kind=cfg.kind, classes=classes, members=members,
+                  rule=OODRule({}, np.zeros(1), cfg.id_recall), max_chars=cfg.max_chars)
+    dev_texts = [r.text[: cfg.max_chars] for r in dev]
+    outs = {name: m.evidence(m.hidden(dev_texts)) for name, m in members.items()}
+    _, comps = guard._combine(outs)
+    guard.rule = OODRule.calibrate(comps, cfg.id_recall)
+    return guard
