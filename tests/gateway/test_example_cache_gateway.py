@@ -1,0 +1,90 @@
+"""The Redis example store inside the live gateway: two gateway replicas on one real redis-server,
+per-namespace examples in the SLM's prompt, and requests that still succeed while Redis is down."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+
+from gateway.app import create_app
+from gateway.pipeline import Pipeline
+from gateway.settings import hash_api_key
+from tests.gateway.fakes import FakeFactory, fake_settings
+from tests.gateway.test_example_cache import bow_embed
+
+
+def _gateway(live_server, redis_url: str):
+    keys = [{"name": "team-a", "sha256": hash_api_key("sk-a")}, {"name": "team-b", "sha256": hash_api_key("sk-b")}]
+    settings = fake_settings(api_keys=keys, example_cache={
+        "enabled": True, "backend": "redis", "redis_url": redis_url, "top_k": 2, "min_similarity": 0.5,
+        "deadline_ms": 500})
+    factory = FakeFactory()
+    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=bow_embed))
+    server = live_server(app)
+    return factory, server
+
+
+def _client(server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
+
+
+def _ask_until_examples(client: openai.OpenAI, text: str, want: bool = True, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": text}])
+        if bool(resp.model_extra["switchyard"]["num_examples"]) == want or time.monotonic() > deadline:
+            return resp
+        time.sleep(0.05)
+
+
+def test_two_gateway_replicas_share_examples_per_namespace(live_server, redis_url):
+    f1, g1 = _gateway(live_server, redis_url)
+    f2, g2 = _gateway(live_server, redis_url)
+    question = "how do tides work on earth"
+    _client(g1, "sk-a").chat.completions.create(model="llm", messages=[{"role": "user", "content": question}])
+    _client(g1, "sk-b").chat.completions.create(
+        model="llm", messages=[{"role": "user", "content": "best pasta sauce recipe"}])
+
+    # replica 2 never saw the LLM answer; it finds it through Redis
+    resp = _ask_until_examples(_client(g2, "sk-a"), question + " today")
+    assert resp.model_extra["switchyard"]["num_examples"] == 1
+    slm_messages = f2.requests("slm")[-1].messages
+    assert slm_messages[0] == {"role": "user", "content": question}
+    assert slm_messages[1]["role"] == "assistant"
+    assert slm_messages[1]["content"].startswith("llm: echo how do tides")
+    assert slm_messages[-1] == {"role": "user", "content": question + " today"}
+    assert not any("pasta" in m["content"] for m in slm_messages)  # team-b's example stays with team-b
+
+    other = _client(g2, "sk-b").chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": question + " today"}])
+    assert other.model_extra["switchyard"]["num_examples"] == 0
+    assert len(f2.requests("slm")[-1].messages) == 1
+    pasta = _ask_until_examples(_client(g2, "sk-b"), "best pasta sauce recipe please")
+    assert pasta.model_extra["switchyard"]["num_examples"] == 1
+    assert f2.requests("slm")[-1].messages[0]["content"] == "best pasta sauce recipe"
+
+
+def test_requests_succeed_while_redis_is_down(live_server, redis_server, redis_url):
+    factory, server = _gateway(live_server, redis_url)
+    client = _client(server, "sk-a")
+    question = "why is the sky blue at noon"
+    client.chat.completions.create(model="llm", messages=[{"role": "user", "content": question}])
+    assert _ask_until_examples(client, question).model_extra["switchyard"]["num_examples"] == 1
+    redis_server.stop()
+    try:
+        for i in range(5):
+            resp = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": question}])
+            assert resp.choices[0].message.content.startswith("slm: echo")
+            assert resp.model_extra["switchyard"]["num_examples"] == 0
+            llm = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": f"q {i}"}])
+            assert llm.choices[0].finish_reason == "stop"  # the failed admit never reaches the client
+    finally:
+        redis_server.start()  # back, empty: the store reconnects by itself after its short back-off
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        client.chat.completions.create(model="llm", messages=[{"role": "user", "content": question}])
+        resp = _ask_until_examples(client, question, timeout=0.5)
+        if resp.model_extra["switchyard"]["num_examples"] == 1:
+            break
+    assert resp.model_extra["switchyard"]["num_examples"] == 1
