@@ -8,7 +8,7 @@ from gateway.errors import ServiceUnavailable
 from gateway.pipeline import Pipeline
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
         raise ServiceUnavailable("The gateway is starting up.", code="starting")
