@@ -11,7 +11,9 @@ Vectors: ``--embeddings FILE.npy`` (real MiniLM embeddings, [n, 384]) are resamp
 to each size, which keeps the real distribution's shape; without it, anisotropic clustered synthetic
 vectors. Queries are perturbed stored vectors (hits) and fresh draws (mostly misses), half each.
 
-``--quality`` runs ``bench/cache_quality.py`` (see there). Prints a table; ``--json`` adds one JSON line.
+``--quality``: SLM accuracy with retrieved LLM examples vs without, and the cascade's SLM share at equal
+accuracy, on capital-city questions with the bundled models on the embedded engine (see ``run_quality``).
+Prints a table; ``--json`` adds one JSON line.
 """
 
 from __future__ import annotations
@@ -45,10 +47,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-redis", action="store_true")
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--quality", action="store_true", help="also run the SLM-with-examples quality benchmark")
-    p.add_argument("--quality-args", default="", help="arguments passed to the quality benchmark")
+    p.add_argument("--only-quality", action="store_true", help="skip the retrieval part")
+    p.add_argument("--slm", default="smollm2-135m")
+    p.add_argument("--llm", default="gemma3-270m")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--seen-fraction", type=float, default=0.6, help="share of countries the LLM answered before")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
+
+
+def cpu_percentiles(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms)
+    return {"cpu_p50_ms": round(float(np.percentile(a, 50)), 3), "cpu_p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -81,25 +92,28 @@ def bench_index(vecs: np.ndarray, queries: np.ndarray, k: int, min_sim: float) -
     for i, v in enumerate(vecs):
         idx.add(str(i), v)
     build_s = time.perf_counter() - t0
-    two_stage, full, exact_rows, num_hits, mismatches = [], [], [], 0, 0
+    two_stage, full, exact_rows, num_hits, mismatches, cpu_two, cpu_full = [], [], [], 0, 0, [], []
     for q in queries[:10]:
         idx.search(q, k, min_sim)
     for q in queries:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         got = idx.search(q, k, min_sim)
         two_stage.append((time.perf_counter() - t) * 1000)
+        cpu_two.append((time.thread_time() - c) * 1000)
         exact_rows.append(idx.num_exact_rows_last)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         with _single_threaded_blas():  # the same BLAS setting: the comparison is the algorithm
             scores = vecs @ q
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top])]
         want = [str(i) for i in top if scores[i] >= min_sim]
         full.append((time.perf_counter() - t) * 1000)
+        cpu_full.append((time.thread_time() - c) * 1000)
         num_hits += bool(got)
         mismatches += [g for g, _ in got] != want
     return {
-        "n": len(vecs), "two_stage": percentiles(two_stage), "full_scan": percentiles(full),
+        "n": len(vecs), "two_stage": {**percentiles(two_stage), **cpu_percentiles(cpu_two)},
+        "full_scan": {**percentiles(full), **cpu_percentiles(cpu_full)},
         "mean_exact_rows": round(float(np.mean(exact_rows)), 1), "hit_rate": round(num_hits / len(queries), 3),
         "result_mismatches": mismatches, "build_s": round(build_s, 2),
     }
@@ -141,7 +155,7 @@ async def bench_redis(url: str, vecs: np.ndarray, queries: np.ndarray, k: int, m
     await writer.close()
     reader = RedisExampleStore(url, settings, embed=lambda texts: None)
     t0 = time.perf_counter()
-    await reader.lookup("bench", "warm-up", embedding=queries[0])  # loads the namespace's index
+    await reader.preload("bench", vecs.shape[1])
     load_s = time.perf_counter() - t0
     for q in queries[:10]:
         await reader.lookup("bench", "q", embedding=q)
@@ -178,7 +192,8 @@ def main(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"load_avg_before": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
                               "vectors": "real-resampled" if real is not None else "synthetic-clustered",
                               "k": opts.top_k, "min_similarity": opts.min_similarity, "sizes": {}}
-    for n in [int(s) for s in opts.sizes.split(",") if s]:
+    sizes = [] if opts.only_quality else [int(s) for s in opts.sizes.split(",") if s]
+    for n in sizes:
         vecs = make_vectors(n, dim, rng, real)
         queries = make_queries(vecs, opts.queries, rng, real)
         row: dict[str, Any] = {"index": bench_index(vecs, queries, opts.top_k, opts.min_similarity)}
@@ -187,14 +202,12 @@ def main(args: argparse.Namespace) -> int:
                 row["redis"] = asyncio.run(bench_redis(url, vecs, queries, opts.top_k, opts.min_similarity))
         report["sizes"][str(n)] = row
         _print_row(n, row)
-    if not opts.skip_embed:
+    if not opts.skip_embed and not opts.only_quality:
         report["embed"] = bench_embed(min(opts.queries, 200))
         e = report["embed"]
         print(f"query embedding (MiniLM, {e['backend']}, 1 thread): p50 {e['p50_ms']:.2f} ms  p99 {e['p99_ms']:.2f} ms")
-    if opts.quality:
-        from bench.cache_quality import run as run_quality
-
-        report["quality"] = run_quality(opts.quality_args.split())
+    if opts.quality or opts.only_quality:
+        report["quality"] = run_quality(opts)
     report["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average before/after: {report['load_avg_before']} / {report['load_avg_after']} "
           f"on {report['cpus']} CPUs (shared machine)")
@@ -205,14 +218,184 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_row(n: int, row: dict[str, Any]) -> None:
     i = row["index"]
-    print(f"n={n:>7}  index two-stage p50 {i['two_stage']['p50_ms']:.2f} ms p99 {i['two_stage']['p99_ms']:.2f} ms"
-          f" | full scan p50 {i['full_scan']['p50_ms']:.2f} ms p99 {i['full_scan']['p99_ms']:.2f} ms"
+    two, full = i["two_stage"], i["full_scan"]
+    print(f"n={n:>7}  index two-stage p50 {two['p50_ms']:.2f} ms p99 {two['p99_ms']:.2f} ms"
+          f" (CPU p50 {two['cpu_p50_ms']:.2f} p99 {two['cpu_p99_ms']:.2f})"
+          f" | full scan p50 {full['p50_ms']:.2f} ms p99 {full['p99_ms']:.2f} ms"
+          f" (CPU p50 {full['cpu_p50_ms']:.2f} p99 {full['cpu_p99_ms']:.2f})"
           f" | exact rows/query {i['mean_exact_rows']:.0f} | hit rate {i['hit_rate']:.2f}"
           f" | mismatches {i['result_mismatches']}")
     if "redis" in row:
         r = row["redis"]
         print(f"           redis lookup (no embedding) p50 {r['lookup']['p50_ms']:.2f} ms p99 {r['lookup']['p99_ms']:.2f} ms"
               f" | first-lookup index load {r['first_lookup_load_s']:.2f} s | bulk write {r['bulk_write_s']:.2f} s")
+
+
+# ------------------------------------------------------------------------------------ quality
+# A task with checkable answers: capital cities. The LLM answers one phrasing for the "seen" countries
+# (its answers are admitted to the cache as traffic would admit them); the test set asks two other
+# phrasings for seen and unseen countries. Seen = repeated traffic (IC-Cache's premise); unseen = the
+# examples retrieved, if any, are about other countries and may mislead.
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Brazil", "Brasilia|Brasília"), ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Hungary", "Budapest"),
+    ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Pakistan", "Islamabad"), ("India", "New Delhi|Delhi"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
+    ("Indonesia", "Jakarta"), ("Philippines", "Manila"), ("South Korea", "Seoul"), ("Mongolia", "Ulaanbaatar"),
+    ("Kazakhstan", "Astana"), ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Ethiopia", "Addis Ababa"),
+    ("Morocco", "Rabat"), ("Argentina", "Buenos Aires"), ("Colombia", "Bogota|Bogotá"), ("Venezuela", "Caracas"),
+    ("Cuba", "Havana"), ("Mexico", "Mexico City"), ("Ireland", "Dublin"), ("Denmark", "Copenhagen"),
+    ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Czech Republic", "Prague"),
+    ("Romania", "Bucharest"), ("Bulgaria", "Sofia"), ("Ukraine", "Kyiv|Kiev"), ("New Zealand", "Wellington"),
+    ("Saudi Arabia", "Riyadh"), ("Syria", "Damascus"), ("Afghanistan", "Kabul"), ("Nepal", "Kathmandu"),
+    ("Sri Lanka", "Colombo|Sri Jayawardenepura Kotte"), ("Bangladesh", "Dhaka"), ("Myanmar", "Naypyidaw|Nay Pyi Taw"),
+    ("Tanzania", "Dodoma"), ("Burkina Faso", "Ouagadougou"), ("Bolivia", "Sucre|La Paz"), ("Uruguay", "Montevideo"),
+    ("Paraguay", "Asuncion|Asunción"), ("Ecuador", "Quito"), ("Iceland", "Reykjavik|Reykjavík"),
+    ("Croatia", "Zagreb"), ("Serbia", "Belgrade"), ("Slovakia", "Bratislava"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Estonia", "Tallinn"), ("Malaysia", "Kuala Lumpur"),
+]
+SEEN_TEMPLATE = "What is the capital of {c}?"
+TEST_TEMPLATES = ("Which city is the capital of {c}?", "Tell me the capital city of {c}.")
+
+
+def _is_correct(answer: str, capital: str) -> bool:
+    a = answer.lower()
+    return any(name.lower() in a for name in capital.split("|"))
+
+
+class _Chat:
+    """One bundled model on the embedded engine (greedy), with the gateway's prompt formatting."""
+
+    def __init__(self, name: str, max_tokens: int) -> None:
+        from backends.engine.llm_engine import LLMEngine
+        from backends.engine.sampling_params import SamplingParams
+        from gateway.settings import EngineOptions
+
+        self.engine = LLMEngine(name, EngineOptions(max_num_seqs=32, max_model_len=1024))
+        self.tokenizer = self.engine.tokenizer
+        self.is_plain = not getattr(self.tokenizer, "chat_template", None)
+        stop_ids: tuple[int, ...] = ()
+        if self.is_plain:
+            eot = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            stop_ids = (eot,) if isinstance(eot, int) and eot >= 0 else ()
+        self.params = SamplingParams(temperature=0, max_tokens=max_tokens, stop=("\n", "<end_of_turn>"),
+                                     stop_token_ids=stop_ids, logprobs=0)
+
+    def ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.is_plain:
+            from backends.local import gemma_plain_prompt
+
+            return self.tokenizer(gemma_plain_prompt(messages))["input_ids"]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def answer(self, conversations: list[list[dict[str, str]]]) -> list[tuple[str, str | None, float]]:
+        """(text, finish_reason, mean token logprob) per conversation."""
+        results = self.engine.generate([self.ids(m) for m in conversations], self.params)
+        out = []
+        for r in results:
+            o = r.outputs[0]
+            lps = [lp.logprob for lp in o.logprobs] or [0.0]
+            out.append((o.text.strip(), o.finish_reason, float(np.mean(lps))))
+        return out
+
+
+def _cascade(slm_ok: np.ndarray, conf: np.ndarray, llm_ok: np.ndarray) -> list[tuple[float, float]]:
+    """(SLM share, accuracy) for every confidence threshold: answers below it go to the LLM."""
+    points = [(0.0, float(llm_ok.mean()))]
+    for t in sorted(set(conf.tolist())):
+        keep = conf >= t
+        points.append((float(keep.mean()), float(np.where(keep, slm_ok, llm_ok).mean())))
+    return points
+
+
+def _share_at(points: list[tuple[float, float]], target: float) -> float:
+    """Largest SLM share whose accuracy reaches ``target`` (0.0 if none)."""
+    return max((share for share, acc in points if acc >= target - 1e-9), default=0.0)
+
+
+def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
+    from gateway.example_cache import InMemoryExampleStore, format_examples
+    from routers.features import MiniLMEmbedder
+
+    rng = np.random.default_rng(opts.seed)
+    order = rng.permutation(len(CAPITALS))
+    num_seen = int(round(len(CAPITALS) * opts.seen_fraction))
+    seen = {CAPITALS[i][0] for i in order[:num_seen]}
+    t0 = time.perf_counter()
+    llm = _Chat(opts.llm, opts.max_tokens)
+    slm = _Chat(opts.slm, opts.max_tokens)
+    embedder = MiniLMEmbedder(num_threads=1)
+    settings = ExampleCacheSettings(top_k=opts.top_k, min_similarity=opts.min_similarity)
+    store = InMemoryExampleStore(settings, embed=embedder.encode)
+
+    train = [(c, cap) for c, cap in CAPITALS if c in seen]
+    train_answers = llm.answer([[{"role": "user", "content": SEEN_TEMPLATE.format(c=c)}] for c, _ in train])
+
+    async def fill() -> int:
+        n = 0
+        for (c, _), (text, finish, _) in zip(train, train_answers, strict=True):
+            n += await store.admit("bench", SEEN_TEMPLATE.format(c=c), text, opts.llm, finish)
+        return n
+
+    num_admitted = asyncio.run(fill())
+    tests = [(c, cap, tpl.format(c=c)) for c, cap in CAPITALS for tpl in TEST_TEMPLATES]
+
+    async def retrieve():
+        return [await store.lookup("bench", q) for _, _, q in tests]
+
+    retrieved = asyncio.run(retrieve())
+    plain = [[{"role": "user", "content": q}] for _, _, q in tests]
+    with_examples = [[*format_examples(ex), {"role": "user", "content": q}] for (_, _, q), ex in zip(tests, retrieved, strict=True)]
+    slm_plain = slm.answer(plain)
+    slm_ex = slm.answer(with_examples)
+    llm_test = llm.answer(plain)
+
+    def ok(answers) -> np.ndarray:
+        return np.array([_is_correct(a[0], cap) for (_, cap, _), a in zip(tests, answers, strict=True)])
+
+    is_seen = np.array([c in seen for c, _, _ in tests])
+    llm_ok, slm_ok, slm_ex_ok = ok(llm_test), ok(slm_plain), ok(slm_ex)
+    conf, conf_ex = np.array([a[2] for a in slm_plain]), np.array([a[2] for a in slm_ex])
+    target = float(llm_ok.mean())
+    curve, curve_ex = _cascade(slm_ok, conf, llm_ok), _cascade(slm_ex_ok, conf_ex, llm_ok)
+
+    def acc(mask: np.ndarray, arr: np.ndarray) -> float:
+        return round(float(arr[mask].mean()), 3) if mask.any() else float("nan")
+
+    report = {
+        "slm": opts.slm, "llm": opts.llm, "num_test": len(tests), "num_seen_countries": len(seen),
+        "num_admitted": num_admitted, "num_llm_train_correct": int(sum(_is_correct(a[0], cap) for (_, cap), a in zip(train, train_answers, strict=True))),
+        "hit_rate": {"seen": acc(is_seen, np.array([bool(r) for r in retrieved])),
+                     "unseen": acc(~is_seen, np.array([bool(r) for r in retrieved]))},
+        "accuracy": {
+            "llm": {"all": acc(is_seen | ~is_seen, llm_ok), "seen": acc(is_seen, llm_ok), "unseen": acc(~is_seen, llm_ok)},
+            "slm": {"all": acc(is_seen | ~is_seen, slm_ok), "seen": acc(is_seen, slm_ok), "unseen": acc(~is_seen, slm_ok)},
+            "slm_with_examples": {"all": acc(is_seen | ~is_seen, slm_ex_ok), "seen": acc(is_seen, slm_ex_ok),
+                                  "unseen": acc(~is_seen, slm_ex_ok)},
+        },
+        "cascade_target_accuracy": round(target, 3),
+        "cascade_slm_share_at_target": {"without_examples": round(_share_at(curve, target), 3),
+                                        "with_examples": round(_share_at(curve_ex, target), 3)},
+        "cascade_slm_share_at_0.9_target": {"without_examples": round(_share_at(curve, 0.9 * target), 3),
+                                            "with_examples": round(_share_at(curve_ex, 0.9 * target), 3)},
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "samples": [{"q": q, "slm": a[0], "slm_with_examples": b[0], "llm": c[0], "num_examples": len(ex)}
+                    for (_, _, q), a, b, c, ex in list(zip(tests, slm_plain, slm_ex, llm_test, retrieved, strict=True))[:6]],
+    }
+    a = report["accuracy"]
+    print(f"quality ({len(tests)} capital-city questions, {len(seen)} countries seen by the LLM before; greedy):")
+    for name in ("llm", "slm", "slm_with_examples"):
+        print(f"  {name:<18} accuracy all {a[name]['all']:.3f}  seen {a[name]['seen']:.3f}  unseen {a[name]['unseen']:.3f}")
+    print(f"  example hit rate: seen {report['hit_rate']['seen']:.2f}  unseen {report['hit_rate']['unseen']:.2f}"
+          f"  ({num_admitted} LLM answers admitted)")
+    s = report["cascade_slm_share_at_target"]
+    print(f"  cascade on SLM confidence, SLM share at the LLM's accuracy ({target:.3f}): "
+          f"without examples {s['without_examples']:.2f}, with examples {s['with_examples']:.2f}")
+    return report
 
 
 if __name__ == "__main__":

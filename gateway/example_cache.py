@@ -960,7 +960,12 @@ class RedisExampleStore(_StoreBase):
                 await self._redis.aclose()
             self._redis = None
 
-    # --- admin (CLI, tests): these raise on Redis errors ---
+    # --- admin (CLI, tests, start-up): these raise on Redis errors ---
+    async def preload(self, namespace: str, dim: int) -> int:
+        """Build (or refresh) a namespace's in-process index now, without a deadline; returns its size."""
+        st = await self._sync(namespace, dim)
+        return len(st.index)
+
     async def namespaces(self) -> list[str]:
         """Namespaces that hold at least one entry."""
         r = self._client()
