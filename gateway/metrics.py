@@ -13,6 +13,7 @@ Names (all prefixed ``switchyard_``):
   example_cache_lookups_total{result}        hit | miss
   example_cache_admits_total
   redis_failures_total{component}            rate_limiter | example_cache (read at scrape time)
+  example_cache_events_total{event}          the example store's own counters (lookups, timeouts, evicted, ...)
   rate_limited_total
   pool_healthy_replicas{pool}                read at scrape time
 """
@@ -47,6 +48,11 @@ class _Callbacks:
         for pool, n in values.get("healthy_replicas", {}).items():
             healthy.add_metric([pool], float(n))
         yield healthy
+        cache = CounterMetricFamily("switchyard_example_cache_events", "example-store counters (store.stats)",
+                                    labels=["event"])
+        for event, n in values.get("example_cache", {}).items():
+            cache.add_metric([event], float(n))
+        yield cache
 
 
 class Metrics:

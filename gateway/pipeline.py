@@ -262,10 +262,12 @@ class Pipeline:
             failures["rate_limiter"] = limiter.num_failures
         if self.store is not None:
             stats = getattr(self.store, "stats", {}) or {}
-            failures["example_cache"] = sum(v for k, v in stats.items() if "fail" in k or "error" in k
-                                            or "timeout" in k)
+            failures["example_cache"] = sum(int(stats.get(k, 0)) for k in ("redis_errors", "timeouts", "admit_failures"))
+            values_cache = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+        else:
+            values_cache = {}
         healthy = {alias: sum(1 for ok in replicas.values() if ok) for alias, replicas in self.pools.health().items()}
-        return {"redis_failures": failures, "healthy_replicas": healthy}
+        return {"redis_failures": failures, "healthy_replicas": healthy, "example_cache": values_cache}
 
     async def readiness(self) -> dict[str, Any]:
         """{"ready": bool, "pools": {alias: {replica: bool}}, "redis": bool | None}."""

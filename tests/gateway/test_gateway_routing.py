@@ -180,3 +180,28 @@ def test_guard_reject_and_route_actions(live_server, guard_dir):
     routed = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "How do I handle poison and weapon?"}])
     assert routed.headers["x-switchyard-route"] == "guard" and routed.headers["x-switchyard-model"] == "llm"
+
+
+def test_redis_example_cache_outage_does_not_fail_requests(live_server, redis_server, redis_url):
+    settings = fake_settings(redis_url=redis_url, example_cache={"enabled": True, "backend": "redis", "top_k": 2,
+                                                                 "min_similarity": 0.5})
+    factory = FakeFactory()
+    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=_embed))
+    server = live_server(app)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    ask = [{"role": "user", "content": "why is the sky blue at noon"}]
+    client.chat.completions.create(model="llm", messages=ask)
+    import httpx
+
+    assert httpx.get(server.base_url + "/readyz").json()["redis"] is True
+    redis_server.stop()
+    try:
+        for _ in range(3):
+            resp = client.chat.completions.create(model="auto", messages=ask)
+            assert resp.choices[0].message.content.startswith("slm:")
+        assert httpx.get(server.base_url + "/readyz").status_code == 503
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert 'switchyard_example_cache_lookups_total{result="miss"}' in metrics
+        assert "switchyard_example_cache_events_total" in metrics
+    finally:
+        redis_server.start()
