@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from tests.routers.test_guard import FOREIGN, make_rows
+from training.cli import main
+
+TOXIC = ["you are a stupid idiot", "shut up moron nobody cares", "what a worthless loser you are"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rows_of(n, seed):
+    return [{"text": r.text, "label": r.label, "source": r.source} for r in make_rows(n, seed)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guard-data")
+    ood = [{"text": t, "label": "ood", "source": "foreign"} for t in FOREIGN] + \
+          [{"text": t, "label": "ood", "source": "toxic"} for t in TOXIC]
+    return {
+        "dir": d,
+        "train": write_jsonl(d / "train.jsonl", rows_of(50, 0)),
+        "dev": write_jsonl(d / "dev.jsonl", rows_of(15, 1)),
+        "test_id": write_jsonl(d / "test_id.jsonl", rows_of(8, 2)),
+        "test_ood": write_jsonl(d / "test_ood.jsonl", ood),
+    }
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    out = files["dir"] / "guard"
+    code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
+                 "--kind", "widemlp", "--epochs", "10", "--lr", "0.01", "--hidden", "32"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_artifact_and_summary(model, capsys):
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["kind"] == "guard"
+    assert manifest["meta"]["labels"] == ["finance", "healthcare", "law"]
+    assert manifest["meta"]["training_data"]["train"]["rows"] == 150
+    assert (model / "MODEL_CARD.md").is_file()
+
+
+def test_eval_json_with_baselines(files, model, capsys, tmp_path):
+    plot = tmp_path / "curve.png"
+    code = main(["eval", "guard", "--model", str(model), "--test-id", str(files["test_id"]),
+                 "--test-ood", str(files["test_ood"]), "--train", str(files["train"]), "--dev", str(files["dev"]),
+                 "--max-latency-queries", "60", "--plot", str(plot), "--json"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    for key in ("gqr_score", "id_accuracy", "id_macro_f1", "ood_accuracy", "auroc", "latency_ms_p50",
+                "latency_ms_p99", "confusion"):
+        assert key in res
+    assert set(res["ood_accuracy_per_source"]) == {"foreign", "toxic"}
+    assert res["ood_accuracy_per_source"]["foreign"] == 100.0
+    assert res["id_accuracy"] > 70
+    assert set(res["baselines"]) == {"tfidf_lr", "fasttext"}
+    assert plot.is_file() and plot.stat().st_size > 1000
+    assert any(line.startswith("guard") for line in out)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty file"),
+        ('{"text": "a", "label": "law"}\n{"label": "law"}\n', ":2: missing or non-string 'text'"),
+        ('{"text": "a", "label": "law"}\n{"text": "b", "label": "cooking"}\n', ":2: unknown label 'cooking'"),
+        ('{"text": "a", "label": "law"}\n{not json\n', ":2: bad JSON"),
+    ],
+)
+def test_bad_test_file_is_one_line_error(files, model, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    code = main(["eval", "guard", "--model", str(model), "--test-id", str(bad), "--test-ood", str(files["test_ood"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("switchyard: error:") and message in err
+
+
+def test_bad_training_files(files, tmp_path, capsys):
+    no_label = write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
+    code = main(["train", "guard", "--train", str(no_label), "--dev", str(files["dev"]), "--out", str(tmp_path / "o")])
+    assert code == 2 and ":1: missing 'label'" in capsys.readouterr().err
+    with_ood = write_jsonl(tmp_path / "t2.jsonl", rows_of(2, 0) + [{"text": "x", "label": "ood"}])
+    code = main(["train", "guard", "--train", str(with_ood), "--dev", str(files["dev"]), "--out", str(tmp_path / "o")])
+    assert code == 2 and "--ood-train" in capsys.readouterr().err
+    code = main(["eval", "guard", "--model", str(tmp_path / "nope"), "--test-id", str(files["test_id"]),
+                 "--test-ood", str(files["test_ood"])])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
