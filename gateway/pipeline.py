@@ -442,6 +442,12 @@ class Pipeline:
                     delta = await agen.__anext__()
                 except StopAsyncIteration:
                     return
+                except (BackendError, asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as e:  # a bug in a backend must not look like a gateway bug (500)
+                    log.exception("pool %s: backend raised %s", alias, type(e).__name__)
+                    raise BackendError(f"backend failed: {type(e).__name__}: {e}", retryable=False,
+                                       status_code=502, code="backend_error") from e
                 finally:
                     trace.backend_wait_s += time.perf_counter() - t
                 yield delta

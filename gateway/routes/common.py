@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -134,6 +135,10 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: ResponseShaper)
         status = e.status_code
         err = from_backend_error(e)
         yield error_event(e.message, e.code, err.error_type)
+    except Exception as e:  # noqa: BLE001 - headers are gone: the error can only travel as an event
+        status = 500
+        logging.getLogger("switchyard").exception("stream failed")
+        yield error_event(f"internal error: {type(e).__name__}", "internal_error", "server_error")
     finally:
         await execution.aclose()
         pipeline.record(route=trace.route, model=trace.pool, status=status, t_start=execution.job.t_start,

@@ -80,3 +80,17 @@ def test_tools_on_a_local_pool_is_400(local_gateway):
     with pytest.raises(openai.BadRequestError) as e:
         local_gateway.chat.completions.create(model="slm", messages=MESSAGES, tools=tools)
     assert e.value.code == "tools_not_supported"
+
+
+def test_odd_but_valid_messages_never_500(local_gateway):
+    odd = [[{"role": "system", "content": "be brief"}, {"role": "developer", "content": "really"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]}],
+           [{"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "c1"},
+            {"role": "user", "content": ""}],
+           [{"role": "assistant", "content": "only an assistant turn"}]]
+    for messages in odd:
+        try:
+            resp = local_gateway.chat.completions.create(model="slm", messages=messages, max_tokens=4)
+            assert resp.choices[0].finish_reason in ("stop", "length")
+        except openai.BadRequestError:
+            pass
