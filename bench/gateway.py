@@ -221,6 +221,23 @@ def probe(url: str, body: dict[str, Any], api_key: str) -> dict[str, str]:
     return {k: v for k, v in r.headers.items() if k.startswith("x-switchyard")}
 
 
+def settle(url: str, model: str, api_key: str, timeout_s: float = 90.0) -> float:
+    """Wait until ``url`` answers one small request within 0.5 s (a proxy still draining the backlog of a
+    saturating cell would otherwise charge it to the next cell). Returns the seconds waited."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": "What is a contract?"}], "max_tokens": 4}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        start = time.monotonic()
+        with contextlib.suppress(httpx.HTTPError):
+            r = httpx.post(url, json=body, timeout=10, headers={"Authorization": f"Bearer {api_key}"})
+            if r.status_code == 200 and time.monotonic() - start < 0.5:
+                return round(time.monotonic() - t0, 1)
+        time.sleep(1.0)
+    return round(time.monotonic() - t0, 1)
+
+
 def run_loadgen(url: str, bodies: Path, rate: float, opts: argparse.Namespace, stream: bool,
                 model: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--bodies", str(bodies), "--rate", str(rate),
@@ -341,8 +358,11 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
         for rate in opts.rates:
             cell: dict[str, Any] = {"mode": mode, "rate": rate}
             for name, (url, model) in targets.items():
-                say(f"{mode} @ {rate:g} rps → {name}")
+                waited = max(settle(u, m, opts.api_key) for u, m in targets.values())
+                say(f"{mode} @ {rate:g} rps → {name}" + (f" (waited {waited:g} s for every target to drain)"
+                                                         if waited >= 1 else ""))
                 cell[name] = run_loadgen(url, bodies, rate, opts, mode == "stream", model)
+                cell[name]["settle_wait_s"] = waited
             for name in targets:
                 if name != "direct":
                     cell[f"{name}_overhead"] = _overhead(cell[name], cell["direct"])
@@ -361,8 +381,8 @@ def _overhead(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, float
     return out
 
 
-def _fmt(x: float | None) -> str:
-    return "   n/a" if x is None else f"{x:6.2f}"
+def _fmt(x: float | None, width: int = 9) -> str:
+    return f"{'n/a':>{width}}" if x is None else f"{x:>{width}.2f}"
 
 
 def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
@@ -372,16 +392,15 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
           f"load avg {report['load_avg_1m']:.1f} on {report['cpu_count']} cores")
     print(f"switchyard headers on a probe: {report['probe_headers']}")
     has_ll = any("litellm" in c for c in report["cells"])
-    head = f"{'mode':<10}{'rps':>6} | {'direct p50':>10}{'p99':>8} | {'ours ovh p50':>12}{'p99':>8}{'(hdr p50)':>10}"
+    cols = ["mode", "rps", "direct p50", "direct p99", "ours p50", "ours p99", "hdr p50"]
     if has_ll:
-        head += f" | {'LiteLLM ovh p50':>15}{'p99':>8} | {'p99 ratio':>9}"
-    head += f" | {'errors o/l':>10}"
-    print(head)
-    print("-" * len(head))
+        cols += ["LiteLLM p50", "LiteLLM p99", "p99 ratio"]
+    cols += ["errors"]
+    print("  ".join(f"{c:>11}" for c in cols))
     for c in report["cells"]:
         d, ours, o = c["direct"], c["switchyard"], c["switchyard_overhead"]
-        row = (f"{c['mode']:<10}{c['rate']:>6g} | {_fmt(d['latency_ms_p50']):>10}{_fmt(d['latency_ms_p99']):>8} | "
-               f"{_fmt(o['ms_p50']):>12}{_fmt(o['ms_p99']):>8}{_fmt(ours['reported_overhead_ms_p50']):>10}")
+        row = [f"{c['mode']:>11}", f"{c['rate']:>11g}", _fmt(d["latency_ms_p50"], 11), _fmt(d["latency_ms_p99"], 11),
+               _fmt(o["ms_p50"], 11), _fmt(o["ms_p99"], 11), _fmt(ours["reported_overhead_ms_p50"], 11)]
         errors = f"{ours['num_errors']}"
         if has_ll and "litellm" in c:
             lo = c["litellm_overhead"]
@@ -389,10 +408,11 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
             if lo["ms_p99"] is not None and o["ms_p99"] is not None:
                 ratio = lo["ms_p99"] / max(o["ms_p99"], 0.01)
                 c["p99_overhead_ratio_litellm_over_ours"] = round(ratio, 2)
-            row += f" | {_fmt(lo['ms_p50']):>15}{_fmt(lo['ms_p99']):>8} | {_fmt(ratio):>9}"
+            row += [_fmt(lo["ms_p50"], 11), _fmt(lo["ms_p99"], 11), _fmt(ratio, 11)]
             errors += f"/{c['litellm']['num_errors']}"
-        print(row + f" | {errors:>10}")
-    print("ratio = LiteLLM's p99 overhead / ours (higher is better for switchyard); errors = failed requests "
-          "(ours/LiteLLM) in the measured window")
+        print("  ".join(row + [f"{errors:>11}"]))
+    print("ours / LiteLLM = overhead over direct (ms); hdr = the gateway's own x-switchyard-overhead-ms; "
+          "p99 ratio = LiteLLM's p99 overhead / ours (higher = better for switchyard); errors = failed "
+          "requests in the measured window (ours/LiteLLM)")
     if opts.json:
         print(json.dumps(report))

@@ -1,0 +1,70 @@
+"""The plumbing of `switchyard bench gateway`: its gateway config, the load generator, its CLI parsing.
+
+(The benchmark itself is run by hand; these tests keep its pieces from rotting.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.fake_upstream import FakeBehavior, FakeUpstream
+from bench.gateway import gateway_config, litellm_config, parse_args, synthetic_prompts, write_training_data
+from bench.loadgen import percentile, run_load
+from gateway.settings import settings_from_dict
+from training.cli import main as cli_main
+
+
+def test_gateway_config_is_valid_settings(tmp_path):
+    settings = settings_from_dict(gateway_config("http://127.0.0.1:9/v1", str(tmp_path / "g"), str(tmp_path / "r")))
+    assert [p.kind for p in settings.pools] == ["remote", "remote"]
+    assert settings.routing.cascade.mode == "off" and not settings.example_cache.enabled
+    assert settings.guard.ood.action == "allow" and settings.routing.router_artifact == str(tmp_path / "r")
+    settings_from_dict(gateway_config("http://127.0.0.1:9/v1", None, None))
+    assert "api_base: http://127.0.0.1:9/v1" in litellm_config("http://127.0.0.1:9/v1")
+
+
+def test_synthetic_training_data(tmp_path):
+    assert synthetic_prompts(5, seed=1) == synthetic_prompts(5, seed=1)
+    files = write_training_data(tmp_path)
+    assert sum(1 for _ in files["guard_train"].open()) == 450 and sum(1 for _ in files["routing"].open()) == 400
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([5.0], 99) == 5.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_loadgen_against_fake_upstream(live_server, stream):
+    app = FakeUpstream(behavior=FakeBehavior(num_tokens=4))
+    url = f"{live_server(app).base_url}/v1/chat/completions"
+    bodies = [{"model": "x", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4} for i in range(3)]
+    result = await run_load(url, bodies, rate=50, duration_s=0.4, warmup_s=0.1, stream=stream, model="fake-model")
+    assert result.num_sent == 20 and result.num_ok == 20 and result.num_errors == 0
+    assert 0 < result.latency_ms_p50 <= result.latency_ms_p99 and result.ttfb_ms_p50 <= result.latency_ms_p50
+    assert app.last_bodies[-1]["model"] == "fake-model" and app.last_bodies[-1]["stream"] is stream
+
+
+async def test_loadgen_counts_errors(live_server):
+    app = FakeUpstream(behavior=FakeBehavior(mode="error_500"))
+    url = f"{live_server(app).base_url}/v1/chat/completions"
+    result = await run_load(url, [{"messages": []}], rate=40, duration_s=0.25, warmup_s=0.0)
+    assert result.num_ok == 0 and result.num_errors == result.num_sent == 10
+    assert "HTTP 500" in result.errors[0]
+
+
+def test_bench_args():
+    quick = parse_args(["--quick", "--rates", "100", "--modes", "stream"])
+    assert (quick.duration, quick.warmup, quick.rates, quick.modes) == (2.0, 0.5, [100.0], ["stream"])
+    assert parse_args([]).duration == 10.0
+    with pytest.raises(ValueError):
+        parse_args(["--modes", "bogus"])
+    with pytest.raises(ValueError):
+        parse_args(["--rates", "-5"])
+
+
+def test_cli_passes_leading_options_to_the_benchmark(capsys):
+    assert cli_main(["bench", "gateway", "--modes", "bogus"]) == 2
+    assert "--modes: unknown ['bogus']" in capsys.readouterr().err
