@@ -121,4 +121,6 @@ def _record_error(request: Request, status: int) -> None:
         return
     from gateway.routes.common import t_start_of
 
+    if status == 429:
+        pipeline.metrics.rate_limited.inc()
     pipeline.record(route="error", model="-", status=status, t_start=t_start_of(request), overhead_s=None)

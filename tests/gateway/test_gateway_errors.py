@@ -49,6 +49,9 @@ def test_requests_per_minute_in_process(live_server):
     assert e.value.code == "rate_limit_requests"
     assert int(e.value.response.headers["retry-after"]) >= 1
     _chat(_client(server, "sk-bob"))  # other keys are not affected
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert "switchyard_rate_limited_total 1.0" in metrics
+    assert 'switchyard_requests_total{model="-",route="error",status="429"} 1.0' in metrics
 
 
 def test_tokens_per_minute_with_redis_counters(live_server, redis_url):
