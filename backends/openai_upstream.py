@@ -452,11 +452,12 @@ class Http1Pool:
         conn = None
         try:
             for attempt in (0, 1):
-                reused = bool(self.idle)
+                reused = attempt == 0 and bool(self.idle)  # the retry always gets a fresh connection
                 conn = self.idle.pop() if reused else await self._connect(connect_timeout_s)
                 reader, writer = conn
                 try:
                     writer.write(head + body)
+                    await writer.drain()
                     async with asyncio.timeout(read_timeout_s):
                         status_line = await reader.readline()
                         if not status_line:

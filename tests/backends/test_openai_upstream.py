@@ -240,3 +240,15 @@ async def test_events_split_across_reads_and_crlf(live_server):
     await up.close()
     assert "".join(d.text for d in deltas) == "hello world"
     assert deltas[-1].finish_reason == "stop" and deltas[-1].usage.completion_tokens == 2
+
+
+async def test_lean_pool_reconnects_after_the_server_closed_idle_connections(live_server):
+    app = FakeUpstream(behavior=FakeBehavior(num_tokens=2))
+    server = live_server(app, timeout_keep_alive=0.2)
+    up = OpenAIUpstream("a", f"{server.base_url}/v1", "m", client="lean")
+    assert "".join(d.text for d in await collect(up, chat())) == "tok0 tok1 "
+    assert len(up._lean.idle) == 1
+    await asyncio.sleep(0.6)  # uvicorn closes the idle keep-alive connection
+    assert "".join(d.text for d in await collect(up, chat(), stream=False)) == "tok0 tok1 "
+    assert app.num_requests == 2
+    await up.close()
