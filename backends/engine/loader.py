@@ -65,12 +65,24 @@ def _shard_sizes(model: nn.Module, param_name: str, total: int) -> list[int]:
     return [total // 2, total // 2]
 
 
+def share_rotary(model: nn.Module) -> None:
+    """One RotaryEmbedding per distinct rope config, so cos/sin are gathered once per step, not per layer."""
+    from backends.engine.layers.rotary import RotaryEmbedding
+
+    shared: dict[tuple, RotaryEmbedding] = {}
+    for module in list(model.modules()):
+        rotary = getattr(module, "rotary", None)
+        if isinstance(rotary, RotaryEmbedding):
+            module.rotary = shared.setdefault(rotary.key, rotary)
+
+
 def load_model(folder: Path, hf_config, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Build the registered class for ``hf_config.architectures`` without random init, then load weights."""
     cls = model_class(getattr(hf_config, "architectures", None))
     with torch.device("meta"):
         model = cls(hf_config)
     model = model.to_empty(device=device)
+    share_rotary(model)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, folder)

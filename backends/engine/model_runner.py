@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from backends.engine.config import EngineConfig
-from backends.engine.layers.attention import AttentionMetadata
+from backends.engine.layers.attention import AttentionMetadata, PrefillChunk, decode_slots
 from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample
 from backends.engine.loader import load_model
 from backends.engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -76,15 +76,15 @@ class ModelRunner:
             max_blocks = max(len(d.seq.block_table) for d in decodes)
             tables = [d.seq.block_table + [-1] * (max_blocks - len(d.seq.block_table)) for d in decodes]
             decode_tables = torch.tensor(tables, dtype=torch.int32)
-            decode_slots = []
+            decode_slot_list = []
             for row, d in enumerate(decodes):
                 pos = d.seq.num_computed_tokens
                 input_ids.append(d.seq.token_ids[pos])
                 positions.append(pos)
-                decode_slots.append(d.seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+                decode_slot_list.append(d.seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
                 if d.is_sampling:
                     sample_rows.append(row)
-            slots.append(torch.tensor(decode_slots, dtype=torch.long))
+            slots.append(torch.tensor(decode_slot_list, dtype=torch.long))
             decode_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32)
         prefills = []
         for p in batch.prefills:
@@ -94,7 +94,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:start + num])
             positions.extend(range(start, start + num))
             slots.append(self._slots(table, start, num))
-            prefills.append((row, num, start, table.to(self.device)))
+            chunk = PrefillChunk(row, num, start, table.to(self.device))
+            if start > 0:
+                chunk.slots = self._slots(table, 0, start + num).to(self.device)
+            prefills.append(chunk)
             if p.is_sampling:
                 sample_rows.append(row + num - 1)
         dev = self.device
@@ -105,7 +108,11 @@ class ModelRunner:
             decode_context_lens=decode_lens.to(dev) if decode_lens is not None else None,
             prefills=prefills,
             use_triton=self.use_triton,
+            block_size=self.block_size,
         )
+        if decodes and not self.use_triton:
+            max_len = int(decode_lens.max())
+            meta.decode_slots = decode_slots(decode_tables, max_len, self.block_size).to(dev)
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -117,20 +118,76 @@ def paged_prefill_attention_torch(
     return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim).to(q.dtype)
 
 
+def decode_slots(block_tables: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
+    """Flat cache rows [B, max_len] for positions 0..max_len-1 of each block table (padding → row 0)."""
+    pos = torch.arange(max_len, device=block_tables.device)
+    return block_tables[:, pos // block_size].long().clamp_(min=0) * block_size + pos % block_size
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's chunk of new tokens: rows ``row:row+num_tokens`` at positions ``start_pos...``."""
+
+    row: int
+    num_tokens: int
+    start_pos: int
+    block_table: torch.Tensor  # int32 [num_blocks]
+    slots: torch.Tensor | None = None  # flat cache rows of positions 0..start_pos+num_tokens-1 (start_pos > 0)
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Bool [N, L] allowed-keys mask; None = plain causal over the chunk itself."""
+        if sliding_window is None and self.start_pos == 0:
+            return None
+        if sliding_window not in self._masks:
+            total = self.start_pos + self.num_tokens
+            q_pos = torch.arange(self.start_pos, total, device=self.block_table.device).view(-1, 1)
+            k_pos = torch.arange(total, device=self.block_table.device).view(1, -1)
+            allowed = k_pos <= q_pos
+            if sliding_window is not None:
+                allowed &= k_pos > q_pos - sliding_window
+            self._masks[sliding_window] = allowed
+        return self._masks[sliding_window]
+
+
 @dataclass
 class AttentionMetadata:
     """Where each token of a flat batch sits in the paged cache; built once per step by the model runner.
 
     Tokens are laid out as: all decode tokens first (one per sequence), then each prefill chunk.
+    Per-step index tensors and masks are computed once here and reused by every layer.
     """
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64, no -1 entries
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32
     decode_context_lens: torch.Tensor | None  # [num_decodes] int32
-    # one entry per prefill chunk: (first token row, number of tokens, start position, block table tensor)
-    prefills: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
     use_triton: bool = False
+    block_size: int = 16
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_len] (torch path)
+    _decode_masks: dict = field(default_factory=dict)
+    rope_cache: dict = field(default_factory=dict)  # per-step cos/sin, keyed by the rotary module's params
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Bool [B, 1, 1, L]: which gathered positions each decode token may attend to."""
+        if sliding_window not in self._decode_masks:
+            assert self.decode_slots is not None and self.decode_context_lens is not None
+            max_len = self.decode_slots.shape[1]
+            pos = torch.arange(max_len, device=self.decode_slots.device).view(1, -1)
+            lens = self.decode_context_lens.long().view(-1, 1)
+            allowed = pos < lens
+            if sliding_window is not None:
+                allowed &= pos >= lens - sliding_window
+            self._decode_masks[sliding_window] = allowed.view(-1, 1, 1, max_len)
+        return self._decode_masks[sliding_window]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+          causal: bool = False) -> torch.Tensor:
+    """q [B, Hq, N, D], k/v [B, Hkv, L, D] (GQA handled by SDPA)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -152,24 +209,57 @@ class Attention(nn.Module):
         """q [N, Hq, D], k/v [N, Hkv, D] → [N, Hq, D]."""
         if meta.use_triton:
             from backends.engine.layers.triton_attention import paged_decode_attention, store_kvcache
+
+            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
-            store_kvcache, paged_decode_attention = store_kvcache_torch, paged_decode_attention_torch
-        store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            paged_decode_attention = None
+            rows = self.k_cache.shape[0] * self.k_cache.shape[1]
+            k_flat = self.k_cache.view(rows, self.num_kv_heads, self.head_dim)
+            v_flat = self.v_cache.view(rows, self.num_kv_heads, self.head_dim)
+            k_flat.index_copy_(0, meta.slot_mapping, k)
+            v_flat.index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
-        if not meta.prefills:
-            return paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                self.scale, self.sliding_window, self.softcap,
-            )
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if meta.prefills else None
         if nd:
-            out[:nd] = paged_decode_attention(
-                q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                self.scale, self.sliding_window, self.softcap,
-            )
-        for row, num_tokens, start_pos, block_table in meta.prefills:
-            out[row:row + num_tokens] = paged_prefill_attention_torch(
-                q[row:row + num_tokens], self.k_cache, self.v_cache, block_table, start_pos,
-                self.scale, self.sliding_window, self.softcap,
-            )
+            if paged_decode_attention is not None:
+                dec = paged_decode_attention(
+                    q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                    self.scale, self.sliding_window, self.softcap,
+                )
+            else:
+                dec = self._decode_torch(q[:nd], k_flat, v_flat, meta)
+            if out is None:
+                return dec
+            out[:nd] = dec
+        for chunk in meta.prefills:
+            rows_ = slice(chunk.row, chunk.row + chunk.num_tokens)
+            out[rows_] = self._prefill(q[rows_], k[rows_], v[rows_], chunk)
         return out
+
+    def _decode_torch(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        if self.softcap is not None:
+            return paged_decode_attention_torch(
+                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale,
+                self.sliding_window, self.softcap,
+            )
+        batch = q.shape[0]
+        keys = k_flat[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        values = v_flat[meta.decode_slots].transpose(1, 2)
+        out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask(self.sliding_window), self.scale)
+        return out.view(batch, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        if self.softcap is not None:
+            return paged_prefill_attention_torch(
+                q, self.k_cache, self.v_cache, chunk.block_table, chunk.start_pos, self.scale,
+                self.sliding_window, self.softcap,
+            )
+        if chunk.start_pos > 0:  # earlier positions live in the cache (prefix hit / chunked prefill)
+            rows = self.k_cache.shape[0] * self.k_cache.shape[1]
+            k = self.k_cache.view(rows, self.num_kv_heads, self.head_dim)[chunk.slots]
+            v = self.v_cache.view(rows, self.num_kv_heads, self.head_dim)[chunk.slots]
+        mask = chunk.mask(self.sliding_window)
+        out = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                    mask, self.scale, causal=mask is None)
+        return out[0].transpose(0, 1)

@@ -45,6 +45,12 @@ class RotaryEmbedding(nn.Module):
         self.rope = dict(rope)
         self.max_position = max_position
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
+
+    @property
+    def key(self) -> tuple:
+        """Layers with equal keys can share one instance (and its per-step cos/sin)."""
+        return (self.head_dim, tuple(sorted((k, str(v)) for k, v in self.rope.items())), self.max_position)
 
     def _cos_sin(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
@@ -57,7 +63,8 @@ class RotaryEmbedding(nn.Module):
         return self._cache[key]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self._cos_sin(q.device, q.dtype)
-        cos = cos[positions].unsqueeze(1)
-        sin = sin[positions].unsqueeze(1)
+        if self._step is None or self._step[0] is not positions:
+            cos, sin = self._cos_sin(q.device, q.dtype)
+            self._step = (positions, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+        _, cos, sin = self._step
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
