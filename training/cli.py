@@ -119,11 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--kind", default="mlp", help="scorer kind (see --help-kinds in docs)")
+    p.add_argument("--kind", default="ensemble",
+                   help="ensemble | tfidf_ridge | tfidf_lr | minilm_mlp | knn | length | random | always_strong "
+                        "| nmodel (rows with model_scores)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of ids hashed into the eval split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude-source", action="append", default=[], help="drop a source from training")
     p.add_argument("--strong-share", type=float, default=0.5, help="initial calibration target")
+    p.add_argument("--slm-price", type=float, help="SLM USD per 1k requests (stored for --max-cost)")
+    p.add_argument("--llm-price", type=float, help="LLM USD per 1k requests (stored for --max-cost)")
 
     ev = sub.add_parser("eval", help="evaluate a guard or router artifact")
     evsub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--strong-share", type=float, help="share of traffic sent to the strong model (0..1)")
     g.add_argument("--max-cost", type=float, help="USD per 1k requests, from the artifact's prices")
+    p.add_argument("--slm-price", type=float, help="override the artifact's SLM USD per 1k requests")
+    p.add_argument("--llm-price", type=float, help="override the artifact's LLM USD per 1k requests")
+    p.add_argument("--all-rows", action="store_true", help="use every row (data never seen in training)")
     _json_flag(p)
 
     p = _add(sub, "label", "training.label:label", "routing labels from your prompts by running both models")

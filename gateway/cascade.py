@@ -1,0 +1,114 @@
+"""The cascade's escalation rule: is the SLM's own answer confident enough to return?
+
+Pure functions and small classes, no I/O — the pipeline (gateway/pipeline.py) collects the SLM answer's
+token log-probabilities and asks ``CascadeRule.should_escalate``.
+
+Thresholds come from calibration (``fit_cascade_rule``: pick ``min_mean_logprob`` so a target share of
+held-out SLM answers escalates; stored in the router artifact's ``meta["cascade"]``); gateway settings
+(``routing.cascade.min_mean_logprob`` / ``min_token_logprob``) override them. With neither, the
+``DEFAULT_RULE`` below is used (documented constants, the fallback for a deployment that has not
+calibrated yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """Summary of an answer's token log-probabilities (natural log)."""
+
+    mean_logprob: float
+    min_logprob: float
+    num_tokens: int
+
+    @classmethod
+    def from_logprobs(cls, logprobs: Sequence[float]) -> Confidence:
+        """Empty answers have ``num_tokens = 0`` and mean/min of ``-inf`` (they always escalate)."""
+        vals = [float(x) for x in logprobs if x is not None]
+        for v in vals:
+            if math.isnan(v) or v > 1e-6:
+                raise ValueError(f"log-probabilities must be <= 0, got {v}")
+        if not vals:
+            return cls(mean_logprob=-math.inf, min_logprob=-math.inf, num_tokens=0)
+        return cls(mean_logprob=sum(vals) / len(vals), min_logprob=min(vals), num_tokens=len(vals))
+
+
+@dataclass(frozen=True)
+class CascadeRule:
+    """Escalate when the mean token log-prob is below ``min_mean_logprob`` or any token's log-prob is
+    below ``min_token_logprob`` (either threshold may be None = not checked)."""
+
+    min_mean_logprob: float | None = None
+    min_token_logprob: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_mean_logprob", "min_token_logprob"):
+            v = getattr(self, name)
+            if v is not None and (math.isnan(v) or v > 0):
+                raise ValueError(f"{name} must be <= 0, got {v}")
+
+    def should_escalate(self, conf: Confidence) -> bool:
+        if conf.num_tokens == 0:
+            return True
+        if self.min_mean_logprob is not None and conf.mean_logprob < self.min_mean_logprob:
+            return True
+        if self.min_token_logprob is not None and conf.min_logprob < self.min_token_logprob:
+            return True
+        return False
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"min_mean_logprob": self.min_mean_logprob, "min_token_logprob": self.min_token_logprob}
+
+
+# Uncalibrated fallback: a mean token probability below ~0.45 or a token below ~0.1% probability.
+DEFAULT_RULE = CascadeRule(min_mean_logprob=-0.8, min_token_logprob=-7.0)
+
+
+def resolve_rule(
+    settings_mean: float | None,
+    settings_token: float | None,
+    artifact_cascade: dict | None,
+) -> CascadeRule:
+    """Settings override the artifact's calibrated thresholds; with neither, ``DEFAULT_RULE``."""
+    art = artifact_cascade or {}
+    if settings_mean is None and settings_token is None and not art:
+        return DEFAULT_RULE
+    return CascadeRule(
+        min_mean_logprob=settings_mean if settings_mean is not None else art.get("min_mean_logprob"),
+        min_token_logprob=settings_token if settings_token is not None else art.get("min_token_logprob"),
+    )
+
+
+def fit_cascade_rule(
+    confidences: Sequence[Confidence],
+    escalate_share: float,
+    token_quantile: float | None = 0.01,
+) -> CascadeRule:
+    """Quantile rule: ``min_mean_logprob`` = the ``escalate_share`` quantile of held-out mean log-probs,
+    so about that share of answers escalates; ``min_token_logprob`` (optional) = the ``token_quantile``
+    quantile of per-answer minimum log-probs (catches a single wild token)."""
+    if not 0.0 <= escalate_share <= 1.0:
+        raise ValueError(f"escalate_share must be in [0, 1], got {escalate_share}")
+    finite = [c for c in confidences if c.num_tokens > 0]
+    if not finite:
+        raise ValueError("fit_cascade_rule needs at least one non-empty answer")
+    means = np.asarray([c.mean_logprob for c in finite])
+    mins = np.asarray([c.min_logprob for c in finite])
+    mean_t = float(np.quantile(means, escalate_share)) if escalate_share > 0 else None
+    token_t = float(np.quantile(mins, token_quantile)) if token_quantile else None
+    return CascadeRule(
+        min_mean_logprob=None if mean_t is None else min(mean_t, 0.0),
+        min_token_logprob=None if token_t is None else min(token_t, 0.0),
+    )
+
+
+def escalation_share(rule: CascadeRule, confidences: Sequence[Confidence]) -> float:
+    if not confidences:
+        return 0.0
+    return sum(rule.should_escalate(c) for c in confidences) / len(confidences)

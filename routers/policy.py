@@ -1,0 +1,193 @@
+"""Route policy: from the router's score, the thresholds and the request's hints to a ``RouteDecision``.
+
+Precedence (first match wins):
+
+1. **explicit model** — ``model`` names a pool (or the model a pool serves): that pool, route ``explicit``.
+2. **per-request hint** on ``model: "auto"`` (see ``parse_hint``):
+   - quality ``low``  → ``slm`` (cheapest; no escalation);
+   - quality ``high`` → ``llm``;
+   - quality ``medium`` or no hint → the router as below;
+   - ``max_strong_share`` x in [0, 1] → the router with the threshold that sends about the share x of
+     traffic to the LLM (from the artifact's calibration table).
+3. **no router artifact** → ``slm_then_escalate`` (the cascade decides on SLM confidence), or ``slm``
+   when the cascade is off.
+4. **router**: ``score < threshold`` → ``llm``; ``threshold <= score < threshold + escalate_band`` →
+   ``slm_then_escalate`` (``slm`` when the cascade is off); else ``slm``.
+
+Hints reach the gateway two ways (the body wins when both are given):
+
+- body extra field ``"switchyard": {"quality": "low"|"medium"|"high"}`` or
+  ``"switchyard": {"max_strong_share": 0.2}``  (openai SDK: ``extra_body={"switchyard": {...}}``);
+- header ``x-switchyard-quality: low|medium|high`` or ``x-switchyard-max-strong-share: 0.2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+QUALITY_LEVELS = ("low", "medium", "high")
+HINT_BODY_FIELD = "switchyard"
+HINT_HEADER = "x-switchyard-quality"
+SHARE_HEADER = "x-switchyard-max-strong-share"
+AUTO = "auto"
+
+Route = Literal["slm", "slm_then_escalate", "llm", "explicit"]
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    route: Route
+    pool: str
+    score: float | None  # P(SLM good enough), None when no router ran
+    threshold: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """A request's cost/quality preference; at most one of the two is set."""
+
+    quality: Literal["low", "medium", "high"] | None = None
+    max_strong_share: float | None = None
+
+
+class UnknownModel(ValueError):
+    """``model`` is neither ``auto`` nor a pool / served model name (the gateway answers 404)."""
+
+
+def parse_hint(body_value: Any = None, headers: Mapping[str, str] | None = None) -> RouteHint | None:
+    """Read the hint from the body's ``switchyard`` field and/or the headers. Bad values raise ValueError
+    with a message naming the field (the gateway answers 400)."""
+    if body_value is not None:
+        if not isinstance(body_value, dict):
+            raise ValueError(f"'{HINT_BODY_FIELD}' must be an object like {{\"quality\": \"low\"}}")
+        unknown = set(body_value) - {"quality", "max_strong_share"}
+        if unknown:
+            raise ValueError(f"'{HINT_BODY_FIELD}' has unknown keys {sorted(unknown)}; "
+                             "valid: quality, max_strong_share")
+        if "quality" in body_value and "max_strong_share" in body_value:
+            raise ValueError(f"'{HINT_BODY_FIELD}': give either quality or max_strong_share, not both")
+        if "quality" in body_value:
+            return RouteHint(quality=_quality(body_value["quality"], f"{HINT_BODY_FIELD}.quality"))
+        if "max_strong_share" in body_value:
+            return RouteHint(max_strong_share=_share(body_value["max_strong_share"],
+                                                     f"{HINT_BODY_FIELD}.max_strong_share"))
+    if headers:
+        lower = {k.lower(): v for k, v in headers.items()}
+        if HINT_HEADER in lower:
+            return RouteHint(quality=_quality(lower[HINT_HEADER].strip().lower(), HINT_HEADER))
+        if SHARE_HEADER in lower:
+            try:
+                value = float(lower[SHARE_HEADER])
+            except ValueError:
+                raise ValueError(f"{SHARE_HEADER} must be a number in [0, 1], "
+                                 f"got {lower[SHARE_HEADER]!r}") from None
+            return RouteHint(max_strong_share=_share(value, SHARE_HEADER))
+    return None
+
+
+def _quality(value: Any, where: str) -> Literal["low", "medium", "high"]:
+    if value not in QUALITY_LEVELS:
+        raise ValueError(f"{where} must be one of {', '.join(QUALITY_LEVELS)}; got {value!r}")
+    return value
+
+
+def _share(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{where} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def threshold_for_share(share_table: list[list[float]] | None, share: float, default: float) -> float:
+    """Interpolate the calibration table ``[[strong_share, threshold], ...]`` (sorted by share)."""
+    if not share_table:
+        return default
+    xs = np.asarray([p[0] for p in share_table], dtype=np.float64)
+    ys = np.asarray([p[1] for p in share_table], dtype=np.float64)
+    if share <= 0.0:
+        return float(-np.inf)  # nothing scores below -inf: everything stays on the SLM
+    if share >= 1.0:
+        return float(np.inf)
+    return float(np.interp(share, xs, ys))
+
+
+class RoutePolicy:
+    """Builds RouteDecisions. Construct once (create_app/lifespan); ``decide`` is pure and thread-safe.
+
+    ``pools`` maps every name a client may send as ``model`` to its pool (pool names and the models
+    they serve); ``prices`` is per-pool USD per 1k requests (informational: recorded in ``reason`` of
+    cost-driven decisions and used by callers for cost accounting).
+    """
+
+    def __init__(
+        self,
+        routing,  # gateway.settings.RoutingSettings
+        router=None,  # routers.scorers.Router | None
+        pools: Mapping[str, str] | None = None,
+        prices: Mapping[str, float] | None = None,
+    ) -> None:
+        self.routing = routing
+        self.router = router
+        self.pools = dict(pools or {routing.slm_pool: routing.slm_pool, routing.llm_pool: routing.llm_pool})
+        self.prices = dict(prices or {})
+        self.cascade_on = routing.cascade.mode != "off"
+        if routing.threshold is not None:
+            self.threshold: float | None = float(routing.threshold)
+        elif router is not None:
+            self.threshold = float(router.threshold)
+        else:
+            self.threshold = None
+        cal = (router.meta.get("calibration") or {}) if router is not None else {}
+        self.share_table: list[list[float]] | None = cal.get("share_table")
+
+    @classmethod
+    def from_settings(cls, settings, router=None) -> RoutePolicy:
+        """Names: each pool's name and its ``model``; prices: USD per 1k requests of 500 in + 500 out tokens."""
+        pools: dict[str, str] = {}
+        prices: dict[str, float] = {}
+        for p in settings.pools:
+            pools.setdefault(p.model, p.name)
+            prices[p.name] = 1000 * p.price.cost_usd(500, 500)
+        for p in settings.pools:
+            pools[p.name] = p.name
+        return cls(settings.routing, router=router, pools=pools, prices=prices)
+
+    def decide(self, text: str, requested_model: str, hint: RouteHint | str | None = None) -> RouteDecision:
+        slm, llm = self.routing.slm_pool, self.routing.llm_pool
+        if requested_model != AUTO:
+            pool = self.pools.get(requested_model)
+            if pool is None:
+                raise UnknownModel(f"model {requested_model!r} does not exist; use 'auto' or one of "
+                                   f"{sorted(set(self.pools))}")
+            return RouteDecision("explicit", pool, None, None, f"explicit model {requested_model!r}")
+        if isinstance(hint, str):
+            hint = RouteHint(quality=_quality(hint, "hint"))
+        threshold = self.threshold
+        if hint is not None and hint.quality == "low":
+            return RouteDecision("slm", slm, None, None, "hint quality=low")
+        if hint is not None and hint.quality == "high":
+            return RouteDecision("llm", llm, None, None, "hint quality=high")
+        if hint is not None and hint.max_strong_share is not None:
+            if self.router is None:
+                route: Route = "slm_then_escalate" if self.cascade_on and hint.max_strong_share > 0 else "slm"
+                return RouteDecision(route, slm, None, None,
+                                     f"hint max_strong_share={hint.max_strong_share:g}; no router artifact")
+            threshold = threshold_for_share(self.share_table, hint.max_strong_share,
+                                            default=self.threshold or 0.5)
+        if self.router is None:
+            if self.cascade_on:
+                return RouteDecision("slm_then_escalate", slm, None, None,
+                                     "no router artifact: cascade on SLM confidence")
+            return RouteDecision("slm", slm, None, None, "no router artifact, cascade off")
+        assert threshold is not None, "a router always has a threshold"
+        score = float(self.router.score(text))
+        if score < threshold:
+            return RouteDecision("llm", llm, score, threshold, f"score {score:.3f} < threshold {threshold:.3f}")
+        if score < threshold + self.routing.escalate_band and self.cascade_on:
+            return RouteDecision("slm_then_escalate", slm, score, threshold,
+                                 f"score {score:.3f} within {self.routing.escalate_band:g} of threshold")
+        return RouteDecision("slm", slm, score, threshold, f"score {score:.3f} >= threshold {threshold:.3f}")

@@ -1,0 +1,81 @@
+"""Threshold calibration by RouteLLM's quantile rule, and cost targets from per-model prices.
+
+A request goes to the strong model when its score (P(weak good enough)) is below the threshold, so the
+threshold that sends the share ``c`` of traffic to the strong model is the ``c``-quantile of the scores
+on representative prompts. Labels are not needed — only prompts.
+
+Rows used by ``switchyard calibrate``: the evaluation split of ``--data`` (never training rows), cut in
+two by the id hash: even buckets set the threshold, odd buckets measure the realised share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SHARE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    target_share: float
+    threshold: float
+    realised_share: float  # on held-out rows (not those that set the threshold)
+    num_calibration_rows: int
+    num_heldout_rows: int
+    max_cost_per_1k: float | None = None
+    expected_cost_per_1k: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def threshold_for_share(scores: np.ndarray, share: float) -> float:
+    """The threshold t with share(score < t) ≈ ``share`` on ``scores``."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"strong share must be in [0, 1], got {share}")
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(s) == 0:
+        raise ValueError("calibration needs at least one score")
+    if share <= 0.0:
+        return float(s[0])  # nothing is strictly below the minimum
+    if share >= 1.0:
+        return float(np.nextafter(s[-1], np.inf))
+    k = int(round(share * len(s)))
+    if k <= 0:
+        return float(s[0])
+    if k >= len(s):
+        return float(np.nextafter(s[-1], np.inf))
+    return float((s[k - 1] + s[k]) / 2.0) if s[k - 1] != s[k] else float(s[k])
+
+
+def share_table(scores: np.ndarray) -> list[list[float]]:
+    """``[[share, threshold], ...]`` on ``SHARE_GRID``: lets a request ask for its own strong-call share."""
+    return [[c, threshold_for_share(scores, c)] for c in SHARE_GRID]
+
+
+def share_for_cost(max_cost_per_1k: float, slm_cost_per_1k: float, llm_cost_per_1k: float) -> float:
+    """Largest strong share whose expected cost ``(1-c)·slm + c·llm`` stays within the budget."""
+    if llm_cost_per_1k <= slm_cost_per_1k:
+        raise ValueError(f"the LLM price ({llm_cost_per_1k}) must exceed the SLM price ({slm_cost_per_1k}) "
+                         "to set a threshold from a cost budget; use --strong-share")
+    if max_cost_per_1k < slm_cost_per_1k:
+        raise ValueError(f"--max-cost {max_cost_per_1k} is below the SLM-only cost {slm_cost_per_1k} per 1k requests")
+    return float(min(1.0, (max_cost_per_1k - slm_cost_per_1k) / (llm_cost_per_1k - slm_cost_per_1k)))
+
+
+def calibrate_scores(
+    cal_scores: np.ndarray,
+    heldout_scores: np.ndarray,
+    share: float,
+) -> Calibration:
+    t = threshold_for_share(cal_scores, share)
+    realised = float((np.asarray(heldout_scores) < t).mean()) if len(heldout_scores) else float("nan")
+    return Calibration(
+        target_share=float(share),
+        threshold=t,
+        realised_share=realised,
+        num_calibration_rows=int(len(cal_scores)),
+        num_heldout_rows=int(len(heldout_scores)),
+    )

@@ -1,0 +1,101 @@
+"""Fit a router from routing rows (the training split only) into a ``Router`` ready to save.
+
+Rows are split by the id-hash rule of ``training.data``: buckets ``< eval_percent`` are the eval split
+and never reach this module's fitting code. Of the training rows, buckets ``eval_percent ..
+eval_percent + 9`` (when there are enough rows) are a calibration slice: the scorer is fitted on the
+rest, and its probability mapping, ensemble weights and initial threshold are set on that slice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from routers.scorers import Router, Scorer, _Features, make_scorer
+from training.calibrate import share_table, threshold_for_share
+from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row
+
+MIN_ROWS_FOR_CAL_SLICE = 200
+TFIDF_FEATURES = 2**18
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    kind: str = "ensemble"
+    seed: int = 0
+    eval_fraction: float = 0.2
+    exclude_sources: tuple[str, ...] = ()
+    strong_share: float = 0.5
+    prices: dict[str, float] = field(default_factory=dict)  # USD per 1k requests: {"slm": x, "llm": y}
+    tfidf_features: int = TFIDF_FEATURES
+
+
+def gains(rows: Sequence[RoutingRow]) -> np.ndarray:
+    return np.asarray([r.strong_score - r.weak_score for r in rows], dtype=np.float64)  # type: ignore[operator]
+
+
+def training_rows(rows: Sequence[RoutingRow], cfg: TrainConfig) -> tuple[list[RoutingRow], list[RoutingRow]]:
+    """(fit rows, calibration rows) from the training split, minus excluded sources."""
+    pct = eval_percent_of(cfg.eval_fraction)
+    train = [r for r in rows if not is_eval_row(r, pct) and r.source not in cfg.exclude_sources]
+    if not train:
+        raise ValueError("no training rows left after the eval split and --exclude-source")
+    for r in train:
+        if not r.is_pairwise:
+            raise ValueError("router training needs 'strong_score' and 'weak_score' on every row "
+                             "(rows with 'model_scores' train the N-model router: --kind nmodel)")
+    if len(train) < MIN_ROWS_FOR_CAL_SLICE or pct + 10 > 100:
+        return train, train
+    lo, hi = pct, pct + 10
+    cal = [r for r in train if lo <= eval_bucket(r.split_key) < hi]
+    fit = [r for r in train if not lo <= eval_bucket(r.split_key) < hi]
+    return fit, cal
+
+
+def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> _Features:
+    tfidf = None
+    if scorer.uses_tfidf:
+        from routers.features import HashedTfidf
+
+        tfidf = HashedTfidf(n_features=cfg.tfidf_features).fit(list(texts))
+    return _Features(tfidf=tfidf)
+
+
+def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | None = None) -> Router:
+    """Fit ``cfg.kind`` (or the given scorer) on the training split and calibrate it. Pure CPU."""
+    fit_rows, cal_rows = training_rows(rows, cfg)
+    scorer = scorer or make_scorer(cfg.kind)
+    texts = [r.prompt for r in fit_rows]
+    feats = build_features(scorer, texts, cfg)
+    scorer.fit(texts, gains(fit_rows), feats, seed=cfg.seed)
+    cal_texts = [r.prompt for r in cal_rows]
+    if cal_rows is not fit_rows:
+        if scorer.kind not in ("random", "always_strong", "tfidf_lr"):
+            scorer.calibrate(cal_texts, gains(cal_rows), feats)
+    cal_scores = scorer.score_batch(cal_texts, feats)
+    meta = {
+        "description": f"switchyard router ({scorer.kind}): P(SLM answer at least as good as the LLM's)",
+        "threshold": threshold_for_share(cal_scores, cfg.strong_share),
+        "calibration": {
+            "rule": "quantile",
+            "target_share": cfg.strong_share,
+            "share_table": share_table(cal_scores),
+            "num_rows": len(cal_rows),
+            "rows": "training split calibration slice",
+        },
+        "prices": dict(cfg.prices),
+        "training_data": {
+            "num_fit_rows": len(fit_rows),
+            "num_calibration_rows": len(cal_rows),
+            "sources": dict(Counter(r.source for r in fit_rows)),
+            "excluded_sources": list(cfg.exclude_sources),
+            "split": {"rule": "sha1(id or prompt) mod 100 < eval_percent → eval",
+                      "eval_percent": eval_percent_of(cfg.eval_fraction)},
+            "seed": cfg.seed,
+        },
+        "cascade": None,
+    }
+    return Router(scorer, feats, meta)

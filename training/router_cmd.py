@@ -1,0 +1,271 @@
+"""Handlers of ``switchyard train router``, ``switchyard eval router`` and ``switchyard calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+
+import numpy as np
+
+from training.calibrate import calibrate_scores, share_for_cost, share_table
+from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row, load_routing_rows
+from training.evaluate import measure_latency, metrics, oracle_scores, random_scores
+from training.fit import TrainConfig, fit_router
+
+
+def _single_thread() -> None:
+    """Router latency is measured (and served) on one CPU thread."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _prices(args: argparse.Namespace, stored: dict | None = None) -> dict[str, float]:
+    prices = dict(stored or {})
+    if getattr(args, "slm_price", None) is not None:
+        prices["slm"] = float(args.slm_price)
+    if getattr(args, "llm_price", None) is not None:
+        prices["llm"] = float(args.llm_price)
+    return prices
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+
+
+def train_router(args: argparse.Namespace) -> int:
+    rows = load_routing_rows(args.data)
+    if args.kind == "nmodel" or all(r.model_scores for r in rows):
+        return _train_nmodel(args, rows)
+    cfg = TrainConfig(
+        kind=args.kind,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+        exclude_sources=tuple(args.exclude_source),
+        strong_share=args.strong_share,
+        prices=_prices(args),
+    )
+    from routers.scorers import SCORERS
+
+    if cfg.kind not in SCORERS:
+        raise ValueError(f"unknown router kind {cfg.kind!r}; valid kinds: {', '.join(sorted(SCORERS))}, nmodel")
+    router = fit_router(rows, cfg)
+    router.meta["training_data"]["file"] = str(args.data)
+    out = router.save(args.out)
+    td = router.meta["training_data"]
+    print(f"trained {cfg.kind} router on {td['num_fit_rows']} rows ({td['sources']}), "
+          f"calibrated on {td['num_calibration_rows']}; threshold {router.threshold:.4f} "
+          f"for strong share {cfg.strong_share:g} → {out}")
+    return 0
+
+
+def _train_nmodel(args: argparse.Namespace, rows: list[RoutingRow]) -> int:
+    from routers.artifact import Artifact
+    from routers.features import HashedTfidf
+    from routers.scorers import ROUTER_KIND, NModelScorer
+
+    pct = eval_percent_of(args.eval_fraction)
+    train = [r for r in rows if not is_eval_row(r, pct) and r.source not in args.exclude_source]
+    models = sorted({m for r in train for m in r.model_scores})
+    for r in train:
+        if set(r.model_scores) != set(models):
+            raise ValueError(f"row {r.split_key[:60]!r}: model_scores must name the same models on every row "
+                             f"({models})")
+    texts = [r.prompt for r in train]
+    scores = np.asarray([[r.model_scores[m] for m in models] for r in train], dtype=np.float64)
+    tfidf = HashedTfidf(n_features=2**18).fit(texts)
+    nm = NModelScorer(models).fit(texts, scores, tfidf)
+    meta, arrays = nm.state()
+    art = Artifact(kind=ROUTER_KIND, meta={
+        "description": "switchyard N-model router: predicted score per model; cheapest within tolerance",
+        "scorer": meta,
+        "prices": _prices(args),
+        "training_data": {"file": str(args.data), "num_fit_rows": len(train),
+                          "sources": dict(Counter(r.source for r in train)),
+                          "split": {"eval_percent": pct}},
+    }, arrays=arrays)
+    art.save(args.out)
+    print(f"trained N-model router ({len(models)} models) on {len(train)} rows → {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------------
+
+
+def _eval_rows(rows: list[RoutingRow], meta: dict, all_rows: bool) -> list[RoutingRow]:
+    if all_rows:
+        return rows
+    pct = int(meta.get("training_data", {}).get("split", {}).get("eval_percent", 20))
+    held = [r for r in rows if is_eval_row(r, pct)]
+    if not held:
+        raise ValueError("no rows fall in the eval split; pass --all-rows for data never seen in training")
+    return held
+
+
+def _arrays(rows: list[RoutingRow]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray([r.strong_score for r in rows], dtype=np.float64),
+            np.asarray([r.weak_score for r in rows], dtype=np.float64))
+
+
+def eval_router(args: argparse.Namespace) -> int:
+    from routers import artifact
+    from routers.scorers import Router
+
+    _single_thread()
+    art = artifact.load(args.model, kind="router")
+    if art.meta.get("scorer", {}).get("kind") == "nmodel":
+        return _eval_nmodel(args, art)
+    router = Router.load(args.model)
+    rows = load_routing_rows(args.data, require="pairwise")
+    held = _eval_rows(rows, router.meta, args.all_rows)
+    texts = [r.prompt for r in held]
+    scores = router.score_batch(texts)
+    systems: dict[str, np.ndarray] = {router.kind: scores}
+    if args.baselines:
+        td = router.meta.get("training_data", {})
+        cfg = TrainConfig(kind="tfidf_lr", eval_fraction=td.get("split", {}).get("eval_percent", 20) / 100,
+                          exclude_sources=tuple(td.get("excluded_sources", [])))
+        baseline = fit_router(rows, cfg)
+        systems["tfidf_lr"] = baseline.score_batch(texts)
+    sources = sorted(Counter(r.source for r in held))
+    report: dict = {"model": str(args.model), "kind": router.kind, "num_eval_rows": len(held),
+                    "threshold": router.threshold, "sources": {}}
+    groups = [(s, [i for i, r in enumerate(held) if r.source == s]) for s in sources]
+    if len(sources) > 1:
+        groups.append(("all", list(range(len(held)))))
+    curves = {}
+    for name, idx in groups:
+        strong, weak = _arrays([held[i] for i in idx])
+        entry = {}
+        for sys_name, sc in systems.items():
+            m = metrics(sc[idx], strong, weak, threshold=router.threshold if sys_name == router.kind else None)
+            entry[sys_name] = m.as_dict()
+        entry["random"] = metrics(random_scores(len(idx), seed=0), strong, weak).as_dict()
+        entry["oracle"] = metrics(oracle_scores(strong, weak), strong, weak).as_dict()
+        report["sources"][name] = entry
+        curves[name] = (strong, weak, {k: v[idx] for k, v in systems.items()})
+    lat = measure_latency(router.score, texts[: min(len(texts), 1000)])
+    report["latency_ms_p50"] = round(lat.p50_ms, 4)
+    report["latency_ms_p99"] = round(lat.p99_ms, 4)
+    _print_report(report, list(systems))
+    if args.plot:
+        from training.plots import plot_curves
+
+        plot_curves(curves, args.plot, title=f"{router.kind} router: cost vs quality")
+        print(f"plot → {args.plot}")
+    if args.json:
+        print(json.dumps(_flat_json(report, router.kind)))
+    return 0
+
+
+def _flat_json(report: dict, kind: str) -> dict:
+    out = dict(report)
+    out["per_source"] = {
+        s: {
+            "apgr": e[kind]["apgr"], "cpt50": e[kind]["cpt50"], "cpt80": e[kind]["cpt80"],
+            "strong_share_at_threshold": e[kind]["strong_share_at_threshold"],
+        }
+        for s, e in report["sources"].items()
+    }
+    return out
+
+
+def _print_report(report: dict, systems: list[str]) -> None:
+    print(f"router {report['kind']} on {report['num_eval_rows']} held-out rows; threshold {report['threshold']:.4f}")
+    header = f"{'source':<10} {'system':<12} {'n':>6} {'APGR':>7} {'CPT50':>7} {'CPT80':>7} {'share@t':>8}"
+    print(header)
+    for src, entry in report["sources"].items():
+        for name in [*systems, "random", "oracle"]:
+            m = entry[name]
+            share = m["strong_share_at_threshold"]
+            print(f"{src:<10} {name:<12} {m['n']:>6} {m['apgr']:>7.3f} {m['cpt50']:>7.1%} {m['cpt80']:>7.1%} "
+                  f"{'' if share is None else format(share, '.1%'):>8}")
+    print(f"router latency per query: p50 {report['latency_ms_p50']:.3f} ms, p99 {report['latency_ms_p99']:.3f} ms")
+
+
+def _eval_nmodel(args: argparse.Namespace, art) -> int:
+    from routers.scorers import NModelScorer, choose_model
+
+    nm = NModelScorer.from_state(art.meta["scorer"], art.arrays)
+    rows = load_routing_rows(args.data, require="models")
+    held = _eval_rows(rows, art.meta, args.all_rows)
+    pred = nm.predict_batch([r.prompt for r in held])
+    prices = art.meta.get("prices") or {}
+    if not prices:  # no prices: assume the listed order is cheapest first
+        prices = {m: float(i + 1) for i, m in enumerate(nm.models)}
+    true = np.asarray([[r.model_scores[m] for m in nm.models] for r in held])
+    report: dict = {"model": str(args.model), "kind": "nmodel", "num_eval_rows": len(held), "models": nm.models,
+                    "single_model_quality": {m: round(float(true[:, j].mean()), 4) for j, m in enumerate(nm.models)},
+                    "oracle_quality": round(float(true.max(axis=1).mean()), 4), "tolerances": {}}
+    print(f"N-model router on {len(held)} held-out rows")
+    for m, q in report["single_model_quality"].items():
+        print(f"  always {m:<48} quality {q:.4f}  price {prices.get(m, 0):g}")
+    print(f"  oracle (best per row)                                   quality {report['oracle_quality']:.4f}")
+    for tol in (0.0, 0.02, 0.05, 0.1):
+        picks = [choose_model(dict(zip(nm.models, p, strict=True)), prices, tol).model for p in pred]
+        q = float(np.mean([true[i, nm.models.index(m)] for i, m in enumerate(picks)]))
+        cost = float(np.mean([prices.get(m, 0.0) for m in picks]))
+        report["tolerances"][str(tol)] = {"quality": round(q, 4), "mean_price": round(cost, 4),
+                                         "picks": dict(Counter(picks))}
+        print(f"  router tolerance {tol:<5g} quality {q:.4f}  mean price {cost:.3f}")
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------------
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from routers import artifact
+    from routers.scorers import Router
+
+    _single_thread()
+    router = Router.load(args.model)
+    rows = load_routing_rows(args.data)
+    held = _eval_rows(rows, router.meta, getattr(args, "all_rows", False))
+    cal = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 0]
+    test = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 1]
+    if not cal or not test:
+        raise ValueError(f"calibration needs at least 2 held-out rows; got {len(held)}")
+    cal_scores = router.score_batch([r.prompt for r in cal])
+    test_scores = router.score_batch([r.prompt for r in test])
+    prices = _prices(args, router.meta.get("prices"))
+    max_cost = None
+    if args.max_cost is not None:
+        if "slm" not in prices or "llm" not in prices:
+            raise ValueError("--max-cost needs prices: train with --slm-price/--llm-price or pass them here")
+        share = share_for_cost(args.max_cost, prices["slm"], prices["llm"])
+        max_cost = float(args.max_cost)
+    else:
+        share = float(args.strong_share)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"--strong-share must be in [0, 1], got {share}")
+    c = calibrate_scores(cal_scores, test_scores, share)
+    result = c.as_dict()
+    if max_cost is not None:
+        result["max_cost_per_1k"] = max_cost
+        result["expected_cost_per_1k"] = round(
+            (1 - c.realised_share) * prices["slm"] + c.realised_share * prices["llm"], 6)
+    calibration = {"rule": "quantile", **result, "share_table": share_table(cal_scores),
+                   "data": str(args.data)}
+    artifact.update_meta(args.model, threshold=c.threshold, calibration=calibration, prices=prices)
+    print(f"threshold {c.threshold:.6f} for strong share {share:.4f} (set on {c.num_calibration_rows} rows); "
+          f"realised share on {c.num_heldout_rows} held-out rows: {c.realised_share:.4f}")
+    if max_cost is not None:
+        print(f"expected cost {result['expected_cost_per_1k']:.4f} USD per 1k requests (budget {max_cost:g})")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
