@@ -8,6 +8,7 @@ Every error leaves in OpenAI's envelope (``gateway/errors.py``): pydantic valida
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -61,12 +62,18 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
             log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
                         settings.host, settings.port)
         await pipeline.start()
+        # Everything built so far (modules, models, artifacts) lives as long as the process: move it out
+        # of the cyclic GC's reach, or every young-generation collection walks it (≈40% of the CPU a
+        # request costs, measured with fake replicas).
+        gc.collect()
+        gc.freeze()
         app.state.pipeline = pipeline
         try:
             yield
         finally:
             app.state.pipeline = None
             await pipeline.close()
+            gc.unfreeze()
 
     app = FastAPI(title="switchyard", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible LLM gateway: guard, router, cascade, example cache, model pools.")
