@@ -343,8 +343,13 @@ class Pipeline:
         messages = job.messages
         if (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
                 and trace.pool == self.settings.routing.slm_pool and text):
-            examples = await self.store.lookup(admission.namespace, text, self.settings.example_cache.top_k)
-            self.metrics.cache_lookups.labels("hit" if examples else "miss").inc()
+            try:
+                examples = await self.store.lookup(admission.namespace, text, self.settings.example_cache.top_k)
+                self.metrics.cache_lookups.labels("hit" if examples else "miss").inc()
+            except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never fail the request
+                log.warning("example cache lookup failed: %r", e)
+                self.metrics.cache_lookups.labels("error").inc()
+                examples = []
             if examples:
                 from gateway.example_cache import format_examples
 
