@@ -24,7 +24,7 @@ TFIDF_FEATURES = 2**18
 
 @dataclass(frozen=True)
 class TrainConfig:
-    kind: str = "ensemble"
+    kind: str = "tfidf_ridge"
     seed: int = 0
     eval_fraction: float = 0.2
     exclude_sources: tuple[str, ...] = ()

@@ -9,7 +9,7 @@ from pathlib import Path
 HARD = ["integral", "eigenvalue", "theorem", "proof", "derivative", "topology", "lemma", "matrix"]
 EASY = ["capital", "color", "animal", "weather", "greeting", "fruit", "holiday", "sport"]
 FILLER = ["the", "a", "about", "please", "explain", "what", "is", "tell", "me", "quick", "question", "now",
-          "today", "simple", "short", "my", "friend", "asked", "this", "again"]
+          "today", "simple", "short", "my", "friend", "asked", "this", "again"] + [f"w{i}" for i in range(300)]
 
 
 def synth_rows(n: int, seed: int = 0, noise: float = 0.1, source: str = "synth") -> list[dict]:

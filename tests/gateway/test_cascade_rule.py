@@ -1,0 +1,55 @@
+"""Cascade escalation rule: confidence summary, thresholds, calibration by quantile, precedence."""
+
+import math
+
+import numpy as np
+import pytest
+
+from gateway.cascade import (
+    DEFAULT_RULE,
+    CascadeRule,
+    Confidence,
+    escalation_share,
+    fit_cascade_rule,
+    resolve_rule,
+)
+
+
+def test_confidence_from_logprobs():
+    c = Confidence.from_logprobs([-0.1, -0.5, -2.4])
+    assert c.num_tokens == 3 and c.min_logprob == -2.4 and c.mean_logprob == pytest.approx(-1.0)
+    empty = Confidence.from_logprobs([])
+    assert empty.num_tokens == 0 and empty.mean_logprob == -math.inf
+    with pytest.raises(ValueError):
+        Confidence.from_logprobs([0.5])
+
+
+def test_rule_mean_and_min():
+    rule = CascadeRule(min_mean_logprob=-1.0, min_token_logprob=-5.0)
+    assert not rule.should_escalate(Confidence(-0.5, -3.0, 4))
+    assert rule.should_escalate(Confidence(-1.5, -3.0, 4))
+    assert rule.should_escalate(Confidence(-0.5, -6.0, 4))
+    assert rule.should_escalate(Confidence.from_logprobs([]))
+    assert not CascadeRule().should_escalate(Confidence(-9.0, -20.0, 3))
+    with pytest.raises(ValueError):
+        CascadeRule(min_mean_logprob=0.3)
+
+
+def test_fit_hits_target_share_on_heldout():
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        return [Confidence.from_logprobs(-rng.gamma(1.0, 0.4, size=rng.integers(5, 40))) for _ in range(n)]
+
+    rule = fit_cascade_rule(sample(3000), escalate_share=0.2, token_quantile=None)
+    assert rule.min_token_logprob is None
+    assert escalation_share(rule, sample(3000)) == pytest.approx(0.2, abs=0.02)
+    with pytest.raises(ValueError):
+        fit_cascade_rule([], 0.2)
+
+
+def test_settings_override_artifact():
+    art = {"min_mean_logprob": -1.2, "min_token_logprob": -6.0}
+    assert resolve_rule(None, None, None) == DEFAULT_RULE
+    assert resolve_rule(None, None, art) == CascadeRule(-1.2, -6.0)
+    assert resolve_rule(-0.5, None, art) == CascadeRule(-0.5, -6.0)

@@ -1,0 +1,115 @@
+"""`switchyard train router / eval router / calibrate` end to end on synthetic data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from routers.scorers import Router
+from tests.training.router_synth import synth_rows, write_jsonl
+from training.calibrate import calibrate_scores, share_for_cost, threshold_for_share
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def data_and_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("router")
+    rows = synth_rows(4000, seed=0) + synth_rows(300, seed=5, source="other")
+    for r in rows[4000:]:
+        r["id"] = "o" + r["id"]
+    data = write_jsonl(d / "rows.jsonl", rows)
+    out = d / "model"
+    assert main(["train", "router", "--data", str(data), "--out", str(out), "--eval-fraction", "0.5",
+                 "--slm-price", "0.1", "--llm-price", "2.0"]) == 0
+    return data, out
+
+
+def test_eval_json_per_source_and_plot(data_and_model, tmp_path, capsys):
+    data, model = data_and_model
+    capsys.readouterr()
+    plot = tmp_path / "curve.png"
+    assert main(["eval", "router", "--model", str(model), "--data", str(data), "--baselines", "--json",
+                 "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert set(report["per_source"]) == {"synth", "other", "all"}
+    synth = report["sources"]["synth"]
+    assert synth["tfidf_ridge"]["apgr"] > synth["random"]["apgr"] + 0.1
+    assert "tfidf_lr" in synth and synth["oracle"]["apgr"] >= synth["tfidf_ridge"]["apgr"]
+    assert 0 <= report["per_source"]["synth"]["cpt50"] <= 1
+    assert report["latency_ms_p50"] > 0
+    assert plot.stat().st_size > 1000
+
+
+def test_calibrate_strong_share_within_two_points(data_and_model, capsys):
+    data, model = data_and_model
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(model), "--data", str(data), "--strong-share", "0.3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["realised_share"] == pytest.approx(0.3, abs=0.02)
+    router = Router.load(model)
+    assert router.threshold == pytest.approx(res["threshold"])
+    assert router.meta["calibration"]["target_share"] == 0.3
+
+
+def test_calibrate_max_cost(data_and_model, capsys):
+    data, model = data_and_model
+    capsys.readouterr()
+    # share = (0.67 - 0.1) / (2.0 - 0.1) = 0.3
+    assert main(["calibrate", "--model", str(model), "--data", str(data), "--max-cost", "0.67", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["target_share"] == pytest.approx(0.3)
+    assert res["expected_cost_per_1k"] <= 0.67 + 2.0 * 0.02
+
+
+def test_calibration_functions_on_large_heldout():
+    rng = np.random.default_rng(0)
+    cal, held = rng.beta(2, 5, 20000), rng.beta(2, 5, 20000)
+    for share in (0.1, 0.25, 0.5, 0.8):
+        c = calibrate_scores(cal, held, share)
+        assert abs(c.realised_share - share) < 0.02
+    assert threshold_for_share(np.array([0.1, 0.2, 0.3, 0.4]), 0.5) == pytest.approx(0.25)
+    assert share_for_cost(1.1, 0.1, 2.1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="below the SLM-only cost"):
+        share_for_cost(0.05, 0.1, 2.0)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "x", "strong_score": 1}', "rows.jsonl:2: missing 'weak_score'"),
+        ('{"prompt": "", "strong_score": 1, "weak_score": 0}', "rows.jsonl:2: missing or empty 'prompt'"),
+        ('{"prompt": "x", "strong_score": 1.5, "weak_score": 0}', "rows.jsonl:2: 'strong_score' must be a number"),
+        ('{"prompt": "x", "strong_score": "yes", "weak_score": 0}', "rows.jsonl:2: 'strong_score' must be"),
+        ('{"prompt": "x", "strong_score": 1, ', "rows.jsonl:2: not valid JSON"),
+        ('[1, 2]', "rows.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_malformed_rows_one_line_error(tmp_path, capsys, line, message):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"prompt": "ok", "strong_score": 1, "weak_score": 1}\n' + line + "\n")
+    assert main(["train", "router", "--data", str(f), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_missing_file_and_bad_kind(tmp_path, capsys):
+    assert main(["train", "router", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "m")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    f = write_jsonl(tmp_path / "r.jsonl", synth_rows(50))
+    assert main(["train", "router", "--data", str(f), "--out", str(tmp_path / "m"), "--kind", "magic"]) == 2
+    assert "valid kinds" in capsys.readouterr().err
+
+
+def test_nmodel_train_and_eval(tmp_path, capsys):
+    rows = []
+    for r in synth_rows(600, seed=3):
+        hard = r["weak_score"] < r["strong_score"]
+        rows.append({"id": r["id"], "prompt": r["prompt"],
+                     "model_scores": {"small": 0.2 if hard else 0.9, "big": 0.9}})
+    f = write_jsonl(tmp_path / "n.jsonl", rows)
+    assert main(["train", "router", "--data", str(f), "--out", str(tmp_path / "nm"), "--kind", "nmodel"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "router", "--model", str(tmp_path / "nm"), "--data", str(f), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["kind"] == "nmodel" and rep["oracle_quality"] >= rep["tolerances"]["0.05"]["quality"]
