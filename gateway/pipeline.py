@@ -302,10 +302,10 @@ class Pipeline:
 
     async def run(self, job: Job, api_key: str | None) -> Execution:
         trace = Trace()
-        requested = self.resolve_model(job.model)
-        # [1] admission
+        # [1] admission (401 before anything about models is revealed)
         admission = await self.admitter.admit(api_key, job.model)
         trace.namespace = admission.namespace
+        requested = self.resolve_model(job.model)
         self._check_limits(job)
         text = self._routing_text(job)
         # [2] guard
