@@ -60,3 +60,33 @@ def test_burst_with_one_replica_killed_loses_nothing(live_server):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_remote_pool_passes_tools_json_mode_and_logprobs_through(live_server):
+    upstream = FakeUpstream(name="u", model="up-model", behavior=FakeBehavior(num_tokens=4))
+    up = live_server(upstream)
+    settings = settings_from_dict({
+        "pools": [{"name": "slm", "kind": "remote", "model": "up-model", "urls": [up.base_url + "/v1"],
+                   "supports_tools": True, "supports_json_mode": True},
+                  {"name": "llm", "kind": "remote", "model": "up-model", "urls": [up.base_url + "/v1"]}],
+        "example_cache": {"enabled": False},
+    })
+    gateway = live_server(create_app(settings))
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    resp = client.chat.completions.create(model="slm", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                          tool_choice="required")
+    assert resp.choices[0].finish_reason == "tool_calls" and resp.choices[0].message.tool_calls
+    assert upstream.last_bodies[-1]["tools"] == tools and upstream.last_bodies[-1]["tool_choice"] == "required"
+    client.chat.completions.create(model="slm", messages=[{"role": "user", "content": "hi"}],
+                                   response_format={"type": "json_object"})
+    assert upstream.last_bodies[-1]["response_format"] == {"type": "json_object"}
+    with_lp = client.chat.completions.create(model="slm", messages=[{"role": "user", "content": "hi"}],
+                                             logprobs=True, top_logprobs=1, max_tokens=3)
+    assert len(with_lp.choices[0].logprobs.content) == 3
+    with openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0) as c2:
+        try:
+            c2.chat.completions.create(model="llm", messages=[{"role": "user", "content": "hi"}], tools=tools)
+            raise AssertionError("expected 400")
+        except openai.BadRequestError as e:
+            assert e.code == "tools_not_supported"
