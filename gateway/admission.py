@@ -84,10 +84,10 @@ class InProcessRateLimiter:
 class RedisRateLimiter:
     """Fixed one-minute windows as Redis counters (``INCR`` + ``EXPIRE``), shared by gateway replicas.
 
-    Redis down or slow (> ``timeout_s``) → the request is admitted and ``num_failures`` grows.
+    Redis down or slow (> ``timeout_s``, default 100 ms) → the request is admitted and ``num_failures`` grows.
     """
 
-    def __init__(self, redis_url: str, timeout_s: float = 0.05) -> None:
+    def __init__(self, redis_url: str, timeout_s: float = 0.1) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
