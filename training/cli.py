@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="none", choices=["none", "int8"])
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     # --- models --------------------------------------------------------------------------------
     p = sub.add_parser("models", help="the bundled model catalogue")
