@@ -504,6 +504,8 @@ class Router:
         from routers import artifact
 
         art = artifact.load(path, kind=ROUTER_KIND)
+        if (art.meta.get("scorer") or {}).get("kind") == "nmodel":
+            raise artifact.ArtifactError(f"{str(path)!r} is an N-model router; load it with NModelScorer.from_state")
         try:
             return cls.from_artifact(art)
         except (KeyError, ValueError) as e:

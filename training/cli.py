@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slm-price", type=float, help="override the artifact's SLM USD per 1k requests")
     p.add_argument("--llm-price", type=float, help="override the artifact's LLM USD per 1k requests")
     p.add_argument("--all-rows", action="store_true", help="use every row (data never seen in training)")
+    p.add_argument("--escalate-share", type=float,
+                   help="also calibrate the cascade so this share of SLM answers escalates (rows from `label`)")
     _json_flag(p)
 
     p = _add(sub, "label", "training.label:label", "routing labels from your prompts by running both models")

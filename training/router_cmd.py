@@ -260,7 +260,16 @@ def calibrate(args: argparse.Namespace) -> int:
             (1 - c.realised_share) * prices["slm"] + c.realised_share * prices["llm"], 6)
     calibration = {"rule": "quantile", **result, "share_table": share_table(cal_scores),
                    "data": str(args.data)}
-    artifact.update_meta(args.model, threshold=c.threshold, calibration=calibration, prices=prices)
+    updates = {"threshold": c.threshold, "calibration": calibration, "prices": prices}
+    escalate = getattr(args, "escalate_share", None)
+    if escalate is not None:
+        rule, realised, n = _fit_cascade(args.data, router.meta, getattr(args, "all_rows", False), escalate)
+        updates["cascade"] = {**rule.as_dict(), "target_escalate_share": escalate,
+                              "realised_escalate_share": realised, "num_rows": n}
+        result["cascade"] = updates["cascade"]
+        print(f"cascade: escalate when mean logprob < {rule.min_mean_logprob:.4f} or a token < "
+              f"{rule.min_token_logprob:.4f}; escalates {realised:.4f} of {n} held-out SLM answers")
+    artifact.update_meta(args.model, **updates)
     print(f"threshold {c.threshold:.6f} for strong share {share:.4f} (set on {c.num_calibration_rows} rows); "
           f"realised share on {c.num_heldout_rows} held-out rows: {c.realised_share:.4f}")
     if max_cost is not None:
@@ -269,3 +278,30 @@ def calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     return 0
 
+
+
+def _fit_cascade(data: str, meta: dict, all_rows: bool, escalate_share: float):
+    """Cascade thresholds from labelled rows carrying ``slm_mean_logprob``/``slm_min_logprob`` (from
+    ``switchyard label``): set on even id-hash buckets of the eval split, measured on odd ones."""
+    from gateway.cascade import Confidence, escalation_share, fit_cascade_rule
+    from training.data import read_records
+
+    pct = int(meta.get("training_data", {}).get("split", {}).get("eval_percent", 20))
+    cal, test = [], []
+    for where, obj in read_records(data):
+        if not isinstance(obj, dict) or "slm_mean_logprob" not in obj:
+            continue
+        mean, low = obj.get("slm_mean_logprob"), obj.get("slm_min_logprob", obj.get("slm_mean_logprob"))
+        if not isinstance(mean, int | float) or not isinstance(low, int | float):
+            raise ValueError(f"{where}: slm_mean_logprob / slm_min_logprob must be numbers")
+        key = str(obj.get("id") if obj.get("id") is not None else obj.get("prompt", ""))
+        if not all_rows and eval_bucket(key) >= pct:
+            continue
+        conf = Confidence(float(mean), float(low), 1)
+        (cal if eval_bucket(key + "#cal") % 2 == 0 else test).append(conf)
+    if not cal:
+        raise ValueError(f"{data}: --escalate-share needs held-out rows with slm_mean_logprob "
+                         "(produce them with `switchyard label`)")
+    rule = fit_cascade_rule(cal, escalate_share)
+    held = test or cal
+    return rule, escalation_share(rule, held), len(held)

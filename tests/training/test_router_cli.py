@@ -113,3 +113,39 @@ def test_nmodel_train_and_eval(tmp_path, capsys):
     assert main(["eval", "router", "--model", str(tmp_path / "nm"), "--data", str(f), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rep["kind"] == "nmodel" and rep["oracle_quality"] >= rep["tolerances"]["0.05"]["quality"]
+
+
+def test_calibrate_cascade_from_labelled_logprobs(data_and_model, tmp_path, capsys):
+    data, model = data_and_model
+    rng = np.random.default_rng(0)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in rows:
+        r["slm_mean_logprob"] = -float(rng.gamma(2.0, 0.3))
+        r["slm_min_logprob"] = r["slm_mean_logprob"] * 4
+    labelled = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(model), "--data", str(labelled), "--strong-share", "0.3",
+                 "--escalate-share", "0.25", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["cascade"]["realised_escalate_share"] == pytest.approx(0.25, abs=0.04)
+    router = Router.load(model)
+    assert router.cascade_min_mean_logprob == pytest.approx(res["cascade"]["min_mean_logprob"])
+    assert router.cascade_min_token_logprob is not None
+    assert main(["calibrate", "--model", str(model), "--data", str(data), "--strong-share", "0.3",
+                 "--escalate-share", "0.25"]) == 2
+    assert "needs held-out rows with slm_mean_logprob" in capsys.readouterr().err
+
+
+def test_ensemble_of_fast_members_round_trip(tmp_path):
+    from routers.scorers import LengthScorer, TfidfRidgeScorer, make_scorer
+    from training.data import parse_routing_row
+    from training.fit import TrainConfig, fit_router
+
+    rows = [parse_routing_row(r, f"s:{i}") for i, r in enumerate(synth_rows(600, seed=4))]
+    scorer = make_scorer("ensemble", members=[TfidfRidgeScorer(), LengthScorer()], weights=[3.0, 1.0])
+    router = fit_router(rows, TrainConfig(kind="ensemble"), scorer=scorer)
+    texts = ["prove the lemma", "what color is it"]
+    s = router.score_batch(texts)
+    assert s[0] < s[1]
+    router.save(tmp_path / "e")
+    assert np.allclose(Router.load(tmp_path / "e").score_batch(texts), s, atol=1e-6)
