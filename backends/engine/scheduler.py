@@ -88,13 +88,15 @@ class Scheduler:
     def _shared_blocks(self, seq: Sequence) -> list[int] | None:
         """Blocks a waiting seq starts with; None when it must wait for its parent's prompt."""
         parent = seq.parent
-        if parent is not None and not parent.is_finished and not seq.block_table:
+        forked: list[int] = []
+        if parent is not None and not parent.is_finished:
             if parent.num_computed_tokens < parent.num_prompt_tokens:
                 return None  # share the parent's prompt blocks once they are computed
-            num_shared = (seq.num_tokens - 1) // self.block_manager.block_size
-            if num_shared <= len(parent.block_table):
-                return parent.block_table[:num_shared]
-        return self.block_manager.match_prefix(seq)
+            bs = self.block_manager.block_size
+            num_shared = min(seq.num_prompt_tokens // bs, (seq.num_tokens - 1) // bs)  # prompt-only full blocks
+            forked = parent.block_table[:num_shared]
+        cached = self.block_manager.match_prefix(seq)
+        return cached if len(cached) >= len(forked) else forked
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

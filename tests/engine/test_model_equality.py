@@ -119,3 +119,21 @@ def test_bundled_models_match_hf(name, bundled_model_dir):
     results = engine.generate(batch, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for prompt, result in zip(batch, results, strict=True):
         assert result.token_ids == hf_greedy(folder, prompt, 16), name
+
+
+def test_n_choices_with_preemption_and_sampling_seeds(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    engine = tiny_engine(folder, num_kv_blocks=16, max_model_len=64, block_size=4, enable_prefix_caching=False)
+    batch = prompts(3, [10, 13, 6], seed=7)
+    results = engine.generate(batch, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=2))
+    assert engine.stats().num_preemptions > 0
+    for prompt, result in zip(batch, results, strict=True):
+        expected = hf_greedy(folder, prompt, 20)
+        assert [o.token_ids for o in result.outputs] == [expected, expected]
+    assert engine.block_manager.num_used_blocks == 0
+    # seeded sampling: reproducible across runs, different between choices
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, n=2, seed=5)
+    a = engine.generate(batch[:1], params)[0]
+    b = engine.generate(batch[:1], params)[0]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert a.outputs[0].token_ids != a.outputs[1].token_ids
