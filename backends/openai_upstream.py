@@ -82,6 +82,8 @@ class OpenAIUpstream:
         self.health_timeout_s = health_timeout_s or max(connect_timeout_s, 1.0)
         self._client: httpx.AsyncClient | None = None
         self._lean: Http1Pool | None = None
+        # the lean client bounds every request by request.deadline itself (backends/pool.py reads this)
+        self.enforces_deadline = self.client_kind == "lean"
 
     def __repr__(self) -> str:
         return f"OpenAIUpstream({self.name!r}, {self.base_url!r}, model={self.model!r})"
@@ -207,12 +209,17 @@ class OpenAIUpstream:
         return min(self.connect_timeout_s, read), read
 
     @contextlib.asynccontextmanager
-    async def _post(self, path: str, body: dict[str, Any], timeout: tuple[float, float]):
+    async def _post(self, path: str, body: dict[str, Any], timeout: tuple[float, float],
+                    request_deadline: float | None = None):
         """A response with ``status_code``, ``aread()``, ``aiter_bytes()``; closed (or pooled) on exit."""
         await self._ensure_client()
         if self._lean is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
-            async with self._lean.post(path, data, connect_timeout_s=timeout[0], read_timeout_s=timeout[1]) as r:
+            deadline = None
+            if request_deadline is not None:  # time.monotonic() → loop time
+                deadline = asyncio.get_running_loop().time() + (request_deadline - time.monotonic())
+            async with self._lean.post(path, data, connect_timeout_s=timeout[0], read_timeout_s=timeout[1],
+                                       deadline=deadline) as r:
                 yield r
             return
         assert self._client is not None, "load() must create the client"
@@ -227,7 +234,7 @@ class OpenAIUpstream:
         is_chat = request.messages is not None
         num_yielded = 0
         try:
-            async with self._post(path, body, timeout) as response:
+            async with self._post(path, body, timeout, request.deadline) as response:
                 if response.status_code != 200:
                     raise self._status_error(response.status_code, await response.aread())
                 if not stream:
@@ -263,6 +270,10 @@ class OpenAIUpstream:
         except (httpx.ConnectError, UpstreamConnectError) as e:
             raise self._transport_error(e, "connection failed", 502, "upstream_connect_error", num_yielded) from None
         except (httpx.TimeoutException, TimeoutError) as e:
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise BackendError(f"request deadline passed while waiting for {self.name}", retryable=False,
+                                   status_code=504, code="deadline_exceeded",
+                                   after_first_token=num_yielded > 0) from None
             raise self._transport_error(e, "timed out", 504, "upstream_timeout", num_yielded) from None
         except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError) as e:
             raise self._transport_error(e, "broke the connection", 502, "upstream_error", num_yielded) from None
@@ -373,44 +384,86 @@ class UpstreamConnectError(OSError):
     """The lean client could not open a connection (refused, unreachable, or connect timeout)."""
 
 
+class _IdleTimer:
+    """Aborts a connection when no byte arrived for ``timeout_s`` or ``deadline`` (loop time) passed.
+
+    One TimerHandle per request, re-armed lazily (``touch()`` only records the time), instead of a
+    timeout context around every read of a stream. After it fired, reads see EOF and ``fired`` is True.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, timeout_s: float, deadline: float | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.writer, self.timeout_s, self.deadline = writer, timeout_s, deadline
+        self.last = self.loop.time()
+        self.fired = False
+        self.handle = self.loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        due = self.last + self.timeout_s
+        return due if self.deadline is None else min(due, self.deadline)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        due = self._due()
+        if self.loop.time() < due:
+            self.handle = self.loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self.writer.transport.abort()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
 class Http1Response:
     """One response on a pooled connection. Read the body with ``aread()`` or ``aiter_bytes()``."""
 
     def __init__(self, reader: asyncio.StreamReader, status_code: int, headers: dict[bytes, bytes],
-                 read_timeout_s: float) -> None:
-        self.reader, self.status_code, self.headers = reader, status_code, headers
-        self.read_timeout_s = read_timeout_s
+                 timer: _IdleTimer) -> None:
+        self.reader, self.status_code, self.headers, self.timer = reader, status_code, headers, timer
         self.is_complete = False
         self.is_reusable = headers.get(b"connection", b"").lower() != b"close"
 
-    async def _read(self, op):
-        async with asyncio.timeout(self.read_timeout_s):
-            return await op
-
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        r = self.reader
+        try:
+            async for data in self._body():
+                yield data
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            if self.timer.fired:
+                raise TimeoutError("no data from the upstream in time") from None
+            raise
+        if self.timer.fired:
+            raise TimeoutError("no data from the upstream in time")
+        self.is_complete = True
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        r, touch = self.reader, self.timer.touch
         if b"content-length" in self.headers:
             remaining = int(self.headers[b"content-length"])
             while remaining > 0:
-                data = await self._read(r.read(min(remaining, 65536)))
+                data = await r.read(min(remaining, 65536))
                 if not data:
                     raise asyncio.IncompleteReadError(b"", remaining)
+                touch()
                 remaining -= len(data)
                 yield data
         elif self.headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             while True:
-                size = int((await self._read(r.readline())).split(b";")[0].strip() or b"x", 16)
+                size = int((await r.readline()).split(b";")[0].strip() or b"x", 16)
                 if size == 0:
-                    while (await self._read(r.readline())) not in (b"\r\n", b"\n", b""):
+                    while (await r.readline()) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
-                    break
-                data = await self._read(r.readexactly(size + 2))
+                    return
+                data = await r.readexactly(size + 2)
+                touch()
                 yield data[:-2]
         else:  # body until the server closes
             self.is_reusable = False
-            while data := await self._read(r.read(65536)):
+            while data := await r.read(65536):
+                touch()
                 yield data
-        self.is_complete = True
 
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_bytes()])
@@ -422,6 +475,7 @@ class Http1Pool:
     At most ``max_connections`` are open at once (extra requests wait). A connection returns to the pool
     only after its response was read to the end; anything else (error, early close) closes it. A request
     on a reused connection that the server had closed while idle is retried once on a fresh connection.
+    ``read_timeout_s`` is an idle timeout (no byte for that long); ``deadline`` (loop time) bounds it all.
     """
 
     def __init__(self, base_url: str, max_connections: int = 1024, extra_headers: bytes = b"") -> None:
@@ -443,37 +497,42 @@ class Http1Pool:
             raise UpstreamConnectError(f"{self.host}:{self.port}: {type(e).__name__}: {e}") from None
 
     @contextlib.asynccontextmanager
-    async def post(self, path: str, body: bytes, *, connect_timeout_s: float, read_timeout_s: float):
+    async def post(self, path: str, body: bytes, *, connect_timeout_s: float, read_timeout_s: float,
+                   deadline: float | None = None):
         head = (b"POST " + (self.prefix + path).encode() + b" HTTP/1.1\r\n" + self._host_header
                 + b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
                 + self.extra_headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
         if self.slots is not None:
             await self.slots.acquire()
         conn = None
+        timer = None
         try:
             for attempt in (0, 1):
                 reused = attempt == 0 and bool(self.idle)  # the retry always gets a fresh connection
                 conn = self.idle.pop() if reused else await self._connect(connect_timeout_s)
                 reader, writer = conn
+                timer = _IdleTimer(writer, read_timeout_s, deadline)
                 try:
                     writer.write(head + body)
                     await writer.drain()
-                    async with asyncio.timeout(read_timeout_s):
-                        status_line = await reader.readline()
-                        if not status_line:
-                            raise ConnectionResetError("server closed the connection")
-                        headers: dict[bytes, bytes] = {}
-                        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                            key, _, value = line.partition(b":")
-                            headers[key.strip().lower()] = value.strip()
+                    status_line = await reader.readline()
+                    if not status_line:
+                        raise ConnectionResetError("server closed the connection")
+                    headers: dict[bytes, bytes] = {}
+                    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        key, _, value = line.partition(b":")
+                        headers[key.strip().lower()] = value.strip()
                     status = int(status_line.split(None, 2)[1])
                     break
                 except (ConnectionError, IndexError, ValueError):
                     writer.close()
                     conn = None
+                    timer.cancel()
+                    if timer.fired:
+                        raise TimeoutError("no response from the upstream in time") from None
                     if not reused or attempt:
                         raise
-            response = Http1Response(reader, status, headers, read_timeout_s)
+            response = Http1Response(reader, status, headers, timer)
             try:
                 yield response
             finally:
@@ -487,6 +546,8 @@ class Http1Pool:
                 conn[1].close()
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             if self.slots is not None:
                 self.slots.release()
 

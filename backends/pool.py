@@ -319,8 +319,10 @@ class Pool:
                 agen = replica.backend.generate(request)
             buffered: list[Delta] = []
             num_got = 0
+            # a backend that bounds itself by request.deadline saves a timeout context per Delta here
+            deadline = None if getattr(replica.backend, "enforces_deadline", False) else request.deadline
             async with contextlib.aclosing(agen) as deltas:
-                while (delta := await _next_delta(deltas, request.deadline, num_got)) is not None:
+                while (delta := await _next_delta(deltas, deadline, num_got)) is not None:
                     num_got += 1
                     if stream:
                         yield delta

@@ -252,3 +252,30 @@ async def test_lean_pool_reconnects_after_the_server_closed_idle_connections(liv
     assert "".join(d.text for d in await collect(up, chat(), stream=False)) == "tok0 tok1 "
     assert app.num_requests == 2
     await up.close()
+
+
+async def test_deadline_mid_stream_is_after_first_token(fake):
+    app, url = fake
+    app.behavior = FakeBehavior(num_tokens=100, token_delay_s=0.05)
+    up = OpenAIUpstream("a", url, "up-model", timeout_s=30)
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        async for d in up.generate(chat(max_tokens=100, deadline=time.monotonic() + 0.4)):
+            got.append(d)
+    assert time.monotonic() - t0 < 2.0 and got
+    assert err.value.code == "deadline_exceeded" and err.value.after_first_token and err.value.status_code == 504
+    await up.close()
+
+
+async def test_idle_timeout_between_stream_chunks(fake):
+    app, url = fake
+    app.behavior = FakeBehavior(num_tokens=5, token_delay_s=1.0)
+    up = OpenAIUpstream("a", url, "up-model", timeout_s=0.3)
+    got = []
+    with pytest.raises(BackendError) as err:
+        async for d in up.generate(chat(max_tokens=5)):
+            got.append(d)
+    assert [d.text for d in got] == ["tok0 "]
+    assert err.value.code == "upstream_timeout" and err.value.after_first_token
+    await up.close()
