@@ -140,3 +140,11 @@ def test_request_deadline(live_server):
     while factory.backends["slm"][0].num_active and time.monotonic() < deadline:
         time.sleep(0.02)
     assert factory.backends["slm"][0].num_active == 0
+
+
+def test_auto_falls_back_to_the_llm_when_the_slm_pool_is_down(live_server):
+    server = live_server(create_app(fake_settings(), backend_factory=FakeFactory(fail_load=frozenset({"slm"}))))
+    resp = _chat(_client(server, "x"), model="auto", content="hello")
+    assert resp.choices[0].message.content.startswith("llm:")
+    info = resp.model_extra["switchyard"]
+    assert info["escalated"] is True and "SLM failed" in info["reason"]
