@@ -75,14 +75,16 @@ def _normalize_rows(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
+def _topk_mean(sims: np.ndarray, k: int) -> np.ndarray:
+    k_eff = min(k, sims.shape[1])
+    return np.partition(sims, sims.shape[1] - k_eff, axis=1)[:, -k_eff:].mean(axis=1)
+
+
 def _knn_similarity(queries: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
     """Mean cosine similarity of each (unit) query row to its ``k`` nearest (unit) reference rows."""
     out = np.empty(len(queries), dtype=np.float32)
     for start in range(0, len(queries), 512):
-        sims = queries[start:start + 512] @ reference.T
-        k_eff = min(k, sims.shape[1])
-        top = np.partition(sims, sims.shape[1] - k_eff, axis=1)[:, -k_eff:]
-        out[start:start + 512] = top.mean(axis=1)
+        out[start:start + 512] = _topk_mean(queries[start:start + 512] @ reference.T, k)
     return out
 
 
@@ -102,31 +104,44 @@ class WideMLP:
     b_out: np.ndarray  # float32 [n_classes]
     reference: np.ndarray  # float32 [n_ref, hidden], unit rows
     knn_k: int = 10
+    ref_tf: Any = None  # optional scipy csr [n_features, n_ref]: TF-IDF rows of the reference set, transposed
 
-    def hidden_one(self, text: str) -> np.ndarray:
-        cols, vals = self.featurizer.transform_one(text)
-        rows = self.col_map[cols]
-        keep = rows >= 0
-        h = vals[keep] @ self.w_in[rows[keep]] + self.b_in
-        return np.maximum(h, 0.0)
-
-    def hidden(self, texts: Sequence[str]) -> np.ndarray:
-        X = self.featurizer.transform(texts)
-        rows = self.col_map[X.indices]
-        keep = rows >= 0
+    def _hidden_rows(self, X) -> np.ndarray:
         from scipy.sparse import csr_matrix
 
-        counts = np.add.reduceat(keep.astype(np.int64), X.indptr[:-1]) if X.nnz else np.zeros(len(texts))
-        counts[np.diff(X.indptr) == 0] = 0
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        rows = self.col_map[X.indices]
+        keep = rows >= 0
+        kept_per_row = np.zeros(X.shape[0], dtype=np.int64)
+        nz = np.diff(X.indptr) > 0
+        if X.nnz:
+            kept_per_row[nz] = np.add.reduceat(keep.astype(np.int64), X.indptr[:-1][nz])
+        indptr = np.concatenate([[0], np.cumsum(kept_per_row)]).astype(np.int64)
         Xc = csr_matrix((X.data[keep], rows[keep], indptr), shape=(X.shape[0], self.w_in.shape[0]))
         return np.maximum(np.asarray(Xc @ self.w_in) + self.b_in, 0.0).astype(np.float32)
 
-    def evidence(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(class probabilities [n, C], knn similarity [n]) from hidden vectors [n, hidden]."""
-        probs = _softmax(h @ self.w_out + self.b_out)
-        knn = _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)
-        return probs, knn
+    def hidden(self, texts: Sequence[str]) -> np.ndarray:
+        return self._hidden_rows(self.featurizer.transform(texts))
+
+    def evidence_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(class probabilities [n, C], {component: in-domain score [n]})."""
+        X = self.featurizer.transform(texts)
+        h = self._hidden_rows(X)
+        comps = {"knn": _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)}
+        if self.ref_tf is not None:
+            sims = np.asarray((X @ self.ref_tf).todense(), dtype=np.float32)
+            comps["tfknn"] = _topk_mean(sims, self.knn_k)
+        return _softmax(h @ self.w_out + self.b_out), comps
+
+    def evidence_one(self, text: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        cols, vals = self.featurizer.transform_one(text)
+        rows = self.col_map[cols]
+        keep = rows >= 0
+        h = np.maximum(vals[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
+        comps = {"knn": _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)}
+        if self.ref_tf is not None:
+            sims = self.ref_tf[cols].T @ vals if len(cols) else np.zeros(self.ref_tf.shape[1], np.float32)
+            comps["tfknn"] = _topk_mean(np.asarray(sims, dtype=np.float32)[None, :], self.knn_k)
+        return _softmax(h @ self.w_out + self.b_out), comps
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fmeta, farrays = self.featurizer.state()
@@ -134,7 +149,11 @@ class WideMLP:
                   f"{prefix}w_in": self.w_in.astype(np.float16), f"{prefix}b_in": self.b_in,
                   f"{prefix}w_out": self.w_out, f"{prefix}b_out": self.b_out,
                   f"{prefix}reference": self.reference.astype(np.float16)}
-        return {"featurizer": fmeta, "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k,
+        if self.ref_tf is not None:
+            arrays.update({f"{prefix}ref_tf.data": self.ref_tf.data.astype(np.float16),
+                           f"{prefix}ref_tf.indices": self.ref_tf.indices.astype(np.int32),
+                           f"{prefix}ref_tf.indptr": self.ref_tf.indptr.astype(np.int64)})
+        return {"featurizer": fmeta, "num_reference_tf": 0 if self.ref_tf is None else int(self.ref_tf.shape[1]), "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k,
                 "num_kept_features": int(self.w_in.shape[0])}, arrays
 
     @classmethod
@@ -148,7 +167,18 @@ class WideMLP:
             b_out=arrays[f"{prefix}b_out"].astype(np.float32),
             reference=arrays[f"{prefix}reference"].astype(np.float32),
             knn_k=int(meta["knn_k"]),
+            ref_tf=_load_ref_tf(meta, arrays, prefix),
         )
+
+
+def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str):
+    n_ref = int(meta.get("num_reference_tf", 0))
+    if not n_ref:
+        return None
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix((arrays[f"{prefix}ref_tf.data"].astype(np.float32), arrays[f"{prefix}ref_tf.indices"],
+                       arrays[f"{prefix}ref_tf.indptr"]), shape=(int(meta["featurizer"]["n_features"]), n_ref))
 
 
 @dataclass
@@ -161,14 +191,14 @@ class EmbeddingHead:
     reference: np.ndarray  # float32 [n_ref, 384], unit rows
     knn_k: int = 10
 
-    def hidden_one(self, text: str) -> np.ndarray:
-        return self.embedder.encode_one(text)
+    def evidence_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self.evidence_from(self.embedder.encode(list(texts)))
 
-    def hidden(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embedder.encode(list(texts))
+    def evidence_one(self, text: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self.evidence_from(self.embedder.encode_one(text)[None, :])
 
-    def evidence(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _softmax(h @ self.w + self.b), _knn_similarity(h, self.reference, self.knn_k)
+    def evidence_from(self, emb: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return _softmax(emb @ self.w + self.b), {"knn": _knn_similarity(emb, self.reference, self.knn_k)}
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {"embedder": "minilm", "max_length": self.embedder.max_length, "knn_k": self.knn_k}, {
@@ -259,13 +289,16 @@ class Guard:
         return [c for c in self.classes if c not in RESERVED_LABELS]
 
     # -- scoring --------------------------------------------------------------------------------------
-    def _combine(self, outs: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _combine(self, outs: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Average class probabilities; name every member's evidence ``member.component`` (+ ``msp``)."""
         n_dom = len(self.domains)
         probs = np.mean([p for p, _ in outs.values()], axis=0)
         comps: dict[str, np.ndarray] = {}
-        for name, (p, knn) in outs.items():
+        for name, (p, member_comps) in outs.items():
             comps[f"{name}.msp"] = p[:, :n_dom].max(axis=1)
-            comps[f"{name}.knn"] = knn
+            for comp, v in member_comps.items():
+                comps[f"{name}.{comp}"] = v
         return probs, comps
 
     def _decide(self, probs: np.ndarray, pct: np.ndarray, threshold: float) -> list[str]:
@@ -286,7 +319,7 @@ class Guard:
         texts = [t[: self.max_chars] for t in texts]
         outs = {}
         for name, m in self.members.items():
-            outs[name] = m.evidence(m.hidden(texts))
+            outs[name] = m.evidence_batch(texts)
         probs, comps = self._combine(outs)
         pct = self.rule.percentile(comps)
         threshold = self.rule.threshold if id_recall is None else self.rule.threshold_for(id_recall)
@@ -299,7 +332,7 @@ class Guard:
         text = text[: self.max_chars]
         outs = {}
         for name, m in self.members.items():
-            outs[name] = m.evidence(m.hidden_one(text)[None, :])
+            outs[name] = m.evidence_one(text)
         probs, comps = self._combine(outs)
         p = probs[0]
         pct = float(self.rule.percentile(comps)[0])

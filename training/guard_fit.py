@@ -34,6 +34,8 @@ class FitConfig:
     knn_k: int = 10
     max_chars: int = 2000
     lr: float = 1e-3  # widemlp Adam step size
+    ood_components: tuple[str, ...] = ("msp", "knn", "tfknn")  # evidence the OOD rule combines
+    tfidf_reference: bool = True  # widemlp: keep TF-IDF rows of the reference set for "tfknn"
 
 
 def _set_seed(seed: int) -> None:
@@ -64,6 +66,7 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
     import torch
 
     _set_seed(cfg.seed)
+    torch.set_num_threads(1)  # small sparse batches: threads only add contention
     featurizer = HashedTfidf().fit(texts)
     X = featurizer.transform(texts)
     df = np.bincount(X.indices, minlength=featurizer.n_features)
@@ -104,7 +107,10 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
         knn_k=cfg.knn_k,
     )
     ref_idx = _reference_rows(ref_mask, cfg)
-    model.reference = _normalize_rows(model.hidden([texts[i] for i in ref_idx]))
+    ref_texts = [texts[i] for i in ref_idx]
+    model.reference = _normalize_rows(model.hidden(ref_texts))
+    if cfg.tfidf_reference:
+        model.ref_tf = featurizer.transform(ref_texts).T.tocsr()
     return model
 
 
@@ -179,7 +185,10 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
     guard = Guard(kind=cfg.kind, classes=classes, members=members,
                   rule=OODRule({}, np.zeros(1), cfg.id_recall), max_chars=cfg.max_chars)
     dev_texts = [r.text[: cfg.max_chars] for r in dev]
-    outs = {name: m.evidence(m.hidden(dev_texts)) for name, m in members.items()}
+    outs = {name: m.evidence_batch(dev_texts) for name, m in members.items()}
     _, comps = guard._combine(outs)
-    guard.rule = OODRule.calibrate(comps, cfg.id_recall)
+    chosen = {k: v for k, v in comps.items() if k.split(".")[1] in cfg.ood_components}
+    if not chosen:
+        raise ValueError(f"no OOD evidence among {sorted(comps)} matches {cfg.ood_components}")
+    guard.rule = OODRule.calibrate(chosen, cfg.id_recall)
     return guard

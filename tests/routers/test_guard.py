@@ -45,7 +45,7 @@ def test_classifies_domains(guard):
     batch = guard.score_batch([r.text for r in test], id_recall=1.0)
     acc = np.mean([p == r.label for p, r in zip(batch.labels, test, strict=True)])
     assert acc >= 0.9
-    v = guard.classify("My landlord wants to sue me over the lease contract, do I need a lawyer?")
+    v = guard.classify("My landlord has a problem with the lawyer, what should I do?")
     assert isinstance(v, GuardVerdict)
     assert (v.label, v.domain) == ("domain", "law")
     assert 0 < v.confidence <= 1 and set(v.scores) >= {"law", "finance", "healthcare", "id_percentile"}
@@ -97,7 +97,7 @@ def test_rule_keeps_requested_dev_recall():
 
 def test_classify_messages_uses_last_user_turn(guard):
     msgs = [{"role": "system", "content": "Der Hund schläft unter dem Baum."},
-            {"role": "user", "content": "What dose of medicine helps a fever and headache?"}]
+            {"role": "user", "content": "Is it normal that the fever affects my headache?"}]
     v = guard.classify_messages(msgs)
     assert (v.label, v.domain) == ("domain", "healthcare")
 
