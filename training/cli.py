@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-rows", action="store_true", help="evaluate every row (data never seen in training)")
     p.add_argument("--plot", help="write the cost-quality curve to this PNG")
     p.add_argument("--baselines", action="store_true", help="also train/eval TF-IDF+LR on the same split")
+    p.add_argument("--source", action="append", default=[], help="evaluate only rows of this source (repeatable)")
     _json_flag(p)
 
     p = _add(sub, "calibrate", "training.router_cmd:calibrate", "set the router threshold to a cost target")

@@ -127,6 +127,10 @@ def eval_router(args: argparse.Namespace) -> int:
     router = Router.load(args.model)
     rows = load_routing_rows(args.data, require="pairwise")
     held = _eval_rows(rows, router.meta, args.all_rows)
+    if getattr(args, "source", None):
+        held = [r for r in held if r.source in args.source]
+        if not held:
+            raise ValueError(f"no eval rows with source in {args.source}")
     texts = [r.prompt for r in held]
     scores = router.score_batch(texts)
     systems: dict[str, np.ndarray] = {router.kind: scores}

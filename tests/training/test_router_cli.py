@@ -39,6 +39,9 @@ def test_eval_json_per_source_and_plot(data_and_model, tmp_path, capsys):
     assert 0 <= report["per_source"]["synth"]["cpt50"] <= 1
     assert report["latency_ms_p50"] > 0
     assert plot.stat().st_size > 1000
+    assert main(["eval", "router", "--model", str(model), "--data", str(data), "--source", "other", "--json"]) == 0
+    only = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(only["per_source"]) == {"other"}
 
 
 def test_calibrate_strong_share_within_two_points(data_and_model, capsys):
