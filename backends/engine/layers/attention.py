@@ -40,7 +40,8 @@ def _gather_kv(
     pos = torch.arange(num_positions, device=cache.device)
     blocks = block_tables[:, pos // block_size].long().clamp_(min=0)  # [B, L]
     slots = blocks * block_size + (pos % block_size)
-    return cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots]
+    flat = cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_select(0, slots.reshape(-1))
+    return flat.view(*slots.shape, num_kv_heads, head_dim)
 
 
 def paged_decode_attention_torch(
@@ -135,8 +136,8 @@ class PrefillChunk:
     slots: torch.Tensor | None = None  # flat cache rows of positions 0..start_pos+num_tokens-1 (start_pos > 0)
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
-        """Bool [N, L] allowed-keys mask; None = plain causal over the chunk itself."""
+    def mask(self, sliding_window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """Additive [N, L] mask (0 = attend, -inf = not); None = plain causal over the chunk itself."""
         if sliding_window is None and self.start_pos == 0:
             return None
         if sliding_window not in self._masks:
@@ -146,7 +147,7 @@ class PrefillChunk:
             allowed = k_pos <= q_pos
             if sliding_window is not None:
                 allowed &= k_pos > q_pos - sliding_window
-            self._masks[sliding_window] = allowed
+            self._masks[sliding_window] = _additive(allowed, dtype)
         return self._masks[sliding_window]
 
 
@@ -169,8 +170,9 @@ class AttentionMetadata:
     _decode_masks: dict = field(default_factory=dict)
     rope_cache: dict = field(default_factory=dict)  # per-step cos/sin, keyed by the rotary module's params
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Bool [B, 1, 1, L]: which gathered positions each decode token may attend to."""
+    def decode_mask(self, sliding_window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive [B, 1, 1, L] mask over the gathered positions (SDPA's CPU kernel is faster with a float
+        mask than with a bool one)."""
         if sliding_window not in self._decode_masks:
             assert self.decode_slots is not None and self.decode_context_lens is not None
             max_len = self.decode_slots.shape[1]
@@ -179,8 +181,12 @@ class AttentionMetadata:
             allowed = pos < lens
             if sliding_window is not None:
                 allowed &= pos >= lens - sliding_window
-            self._decode_masks[sliding_window] = allowed.view(-1, 1, 1, max_len)
+            self._decode_masks[sliding_window] = _additive(allowed.view(-1, 1, 1, max_len), dtype)
         return self._decode_masks[sliding_window]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -243,10 +249,11 @@ class Attention(nn.Module):
                 q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale,
                 self.sliding_window, self.softcap,
             )
-        batch = q.shape[0]
-        keys = k_flat[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        values = v_flat[meta.decode_slots].transpose(1, 2)
-        out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask(self.sliding_window), self.scale)
+        batch, max_len = meta.decode_slots.shape
+        flat = meta.decode_slots.view(-1)  # index_select is ~10x faster than advanced indexing on CPU
+        keys = k_flat.index_select(0, flat).view(batch, max_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = v_flat.index_select(0, flat).view(batch, max_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask(self.sliding_window, q.dtype), self.scale)
         return out.view(batch, self.num_heads, self.head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
@@ -257,9 +264,9 @@ class Attention(nn.Module):
             )
         if chunk.start_pos > 0:  # earlier positions live in the cache (prefix hit / chunked prefill)
             rows = self.k_cache.shape[0] * self.k_cache.shape[1]
-            k = self.k_cache.view(rows, self.num_kv_heads, self.head_dim)[chunk.slots]
-            v = self.v_cache.view(rows, self.num_kv_heads, self.head_dim)[chunk.slots]
-        mask = chunk.mask(self.sliding_window)
+            k = self.k_cache.view(rows, self.num_kv_heads, self.head_dim).index_select(0, chunk.slots)
+            v = self.v_cache.view(rows, self.num_kv_heads, self.head_dim).index_select(0, chunk.slots)
+        mask = chunk.mask(self.sliding_window, q.dtype)
         out = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                     mask, self.scale, causal=mask is None)
         return out[0].transpose(0, 1)
