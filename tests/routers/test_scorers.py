@@ -118,3 +118,16 @@ def test_nmodel_picks_cheapest_within_tolerance():
     assert choose_model({"a": 0.5, "b": 0.52}, {"a": 1, "b": 2}, 0.0).model == "b"
     with pytest.raises(ValueError):
         choose_model({}, {}, 0.1)
+
+
+@pytest.mark.slow
+def test_knn_with_real_minilm_round_trip(tmp_path):
+    """The MiniLM kinds end to end on the bundled all-MiniLM-L6-v2 (short prompts keep it quick)."""
+    rows = _rows(240, seed=7)
+    router = fit_router(rows, TrainConfig(kind="knn", strong_share=0.4))
+    texts = ["please explain the eigenvalue of this matrix", "what color is the fruit"]
+    s = router.score_batch(texts)
+    assert s[0] < s[1]
+    router.save(tmp_path / "k")
+    loaded = Router.load(tmp_path / "k")
+    assert np.allclose(loaded.score_batch(texts), s, atol=1e-3)
