@@ -178,6 +178,9 @@ class LocalBackend:
                     )
         except ContextLengthError as exc:
             raise BackendError(str(exc), retryable=False, status_code=400, code="context_length_exceeded") from exc
-        except (EngineDeadError, ValueError) as exc:
+        except EngineDeadError as exc:
             raise BackendError(str(exc), retryable=not started, status_code=500 if started else 503,
+                               after_first_token=started) from exc
+        except ValueError as exc:  # the engine rejected the input (e.g. a token id outside the vocabulary)
+            raise BackendError(str(exc), retryable=False, status_code=400, code="invalid_parameter",
                                after_first_token=started) from exc
