@@ -197,6 +197,23 @@ class Procs:
                 proc.wait(5)
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group ``pgid`` (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     import httpx
 
@@ -361,8 +378,14 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
                 waited = max(settle(u, m, opts.api_key) for u, m in targets.values())
                 say(f"{mode} @ {rate:g} rps → {name}" + (f" (waited {waited:g} s for every target to drain)"
                                                          if waited >= 1 else ""))
+                server = procs.procs["upstream" if name == "direct" else ("gateway" if name == "switchyard" else name)]
+                cpu0 = group_cpu_s(server.pid)
                 cell[name] = run_loadgen(url, bodies, rate, opts, mode == "stream", model)
                 cell[name]["settle_wait_s"] = waited
+                num_done = cell[name]["num_ok"] + cell[name]["num_errors"]
+                cpu = group_cpu_s(server.pid) - cpu0  # includes warm-up requests: divide by all sent
+                num_all = num_done + int(opts.warmup * rate)
+                cell[name]["server_cpu_ms_per_request"] = round(cpu * 1e3 / max(num_all, 1), 3)
             for name in targets:
                 if name != "direct":
                     cell[f"{name}_overhead"] = _overhead(cell[name], cell["direct"])
@@ -392,15 +415,16 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
           f"load avg {report['load_avg_1m']:.1f} on {report['cpu_count']} cores")
     print(f"switchyard headers on a probe: {report['probe_headers']}")
     has_ll = any("litellm" in c for c in report["cells"])
-    cols = ["mode", "rps", "direct p50", "direct p99", "ours p50", "ours p99", "hdr p50"]
+    cols = ["mode", "rps", "direct p50", "direct p99", "ours p50", "ours p99", "hdr p50", "ours cpu"]
     if has_ll:
-        cols += ["LiteLLM p50", "LiteLLM p99", "p99 ratio"]
+        cols += ["LiteLLM p50", "LiteLLM p99", "p99 ratio", "LiteLLM cpu"]
     cols += ["errors"]
     print("  ".join(f"{c:>11}" for c in cols))
     for c in report["cells"]:
         d, ours, o = c["direct"], c["switchyard"], c["switchyard_overhead"]
         row = [f"{c['mode']:>11}", f"{c['rate']:>11g}", _fmt(d["latency_ms_p50"], 11), _fmt(d["latency_ms_p99"], 11),
-               _fmt(o["ms_p50"], 11), _fmt(o["ms_p99"], 11), _fmt(ours["reported_overhead_ms_p50"], 11)]
+               _fmt(o["ms_p50"], 11), _fmt(o["ms_p99"], 11), _fmt(ours["reported_overhead_ms_p50"], 11),
+               _fmt(ours.get("server_cpu_ms_per_request"), 11)]
         errors = f"{ours['num_errors']}"
         if has_ll and "litellm" in c:
             lo = c["litellm_overhead"]
@@ -408,10 +432,12 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
             if lo["ms_p99"] is not None and o["ms_p99"] is not None:
                 ratio = lo["ms_p99"] / max(o["ms_p99"], 0.01)
                 c["p99_overhead_ratio_litellm_over_ours"] = round(ratio, 2)
-            row += [_fmt(lo["ms_p50"], 11), _fmt(lo["ms_p99"], 11), _fmt(ratio, 11)]
+            row += [_fmt(lo["ms_p50"], 11), _fmt(lo["ms_p99"], 11), _fmt(ratio, 11),
+                    _fmt(c["litellm"].get("server_cpu_ms_per_request"), 11)]
             errors += f"/{c['litellm']['num_errors']}"
         print("  ".join(row + [f"{errors:>11}"]))
-    print("ours / LiteLLM = overhead over direct (ms); hdr = the gateway's own x-switchyard-overhead-ms; "
+    print("ours / LiteLLM = overhead over direct (ms); cpu = the proxy process's CPU ms per request (user+sys, "
+          "load-independent: 1000/cpu ≈ requests/s one core sustains); hdr = the gateway's own x-switchyard-overhead-ms; "
           "p99 ratio = LiteLLM's p99 overhead / ours (higher = better for switchyard); errors = failed "
           "requests in the measured window (ours/LiteLLM)")
     if opts.json:
