@@ -70,7 +70,7 @@ class Platt:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Features:
+class Featurizers:
     """Holds the featurizers a scorer tree needs; one MiniLM per process."""
 
     def __init__(self, tfidf=None, embedder=None) -> None:
@@ -110,19 +110,19 @@ class Scorer:
     def __init__(self) -> None:
         self.platt = Platt()
 
-    def fit(self, texts: Sequence[str], gain: np.ndarray, feats: _Features, seed: int = 0) -> Scorer:
+    def fit(self, texts: Sequence[str], gain: np.ndarray, feats: Featurizers, seed: int = 0) -> Scorer:
         return self
 
-    def raw_batch(self, texts: Sequence[str], feats: _Features) -> np.ndarray:
+    def raw_batch(self, texts: Sequence[str], feats: Featurizers) -> np.ndarray:
         raise NotImplementedError
 
-    def raw_one(self, text: str, feats: _Features) -> float:
+    def raw_one(self, text: str, feats: Featurizers) -> float:
         return float(self.raw_batch([text], feats)[0])
 
-    def score_batch(self, texts: Sequence[str], feats: _Features) -> np.ndarray:
+    def score_batch(self, texts: Sequence[str], feats: Featurizers) -> np.ndarray:
         return self.platt(self.raw_batch(texts, feats))
 
-    def calibrate(self, texts: Sequence[str], gain: np.ndarray, feats: _Features) -> None:
+    def calibrate(self, texts: Sequence[str], gain: np.ndarray, feats: Featurizers) -> None:
         self.platt = Platt.fit(self.raw_batch(texts, feats), np.asarray(gain) <= 0)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -485,7 +485,7 @@ class Router:
     Thread-safe after ``load``; ``score`` is synchronous and CPU-only.
     """
 
-    def __init__(self, scorer: Scorer, feats: _Features, meta: dict[str, Any]) -> None:
+    def __init__(self, scorer: Scorer, feats: Featurizers, meta: dict[str, Any]) -> None:
         self.scorer = scorer
         self.feats = feats
         self.meta = meta
@@ -522,7 +522,7 @@ class Router:
             from routers.features import HashedTfidf
 
             tfidf = HashedTfidf.from_state(meta["featurizer"], {"idf": art.arrays["tfidf.idf"]})
-        return cls(scorer, _Features(tfidf=tfidf), meta)
+        return cls(scorer, Featurizers(tfidf=tfidf), meta)
 
     def to_artifact(self):
         from routers.artifact import Artifact
@@ -575,14 +575,14 @@ class NModelScorer:
         self.alpha = alpha
         self.w = np.zeros((0, 0), dtype=np.float32)  # [n_features, n_models]
         self.b = np.zeros(0, dtype=np.float32)
-        self.feats = _Features()
+        self.feats = Featurizers()
 
     def fit(self, texts: Sequence[str], scores: np.ndarray, tfidf) -> NModelScorer:
         from sklearn.linear_model import Ridge
 
         if scores.shape != (len(texts), len(self.models)):
             raise ValueError(f"scores must be [{len(texts)}, {len(self.models)}], got {scores.shape}")
-        self.feats = _Features(tfidf=tfidf)
+        self.feats = Featurizers(tfidf=tfidf)
         x = self.feats.tfidf_rows(texts)
         model = Ridge(alpha=self.alpha).fit(x, scores)
         self.w = model.coef_.T.astype(np.float32).copy()
@@ -615,7 +615,7 @@ class NModelScorer:
         obj = cls(list(meta["models"]), float(meta.get("alpha", 3.0)))
         obj.w = np.asarray(arrays["w"], dtype=np.float32)
         obj.b = np.asarray(arrays["b"], dtype=np.float32)
-        obj.feats = _Features(tfidf=HashedTfidf.from_state(meta["featurizer"], {"idf": arrays["tfidf.idf"]}))
+        obj.feats = Featurizers(tfidf=HashedTfidf.from_state(meta["featurizer"], {"idf": arrays["tfidf.idf"]}))
         return obj
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from routers.scorers import Router, Scorer, _Features, make_scorer
+from routers.scorers import Featurizers, Router, Scorer, make_scorer
 from training.calibrate import share_table, threshold_for_share
 from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row
 
@@ -55,13 +55,13 @@ def training_rows(rows: Sequence[RoutingRow], cfg: TrainConfig) -> tuple[list[Ro
     return fit, cal
 
 
-def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> _Features:
+def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> Featurizers:
     tfidf = None
     if scorer.uses_tfidf:
         from routers.features import HashedTfidf
 
         tfidf = HashedTfidf(n_features=cfg.tfidf_features).fit(list(texts))
-    return _Features(tfidf=tfidf)
+    return Featurizers(tfidf=tfidf)
 
 
 def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | None = None) -> Router:

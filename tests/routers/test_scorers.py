@@ -6,9 +6,9 @@ import pytest
 from routers.artifact import ArtifactError
 from routers.scorers import (
     SCORERS,
+    Featurizers,
     NModelScorer,
     Router,
-    _Features,
     choose_model,
     make_scorer,
 )
@@ -91,7 +91,7 @@ def test_knn_and_mlp_on_precomputed_embeddings():
     emb = centers[y] + 0.3 * rng.normal(size=(600, 384))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     gain = y.astype(float)  # cluster 1 needs the strong model
-    feats = _Features()
+    feats = Featurizers()
     for scorer in (make_scorer("knn", k=16), make_scorer("minilm_mlp", epochs=5)):
         scorer.fit([""] * 500, gain[:500], feats, emb=emb[:500].astype(np.float32))
         raw = scorer.raw_emb(emb[500:].astype(np.float32))
