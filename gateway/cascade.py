@@ -29,11 +29,19 @@ class Confidence:
 
     @classmethod
     def from_logprobs(cls, logprobs: Sequence[float]) -> Confidence:
-        """Empty answers have ``num_tokens = 0`` and mean/min of ``-inf`` (they always escalate)."""
-        vals = [float(x) for x in logprobs if x is not None]
-        for v in vals:
-            if math.isnan(v) or v > 1e-6:
+        """Empty answers have ``num_tokens = 0`` and mean/min of ``-inf`` (they always escalate).
+        Float noise just above 0 (<= 0.01) counts as 0; NaN counts as ``-inf`` (an upstream that sends
+        garbage escalates rather than failing the request); larger positive values raise ValueError."""
+        vals = []
+        for x in logprobs:
+            if x is None:
+                continue
+            v = float(x)
+            if math.isnan(v):
+                v = -math.inf
+            elif v > 0.01:
                 raise ValueError(f"log-probabilities must be <= 0, got {v}")
+            vals.append(min(v, 0.0))
         if not vals:
             return cls(mean_logprob=-math.inf, min_logprob=-math.inf, num_tokens=0)
         return cls(mean_logprob=sum(vals) / len(vals), min_logprob=min(vals), num_tokens=len(vals))

@@ -22,6 +22,8 @@ def test_confidence_from_logprobs():
     assert empty.num_tokens == 0 and empty.mean_logprob == -math.inf
     with pytest.raises(ValueError):
         Confidence.from_logprobs([0.5])
+    assert Confidence.from_logprobs([1e-7, -1.0]).mean_logprob == pytest.approx(-0.5)
+    assert Confidence.from_logprobs([float("nan"), -1.0]).min_logprob == -math.inf
 
 
 def test_rule_mean_and_min():
