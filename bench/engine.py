@@ -11,6 +11,8 @@ EOS ignored so every request produces exactly ``--output-len`` tokens):
   Decode tokens/s = c x (output_len - 1) / (time of the last token - time every request had its first
   token); for HF, whose batch produces tokens in lock-step, (T(output_len) - T(1 token)) of two
   ``generate`` calls. End-to-end tokens/s (prefill included) is reported beside it.
+  ``--quantization int8|int4`` measures switchyard with weight-only quantized linear layers
+  (``backends/engine/layers/quantization.py``); int4 (groups of 32) is applied to the loaded model.
 * TTFT for prompts sharing a ``--prefix-len`` (1,024) token prefix: a miss (new prefix) and a hit (same
   prefix, new 16-token suffix), median over ``--num-prefixes``; switchyard in-process, llama-server over
   loopback HTTP (a request with ``max_tokens = 1``).
@@ -286,7 +288,7 @@ class LlamaServer:
 async def _llama_stream(client, url: str, prompt: list[int], max_tokens: int) -> tuple[float | None, float, int]:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, "cache_prompt": True}
-    first, last, num_tokens = None, 0.0, 0
+    first, last, num_tokens, num_chunks = None, 0.0, 0, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -297,9 +299,10 @@ async def _llama_stream(client, url: str, prompt: list[int], max_tokens: int) ->
             if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                 first = first or now
                 last = now
+                num_chunks += 1
             if chunk.get("usage"):
                 num_tokens = chunk["usage"].get("completion_tokens", num_tokens)
-    return first, last, num_tokens
+    return first, last, num_tokens or num_chunks  # usage chunk if the server sends one
 
 
 def llama_throughput(url: str, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
