@@ -80,6 +80,8 @@ CASES = [
     (4, 1, 32, 16, [200, 7, 64], 48, None),  # sliding window (MQA): window < len, > len, == a block edge
     (4, 2, 16, 4, [23, 70], None, 30.0),  # Gemma-2 style softcap
     (2, 2, 16, 16, [150, 3], 100, 20.0),  # window and softcap together
+    (9, 3, 64, 16, [140, 1], None, None),  # SmolLM2-135M heads
+    (4, 1, 256, 16, [37, 300], 512, None),  # Gemma-3-270M heads, window longer than the context
 ]
 
 
