@@ -109,3 +109,22 @@ def test_models_health_metrics(client, server):
     metrics = httpx.get(live.base_url + "/metrics").text
     assert 'switchyard_engine_kv_blocks_total{model="tiny"} 128' in metrics
     assert "switchyard_engine_generation_tokens_total" in metrics
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    import time
+
+    live, backend = server
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 100, "stream": True, "ignore_eos": True}
+    before = backend.llm_engine.stats().num_generation_tokens_total
+    with httpx.Client(timeout=30) as http, http.stream("POST", live.base_url + "/v1/chat/completions",
+                                                       json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+    engine = backend.llm_engine
+    deadline = time.monotonic() + 15
+    while (engine.block_manager.num_used_blocks or engine.requests) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+    assert engine.stats().num_generation_tokens_total - before < 100  # aborted, not run to max_tokens
