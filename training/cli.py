@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--hidden", type=int, default=256, help="widemlp hidden width")
-    p.add_argument("--lr", type=float, default=1e-3, help="widemlp Adam learning rate")
+    p.add_argument("--lr", type=float, default=2e-3, help="widemlp Adam learning rate")
 
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
