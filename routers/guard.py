@@ -10,11 +10,11 @@ rule calibrated on in-domain dev rows only:
 - ``ensemble``: both; class probabilities averaged, OOD evidence from both members.
 
 The OOD rule. Each member gives in-domain evidence scores (higher = more in-domain):
-``msp`` (largest domain-class probability) and ``knn`` (mean cosine similarity to the ``k`` nearest
-training rows, in the member's hidden/embedding space). Each score is turned into its in-domain percentile
-against the dev rows (the share of dev rows scoring lower), the percentiles are combined by taking the
-smallest, and a text is ``ood`` when that combined percentile falls below the threshold that keeps
-``id_recall`` of the dev rows. Nothing about OOD data is used unless ``--ood-train`` is given, in which
+``msp`` (largest domain-class probability), ``knn`` (mean cosine similarity to the ``k`` nearest
+training rows in the member's hidden/embedding space) and, for ``widemlp``, ``tfknn`` (the same in TF-IDF
+space: catches foreign languages and off-topic vocabulary). Each score is turned into an in-domain p-value
+against the dev rows, the p-values are combined with Fisher's method (sum of logs), and a text is ``ood``
+when that combination ranks below the share ``1 - id_recall`` of the dev rows. Nothing about OOD data is used unless ``--ood-train`` is given, in which
 case ``ood`` becomes an extra trained class (reported separately: a deviation from the GQR protocol).
 With ``--unsafe-train`` an ``unsafe`` class is trained and wins before the OOD rule; without it unsafe text
 has no class of its own and is rejected by the OOD rule like any other foreign text.
@@ -224,14 +224,16 @@ Member = WideMLP | EmbeddingHead
 
 @dataclass
 class OODRule:
-    """Dev-calibrated in-domain percentile: ``min`` over components of the share of dev rows scoring lower.
+    """Dev-calibrated in-domain percentile, combining components with Fisher's method.
 
-    ``dev_scores[name]`` are the sorted dev scores of one component; ``dev_combined`` the sorted combined
-    percentiles of the dev rows; ``threshold`` the combined percentile below which a text is OOD.
+    Each component score ``s`` becomes ``p = (rank of s among the sorted dev scores + 0.5) / (n_dev + 1)``
+    (its in-domain p-value); the combination is ``sum(log p)`` over components, and ``percentile`` is the
+    share of dev rows whose combination is lower — so a text with ``percentile < threshold_for(r)`` is
+    rejected and exactly ``r`` of the dev rows (up to ties) are kept.
     """
 
-    dev_scores: dict[str, np.ndarray]
-    dev_combined: np.ndarray
+    dev_scores: dict[str, np.ndarray]  # component → sorted dev scores
+    dev_combined: np.ndarray  # sorted Fisher combinations of the dev rows
     id_recall: float
     threshold: float = 0.0
 
@@ -241,24 +243,28 @@ class OODRule:
             raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
         sorted_scores = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in dev_components.items()}
         rule = cls(dev_scores=sorted_scores, dev_combined=np.zeros(0), id_recall=id_recall)
-        rule.dev_combined = np.sort(rule.percentile(dev_components))
+        rule.dev_combined = np.sort(rule.fisher(dev_components))
         rule.threshold = rule.threshold_for(id_recall)
         return rule
 
-    def percentile(self, components: dict[str, np.ndarray]) -> np.ndarray:
-        out = None
+    def fisher(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        total = None
         for name, ref in self.dev_scores.items():
-            p = np.searchsorted(ref, np.asarray(components[name], dtype=np.float64), side="left") / len(ref)
-            out = p if out is None else np.minimum(out, p)
-        return out
+            rank = np.searchsorted(ref, np.asarray(components[name], dtype=np.float64), side="left")
+            logp = np.log((rank + 0.5) / (len(ref) + 1.0))
+            total = logp if total is None else total + logp
+        return total
+
+    def percentile(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        ranks = np.searchsorted(self.dev_combined, self.fisher(components), side="left")
+        return ranks / len(self.dev_combined)
 
     def threshold_for(self, id_recall: float) -> float:
-        """Combined-percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing."""
+        """Percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing in it."""
         if not 0.0 < id_recall <= 1.0:
             raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
         n = len(self.dev_combined)
-        idx = int(math.floor((1.0 - id_recall) * n + 1e-9))
-        return float(self.dev_combined[min(idx, n - 1)]) if idx > 0 else 0.0
+        return math.floor((1.0 - id_recall) * n + 1e-9) / n
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,13 +27,14 @@ class FitConfig:
     kind: str = "widemlp"
     id_recall: float = 0.95
     seed: int = 0
-    epochs: int | None = None  # None: 8 (widemlp) / 60 (embedding head)
+    epochs: int | None = None  # None: 5 (widemlp) / 60 (embedding head)
     hidden: int = 256
     max_features: int = 2**16  # hash buckets kept for the wide layer (most frequent in training)
     max_reference: int = 4000  # training rows kept for kNN evidence
     knn_k: int = 10
     max_chars: int = 2000
-    lr: float = 1e-3  # widemlp Adam step size
+    lr: float = 2e-3  # widemlp Adam step size
+    batch_size: int = 64
     ood_components: tuple[str, ...] = ("msp", "knn", "tfknn")  # evidence the OOD rule combines
     tfidf_reference: bool = True  # widemlp: keep TF-IDF rows of the reference set for "tfknn"
 
@@ -84,13 +85,14 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
     opt_dense = torch.optim.Adam([b_in, *out.parameters()], lr=cfg.lr)
     yt = torch.from_numpy(y.astype(np.int64))
     n = X.shape[0]
-    epochs = cfg.epochs or 8
+    epochs = cfg.epochs or 5
+    bs = cfg.batch_size
     rng = np.random.RandomState(cfg.seed)
-    step = progress("widemlp", epochs * ((n + 31) // 32))
+    step = progress("widemlp", epochs * ((n + bs - 1) // bs))
     for _ in range(epochs):
         perm = rng.permutation(n)
-        for start in range(0, n, 32):
-            idx = perm[start:start + 32]
+        for start in range(0, n, bs):
+            idx = perm[start:start + bs]
             i, o, w = _bags(X[idx], col_map)
             h = torch.relu(emb(i, o, per_sample_weights=w) + b_in)
             loss = torch.nn.functional.cross_entropy(out(drop(h)), yt[idx])
