@@ -152,9 +152,10 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                block = not self.engine.has_unfinished_requests()
+                idle = not self.engine.has_unfinished_requests()
+                stalled = not idle and self.engine.last_step_num_tokens == 0  # defensive: never spin hot
                 try:
-                    cmd = self._commands.get(block=block)
+                    cmd = self._commands.get(block=idle or stalled, timeout=0.01 if stalled else None)
                     while True:
                         if cmd is None:
                             break

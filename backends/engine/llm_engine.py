@@ -129,6 +129,7 @@ class LLMEngine:
         self._num_generation_tokens_total = 0
         self._num_finished = 0
         self._recent: deque[tuple[float, int]] = deque()
+        self.last_step_num_tokens = 0
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -200,6 +201,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the deltas of every choice that produced tokens or finished."""
         batch = self.scheduler.schedule()
+        self.last_step_num_tokens = batch.num_tokens
         if batch.is_empty:
             return []
         sampled, result = self.model_runner.run(batch)
