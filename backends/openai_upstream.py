@@ -102,7 +102,7 @@ class OpenAIUpstream:
                                 max_keepalive_connections=self.max_connections, keepalive_expiry=60.0),
             http1=True,
             http2=False,
-            trust_env=False,
+            trust_env=self.base_url.startswith("https://"),  # HTTPS_PROXY etc. for cloud APIs only
         )
         if self.client_kind == "lean":
             headers_bytes = b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())

@@ -62,6 +62,7 @@ class FakeUpstream:
     num_requests: int = 0
     num_in_flight: int = 0
     last_bodies: list[dict[str, Any]] = field(default_factory=list)
+    last_headers: dict[str, str] = field(default_factory=dict)  # of the last generation request
     keep_bodies: int = 50
 
     async def __call__(self, scope: dict, receive, send) -> None:
@@ -92,6 +93,7 @@ class FakeUpstream:
             except ValueError:
                 return await _send_json(send, 400, _error_body("body is not JSON", "invalid_request_error"))
             self.num_requests += 1
+            self.last_headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
             self.last_bodies.append(request)
             del self.last_bodies[: -self.keep_bodies]
             self.num_in_flight += 1

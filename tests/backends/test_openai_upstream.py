@@ -58,7 +58,7 @@ async def test_stream_chat_maps_chunks_to_deltas(fake):
 
 async def test_buffered_equals_stream_and_passes_options(fake):
     app, url = fake
-    up = OpenAIUpstream("a", url, "up-model", supports_json_mode=True)
+    up = OpenAIUpstream("a", url, "up-model", "sk-up", supports_json_mode=True)
     request = chat(max_tokens=4, sampling={"stop": ("zz",), "seed": 3, "temperature": 0.0}, user="u1",
                    response_format={"type": "json_object"})
     streamed = await collect(up, request)
@@ -70,6 +70,8 @@ async def test_buffered_equals_stream_and_passes_options(fake):
     assert body["stream"] is False and "stream_options" not in body
     assert body["stop"] == ["zz"] and body["seed"] == 3 and body["user"] == "u1"
     assert body["response_format"] == {"type": "json_object"} and body["temperature"] == 0.0
+    assert app.last_headers["authorization"] == "Bearer sk-up"
+    assert app.last_headers["content-type"] == "application/json"
 
 
 async def test_completions_logprobs_and_n(fake):
