@@ -130,3 +130,21 @@ def test_forked_choice_waits_for_parent_prompt_then_shares_blocks():
     assert child.block_table[:2] == parent.block_table[:2]
     assert bm.blocks[parent.block_table[0]].ref_count == 2
     assert (child.seq_id, 1) in summary(batch)
+
+
+def test_preemption_picks_lowest_priority_even_if_earlier():
+    bm = BlockManager(num_blocks=5, block_size=2, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    low = seq(4, priority=5)
+    sched.add(low)
+    advance(sched, sched.schedule())  # low: 5 tokens, 2 blocks
+    high = seq(4, priority=0)
+    sched.add(high)
+    batch = sched.schedule()
+    assert summary(batch) == [(low.seq_id, 1), (high.seq_id, 4)]  # low takes a 3rd block, high 2: pool full
+    advance(sched, batch)
+    assert [s.seq_id for s in sched.running] == [high.seq_id, low.seq_id]
+    # high's next token needs a 3rd block: the lower-priority seq is preempted although it arrived first
+    batch = sched.schedule()
+    assert batch.preempted == [low]
+    assert summary(batch) == [(high.seq_id, 1)]
