@@ -54,8 +54,13 @@ class _Stream:
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.num_open = num_choices
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """False when the consumer's event loop is gone (the request should be aborted)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # event loop closed
+            return False
+        return True
 
 
 class AsyncEngine:
@@ -170,8 +175,10 @@ class AsyncEngine:
                     outputs = self.engine.step()
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
-                    if stream is not None:
-                        stream.put(out)
+                    if stream is not None and not stream.put(out):
+                        self._streams.pop(out.request_id, None)
+                        with self._lock:
+                            self.engine.abort_request(out.request_id)
         except BaseException as exc:  # a crash must reach every waiting stream, never hang it
             self.error = exc
             dead = EngineDeadError(f"engine step failed: {exc!r}")
