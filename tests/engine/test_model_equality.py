@@ -137,3 +137,24 @@ def test_n_choices_with_preemption_and_sampling_seeds(tiny_model_dir):
     b = engine.generate(batch[:1], params)[0]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
     assert a.outputs[0].token_ids != a.outputs[1].token_ids
+
+
+def test_mistral_with_sliding_window_matches_hf(tmp_path):
+    import torch
+    import transformers as tf
+
+    from tests.conftest import _tiny_tokenizer
+
+    config = tf.MistralConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    tf.MistralForCausalLM(config).eval().save_pretrained(str(tmp_path))
+    _tiny_tokenizer().save_pretrained(str(tmp_path))
+    engine = tiny_engine(tmp_path)
+    assert engine.model_runner.model.model.layers[0].self_attn.attn.sliding_window == 8
+    batch = prompts(2, [5, 30], seed=8)
+    for prompt, result in zip(batch, engine.generate(batch, GREEDY), strict=True):
+        assert result.token_ids == hf_greedy(tmp_path, prompt, 10)
