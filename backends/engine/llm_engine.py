@@ -101,6 +101,8 @@ class EngineStats:
     num_generation_tokens_total: int
     generation_tokens_per_s: float  # over the last ~10 s
     num_requests_finished: int = 0
+    ttft_ms_p50: float = 0.0  # time to first token, over the last 256 sequences
+    itl_ms_p50: float = 0.0  # inter-token latency, over the last 4096 tokens
     extra: dict = field(default_factory=dict)
 
 
@@ -130,6 +132,8 @@ class LLMEngine:
         self._num_finished = 0
         self._recent: deque[tuple[float, int]] = deque()
         self.last_step_num_tokens = 0
+        self._ttft: deque[float] = deque(maxlen=256)
+        self._itl: deque[float] = deque(maxlen=4096)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -170,11 +174,13 @@ class LLMEngine:
         if max(prompt) >= vocab or min(prompt) < 0:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         arrival = next(self._arrivals)
+        now = time.monotonic()
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(
                 seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=prompt, params=params,
                 index=index, priority=priority, arrival=arrival, parent=seqs[0] if seqs else None,
+                arrival_time=now,
             )
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.config.device).manual_seed(params.seed + index)
@@ -225,6 +231,12 @@ class LLMEngine:
 
     def _postprocess(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None) -> RequestOutput:
         seq.token_ids.append(token_id)
+        now = time.monotonic()
+        if seq.num_output_tokens == 1:
+            self._ttft.append(now - seq.arrival_time)
+        else:
+            self._itl.append(now - seq.last_token_time)
+        seq.last_token_time = now
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         params = seq.params
@@ -290,7 +302,15 @@ class LLMEngine:
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
             generation_tokens_per_s=tps, num_requests_finished=self._num_finished,
+            ttft_ms_p50=_median_ms(self._ttft), itl_ms_p50=_median_ms(self._itl),
         )
+
+
+def _median_ms(values: deque[float]) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] * 1000
 
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestResult", "CompletionOutput", "EngineStats", "ContextLengthError",

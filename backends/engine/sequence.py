@@ -51,6 +51,8 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    arrival_time: float = 0.0  # time.monotonic() when added
+    last_token_time: float = 0.0
     # incremental detokenization state (owned by the engine's detokenizer)
     output_text: str = ""
     num_emitted_chars: int = 0

@@ -247,6 +247,8 @@ def _prometheus(backend: LocalBackend, model_id: str) -> str:
         ("switchyard_engine_generation_tokens_per_second", "gauge", "generation throughput (last 10 s)",
          s.generation_tokens_per_s),
         ("switchyard_engine_requests_finished_total", "counter", "sequences finished", s.num_requests_finished),
+        ("switchyard_engine_time_to_first_token_ms_p50", "gauge", "median TTFT, last 256 sequences", s.ttft_ms_p50),
+        ("switchyard_engine_inter_token_latency_ms_p50", "gauge", "median inter-token latency", s.itl_ms_p50),
     ]
     lines = []
     for name, kind, help_text, value in rows:

@@ -109,6 +109,8 @@ def test_models_health_metrics(client, server):
     metrics = httpx.get(live.base_url + "/metrics").text
     assert 'switchyard_engine_kv_blocks_total{model="tiny"} 128' in metrics
     assert "switchyard_engine_generation_tokens_total" in metrics
+    ttft = next(line for line in metrics.splitlines() if line.startswith("switchyard_engine_time_to_first_token"))
+    assert float(ttft.split()[-1]) > 0
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server):
