@@ -119,6 +119,8 @@ def test_bundled_models_match_hf(name, bundled_model_dir):
     results = engine.generate(batch, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for prompt, result in zip(batch, results, strict=True):
         assert result.token_ids == hf_greedy(folder, prompt, 16), name
+        # incremental detokenization adds up to the one-shot decode
+        assert result.text == tok.decode(result.token_ids, skip_special_tokens=True)
 
 
 def test_n_choices_with_preemption_and_sampling_seeds(tiny_model_dir):
