@@ -52,6 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llm", default="gemma3-270m")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seen-fraction", type=float, default=0.6, help="share of countries the LLM answered before")
+    p.add_argument("--num-countries", type=int, default=len(CAPITALS), help="quality: how many countries")
+    p.add_argument("--num-templates", type=int, default=2, help="quality: test phrasings per country (1-2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -274,7 +276,7 @@ class _Chat:
         from backends.engine.sampling_params import SamplingParams
         from gateway.settings import EngineOptions
 
-        self.engine = LLMEngine(name, EngineOptions(max_num_seqs=32, max_model_len=1024))
+        self.engine = LLMEngine(name, EngineOptions(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.25))
         self.tokenizer = self.engine.tokenizer
         self.is_plain = not getattr(self.tokenizer, "chat_template", None)
         stop_ids: tuple[int, ...] = ()
@@ -322,18 +324,24 @@ def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
     from routers.features import MiniLMEmbedder
 
     rng = np.random.default_rng(opts.seed)
-    order = rng.permutation(len(CAPITALS))
-    num_seen = int(round(len(CAPITALS) * opts.seen_fraction))
-    seen = {CAPITALS[i][0] for i in order[:num_seen]}
+    capitals = [CAPITALS[i] for i in rng.permutation(len(CAPITALS))[: opts.num_countries]]
+    num_seen = int(round(len(capitals) * opts.seen_fraction))
+    seen = {c for c, _ in capitals[:num_seen]}
     t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
     llm = _Chat(opts.llm, opts.max_tokens)
     slm = _Chat(opts.slm, opts.max_tokens)
+    progress("models loaded")
     embedder = MiniLMEmbedder(num_threads=1)
     settings = ExampleCacheSettings(top_k=opts.top_k, min_similarity=opts.min_similarity)
     store = InMemoryExampleStore(settings, embed=embedder.encode)
 
-    train = [(c, cap) for c, cap in CAPITALS if c in seen]
+    train = [(c, cap) for c, cap in capitals if c in seen]
     train_answers = llm.answer([[{"role": "user", "content": SEEN_TEMPLATE.format(c=c)}] for c, _ in train])
+    progress(f"LLM answered {len(train)} seen questions")
 
     async def fill() -> int:
         n = 0
@@ -342,7 +350,7 @@ def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
         return n
 
     num_admitted = asyncio.run(fill())
-    tests = [(c, cap, tpl.format(c=c)) for c, cap in CAPITALS for tpl in TEST_TEMPLATES]
+    tests = [(c, cap, tpl.format(c=c)) for c, cap in capitals for tpl in TEST_TEMPLATES[: opts.num_templates]]
 
     async def retrieve():
         return [await store.lookup("bench", q) for _, _, q in tests]
@@ -350,9 +358,13 @@ def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
     retrieved = asyncio.run(retrieve())
     plain = [[{"role": "user", "content": q}] for _, _, q in tests]
     with_examples = [[*format_examples(ex), {"role": "user", "content": q}] for (_, _, q), ex in zip(tests, retrieved, strict=True)]
+    progress(f"retrieved examples for {len(tests)} test questions")
     slm_plain = slm.answer(plain)
+    progress("SLM answered without examples")
     slm_ex = slm.answer(with_examples)
+    progress("SLM answered with examples")
     llm_test = llm.answer(plain)
+    progress("LLM answered the test questions")
 
     def ok(answers) -> np.ndarray:
         return np.array([_is_correct(a[0], cap) for (_, cap, _), a in zip(tests, answers, strict=True)])
