@@ -281,3 +281,17 @@ async def test_idle_timeout_between_stream_chunks(fake):
     assert [d.text for d in got] == ["tok0 "]
     assert err.value.code == "upstream_timeout" and err.value.after_first_token
     await up.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_large_answers_and_connection_reuse(fake, stream):
+    app, url = fake
+    app.behavior = FakeBehavior(num_tokens=3000)
+    up = OpenAIUpstream("a", url, "up-model")
+    for _ in range(3):
+        deltas = await collect(up, chat(max_tokens=3000), stream=stream)
+        text = "".join(d.text for d in deltas)
+        assert text.startswith("tok0 tok1 ") and text.endswith("tok2999 ") and len(text) > 20000
+    if up._lean is not None:
+        assert len(up._lean.idle) == 1  # one keep-alive connection served all three
+    await up.close()
