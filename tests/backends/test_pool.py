@@ -332,3 +332,17 @@ async def test_poolset_from_settings_with_factory_and_default_remote(monkeypatch
     assert isinstance(up, OpenAIUpstream)
     assert (up.model, up.api_key, up.timeout_s, up.supports_tools) == ("big", "sk-test", 5.0, True)
     assert "llm" in pools and pools.aliases == ["llm"] and set(pools.stats()) == {"llm"}
+
+
+def test_default_factory_builds_local_replicas(tiny_model_dir):
+    from backends.local import LocalBackend
+
+    settings = settings_from_dict({
+        "pools": [{"name": "slm", "kind": "local", "model": str(tiny_model_dir("llama")), "replicas": 2,
+                   "engine": {"max_num_seqs": 4}}],
+        "routing": {"slm_pool": "slm", "llm_pool": "slm"},
+    })
+    pools = PoolSet.from_settings(settings)
+    replicas = [r.backend for r in pools.get("slm").replicas]
+    assert all(isinstance(b, LocalBackend) for b in replicas)
+    assert [b.name for b in replicas] == ["slm/0", "slm/1"] and replicas[0].options.max_num_seqs == 4
