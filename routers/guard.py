@@ -60,6 +60,15 @@ class GuardVerdict:
     scores: dict[str, float]
 
 
+def single_thread_blas() -> None:
+    """Limit numpy's BLAS to one thread for this process (no-op without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return
+    threadpool_limits(1, user_api="blas")
+
+
 # --------------------------------------------------------------------------------------------------
 # members: numpy inference
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +396,11 @@ class Guard:
 
     @classmethod
     def load(cls, path: str | Path, embedder: MiniLMEmbedder | None = None) -> Guard:
-        """Read an artifact folder; raises ``ArtifactError`` when it is not a loadable guard."""
+        """Read an artifact folder; raises ``ArtifactError`` when it is not a loadable guard.
+
+        Side effect: limits OpenBLAS/MKL to one thread in this process (``single_thread_blas``): the
+        guard's small matrix-vector products are 5-100x slower with BLAS threads, worst under load."""
+        single_thread_blas()
         art = load_artifact(path, kind="guard")
         meta, arrays = art.meta, art.arrays
         try:

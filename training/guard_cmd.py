@@ -39,7 +39,10 @@ def _progress_factory(enabled: bool):
 def _one_thread() -> None:
     import torch
 
+    from routers.guard import single_thread_blas
+
     torch.set_num_threads(1)
+    single_thread_blas()
 
 
 # --------------------------------------------------------------------------------------------------

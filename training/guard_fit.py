@@ -37,6 +37,7 @@ class FitConfig:
     batch_size: int = 64
     ood_components: tuple[str, ...] = ("msp", "knn", "tfknn")  # evidence the OOD rule combines
     tfidf_reference: bool = True  # widemlp: keep TF-IDF rows of the reference set for "tfknn"
+    tfidf_reference_max_df: float = 0.05  # drop buckets in more rows than this share (cheap, low-idf)
 
 
 def _set_seed(seed: int) -> None:
@@ -112,8 +113,18 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
     ref_texts = [texts[i] for i in ref_idx]
     model.reference = _normalize_rows(model.hidden(ref_texts))
     if cfg.tfidf_reference:
-        model.ref_tf = featurizer.transform(ref_texts).T.tocsr()
+        model.ref_tf = tfidf_reference(featurizer, ref_texts, cfg.tfidf_reference_max_df)
     return model
+
+
+def tfidf_reference(featurizer: HashedTfidf, texts: Sequence[str], max_df: float):
+    """TF-IDF rows of ``texts``, transposed (buckets × rows), without buckets in more than ``max_df`` of
+    them: common n-grams add little to a cosine but most of the single-query cost."""
+    R = featurizer.transform(texts).T.tocsr()
+    df = np.diff(R.indptr)
+    R.data[np.repeat(df > max(1, int(max_df * len(texts))), df)] = 0
+    R.eliminate_zeros()
+    return R
 
 
 def _reference_rows(ref_mask: np.ndarray, cfg: FitConfig) -> np.ndarray:
