@@ -18,6 +18,7 @@ header is reported beside it.
 
 ``switchyard bench gateway [--quick] [--rates 100,500] [--duration 10] [--modes nonstream,stream]
 [--no-litellm] [--guard-artifact DIR --router-artifact DIR] [--json]``
+(``switchyard bench gateway -- --help`` lists every option).
 """
 
 from __future__ import annotations
