@@ -355,8 +355,10 @@ class Guard:
         scores = {c: float(v) for c, v in zip(self.classes, p, strict=True)}
         scores["id_percentile"] = pct
         if label == OOD:
-            conf = float(p[self.classes.index(OOD)]) if OOD in self.classes and label == self.classes[
-                int(np.argmax(p))] else 1.0 - pct / max(self.rule.threshold, 1e-9)
+            if self.classes[int(np.argmax(p))] == OOD:  # the trained ood class won
+                conf = float(p[self.classes.index(OOD)])
+            else:  # rejected by the rule: how far below the threshold
+                conf = 1.0 - pct / max(self.rule.threshold, 1e-9)
             return GuardVerdict("ood", None, min(max(conf, 0.0), 1.0), scores)
         if label == UNSAFE:
             return GuardVerdict("unsafe", None, float(p[self.classes.index(UNSAFE)]), scores)

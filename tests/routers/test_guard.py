@@ -133,3 +133,19 @@ def test_unsafe_class_and_bad_labels():
 def test_load_errors(tmp_path):
     with pytest.raises(ArtifactError):
         Guard.load(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
+    from routers.features import MiniLMEmbedder
+
+    embedder = MiniLMEmbedder(bundled_model_dir("minilm"), backend="torch")
+    cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
+    g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg, embedder=embedder)
+    assert set(g.members) == {"widemlp", "embedding"}
+    assert {"embedding.knn", "embedding.msp", "widemlp.tfknn"} <= set(g.rule.dev_scores)
+    texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:2]
+    again = Guard.load(g.save(tmp_path / "e"), embedder=embedder)
+    assert again.kind == "ensemble"
+    assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
+    assert all(again.classify(t).label == "ood" for t in FOREIGN[:2])
