@@ -33,10 +33,13 @@ def chat(i: int = 0, max_tokens: int = 4) -> GenerationRequest:
                              sampling=SamplingOptions(max_tokens=max_tokens))
 
 
-def make_pool(urls: list[str], name: str = "p", timeout_s: float = 5.0, max_retries: int = 2, **kw) -> Pool:
+def make_pool(urls: list[str], name: str = "p", timeout_s: float = 5.0, max_retries: int = 2,
+              timeouts: list[float] | None = None, **kw) -> Pool:
     cfg = PoolConfig(name=name, kind="remote", model="up-model", urls=urls, timeout_s=timeout_s,
                      connect_timeout_s=1.0, max_retries=max_retries)
-    replicas = [OpenAIUpstream(u, u, cfg.model, timeout_s=timeout_s, connect_timeout_s=1.0) for u in urls]
+    timeouts = timeouts or [timeout_s] * len(urls)
+    replicas = [OpenAIUpstream(u, u, cfg.model, timeout_s=t, connect_timeout_s=1.0)
+                for u, t in zip(urls, timeouts, strict=True)]
     kw.setdefault("health_interval_s", 0)
     kw.setdefault("backoff_base_s", 0.005)
     return Pool(name, replicas, cfg, rng=random.Random(0), **kw)
@@ -69,7 +72,7 @@ async def test_bad_replica_is_routed_around(fakes, failure, stream):
         bad, bad_url = None, dead_url()
     else:
         bad, bad_url = fakes("bad", mode=failure)
-    pool = make_pool([bad_url, good_url], timeout_s=0.5, affinity_prefix_chars=0, eject_after_failures=2)
+    pool = make_pool([bad_url, good_url], timeouts=[0.5, 30.0], affinity_prefix_chars=0, eject_after_failures=2)
     try:
         results = [await text_of(pool, chat(i), stream) for i in range(6)]
     finally:
