@@ -52,6 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llm", default="gemma3-270m")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seen-fraction", type=float, default=0.6, help="share of countries the LLM answered before")
+    p.add_argument("--llm-format", default="chat", choices=["chat", "completion"],
+                   help="quality: prompt the LLM as the gateway does (chat turns) or as a base model (Q/A text)")
     p.add_argument("--num-countries", type=int, default=len(CAPITALS), help="quality: how many countries")
     p.add_argument("--num-templates", type=int, default=2, help="quality: test phrasings per country (1-2)")
     p.add_argument("--seed", type=int, default=0)
@@ -271,13 +273,14 @@ def _is_correct(answer: str, capital: str) -> bool:
 class _Chat:
     """One bundled model on the embedded engine (greedy), with the gateway's prompt formatting."""
 
-    def __init__(self, name: str, max_tokens: int) -> None:
+    def __init__(self, name: str, max_tokens: int, completion: bool = False) -> None:
         from backends.engine.llm_engine import LLMEngine
         from backends.engine.sampling_params import SamplingParams
         from gateway.settings import EngineOptions
 
         self.engine = LLMEngine(name, EngineOptions(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.25))
         self.tokenizer = self.engine.tokenizer
+        self.completion = completion
         self.is_plain = not getattr(self.tokenizer, "chat_template", None)
         stop_ids: tuple[int, ...] = ()
         if self.is_plain:
@@ -287,6 +290,8 @@ class _Chat:
                                      stop_token_ids=stop_ids, logprobs=0)
 
     def ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.completion:  # a base model's natural format: "Question: ...\nAnswer:"
+            return self.tokenizer(f"Question: {messages[-1]['content']}\nAnswer:")["input_ids"]
         if self.is_plain:
             from backends.local import gemma_plain_prompt
 
@@ -332,7 +337,7 @@ def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    llm = _Chat(opts.llm, opts.max_tokens)
+    llm = _Chat(opts.llm, opts.max_tokens, completion=opts.llm_format == "completion")
     slm = _Chat(opts.slm, opts.max_tokens)
     progress("models loaded")
     embedder = MiniLMEmbedder(num_threads=1)
@@ -379,7 +384,7 @@ def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
         return round(float(arr[mask].mean()), 3) if mask.any() else float("nan")
 
     report = {
-        "slm": opts.slm, "llm": opts.llm, "num_test": len(tests), "num_seen_countries": len(seen),
+        "slm": opts.slm, "llm": opts.llm, "llm_format": opts.llm_format, "num_test": len(tests), "num_seen_countries": len(seen),
         "num_admitted": num_admitted, "num_llm_train_correct": int(sum(_is_correct(a[0], cap) for (_, cap), a in zip(train, train_answers, strict=True))),
         "hit_rate": {"seen": acc(is_seen, np.array([bool(r) for r in retrieved])),
                      "unseen": acc(~is_seen, np.array([bool(r) for r in retrieved]))},
