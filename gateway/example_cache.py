@@ -579,8 +579,8 @@ class _RedisNamespace:
 
 _FEEDBACK_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-  redis.call('ZINCRBY', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[4])
+  redis.call('ZINCRBY', KEYS[2], ARGV[2] * ARGV[4], ARGV[3])
   return 1
 end
 return 0
@@ -613,6 +613,9 @@ class RedisExampleStore(_StoreBase):
         self._backoff_s = 0.0
         self._probed = False
         self._tasks: set[asyncio.Task] = set()
+        self._pending_uses: dict[str, dict[str, int]] = {}  # namespace → id → uses not yet in Redis
+        self._uses_flush: asyncio.Task | None = None
+        self.uses_flush_interval_s = 0.1
 
     # --- plumbing ---
     @property
@@ -811,16 +814,33 @@ class RedisExampleStore(_StoreBase):
                 continue
             found.append(Example(id_, text, answer, sim, model, utility(kept, escalated)))
         chosen = self._select(found, k)
-        if chosen:
-            self._spawn(self._quietly(self._bump(namespace, [ex.id for ex in chosen], "uses", USE_WEIGHT)))
+        if chosen:  # uses reach Redis in one batch every uses_flush_interval_s, off the request path
+            pending = self._pending_uses.setdefault(namespace, {})
+            for ex in chosen:
+                pending[ex.id] = pending.get(ex.id, 0) + 1
+            if self._uses_flush is None or self._uses_flush.done():
+                self._uses_flush = self._spawn(self._quietly(self._flush_uses(self.uses_flush_interval_s)))
         return chosen
+
+    async def _flush_uses(self, delay_s: float = 0.0) -> None:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        pending, self._pending_uses = self._pending_uses, {}
+        if not pending:
+            return
+        pipe = self._client().pipeline(transaction=False)
+        for namespace, counts in pending.items():
+            for id_, n in counts.items():
+                pipe.eval(_FEEDBACK_LUA, 2, self._key(namespace, "e", id_), self._key(namespace, "rank"),
+                          "uses", USE_WEIGHT, id_, n)
+        await pipe.execute()
 
     async def _bump(self, namespace: str, ids: Sequence[str], stat: str, weight: float) -> None:
         r = self._client()
         pipe = r.pipeline(transaction=False)
         for id_ in ids:
             pipe.eval(_FEEDBACK_LUA, 2, self._key(namespace, "e", id_), self._key(namespace, "rank"),
-                      stat, weight, id_)
+                      stat, weight, id_, 1)
         await pipe.execute()
 
     async def admit(self, namespace: str, text: str, answer: str, model: str, finish_reason: str | None,
@@ -950,6 +970,10 @@ class RedisExampleStore(_StoreBase):
         return True
 
     async def close(self) -> None:
+        """Writes pending use counts (best effort, within the admit timeout), then stops everything."""
+        if self._pending_uses and self._redis is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_uses(), self._admit_timeout_s)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

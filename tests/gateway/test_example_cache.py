@@ -190,15 +190,17 @@ async def test_eviction_order_is_lfu_da_and_utility_aware(make_store):
     texts = ["alpha one", "beta two", "gamma three", "delta four", "epsilon five", "zeta six"]
 
     async def remaining():
-        await asyncio.sleep(0.05)  # Redis records uses in the background
-        return [t for t in texts if await store.lookup("t", t, k=1)]  # +1 use each
+        await asyncio.sleep(0.3)  # Redis records uses in the background (batched every 0.1 s)
+        found = [t for t in texts if await store.lookup("t", t, k=1)]  # +1 use each
+        await asyncio.sleep(0.3)
+        return found
 
     for t in texts[:3]:
         assert await store.admit("t", t, f"answer {t}", "llm", "stop")  # rank 1 each
     ids = {t: (await store.lookup("t", t, k=1))[0].id for t in texts[:3]}  # rank 2 each
     await store.feedback("t", [ids["alpha one"]], escalated=False)  # 4
     await store.feedback("t", [ids["beta two"]], escalated=True)  # -2
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
     assert await store.admit("t", texts[3], "answer", "llm", "stop")  # rank 1; beta (-2) goes
     assert await remaining() == ["alpha one", "gamma three", "delta four"]  # 5, 3, 2
     assert not await store.admit("t", texts[4], "answer", "llm", "stop")  # rank 1 is the lowest; floor 1
@@ -385,3 +387,15 @@ async def test_embedding_failure_is_a_miss(redis_url):
     assert await store.admit("t", "given words", "a", "llm", "stop", embedding=emb)
     assert [e.answer for e in await store.lookup("t", "given words", embedding=emb)] == ["a"]
     await store.close()
+
+
+async def test_uses_are_batched_and_flushed_on_close(redis_url):
+    store = RedisExampleStore(redis_url, cfg(), embed=bow_embed)
+    assert await store.admit("t", "count my uses", "x", "llm", "stop")
+    for _ in range(3):
+        assert await store.lookup("t", "count my uses")
+    await store.close()  # before the 0.1 s batch is due: close writes it
+    reader = RedisExampleStore(redis_url, cfg(), embed=bow_embed)
+    (entry,) = await reader.entries("t")
+    assert entry.uses == 3
+    await reader.close()
