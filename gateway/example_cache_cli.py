@@ -143,8 +143,11 @@ def import_cmd(args: argparse.Namespace) -> int:
     async def run() -> None:
         store = _store(args)
         try:
-            for entry in _progress(entries, "import"):
-                await store.put(entry)
+            if all(e.embedding is not None for e in entries):
+                await store.put_many(entries)  # pipelined
+            else:
+                for entry in _progress(entries, "import"):
+                    await store.put(entry)
         finally:
             await store.close()
 
