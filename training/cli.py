@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--ood-train", help="optional OOD rows used as negatives (reported separately)")
     p.add_argument("--unsafe-train", help="optional unsafe/toxic/jailbreak rows → explicit 'unsafe' verdict")
-    p.add_argument("--kind", default="ensemble", choices=["widemlp", "embedding", "ensemble"])
+    p.add_argument("--kind", default="widemlp", choices=["widemlp", "embedding", "ensemble"],
+                   help="widemlp: fast (serving); embedding/ensemble: MiniLM per query (slower)")
     p.add_argument("--id-recall", type=float, default=0.95, help="in-domain recall the OOD threshold keeps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
