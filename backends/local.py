@@ -1,7 +1,7 @@
 """LocalBackend: the Backend protocol over the embedded engine (one in-process replica).
 
 Turns a GenerationRequest into prompt token ids (the tokenizer's chat template, a Jinja override, or
-"gemma_plain" turns for base Gemma models), streams the engine's incremental text as Deltas, and maps
+"gemma_plain" Gemma turns, or "plain_turns" plain-text turns for base models), streams the engine's incremental text as Deltas, and maps
 engine errors to BackendError: prompt too long → 400 ``context_length_exceeded``; ``tools`` → 400
 ``tools_not_supported``; invalid sampling values → 400 ``invalid_parameter``.
 """
@@ -21,7 +21,30 @@ from backends.engine.sequence import TokenLogprobs
 from gateway.settings import EngineOptions
 
 GEMMA_PLAIN = "gemma_plain"
+PLAIN_TURNS = "plain_turns"
+BUILTIN_TEMPLATES = (GEMMA_PLAIN, PLAIN_TURNS)
 END_OF_TURN = "<end_of_turn>"
+PLAIN_TURNS_STOPS = ("\nUser:", "\nAssistant:")
+
+
+def plain_turns_prompt(messages: list[dict]) -> str:
+    """Plain-text turns for base models that never learned turn tokens (e.g. Gemma-3-270M base).
+
+    ``System: ...`` (if any), then ``User: ...`` / ``Assistant: ...`` lines, ending with ``Assistant:``;
+    generation stops at the next ``\nUser:`` or ``\nAssistant:``. Measured on gemma3-270m base, greedy:
+    Gemma's own ``<start_of_turn>`` format makes it echo the question plus junk tokens, while these plain
+    turns give answers ("The capital of France is Paris.").
+    """
+    parts: list[str] = []
+    for m in messages:
+        role, content = m.get("role"), _content_text(m.get("content")).strip()
+        if role in ("system", "developer"):
+            parts.append(f"System: {content}\n")
+        elif role == "assistant":
+            parts.append(f"Assistant: {content}\n")
+        else:
+            parts.append(f"User: {content}\n")
+    return "".join(parts) + "Assistant:"
 
 
 def gemma_plain_prompt(messages: list[dict]) -> str:
@@ -40,6 +63,20 @@ def gemma_plain_prompt(messages: list[dict]) -> str:
     if system:
         parts.append(f"<start_of_turn>user\n{system.rstrip()}{END_OF_TURN}\n")
     return "".join(parts) + "<start_of_turn>model\n"
+
+
+def builtin_prompt(template: str | None, messages: list[dict]) -> str | None:
+    """Prompt text for a built-in template name, or None when ``template`` is not one."""
+    if template == GEMMA_PLAIN:
+        return gemma_plain_prompt(messages)
+    if template == PLAIN_TURNS:
+        return plain_turns_prompt(messages)
+    return None
+
+
+def builtin_stops(template: str | None) -> tuple[str, ...]:
+    """Stop strings a built-in template needs (its end-of-turn markers)."""
+    return {GEMMA_PLAIN: (END_OF_TURN,), PLAIN_TURNS: PLAIN_TURNS_STOPS}.get(template or "", ())
 
 
 def _content_text(content) -> str:
@@ -99,8 +136,9 @@ class LocalBackend:
             if isinstance(request.prompt, list):
                 return [int(t) for t in request.prompt]
             return tok(request.prompt or "")["input_ids"]
-        if self.chat_template == GEMMA_PLAIN:
-            return tok(gemma_plain_prompt(request.messages))["input_ids"]
+        text = builtin_prompt(self.chat_template, request.messages)
+        if text is not None:
+            return tok(text)["input_ids"]
         template = self.chat_template
         if template is None and not getattr(tok, "chat_template", None):
             raise BackendError(
@@ -127,6 +165,8 @@ class LocalBackend:
                 params = SamplingParams(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + (eot,)})
             else:
                 params = SamplingParams(**{**params.__dict__, "stop": params.stop + (END_OF_TURN,)})
+        if self.chat_template == PLAIN_TURNS and request.messages is not None:
+            params = SamplingParams(**{**params.__dict__, "stop": params.stop + PLAIN_TURNS_STOPS})
         return params
 
     def _logprobs(self, items: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:

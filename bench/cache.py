@@ -276,9 +276,11 @@ class _Chat:
     def __init__(self, name: str, max_tokens: int, completion: bool = False) -> None:
         from backends.engine.llm_engine import LLMEngine
         from backends.engine.sampling_params import SamplingParams
+        from backends.models import chat_template_override
         from gateway.settings import EngineOptions
 
         self.engine = LLMEngine(name, EngineOptions(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.25))
+        self.template = chat_template_override(name)  # the gateway's format for this bundled model
         self.tokenizer = self.engine.tokenizer
         self.completion = completion
         self.is_plain = not getattr(self.tokenizer, "chat_template", None)
@@ -286,16 +288,16 @@ class _Chat:
         if self.is_plain:
             eot = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
             stop_ids = (eot,) if isinstance(eot, int) and eot >= 0 else ()
-        self.params = SamplingParams(temperature=0, max_tokens=max_tokens, stop=("\n", "<end_of_turn>"),
+        self.params = SamplingParams(temperature=0, max_tokens=max_tokens, stop=("\n", "<end_of_turn>", "\nUser:"),
                                      stop_token_ids=stop_ids, logprobs=0)
 
     def ids(self, messages: list[dict[str, str]]) -> list[int]:
         if self.completion:  # a base model's natural format: "Question: ...\nAnswer:"
             return self.tokenizer(f"Question: {messages[-1]['content']}\nAnswer:")["input_ids"]
         if self.is_plain:
-            from backends.local import gemma_plain_prompt
+            from backends.local import GEMMA_PLAIN, builtin_prompt
 
-            return self.tokenizer(gemma_plain_prompt(messages))["input_ids"]
+            return self.tokenizer(builtin_prompt(self.template or GEMMA_PLAIN, messages))["input_ids"]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

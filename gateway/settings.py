@@ -67,7 +67,7 @@ class PoolConfig(_Frozen):
     replicas: int = Field(1, ge=1, description="local: number of in-process engine replicas")
     urls: list[str] = Field(default_factory=list, description="remote: base URLs ending in /v1")
     api_key_env: str | None = Field(None, description="remote: env var holding the upstream API key")
-    chat_template: str | None = Field(None, description="override: 'gemma_plain' or a Jinja template")
+    chat_template: str | None = Field(None, description="override: 'plain_turns', 'gemma_plain' or a Jinja template")
     price: Price = Price()
     timeout_s: float = Field(60.0, gt=0)
     connect_timeout_s: float = Field(2.0, gt=0)

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--served-name", help="model id reported by /v1/models (default: --model)")
-    p.add_argument("--chat-template", help="'gemma_plain' or a Jinja template file")
+    p.add_argument("--chat-template", help="'plain_turns' (User:/Assistant: text turns), 'gemma_plain' (Gemma turn tokens) or a Jinja template file")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)

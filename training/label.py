@@ -135,12 +135,13 @@ class EngineAnswerer:
         self.chat_template = chat_template_override(model)
 
     def _prompt_ids(self, text: str) -> list[int]:
-        from backends.local import GEMMA_PLAIN, gemma_plain_prompt
+        from backends.local import builtin_prompt
 
         tok = self.engine.tokenizer
         messages = [{"role": "user", "content": text}]
-        if self.chat_template == GEMMA_PLAIN:
-            return tok(gemma_plain_prompt(messages))["input_ids"]
+        builtin = builtin_prompt(self.chat_template, messages)
+        if builtin is not None:
+            return tok(builtin)["input_ids"]
         if self.chat_template is None and not getattr(tok, "chat_template", None):
             return tok(text)["input_ids"]
         rendered = tok.apply_chat_template(messages, chat_template=self.chat_template, add_generation_prompt=True,
@@ -152,7 +153,10 @@ class EngineAnswerer:
 
         limit = self.engine.max_model_len - max_tokens
         ids = [self._prompt_ids(p)[-max(limit, 1):] for p in prompts]
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0)
+        from backends.local import builtin_stops
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0,
+                                stop=builtin_stops(self.chat_template))
         results = self.engine.generate(ids, params)
         return [Answer(r.text.strip(), tuple(float(lp.logprob) for lp in r.outputs[0].logprobs)) for r in results]
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from backends.base import BackendError, Delta, GenerationRequest
 from backends.engine.protocol import ChatRequest, CompletionRequest
-from backends.local import LocalBackend
+from backends.local import BUILTIN_TEMPLATES, LocalBackend
 from gateway.settings import EngineOptions
 
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}
@@ -269,10 +269,10 @@ def serve(args) -> int:
         enable_prefix_caching=not args.no_prefix_caching, num_threads=getattr(args, "num_threads", None),
     )
     template = args.chat_template
-    if template and template != "gemma_plain":
+    if template and template not in BUILTIN_TEMPLATES:
         path = Path(template)
         if not path.is_file():
-            raise ValueError(f"--chat-template {template!r}: not 'gemma_plain' and not a file")
+            raise ValueError(f"--chat-template {template!r}: not one of {BUILTIN_TEMPLATES} and not a file")
         template = path.read_text()
     from backends.engine.loader import resolve_model_path
 

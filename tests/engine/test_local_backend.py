@@ -95,3 +95,27 @@ async def test_gemma_plain_backend_runs(tiny_model_dir):
     finally:
         await b.close()
     assert not await b.health()
+
+
+def test_plain_turns_prompt_and_stops():
+    from backends.local import PLAIN_TURNS_STOPS, builtin_prompt, builtin_stops, plain_turns_prompt
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    assert plain_turns_prompt(msgs) == "System: Be brief.\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
+    assert builtin_prompt("plain_turns", msgs) == plain_turns_prompt(msgs)
+    assert builtin_prompt("{{ jinja }}", msgs) is None
+    assert builtin_stops("plain_turns") == PLAIN_TURNS_STOPS and builtin_stops(None) == ()
+
+
+async def test_plain_turns_backend_stops_at_next_turn(tiny_model_dir):
+    b = LocalBackend("llm/0", str(tiny_model_dir("llama")), OPTIONS, chat_template="plain_turns", device="cpu")
+    await b.load()
+    try:
+        req = GenerationRequest(request_id="p", model="m", messages=[{"role": "user", "content": "Hi"}],
+                                sampling=SamplingOptions(temperature=0.0, max_tokens=8))
+        assert b._params(req).stop[-2:] == ("\nUser:", "\nAssistant:")
+        text = "".join([d.text async for d in b.generate(req)])
+        assert "\nUser:" not in text
+    finally:
+        await b.close()

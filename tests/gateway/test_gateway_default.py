@@ -26,6 +26,9 @@ def test_embedded_default_answers_chat_with_real_models(live_server, bundled_mod
     assert resp.choices[0].message.content.strip()
     if raw.headers["x-switchyard-model"] == "slm":
         assert "Paris" in resp.choices[0].message.content
-    llm = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "Hello"}],
-                                         max_tokens=4, temperature=0)
-    assert llm.model == "gemma3-270m" and llm.usage.completion_tokens <= 4
+    llm = client.chat.completions.create(
+        model="llm", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0)
+    assert llm.model == "gemma3-270m" and llm.usage.completion_tokens <= 16
+    # plain_turns: the base model answers instead of echoing, and stops before inventing the next turn
+    assert "Paris" in llm.choices[0].message.content and "User:" not in llm.choices[0].message.content
