@@ -47,7 +47,7 @@ class EngineOptions(_Frozen):
     """Options for the embedded paged-KV engine (local pools)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "int8"] = "none"
+    quantization: Literal["none", "int8", "int4"] = "none"  # weight-only; CPU packed-int kernels
     max_model_len: int = Field(2048, ge=16)
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(1024, ge=16)

@@ -29,10 +29,10 @@ class ModelRunner:
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
-        if config.quantization == "int8":
+        if config.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
             from backends.engine.layers.quantization import quantize_model
 
-            quantize_model(self.model, "int8")
+            quantize_model(self.model, config.quantization)
         self.block_size = config.block_size
         self.use_triton = _triton_available(self.device)
         self.num_blocks = config.num_kv_blocks or self._blocks_for_memory()

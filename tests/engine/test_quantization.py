@@ -115,15 +115,17 @@ def test_quantized_tiny_model_greedy_tokens_mostly_agree(tiny_model_dir, arch, m
     assert identical >= min_identical, identical
 
 
-def test_engine_int8_option_mostly_matches_fp32(tiny_model_dir):
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_engine_quantization_option_mostly_matches_fp32(tiny_model_dir, method):
     from backends.engine.sampling_params import SamplingParams
 
     folder = tiny_model_dir("llama")
     batch = prompts(8, [5, 9, 14], seed=2)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     ref = tiny_engine(folder).generate(batch, params)
-    quant_engine = tiny_engine(folder, quantization="int8")
-    assert any(isinstance(m, Int8Linear) for m in quant_engine.model_runner.model.modules())
+    quant_engine = tiny_engine(folder, quantization=method)
+    layer_type = Int8Linear if method == "int8" else Int4Linear
+    assert any(isinstance(m, layer_type) for m in quant_engine.model_runner.model.modules())
     quant = quant_engine.generate(batch, params)
     identical = sum(a.token_ids == b.token_ids for a, b in zip(ref, quant, strict=True))
     assert all(len(r.token_ids) == 12 for r in quant)
