@@ -35,7 +35,9 @@ class FitConfig:
     max_chars: int = 1000  # the guard judges the first 1000 characters (latency; accuracy unchanged)
     lr: float = 2e-3  # widemlp Adam step size
     batch_size: int = 64
-    ood_components: tuple[str, ...] = ("msp", "knn", "tfknn")  # evidence the OOD rule combines
+    # evidence the OOD rule combines; "msp" is left out by default: adding it lowered OOD rejection on
+    # ood_train (validation sources disjoint from every test source) at dev recall 0.93-0.95
+    ood_components: tuple[str, ...] = ("knn", "tfknn")
     tfidf_reference: bool = True  # widemlp: keep TF-IDF rows of the reference set for "tfknn"
     tfidf_reference_max_df: float = 0.05  # drop buckets in more rows than this share (cheap, low-idf)
 

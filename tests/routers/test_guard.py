@@ -143,7 +143,7 @@ def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
     cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
     g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg, embedder=embedder)
     assert set(g.members) == {"widemlp", "embedding"}
-    assert {"embedding.knn", "embedding.msp", "widemlp.tfknn"} <= set(g.rule.dev_scores)
+    assert set(g.rule.dev_scores) == {"embedding.knn", "widemlp.knn", "widemlp.tfknn"}
     texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:2]
     again = Guard.load(g.save(tmp_path / "e"), embedder=embedder)
     assert again.kind == "ensemble"
