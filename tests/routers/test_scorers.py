@@ -46,6 +46,19 @@ def test_trained_router_beats_random(trained):
     assert abs(m.strong_share_at_threshold - 0.4) < 0.1
 
 
+def test_linear_router_refits_on_all_training_rows(trained):
+    """tfidf_ridge is refitted on fit + calibration rows; the held-back model's mapping is kept."""
+    router, rows = trained
+    td = router.meta["training_data"]
+    num_train = sum(1 for r in rows if not __import__("training.data").data.is_eval_row(r, 20))
+    assert td["refit_on_calibration_rows"] is True
+    assert td["num_fit_rows"] == num_train
+    assert td["num_calibration_rows"] < num_train
+    held_back = fit_router(rows, TrainConfig(kind="tfidf_ridge", strong_share=0.4, refit_all=False))
+    assert held_back.meta["training_data"]["num_fit_rows"] == num_train - td["num_calibration_rows"]
+    assert held_back.threshold == pytest.approx(router.threshold)
+
+
 @pytest.mark.parametrize("kind", ["tfidf_lr", "length", "random", "always_strong"])
 def test_other_kinds_train_and_score(kind):
     rows = _rows(400, seed=1)
