@@ -12,7 +12,7 @@ EOS ignored so every request produces exactly ``--output-len`` tokens):
   token); for HF, whose batch produces tokens in lock-step, (T(output_len) - T(1 token)) of two
   ``generate`` calls. End-to-end tokens/s (prefill included) is reported beside it.
   ``--quantization int8|int4`` measures switchyard with weight-only quantized linear layers
-  (``backends/engine/layers/quantization.py``); int4 (groups of 32) is applied to the loaded model.
+  (``backends/engine/layers/quantization.py``); int4 = groups of 32; both put lm_head in int8.
 * TTFT for prompts sharing a ``--prefix-len`` (1,024) token prefix: a miss (new prefix) and a hit (same
   prefix, new 16-token suffix), median over ``--num-prefixes``; switchyard in-process, llama-server over
   loopback HTTP (a request with ``max_tokens = 1``).
@@ -139,15 +139,10 @@ def ours_engine(model: str, opts: argparse.Namespace, quantization: str):
 
     need = max(opts.prefix_len + SUFFIX_LEN, opts.prompt_len) + opts.output_len + 16
     options = EngineOptions(
-        quantization="int8" if quantization == "int8" else "none", max_num_seqs=max(32, max(opts.concurrency)), num_threads=opts.threads,
+        quantization=quantization, max_num_seqs=max(32, max(opts.concurrency)), num_threads=opts.threads,
         max_model_len=max(2048, need), kv_cache_memory_gb=1.0, enable_prefix_caching=True,
     )
-    engine = LLMEngine(model, options, device="cpu")
-    if quantization == "int4":  # not an EngineOptions value yet: applied to the loaded model
-        from backends.engine.layers.quantization import quantize_model
-
-        quantize_model(engine.model_runner.model, "int4")
-    return engine
+    return LLMEngine(model, options, device="cpu")
 
 
 def ours_throughput(engine, prompts: list[list[int]], output_len: int, label: str = "switchyard") -> tuple[float, float]:
