@@ -16,6 +16,7 @@ Names (all prefixed ``switchyard_``):
   example_cache_events_total{event}          the example store's own counters (lookups, timeouts, evicted, ...)
   rate_limited_total
   pool_healthy_replicas{pool}                read at scrape time
+  pool_events_total{pool,event}              requests | failures | retries | failovers | ejections | no_replica
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class _Callbacks:
         for pool, n in values.get("healthy_replicas", {}).items():
             healthy.add_metric([pool], float(n))
         yield healthy
+        pool_events = CounterMetricFamily("switchyard_pool_events", "pool counters: requests, failures, retries, "
+                                          "failovers, ejections, no_replica", labels=["pool", "event"])
+        for pool, events in values.get("pool_events", {}).items():
+            for event, n in events.items():
+                pool_events.add_metric([pool, event], float(n))
+        yield pool_events
         cache = CounterMetricFamily("switchyard_example_cache_events", "example-store counters (store.stats)",
                                     labels=["event"])
         for event, n in values.get("example_cache", {}).items():

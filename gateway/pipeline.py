@@ -267,7 +267,10 @@ class Pipeline:
         else:
             values_cache = {}
         healthy = {alias: sum(1 for ok in replicas.values() if ok) for alias, replicas in self.pools.health().items()}
-        return {"redis_failures": failures, "healthy_replicas": healthy, "example_cache": values_cache}
+        pool_events = {alias: {k.removeprefix("num_"): v for k, v in vars(st).items()}
+                       for alias, st in self.pools.stats().items()}
+        return {"redis_failures": failures, "healthy_replicas": healthy, "example_cache": values_cache,
+                "pool_events": pool_events}
 
     async def readiness(self) -> dict[str, Any]:
         """{"ready": bool, "pools": {alias: {replica: bool}}, "redis": bool | None}."""

@@ -254,3 +254,5 @@ def test_health_ready_metrics(gateway):
     assert float(saved.split()[1]) == pytest.approx(117e-6)
     assert 'switchyard_tokens_total{kind="completion",model="slm"} 5.0' in text
     assert 'switchyard_pool_healthy_replicas{pool="slm"} 1.0' in text
+    assert 'switchyard_pool_events_total{event="requests",pool="slm"} 1.0' in text
+    assert 'switchyard_pool_events_total{event="retries",pool="slm"} 0.0' in text

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import httpx
 import openai
 
 from bench.fake_upstream import FakeBehavior, FakeUpstream
@@ -57,6 +58,10 @@ def test_burst_with_one_replica_killed_loses_nothing(live_server):
         for _ in range(5):
             assert sync.chat.completions.create(model="slm", messages=[{"role": "user", "content": "x"}]) \
                 .choices[0].message.content == EXPECTED
+        # /metrics: every request reached the pool once and none ended in an error for the caller
+        metrics = httpx.get(gateway.base_url + "/metrics").text
+        assert 'switchyard_pool_events_total{event="requests",pool="slm"} 205.0' in metrics
+        assert 'switchyard_pool_events_total{event="failures",pool="slm"} 0.0' in metrics
     finally:
         for s in servers:
             s.stop()
