@@ -164,15 +164,20 @@ class Admitter:
                 found = key
         return found
 
-    async def admit(self, presented_key: str | None, model: str) -> Admission:
-        if self.is_open:
-            return Admission(key_name=None, namespace=OPEN_NAMESPACE)
+    def _authenticate(self, presented_key: str | None) -> ApiKey:
+        """The configured key matching ``presented_key``; raises 401 when it is missing or wrong."""
         if presented_key is None:
             raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.",
                                        code="missing_api_key")
         key = self._find_key(presented_key)
         if key is None:
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
+        return key
+
+    async def admit(self, presented_key: str | None, model: str) -> Admission:
+        if self.is_open:
+            return Admission(key_name=None, namespace=OPEN_NAMESPACE)
+        key = self._authenticate(presented_key)
         if key.models is not None and model not in key.models:
             raise PermissionDenied(f"API key {key.name!r} may not use model {model!r}; allowed: {key.models}",
                                    code="model_not_allowed", param="model")
@@ -192,13 +197,7 @@ class Admitter:
         """The aliases this caller may use (None = all); raises 401 like ``admit``."""
         if self.is_open:
             return None
-        if presented_key is None:
-            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.",
-                                       code="missing_api_key")
-        key = self._find_key(presented_key)
-        if key is None:
-            raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
-        return key.models
+        return self._authenticate(presented_key).models
 
     async def record_tokens(self, admission: Admission, num_tokens: int) -> None:
         if admission.key_name is not None and admission.tokens_per_minute is not None and num_tokens > 0:

@@ -57,15 +57,22 @@ def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> 
         raise InvalidRequest(str(e), param="switchyard") from None
 
 
-def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
-    sampling = SamplingOptions(
+def _sampling(body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int, logprobs: bool,
+              top_logprobs: int) -> SamplingOptions:
+    """The sampling fields chat and completion requests share; OpenAI's defaults where a field is unset."""
+    return SamplingOptions(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         max_tokens=body.max_new_tokens() or default_max_tokens,
         stop=body.stop_sequences(), seed=body.seed,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
+        logprobs=logprobs, top_logprobs=top_logprobs,
     )
+
+
+def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
+    sampling = _sampling(body, default_max_tokens, logprobs=bool(body.logprobs),
+                         top_logprobs=body.top_logprobs or 0)
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
                sampling=sampling, n=body.n or 1, stream=bool(body.stream), tools=body.tools,
                tool_choice=body.tool_choice,
@@ -75,14 +82,8 @@ def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: 
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
-    sampling = SamplingOptions(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        max_tokens=body.max_new_tokens() or default_max_tokens,
-        stop=body.stop_sequences(), seed=body.seed,
-        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
-    )
+    sampling = _sampling(body, default_max_tokens, logprobs=body.logprobs is not None,
+                         top_logprobs=body.logprobs or 0)
     return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(), sampling=sampling,
                n=body.n or 1, stream=bool(body.stream), user=body.user,
                hint=_hint(body, request),
