@@ -545,11 +545,15 @@ class Pipeline:
                 and execution._finish_reason == "stop" and execution._text):
             guard_ok = trace.guard in ("domain", "off", "exempt")
             if guard_ok:
-                self.metrics.cache_admits.inc()
-                self._background(self.store.admit(execution.admission.namespace, execution._text,
-                                                  "".join(execution._answer), trace.pool, "stop", guard_ok=True))
+                self._background(self._admit_example(execution.admission.namespace, execution._text,
+                                                     "".join(execution._answer), trace.pool))
         if self.store is not None and trace.example_ids and not trace.judged:
             self._background(self.store.feedback(trace.namespace, trace.example_ids, False))
+
+    async def _admit_example(self, namespace: str, text: str, answer: str, pool: str) -> None:
+        """Offer an LLM answer to the example store; the metric counts only answers it kept."""
+        if await self.store.admit(namespace, text, answer, pool, "stop", guard_ok=True):
+            self.metrics.cache_admits.inc()
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

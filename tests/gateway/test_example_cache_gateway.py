@@ -88,3 +88,29 @@ def test_requests_succeed_while_redis_is_down(live_server, redis_server, redis_u
         if resp.model_extra["switchyard"]["num_examples"] == 1:
             break
     assert resp.model_extra["switchyard"]["num_examples"] == 1
+
+
+def test_admit_metric_counts_only_kept_answers(live_server, redis_url):
+    import httpx
+
+    _, gateway = _gateway(live_server, redis_url)
+    client = _client(gateway, "sk-a")
+
+    def metric(name: str) -> float:
+        for line in httpx.get(gateway.base_url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    def wait_for(name: str, value: float) -> None:
+        deadline = time.monotonic() + 10
+        while metric(name) < value and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "how do tides work"}])
+    wait_for("switchyard_example_cache_admits_total", 1)
+    # the same question again: a near-duplicate, refused by the store, so the admit metric stays at 1
+    client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "how do tides work"}])
+    wait_for('switchyard_example_cache_events_total{event="rejected_duplicate"}', 1)
+    assert metric('switchyard_example_cache_events_total{event="rejected_duplicate"}') == 1.0
+    assert metric("switchyard_example_cache_admits_total") == 1.0
