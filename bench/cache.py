@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.example_cache import Entry, RedisExampleStore, VectorIndex, _single_threaded_blas
+from gateway.example_cache import Entry, RedisExampleStore
+from gateway.example_index import VectorIndex, single_threaded_blas
 from gateway.settings import ExampleCacheSettings
 
 
@@ -106,7 +107,7 @@ def bench_index(vecs: np.ndarray, queries: np.ndarray, k: int, min_sim: float) -
         cpu_two.append((time.thread_time() - c) * 1000)
         exact_rows.append(idx.num_exact_rows_last)
         t, c = time.perf_counter(), time.thread_time()
-        with _single_threaded_blas():  # the same BLAS setting: the comparison is the algorithm
+        with single_threaded_blas():  # the same BLAS setting: the comparison is the algorithm
             scores = vecs @ q
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top])]

@@ -1,0 +1,172 @@
+"""``InMemoryExampleStore``: the embedded default example store (one process, no persistence).
+
+Same contract as every ``ExampleStore`` (see ``gateway/example_cache.py``); eviction keeps the LFU-DA ranks
+on the entries themselves and scans them when a namespace is over its cap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gateway.example_cache import (
+    ESCALATED_WEIGHT,
+    KEPT_WEIGHT,
+    USE_WEIGHT,
+    Embed,
+    Entry,
+    Example,
+    StoreBase,
+    initial_rank,
+)
+from gateway.example_index import VectorIndex
+
+if TYPE_CHECKING:
+    from gateway.settings import ExampleCacheSettings
+
+
+@dataclass
+class _MemNamespace:
+    index: VectorIndex | None = None
+    entries: dict[str, Entry] = field(default_factory=dict)
+    floor: float = 0.0
+
+
+class InMemoryExampleStore(StoreBase):
+    """The embedded default: one process, no persistence. Same contract as ``RedisExampleStore``."""
+
+    def __init__(self, settings: ExampleCacheSettings, embed: Embed | None = None) -> None:
+        super().__init__(settings, embed)
+        self._ns: dict[str, _MemNamespace] = {}
+
+    def _space(self, namespace: str, dim: int) -> _MemNamespace:
+        space = self._ns.setdefault(namespace, _MemNamespace())
+        if space.index is None:
+            space.index = VectorIndex(dim)
+        return space
+
+    async def lookup(self, namespace: str, text: str, k: int | None = None, *,
+                     embedding: np.ndarray | None = None) -> list[Example]:
+        self._count("lookups")
+        k = self.settings.top_k if k is None else k
+        if k <= 0 or not text or namespace not in self._ns:
+            return self._record_outcome([])
+        q = await self._embed_one(text, embedding)
+        if q is None:
+            return self._record_outcome([])
+        space = self._space(namespace, q.shape[0])
+        now = time.time()
+        found: list[Example] = []
+        for id_, sim in space.index.search(q, self._num_candidates(k), self.settings.min_similarity):
+            e = space.entries[id_]
+            if self._is_expired(e.created_at, now):
+                self._drop(space, id_, "expired")
+                continue
+            found.append(Example(e.id, e.request_text, e.answer, sim, e.model, e.utility))
+        chosen = self._select(found, k)
+        for ex in chosen:
+            space.entries[ex.id].uses += 1
+            space.entries[ex.id].rank += USE_WEIGHT
+        return self._record_outcome(chosen)
+
+    async def admit(self, namespace: str, text: str, answer: str, model: str, finish_reason: str | None,
+                    guard_ok: bool = True, *, embedding: np.ndarray | None = None) -> bool:
+        refusal = self._admission_refusal(text, answer, finish_reason, guard_ok)
+        if refusal:
+            self._count(refusal)
+            return False
+        q = await self._embed_one(text, embedding)
+        if q is None:
+            self._count("admit_failures")
+            return False
+        space = self._space(namespace, q.shape[0])
+        self._sweep_expired(space, time.time())
+        if space.index.search(q, 1, self.settings.dedup_similarity):
+            self._count("rejected_duplicate")
+            return False
+        now = time.time()
+        entry = Entry(self._ids.next(now), namespace, text, answer, model, now, embedding=q)
+        self._insert(space, entry)
+        self._count("admitted")
+        self._evict(space)
+        return entry.id in space.entries  # the newcomer itself may be the lowest rank
+
+    async def feedback(self, namespace: str, example_ids: Sequence[str], escalated: bool) -> None:
+        space = self._ns.get(namespace)
+        for id_ in example_ids:
+            e = space.entries.get(id_) if space else None
+            if e is None:
+                continue
+            if escalated:
+                e.escalated += 1
+                e.rank += ESCALATED_WEIGHT
+            else:
+                e.kept += 1
+                e.rank += KEPT_WEIGHT
+        self._count("feedback_escalated" if escalated else "feedback_kept", len(example_ids))
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    # --- admin (CLI, tests) ---
+    async def namespaces(self) -> list[str]:
+        return sorted(ns for ns, space in self._ns.items() if space.entries)
+
+    async def entries(self, namespace: str) -> list[Entry]:
+        space = self._ns.get(namespace)
+        return sorted(space.entries.values(), key=lambda e: e.id) if space else []
+
+    async def put(self, entry: Entry) -> None:
+        """Store an entry as is (import): no dedup; keeps its id and stats."""
+        if entry.embedding is None:
+            entry.embedding = await self._embed_one(entry.request_text, None)
+            if entry.embedding is None:
+                raise ValueError(f"cannot embed entry {entry.id!r}")
+        entry.id = entry.id or self._ids.next(entry.created_at)
+        space = self._space(entry.namespace, entry.embedding.shape[0])
+        self._insert(space, entry)
+        self._evict(space)
+
+    async def remove(self, namespace: str, ids: Sequence[str]) -> int:
+        space = self._ns.get(namespace)
+        return sum(self._drop(space, id_, None) for id_ in ids) if space else 0
+
+    async def clear(self, namespace: str) -> int:
+        space = self._ns.pop(namespace, None)
+        return len(space.entries) if space else 0
+
+    def _insert(self, space: _MemNamespace, entry: Entry) -> None:
+        entry.rank = initial_rank(space.floor, entry)
+        space.entries[entry.id] = entry
+        space.index.add(entry.id, entry.embedding)
+
+    def _drop(self, space: _MemNamespace, id_: str, stat: str | None) -> bool:
+        if space.entries.pop(id_, None) is None:
+            return False
+        space.index.remove(id_)
+        if stat:
+            self._count(stat)
+        return True
+
+    def _sweep_expired(self, space: _MemNamespace, now: float) -> None:
+        if self.settings.ttl_s is None:
+            return
+        for e in [e for e in space.entries.values() if self._is_expired(e.created_at, now)]:
+            self._drop(space, e.id, "expired")
+
+    def _evict(self, space: _MemNamespace) -> None:
+        over = len(space.entries) - self.settings.max_entries_per_namespace
+        if over <= 0:
+            return
+        batch = over + self.settings.max_entries_per_namespace // 100  # amortise the O(n) scan
+        order = sorted(space.entries.values(), key=lambda e: (e.rank, e.id))
+        for e in order[:batch]:
+            space.floor = max(space.floor, e.rank)
+            self._drop(space, e.id, "evicted")
