@@ -61,7 +61,7 @@ STAT_NAMES = (
     "lookups", "hits", "misses", "examples_returned", "timeouts", "redis_errors", "skipped_unavailable",
     "embed_errors", "num_embeds", "embed_ms_total", "admitted", "rejected_finish", "rejected_guard",
     "rejected_empty", "rejected_duplicate", "admit_failures", "evicted", "expired", "corrupt",
-    "feedback_kept", "feedback_escalated", "reloads", "server_vector_search",
+    "feedback_kept", "feedback_escalated", "reloads", "resyncs", "server_vector_search",
 )
 
 

@@ -5,7 +5,9 @@ Redis layout (prefix ``switchyard:ex:``; plain Redis 7, no modules):
   ``{ns}:rank`` zset id -> retention score, ``{ns}:time`` zset id -> created, ``{ns}:floor`` LFU-DA floor,
   ``{ns}:log`` stream of ``add``/``del``/``clear`` ops (capped), ``namespaces`` set. Each gateway replica
   keeps an in-process ``VectorIndex`` per namespace (exact search) and replays the stream before every
-  search, so replicas stay in sync.
+  search, so replicas stay in sync. A replica that lags more than ``stream_maxlen`` ops (the stream is
+  capped) or finds the stream recreated rebuilds that namespace's index from the hashes (``resyncs`` stat,
+  one warning line); a vanished stream (Redis restarted empty) triggers a background reload.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.example_cache import (
     ESCALATED_WEIGHT,
@@ -46,12 +48,21 @@ _REDIS_ERRORS = (RedisError, OSError, ConnectionError)
 
 @dataclass
 class _RedisNamespace:
+    """One replica's view of a namespace: its index, and how far into the op stream it has read."""
+
     index: VectorIndex | None = None
     created: dict[str, float] = field(default_factory=dict)
     last_stream_id: str = "0-0"
+    num_ops_seen: int = 0  # the stream's ``entries-added`` count up to and including ``last_stream_id``
     is_stale: bool = False
     load_task: asyncio.Task | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _id_tuple(stream_id: bytes | str) -> tuple[int, int]:
+    """A stream id ``ms-seq`` as a tuple that orders like the stream."""
+    ms, _, seq = (stream_id.decode() if isinstance(stream_id, bytes) else stream_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 _FEEDBACK_LUA = """
@@ -167,21 +178,31 @@ class RedisExampleStore(StoreBase):
         if st.is_stale and (st.load_task is None or st.load_task.done()):
             st.load_task = self._spawn(self._load(namespace, st, dim))  # keep serving the old index
         async with st.lock:
-            await self._catch_up(namespace, st)
+            is_complete = await self._catch_up(namespace, st)
+        if not is_complete:  # ops were trimmed before this replica read them: rebuild from the hashes
+            self._count("resyncs")
+            logger.warning("example cache: namespace %r lost ops from its op stream (trimmed past id %s, or "
+                           "the stream was recreated); full resync from Redis", namespace, st.last_stream_id)
+            if st.load_task is None or st.load_task.done():
+                st.load_task = self._spawn(self._load(namespace, st, dim))
+            await asyncio.shield(st.load_task)
         return st
 
     async def _load(self, namespace: str, st: _RedisNamespace, dim: int) -> None:
         r = self._client()
         await self._probe(r)
-        last = await r.xrevrange(self._key(namespace, "log"), "+", "-", count=1)
-        last_id = last[0][0].decode() if last else "0-0"
+        info = await self._stream_info(namespace)  # first: ops after it are replayed by the catch-up below
+        last_id = info["last-generated-id"].decode() if info else "0-0"
+        num_ops = int(info.get("entries-added") or 0) if info else 0
         ids = [i.decode() for i in await r.zrange(self._key(namespace, "time"), 0, -1)]
         index, created = VectorIndex(dim, capacity=len(ids) + 16), {}
         for start in range(0, len(ids), 1000):
             await self._fetch_vectors(namespace, ids[start : start + 1000], index, created)
         async with st.lock:
             st.index, st.created, st.last_stream_id, st.is_stale = index, created, last_id, False
-            await self._catch_up(namespace, st)
+            st.num_ops_seen = num_ops
+            if not await self._catch_up(namespace, st):
+                st.is_stale = True  # trimmed while loading (a very busy stream): load again next time
         self._count("reloads")
         self._on_success()
 
@@ -209,21 +230,32 @@ class RedisExampleStore(StoreBase):
             index.add(id_, unit_vector(vec))
             created[id_] = created_at
 
-    async def _catch_up(self, namespace: str, st: _RedisNamespace) -> None:
-        """Replay the namespace's op stream since the last id seen (caller holds ``st.lock``)."""
+    async def _catch_up(self, namespace: str, st: _RedisNamespace) -> bool:
+        """Replay the namespace's op stream since the last id seen (caller holds ``st.lock``).
+
+        Returns False, changing nothing, when ops this replica never read are gone: the stream was trimmed
+        past ``last_stream_id`` (a replica that lagged more than ``stream_maxlen`` ops) or was recreated.
+        The index must then be rebuilt from the hashes. True otherwise (also when the stream vanished:
+        that marks the namespace stale, for a reload in the background)."""
         r = self._client()
         log_key = self._key(namespace, "log")
+        is_first_read = True
         while True:
             pipe = r.pipeline(transaction=False)
             pipe.xread({log_key: st.last_stream_id}, count=5000)
-            pipe.exists(log_key)
-            reply, exists = await pipe.execute()
-            if not exists and st.last_stream_id != "0-0":
-                st.is_stale = True  # the stream vanished: Redis restarted empty, or keys were flushed
-                return
+            pipe.xrange(log_key, "-", "+", count=1)
+            reply, first = await pipe.execute()
+            if not first:
+                if st.last_stream_id != "0-0":
+                    st.is_stale = True  # the stream vanished: Redis restarted empty, or keys were flushed
+                return True
+            if (is_first_read and _id_tuple(first[0][0]) > _id_tuple(st.last_stream_id)
+                    and await self._missed_ops(namespace, st)):
+                return False
+            is_first_read = False
             ops = reply[0][1] if reply else []
             if not ops:
-                return
+                return True
             added: list[str] = []
             for stream_id, fields in ops:
                 op, id_ = fields.get(b"op", b"").decode(), fields.get(b"id", b"").decode()
@@ -235,9 +267,31 @@ class RedisExampleStore(StoreBase):
                 elif op == "clear":
                     st.index, st.created, added = VectorIndex(st.index.dim), {}, []
                 st.last_stream_id = stream_id.decode()
+                st.num_ops_seen += 1
             await self._fetch_vectors(namespace, added, st.index, st.created)
             if len(ops) < 5000:
-                return
+                return True
+
+    async def _missed_ops(self, namespace: str, st: _RedisNamespace) -> bool:
+        """Whether the stream dropped ops after ``st.last_stream_id`` (its first entry is newer than that).
+
+        Exact on Redis >= 7 (``entries-added``): ops trimmed = entries added - length; more than this replica
+        has seen means some were never read, fewer means the stream is not the one it read (recreated).
+        Without the counter (Redis 6), any gap counts as missed."""
+        info = await self._stream_info(namespace)
+        if not info or info.get("entries-added") is None:
+            return True
+        num_trimmed = int(info["entries-added"]) - int(info["length"])
+        return num_trimmed != st.num_ops_seen
+
+    async def _stream_info(self, namespace: str) -> dict[str, Any] | None:
+        """XINFO STREAM of the namespace's op log, or None when it does not exist."""
+        try:
+            return await self._client().xinfo_stream(self._key(namespace, "log"))
+        except ResponseError as e:
+            if "no such key" in str(e).lower():
+                return None
+            raise
 
     def _skip_corrupt(self, namespace: str, id_: str, why: object) -> None:
         self._count("corrupt")

@@ -399,3 +399,51 @@ async def test_uses_are_batched_and_flushed_on_close(redis_url):
     (entry,) = await reader.entries("t")
     assert entry.uses == 3
     await reader.close()
+
+
+async def test_lagging_replica_resyncs_after_the_op_stream_was_trimmed(redis_url, caplog):
+    r = redis.Redis.from_url(redis_url)
+    node_max = r.config_get("stream-node-max-entries")["stream-node-max-entries"]
+    r.config_set("stream-node-max-entries", 2)  # so that MAXLEN ~ trims at a tiny cap
+    texts = [f"topic{i} word{i} thing{i}" for i in range(16)]
+    log_key = ec.KEY_PREFIX + "t:log"
+    try:
+        settings = cfg(max_entries_per_namespace=5)
+        a = RedisExampleStore(redis_url, settings, embed=bow_embed, stream_maxlen=4)
+        b = RedisExampleStore(redis_url, settings, embed=bow_embed, stream_maxlen=4)
+        assert await b.lookup("t", texts[0]) == []  # b loads the (empty) namespace: no resync for a new stream
+        for t in texts[:3]:
+            assert await a.admit("t", t, "answer " + t, "llm", "stop")
+            assert [e.request_text for e in await b.lookup("t", t)] == [t]  # b keeps up: trims are no loss
+        assert b.stats["resyncs"] == 0
+        seen = b._ns["t"].last_stream_id
+        for t in texts[3:]:  # b stops reading; a adds 13 and evicts 11 (24 ops > the cap of 4)
+            assert await a.admit("t", t, "answer " + t, "llm", "stop")
+        first = r.xrange(log_key, "-", "+", count=1)[0][0].decode()
+        assert r.xlen(log_key) < 24 and tuple(map(int, first.split("-"))) > tuple(map(int, seen.split("-")))
+        live = {e.id: e.request_text for e in await a.entries("t")}
+        assert len(live) == 5
+        with caplog.at_level(logging.WARNING, logger="switchyard.example_cache"):
+            await b.lookup("t", texts[-1])
+        assert b.stats["resyncs"] == 1
+        assert any("full resync" in rec.getMessage() for rec in caplog.records)
+        assert sorted(b._ns["t"].index.ids()) == sorted(live)  # no trimmed example missing, no evicted one left
+        for t in texts:
+            assert [e.request_text for e in await b.lookup("t", t)] == ([t] if t in live.values() else [])
+        assert b.stats["resyncs"] == 1
+        await _close(a, b)
+    finally:
+        r.config_set("stream-node-max-entries", node_max)
+
+
+async def test_a_recreated_stream_is_a_resync(redis_url):
+    a = RedisExampleStore(redis_url, cfg(), embed=bow_embed)
+    b = RedisExampleStore(redis_url, cfg(), embed=bow_embed)
+    for t in ("alpha beta gamma", "delta epsilon zeta"):
+        assert await a.admit("t", t, "x", "llm", "stop")
+    assert len(await b.lookup("t", "alpha beta gamma")) == 1
+    redis.Redis.from_url(redis_url).flushall()  # e.g. Redis restarted empty, then another replica writes
+    assert await a.admit("t", "eta theta iota", "y", "llm", "stop")
+    assert await b.lookup("t", "alpha beta gamma") == []
+    assert b.stats["resyncs"] == 1 and b._ns["t"].index.ids() == [e.id for e in await a.entries("t")]
+    await _close(a, b)
