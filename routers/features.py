@@ -40,6 +40,9 @@ _WORD_SEED = np.uint64(0x5157A5D1)
 _CHAR_SEED = np.uint64(0xC4A2B00F)
 
 
+_last_counts = threading.local()  # HashedTfidf._counts' one-entry memo, per thread
+
+
 def _seed(base: np.uint64, n: int) -> np.uint64:
     return np.uint64((int(base) + n * int(_GOLDEN)) & 0xFFFFFFFFFFFFFFFF)
 
@@ -138,15 +141,35 @@ class HashedTfidf:
             parts.append((char_ngram_hashes(norm, self.char_ngrams) & self._mask).astype(np.int64))
         return parts
 
+    def _counts(self, text: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(sorted unique bucket ids, counts) of each non-empty part: everything but the IDF.
+
+        The guard and the router featurize the same text back to back with the same hashing settings, so
+        the last result is kept per thread and reused when the next call asks for the same text and
+        settings (a one-entry memo: it never helps one request with another's text). The arrays are
+        read-only.
+        """
+        key = (text, self.n_features, self.word_ngrams, self.char_ngrams)
+        last = getattr(_last_counts, "value", None)
+        if last is not None and last[0] == key:
+            return last[1]
+        out = []
+        for ids in self._parts(text):
+            if len(ids):
+                u, tf = np.unique(ids, return_counts=True)
+                u.flags.writeable = tf.flags.writeable = False
+                out.append((u, tf))
+        _last_counts.value = (key, out)
+        return out
+
     def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(sorted unique column ids, float32 values) of one text."""
-        parts = [p for p in self._parts(text) if len(p)]
+        parts = self._counts(text)
         if not parts:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         cols, vals = [], []
         scale = 1.0 / np.sqrt(len(parts))
-        for ids in parts:
-            u, tf = np.unique(ids, return_counts=True)
+        for u, tf in parts:
             w = (1.0 + np.log(tf)) if self.sublinear_tf else tf.astype(np.float64)
             w = w * self.idf[u]
             w *= scale / np.sqrt(np.dot(w, w))

@@ -93,25 +93,25 @@ def completion_job(body: CompletionRequest, request: Request, default_max_tokens
 async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool) -> Response:
     """Run the pipeline and shape its answer: one JSON body, or an SSE stream."""
     key = bearer_token(request.headers.get("authorization"), request.headers.get("api-key"))
-    async with abort_on_disconnect(request):
+    async with abort_on_disconnect(request):  # one watcher for the whole non-stream request
         execution = await pipeline.run(job, key)  # up to the first Delta (the whole answer when buffered)
-    prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
-    shaper = ResponseShaper(kind=job.kind, request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
-                            created=int(time.time()), model=execution.model_name, logprobs=job.sampling.logprobs,
-                            top_logprobs=job.sampling.top_logprobs, include_usage=include_usage,
-                            prompt_chars=prompt_chars)
-    trace = execution.trace
-    if job.stream:
-        return AbortingStream(_sse(pipeline, execution, shaper), media_type="text/event-stream",
-                              headers={**trace.headers(with_cost=False), "cache-control": "no-cache"})
-    try:
-        async with abort_on_disconnect(request):
+        prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
+        shaper = ResponseShaper(kind=job.kind,
+                                request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
+                                created=int(time.time()), model=execution.model_name,
+                                logprobs=job.sampling.logprobs, top_logprobs=job.sampling.top_logprobs,
+                                include_usage=include_usage, prompt_chars=prompt_chars)
+        trace = execution.trace
+        if job.stream:  # AbortingStream watches the client itself while it streams
+            return AbortingStream(_sse(pipeline, execution, shaper), media_type="text/event-stream",
+                                  headers={**trace.headers(with_cost=False), "cache-control": "no-cache"})
+        try:
             async for delta in execution.deltas():
                 shaper.add(delta)
-    except BackendError as e:
-        raise from_backend_error(e) from None
-    finally:
-        await execution.aclose()
+        except BackendError as e:
+            raise from_backend_error(e) from None
+        finally:
+            await execution.aclose()
     pipeline.record(route=trace.route, model=trace.pool, status=200, t_start=job.t_start,
                     overhead_s=trace.overhead_s)
     body = shaper.body(execution.usage or _zero_usage(), trace.info())

@@ -33,6 +33,28 @@ def test_transform_one_matches_transform_row():
     assert np.all(np.diff(cols) > 0)
 
 
+def test_back_to_back_featurizers_share_counts_but_not_idf():
+    """The guard and the router featurize one text in a row: the second reuses the first's counts (a
+    per-thread one-entry memo) yet applies its own IDF, and a different config or text is never reused."""
+    a = HashedTfidf(n_features=2**12).fit(["loan rate bank", "court judge law", "loan loan"])
+    b = HashedTfidf(n_features=2**12).fit(["doctor nurse", "loan approval", "judge"])
+    c = HashedTfidf(n_features=2**10)
+    text = "What is the loan rate at my bank?"
+    fresh_b = HashedTfidf.from_state(*b.state()).transform(["x", text])[1].toarray()[0]
+    a.transform_one(text)
+    cols, vals = b.transform_one(text)
+    dense = np.zeros(2**12, dtype=np.float32)
+    dense[cols] = vals
+    assert np.allclose(dense, fresh_b, atol=1e-6)
+    assert not np.allclose(dense[cols], a.transform_one(text)[1])  # different IDF → different values
+    cols_c, _ = c.transform_one(text)
+    assert cols_c.max() < 2**10  # its own bucket count, not the memo of a 2**12 featurizer
+    other_cols, _ = b.transform_one("court judge")
+    assert not np.array_equal(other_cols, cols)
+    with pytest.raises(ValueError):
+        b._counts(text)[0][0][0] = 1  # memoised arrays are read-only
+
+
 def test_hash_buckets_are_stable_across_processes():
     code = (
         "from routers.features import HashedTfidf;"
