@@ -5,7 +5,8 @@ Contract (used by ``gateway/pipeline.py``):
     cosine similarity >= ``min_similarity`` and together within ``max_example_tokens``. It never raises:
     a miss, an embedding failure, Redis down or slower than ``deadline_ms`` all return ``[]`` and are
     counted in ``store.stats``. The deadline covers the store's work (sync, search, fetch); the query
-    embedding is computed before it and timed separately (``embed_ms_total`` / ``num_embeds``).
+    embedding is computed before it and timed separately (``embed_ms_total`` / ``num_embeds``). The
+    pipeline embeds once (``embed``) and passes the vector to ``lookup`` and later to ``admit``.
   * ``admit(...)`` keeps only answers with ``finish_reason == "stop"`` that passed the guard and are not
     near-duplicates (cosine >= ``dedup_similarity``) of an example already stored; returns whether it
     stored one. Never raises for store failures (returns False, counted).
@@ -176,12 +177,17 @@ class _IdClock:
 
 @runtime_checkable
 class ExampleStore(Protocol):
+    """See the module docstring. ``embedding=`` (from ``embed``) skips embedding ``text`` again."""
+
     stats: dict[str, int]
 
-    async def lookup(self, namespace: str, text: str, k: int | None = None) -> list[Example]: ...
+    async def embed(self, text: str) -> np.ndarray | None: ...
+
+    async def lookup(self, namespace: str, text: str, k: int | None = None, *,
+                     embedding: np.ndarray | None = None) -> list[Example]: ...
 
     async def admit(self, namespace: str, text: str, answer: str, model: str, finish_reason: str | None,
-                    guard_ok: bool = True) -> bool: ...
+                    guard_ok: bool = True, *, embedding: np.ndarray | None = None) -> bool: ...
 
     async def feedback(self, namespace: str, example_ids: Sequence[str], escalated: bool) -> None: ...
 
@@ -208,6 +214,12 @@ class StoreBase:
 
             self._embed_fn = MiniLMEmbedder().encode
         return self._embed_fn
+
+    async def embed(self, text: str) -> np.ndarray | None:
+        """The unit query vector of ``text``, or None when embedding failed (counted in ``embed_errors``,
+        logged; never raises). Pass it to ``lookup`` and ``admit`` as ``embedding=`` so that one request
+        (a lookup, then the LLM answer's admission after an escalation) embeds its text once."""
+        return await self._embed_one(text, None)
 
     async def _embed_one(self, text: str, embedding: np.ndarray | None) -> np.ndarray | None:
         if embedding is not None:

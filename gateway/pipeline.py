@@ -79,6 +79,7 @@ class Trace:
     namespace: str = "default"
     num_examples: int = 0
     example_ids: list[str] = field(default_factory=list)
+    query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
     backend_wait_s: float = 0.0
     overhead_s: float | None = None
     cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
@@ -347,7 +348,9 @@ class Pipeline:
         if (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
                 and trace.pool == self.settings.routing.slm_pool and text):
             try:
-                examples = await self.store.lookup(admission.namespace, text, self.settings.example_cache.top_k)
+                trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
+                examples = [] if trace.query_embedding is None else await self.store.lookup(
+                    admission.namespace, text, self.settings.example_cache.top_k, embedding=trace.query_embedding)
                 self.metrics.cache_lookups.labels("hit" if examples else "miss").inc()
             except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never fail the request
                 log.warning("example cache lookup failed: %r", e)
@@ -546,13 +549,14 @@ class Pipeline:
             guard_ok = trace.guard in ("domain", "off", "exempt")
             if guard_ok:
                 self._background(self._admit_example(execution.admission.namespace, execution._text,
-                                                     "".join(execution._answer), trace.pool))
+                                                     "".join(execution._answer), trace.pool, trace.query_embedding))
         if self.store is not None and trace.example_ids and not trace.judged:
             self._background(self.store.feedback(trace.namespace, trace.example_ids, False))
 
-    async def _admit_example(self, namespace: str, text: str, answer: str, pool: str) -> None:
-        """Offer an LLM answer to the example store; the metric counts only answers it kept."""
-        if await self.store.admit(namespace, text, answer, pool, "stop", guard_ok=True):
+    async def _admit_example(self, namespace: str, text: str, answer: str, pool: str, embedding: Any = None) -> None:
+        """Offer an LLM answer to the example store; the metric counts only answers it kept. ``embedding``:
+        the lookup's vector of the same text (escalated requests), so the text is not embedded twice."""
+        if await self.store.admit(namespace, text, answer, pool, "stop", guard_ok=True, embedding=embedding):
             self.metrics.cache_admits.inc()
 
     def _background(self, coro: Any) -> None:

@@ -114,3 +114,35 @@ def test_admit_metric_counts_only_kept_answers(live_server, redis_url):
     wait_for('switchyard_example_cache_events_total{event="rejected_duplicate"}', 1)
     assert metric('switchyard_example_cache_events_total{event="rejected_duplicate"}') == 1.0
     assert metric("switchyard_example_cache_admits_total") == 1.0
+
+
+def test_an_escalated_request_embeds_its_text_once(live_server):
+    calls: list[list[str]] = []
+
+    def counting_embed(texts):
+        calls.append(list(texts))
+        return bow_embed(texts)
+
+    settings = fake_settings(example_cache={"enabled": True, "backend": "memory", "top_k": 2, "min_similarity": 0.5})
+    factory = FakeFactory()
+    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=counting_embed))
+    server = live_server(app)
+    client = _client(server, "none")
+    store = app.state.pipeline.store
+
+    def wait_admitted(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while store.stats["admitted"] < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.stats["admitted"] == n
+
+    # "unsure": the SLM answer is escalated; the LLM answer is admitted with the lookup's vector
+    resp = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "unsure tides work"}])
+    assert resp.model_extra["switchyard"]["escalated"] is True
+    wait_admitted(1)
+    assert calls == [["unsure tides work"]]
+    assert store.stats["num_embeds"] == 1 and store.stats["lookups"] == 1
+    # a request that names the LLM has no lookup: its admission embeds (once)
+    client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "pasta sauce recipe"}])
+    wait_admitted(2)
+    assert calls == [["unsure tides work"], ["pasta sauce recipe"]]
