@@ -62,7 +62,7 @@ STAT_NAMES = (
     "lookups", "hits", "misses", "examples_returned", "timeouts", "redis_errors", "skipped_unavailable",
     "embed_errors", "num_embeds", "embed_ms_total", "admitted", "rejected_finish", "rejected_guard",
     "rejected_empty", "rejected_duplicate", "admit_failures", "evicted", "expired", "corrupt",
-    "feedback_kept", "feedback_escalated", "reloads", "resyncs", "server_vector_search",
+    "feedback_kept", "feedback_escalated", "reloads", "resyncs", "server_vector_search", "server_search_fallbacks",
 )
 
 
@@ -181,6 +181,8 @@ class ExampleStore(Protocol):
 
     stats: dict[str, int]
 
+    async def start(self) -> None: ...
+
     async def embed(self, text: str) -> np.ndarray | None: ...
 
     async def lookup(self, namespace: str, text: str, k: int | None = None, *,
@@ -214,6 +216,10 @@ class StoreBase:
 
             self._embed_fn = MiniLMEmbedder().encode
         return self._embed_fn
+
+    async def start(self) -> None:
+        """Start-up checks (the Redis store detects server-side vector search); nothing by default."""
+        return None
 
     async def embed(self, text: str) -> np.ndarray | None:
         """The unit query vector of ``text``, or None when embedding failed (counted in ``embed_errors``,

@@ -37,6 +37,7 @@ from gateway.example_cache import (
     utility,
 )
 from gateway.example_index import VectorIndex, unit_vector
+from gateway.example_server_index import ServerHit, ServerIndex, has_server_search, namespace_tag
 
 if TYPE_CHECKING:
     from gateway.settings import ExampleCacheSettings
@@ -100,6 +101,7 @@ class RedisExampleStore(StoreBase):
         self._down_until = 0.0
         self._backoff_s = 0.0
         self._probed = False
+        self._server: ServerIndex | None = None  # set by start() when server-side search is used
         self._tasks: set[asyncio.Task] = set()
         self._pending_uses: dict[str, dict[str, int]] = {}  # namespace → id → uses not yet in Redis
         self._uses_flush: asyncio.Task | None = None
@@ -159,13 +161,55 @@ class RedisExampleStore(StoreBase):
             self._on_error(e)
 
     async def _probe(self, r: Any) -> None:
-        """Detect server-side vector search (Redis Stack / Redis 8 query engine) once."""
+        """Detect server-side vector search (Redis Stack / Redis 8 query engine) once, for ``stats``."""
         if self._probed:
             return
         self._probed = True
         with contextlib.suppress(Exception):
-            info = await r.execute_command("COMMAND", "INFO", "FT.SEARCH")
-            self.stats["server_vector_search"] = int(bool(info and info[0]))
+            self.stats["server_vector_search"] = int(await has_server_search(r))
+
+    async def start(self) -> None:
+        """Start-up check of ``settings.server_search``: ``off`` asks nothing; ``auto`` searches in Redis
+        when the server has FT.SEARCH (Redis 8 / Redis Stack), else in process; ``on`` raises ConfigError
+        when it is missing or Redis cannot be asked. Never raises for ``off``/``auto``."""
+        mode = self.settings.server_search
+        if mode == "off":
+            return
+        from gateway.settings import ConfigError
+
+        try:
+            found = await asyncio.wait_for(has_server_search(self._client()), max(self._admit_timeout_s, 1.0))
+        except (TimeoutError, *_REDIS_ERRORS) as e:
+            if mode == "on":
+                raise ConfigError(f"example_cache.server_search = 'on': cannot ask Redis whether it has vector "
+                                  f"search ({type(e).__name__}: {e})") from None
+            logger.warning("example cache: cannot detect server-side vector search (%s: %s); searching in "
+                           "process", type(e).__name__, e)
+            found = False
+        self._probed = True
+        self.stats["server_vector_search"] = int(found)
+        if not found and mode == "on":
+            raise ConfigError("example_cache.server_search = 'on' but this Redis server has no vector search "
+                              "(no FT.* commands: it needs Redis 8 or Redis Stack); use 'auto' or 'off'")
+        if found:
+            self._server = ServerIndex(KEY_PREFIX)
+        logger.info("example cache: vector search %s", "in Redis (FT.SEARCH)" if found else "in process")
+
+    async def _server_search(self, namespace: str, q: np.ndarray, num: int,
+                             min_similarity: float) -> list[ServerHit] | None:
+        """KNN inside Redis, or None when it is off or just failed (then the in-process index takes over for
+        good: ``server_search_fallbacks`` stat, one warning). Connection errors propagate as usual."""
+        if self._server is None:
+            return None
+        try:
+            await self._server.ensure(self._client(), q.shape[0])
+            return await self._server.search(self._client(), namespace, q, num, min_similarity)
+        except (ResponseError, AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            self._server = None
+            self._count("server_search_fallbacks")
+            logger.warning("example cache: server-side vector search failed (%s: %s); using the in-process "
+                           "index from now on", type(e).__name__, e)
+            return None
 
     # --- sync ---
     async def _sync(self, namespace: str, dim: int) -> _RedisNamespace:
@@ -322,8 +366,13 @@ class RedisExampleStore(StoreBase):
         return self._record_outcome(found)
 
     async def _lookup(self, namespace: str, q: np.ndarray, k: int) -> list[Example]:
-        st = await self._sync(namespace, q.shape[0])
         now = time.time()
+        server_hits = await self._server_search(namespace, q, self._num_candidates(k), self.settings.min_similarity)
+        if server_hits is not None:
+            found = [Example(h.id, h.text, h.answer, h.similarity, h.model, utility(h.kept, h.escalated))
+                     for h in server_hits if not self._is_expired(h.created_at, now)]
+            return self._note_uses(namespace, self._select(found, k))
+        st = await self._sync(namespace, q.shape[0])
         hits = [(id_, sim) for id_, sim in st.index.search(q, self._num_candidates(k), self.settings.min_similarity)
                 if not self._is_expired(st.created.get(id_, now), now)]
         if not hits:
@@ -344,7 +393,9 @@ class RedisExampleStore(StoreBase):
                 self._skip_corrupt(namespace, id_, e)
                 continue
             found.append(Example(id_, text, answer, sim, model, utility(kept, escalated)))
-        chosen = self._select(found, k)
+        return self._note_uses(namespace, self._select(found, k))
+
+    def _note_uses(self, namespace: str, chosen: list[Example]) -> list[Example]:
         if chosen:  # uses reach Redis in one batch every uses_flush_interval_s, off the request path
             pending = self._pending_uses.setdefault(namespace, {})
             for ex in chosen:
@@ -398,15 +449,20 @@ class RedisExampleStore(StoreBase):
         return stored
 
     async def _admit(self, namespace: str, text: str, answer: str, model: str, q: np.ndarray) -> bool:
-        st = await self._sync(namespace, q.shape[0])
-        if st.index.search(q, 1, self.settings.dedup_similarity):
+        st: _RedisNamespace | None = None
+        duplicates: list[Any] | None = await self._server_search(namespace, q, 1, self.settings.dedup_similarity)
+        if duplicates is None:  # no server-side search: the in-process index
+            st = await self._sync(namespace, q.shape[0])
+            duplicates = st.index.search(q, 1, self.settings.dedup_similarity)
+        if duplicates:
             self._count("rejected_duplicate")
             return False
         now = time.time()
         entry = Entry(self._ids.next(now), namespace, text, answer, model, now, embedding=q)
         await self._write(entry)
-        st.index.add(entry.id, q)
-        st.created[entry.id] = now
+        if st is not None:
+            st.index.add(entry.id, q)
+            st.created[entry.id] = now
         self._count("admitted")
         await self._sweep_expired(namespace, st, now)
         evicted = await self._evict(namespace, st)
@@ -424,7 +480,7 @@ class RedisExampleStore(StoreBase):
         pipe.hset(key, mapping={
             "text": entry.request_text, "answer": entry.answer, "model": entry.model,
             "created": repr(entry.created_at), "emb": np.asarray(entry.embedding, np.float16).tobytes(),
-            "uses": entry.uses, "kept": entry.kept, "escalated": entry.escalated,
+            "uses": entry.uses, "kept": entry.kept, "escalated": entry.escalated, "ns": namespace_tag(ns),
         })
         if self.settings.ttl_s is not None:
             remaining = entry.created_at + self.settings.ttl_s - time.time()

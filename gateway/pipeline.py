@@ -234,6 +234,8 @@ class Pipeline:
                    policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping)
 
     async def start(self) -> None:
+        if self.store is not None:  # first: example_cache.server_search = 'on' without it fails start-up fast
+            await self.store.start()
         if any(p.kind == "local" for p in self.settings.pools):
             # Local replicas load in worker threads at the same time; importing transformers from two
             # threads at once can fail ("cannot import name ..."), so import it once here first.

@@ -133,6 +133,9 @@ class ExampleCacheSettings(_Frozen):
     ttl_s: int | None = Field(7 * 24 * 3600, ge=1)
     dedup_similarity: float = Field(0.97, ge=-1, le=1)
     deadline_ms: float = Field(20.0, gt=0)
+    server_search: Literal["off", "auto", "on"] = Field(
+        "off", description="vector search inside Redis (Redis 8 / Redis Stack) instead of the in-process "
+        "index: auto = when detected at start-up, on = fail start-up without it (backend redis only)")
 
 
 class ApiKey(_Frozen):
@@ -195,6 +198,8 @@ class Settings(_Frozen):
         if self.example_cache.enabled and self.example_cache.backend == "redis":
             if not (self.example_cache.redis_url or self.redis_url):
                 raise ValueError("example_cache.backend = 'redis' needs redis_url (or example_cache.redis_url)")
+        if self.example_cache.server_search == "on" and self.example_cache.backend != "redis":
+            raise ValueError("example_cache.server_search = 'on' needs example_cache.backend = 'redis'")
         return self
 
     def pool(self, name: str) -> PoolConfig:
