@@ -39,6 +39,9 @@ from routers.artifact import load as load_artifact
 from routers.features import HashedTfidf, MiniLMEmbedder, last_user_text
 
 KINDS = ("widemlp", "embedding", "ensemble")
+# meta["guard_format"]: 1 (absent) = the first release; 2 adds per-class OOD percentiles, extra widemlp
+# seeds (members widemlp_1, ...) and "energy"/"maha" evidence. Format 1 artifacts load unchanged.
+GUARD_FORMAT = 2
 OOD = "ood"
 UNSAFE = "unsafe"
 RESERVED_LABELS = (OOD, UNSAFE)
@@ -114,6 +117,18 @@ class WideMLP:
     reference: np.ndarray  # float32 [n_ref, hidden], unit rows
     knn_k: int = 10
     ref_tf: Any = None  # optional scipy csr [n_features, n_ref]: TF-IDF rows of the reference set, transposed
+    class_means: np.ndarray | None = None  # float32 [n_domains, hidden]: for "maha" evidence
+    precision: np.ndarray | None = None  # float32 [hidden, hidden]: inverse shared covariance, for "maha"
+
+    def _extra(self, h: np.ndarray, logits: np.ndarray, comps: dict[str, np.ndarray]) -> None:
+        """``energy`` (logsumexp of the logits) and, when fitted, ``maha`` (minus the smallest
+        class-conditional Mahalanobis distance, shared covariance) — both higher = more in-domain."""
+        m = logits.max(axis=1, keepdims=True)
+        comps["energy"] = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))).astype(np.float32)
+        if self.class_means is not None and self.precision is not None:
+            d = h[:, None, :] - self.class_means[None, :, :]  # [n, C, H]
+            dist = np.einsum("nch,hk,nck->nc", d, self.precision, d, optimize=True)
+            comps["maha"] = (-dist.min(axis=1)).astype(np.float32)
 
     def _hidden_rows(self, X) -> np.ndarray:
         from scipy.sparse import csr_matrix
@@ -139,7 +154,9 @@ class WideMLP:
         if self.ref_tf is not None:
             sims = np.asarray((X @ self.ref_tf).todense(), dtype=np.float32)
             comps["tfknn"] = _topk_mean(sims, self.knn_k)
-        return _softmax(h @ self.w_out + self.b_out), comps
+        logits = h @ self.w_out + self.b_out
+        self._extra(h, logits, comps)
+        return _softmax(logits), comps
 
     def evidence_one(self, text: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cols, vals = self.featurizer.transform_one(text)
@@ -150,7 +167,9 @@ class WideMLP:
         if self.ref_tf is not None:
             sims = self.ref_tf[cols].T @ vals if len(cols) else np.zeros(self.ref_tf.shape[1], np.float32)
             comps["tfknn"] = _topk_mean(np.asarray(sims, dtype=np.float32)[None, :], self.knn_k)
-        return _softmax(h @ self.w_out + self.b_out), comps
+        logits = h @ self.w_out + self.b_out
+        self._extra(h, logits, comps)
+        return _softmax(logits), comps
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fmeta, farrays = self.featurizer.state()
@@ -162,8 +181,14 @@ class WideMLP:
             arrays.update({f"{prefix}ref_tf.data": self.ref_tf.data.astype(np.float16),
                            f"{prefix}ref_tf.indices": self.ref_tf.indices.astype(np.int32),
                            f"{prefix}ref_tf.indptr": self.ref_tf.indptr.astype(np.int64)})
-        return {"featurizer": fmeta, "num_reference_tf": 0 if self.ref_tf is None else int(self.ref_tf.shape[1]), "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k,
-                "num_kept_features": int(self.w_in.shape[0])}, arrays
+        has_maha = self.class_means is not None and self.precision is not None
+        if has_maha:
+            arrays.update({f"{prefix}class_means": self.class_means.astype(np.float32),
+                           f"{prefix}precision": self.precision.astype(np.float32)})
+        return {"type": "widemlp", "featurizer": fmeta,
+                "num_reference_tf": 0 if self.ref_tf is None else int(self.ref_tf.shape[1]),
+                "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k,
+                "num_kept_features": int(self.w_in.shape[0]), "mahalanobis": has_maha}, arrays
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> WideMLP:
@@ -177,6 +202,8 @@ class WideMLP:
             reference=arrays[f"{prefix}reference"].astype(np.float32),
             knn_k=int(meta["knn_k"]),
             ref_tf=_load_ref_tf(meta, arrays, prefix),
+            class_means=arrays[f"{prefix}class_means"].astype(np.float32) if meta.get("mahalanobis") else None,
+            precision=arrays[f"{prefix}precision"].astype(np.float32) if meta.get("mahalanobis") else None,
         )
 
 
@@ -226,6 +253,11 @@ class EmbeddingHead:
 Member = WideMLP | EmbeddingHead
 
 
+def _family(member_name: str) -> str:
+    """``widemlp_2`` → ``widemlp``: extra seeds of a member kind share its evidence names."""
+    return member_name.split("_", 1)[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # the OOD rule
 # --------------------------------------------------------------------------------------------------
@@ -239,20 +271,31 @@ class OODRule:
     (its in-domain p-value); the combination is ``sum(log p)`` over components, and ``percentile`` is the
     share of dev rows whose combination is lower — so a text with ``percentile < threshold_for(r)`` is
     rejected and exactly ``r`` of the dev rows (up to ties) are kept.
+
+    Per-class variant (``class_combined`` set): the percentile is taken among the dev rows the classifier
+    assigns to the same domain as the text, so every domain keeps (at most, up to one row) ``r`` of its
+    dev rows — a domain whose rows carry weaker evidence is not rejected more often than the others.
     """
 
     dev_scores: dict[str, np.ndarray]  # component → sorted dev scores
     dev_combined: np.ndarray  # sorted Fisher combinations of the dev rows
     id_recall: float
     threshold: float = 0.0
+    class_combined: list[np.ndarray] | None = None  # per domain index: sorted combinations of its dev rows
 
     @classmethod
-    def calibrate(cls, dev_components: dict[str, np.ndarray], id_recall: float) -> OODRule:
+    def calibrate(cls, dev_components: dict[str, np.ndarray], id_recall: float,
+                  dev_pred: np.ndarray | None = None, num_domains: int = 0) -> OODRule:
+        """``dev_pred`` (predicted domain index per dev row) + ``num_domains`` make a per-class rule."""
         if not 0.0 < id_recall <= 1.0:
             raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
         sorted_scores = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in dev_components.items()}
         rule = cls(dev_scores=sorted_scores, dev_combined=np.zeros(0), id_recall=id_recall)
-        rule.dev_combined = np.sort(rule.fisher(dev_components))
+        combined = rule.fisher(dev_components)
+        rule.dev_combined = np.sort(combined)
+        if dev_pred is not None:
+            dev_pred = np.asarray(dev_pred)
+            rule.class_combined = [np.sort(combined[dev_pred == c]) for c in range(num_domains)]
         rule.threshold = rule.threshold_for(id_recall)
         return rule
 
@@ -264,16 +307,33 @@ class OODRule:
             total = logp if total is None else total + logp
         return total
 
-    def percentile(self, components: dict[str, np.ndarray]) -> np.ndarray:
-        ranks = np.searchsorted(self.dev_combined, self.fisher(components), side="left")
-        return ranks / len(self.dev_combined)
+    def percentile(self, components: dict[str, np.ndarray], pred: np.ndarray | None = None) -> np.ndarray:
+        """In-domain percentile per row; ``pred`` (predicted domain index per row) is required by a
+        per-class rule and ignored otherwise."""
+        combined = self.fisher(components)
+        if self.class_combined is None:
+            return np.searchsorted(self.dev_combined, combined, side="left") / len(self.dev_combined)
+        if pred is None:
+            raise ValueError("a per-class OOD rule needs the predicted domain of every row")
+        out = np.empty(len(combined), dtype=np.float64)
+        for i, (c, v) in enumerate(zip(np.asarray(pred), combined, strict=True)):
+            ref = self.class_combined[int(c)] if int(c) < len(self.class_combined) else self.dev_combined
+            ref = ref if len(ref) else self.dev_combined
+            out[i] = np.searchsorted(ref, v, side="left") / len(ref)
+        return out
 
     def threshold_for(self, id_recall: float) -> float:
         """Percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing in it."""
         if not 0.0 < id_recall <= 1.0:
             raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
+        if self.class_combined is not None:
+            return 1.0 - id_recall - 1e-9
         n = len(self.dev_combined)
         return math.floor((1.0 - id_recall) * n + 1e-9) / n
+
+    def with_id_recall(self, id_recall: float) -> OODRule:
+        return OODRule(self.dev_scores, self.dev_combined, id_recall, self.threshold_for(id_recall),
+                       self.class_combined)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,15 +366,23 @@ class Guard:
     # -- scoring --------------------------------------------------------------------------------------
     def _combine(self, outs: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Average class probabilities; name every member's evidence ``member.component`` (+ ``msp``)."""
+        """Average class probabilities; name the evidence ``family.component`` (+ ``msp``), where members
+        ``widemlp``, ``widemlp_1``, ... (seeds of one family) contribute the mean of their values."""
         n_dom = len(self.domains)
         probs = np.mean([p for p, _ in outs.values()], axis=0)
+        families: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
+        for name, out in outs.items():
+            families.setdefault(_family(name), []).append(out)
         comps: dict[str, np.ndarray] = {}
-        for name, (p, member_comps) in outs.items():
-            comps[f"{name}.msp"] = p[:, :n_dom].max(axis=1)
-            for comp, v in member_comps.items():
-                comps[f"{name}.{comp}"] = v
+        for fam, items in families.items():
+            comps[f"{fam}.msp"] = np.mean([p for p, _ in items], axis=0)[:, :n_dom].max(axis=1)
+            for comp in dict.fromkeys(c for _, mc in items for c in mc):
+                comps[f"{fam}.{comp}"] = np.mean([mc[comp] for _, mc in items if comp in mc], axis=0)
         return probs, comps
+
+    def predicted_domain(self, probs: np.ndarray) -> np.ndarray:
+        """Index of the most probable domain class per row (reserved classes ignored)."""
+        return probs[:, : len(self.domains)].argmax(axis=1)
 
     def _decide(self, probs: np.ndarray, pct: np.ndarray, threshold: float) -> list[str]:
         labels = []
@@ -336,7 +404,7 @@ class Guard:
         for name, m in self.members.items():
             outs[name] = m.evidence_batch(texts)
         probs, comps = self._combine(outs)
-        pct = self.rule.percentile(comps)
+        pct = self.rule.percentile(comps, self.predicted_domain(probs))
         threshold = self.rule.threshold if id_recall is None else self.rule.threshold_for(id_recall)
         return GuardBatch(probs=probs, id_percentile=pct, labels=self._decide(probs, pct, threshold))
 
@@ -350,7 +418,7 @@ class Guard:
             outs[name] = m.evidence_one(text)
         probs, comps = self._combine(outs)
         p = probs[0]
-        pct = float(self.rule.percentile(comps)[0])
+        pct = float(self.rule.percentile(comps, self.predicted_domain(probs))[0])
         label = self._decide(probs, np.array([pct]), self.rule.threshold)[0]
         scores = {c: float(v) for c, v in zip(self.classes, p, strict=True)}
         scores["id_percentile"] = pct
@@ -370,8 +438,8 @@ class Guard:
 
     def with_id_recall(self, id_recall: float) -> Guard:
         """A copy whose OOD threshold keeps ``id_recall`` of the dev rows (members shared)."""
-        rule = OODRule(self.rule.dev_scores, self.rule.dev_combined, id_recall, self.rule.threshold_for(id_recall))
-        return Guard(self.kind, self.classes, self.members, rule, self.max_chars, self.meta)
+        return Guard(self.kind, self.classes, self.members, self.rule.with_id_recall(id_recall), self.max_chars,
+                     self.meta)
 
     # -- artifacts ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -383,15 +451,19 @@ class Guard:
             arrays.update(marrays)
         for comp, ref in self.rule.dev_scores.items():
             arrays[f"rule.dev.{comp}"] = ref
+        for c, ref in enumerate(self.rule.class_combined or []):
+            arrays[f"rule.class_combined.{c}"] = ref
         meta = {
             **self.meta,
             "description": f"switchyard guard ({self.kind})",
             "guard_kind": self.kind,
+            "guard_format": GUARD_FORMAT,
             "labels": self.classes,
             "domains": self.domains,
             "members": members_meta,
             "thresholds": {"id_recall": self.rule.id_recall, "id_percentile": self.rule.threshold,
-                           "components": sorted(self.rule.dev_scores)},
+                           "components": sorted(self.rule.dev_scores),
+                           "per_class": self.rule.class_combined is not None},
             "max_chars": self.max_chars,
         }
         return Artifact(kind="guard", meta=meta, arrays=arrays).save(path)
@@ -405,11 +477,15 @@ class Guard:
         single_thread_blas()
         art = load_artifact(path, kind="guard")
         meta, arrays = art.meta, art.arrays
+        fmt = meta.get("guard_format", 1)
+        if not isinstance(fmt, int) or fmt > GUARD_FORMAT:
+            raise ArtifactError(f"guard artifact {str(path)!r} has guard format {fmt!r}, newer than this "
+                                f"switchyard (format {GUARD_FORMAT}); upgrade switchyard to load it")
         try:
             kind = meta["guard_kind"]
             members: dict[str, Member] = {}
             for name, mmeta in meta["members"].items():
-                if name == "widemlp":
+                if _family(name) == "widemlp":
                     members[name] = WideMLP.from_state(mmeta, arrays, f"{name}.")
                 elif name == "embedding":
                     head = EmbeddingHead.from_state(mmeta, arrays, f"{name}.", embedder)
@@ -423,6 +499,8 @@ class Guard:
                 dev_combined=arrays["rule.dev_combined"],
                 id_recall=float(th["id_recall"]),
                 threshold=float(th["id_percentile"]),
+                class_combined=[arrays[f"rule.class_combined.{c}"] for c in range(len(meta["domains"]))]
+                if th.get("per_class") else None,
             )
         except KeyError as e:
             raise ArtifactError(f"guard artifact {str(path)!r} is missing {e}; retrain it") from None

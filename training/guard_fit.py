@@ -7,7 +7,7 @@ give the same artifact on the same machine.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,6 +41,10 @@ class FitConfig:
     ood_components: tuple[str, ...] | None = None
     tfidf_reference: bool = True  # widemlp: keep TF-IDF rows of the reference set for "tfknn"
     tfidf_reference_max_df: float = 0.05  # drop buckets in more rows than this share (cheap, low-idf)
+    per_class_threshold: bool = False  # OOD percentile among the dev rows of the predicted domain
+    num_seeds: int = 1  # widemlp members trained with seeds seed, seed+1, ...; tfknn kept by the first only
+    mahalanobis: bool = True  # widemlp: fit class means + shared covariance in hidden space ("maha")
+    maha_shrinkage: float = 0.1
 
 
 def _set_seed(seed: int) -> None:
@@ -114,10 +118,24 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
     )
     ref_idx = _reference_rows(ref_mask, cfg)
     ref_texts = [texts[i] for i in ref_idx]
-    model.reference = _normalize_rows(model.hidden(ref_texts))
+    ref_hidden = model.hidden(ref_texts)
+    model.reference = _normalize_rows(ref_hidden)
+    if cfg.mahalanobis:
+        model.class_means, model.precision = class_gaussian(ref_hidden, y[ref_idx], cfg.maha_shrinkage)
     if cfg.tfidf_reference:
         model.ref_tf = tfidf_reference(featurizer, ref_texts, cfg.tfidf_reference_max_df)
     return model
+
+
+def class_gaussian(h: np.ndarray, y: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the inverse of the shared (pooled, within-class) covariance of hidden vectors,
+    shrunk towards its mean diagonal by ``shrinkage`` so that it stays invertible."""
+    classes = np.unique(y)
+    means = np.stack([h[y == c].mean(axis=0) for c in classes]).astype(np.float64)
+    centred = h - means[np.searchsorted(classes, y)]
+    cov = centred.T @ centred / max(len(h) - len(classes), 1)
+    cov = (1.0 - shrinkage) * cov + shrinkage * np.eye(len(cov)) * max(float(np.trace(cov)) / len(cov), 1e-6)
+    return means.astype(np.float32), np.linalg.inv(cov).astype(np.float32)
 
 
 def tfidf_reference(featurizer: HashedTfidf, texts: Sequence[str], max_df: float):
@@ -176,12 +194,34 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
               progress: Progress = _no_progress, embedder: MiniLMEmbedder | None = None) -> Guard:
     """Train the members named by ``cfg.kind`` on ``train`` (+ optional extra classes), calibrate the OOD
     rule on ``dev`` (in-domain rows only) at ``cfg.id_recall``."""
+    guard = fit_uncalibrated(train, cfg, ood, unsafe, progress, embedder)
+    dev_bad = [r for r in dev if r.label not in guard.domains]
+    if dev_bad:
+        raise ValueError(f"dev has label {dev_bad[0].label!r}, not a training domain ({', '.join(guard.classes)})")
+    dev_texts = [r.text[: cfg.max_chars] for r in dev]
+    probs, comps = guard._combine({name: m.evidence_batch(dev_texts) for name, m in guard.members.items()})
+    dev_pred = guard.predicted_domain(probs) if cfg.per_class_threshold else None
+    guard.rule = OODRule.calibrate(select_components(comps, cfg, bool(ood)), cfg.id_recall, dev_pred,
+                                   len(guard.domains))
+    return guard
+
+
+def select_components(comps: dict[str, np.ndarray], cfg: FitConfig, has_ood_class: bool) -> dict[str, np.ndarray]:
+    """The evidence the OOD rule combines: ``member.component`` entries whose component is wanted."""
+    wanted = cfg.ood_components or (("knn", "tfknn") + (("msp",) if has_ood_class else ()))
+    chosen = {k: v for k, v in comps.items() if k.split(".")[1] in wanted}
+    if not chosen:
+        raise ValueError(f"no OOD evidence among {sorted(comps)} matches {wanted}")
+    return chosen
+
+
+def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[GuardRow] = (),
+                     unsafe: Sequence[GuardRow] = (), progress: Progress = _no_progress,
+                     embedder: MiniLMEmbedder | None = None) -> Guard:
+    """The members trained, with a placeholder OOD rule (callers calibrate ``guard.rule`` on dev rows)."""
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown guard kind {cfg.kind!r}; valid: {', '.join(KINDS)}")
     classes = class_list(train, ood, unsafe)
-    dev_bad = [r for r in dev if r.label not in classes or r.label in (OOD, UNSAFE)]
-    if dev_bad:
-        raise ValueError(f"dev has label {dev_bad[0].label!r}, not a training domain ({', '.join(classes)})")
     rows = [*train, *unsafe, *ood]
     texts = [r.text[: cfg.max_chars] for r in rows]
     y = np.array([classes.index(r.label) for r in rows])
@@ -189,6 +229,9 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
     members = {}
     if cfg.kind in ("widemlp", "ensemble"):
         members["widemlp"] = fit_widemlp(texts, y, len(classes), ref_mask, cfg, progress)
+        for i in range(1, cfg.num_seeds):  # extra seeds: averaged probabilities and hidden-space evidence
+            seed_cfg = replace(cfg, seed=cfg.seed + i, tfidf_reference=False)
+            members[f"widemlp_{i}"] = fit_widemlp(texts, y, len(classes), ref_mask, seed_cfg, progress)
     if cfg.kind in ("embedding", "ensemble"):
         embedder = embedder or MiniLMEmbedder()
         step = progress("minilm embeddings", len(texts))
@@ -198,14 +241,5 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
             step(len(embs[-1]))
         members["embedding"] = fit_embedding(np.concatenate(embs), y, len(classes), ref_mask, cfg, embedder,
                                              progress)
-    guard = Guard(kind=cfg.kind, classes=classes, members=members,
-                  rule=OODRule({}, np.zeros(1), cfg.id_recall), max_chars=cfg.max_chars)
-    dev_texts = [r.text[: cfg.max_chars] for r in dev]
-    outs = {name: m.evidence_batch(dev_texts) for name, m in members.items()}
-    _, comps = guard._combine(outs)
-    wanted = cfg.ood_components or (("knn", "tfknn") + (("msp",) if ood else ()))
-    chosen = {k: v for k, v in comps.items() if k.split(".")[1] in wanted}
-    if not chosen:
-        raise ValueError(f"no OOD evidence among {sorted(comps)} matches {wanted}")
-    guard.rule = OODRule.calibrate(chosen, cfg.id_recall)
-    return guard
+    return Guard(kind=cfg.kind, classes=classes, members=members,
+                 rule=OODRule({}, np.zeros(1), cfg.id_recall), max_chars=cfg.max_chars)

@@ -149,3 +149,63 @@ def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
     assert again.kind == "ensemble"
     assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
     assert all(again.classify(t).label == "ood" for t in FOREIGN[:2])
+
+
+def test_per_class_rule_keeps_recall_in_every_domain():
+    rng = np.random.RandomState(0)
+    pred = np.repeat([0, 1, 2], 400)
+    shift = np.array([0.0, 1.0, 3.0])[pred]  # domain 0 has much weaker evidence than domain 2
+    dev = {"a.knn": rng.rand(1200) + shift, "a.tfknn": rng.rand(1200) + shift}
+    glob = OODRule.calibrate(dev, 0.9)
+    per = OODRule.calibrate(dev, 0.9, pred, 3)
+    kept_glob = glob.percentile(dev) >= glob.threshold
+    kept_per = per.percentile(dev, pred) >= per.threshold
+    assert kept_glob[pred == 0].mean() < 0.8  # the global rule rejects the weak domain most
+    for c in range(3):
+        assert 0.89 <= kept_per[pred == c].mean() <= 0.91
+    with pytest.raises(ValueError, match="predicted domain"):
+        per.percentile(dev)
+    ths = [per.threshold_for(r) for r in (0.5, 0.9, 0.99, 1.0)]
+    assert all(a >= b for a, b in zip(ths, ths[1:], strict=False))
+
+
+@pytest.fixture(scope="module")
+def seeded_guard() -> Guard:
+    cfg = FitConfig(kind="widemlp", epochs=10, lr=1e-2, hidden=32, max_features=4096, id_recall=0.9, knn_k=3,
+                    num_seeds=2, per_class_threshold=True)
+    return fit_guard(make_rows(60, 0), make_rows(20, 1), cfg)
+
+
+def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
+    g = seeded_guard
+    assert set(g.members) == {"widemlp", "widemlp_1"}
+    assert g.rule.class_combined is not None and len(g.rule.class_combined) == 3
+    assert set(g.rule.dev_scores) == {"widemlp.knn", "widemlp.tfknn"}
+    texts = [r.text for r in make_rows(5, 3)] + FOREIGN
+    again = Guard.load(g.save(tmp_path / "s"))
+    assert again.meta["guard_format"] == 2 and again.meta["thresholds"]["per_class"] is True
+    assert g.score_batch(texts).labels == again.score_batch(texts).labels
+    assert [g.classify(t).label for t in texts] == [again.classify(t).label for t in texts]
+    assert all(again.classify(t).label == "ood" for t in FOREIGN)
+    batch = again.score_batch(texts)
+    assert np.allclose([again.classify(t).scores["id_percentile"] for t in texts], batch.id_percentile, atol=1e-3)
+
+
+def test_evidence_components(seeded_guard):
+    probs, comps = seeded_guard.members["widemlp"].evidence_batch(["How do I sue my landlord?", "Det regner."])
+    assert {"knn", "tfknn", "energy", "maha"} <= set(comps)
+    assert probs.shape == (2, 3) and all(v.shape == (2,) for v in comps.values())
+
+
+def test_guard_format_versions(guard, tmp_path):
+    import json
+
+    path = guard.save(tmp_path / "f")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["meta"].pop("guard_format")  # an artifact written before guard formats existed
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert Guard.load(path).classify(FOREIGN[0]).label == "ood"
+    manifest["meta"]["guard_format"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="newer"):
+        Guard.load(path)

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+
+from tests.routers.test_guard import make_rows
+from tests.training.test_guard_cli import rows_of, write_jsonl
+from training.guard_fit import FitConfig
+from training.guard_select import (
+    RULES,
+    VARIANTS,
+    evaluate_rule,
+    fit_fold,
+    foreign_texts,
+    main,
+    make_folds,
+    select,
+)
+
+TINY = FitConfig(epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
+
+
+def test_foreign_texts_are_deterministic_and_foreign():
+    texts = ["How do I sue my landlord?", "What is a good index fund?"]
+    a, b = foreign_texts(texts, seed=0), foreign_texts(texts, seed=0)
+    assert a == b and set(a) == {"synthetic_cipher", "synthetic_shuffle"}
+    for out in a.values():
+        assert len(out) == 2 and out != texts
+        assert [len(t) for t in out] == [len(t) for t in texts]
+    assert sorted(a["synthetic_shuffle"][0]) == sorted(texts[0])
+
+
+def test_folds_leave_one_domain_out():
+    train, dev = make_rows(10, 0), make_rows(5, 1)
+    folds = make_folds(train, dev, num_foreign=6)
+    assert [f.name for f in folds] == ["without-finance", "without-healthcare", "without-law", "full"]
+    for f in folds[:3]:
+        held = f.name.removeprefix("without-")
+        assert held not in {r.label for r in f.train} | {r.label for r in f.dev}
+        assert f"{held}/synthetic" in f.ood and len(f.ood[f"{held}/synthetic"]) == 15
+        assert len(f.ood["synthetic_cipher"]) == 6
+    assert set(folds[3].ood) == {"synthetic_cipher", "synthetic_shuffle"}
+
+
+def test_select_scores_rules_without_test_data():
+    train, dev = make_rows(40, 0), make_rows(20, 1)
+    results = select(train, dev, [VARIANTS["base"]], [RULES["knn+tfknn"], RULES["msp"]], base=TINY)
+    assert len(results) == 2 and results[0]["score"] >= results[1]["score"]
+    top = results[0]
+    assert set(top["folds"]) == {"without-finance", "without-healthcare", "without-law", "full"}
+    # the held-out domain's texts share the templates, but foreign text is rejected
+    assert top["folds"]["full"]["per_source"]["synthetic_cipher"] > 50
+    assert 0 <= top["id_acc"] <= 100
+
+
+def test_per_class_rule_and_cache(tmp_path):
+    train, dev = make_rows(30, 0), make_rows(20, 1)
+    fold = make_folds(train, dev, num_foreign=10)[-1]
+    fs = fit_fold(fold, TINY, tmp_path, "tiny")
+    assert (tmp_path / "tiny" / "full.pkl").exists()
+    again = fit_fold(fold, TINY, tmp_path, "tiny")
+    assert np.allclose(fs.dev_probs, again.dev_probs)
+    from dataclasses import replace
+
+    r = evaluate_rule(fs, replace(RULES["knn+tfknn"], per_class=True))
+    assert 0 <= r["gqr"] <= 100 and set(r["per_source"]) == {"synthetic_cipher", "synthetic_shuffle"}
+
+
+def test_cli_prints_table_and_json(tmp_path, capsys):
+    tr = write_jsonl(tmp_path / "train.jsonl", rows_of(20, 0))
+    dv = write_jsonl(tmp_path / "dev.jsonl", rows_of(10, 1))
+    assert main(["--train", str(tr), "--dev", str(dv), "--rule", "knn+tfknn", "--no-full", "--json",
+                 "--epochs", "5", "--hidden", "16"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("variant") and "without-law" in out[0]
+    assert json.loads(out[-1])["results"][0]["rule"] == "knn+tfknn"

@@ -1,0 +1,296 @@
+"""Choosing guard variants without test data: leave-one-domain-out pseudo-OOD + synthetic foreign text.
+
+The GQR protocol trains on in-domain rows only and meets out-of-domain text for the first time at test.
+Choosing a featurizer, OOD rule or hyperparameter by test numbers leaks the test set into the model, so this
+module scores candidates on in-domain data alone (``train.jsonl`` + ``dev.jsonl``; never ``test_*`` and
+never ``ood_train``):
+
+- one fold per domain ``d`` (``without-d``): train on the training rows of the other domains; every source of
+  ``d`` (its train + dev rows) is a pseudo-OOD source. With MMLU rows in every domain this imitates the hard
+  case of off-topic MMLU questions; with forum/search sources it imitates off-topic user questions.
+- a ``full`` fold: all domains trained, measuring 3-way accuracy under the rule.
+- in every fold, synthetic foreign sources built in code from dev texts (``foreign_texts``): a consistent
+  letter substitution (a fake language with stable words) and characters shuffled inside each word.
+- the dev rows of the trained domains are split in two halves by a fixed hash: the rule is calibrated on one
+  half at the requested in-domain recall and in-domain accuracy is measured on the other (and the reverse).
+
+The score of a fold is the GQR formula on these pseudo sets (harmonic mean of in-domain accuracy and the
+mean over pseudo-OOD sources of rejection); a candidate's score is the mean over folds.
+
+Run: ``python -m training.guard_select --train F --dev F [--variant NAME ...] [--rule NAME ...]`` prints a
+table of candidates (variants = training settings, rules = evidence combinations) and, with ``--json``, one
+JSON object on the last line. Fitted folds are cached under ``--cache`` (one pickle per variant and fold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routers.guard import Guard, OODRule
+from training.guard_data import GuardRow, load_guard_rows
+from training.guard_fit import FitConfig, fit_uncalibrated
+
+# --------------------------------------------------------------------------------------------------
+# pseudo-OOD data
+# --------------------------------------------------------------------------------------------------
+
+
+def foreign_texts(texts: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
+    """Two synthetic foreign sources made from ``texts``: ``synthetic_cipher`` (every letter replaced by
+    a fixed other letter: stable fake words, same punctuation and lengths) and ``synthetic_shuffle``
+    (the letters inside each word shuffled)."""
+    rng = np.random.RandomState(seed)
+    lower = "abcdefghijklmnopqrstuvwxyz"
+    perm = "".join(rng.permutation(list(lower)))
+    table = str.maketrans(lower + lower.upper(), perm + perm.upper())
+    cipher = [t.translate(table) for t in texts]
+    shuffled = []
+    for t in texts:
+        words = []
+        for w in t.split(" "):
+            chars = list(w)
+            rng.shuffle(chars)
+            words.append("".join(chars))
+        shuffled.append(" ".join(words))
+    return {"synthetic_cipher": cipher, "synthetic_shuffle": shuffled}
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One selection fold: what is trained, which in-domain rows calibrate/evaluate, what must be rejected."""
+
+    name: str
+    train: list[GuardRow]
+    dev: list[GuardRow]  # in-domain rows of the trained domains (two halves: calibrate / evaluate)
+    ood: dict[str, list[str]]  # pseudo-OOD source → texts
+
+
+def make_folds(train: Sequence[GuardRow], dev: Sequence[GuardRow], num_foreign: int = 300,
+               full: bool = True, seed: int = 0) -> list[Fold]:
+    """The leave-one-domain-out folds (+ ``full``), each with the synthetic foreign sources."""
+    domains = sorted({r.label for r in train})
+    if len(domains) < 3:
+        raise ValueError(f"leave-one-domain-out needs at least 3 domains, found {domains}")
+    rng = np.random.RandomState(seed)
+    pick = rng.choice(len(dev), min(num_foreign, len(dev)), replace=False)
+    foreign = foreign_texts([dev[i].text for i in sorted(pick)], seed)
+    folds = []
+    for d in domains:
+        held = [r for r in [*train, *dev] if r.label == d]
+        ood = {f"{d}/{src}": [r.text for r in held if r.source == src] for src in sorted({r.source for r in held})}
+        folds.append(Fold(f"without-{d}", [r for r in train if r.label != d], [r for r in dev if r.label != d],
+                          {**ood, **foreign}))
+    if full:
+        folds.append(Fold("full", list(train), list(dev), dict(foreign)))
+    return folds
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldScores:
+    """Everything a rule needs about one fitted fold: per-row class probabilities and evidence components."""
+
+    classes: list[str]
+    dev_labels: np.ndarray  # int class index per dev row
+    dev_half: np.ndarray  # bool: row is in half A
+    dev_probs: np.ndarray
+    dev_comps: dict[str, np.ndarray]
+    ood_probs: dict[str, np.ndarray]
+    ood_comps: dict[str, dict[str, np.ndarray]]
+
+
+def score_fold(guard: Guard, fold: Fold) -> FoldScores:
+    def run(texts):
+        texts = [t[: guard.max_chars] for t in texts]
+        return guard._combine({n: m.evidence_batch(texts) for n, m in guard.members.items()})
+
+    dp, dc = run([r.text for r in fold.dev])
+    ood_p, ood_c = {}, {}
+    for src, texts in fold.ood.items():
+        ood_p[src], ood_c[src] = run(texts)
+    half = np.array([zlib.crc32(r.text.encode()) % 2 == 0 for r in fold.dev])
+    return FoldScores(guard.classes, np.array([guard.classes.index(r.label) for r in fold.dev]), half,
+                      dp, dc, ood_p, ood_c)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """An OOD rule candidate: which evidence components (by suffix, e.g. ``knn``) Fisher combines."""
+
+    name: str
+    components: tuple[str, ...]
+    id_recall: float = 0.9
+    per_class: bool = False  # calibrate a threshold per predicted domain
+
+
+RULES = {
+    "knn+tfknn": RuleSpec("knn+tfknn", ("knn", "tfknn")),
+    "msp+knn+tfknn": RuleSpec("msp+knn+tfknn", ("msp", "knn", "tfknn")),
+    "maha+tfknn": RuleSpec("maha+tfknn", ("maha", "tfknn")),
+    "maha+knn+tfknn": RuleSpec("maha+knn+tfknn", ("maha", "knn", "tfknn")),
+    "energy+knn+tfknn": RuleSpec("energy+knn+tfknn", ("energy", "knn", "tfknn")),
+    "tfknn": RuleSpec("tfknn", ("tfknn",)),
+    "knn": RuleSpec("knn", ("knn",)),
+    "maha": RuleSpec("maha", ("maha",)),
+    "msp": RuleSpec("msp", ("msp",)),
+    "energy": RuleSpec("energy", ("energy",)),
+}
+
+
+def _pick(comps: dict[str, np.ndarray], wanted: Sequence[str], rows=slice(None)) -> dict[str, np.ndarray]:
+    out = {k: v[rows] for k, v in comps.items() if k.split(".", 1)[1] in wanted}
+    if len(out) < len(wanted):
+        missing = sorted(set(wanted) - {k.split(".", 1)[1] for k in out})
+        raise ValueError(f"evidence {missing} not computed by this variant (has {sorted(comps)})")
+    return out
+
+
+def evaluate_rule(fs: FoldScores, spec: RuleSpec) -> dict[str, Any]:
+    """Pseudo-GQR of one rule on one fold, averaged over the two calibrate/evaluate halves. The rule is the
+    serving one (``OODRule``), calibrated on one dev half exactly as ``fit_guard`` calibrates on dev."""
+    n_dom = sum(c not in ("ood", "unsafe") for c in fs.classes)
+    id_accs, rej = [], {src: [] for src in fs.ood_comps}
+    for half in (fs.dev_half, ~fs.dev_half):
+        cal, ev = np.flatnonzero(half), np.flatnonzero(~half)
+        dev_pred = fs.dev_probs[:, :n_dom].argmax(axis=1)
+        rule = OODRule.calibrate(_pick(fs.dev_comps, spec.components, cal), spec.id_recall,
+                                 dev_pred[cal] if spec.per_class else None, n_dom)
+        pct = rule.percentile(_pick(fs.dev_comps, spec.components, ev), dev_pred[ev])
+        id_accs.append(float(np.mean((pct >= rule.threshold) & (dev_pred[ev] == fs.dev_labels[ev]))))
+        for src, comps in fs.ood_comps.items():
+            pct = rule.percentile(_pick(comps, spec.components), fs.ood_probs[src][:, :n_dom].argmax(axis=1))
+            rej[src].append(float(np.mean(pct < rule.threshold)))
+    id_acc = float(np.mean(id_accs))
+    per_source = {src: float(np.mean(v)) for src, v in rej.items()}
+    ood_acc = float(np.mean(list(per_source.values())))
+    gqr = 2 * id_acc * ood_acc / (id_acc + ood_acc) if id_acc + ood_acc else 0.0
+    return {"gqr": gqr * 100, "id_acc": id_acc * 100, "ood_acc": ood_acc * 100,
+            "per_source": {k: v * 100 for k, v in per_source.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# variants (training settings)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, base: FitConfig) -> FitConfig:
+        return replace(base, **self.overrides)
+
+
+VARIANTS = {
+    "base": Variant("base"),
+    "hidden512": Variant("hidden512", {"hidden": 512}),
+    "epochs10": Variant("epochs10", {"epochs": 10}),
+    "k10": Variant("k10", {"knn_k": 10}),
+    "chars2000": Variant("chars2000", {"max_chars": 2000}),
+    "seeds3": Variant("seeds3", {"num_seeds": 3}),
+    "maxdf10": Variant("maxdf10", {"tfidf_reference_max_df": 0.10}),
+    "ref8000": Variant("ref8000", {"max_reference": 8000}),
+}
+
+
+def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str) -> FoldScores:
+    path = cache / key / f"{fold.name}.pkl" if cache else None
+    if path is not None and path.exists():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    guard = fit_uncalibrated(fold.train, cfg)
+    fs = score_fold(guard, fold)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            pickle.dump(fs, f)
+    return fs
+
+
+def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequence[Variant],
+           rules: Sequence[RuleSpec], base: FitConfig | None = None, cache: Path | None = None,
+           full: bool = True, log=None) -> list[dict[str, Any]]:
+    """Score every (variant, rule) pair; rows sorted best first by mean pseudo-GQR over folds."""
+    base = base or FitConfig()
+    folds = make_folds(train, dev, full=full)
+    results = []
+    for v in variants:
+        scores = {}
+        for fold in folds:
+            if log:
+                log(f"fitting {v.name} / {fold.name}")
+            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name)
+        for spec in rules:
+            try:
+                per_fold = {name: evaluate_rule(fs, spec) for name, fs in scores.items()}
+            except ValueError as e:
+                if log:
+                    log(f"skip {v.name}/{spec.name}: {e}")
+                continue
+            results.append({
+                "variant": v.name, "rule": spec.name, "id_recall": spec.id_recall, "per_class": spec.per_class,
+                "score": float(np.mean([r["gqr"] for r in per_fold.values()])),
+                "id_acc": float(np.mean([r["id_acc"] for r in per_fold.values()])),
+                "ood_acc": float(np.mean([r["ood_acc"] for r in per_fold.values()])),
+                "folds": per_fold,
+            })
+    return sorted(results, key=lambda r: -r["score"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.guard_select", description=__doc__.split("\n")[0])
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--dev", required=True)
+    ap.add_argument("--variant", action="append", help=f"training variants ({', '.join(VARIANTS)}); default base")
+    ap.add_argument("--rule", action="append", help=f"rules ({', '.join(RULES)}); default all")
+    ap.add_argument("--id-recall", type=float, action="append", help="dev recall(s) to score; default 0.9")
+    ap.add_argument("--per-class", action="store_true", help="also score per-domain thresholds")
+    ap.add_argument("--no-full", action="store_true", help="skip the all-domains fold")
+    ap.add_argument("--cache", help="folder for fitted folds (reused across runs)")
+    ap.add_argument("--epochs", type=int, default=None, help="widemlp epochs (default: FitConfig's)")
+    ap.add_argument("--hidden", type=int, default=256, help="widemlp hidden width of the base config")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        variants = [VARIANTS[n] for n in (args.variant or ["base"])]
+        base_rules = [RULES[n] for n in (args.rule or list(RULES))]
+    except KeyError as e:
+        raise SystemExit(f"unknown name {e}; variants: {', '.join(VARIANTS)}; rules: {', '.join(RULES)}") from None
+    rules = [replace(r, id_recall=rec, per_class=pc) for r in base_rules for rec in (args.id_recall or [0.9])
+             for pc in ((False, True) if args.per_class else (False,))]
+    train = load_guard_rows(args.train)
+    dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
+    base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)
+    results = select(train, dev, variants, rules, base=base, cache=Path(args.cache) if args.cache else None,
+                     full=not args.no_full, log=lambda m: print(m, file=sys.stderr))
+    folds = list(results[0]["folds"]) if results else []
+    header = ["variant", "rule", "recall", "per-class", "score", "ID acc", "OOD acc", *folds]
+    table = [header] + [[r["variant"], r["rule"], f"{r['id_recall']:.2f}", "yes" if r["per_class"] else "no",
+                         f"{r['score']:.2f}", f"{r['id_acc']:.2f}", f"{r['ood_acc']:.2f}",
+                         *(f"{r['folds'][f]['gqr']:.2f}" for f in folds)] for r in results]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if args.json:
+        print(json.dumps({"results": results}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
