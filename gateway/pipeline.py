@@ -80,6 +80,8 @@ class Trace:
     num_examples: int = 0
     example_ids: list[str] = field(default_factory=list)
     query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
+    example_similarity: float | None = None  # cosine of the best example retrieved (None: none)
+    is_kept_on_slm: bool = False  # good examples found: no cascade (example_cache.keep_on_slm_similarity)
     backend_wait_s: float = 0.0
     overhead_s: float | None = None
     cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
@@ -87,6 +89,7 @@ class Trace:
     def info(self) -> dict[str, Any]:
         return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
                 "threshold": self.threshold, "escalated": self.escalated, "num_examples": self.num_examples,
+                "example_similarity": self.example_similarity,
                 "overhead_ms": round((self.overhead_s or 0.0) * 1000, 3), "cost_usd": round(self.cost_usd, 10),
                 "reason": self.reason}
 
@@ -363,7 +366,12 @@ class Pipeline:
 
                 trace.num_examples = len(examples)
                 trace.example_ids = [e.id for e in examples]
+                trace.example_similarity = examples[0].similarity
                 messages = _with_examples(job.messages or [], format_examples(examples))
+                keep_at = self.settings.example_cache.keep_on_slm_similarity
+                if trace.route == "slm_then_escalate" and keep_at is not None and trace.example_similarity >= keep_at:
+                    trace.route, trace.is_kept_on_slm = "slm", True
+                    trace.reason = f"good examples found (similarity {trace.example_similarity:.3f} >= {keep_at})"
         # [5-7] pool → backend → cascade
         request = self._generation_request(job, trace.pool, messages)
         cascade = self._cascade_applies(trace)
@@ -430,7 +438,7 @@ class Pipeline:
                                  code="response_format_not_supported", param="response_format")
 
     def _cascade_applies(self, trace: Trace) -> bool:
-        if self.cascade_rule is None or trace.pool != self.settings.routing.slm_pool:
+        if self.cascade_rule is None or trace.pool != self.settings.routing.slm_pool or trace.is_kept_on_slm:
             return False
         if trace.route == "slm_then_escalate":
             return True

@@ -136,6 +136,9 @@ class ExampleCacheSettings(_Frozen):
     server_search: Literal["off", "auto", "on"] = Field(
         "off", description="vector search inside Redis (Redis 8 / Redis Stack) instead of the in-process "
         "index: auto = when detected at start-up, on = fail start-up without it (backend redis only)")
+    keep_on_slm_similarity: float | None = Field(
+        None, ge=-1, le=1, description="route slm_then_escalate: when an example at least this similar was "
+        "retrieved, the SLM answer is kept without the cascade judging it; None = off")
 
 
 class ApiKey(_Frozen):

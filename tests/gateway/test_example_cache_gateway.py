@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import openai
+import pytest
 
 from gateway.app import create_app
 from gateway.pipeline import Pipeline
@@ -146,3 +147,44 @@ def test_an_escalated_request_embeds_its_text_once(live_server):
     client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "pasta sauce recipe"}])
     wait_admitted(2)
     assert calls == [["unsure tides work"], ["pasta sauce recipe"]]
+
+
+def test_good_examples_keep_an_slm_then_escalate_request_on_the_slm(live_server):
+    settings = fake_settings(example_cache={"enabled": True, "backend": "memory", "top_k": 2, "min_similarity": 0.5,
+                                            "keep_on_slm_similarity": 0.9})
+    factory = FakeFactory()
+    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=bow_embed))
+    client = _client(live_server(app), "none")
+    client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "unsure tides work"}])
+    store = app.state.pipeline.store
+    deadline = time.monotonic() + 10
+    while store.stats["admitted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    # an example at similarity 1.0 >= 0.9: the unsure SLM answer is kept (no cascade)
+    kept = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "unsure tides work"}])
+    info = kept.parse().model_extra["switchyard"]
+    assert kept.headers["x-switchyard-route"] == "slm" and info["model"] == "slm" and not info["escalated"]
+    assert info["example_similarity"] == pytest.approx(1.0) and info["reason"].startswith("good examples found")
+    assert kept.parse().choices[0].message.content.startswith("slm: echo")
+    # a weaker example (0.5 <= similarity < 0.9) is shown to the SLM, but the cascade still judges
+    weaker = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "unsure tides work on mars"}]).model_extra["switchyard"]
+    assert weaker["num_examples"] == 1 and 0.5 <= weaker["example_similarity"] < 0.9
+    assert weaker["route"] == "slm_then_escalate" and weaker["escalated"] is True
+
+
+def test_keep_on_slm_is_off_by_default(live_server):
+    settings = fake_settings(example_cache={"enabled": True, "backend": "memory", "top_k": 2, "min_similarity": 0.5})
+    assert settings.example_cache.keep_on_slm_similarity is None
+    factory = FakeFactory()
+    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=bow_embed))
+    client = _client(live_server(app), "none")
+    client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "unsure tides work"}])
+    deadline = time.monotonic() + 10
+    while app.state.pipeline.store.stats["admitted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    info = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "unsure tides work"}]).model_extra["switchyard"]
+    assert info["example_similarity"] == pytest.approx(1.0) and info["escalated"] is True
