@@ -3,11 +3,15 @@
 * API keys are configured only as sha256 digests (``switchyard keys hash KEY``); the presented key is
   hashed and compared with ``hmac.compare_digest`` against every configured digest (no early exit).
   With no keys configured the gateway is open (``create_app`` logs a warning at start-up).
-* Rate limits are per key and per minute (fixed windows): requests are counted on admission, tokens
-  (prompt + completion, from the response's usage) after the response. A key whose window already holds
-  ``tokens_per_minute`` tokens is refused until the window ends. Counters live in Redis when
-  ``redis_url`` is set (shared by gateway replicas; a Redis failure fails *open* and is counted), in
-  process otherwise.
+* Rate limits are per key over a sliding minute (``SlidingWindow``: the sliding-window counter that
+  Cloudflare and most gateways use — the current minute's count plus the previous minute's, weighted by
+  how much of it still overlaps the last 60 s, so a key cannot burst 2x its limit across a minute
+  boundary the way fixed windows allow). Requests are counted on admission (refused ones are not
+  counted), tokens (prompt + completion, from the response's usage) after the response; a key whose last
+  minute already holds ``tokens_per_minute`` tokens is refused until enough of them slide out, and the
+  429 carries ``retry-after`` for that moment. Counters live in Redis when ``redis_url`` is set (one Lua
+  script per admission: check and count atomically, shared by gateway replicas; a Redis failure fails
+  *open* and is counted), in process otherwise.
 * The model allow list applies to the ``model`` the caller names (``auto`` must be listed to use routing).
 * Body size is checked by ``BodyLimit`` (an ASGI middleware) before the body is parsed.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,86 +44,161 @@ class Admission:
     tokens_per_minute: int | None = None
 
 
+@dataclass(frozen=True)
+class LimitCheck:
+    """A limiter's answer: ``over`` is None (admitted and counted) or "requests" | "tokens" (refused,
+    not counted), with ``retry_after_s`` until the sliding minute would admit the request."""
+
+    over: str | None = None
+    retry_after_s: int = 0
+
+
 class RateLimiter(Protocol):
-    async def hit(self, key: str, *, max_requests: int | None, max_tokens: int | None) -> str | None:
-        """Count one request; return why it is over a limit ("requests" | "tokens") or None if admitted."""
+    async def hit(self, key: str, *, max_requests: int | None, max_tokens: int | None) -> LimitCheck:
+        """Admit and count one request, or say which limit it is over."""
 
     async def add_tokens(self, key: str, num_tokens: int) -> None: ...
 
     async def close(self) -> None: ...
 
 
+WINDOW_S = 60
+
+
 def _window(now: float) -> int:
-    return int(now // 60)
+    return int(now // WINDOW_S)
+
+
+class SlidingWindow:
+    """The sliding-window counter: ``estimate = previous_minute * w + current_minute`` with ``w`` the share
+    of the previous minute still inside the last 60 s. Exact when traffic within a minute is even."""
+
+    @staticmethod
+    def weight(now: float) -> float:
+        return 1.0 - (now % WINDOW_S) / WINDOW_S
+
+    @staticmethod
+    def wait_s(prev: float, cur: float, room: float, now: float) -> int | None:
+        """None when ``estimate <= room`` now; else whole seconds (≥ 1) until it will be, without new traffic."""
+        into = now % WINDOW_S
+        if prev * SlidingWindow.weight(now) + cur <= room:
+            return None
+        if room < 0:  # a zero limit never admits
+            return WINDOW_S
+        if cur <= room:  # enough of the previous minute has to slide out
+            return max(1, math.ceil(WINDOW_S * (1.0 - (room - cur) / prev) - into - 1e-9))
+        # the current minute alone is over: after the boundary it is "previous" and slides out in turn
+        return max(1, math.ceil(WINDOW_S - into + WINDOW_S * (1.0 - room / cur) - 1e-9))
+
+
+def _verdict(now: float, req: tuple[float, float], tok: tuple[float, float], max_requests: int | None,
+             max_tokens: int | None) -> LimitCheck:
+    """One request with (previous, current) minute counts: tokens first (a key whose last minute holds
+    ``max_tokens`` is refused whatever its request count), then requests (room for this one)."""
+    if max_tokens is not None:
+        wait = SlidingWindow.wait_s(tok[0], tok[1], max_tokens - 1e-6, now)
+        if wait is not None:
+            return LimitCheck("tokens", wait)
+    if max_requests is not None:
+        wait = SlidingWindow.wait_s(req[0], req[1], max_requests - 1, now)
+        if wait is not None:
+            return LimitCheck("requests", wait)
+    return LimitCheck()
 
 
 class InProcessRateLimiter:
-    """Fixed one-minute windows in a dict; only this process's traffic counts."""
+    """Sliding-window counters in a dict; only this process's traffic counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.time) -> None:
         self._counts: dict[tuple[str, str, int], int] = {}
+        self._clock = clock
 
     def _gc(self, window: int) -> None:
         if len(self._counts) > 10_000:
-            self._counts = {k: v for k, v in self._counts.items() if k[2] >= window}
+            self._counts = {k: v for k, v in self._counts.items() if k[2] >= window - 1}
 
-    async def hit(self, key: str, *, max_requests: int | None, max_tokens: int | None) -> str | None:
-        w = _window(time.time())
+    def _pair(self, key: str, what: str, w: int) -> tuple[float, float]:
+        return self._counts.get((key, what, w - 1), 0), self._counts.get((key, what, w), 0)
+
+    async def hit(self, key: str, *, max_requests: int | None, max_tokens: int | None) -> LimitCheck:
+        now = self._clock()
+        w = _window(now)
         self._gc(w)
-        if max_tokens is not None and self._counts.get((key, "tok", w), 0) >= max_tokens:
-            return "tokens"
-        n = self._counts.get((key, "req", w), 0) + 1
-        self._counts[(key, "req", w)] = n
-        if max_requests is not None and n > max_requests:
-            return "requests"
-        return None
+        check = _verdict(now, self._pair(key, "req", w), self._pair(key, "tok", w), max_requests, max_tokens)
+        if check.over is None:
+            self._counts[(key, "req", w)] = self._counts.get((key, "req", w), 0) + 1
+        return check
 
     async def add_tokens(self, key: str, num_tokens: int) -> None:
-        k = (key, "tok", _window(time.time()))
+        k = (key, "tok", _window(self._clock()))
         self._counts[k] = self._counts.get(k, 0) + num_tokens
 
     async def close(self) -> None:
         return None
 
 
+# One round trip per admission: read both minutes of both counters, apply _verdict's rule, count the
+# request only if admitted. KEYS: req prev, req cur, tok prev, tok cur; ARGV: weight, max requests,
+# max tokens (-1 = none), key TTL. Returns {admitted 0/1, the four counts}.
+_HIT_SCRIPT = """
+local rp = tonumber(redis.call('GET', KEYS[1]) or '0')
+local rc = tonumber(redis.call('GET', KEYS[2]) or '0')
+local tp = tonumber(redis.call('GET', KEYS[3]) or '0')
+local tc = tonumber(redis.call('GET', KEYS[4]) or '0')
+local w = tonumber(ARGV[1])
+local max_req = tonumber(ARGV[2])
+local max_tok = tonumber(ARGV[3])
+local ok = 1
+if max_tok >= 0 and tp * w + tc >= max_tok then ok = 0 end
+if ok == 1 and max_req >= 0 and rp * w + rc + 1 > max_req then ok = 0 end
+if ok == 1 then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
+return {ok, rp, rc, tp, tc}
+"""
+
+
 class RedisRateLimiter:
-    """Fixed one-minute windows as Redis counters (``INCR`` + ``EXPIRE``), shared by gateway replicas.
+    """Sliding-window counters in Redis (one Lua script checks and counts atomically), shared by gateway
+    replicas. Keys ``sy:rl:{key}:{req|tok}:{minute}`` live three minutes.
 
     Redis down or slow (> ``timeout_s``, default 100 ms) → the request is admitted and ``num_failures`` grows.
     """
 
-    def __init__(self, redis_url: str, timeout_s: float = 0.1) -> None:
+    def __init__(self, redis_url: str, timeout_s: float = 0.1, clock: Any = time.time) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                               retry_on_timeout=False)
+        self._script = self._redis.register_script(_HIT_SCRIPT)
+        self._clock = clock
         self.num_failures = 0
 
-    async def hit(self, key: str, *, max_requests: int | None, max_tokens: int | None) -> str | None:
-        w = _window(time.time())
-        req_key, tok_key = f"sy:rl:{key}:req:{w}", f"sy:rl:{key}:tok:{w}"
+    async def hit(self, key: str, *, max_requests: int | None, max_tokens: int | None) -> LimitCheck:
+        now = self._clock()
+        w = _window(now)
+        keys = [f"sy:rl:{key}:req:{w - 1}", f"sy:rl:{key}:req:{w}", f"sy:rl:{key}:tok:{w - 1}",
+                f"sy:rl:{key}:tok:{w}"]
+        args = [repr(SlidingWindow.weight(now)), -1 if max_requests is None else max_requests,
+                -1 if max_tokens is None else max_tokens, 3 * WINDOW_S]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.incr(req_key)
-                pipe.expire(req_key, 120)
-                pipe.get(tok_key)
-                n, _, tokens = await pipe.execute()
+            ok, rp, rc, tp, tc = (int(x) for x in await self._script(keys=keys, args=args))
         except Exception as e:  # noqa: BLE001 - any Redis failure fails open
             self.num_failures += 1
             log.warning("rate limiter: Redis unavailable (%s); admitting", type(e).__name__)
-            return None
-        if max_tokens is not None and int(tokens or 0) >= max_tokens:
-            return "tokens"
-        if max_requests is not None and int(n) > max_requests:
-            return "requests"
-        return None
+            return LimitCheck()
+        if ok:
+            return LimitCheck()
+        check = _verdict(now, (rp, rc), (tp, tc), max_requests, max_tokens)  # which limit, and how long
+        return check if check.over is not None else LimitCheck("requests", 1)  # float rounding at the edge
 
     async def add_tokens(self, key: str, num_tokens: int) -> None:
-        tok_key = f"sy:rl:{key}:tok:{_window(time.time())}"
+        tok_key = f"sy:rl:{key}:tok:{_window(self._clock())}"
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.incrby(tok_key, num_tokens)
-                pipe.expire(tok_key, 120)
+                pipe.expire(tok_key, 3 * WINDOW_S)
                 await pipe.execute()
         except Exception:  # noqa: BLE001
             self.num_failures += 1
@@ -182,14 +262,14 @@ class Admitter:
             raise PermissionDenied(f"API key {key.name!r} may not use model {model!r}; allowed: {key.models}",
                                    code="model_not_allowed", param="model")
         if key.requests_per_minute is not None or key.tokens_per_minute is not None:
-            over = await self.limiter.hit(key.name, max_requests=key.requests_per_minute,
-                                          max_tokens=key.tokens_per_minute)
-            if over is not None:
+            check = await self.limiter.hit(key.name, max_requests=key.requests_per_minute,
+                                           max_tokens=key.tokens_per_minute)
+            if check.over is not None:
                 self.num_rate_limited += 1
-                retry = str(max(1, 60 - int(time.time() % 60)))
-                limit = key.requests_per_minute if over == "requests" else key.tokens_per_minute
-                raise RateLimited(f"Rate limit reached for key {key.name!r}: {limit} {over} per minute.",
-                                  code=f"rate_limit_{over}", headers={"retry-after": retry})
+                limit = key.requests_per_minute if check.over == "requests" else key.tokens_per_minute
+                raise RateLimited(f"Rate limit reached for key {key.name!r}: {limit} {check.over} per minute "
+                                  f"(sliding); retry in {check.retry_after_s} s.",
+                                  code=f"rate_limit_{check.over}", headers={"retry-after": str(check.retry_after_s)})
         return Admission(key_name=key.name, namespace=key.namespace or key.name,
                          guard_exempt=key.guard_exempt, tokens_per_minute=key.tokens_per_minute)
 
