@@ -224,12 +224,12 @@ class RedisExampleStore(StoreBase):
         async with st.lock:
             is_complete = await self._catch_up(namespace, st)
         if not is_complete:  # ops were trimmed before this replica read them: rebuild from the hashes
-            self._count("resyncs")
-            logger.warning("example cache: namespace %r lost ops from its op stream (trimmed past id %s, or "
-                           "the stream was recreated); full resync from Redis", namespace, st.last_stream_id)
             if st.load_task is None or st.load_task.done():
+                self._count("resyncs")
+                logger.warning("example cache: namespace %r lost ops from its op stream (trimmed past id %s, "
+                               "or the stream was recreated); full resync from Redis", namespace, st.last_stream_id)
                 st.load_task = self._spawn(self._load(namespace, st, dim))
-            await asyncio.shield(st.load_task)
+            await asyncio.shield(st.load_task)  # concurrent lookups wait for the same resync
         return st
 
     async def _load(self, namespace: str, st: _RedisNamespace, dim: int) -> None:

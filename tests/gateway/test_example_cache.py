@@ -424,7 +424,7 @@ async def test_lagging_replica_resyncs_after_the_op_stream_was_trimmed(redis_url
         live = {e.id: e.request_text for e in await a.entries("t")}
         assert len(live) == 5
         with caplog.at_level(logging.WARNING, logger="switchyard.example_cache"):
-            await b.lookup("t", texts[-1])
+            await asyncio.gather(*(b.lookup("t", t) for t in texts[-3:]))  # concurrent lookups: one resync
         assert b.stats["resyncs"] == 1
         assert any("full resync" in rec.getMessage() for rec in caplog.records)
         assert sorted(b._ns["t"].index.ids()) == sorted(live)  # no trimmed example missing, no evicted one left
