@@ -22,6 +22,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,17 @@ _CHAR_SEED = np.uint64(0xC4A2B00F)
 
 
 _last_counts = threading.local()  # HashedTfidf._counts' one-entry memo, per thread
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """The IDF-free part of one text's TF-IDF row: per non-empty part (word, char) its sorted unique
+    bucket ids and term weights (``1 + log tf`` or ``tf``); the row's columns (their union) and, when
+    there are two parts, where each part's ids land in it."""
+
+    parts: list[tuple[np.ndarray, np.ndarray]]
+    cols: np.ndarray
+    inv: np.ndarray | None
 
 
 def _seed(base: np.uint64, n: int) -> np.uint64:
@@ -141,47 +153,49 @@ class HashedTfidf:
             parts.append((char_ngram_hashes(norm, self.char_ngrams) & self._mask).astype(np.int64))
         return parts
 
-    def _counts(self, text: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(sorted unique bucket ids, counts) of each non-empty part: everything but the IDF.
+    def _counts(self, text: str) -> _Counts:
+        """Everything about one text's row but the IDF (see ``_Counts``).
 
         The guard and the router featurize the same text back to back with the same hashing settings, so
         the last result is kept per thread and reused when the next call asks for the same text and
-        settings (a one-entry memo: it never helps one request with another's text). The arrays are
+        settings (a one-entry memo: it never helps one request with another's text). Its arrays are
         read-only.
         """
-        key = (text, self.n_features, self.word_ngrams, self.char_ngrams)
+        key = (text, self.n_features, self.word_ngrams, self.char_ngrams, self.sublinear_tf)
         last = getattr(_last_counts, "value", None)
         if last is not None and last[0] == key:
             return last[1]
-        out = []
+        parts = []
         for ids in self._parts(text):
             if len(ids):
                 u, tf = np.unique(ids, return_counts=True)
-                u.flags.writeable = tf.flags.writeable = False
-                out.append((u, tf))
-        _last_counts.value = (key, out)
-        return out
+                parts.append((u, (1.0 + np.log(tf)) if self.sublinear_tf else tf.astype(np.float64)))
+        if len(parts) > 1:  # word and char buckets may collide: the row's columns are their union
+            cols, inv = np.unique(np.concatenate([u for u, _ in parts]), return_inverse=True)
+        else:
+            cols, inv = (parts[0][0] if parts else np.zeros(0, dtype=np.int64)), None
+        counts = _Counts(parts, cols, inv)
+        for arr in (cols, inv, *(x for part in parts for x in part)):
+            if arr is not None:
+                arr.flags.writeable = False
+        _last_counts.value = (key, counts)
+        return counts
 
     def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(sorted unique column ids, float32 values) of one text."""
-        parts = self._counts(text)
-        if not parts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        cols, vals = [], []
-        scale = 1.0 / np.sqrt(len(parts))
-        for u, tf in parts:
-            w = (1.0 + np.log(tf)) if self.sublinear_tf else tf.astype(np.float64)
-            w = w * self.idf[u]
+        counts = self._counts(text)
+        if not counts.parts:
+            return counts.cols, np.zeros(0, dtype=np.float32)
+        scale = 1.0 / np.sqrt(len(counts.parts))
+        vals = []
+        for u, tfw in counts.parts:
+            w = tfw * self.idf[u]
             w *= scale / np.sqrt(np.dot(w, w))
-            cols.append(u)
             vals.append(w)
-        if len(cols) == 1:
-            return cols[0], vals[0].astype(np.float32)
-        c = np.concatenate(cols)
-        v = np.concatenate(vals)
-        u, inv = np.unique(c, return_inverse=True)
-        w = np.bincount(inv, weights=v, minlength=len(u))
-        return u, (w / np.sqrt(np.dot(w, w))).astype(np.float32)  # word/char bucket collisions
+        if counts.inv is None:
+            return counts.cols, vals[0].astype(np.float32)
+        w = np.bincount(counts.inv, weights=np.concatenate(vals), minlength=len(counts.cols))
+        return counts.cols, (w / np.sqrt(np.dot(w, w))).astype(np.float32)  # word/char bucket collisions
 
     # -- API ------------------------------------------------------------------------------------
     def fit(self, texts: Iterable[str]) -> HashedTfidf:

@@ -52,7 +52,7 @@ def test_back_to_back_featurizers_share_counts_but_not_idf():
     other_cols, _ = b.transform_one("court judge")
     assert not np.array_equal(other_cols, cols)
     with pytest.raises(ValueError):
-        b._counts(text)[0][0][0] = 1  # memoised arrays are read-only
+        b._counts(text).cols[0] = 1  # memoised arrays are read-only
 
 
 def test_hash_buckets_are_stable_across_processes():
