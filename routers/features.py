@@ -83,8 +83,8 @@ def char_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
                 break
             h = (h[:-1] ^ cps[n - 1:]) * _FNV_PRIME
         if n >= lo:
-            out.append(_mix(h ^ _seed(_CHAR_SEED, n)))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+            out.append(h ^ _seed(_CHAR_SEED, n))
+    return _mix(np.concatenate(out)) if out else np.zeros(0, dtype=np.uint64)  # one elementwise pass
 
 
 def word_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
@@ -96,14 +96,15 @@ def word_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
     base = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
     out: list[np.ndarray] = []
     h = (_FNV_OFFSET ^ base) * _FNV_PRIME
+    mixed = _mix(base) if hi > 1 else base
     for n in range(1, hi + 1):
         if n > 1:
             if len(base) < n:
                 break
-            h = (h[:-1] ^ _mix(base[n - 1:])) * _FNV_PRIME
+            h = (h[:-1] ^ mixed[n - 1:]) * _FNV_PRIME
         if n >= lo:
-            out.append(_mix(h ^ _seed(_WORD_SEED, n)))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+            out.append(h ^ _seed(_WORD_SEED, n))
+    return _mix(np.concatenate(out)) if out else np.zeros(0, dtype=np.uint64)  # one elementwise pass
 
 
 class HashedTfidf:
