@@ -127,7 +127,7 @@ class WideMLP:
         comps["energy"] = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))).astype(np.float32)
         if self.class_means is not None and self.precision is not None:
             d = h[:, None, :] - self.class_means[None, :, :]  # [n, C, H]
-            dist = np.einsum("nch,hk,nck->nc", d, self.precision, d, optimize=True)
+            dist = ((d @ self.precision) * d).sum(axis=2)  # d P d^T per class (einsum's path search cost more)
             comps["maha"] = (-dist.min(axis=1)).astype(np.float32)
 
     def _hidden_rows(self, X) -> np.ndarray:
@@ -165,8 +165,8 @@ class WideMLP:
         h = np.maximum(vals[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
         comps = {"knn": _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)}
         if self.ref_tf is not None:
-            sims = self.ref_tf[cols].T @ vals if len(cols) else np.zeros(self.ref_tf.shape[1], np.float32)
-            comps["tfknn"] = _topk_mean(np.asarray(sims, dtype=np.float32)[None, :], self.knn_k)
+            sims = _sparse_rows_dot(self.ref_tf, cols, vals)
+            comps["tfknn"] = _topk_mean(sims[None, :], self.knn_k)
         logits = h @ self.w_out + self.b_out
         self._extra(h, logits, comps)
         return _softmax(logits), comps
@@ -205,6 +205,18 @@ class WideMLP:
             class_means=arrays[f"{prefix}class_means"].astype(np.float32) if meta.get("mahalanobis") else None,
             precision=arrays[f"{prefix}precision"].astype(np.float32) if meta.get("mahalanobis") else None,
         )
+
+
+def _sparse_rows_dot(csr: Any, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``weights @ csr[rows]`` as float32 [n_cols], gathering the rows' entries straight from the CSR
+    arrays (scipy's fancy row indexing builds a whole new matrix: ~4x slower for one query)."""
+    if not len(rows):
+        return np.zeros(csr.shape[1], dtype=np.float32)
+    starts, ends = csr.indptr[rows], csr.indptr[rows + 1]
+    lens = ends - starts
+    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    out = np.bincount(csr.indices[pos], weights=csr.data[pos] * np.repeat(weights, lens), minlength=csr.shape[1])
+    return out.astype(np.float32)
 
 
 def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str):
