@@ -265,6 +265,17 @@ class EmbeddingHead:
 Member = WideMLP | EmbeddingHead
 
 
+def _mean_of(arrays: list[np.ndarray]) -> np.ndarray:
+    """Element-wise mean of same-shaped arrays, summed in order (as ``np.mean(arrays, axis=0)``) but
+    without stacking them first; one array is returned as is (the common single-member case)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    total = arrays[0] + arrays[1]
+    for a in arrays[2:]:
+        total += a
+    return total / len(arrays)
+
+
 def _family(member_name: str) -> str:
     """``widemlp_2`` → ``widemlp``: extra seeds of a member kind share its evidence names."""
     return member_name.split("_", 1)[0]
@@ -381,15 +392,15 @@ class Guard:
         """Average class probabilities; name the evidence ``family.component`` (+ ``msp``), where members
         ``widemlp``, ``widemlp_1``, ... (seeds of one family) contribute the mean of their values."""
         n_dom = len(self.domains)
-        probs = np.mean([p for p, _ in outs.values()], axis=0)
+        probs = _mean_of([p for p, _ in outs.values()])
         families: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
         for name, out in outs.items():
             families.setdefault(_family(name), []).append(out)
         comps: dict[str, np.ndarray] = {}
         for fam, items in families.items():
-            comps[f"{fam}.msp"] = np.mean([p for p, _ in items], axis=0)[:, :n_dom].max(axis=1)
+            comps[f"{fam}.msp"] = _mean_of([p for p, _ in items])[:, :n_dom].max(axis=1)
             for comp in dict.fromkeys(c for _, mc in items for c in mc):
-                comps[f"{fam}.{comp}"] = np.mean([mc[comp] for _, mc in items if comp in mc], axis=0)
+                comps[f"{fam}.{comp}"] = _mean_of([mc[comp] for _, mc in items if comp in mc])
         return probs, comps
 
     def predicted_domain(self, probs: np.ndarray) -> np.ndarray:
