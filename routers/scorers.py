@@ -12,6 +12,7 @@ Kinds (``SCORERS``; ``make_scorer(kind)`` raises ValueError listing them):
 - ``length``        longer prompts are less likely to be handled by the weak model
 - ``tfidf_lr``      hashed word+char TF-IDF → logistic regression on the binary label (the plain baseline)
 - ``tfidf_ridge``   hashed TF-IDF → ridge regression on the gain
+- ``tfidf_source_ridge`` per-source ridge heads, the head picked by a TF-IDF source classifier
 - ``minilm_mlp``    MiniLM embedding → small MLP on the gain
 - ``knn``           MiniLM embedding → similarity-weighted mean gain of the k nearest training prompts
 - ``ensemble``      mean of standardised member predictions (tfidf_ridge + minilm_mlp + knn by default)
@@ -106,6 +107,7 @@ class Scorer:
     kind = "base"
     uses_tfidf = False
     uses_embeddings = False
+    uses_sources = False  # fit(..., sources=[row source, ...]) when True
 
     def __init__(self) -> None:
         self.platt = Platt()
@@ -253,6 +255,154 @@ class TfidfLRScorer(_Linear):
         self.b = float(model.intercept_[0])
         self.platt = Platt(1.0, 0.0)
         return self
+
+
+class SourceRidgeScorer(Scorer):
+    """Per-source ridge heads chosen by a source classifier, all on hashed TF-IDF.
+
+    Training rows carry ``source``. Every source with at least ``min_source_rows`` fit rows is a class;
+    the remaining rows form ``__other__``. A multinomial logistic regression on the same features
+    predicts the class of a prompt, and the prompt is scored by that class's head (hard assignment:
+    heads are on different scales). A class's head is either a ridge fitted on that source alone
+    (alpha ``alpha * sqrt(n_all / n_source)``: smaller sources shrink more) or the ridge fitted on all
+    rows (what ``tfidf_ridge`` is): the own head is kept only when, in ``select_folds``-fold
+    cross-validation on the fit rows, its APGR on that source beats the all-rows ridge by at least
+    ``select_margin`` (``head_of`` records the choice). ``__other__`` always uses the all-rows ridge;
+    with fewer than two classes this is plain ``tfidf_ridge``. raw = -predicted gain.
+    """
+
+    kind = "tfidf_source_ridge"
+    uses_tfidf = True
+    uses_sources = True
+    OTHER = "__other__"
+
+    def __init__(self, alpha: float = 3.0, min_source_rows: int = 200, classifier_c: float = 10.0,
+                 select_margin: float = 0.01, select_folds: int = 3, balanced: bool = False) -> None:
+        super().__init__()
+        self.balanced = balanced
+        self.alpha, self.min_source_rows, self.classifier_c = alpha, min_source_rows, classifier_c
+        self.select_margin, self.select_folds = select_margin, select_folds
+        self.classes: list[str] = []
+        self.head_of: dict[str, str] = {}  # class -> "source" (own head) | "all" (all-rows ridge)
+        self.w = np.zeros((0, 0), dtype=np.float32)  # [n_features, n_heads]; column 0 = all-rows ridge
+        self.b = np.zeros(0, dtype=np.float32)
+        self.head_index = np.zeros(0, dtype=np.int64)  # class -> column of w
+        self.wc = np.zeros((0, 0), dtype=np.float32)  # [n_features, n_classes] classifier
+        self.bc = np.zeros(0, dtype=np.float32)
+
+    def _head_alpha(self, num_rows: int, num_source_rows: int) -> float:
+        return self.alpha * math.sqrt(num_rows / num_source_rows)
+
+    def _own_head_wins(self, x, gain: np.ndarray, label: np.ndarray, seed: int) -> dict[str, bool]:
+        """Per class: does its own head beat the all-rows ridge on its rows, out of fold, by the margin?"""
+        from sklearn.linear_model import Ridge
+        from sklearn.model_selection import KFold
+
+        from training.evaluate import apgr, curve
+
+        classes = [c for c in self.classes if c != self.OTHER]
+        total = {c: [0.0, 0.0] for c in classes}  # [own, all-rows] summed APGR
+        folds = KFold(self.select_folds, shuffle=True, random_state=seed).split(np.arange(len(gain)))
+        for tr, te in folds:
+            glob = Ridge(alpha=self.alpha).fit(x[tr], gain[tr])
+            for c in classes:
+                a, b = tr[label[tr] == c], te[label[te] == c]
+                own = Ridge(alpha=self._head_alpha(len(tr), len(a))).fit(x[a], gain[a])
+                zero = np.zeros(len(b))
+                total[c][0] += apgr(curve(-own.predict(x[b]), gain[b], zero))
+                total[c][1] += apgr(curve(-glob.predict(x[b]), gain[b], zero))
+        return {c: (own - other) / self.select_folds >= self.select_margin for c, (own, other) in total.items()}
+
+    def fit(self, texts, gain, feats, seed=0, sources: Sequence[str] | None = None):
+        from sklearn.linear_model import LogisticRegression, Ridge
+
+        if sources is None or len(sources) != len(texts):
+            raise ValueError("tfidf_source_ridge needs one source per training row")
+        x = feats.tfidf_rows(texts)
+        gain = np.asarray(gain, dtype=np.float64)
+        src = np.asarray([str(s) for s in sources])
+        names, counts = np.unique(src, return_counts=True)
+        headed = [str(n) for n, c in zip(names, counts, strict=True) if c >= self.min_source_rows]
+        label = np.where(np.isin(src, headed), src, self.OTHER)
+        self.classes = sorted(set(label.tolist()))
+        wins = self._own_head_wins(x, gain, label, seed) if len(self.classes) >= 2 else {}
+        self.head_of = {c: "source" if wins.get(c) else "all" for c in self.classes}
+        glob = Ridge(alpha=self.alpha).fit(x, gain)
+        heads, biases, index = [-np.asarray(glob.coef_, dtype=np.float64)], [-float(glob.intercept_)], []
+        for c in self.classes:  # column 0: the all-rows ridge; then one column per own head
+            rows = np.nonzero(label == c)[0]
+            if self.head_of[c] == "all":
+                index.append(0)
+                continue
+            model = Ridge(alpha=self._head_alpha(len(texts), len(rows))).fit(x[rows], gain[rows])
+            index.append(len(heads))
+            heads.append(-np.asarray(model.coef_, dtype=np.float64))
+            biases.append(-float(model.intercept_))
+        self.w = np.stack(heads, axis=1).astype(np.float32)
+        self.b = np.asarray(biases, dtype=np.float32)
+        self.head_index = np.asarray(index, dtype=np.int64)
+        if len(self.classes) >= 2:
+            clf = LogisticRegression(C=self.classifier_c, max_iter=3000,
+                                     class_weight="balanced" if self.balanced else None).fit(x, label)
+            assert list(clf.classes_) == self.classes, (clf.classes_, self.classes)
+            coef, icpt = clf.coef_, clf.intercept_
+            if len(self.classes) == 2:  # sklearn keeps one row for two classes
+                coef, icpt = np.vstack([-coef[0] / 2, coef[0] / 2]), np.asarray([-icpt[0] / 2, icpt[0] / 2])
+            self.wc = coef.T.astype(np.float16).astype(np.float32)  # stored as float16
+            self.bc = np.asarray(icpt, dtype=np.float32)
+        else:
+            self.wc = np.zeros((0, 0), dtype=np.float32)
+            self.bc = np.zeros(0, dtype=np.float32)
+        self.calibrate(texts, gain, feats)
+        return self
+
+    def raw_batch(self, texts, feats):
+        x = feats.tfidf_rows(texts)
+        cls = (np.asarray(x @ self.wc + self.bc).argmax(axis=1) if len(self.classes) >= 2
+               else np.zeros(len(texts), dtype=int))
+        heads = np.asarray(x @ self.w) + self.b
+        return heads[np.arange(len(texts)), self.head_index[cls]].astype(np.float64)
+
+    def raw_one(self, text, feats):
+        cols, vals = feats.tfidf_one(text)
+        k = int(np.argmax(vals @ self.wc[cols] + self.bc)) if len(self.classes) >= 2 else 0
+        h = int(self.head_index[k])
+        return float(np.dot(self.w[cols, h], vals)) + float(self.b[h])
+
+    def score_one(self, text, feats):
+        return float(self.platt(np.asarray([self.raw_one(text, feats)]))[0])
+
+    def source_of(self, text: str, feats: Featurizers) -> str:
+        """The source whose head scores ``text`` (``__other__`` = the all-rows head)."""
+        if len(self.classes) < 2:
+            return self.classes[0]
+        cols, vals = feats.tfidf_one(text)
+        return self.classes[int(np.argmax(vals @ self.wc[cols] + self.bc))]
+
+    def state(self):
+        meta, arrays = super().state()
+        meta.update(alpha=self.alpha, min_source_rows=self.min_source_rows, classifier_c=self.classifier_c,
+                    select_margin=self.select_margin, select_folds=self.select_folds, balanced=self.balanced,
+                    classes=self.classes,
+                    head_of=self.head_of)
+        arrays.update(w=self.w, b=self.b, head_index=self.head_index, wc=self.wc.astype(np.float16), bc=self.bc)
+        return meta, arrays
+
+    def _load(self, meta, arrays):
+        super()._load(meta, arrays)
+        self.alpha = float(meta["alpha"])
+        self.min_source_rows = int(meta["min_source_rows"])
+        self.classifier_c = float(meta["classifier_c"])
+        self.select_margin, self.select_folds = float(meta["select_margin"]), int(meta["select_folds"])
+        self.balanced = bool(meta["balanced"])
+        self.classes = [str(c) for c in meta["classes"]]
+        self.head_of = {str(k): str(v) for k, v in meta["head_of"].items()}
+        self.w, self.b = np.asarray(arrays["w"], dtype=np.float32), np.asarray(arrays["b"], dtype=np.float32)
+        self.head_index = np.asarray(arrays["head_index"], dtype=np.int64)
+        self.wc, self.bc = np.asarray(arrays["wc"], dtype=np.float32), np.asarray(arrays["bc"], dtype=np.float32)
+        if (len(self.head_index) != len(self.classes) or int(self.head_index.max(initial=0)) >= self.w.shape[1]
+                or (len(self.classes) >= 2 and self.wc.shape[1] != len(self.classes))):
+            raise ValueError(f"tfidf_source_ridge arrays do not match its {len(self.classes)} classes")
 
 
 class MiniLMMLPScorer(Scorer):
@@ -450,7 +600,7 @@ class EnsembleScorer(Scorer):
 SCORERS: dict[str, type[Scorer]] = {
     c.kind: c
     for c in (RandomScorer, AlwaysStrongScorer, LengthScorer, TfidfLRScorer, TfidfRidgeScorer,
-              MiniLMMLPScorer, KNNScorer, EnsembleScorer)
+              SourceRidgeScorer, MiniLMMLPScorer, KNNScorer, EnsembleScorer)
 }
 
 
@@ -544,7 +694,7 @@ class Router:
         return self.to_artifact().save(path)
 
     def score(self, text: str) -> float:
-        if isinstance(self.scorer, _Linear):
+        if isinstance(self.scorer, _Linear | SourceRidgeScorer):
             return self.scorer.score_one(text, self.feats)
         return float(self.scorer.score_batch([text], self.feats)[0])
 

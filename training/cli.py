@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--kind", default="tfidf_ridge",
-                   help="tfidf_ridge | tfidf_lr | ensemble | minilm_mlp | knn | length | random | always_strong "
+    p.add_argument("--kind", default="tfidf_source_ridge",
+                   help="tfidf_source_ridge (per-source ridge heads; = tfidf_ridge for one source) | tfidf_ridge "
+                        "| tfidf_lr | ensemble | minilm_mlp | knn | length | random | always_strong "
                         "| nmodel (rows with model_scores)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of ids hashed into the eval split")
     p.add_argument("--seed", type=int, default=0)

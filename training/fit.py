@@ -24,12 +24,12 @@ from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row
 
 MIN_ROWS_FOR_CAL_SLICE = 200
 TFIDF_FEATURES = 2**18
-REFIT_KINDS = ("tfidf_ridge", "tfidf_lr")
+REFIT_KINDS = ("tfidf_ridge", "tfidf_lr", "tfidf_source_ridge")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    kind: str = "tfidf_ridge"
+    kind: str = "tfidf_source_ridge"
     seed: int = 0
     eval_fraction: float = 0.2
     exclude_sources: tuple[str, ...] = ()
@@ -61,6 +61,11 @@ def training_rows(rows: Sequence[RoutingRow], cfg: TrainConfig) -> tuple[list[Ro
     return fit, cal
 
 
+def _sources(scorer: Scorer, rows: Sequence[RoutingRow]) -> dict:
+    """``{"sources": [...]}`` for scorers that learn per-source heads, else no extra argument."""
+    return {"sources": [r.source for r in rows]} if scorer.uses_sources else {}
+
+
 def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> Featurizers:
     tfidf = None
     if scorer.uses_tfidf:
@@ -76,7 +81,7 @@ def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | No
     scorer = scorer or make_scorer(cfg.kind)
     texts = [r.prompt for r in fit_rows]
     feats = build_features(scorer, texts, cfg)
-    scorer.fit(texts, gains(fit_rows), feats, seed=cfg.seed)
+    scorer.fit(texts, gains(fit_rows), feats, seed=cfg.seed, **_sources(scorer, fit_rows))
     cal_texts = [r.prompt for r in cal_rows]
     if cal_rows is not fit_rows:
         if scorer.kind not in ("random", "always_strong", "tfidf_lr"):
@@ -86,7 +91,7 @@ def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | No
     if cfg.refit_all and cal_rows is not fit_rows and scorer.kind in REFIT_KINDS:
         platt = scorer.platt
         used_rows = list(fit_rows) + list(cal_rows)
-        scorer.fit([r.prompt for r in used_rows], gains(used_rows), feats, seed=cfg.seed)
+        scorer.fit([r.prompt for r in used_rows], gains(used_rows), feats, seed=cfg.seed, **_sources(scorer, used_rows))
         scorer.platt = platt  # out-of-sample mapping from the held-back model
     meta = {
         "description": f"switchyard router ({scorer.kind}): P(SLM answer at least as good as the LLM's)",

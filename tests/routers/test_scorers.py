@@ -144,3 +144,60 @@ def test_knn_with_real_minilm_round_trip(tmp_path):
     router.save(tmp_path / "k")
     loaded = Router.load(tmp_path / "k")
     assert np.allclose(loaded.score_batch(texts), s, atol=1e-3)
+
+
+def _two_source_rows(n, seed=0):
+    """The same topic word means opposite things in two sources (a linear model on all rows cannot tell)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        src = "math" if i % 2 else "chat"
+        word = rng.choice(["alpha", "beta"])
+        hard = (word == "alpha") == (src == "math")
+        filler = " ".join(rng.choice(["the", "a", "please", "now", "my", "this", "again", "quick"], size=6))
+        marker = "solve calculate the sum" if src == "math" else "hello friend tell me"
+        out.append(parse_routing_row({"id": f"{src}-{i}", "source": src, "prompt": f"{marker} {filler} {word}",
+                                      "strong_score": 1, "weak_score": 0 if hard else 1}, f"two:{i}"))
+    return out
+
+
+def test_source_ridge_learns_per_source_heads(tmp_path):
+    from training.data import is_eval_row
+
+    rows = _two_source_rows(1600)
+    held = [r for r in rows if is_eval_row(r, 20)]
+    strong = np.array([r.strong_score for r in held])
+    weak = np.array([r.weak_score for r in held])
+    texts = [r.prompt for r in held]
+    apgr = {}
+    for kind in ("tfidf_ridge", "tfidf_source_ridge"):
+        router = fit_router(rows, TrainConfig(kind=kind, strong_share=0.5))
+        apgr[kind] = metrics(router.score_batch(texts), strong, weak).apgr
+    best = metrics(oracle_scores(strong, weak), strong, weak).apgr
+    assert apgr["tfidf_source_ridge"] > best - 0.02, apgr
+    assert apgr["tfidf_ridge"] < apgr["tfidf_source_ridge"] - 0.1, apgr
+    assert router.scorer.classes == ["chat", "math"]
+    assert router.scorer.head_of == {"chat": "source", "math": "source"}
+    assert router.scorer.source_of("solve calculate the sum of alpha", router.feats) == "math"
+    before = router.score_batch(texts[:5])
+    router.save(tmp_path / "s")
+    loaded = Router.load(tmp_path / "s")
+    assert loaded.kind == "tfidf_source_ridge"
+    assert np.allclose(loaded.score_batch(texts[:5]), before, atol=1e-6)
+    assert [loaded.score(t) for t in texts[:5]] == pytest.approx(list(before), abs=1e-6)
+
+
+def test_source_ridge_small_sources_fall_back_to_one_head():
+    rows = _rows(400, seed=3)  # one source: plain ridge, no classifier
+    router = fit_router(rows, TrainConfig(kind="tfidf_source_ridge", strong_share=0.5))
+    assert router.scorer.classes == ["synth"]
+    assert router.scorer.source_of("anything", router.feats) == "synth"
+    s = router.score_batch(["please explain the eigenvalue", "what fruit is this"])
+    assert s[0] < s[1]
+    tiny = [parse_routing_row(r, f"tiny:{i}") for i, r in enumerate(synth_rows(60, seed=4, source="tiny"))]
+    router = fit_router(rows + tiny, TrainConfig(kind="tfidf_source_ridge", strong_share=0.5))
+    assert router.scorer.classes == ["__other__", "synth"]  # < 200 rows: served by the all-rows head
+    s = router.score_batch(["please explain the eigenvalue", "what fruit is this"])
+    assert s[0] < s[1]
+    with pytest.raises(ValueError, match="one source per training row"):
+        make_scorer("tfidf_source_ridge").fit(["a"], np.zeros(1), router.feats)

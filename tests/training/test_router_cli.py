@@ -34,8 +34,9 @@ def test_eval_json_per_source_and_plot(data_and_model, tmp_path, capsys):
     report = json.loads(out[-1])
     assert set(report["per_source"]) == {"synth", "other", "all"}
     synth = report["sources"]["synth"]
-    assert synth["tfidf_ridge"]["apgr"] > synth["random"]["apgr"] + 0.1
-    assert "tfidf_lr" in synth and synth["oracle"]["apgr"] >= synth["tfidf_ridge"]["apgr"]
+    assert report["kind"] == "tfidf_source_ridge"  # the default kind
+    assert synth["tfidf_source_ridge"]["apgr"] > synth["random"]["apgr"] + 0.1
+    assert "tfidf_lr" in synth and synth["oracle"]["apgr"] >= synth["tfidf_source_ridge"]["apgr"]
     assert 0 <= report["per_source"]["synth"]["cpt50"] <= 1
     assert report["latency_ms_p50"] > 0
     assert plot.stat().st_size > 1000
