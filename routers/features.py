@@ -59,6 +59,11 @@ def _seed(base: np.uint64, n: int) -> np.uint64:
     return np.uint64((int(base) + n * int(_GOLDEN)) & 0xFFFFFFFFFFFFFFFF)
 
 
+_MAX_N = 16  # n-gram orders with a precomputed seed; longer ones compute theirs
+_CHAR_SEEDS = tuple(_seed(_CHAR_SEED, n) for n in range(_MAX_N))
+_WORD_SEEDS = tuple(_seed(_WORD_SEED, n) for n in range(_MAX_N))
+
+
 def _mix(z: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: spreads every input bit over the low bits we keep."""
     z = (z ^ (z >> np.uint64(30))) * _MIX1
@@ -83,7 +88,7 @@ def char_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
                 break
             h = (h[:-1] ^ cps[n - 1:]) * _FNV_PRIME
         if n >= lo:
-            out.append(h ^ _seed(_CHAR_SEED, n))
+            out.append(h ^ (_CHAR_SEEDS[n] if n < _MAX_N else _seed(_CHAR_SEED, n)))
     return _mix(np.concatenate(out)) if out else np.zeros(0, dtype=np.uint64)  # one elementwise pass
 
 
@@ -103,7 +108,7 @@ def word_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
                 break
             h = (h[:-1] ^ mixed[n - 1:]) * _FNV_PRIME
         if n >= lo:
-            out.append(h ^ _seed(_WORD_SEED, n))
+            out.append(h ^ (_WORD_SEEDS[n] if n < _MAX_N else _seed(_WORD_SEED, n)))
     return _mix(np.concatenate(out)) if out else np.zeros(0, dtype=np.uint64)  # one elementwise pass
 
 
@@ -149,9 +154,9 @@ class HashedTfidf:
         norm = normalize_text(text)
         parts = []
         if self.word_ngrams[0] > 0:
-            parts.append((word_ngram_hashes(norm, self.word_ngrams) & self._mask).astype(np.int64))
+            parts.append((word_ngram_hashes(norm, self.word_ngrams) & self._mask).view(np.int64))  # < 2**63
         if self.char_ngrams[0] > 0 and norm:
-            parts.append((char_ngram_hashes(norm, self.char_ngrams) & self._mask).astype(np.int64))
+            parts.append((char_ngram_hashes(norm, self.char_ngrams) & self._mask).view(np.int64))
         return parts
 
     def _counts(self, text: str) -> _Counts:
