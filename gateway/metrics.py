@@ -87,6 +87,15 @@ class Metrics:
         self.cache_admits = Counter("switchyard_example_cache_admits", "LLM answers admitted", registry=r)
         self.rate_limited = Counter("switchyard_rate_limited", "requests refused by rate limits", registry=r)
         self._callbacks: _Callbacks | None = None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() looked up once per label set
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (prometheus_client validates and locks on every call)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def read_at_scrape(self, read: Callable[[], dict[str, Any]]) -> None:
         """Register ``read() -> {"redis_failures": {component: n}, "healthy_replicas": {pool: n}}``."""
@@ -96,16 +105,16 @@ class Metrics:
 
     def record_request(self, *, route: str, model: str, status: int, latency_s: float,
                        overhead_s: float | None) -> None:
-        self.requests.labels(route, model, str(status)).inc()
-        self.latency.labels(route).observe(latency_s)
+        self.child(self.requests, route, model, str(status)).inc()
+        self.child(self.latency, route).observe(latency_s)
         if overhead_s is not None:
             self.overhead.observe(max(0.0, overhead_s))
 
     def record_usage(self, *, model: str, num_prompt_tokens: int, num_completion_tokens: int,
                      cost_usd: float, always_llm_cost_usd: float) -> None:
-        self.tokens.labels(model, "prompt").inc(num_prompt_tokens)
-        self.tokens.labels(model, "completion").inc(num_completion_tokens)
-        self.cost.labels(model).inc(cost_usd)
+        self.child(self.tokens, model, "prompt").inc(num_prompt_tokens)
+        self.child(self.tokens, model, "completion").inc(num_completion_tokens)
+        self.child(self.cost, model).inc(cost_usd)
         self.always_llm_cost.inc(always_llm_cost_usd)
         self.saved.inc(always_llm_cost_usd - cost_usd)
 

@@ -327,7 +327,7 @@ class Pipeline:
             verdict = (self.guard.classify_messages(job.messages) if job.messages is not None
                        else self.guard.classify(text))
             trace.guard = verdict.label
-            self.metrics.guard.labels(verdict.label).inc()
+            self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
                 policy = self.settings.guard.ood if verdict.label == "ood" else self.settings.guard.unsafe
                 code = "out_of_domain" if verdict.label == "ood" else "unsafe_content"

@@ -173,6 +173,8 @@ class Settings(_Frozen):
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans/metrics/logs (needs an "
+                                                   "OTel provider); off saves its per-request check")
 
     @field_validator("redis_url")
     @classmethod
