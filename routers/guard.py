@@ -158,8 +158,10 @@ class WideMLP:
         self._extra(h, logits, comps)
         return _softmax(logits), comps
 
-    def evidence_one(self, text: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        cols, vals = self.featurizer.transform_one(text)
+    def evidence_one(self, text: str, features: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One text; ``features`` = ``self.featurizer.transform_one(text)`` when the caller has it already."""
+        cols, vals = features if features is not None else self.featurizer.transform_one(text)
         rows = self.col_map[cols]
         keep = rows >= 0
         h = np.maximum(vals[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
@@ -274,6 +276,20 @@ def _mean_of(arrays: list[np.ndarray]) -> np.ndarray:
     for a in arrays[2:]:
         total += a
     return total / len(arrays)
+
+
+def _share_featurizers(members: dict[str, Member]) -> None:
+    """Let widemlp seeds fitted on the same texts share one featurizer object (one transform per query)."""
+    seen: list[HashedTfidf] = []
+    for m in members.values():
+        if not isinstance(m, WideMLP):
+            continue
+        same = next((f for f in seen if f.state()[0] == m.featurizer.state()[0]
+                     and np.array_equal(f.idf, m.featurizer.idf)), None)
+        if same is None:
+            seen.append(m.featurizer)
+        else:
+            m.featurizer = same
 
 
 def _family(member_name: str) -> str:
@@ -437,8 +453,15 @@ class Guard:
             raise ValueError(f"classify expects a str, got {type(text).__name__}")
         text = text[: self.max_chars]
         outs = {}
+        features: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one transform per shared featurizer
         for name, m in self.members.items():
-            outs[name] = m.evidence_one(text)
+            if isinstance(m, WideMLP):
+                key = id(m.featurizer)
+                if key not in features:
+                    features[key] = m.featurizer.transform_one(text)
+                outs[name] = m.evidence_one(text, features[key])
+            else:
+                outs[name] = m.evidence_one(text)
         probs, comps = self._combine(outs)
         p = probs[0]
         pct = float(self.rule.percentile(comps, self.predicted_domain(probs))[0])
@@ -516,6 +539,7 @@ class Guard:
                     members[name] = head
                 else:
                     raise ArtifactError(f"unknown guard member {name!r}")
+            _share_featurizers(members)
             th = meta["thresholds"]
             rule = OODRule(
                 dev_scores={c: arrays[f"rule.dev.{c}"] for c in th["components"]},

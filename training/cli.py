@@ -112,11 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-train", help="optional unsafe/toxic/jailbreak rows → explicit 'unsafe' verdict")
     p.add_argument("--kind", default="widemlp", choices=["widemlp", "embedding", "ensemble"],
                    help="widemlp: fast (serving); embedding/ensemble: MiniLM per query (slower)")
-    p.add_argument("--id-recall", type=float, default=0.95, help="in-domain recall the OOD threshold keeps")
+    p.add_argument("--id-recall", type=float, default=0.9,
+                   help="in-domain dev recall the OOD threshold keeps (0.9: best GQR by training/guard_select.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--hidden", type=int, default=256, help="widemlp hidden width")
     p.add_argument("--lr", type=float, default=2e-3, help="widemlp Adam learning rate")
+    p.add_argument("--threshold", default="per-class", choices=["per-class", "global"],
+                   help="OOD percentile among dev rows of the predicted domain (per-class) or of all dev rows")
+    p.add_argument("--seeds", type=int, default=1, help="widemlp members with consecutive seeds, averaged")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="> 0: widemlp's hidden layer also fits MiniLM embeddings of the training rows "
+                        "(MiniLM at training time only; serving cost unchanged)")
 
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")

@@ -68,8 +68,13 @@ def train_guard(args) -> int:
         if args.ood_train else []
     unsafe = [GuardRow(r.text, UNSAFE, r.source) for r in load_guard_rows(args.unsafe_train, default_label=UNSAFE)] \
         if args.unsafe_train else []
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.distill_weight < 0:
+        raise ValueError(f"--distill-weight must be >= 0, got {args.distill_weight}")
     cfg = FitConfig(kind=args.kind, id_recall=args.id_recall, seed=args.seed, epochs=args.epochs,
-                    hidden=args.hidden, lr=args.lr)
+                    hidden=args.hidden, lr=args.lr, per_class_threshold=args.threshold == "per-class",
+                    num_seeds=args.seeds, distill_weight=args.distill_weight)
     make, bars = _progress_factory(sys.stderr.isatty() or bool(os.environ.get("SWITCHYARD_PROGRESS")))
     guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make)
     for bar in bars:
@@ -95,7 +100,8 @@ def train_guard(args) -> int:
     rows = [("kind", guard.kind), ("classes", ", ".join(guard.classes)),
             ("train rows", f"{len(train)} (+{len(ood)} ood, +{len(unsafe)} unsafe)"), ("dev rows", str(len(dev))),
             ("dev accuracy (no rejection)", f"{dev_acc * 100:.2f}%"),
-            ("OOD threshold", f"id_percentile < {guard.rule.threshold:.4f} (id_recall {args.id_recall})"),
+            ("OOD threshold", f"id_percentile < {guard.rule.threshold:.4f} (id_recall {args.id_recall}, "
+                              f"{args.threshold})"),
             ("dev in-domain kept", f"{dev_kept * 100:.2f}%"), ("seed", str(args.seed)),
             ("train time", f"{elapsed:.1f} s"), ("artifact", str(out))]
     _print_table(["guard", ""], rows)

@@ -12,7 +12,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from routers.features import HashedTfidf, MiniLMEmbedder
-from routers.guard import KINDS, OOD, UNSAFE, EmbeddingHead, Guard, OODRule, WideMLP, _normalize_rows
+from routers.guard import (
+    KINDS,
+    OOD,
+    UNSAFE,
+    EmbeddingHead,
+    Guard,
+    OODRule,
+    WideMLP,
+    _normalize_rows,
+    _share_featurizers,
+)
 from training.guard_data import GuardRow
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (description, total) -> step(n)
@@ -43,8 +53,9 @@ class FitConfig:
     tfidf_reference_max_df: float = 0.05  # drop buckets in more rows than this share (cheap, low-idf)
     per_class_threshold: bool = False  # OOD percentile among the dev rows of the predicted domain
     num_seeds: int = 1  # widemlp members trained with seeds seed, seed+1, ...; tfknn kept by the first only
-    mahalanobis: bool = True  # widemlp: fit class means + shared covariance in hidden space ("maha")
+    mahalanobis: bool = False  # widemlp: class means + shared covariance in hidden space ("maha" evidence)
     maha_shrinkage: float = 0.1
+    distill_weight: float = 0.0  # > 0: widemlp's hidden layer also fits MiniLM embeddings (training only)
 
 
 def _set_seed(seed: int) -> None:
@@ -71,7 +82,11 @@ def _bags(X, col_map: np.ndarray):
 
 
 def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask: np.ndarray,
-                cfg: FitConfig, progress: Progress = _no_progress) -> WideMLP:
+                cfg: FitConfig, progress: Progress = _no_progress, targets: np.ndarray | None = None) -> WideMLP:
+    """``targets`` (unit sentence embeddings [n, d], e.g. MiniLM's) add a training-only auxiliary head: a
+    linear map of the hidden layer is pulled towards each row's embedding (cosine loss, weight
+    ``cfg.distill_weight``), so the hidden space — where the ``knn`` evidence lives — also carries the
+    embedding model's notion of similarity. The head is dropped afterwards: serving cost is unchanged."""
     import torch
 
     _set_seed(cfg.seed)
@@ -90,7 +105,9 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
     out = torch.nn.Linear(cfg.hidden, num_classes)
     drop = torch.nn.Dropout(0.5)
     opt_sparse = torch.optim.SparseAdam(list(emb.parameters()), lr=cfg.lr)
-    opt_dense = torch.optim.Adam([b_in, *out.parameters()], lr=cfg.lr)
+    aux = torch.nn.Linear(cfg.hidden, targets.shape[1]) if targets is not None else None
+    tt = torch.from_numpy(targets.astype(np.float32)) if targets is not None else None
+    opt_dense = torch.optim.Adam([b_in, *out.parameters(), *(aux.parameters() if aux else [])], lr=cfg.lr)
     yt = torch.from_numpy(y.astype(np.int64))
     n = X.shape[0]
     epochs = cfg.epochs or 5
@@ -104,6 +121,9 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
             i, o, w = _bags(X[idx], col_map)
             h = torch.relu(emb(i, o, per_sample_weights=w) + b_in)
             loss = torch.nn.functional.cross_entropy(out(drop(h)), yt[idx])
+            if aux is not None:
+                cos = torch.nn.functional.cosine_similarity(aux(h), tt[idx], dim=1)
+                loss = loss + cfg.distill_weight * (1.0 - cos).mean()
             opt_sparse.zero_grad()
             opt_dense.zero_grad()
             loss.backward()
@@ -178,6 +198,15 @@ def fit_embedding(emb: np.ndarray, y: np.ndarray, num_classes: int, ref_mask: np
                          b=lin.bias.detach().numpy().copy(), reference=_normalize_rows(ref), knn_k=cfg.knn_k)
 
 
+def _embed_all(embedder: MiniLMEmbedder, texts: Sequence[str], progress: Progress) -> np.ndarray:
+    step = progress("minilm embeddings", len(texts))
+    embs = []
+    for start in range(0, len(texts), 256):
+        embs.append(embedder.encode(list(texts[start:start + 256])))
+        step(len(embs[-1]))
+    return np.concatenate(embs)
+
+
 def class_list(train: Sequence[GuardRow], ood: Sequence[GuardRow] = (), unsafe: Sequence[GuardRow] = ()) -> list[str]:
     domains = sorted({r.label for r in train})
     bad = [d for d in domains if d in (OOD, UNSAFE)]
@@ -227,19 +256,18 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
     y = np.array([classes.index(r.label) for r in rows])
     ref_mask = np.array([r.label not in (OOD, UNSAFE) for r in rows])
     members = {}
+    targets = None
+    if cfg.distill_weight > 0 and cfg.kind in ("widemlp", "ensemble"):
+        targets = _embed_all(embedder := embedder or MiniLMEmbedder(), texts, progress)
     if cfg.kind in ("widemlp", "ensemble"):
-        members["widemlp"] = fit_widemlp(texts, y, len(classes), ref_mask, cfg, progress)
+        members["widemlp"] = fit_widemlp(texts, y, len(classes), ref_mask, cfg, progress, targets)
         for i in range(1, cfg.num_seeds):  # extra seeds: averaged probabilities and hidden-space evidence
             seed_cfg = replace(cfg, seed=cfg.seed + i, tfidf_reference=False)
-            members[f"widemlp_{i}"] = fit_widemlp(texts, y, len(classes), ref_mask, seed_cfg, progress)
+            members[f"widemlp_{i}"] = fit_widemlp(texts, y, len(classes), ref_mask, seed_cfg, progress, targets)
+        _share_featurizers(members)
     if cfg.kind in ("embedding", "ensemble"):
         embedder = embedder or MiniLMEmbedder()
-        step = progress("minilm embeddings", len(texts))
-        embs = []
-        for start in range(0, len(texts), 256):
-            embs.append(embedder.encode(texts[start:start + 256]))
-            step(len(embs[-1]))
-        members["embedding"] = fit_embedding(np.concatenate(embs), y, len(classes), ref_mask, cfg, embedder,
-                                             progress)
+        embs = targets if targets is not None else _embed_all(embedder, texts, progress)
+        members["embedding"] = fit_embedding(embs, y, len(classes), ref_mask, cfg, embedder, progress)
     return Guard(kind=cfg.kind, classes=classes, members=members,
                  rule=OODRule({}, np.zeros(1), cfg.id_recall), max_chars=cfg.max_chars)

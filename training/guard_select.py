@@ -197,7 +197,7 @@ class Variant:
 
 
 VARIANTS = {
-    "base": Variant("base"),
+    "base": Variant("base", {"mahalanobis": True}),
     "hidden512": Variant("hidden512", {"hidden": 512}),
     "epochs10": Variant("epochs10", {"epochs": 10}),
     "k10": Variant("k10", {"knn_k": 10}),
@@ -293,4 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from training.guard_select import main as _main  # cached fold pickles name training.guard_select types
+
+    raise SystemExit(_main())

@@ -172,7 +172,7 @@ def test_per_class_rule_keeps_recall_in_every_domain():
 @pytest.fixture(scope="module")
 def seeded_guard() -> Guard:
     cfg = FitConfig(kind="widemlp", epochs=10, lr=1e-2, hidden=32, max_features=4096, id_recall=0.9, knn_k=3,
-                    num_seeds=2, per_class_threshold=True)
+                    num_seeds=2, per_class_threshold=True, mahalanobis=True)
     return fit_guard(make_rows(60, 0), make_rows(20, 1), cfg)
 
 
@@ -209,3 +209,29 @@ def test_guard_format_versions(guard, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="newer"):
         Guard.load(path)
+
+
+def test_seeds_share_one_featurizer(seeded_guard, tmp_path):
+    again = Guard.load(seeded_guard.save(tmp_path / "share"))
+    assert again.members["widemlp"].featurizer is again.members["widemlp_1"].featurizer
+
+
+class _FakeEmbedder:
+    """Deterministic 'sentence embeddings' (unit vectors from a hash of the words) for distillation tests."""
+
+    def encode(self, texts, batch_size=64):
+        out = np.zeros((len(texts), 8), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, sum(map(ord, w)) % 8] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_distilled_widemlp_serves_like_a_plain_one(tmp_path):
+    cfg = FitConfig(kind="widemlp", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3, distill_weight=1.0)
+    g = fit_guard(make_rows(40, 0), make_rows(10, 1), cfg, embedder=_FakeEmbedder())
+    assert set(g.members) == {"widemlp"}  # the auxiliary head is not part of the artifact
+    again = Guard.load(g.save(tmp_path / "d"))
+    texts = [r.text for r in make_rows(3, 2)] + FOREIGN
+    assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
+    assert all(again.classify(t).label == "ood" for t in FOREIGN)

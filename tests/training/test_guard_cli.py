@@ -95,3 +95,18 @@ def test_bad_training_files(files, tmp_path, capsys):
     code = main(["eval", "guard", "--model", str(tmp_path / "nope"), "--test-id", str(files["test_id"]),
                  "--test-ood", str(files["test_ood"])])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_threshold_and_seed_options(files, model, tmp_path, capsys):
+    meta = json.loads((model / "manifest.json").read_text())["meta"]
+    assert meta["thresholds"]["per_class"] is True and meta["thresholds"]["id_recall"] == 0.9  # the defaults
+    out = tmp_path / "global"
+    code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
+                 "--epochs", "5", "--lr", "0.01", "--hidden", "16", "--threshold", "global", "--seeds", "2"])
+    assert code == 0
+    meta = json.loads((out / "manifest.json").read_text())["meta"]
+    assert meta["thresholds"]["per_class"] is False and set(meta["members"]) == {"widemlp", "widemlp_1"}
+    capsys.readouterr()
+    code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
+                 "--seeds", "0"])
+    assert code == 2 and "--seeds" in capsys.readouterr().err
