@@ -34,6 +34,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 
 from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
 
@@ -214,7 +215,7 @@ class OpenAIUpstream:
         """A response with ``status_code``, ``aread()``, ``aiter_bytes()``; closed (or pooled) on exit."""
         await self._ensure_client()
         if self._lean is not None:
-            data = json.dumps(body, separators=(",", ":")).encode()
+            data = _dumps(body)
             deadline = None
             if request_deadline is not None:  # time.monotonic() → loop time
                 deadline = asyncio.get_running_loop().time() + (request_deadline - time.monotonic())
@@ -572,12 +573,23 @@ def _coalesce(deltas: list[Delta]) -> list[Delta]:
     return out
 
 
+def _dumps(obj: Any) -> bytes:
+    """Compact JSON: orjson, or the stdlib for what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _json(data: str | bytes, name: str) -> dict[str, Any]:
     try:
-        obj = json.loads(data)
-    except ValueError:
-        raise BackendError(f"upstream {name} sent invalid JSON: {data[:80]!r}", retryable=True,
-                           code="upstream_bad_response") from None
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:  # the stdlib also reads NaN / Infinity, which some servers emit in logprobs
+            obj = json.loads(data)
+        except ValueError:
+            raise BackendError(f"upstream {name} sent invalid JSON: {data[:80]!r}", retryable=True,
+                               code="upstream_bad_response") from None
     if not isinstance(obj, dict):
         raise BackendError(f"upstream {name} sent a non-object JSON", retryable=True, code="upstream_bad_response")
     return obj

@@ -17,13 +17,20 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from backends.base import Delta, TokenLogprob, Usage
 
 DONE = b"data: [DONE]\n\n"
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON (orjson: ~5x the stdlib's speed on response chunks). Non-finite floats become
+    ``null`` (the stdlib would write ``NaN``, which is not JSON and breaks clients)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # what orjson refuses (integers beyond 64 bits): the stdlib
+        return json.dumps(obj, separators=(",", ":")).encode()  # ASCII escapes: lone surrogates survive too
 
 
 def sse(obj: Any) -> bytes:
