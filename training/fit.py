@@ -12,19 +12,22 @@ learns from 10 % more rows (held-out routing_bench: +0.005 APGR on MMLU and GSM8
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from routers.scorers import Featurizers, Router, Scorer, make_scorer
+from routers.scorers import Featurizers, Platt, Router, Scorer, make_scorer
 from training.calibrate import share_table, threshold_for_share
 from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row
 
 MIN_ROWS_FOR_CAL_SLICE = 200
 TFIDF_FEATURES = 2**18
 REFIT_KINDS = ("tfidf_ridge", "tfidf_lr", "tfidf_source_ridge")
+OOF_FOLDS = 5
+MIN_ROWS_FOR_OOF = 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ def _sources(scorer: Scorer, rows: Sequence[RoutingRow]) -> dict:
     return {"sources": [r.source for r in rows]} if scorer.uses_sources else {}
 
 
+def out_of_fold_raw(proto: Scorer, rows: Sequence[RoutingRow], feats: Featurizers, seed: int) -> np.ndarray:
+    """Raw score of every row from a copy of the unfitted ``proto`` fitted on the other id-hash folds."""
+    fold = np.asarray([eval_bucket(r.split_key + "#fold") % OOF_FOLDS for r in rows])
+    raw = np.zeros(len(rows))
+    for f in range(OOF_FOLDS):
+        held = np.nonzero(fold == f)[0]
+        if not len(held):
+            continue
+        rest = [r for r, g in zip(rows, fold, strict=True) if g != f]
+        m = copy.deepcopy(proto)
+        m.fit([r.prompt for r in rest], gains(rest), feats, seed=seed, **_sources(m, rest))
+        raw[held] = m.raw_batch([rows[i].prompt for i in held], feats)
+    return raw
+
+
 def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> Featurizers:
     tfidf = None
     if scorer.uses_tfidf:
@@ -76,17 +94,33 @@ def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> Fe
 
 
 def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | None = None) -> Router:
-    """Fit ``cfg.kind`` (or the given scorer) on the training split and calibrate it. Pure CPU."""
+    """Fit ``cfg.kind`` (or the given scorer) on the training split and calibrate it. Pure CPU.
+
+    Too few rows for a calibration slice (< ``MIN_ROWS_FOR_CAL_SLICE``, e.g. a first ``switchyard
+    label`` run): the linear TF-IDF kinds set the probability mapping and threshold on out-of-fold
+    scores (``OOF_FOLDS`` id-hash folds), since in-sample scores of a small set are overconfident.
+    """
     fit_rows, cal_rows = training_rows(rows, cfg)
     scorer = scorer or make_scorer(cfg.kind)
+    proto = copy.deepcopy(scorer)  # unfitted, for out-of-fold copies
     texts = [r.prompt for r in fit_rows]
     feats = build_features(scorer, texts, cfg)
     scorer.fit(texts, gains(fit_rows), feats, seed=cfg.seed, **_sources(scorer, fit_rows))
     cal_texts = [r.prompt for r in cal_rows]
+    cal_source = "training split calibration slice"
     if cal_rows is not fit_rows:
         if scorer.kind not in ("random", "always_strong", "tfidf_lr"):
             scorer.calibrate(cal_texts, gains(cal_rows), feats)
-    cal_scores = scorer.score_batch(cal_texts, feats)
+        cal_scores = scorer.score_batch(cal_texts, feats)
+    elif scorer.kind in REFIT_KINDS and len(fit_rows) >= MIN_ROWS_FOR_OOF:
+        raw = out_of_fold_raw(proto, fit_rows, feats, cfg.seed)
+        if scorer.kind != "tfidf_lr":  # tfidf_lr's raw score is already a logit
+            scorer.platt = Platt.fit(raw, gains(fit_rows) <= 0)
+        cal_scores = scorer.platt(raw)
+        cal_source = f"out-of-fold scores of the training rows ({OOF_FOLDS} folds)"
+    else:
+        cal_scores = scorer.score_batch(cal_texts, feats)
+        cal_source = "training rows (in-sample)"
     used_rows = list(fit_rows)
     if cfg.refit_all and cal_rows is not fit_rows and scorer.kind in REFIT_KINDS:
         platt = scorer.platt
@@ -101,7 +135,7 @@ def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | No
             "target_share": cfg.strong_share,
             "share_table": share_table(cal_scores),
             "num_rows": len(cal_rows),
-            "rows": "training split calibration slice",
+            "rows": cal_source,
         },
         "prices": dict(cfg.prices),
         "training_data": {

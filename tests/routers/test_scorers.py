@@ -201,3 +201,18 @@ def test_source_ridge_small_sources_fall_back_to_one_head():
     assert s[0] < s[1]
     with pytest.raises(ValueError, match="one source per training row"):
         make_scorer("tfidf_source_ridge").fit(["a"], np.zeros(1), router.feats)
+
+
+@pytest.mark.parametrize("kind", ["tfidf_source_ridge", "tfidf_lr"])
+def test_small_training_set_calibrates_out_of_fold(kind):
+    """< 200 training rows (a first `switchyard label` run): the threshold comes from out-of-fold scores,
+    so the requested strong share holds on new rows (in-sample scores sent ~77 % instead of 50 %)."""
+    from training.data import is_eval_row
+
+    rows = _rows(2000, seed=3)
+    train = [r for r in rows if not is_eval_row(r, 20)][:150]
+    held = [r for r in rows if is_eval_row(r, 20)]
+    router = fit_router(train, TrainConfig(kind=kind, strong_share=0.5))
+    assert router.meta["calibration"]["rows"].startswith("out-of-fold")
+    share = float((router.score_batch([r.prompt for r in held]) < router.threshold).mean())
+    assert abs(share - 0.5) < 0.1, share
