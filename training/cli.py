@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("engine", "engine tokens/s and TTFT vs HF generate and llama.cpp"),
         ("gateway", "gateway overhead vs LiteLLM proxy"),
         ("cache", "example retrieval latency and quality"),
+        ("instructions", "CPU instructions per gateway request (callgrind; load-independent)"),
     ):
         p = _add(bsub, name, f"bench.{name}:main", helptext)
         p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")

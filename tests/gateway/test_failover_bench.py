@@ -68,3 +68,14 @@ def test_bench_args():
 def test_cli_passes_leading_options_to_the_benchmark(capsys):
     assert cli_main(["bench", "gateway", "--modes", "bogus"]) == 2
     assert "--modes: unknown ['bogus']" in capsys.readouterr().err
+
+
+def test_instructions_bench_args(capsys):
+    from bench.instructions import parse_args as instr_args
+
+    opts = instr_args(["--requests", "40", "--modes", "stream"])
+    assert (opts.requests, opts.modes) == (40, ["stream"])
+    with pytest.raises(ValueError):
+        instr_args(["--requests", "3"])
+    assert cli_main(["bench", "instructions", "--modes", "bogus"]) == 2
+    assert "--modes: valid are nonstream, stream" in capsys.readouterr().err
