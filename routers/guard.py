@@ -12,9 +12,12 @@ rule calibrated on in-domain dev rows only:
 The OOD rule. Each member gives in-domain evidence scores (higher = more in-domain):
 ``msp`` (largest domain-class probability), ``knn`` (mean cosine similarity to the ``k`` nearest
 training rows in the member's hidden/embedding space) and, for ``widemlp``, ``tfknn`` (the same in TF-IDF
-space: catches foreign languages and off-topic vocabulary). Each score is turned into an in-domain p-value
-against the dev rows, the p-values are combined with Fisher's method (sum of logs), and a text is ``ood``
-when that combination ranks below the share ``1 - id_recall`` of the dev rows. Nothing about OOD data is used unless ``--ood-train`` is given, in which
+space: catches foreign languages and off-topic vocabulary); ``energy`` and ``maha`` (Mahalanobis in hidden
+space) exist for experiments. Each score is turned into an in-domain p-value against the dev rows, the
+p-values are combined with Fisher's method (sum of logs), and a text is ``ood`` when that combination ranks
+below the share ``1 - id_recall`` of the dev rows — by default of the dev rows the classifier assigns to the
+same domain (per-class threshold; ``training/guard_select.py`` chose it, and which evidence to combine,
+without test data). Nothing about OOD data is used unless ``--ood-train`` is given, in which
 case ``ood`` becomes an extra trained class (reported separately: a deviation from the GQR protocol).
 With ``--unsafe-train`` an ``unsafe`` class is trained and wins before the OOD rule; without it unsafe text
 has no class of its own and is rejected by the OOD rule like any other foreign text.

@@ -205,6 +205,8 @@ VARIANTS = {
     "seeds3": Variant("seeds3", {"num_seeds": 3}),
     "maxdf10": Variant("maxdf10", {"tfidf_reference_max_df": 0.10}),
     "ref8000": Variant("ref8000", {"max_reference": 8000}),
+    "ref8000_k50": Variant("ref8000_k50", {"max_reference": 8000, "knn_k": 50}),
+    "ref8000_h512": Variant("ref8000_h512", {"max_reference": 8000, "hidden": 512}),
 }
 
 
