@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from routers.features import MiniLMEmbedder
 from routers.guard import Guard, OODRule
 from training.guard_data import GuardRow, load_guard_rows
 from training.guard_fit import FitConfig, fit_uncalibrated
@@ -207,15 +208,45 @@ VARIANTS = {
     "ref8000": Variant("ref8000", {"max_reference": 8000}),
     "ref8000_k50": Variant("ref8000_k50", {"max_reference": 8000, "knn_k": 50}),
     "ref8000_h512": Variant("ref8000_h512", {"max_reference": 8000, "hidden": 512}),
+    "ref4000": Variant("ref4000", {"max_reference": 4000}),
+    "distill1": Variant("distill1", {"distill_weight": 1.0}),  # MiniLM at training time
+    "embedding": Variant("embedding", {"kind": "embedding"}),  # MiniLM per text: slow without --embedding-cache
+    "ensemble": Variant("ensemble", {"kind": "ensemble"}),
 }
 
 
-def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str) -> FoldScores:
+class CachedEmbedder(MiniLMEmbedder):
+    """MiniLM whose ``encode`` remembers every text it has embedded, in memory and (``path``) in one
+    ``.npz`` file, so that selection runs over many variants embed each text once."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        super().__init__(num_threads=1)
+        self.path = path
+        self.cache: dict[str, np.ndarray] = {}
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                self.cache = dict(zip(z["texts"].tolist(), z["vectors"], strict=True))
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            order = sorted(missing, key=len)  # similar lengths per batch: less padding
+            self.cache.update(zip(order, super().encode(order, batch_size=32), strict=True))
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(self.path, texts=np.array(list(self.cache)), vectors=np.stack(list(self.cache.values())))
+        if not texts:
+            return np.zeros((0, 384), np.float32)
+        return np.stack([self.cache[t] for t in texts])
+
+
+def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
+             embedder: MiniLMEmbedder | None = None) -> FoldScores:
     path = cache / key / f"{fold.name}.pkl" if cache else None
     if path is not None and path.exists():
         with open(path, "rb") as f:
             return pickle.load(f)
-    guard = fit_uncalibrated(fold.train, cfg)
+    guard = fit_uncalibrated(fold.train, cfg, embedder=embedder)
     fs = score_fold(guard, fold)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +257,7 @@ def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str) -> FoldSc
 
 def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequence[Variant],
            rules: Sequence[RuleSpec], base: FitConfig | None = None, cache: Path | None = None,
-           full: bool = True, log=None) -> list[dict[str, Any]]:
+           full: bool = True, log=None, embedder: MiniLMEmbedder | None = None) -> list[dict[str, Any]]:
     """Score every (variant, rule) pair; rows sorted best first by mean pseudo-GQR over folds."""
     base = base or FitConfig()
     folds = make_folds(train, dev, full=full)
@@ -236,7 +267,7 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
         for fold in folds:
             if log:
                 log(f"fitting {v.name} / {fold.name}")
-            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name)
+            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name, embedder)
         for spec in rules:
             try:
                 per_fold = {name: evaluate_rule(fs, spec) for name, fs in scores.items()}
@@ -264,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-class", action="store_true", help="also score per-domain thresholds")
     ap.add_argument("--no-full", action="store_true", help="skip the all-domains fold")
     ap.add_argument("--cache", help="folder for fitted folds (reused across runs)")
+    ap.add_argument("--embedding-cache", help=".npz file remembering MiniLM embeddings across runs "
+                                              "(variants embedding, ensemble, distill1)")
     ap.add_argument("--epochs", type=int, default=None, help="widemlp epochs (default: FitConfig's)")
     ap.add_argument("--hidden", type=int, default=256, help="widemlp hidden width of the base config")
     ap.add_argument("--seed", type=int, default=0)
@@ -280,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
     base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)
     results = select(train, dev, variants, rules, base=base, cache=Path(args.cache) if args.cache else None,
-                     full=not args.no_full, log=lambda m: print(m, file=sys.stderr))
+                     full=not args.no_full, log=lambda m: print(m, file=sys.stderr),
+                     embedder=CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None))
     folds = list(results[0]["folds"]) if results else []
     header = ["variant", "rule", "recall", "per-class", "score", "ID acc", "OOD acc", *folds]
     table = [header] + [[r["variant"], r["rule"], f"{r['id_recall']:.2f}", "yes" if r["per_class"] else "no",

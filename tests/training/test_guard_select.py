@@ -73,3 +73,22 @@ def test_cli_prints_table_and_json(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("variant") and "without-law" in out[0]
     assert json.loads(out[-1])["results"][0]["rule"] == "knn+tfknn"
+
+
+def test_cached_embedder_embeds_each_text_once(tmp_path, monkeypatch):
+    from routers.features import MiniLMEmbedder
+    from training.guard_select import CachedEmbedder
+
+    calls = []
+
+    def fake_encode(self, texts, batch_size=64):
+        calls.append(list(texts))
+        return np.stack([np.full(384, len(t), np.float32) for t in texts])
+
+    monkeypatch.setattr(MiniLMEmbedder, "encode", fake_encode)
+    path = tmp_path / "emb.npz"
+    e = CachedEmbedder(path)
+    a = e.encode(["aa", "b", "aa"])
+    assert a.shape == (3, 384) and a[0, 0] == 2 and a[1, 0] == 1 and calls == [["b", "aa"]]
+    again = CachedEmbedder(path)  # from disk: no new call
+    assert np.array_equal(again.encode(["b", "aa"]), a[[1, 0]]) and len(calls) == 1
