@@ -303,12 +303,15 @@ class BodyLimit:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > limit
+                    declared = int(value)
                 except ValueError:
-                    too_big = False
-                if too_big:
+                    break
+                if declared > limit:
                     await _send_too_large(send, limit)
                     return
+                # The HTTP server delivers exactly the declared bytes: nothing left to count or guard.
+                await self.app(scope, receive, send)
+                return
         received = 0
         responded = False
 
