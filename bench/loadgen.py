@@ -72,6 +72,8 @@ class _Client:
     async def post(self, payload: bytes) -> tuple[int, dict[bytes, bytes], float, bytes]:
         """(status, headers, time of the first body byte, body). Raises on a broken connection."""
         async with self.slots:
+            while self.idle and self.idle[-1][0].at_eof():  # the server closed it while it sat idle
+                self.idle.pop()[1].close()
             conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
             reader, writer = conn
             try:

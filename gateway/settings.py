@@ -173,6 +173,8 @@ class Settings(_Frozen):
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
+                                                        "it above any load balancer's idle timeout (ALB: 60 s)")
     opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans/metrics/logs (needs an "
                                                    "OTel provider); off saves its per-request check")
 

@@ -27,6 +27,7 @@ def test_embedded_default_is_valid():
     s = load_settings(environ={})
     assert [p.name for p in s.pools] == ["slm", "llm"]
     assert s.routing.slm_pool == "slm" and s.guard.artifact is None
+    assert s.keep_alive_s > 60  # above common load-balancer idle timeouts (ALB: 60 s)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,7 @@ def test_embedded_default_is_valid():
         (base(surprise=1), "surprise", "Extra inputs are not permitted"),
         (base(pools=[{"name": "slm", "model": "a"}, {"name": "slm", "model": "b"}]), "unique", "slm"),
         (base(example_cache={"backend": "redis"}), "example_cache.backend", "needs redis_url"),
+        (base(keep_alive_s=0), "keep_alive_s", "0"),
     ],
 )
 def test_config_errors_name_key_and_value(data, key, value):
