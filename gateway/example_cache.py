@@ -243,6 +243,18 @@ class StoreBase:
         self._count("embed_ms_total", int(round((time.perf_counter() - t0) * 1000)))
         return vec
 
+    async def _admission_vector(self, text: str, answer: str, finish_reason: str | None, guard_ok: bool,
+                                embedding: np.ndarray | None) -> np.ndarray | None:
+        """The unit vector to store, or None (counted) when the answer may not be admitted or not embedded."""
+        refusal = self._admission_refusal(text, answer, finish_reason, guard_ok)
+        if refusal:
+            self._count(refusal)
+            return None
+        q = await self._embed_one(text, embedding)
+        if q is None:
+            self._count("admit_failures")
+        return q
+
     def _admission_refusal(self, text: str, answer: str, finish_reason: str | None, guard_ok: bool) -> str | None:
         if finish_reason != "stop":
             return "rejected_finish"

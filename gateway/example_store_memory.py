@@ -75,13 +75,8 @@ class InMemoryExampleStore(StoreBase):
 
     async def admit(self, namespace: str, text: str, answer: str, model: str, finish_reason: str | None,
                     guard_ok: bool = True, *, embedding: np.ndarray | None = None) -> bool:
-        refusal = self._admission_refusal(text, answer, finish_reason, guard_ok)
-        if refusal:
-            self._count(refusal)
-            return False
-        q = await self._embed_one(text, embedding)
+        q = await self._admission_vector(text, answer, finish_reason, guard_ok, embedding)
         if q is None:
-            self._count("admit_failures")
             return False
         space = self._space(namespace, q.shape[0])
         self._sweep_expired(space, time.time())

@@ -427,12 +427,10 @@ class RedisExampleStore(StoreBase):
 
     async def admit(self, namespace: str, text: str, answer: str, model: str, finish_reason: str | None,
                     guard_ok: bool = True, *, embedding: np.ndarray | None = None) -> bool:
-        refusal = self._admission_refusal(text, answer, finish_reason, guard_ok)
-        if refusal:
-            self._count(refusal)
+        q = await self._admission_vector(text, answer, finish_reason, guard_ok, embedding)
+        if q is None:
             return False
-        q = await self._embed_one(text, embedding)
-        if q is None or not self._is_available():
+        if not self._is_available():
             self._count("admit_failures")
             return False
         try:
