@@ -33,13 +33,16 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+def _limiter(backend: str, request, clock: Clock):
+    if backend == "redis":
+        return RedisRateLimiter(request.getfixturevalue("redis_url"), timeout_s=2.0, clock=clock)
+    return InProcessRateLimiter(clock=clock)
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_no_double_burst_across_a_minute_boundary(backend, request):
     clock = Clock(T0 + 59.0)
-    if backend == "redis":
-        limiter = RedisRateLimiter(request.getfixturevalue("redis_url"), timeout_s=2.0, clock=clock)
-    else:
-        limiter = InProcessRateLimiter(clock=clock)
+    limiter = _limiter(backend, request, clock)
 
     async def scenario() -> list:
         out = [await limiter.hit("k", max_requests=10, max_tokens=None) for _ in range(11)]
@@ -70,10 +73,7 @@ def test_no_double_burst_across_a_minute_boundary(backend, request):
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_tokens_slide_out(backend, request):
     clock = Clock(T0 + 50.0)
-    if backend == "redis":
-        limiter = RedisRateLimiter(request.getfixturevalue("redis_url"), timeout_s=2.0, clock=clock)
-    else:
-        limiter = InProcessRateLimiter(clock=clock)
+    limiter = _limiter(backend, request, clock)
 
     async def scenario() -> list:
         out = [await limiter.hit("t", max_requests=None, max_tokens=100)]
