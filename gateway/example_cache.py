@@ -255,6 +255,14 @@ class StoreBase:
             self._count("admit_failures")
         return q
 
+    async def _complete_import(self, entry: Entry) -> None:
+        """Fill in an imported entry's embedding and id (ValueError when it cannot be embedded)."""
+        if entry.embedding is None:
+            entry.embedding = await self._embed_one(entry.request_text, None)
+            if entry.embedding is None:
+                raise ValueError(f"cannot embed entry {entry.id!r}")
+        entry.id = entry.id or self._ids.next(entry.created_at)
+
     def _admission_refusal(self, text: str, answer: str, finish_reason: str | None, guard_ok: bool) -> str | None:
         if finish_reason != "stop":
             return "rejected_finish"

@@ -120,11 +120,7 @@ class InMemoryExampleStore(StoreBase):
 
     async def put(self, entry: Entry) -> None:
         """Store an entry as is (import): no dedup; keeps its id and stats."""
-        if entry.embedding is None:
-            entry.embedding = await self._embed_one(entry.request_text, None)
-            if entry.embedding is None:
-                raise ValueError(f"cannot embed entry {entry.id!r}")
-        entry.id = entry.id or self._ids.next(entry.created_at)
+        await self._complete_import(entry)
         space = self._space(entry.namespace, entry.embedding.shape[0])
         self._insert(space, entry)
         self._evict(space)

@@ -607,11 +607,7 @@ class RedisExampleStore(StoreBase):
 
     async def put(self, entry: Entry) -> None:
         """Store an entry as is (import): no dedup; keeps its id and stats. Evicts over the cap."""
-        if entry.embedding is None:
-            entry.embedding = await self._embed_one(entry.request_text, None)
-            if entry.embedding is None:
-                raise ValueError(f"cannot embed entry {entry.id!r}")
-        entry.id = entry.id or self._ids.next(entry.created_at)
+        await self._complete_import(entry)
         if self._is_expired(entry.created_at, time.time()):
             return
         await self._write(entry)
