@@ -305,6 +305,10 @@ class MiniLMEmbedder:
       ``$SWITCHYARD_HOME/onnx/minilm.onnx`` beside a ``.json`` checksum record and re-exported when the
       source weights or the file no longer match), ``"torch"``, or ``"auto"`` (onnx, else torch).
     - ``num_threads`` intra-op threads (1 = the serving setting).
+    - A cheaper encoder for latency budgets (the guard's): ``num_layers`` keeps only the first of the six
+      transformer layers, ``int8`` quantizes the exported graph's weights (ONNX Runtime dynamic int8).
+      int8 quantizes activations per batch, so an int8 encoder encodes one text at a time: what a batch
+      gives then equals what serving gives. Both are ONNX-only and part of the exported file's name.
     - Loading is lazy (first ``encode``) and guarded by a lock; ``encode`` is thread-safe afterwards.
     """
 
@@ -314,13 +318,21 @@ class MiniLMEmbedder:
         backend: str = "auto",
         max_length: int = 256,
         num_threads: int = 1,
+        num_layers: int | None = None,
+        int8: bool = False,
     ) -> None:
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be one of auto, onnx, torch; got {backend!r}")
+        if num_layers is not None and not 1 <= int(num_layers) <= 6:
+            raise ValueError(f"num_layers must be in 1..6 (MiniLM-L6 has six), got {num_layers}")
+        if (num_layers is not None or int8) and backend == "torch":
+            raise ValueError("num_layers / int8 need the onnx backend")
         self._model_dir = Path(model_dir) if model_dir is not None else None
-        self.requested_backend = backend
+        self.requested_backend = "onnx" if (num_layers is not None or int8) else backend
         self.max_length = int(max_length)
         self.num_threads = int(num_threads)
+        self.num_layers = None if num_layers is None or int(num_layers) == 6 else int(num_layers)
+        self.int8 = bool(int8)
         self.backend: str | None = None  # the one actually in use, after load
         self._lock = threading.Lock()
         self._tokenizer = None
@@ -365,10 +377,15 @@ class MiniLMEmbedder:
         model.eval()
         return model
 
+    def spec(self) -> dict[str, Any]:
+        """The options that change the embeddings (stored in artifacts that depend on them)."""
+        return {"max_length": self.max_length, "num_layers": self.num_layers, "int8": self.int8}
+
     def onnx_path(self) -> Path:
         from backends.models import switchyard_home
 
-        return switchyard_home() / "onnx" / "minilm.onnx"
+        name = "minilm" + (f"-l{self.num_layers}" if self.num_layers else "") + ("-int8" if self.int8 else "")
+        return switchyard_home() / "onnx" / f"{name}.onnx"
 
     def _onnx_session(self):
         import onnxruntime as ort
@@ -396,6 +413,9 @@ class MiniLMEmbedder:
         import torch
 
         model = self._load_torch()
+        if self.num_layers:
+            model.encoder.layer = model.encoder.layer[: self.num_layers]
+            model.config.num_hidden_layers = self.num_layers
 
         class _Encoder(torch.nn.Module):
             def __init__(self, m):
@@ -424,6 +444,14 @@ class MiniLMEmbedder:
                 opset_version=17,
                 dynamo=False,
             )
+        if self.int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            q_tmp = path.with_name(f"{path.name}.{os.getpid()}.int8.tmp")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(str(tmp), str(q_tmp), weight_type=QuantType.QInt8)
+            os.replace(q_tmp, tmp)
         rec_tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
         rec_tmp.write_text(json.dumps({"source_sha256": source_sha, "onnx_sha256": _sha256(tmp),
                                        "max_length": self.max_length}, indent=2))
@@ -436,6 +464,8 @@ class MiniLMEmbedder:
         if self.backend is None:
             self.load()
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        if self.int8:
+            batch_size = 1  # activations are quantized per batch: one text at a time, as when serving
         for start in range(0, len(texts), batch_size):
             batch = list(texts[start:start + batch_size])
             encs = self._tokenizer.encode_batch(batch)

@@ -254,14 +254,15 @@ class EmbeddingHead:
         return _softmax(emb @ self.w + self.b), {"knn": _knn_similarity(emb, self.reference, self.knn_k)}
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {"embedder": "minilm", "max_length": self.embedder.max_length, "knn_k": self.knn_k}, {
+        return {"embedder": "minilm", **self.embedder.spec(), "knn_k": self.knn_k}, {
             f"{prefix}w": self.w, f"{prefix}b": self.b, f"{prefix}reference": self.reference.astype(np.float16)}
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str,
                    embedder: MiniLMEmbedder | None = None) -> EmbeddingHead:
         return cls(
-            embedder=embedder or MiniLMEmbedder(max_length=int(meta.get("max_length", 256))),
+            embedder=embedder or MiniLMEmbedder(max_length=int(meta.get("max_length", 256)),
+                                                num_layers=meta.get("num_layers"), int8=bool(meta.get("int8"))),
             w=arrays[f"{prefix}w"].astype(np.float32), b=arrays[f"{prefix}b"].astype(np.float32),
             reference=arrays[f"{prefix}reference"].astype(np.float32), knn_k=int(meta["knn_k"]),
         )

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="> 0: widemlp's hidden layer also fits MiniLM embeddings of the training rows "
                         "(MiniLM at training time only; serving cost unchanged)")
+    p.add_argument("--encoder-layers", type=int, default=3, choices=range(1, 7), metavar="1..6",
+                   help="embedding/ensemble: MiniLM layers kept (default 3 of 6: fits the 2 ms budget)")
+    p.add_argument("--encoder-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="embedding/ensemble: int8 MiniLM weights (default on)")
+    p.add_argument("--encoder-max-length", type=int, default=64,
+                   help="embedding/ensemble: word pieces MiniLM reads per text (default 64)")
 
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")

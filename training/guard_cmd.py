@@ -72,9 +72,12 @@ def train_guard(args) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.distill_weight < 0:
         raise ValueError(f"--distill-weight must be >= 0, got {args.distill_weight}")
+    if args.encoder_max_length < 8:
+        raise ValueError(f"--encoder-max-length must be at least 8 word pieces, got {args.encoder_max_length}")
     cfg = FitConfig(kind=args.kind, id_recall=args.id_recall, seed=args.seed, epochs=args.epochs,
                     hidden=args.hidden, lr=args.lr, per_class_threshold=args.threshold == "per-class",
-                    num_seeds=args.seeds, distill_weight=args.distill_weight)
+                    num_seeds=args.seeds, distill_weight=args.distill_weight, encoder_layers=args.encoder_layers,
+                    encoder_int8=args.encoder_int8, encoder_max_length=args.encoder_max_length)
     make, bars = _progress_factory(sys.stderr.isatty() or bool(os.environ.get("SWITCHYARD_PROGRESS")))
     guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make)
     for bar in bars:

@@ -56,6 +56,16 @@ class FitConfig:
     mahalanobis: bool = False  # widemlp: class means + shared covariance in hidden space ("maha" evidence)
     maha_shrinkage: float = 0.1
     distill_weight: float = 0.0  # > 0: widemlp's hidden layer also fits MiniLM embeddings (training only)
+    # The MiniLM of the embedding/ensemble kinds. Default: the first 3 of 6 layers, int8 weights, 64 word
+    # pieces: ~1 ms per query on one thread instead of ~6 ms, so an ensemble stays in the guard's 2 ms
+    # budget (chosen by latency alone; BENCHMARKS "Guard"). (6, False, 256) is the full model.
+    encoder_layers: int = 3
+    encoder_int8: bool = True
+    encoder_max_length: int = 64
+
+    def make_embedder(self) -> MiniLMEmbedder:
+        return MiniLMEmbedder(max_length=self.encoder_max_length, num_layers=self.encoder_layers,
+                              int8=self.encoder_int8)
 
 
 def _set_seed(seed: int) -> None:
@@ -258,7 +268,7 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
     members = {}
     targets = None
     if cfg.distill_weight > 0 and cfg.kind in ("widemlp", "ensemble"):
-        targets = _embed_all(embedder := embedder or MiniLMEmbedder(), texts, progress)
+        targets = _embed_all(embedder := embedder or cfg.make_embedder(), texts, progress)
     if cfg.kind in ("widemlp", "ensemble"):
         members["widemlp"] = fit_widemlp(texts, y, len(classes), ref_mask, cfg, progress, targets)
         for i in range(1, cfg.num_seeds):  # extra seeds: averaged probabilities and hidden-space evidence
@@ -266,7 +276,7 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
             members[f"widemlp_{i}"] = fit_widemlp(texts, y, len(classes), ref_mask, seed_cfg, progress, targets)
         _share_featurizers(members)
     if cfg.kind in ("embedding", "ensemble"):
-        embedder = embedder or MiniLMEmbedder()
+        embedder = embedder or cfg.make_embedder()
         embs = targets if targets is not None else _embed_all(embedder, texts, progress)
         members["embedding"] = fit_embedding(embs, y, len(classes), ref_mask, cfg, embedder, progress)
     return Guard(kind=cfg.kind, classes=classes, members=members,

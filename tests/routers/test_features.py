@@ -125,3 +125,29 @@ def test_minilm_onnx_matches_torch(tmp_path, monkeypatch):
     assert np.all((a * b).sum(axis=1) > 0.999)
     assert np.allclose(onnx.encode_one(texts[0]), a[0], atol=1e-5)
     assert (tmp_path / "onnx" / "minilm.onnx").is_file() and (tmp_path / "onnx" / "minilm.json").is_file()
+
+
+def test_minilm_fast_encoder_layers_and_int8(tmp_path, monkeypatch):
+    """The guard's cheaper MiniLM: fewer layers + int8 weights, its own exported file, one text at a time
+    (so a batch equals serving), still unit vectors that keep related texts closer than unrelated ones."""
+    monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
+    from backends.models import prepare
+
+    folder = prepare("minilm")
+    texts = ["The court ruled on the contract dispute.", "A judge decided the lawsuit over the agreement.",
+             "How do I bake sourdough bread at home?"]
+    fast = MiniLMEmbedder(folder, max_length=32, num_layers=2, int8=True)
+    a = fast.encode(texts)
+    assert fast.backend == "onnx" and fast.spec() == {"max_length": 32, "num_layers": 2, "int8": True}
+    assert (tmp_path / "onnx" / "minilm-l2-int8.onnx").is_file()
+    assert a.shape == (3, 384) and np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(a[1], fast.encode_one(texts[1]))  # batch == serving, bit for bit
+    sims = a @ a.T
+    assert sims[0, 1] > sims[0, 2] + 0.1
+    full = MiniLMEmbedder(folder, backend="onnx").encode(texts)
+    assert not np.allclose(a, full, atol=1e-3)  # another embedding space: artifacts record the spec
+    assert MiniLMEmbedder(folder, num_layers=6).num_layers is None  # six layers = the full model
+    with pytest.raises(ValueError):
+        MiniLMEmbedder(folder, num_layers=7)
+    with pytest.raises(ValueError):
+        MiniLMEmbedder(folder, backend="torch", int8=True)

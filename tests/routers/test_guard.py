@@ -1,3 +1,4 @@
+import json
 import threading
 
 import numpy as np
@@ -149,6 +150,22 @@ def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
     assert again.kind == "ensemble"
     assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
     assert all(again.classify(t).label == "ood" for t in FOREIGN[:2])
+
+
+def test_ensemble_default_encoder_is_the_fast_minilm_and_round_trips(tmp_path):
+    """Without an embedder the ensemble uses FitConfig's encoder (3 layers, int8, 64 word pieces); the
+    artifact records it, and Guard.load rebuilds exactly that encoder."""
+    cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
+    g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg)
+    g.save(tmp_path / "fast")
+    meta = json.loads((tmp_path / "fast" / "manifest.json").read_text())["meta"]["members"]["embedding"]
+    assert (meta["num_layers"], meta["int8"], meta["max_length"]) == (3, True, 64)
+    again = Guard.load(tmp_path / "fast")
+    assert again.members["embedding"].embedder.spec() == {"max_length": 64, "num_layers": 3, "int8": True}
+    texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:2]
+    assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
+    for a, b in zip(map(g.classify, texts), map(again.classify, texts), strict=True):  # float16 references
+        assert all(abs(a.scores[k] - b.scores[k]) < 1e-3 for k in g.classes)
 
 
 def test_per_class_rule_keeps_recall_in_every_domain():
