@@ -110,3 +110,12 @@ def test_threshold_and_seed_options(files, model, tmp_path, capsys):
     code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
                  "--seeds", "0"])
     assert code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_encoder_options_are_checked(files, tmp_path, capsys):
+    base = ["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(tmp_path / "o"),
+            "--kind", "ensemble"]
+    assert main([*base, "--encoder-max-length", "2"]) == 2
+    assert "--encoder-max-length must be at least 8" in capsys.readouterr().err
+    assert main([*base, "--encoder-layers", "9"]) == 2
+    assert "--encoder-layers" in capsys.readouterr().err
