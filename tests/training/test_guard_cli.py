@@ -117,5 +117,6 @@ def test_encoder_options_are_checked(files, tmp_path, capsys):
             "--kind", "ensemble"]
     assert main([*base, "--encoder-max-length", "2"]) == 2
     assert "--encoder-max-length must be at least 8" in capsys.readouterr().err
-    assert main([*base, "--encoder-layers", "9"]) == 2
-    assert "--encoder-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own one-line usage error
+        main([*base, "--encoder-layers", "9"])
+    assert e.value.code == 2 and "--encoder-layers" in capsys.readouterr().err
