@@ -163,6 +163,14 @@ class FastLane:
 _FAST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
+def _is_json(content_type: str | None) -> bool:
+    """``application/json`` or ``application/*+json``, parameters ignored (FastAPI's rule)."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 async def _fast_completion(request: Request, path: str) -> Response:
     from pydantic import ValidationError
 
@@ -170,6 +178,10 @@ async def _fast_completion(request: Request, path: str) -> Response:
     from gateway.routes.common import chat_job, completion_job, respond
     from gateway.routes.deps import get_pipeline
 
+    if not _is_json(request.headers.get("content-type")):
+        # As FastAPI's strict content type: a browser can send text/plain cross-site without a preflight,
+        # so a body is only read as JSON when it says it is (a gateway on localhost is not a CSRF target).
+        raise InvalidRequest("Invalid request: the body must be JSON sent with Content-Type: application/json.")
     raw = await request.body()
     pipeline = await get_pipeline(request)
     is_chat = path == "/v1/chat/completions"

@@ -47,8 +47,15 @@ def test_fastlane_errors_and_fallthrough(live_server):
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     streamed = httpx.post(url, json=dict(CHAT, stream=True))
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    for headers in ({"content-type": "text/plain"}, {}):  # a cross-site form post must not run a request
+        r = httpx.post(url, content=b'{"model": "slm", "messages": [{"role": "user", "content": "hi"}]}',
+                       headers=headers)
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+    charset = httpx.post(url, content=b'{"model": "slm", "messages": [{"role": "user", "content": "hi"}]}',
+                         headers={"content-type": "application/json; charset=utf-8"})
+    assert charset.status_code == 200
     wrong_method = httpx.get(url)  # not FastLane's: FastAPI answers, still in the OpenAI envelope
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
     assert "/v1/chat/completions" in httpx.get(server.base_url + "/openapi.json").json()["paths"]
     metrics = httpx.get(server.base_url + "/metrics").text
-    assert 'switchyard_requests_total{model="-",route="error",status="400"} 1.0' in metrics
+    assert 'switchyard_requests_total{model="-",route="error",status="400"} 3.0' in metrics
