@@ -219,13 +219,16 @@ class CachedEmbedder(MiniLMEmbedder):
     """MiniLM whose ``encode`` remembers every text it has embedded, in memory and (``path``) in one
     ``.npz`` file, so that selection runs over many variants embed each text once."""
 
-    def __init__(self, path: Path | None = None) -> None:
-        super().__init__(num_threads=1)
+    def __init__(self, path: Path | None = None, cfg: FitConfig | None = None) -> None:
+        cfg = cfg or FitConfig()  # the encoder `train guard` would use (FitConfig.encoder_*)
+        super().__init__(num_threads=1, max_length=cfg.encoder_max_length, num_layers=cfg.encoder_layers,
+                         int8=cfg.encoder_int8)
         self.path = path
         self.cache: dict[str, np.ndarray] = {}
         if path is not None and path.exists():
             with np.load(path, allow_pickle=False) as z:
-                self.cache = dict(zip(z["texts"].tolist(), z["vectors"], strict=True))
+                if "spec" in z and json.loads(str(z["spec"])) == self.spec():  # vectors of another encoder: redo
+                    self.cache = dict(zip(z["texts"].tolist(), z["vectors"], strict=True))
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
@@ -234,7 +237,8 @@ class CachedEmbedder(MiniLMEmbedder):
             self.cache.update(zip(order, super().encode(order, batch_size=32), strict=True))
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(self.path, texts=np.array(list(self.cache)), vectors=np.stack(list(self.cache.values())))
+                np.savez(self.path, texts=np.array(list(self.cache)), vectors=np.stack(list(self.cache.values())),
+                         spec=np.array(json.dumps(self.spec())))
         if not texts:
             return np.zeros((0, 384), np.float32)
         return np.stack([self.cache[t] for t in texts])
@@ -314,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)
     results = select(train, dev, variants, rules, base=base, cache=Path(args.cache) if args.cache else None,
                      full=not args.no_full, log=lambda m: print(m, file=sys.stderr),
-                     embedder=CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None))
+                     embedder=CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None, base))
     folds = list(results[0]["folds"]) if results else []
     header = ["variant", "rule", "recall", "per-class", "score", "ID acc", "OOD acc", *folds]
     table = [header] + [[r["variant"], r["rule"], f"{r['id_recall']:.2f}", "yes" if r["per_class"] else "no",
