@@ -18,11 +18,25 @@ Contract of ``generate``:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import orjson
+
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "abort"]
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the wire encoding of the gateway and its upstream clients (orjson: ~5x the
+    stdlib's speed on response chunks; non-finite floats become ``null``, where the stdlib would write
+    ``NaN``, which is not JSON). What orjson refuses (integers beyond 64 bits) goes through the stdlib,
+    ASCII-escaped so lone surrogates survive too."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
+from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage, json_bytes
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 
@@ -215,7 +215,7 @@ class OpenAIUpstream:
         """A response with ``status_code``, ``aread()``, ``aiter_bytes()``; closed (or pooled) on exit."""
         await self._ensure_client()
         if self._lean is not None:
-            data = _dumps(body)
+            data = json_bytes(body)
             deadline = None
             if request_deadline is not None:  # time.monotonic() → loop time
                 deadline = asyncio.get_running_loop().time() + (request_deadline - time.monotonic())
@@ -571,14 +571,6 @@ def _coalesce(deltas: list[Delta]) -> list[Delta]:
         else:
             out.append(d)
     return out
-
-
-def _dumps(obj: Any) -> bytes:
-    """Compact JSON: orjson, or the stdlib for what orjson refuses (integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _json(data: str | bytes, name: str) -> dict[str, Any]:

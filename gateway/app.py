@@ -175,7 +175,7 @@ async def _fast_completion(request: Request, path: str) -> Response:
     from pydantic import ValidationError
 
     from gateway.protocol import ChatCompletionRequest, CompletionRequest
-    from gateway.routes.common import chat_job, completion_job, respond
+    from gateway.routes.common import complete
     from gateway.routes.deps import get_pipeline
 
     if not _is_json(request.headers.get("content-type")):
@@ -184,18 +184,13 @@ async def _fast_completion(request: Request, path: str) -> Response:
         raise InvalidRequest("Invalid request: the body must be JSON sent with Content-Type: application/json.")
     raw = await request.body()
     pipeline = await get_pipeline(request)
-    is_chat = path == "/v1/chat/completions"
+    model = ChatCompletionRequest if path == "/v1/chat/completions" else CompletionRequest
     try:
-        body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate_json(raw or b"null")
+        body = model.model_validate_json(raw or b"null")
     except ValidationError as e:
         message, param = _validation_message(list(e.errors()))
         raise InvalidRequest(message, param=param) from None
-    if is_chat:
-        job = chat_job(body, request, pipeline.default_max_tokens)
-    else:
-        job = completion_job(body, request, pipeline.default_max_tokens)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(pipeline, job, request, include_usage)
+    return await complete(pipeline, body, request)
 
 
 def _record_error(request: Request, status: int) -> None:

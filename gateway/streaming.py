@@ -13,28 +13,16 @@ name, and what the caller asked for (logprobs, include_usage). It has two modes:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
-from backends.base import Delta, TokenLogprob, Usage
+from backends.base import Delta, TokenLogprob, Usage, json_bytes
 
 DONE = b"data: [DONE]\n\n"
 
 
-def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (orjson: ~5x the stdlib's speed on response chunks). Non-finite floats become
-    ``null`` (the stdlib would write ``NaN``, which is not JSON and breaks clients)."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:  # what orjson refuses (integers beyond 64 bits): the stdlib
-        return json.dumps(obj, separators=(",", ":")).encode()  # ASCII escapes: lone surrogates survive too
-
-
 def sse(obj: Any) -> bytes:
-    return b"data: " + dumps(obj) + b"\n\n"
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 def error_event(message: str, code: str | None = None, error_type: str = "upstream_error") -> bytes:

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from gateway.pipeline import Pipeline
 from gateway.protocol import ChatCompletion, ChatCompletionRequest
-from gateway.routes.common import ERROR_RESPONSES, chat_job, respond, stream_response_doc
+from gateway.routes.common import ERROR_RESPONSES, complete, stream_response_doc
 from gateway.routes.deps import get_pipeline
 
 router = APIRouter()
@@ -18,6 +18,4 @@ router = APIRouter()
              summary="Create a chat completion (model 'auto' routes; a pool alias goes straight there)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  pipeline: Pipeline = Depends(get_pipeline)) -> Response:
-    job = chat_job(body, request, pipeline.default_max_tokens)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(pipeline, job, request, include_usage)
+    return await complete(pipeline, body, request)

@@ -12,12 +12,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from backends.base import BackendError, SamplingOptions
+from backends.base import BackendError, SamplingOptions, json_bytes
 from gateway.admission import bearer_token
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from gateway.streaming import ResponseShaper, dumps, error_event
+from gateway.streaming import ResponseShaper, error_event
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": what}
@@ -90,6 +90,16 @@ def completion_job(body: CompletionRequest, request: Request, default_max_tokens
                t_start=t_start_of(request))
 
 
+async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
+    """A parsed chat or completion body → its response: what the FastAPI routes and ``FastLane`` both run."""
+    if isinstance(body, ChatCompletionRequest):
+        job = chat_job(body, request, pipeline.default_max_tokens)
+    else:
+        job = completion_job(body, request, pipeline.default_max_tokens)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(pipeline, job, request, include_usage)
+
+
 async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool) -> Response:
     """Run the pipeline and shape its answer: one JSON body, or an SSE stream."""
     key = bearer_token(request.headers.get("authorization"), request.headers.get("api-key"))
@@ -115,7 +125,7 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
     pipeline.record(route=trace.route, model=trace.pool, status=200, t_start=job.t_start,
                     overhead_s=trace.overhead_s)
     body = shaper.body(execution.usage or _zero_usage(), trace.info())
-    return Response(dumps(body), media_type="application/json", headers=trace.headers(with_cost=True))
+    return Response(json_bytes(body), media_type="application/json", headers=trace.headers(with_cost=True))
 
 
 def _zero_usage():

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from gateway.pipeline import Pipeline
 from gateway.protocol import Completion, CompletionRequest
-from gateway.routes.common import ERROR_RESPONSES, completion_job, respond, stream_response_doc
+from gateway.routes.common import ERROR_RESPONSES, complete, stream_response_doc
 from gateway.routes.deps import get_pipeline
 
 router = APIRouter()
@@ -18,6 +18,4 @@ router = APIRouter()
              summary="Create a text completion")
 async def create_completion(body: CompletionRequest, request: Request,
                             pipeline: Pipeline = Depends(get_pipeline)) -> Response:
-    job = completion_job(body, request, pipeline.default_max_tokens)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(pipeline, job, request, include_usage)
+    return await complete(pipeline, body, request)

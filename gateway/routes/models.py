@@ -7,12 +7,12 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from backends.base import json_bytes
 from gateway.admission import bearer_token
 from gateway.pipeline import Pipeline
 from gateway.protocol import ModelList
 from gateway.routes.common import ERROR_RESPONSES
 from gateway.routes.deps import get_pipeline
-from gateway.streaming import dumps
 
 router = APIRouter()
 
@@ -25,4 +25,4 @@ async def list_models(request: Request, pipeline: Pipeline = Depends(get_pipelin
     now = int(time.time())
     data = [{"id": i, "object": "model", "created": now, "owned_by": "switchyard"}
             for i in pipeline.model_ids() if allowed is None or i in allowed]
-    return Response(dumps({"object": "list", "data": data}), media_type="application/json")
+    return Response(json_bytes({"object": "list", "data": data}), media_type="application/json")
