@@ -356,10 +356,10 @@ class Pipeline:
                 trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
                 examples = [] if trace.query_embedding is None else await self.store.lookup(
                     admission.namespace, text, self.settings.example_cache.top_k, embedding=trace.query_embedding)
-                self.metrics.cache_lookups.labels("hit" if examples else "miss").inc()
+                self.metrics.child(self.metrics.cache_lookups, "hit" if examples else "miss").inc()
             except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never fail the request
                 log.warning("example cache lookup failed: %r", e)
-                self.metrics.cache_lookups.labels("error").inc()
+                self.metrics.child(self.metrics.cache_lookups, "error").inc()
                 examples = []
             if examples:
                 from gateway.example_cache import format_examples
