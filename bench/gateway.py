@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -300,17 +301,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
-def main(args: argparse.Namespace) -> int:
-    opts = parse_args(list(getattr(args, "bench_args", None) or []))
-    with tempfile.TemporaryDirectory(prefix="switchyard-bench-gw-") as tmp:
+@contextlib.contextmanager
+def processes(prefix: str, keep_logs: str | None = None) -> Iterator[tuple[Path, Procs]]:
+    """A scratch folder and the benchmark's processes; every process is stopped (and the logs copied to
+    ``keep_logs``) however the benchmark ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         work = Path(tmp)
         procs = Procs(work)
         try:
-            report = _run(opts, work, procs)
+            yield work, procs
         finally:
             procs.stop()
-            if opts.keep_logs:
-                shutil.copytree(work, opts.keep_logs, dirs_exist_ok=True)
+            if keep_logs:
+                shutil.copytree(work, keep_logs, dirs_exist_ok=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = parse_args(list(getattr(args, "bench_args", None) or []))
+    with processes("switchyard-bench-gw-", opts.keep_logs) as (work, procs):
+        report = _run(opts, work, procs)
     _print(report, opts)
     return 0
 

@@ -25,7 +25,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from bench.gateway import (
     Procs,
     free_port,
     gateway_config,
+    processes,
     synthetic_prompts,
     train_artifacts,
     wait_http,
@@ -66,13 +66,8 @@ def main(args: argparse.Namespace) -> int:
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             raise ValueError(f"{tool} not found: install Debian's valgrind package (apt-get install valgrind)")
-    with tempfile.TemporaryDirectory(prefix="switchyard-instr-") as tmp:
-        work = Path(tmp)
-        procs = Procs(work)
-        try:
-            report = _run(opts, work, procs)
-        finally:
-            procs.stop()
+    with processes("switchyard-instr-") as (work, procs):
+        report = _run(opts, work, procs)
     _print(report)
     if opts.json:
         print(json.dumps(report))
