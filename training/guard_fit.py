@@ -62,6 +62,11 @@ class FitConfig:
     encoder_layers: int = 3
     encoder_int8: bool = True
     encoder_max_length: int = 64
+    # Serving cost of the kNN evidence (BENCHMARKS "Guard"): "tfknn" reads a text's this many
+    # highest-weighted n-grams (0: all), and the embedding member searches its references in this many
+    # principal dimensions (0: all 384).
+    tfknn_terms: int = 0
+    embedding_knn_dims: int = 0
 
     def make_embedder(self) -> MiniLMEmbedder:
         return MiniLMEmbedder(max_length=self.encoder_max_length, num_layers=self.encoder_layers,
@@ -144,7 +149,7 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
         featurizer=featurizer, col_map=col_map, w_in=emb.weight.detach().numpy().copy(),
         b_in=b_in.detach().numpy().copy(), w_out=out.weight.detach().numpy().T.copy(),
         b_out=out.bias.detach().numpy().copy(), reference=np.zeros((1, cfg.hidden), np.float32),
-        knn_k=cfg.knn_k,
+        knn_k=cfg.knn_k, tfknn_terms=cfg.tfknn_terms,
     )
     ref_idx = _reference_rows(ref_mask, cfg)
     ref_texts = [texts[i] for i in ref_idx]
@@ -203,9 +208,16 @@ def fit_embedding(emb: np.ndarray, y: np.ndarray, num_classes: int, ref_mask: np
         loss.backward()
         opt.step()
         step(1)
-    ref = emb[_reference_rows(ref_mask, cfg)]
-    return EmbeddingHead(embedder=embedder, w=(lin.weight.detach().numpy().T * 10.0).copy(),
-                         b=lin.bias.detach().numpy().copy(), reference=_normalize_rows(ref), knn_k=cfg.knn_k)
+    head = EmbeddingHead(embedder=embedder, w=(lin.weight.detach().numpy().T * 10.0).copy(),
+                         b=lin.bias.detach().numpy().copy(), reference=np.zeros((1, emb.shape[1]), np.float32),
+                         knn_k=cfg.knn_k)
+    ref = emb[_reference_rows(ref_mask, cfg)].astype(np.float64)
+    if 0 < cfg.embedding_knn_dims < min(ref.shape):
+        head.knn_mean = ref.mean(axis=0).astype(np.float32)
+        _, _, vt = np.linalg.svd(ref - head.knn_mean, full_matrices=False)
+        head.knn_proj = np.ascontiguousarray(vt[: cfg.embedding_knn_dims].T, dtype=np.float32)
+    head.reference = np.ascontiguousarray(head.knn_space(ref.astype(np.float32)), dtype=np.float32)
+    return head
 
 
 def _embed_all(embedder: MiniLMEmbedder, texts: Sequence[str], progress: Progress) -> np.ndarray:
@@ -245,10 +257,17 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
     return guard
 
 
+def default_components(kind: str) -> tuple[str, ...]:
+    """The OOD evidence ``training/guard_select.py`` chose per kind: a bare component (``knn``) means
+    every member's, a dotted one (``widemlp.tfknn``) one member's."""
+    return ("knn", "tfknn")
+
+
 def select_components(comps: dict[str, np.ndarray], cfg: FitConfig, has_ood_class: bool) -> dict[str, np.ndarray]:
-    """The evidence the OOD rule combines: ``member.component`` entries whose component is wanted."""
-    wanted = cfg.ood_components or (("knn", "tfknn") + (("msp",) if has_ood_class else ()))
-    chosen = {k: v for k, v in comps.items() if k.split(".")[1] in wanted}
+    """The evidence the OOD rule combines: the ``member.component`` entries named by ``cfg.ood_components``
+    (or ``default_components``), either in full or by their component name alone."""
+    wanted = cfg.ood_components or (default_components(cfg.kind) + (("msp",) if has_ood_class else ()))
+    chosen = {k: v for k, v in comps.items() if k in wanted or k.split(".", 1)[1] in wanted}
     if not chosen:
         raise ValueError(f"no OOD evidence among {sorted(comps)} matches {wanted}")
     return chosen

@@ -149,13 +149,18 @@ RULES = {
     "maha": RuleSpec("maha", ("maha",)),
     "msp": RuleSpec("msp", ("msp",)),
     "energy": RuleSpec("energy", ("energy",)),
+    # ensemble only: the embedding's kNN and widemlp's TF-IDF kNN, without widemlp's hidden-space kNN
+    "eknn+tfknn": RuleSpec("eknn+tfknn", ("embedding.knn", "widemlp.tfknn")),
+    "msp+eknn+tfknn": RuleSpec("msp+eknn+tfknn", ("msp", "embedding.knn", "widemlp.tfknn")),
 }
 
 
 def _pick(comps: dict[str, np.ndarray], wanted: Sequence[str], rows=slice(None)) -> dict[str, np.ndarray]:
-    out = {k: v[rows] for k, v in comps.items() if k.split(".", 1)[1] in wanted}
-    if len(out) < len(wanted):
-        missing = sorted(set(wanted) - {k.split(".", 1)[1] for k in out})
+    """Components named in full (``widemlp.tfknn``) or by their suffix (``knn``: every member's)."""
+    out = {k: v[rows] for k, v in comps.items() if k in wanted or k.split(".", 1)[1] in wanted}
+    found = {k for k in out} | {k.split(".", 1)[1] for k in out}
+    if not set(wanted) <= found:
+        missing = sorted(set(wanted) - found)
         raise ValueError(f"evidence {missing} not computed by this variant (has {sorted(comps)})")
     return out
 
@@ -212,6 +217,13 @@ VARIANTS = {
     "distill1": Variant("distill1", {"distill_weight": 1.0}),  # MiniLM at training time
     "embedding": Variant("embedding", {"kind": "embedding"}),  # MiniLM per text: slow without --embedding-cache
     "ensemble": Variant("ensemble", {"kind": "ensemble"}),
+    # cheaper kNN evidence for the ensemble (serving latency; BENCHMARKS "Guard")
+    "ens_terms256": Variant("ens_terms256", {"kind": "ensemble", "tfknn_terms": 256}),
+    "ens_d128": Variant("ens_d128", {"kind": "ensemble", "embedding_knn_dims": 128}),
+    "ens_d64": Variant("ens_d64", {"kind": "ensemble", "embedding_knn_dims": 64}),
+    "ens_fast": Variant("ens_fast", {"kind": "ensemble", "embedding_knn_dims": 128, "tfknn_terms": 256}),
+    "ens_fast_l2": Variant("ens_fast_l2", {"kind": "ensemble", "embedding_knn_dims": 128, "tfknn_terms": 256,
+                                           "encoder_layers": 2}),
 }
 
 
@@ -259,6 +271,17 @@ def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
     return fs
 
 
+def _embedder_for(cfg: FitConfig, embedder: MiniLMEmbedder | None) -> MiniLMEmbedder | None:
+    """``embedder`` when it is the encoder ``cfg`` asks for, else a ``CachedEmbedder`` of that encoder
+    (its cache file beside ``embedder``'s, named by the encoder)."""
+    if embedder is None or embedder.spec() == cfg.make_embedder().spec():
+        return embedder
+    path = getattr(embedder, "path", None)
+    if path is not None:
+        path = path.with_name(f"{path.stem}.{cfg.encoder_layers}l{int(cfg.encoder_int8)}q{cfg.encoder_max_length}.npz")
+    return CachedEmbedder(path, cfg)
+
+
 def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequence[Variant],
            rules: Sequence[RuleSpec], base: FitConfig | None = None, cache: Path | None = None,
            full: bool = True, log=None, embedder: MiniLMEmbedder | None = None) -> list[dict[str, Any]]:
@@ -268,10 +291,11 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
     results = []
     for v in variants:
         scores = {}
+        v_embedder = _embedder_for(v.config(base), embedder)
         for fold in folds:
             if log:
                 log(f"fitting {v.name} / {fold.name}")
-            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name, embedder)
+            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name, v_embedder)
         for spec in rules:
             try:
                 per_fold = {name: evaluate_rule(fs, spec) for name, fs in scores.items()}

@@ -252,3 +252,70 @@ def test_distilled_widemlp_serves_like_a_plain_one(tmp_path):
     texts = [r.text for r in make_rows(3, 2)] + FOREIGN
     assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
     assert all(again.classify(t).label == "ood" for t in FOREIGN)
+
+
+def test_top_terms_keeps_the_heaviest_ngrams_in_column_order():
+    from scipy.sparse import csr_matrix
+
+    from routers.guard import _top_terms, _top_terms_rows
+
+    cols, vals = np.array([3, 7, 9, 12, 40]), np.array([0.1, 0.5, 0.2, 0.9, 0.3], dtype=np.float32)
+    c, v = _top_terms(cols, vals, 3)
+    assert c.tolist() == [7, 12, 40] and np.allclose(v, [0.5, 0.9, 0.3])
+    assert _top_terms(cols, vals, 0)[0] is cols and _top_terms(cols, vals, 5)[0] is cols
+    X = csr_matrix((np.r_[vals, [1.0, 2.0]], np.r_[cols, [1, 2]], [0, 5, 7]), shape=(2, 50))
+    Y = _top_terms_rows(X, 3)
+    assert Y[0].indices.tolist() == [7, 12, 40] and Y[1].indices.tolist() == [1, 2]
+    assert _top_terms_rows(X, 5) is X
+
+
+@pytest.fixture(scope="module")
+def capped_guard() -> Guard:
+    cfg = FitConfig(kind="widemlp", epochs=10, lr=1e-2, hidden=32, max_features=4096, id_recall=0.9, knn_k=3,
+                    tfknn_terms=12)
+    return fit_guard(make_rows(60, 0), make_rows(20, 1), cfg)
+
+
+def test_capped_tfknn_is_the_same_rule_in_batch_and_single(capped_guard, guard, tmp_path):
+    """``tfknn_terms`` caps the n-grams "tfknn" reads; the batch (calibration) and single (serving) paths
+    must apply the same cap, and the cap must actually change the evidence of a long text."""
+    w = capped_guard.members["widemlp"]
+    texts = [r.text for r in make_rows(3, 4)] + FOREIGN
+    _, batch = w.evidence_batch(texts)
+    single = [w.evidence_one(t)[1]["tfknn"][0] for t in texts]
+    assert np.allclose(batch["tfknn"], single, atol=1e-5)
+    assert all(len(w.featurizer.transform_one(t)[0]) > 12 for t in texts)  # the cap applies to every text
+    uncapped = w.tfknn_terms
+    w.tfknn_terms = 0
+    try:
+        assert not np.allclose(w.evidence_batch(texts)[1]["tfknn"], batch["tfknn"])
+    finally:
+        w.tfknn_terms = uncapped
+    again = Guard.load(capped_guard.save(tmp_path / "capped"))
+    assert again.members["widemlp"].tfknn_terms == 12
+    assert [capped_guard.classify(t).label for t in texts] == [again.classify(t).label for t in texts]
+    assert all(capped_guard.classify(t).label == "ood" for t in FOREIGN)
+
+
+def test_ensemble_with_projected_knn_and_chosen_evidence(tmp_path):
+    """The ensemble's embedding kNN in a PCA space of ``embedding_knn_dims`` dimensions, and an OOD rule
+    without widemlp's hidden-space kNN: serving computes only the evidence the rule combines (widemlp's
+    hidden reference is never read), agrees with batch scoring, and round-trips."""
+    cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3,
+                    embedding_knn_dims=16, tfknn_terms=12, per_class_threshold=True,
+                    ood_components=("msp", "embedding.knn", "widemlp.tfknn"))
+    g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg)
+    e = g.members["embedding"]
+    assert e.knn_proj.shape == (384, 16) and e.reference.shape[1] == 16
+    assert np.allclose(np.linalg.norm(e.reference, axis=1), 1.0, atol=1e-4)
+    assert set(g.rule.dev_scores) == {"embedding.knn", "embedding.msp", "widemlp.tfknn", "widemlp.msp"}
+    assert g.evidence_wanted("widemlp") == {"tfknn", "msp"} and g.evidence_wanted("embedding") == {"knn", "msp"}
+    again = Guard.load(g.save(tmp_path / "ens"))
+    again.members["widemlp"].reference = None  # not needed by this rule: classify must not touch it
+    texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:3]
+    single = [again.classify(t) for t in texts]
+    batch = g.score_batch(texts)
+    assert [v.domain or v.label for v in single] == batch.labels
+    assert np.allclose([v.scores["id_percentile"] for v in single], batch.id_percentile, atol=0.02)
+    assert all(v.label == "ood" for v in single[-3:])
+    assert np.allclose(again.members["embedding"].knn_proj, e.knn_proj)

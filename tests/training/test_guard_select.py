@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tests.routers.test_guard import make_rows
 from tests.training.test_guard_cli import rows_of, write_jsonl
@@ -98,3 +99,13 @@ def test_cached_embedder_embeds_each_text_once(tmp_path, monkeypatch):
     other = CachedEmbedder(path, FitConfig(encoder_layers=6, encoder_int8=False, encoder_max_length=256))
     other.encode(["b"])  # the file holds another encoder's vectors: embedded anew
     assert len(calls) == 2
+
+
+def test_rules_name_components_in_full_or_by_suffix():
+    from training.guard_select import _pick
+
+    comps = {"widemlp.knn": np.zeros(2), "widemlp.tfknn": np.ones(2), "embedding.knn": np.full(2, 2.0)}
+    assert set(_pick(comps, ("knn",))) == {"widemlp.knn", "embedding.knn"}
+    assert set(_pick(comps, RULES["eknn+tfknn"].components)) == {"embedding.knn", "widemlp.tfknn"}
+    with pytest.raises(ValueError, match="not computed"):
+        _pick({"widemlp.knn": np.zeros(2), "widemlp.tfknn": np.ones(2)}, RULES["eknn+tfknn"].components)
