@@ -271,19 +271,35 @@ def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: st
 class EmbeddingHead:
     """MiniLM embedding → linear softmax head; kNN evidence against training embeddings.
 
-    With ``knn_proj`` set, the kNN search runs in a smaller space: the embedding minus ``knn_mean``,
-    projected on the reference set's top principal directions and re-normalised (the reference rows are
-    stored that way). 128 of 384 dimensions cut the search's memory reads — not its quality, by the
-    selection protocol — to a third; the class head always sees the full embedding.
+    Two-stage kNN when ``knn_proj`` is set: the reference rows are first ranked in a small space (the
+    embedding minus ``knn_mean``, projected on the reference set's top principal directions), and the
+    exact cosine is then computed for the ``knn_candidates`` best only. The coarse scan reads a sixth of
+    the memory of the full one. It can only miss true neighbours, never invent them, so the evidence is
+    exact or lower: an in-domain text's neighbours live in the principal space and are found; a
+    foreign text's evidence can only drop — the safe side for an OOD rule. (Projecting *both* stages, as
+    a first attempt did, loses exactly the directions in which near-domain OOD text differs: -2 on the
+    selection protocol.)
     """
 
     embedder: MiniLMEmbedder
     w: np.ndarray  # float32 [384, n_classes]
     b: np.ndarray  # float32 [n_classes]
-    reference: np.ndarray  # float32 [n_ref, d], unit rows (d = 384, or knn_proj's width)
+    reference: np.ndarray  # float32 [n_ref, 384], unit rows
     knn_k: int = 10
     knn_mean: np.ndarray | None = None  # float32 [384]
     knn_proj: np.ndarray | None = None  # float32 [384, d]
+    knn_candidates: int = 256
+    reference_low: np.ndarray | None = field(default=None, repr=False)  # derived: the coarse reference rows
+
+    def __post_init__(self) -> None:
+        self.set_projection(self.knn_mean, self.knn_proj)
+
+    def set_projection(self, mean: np.ndarray | None, proj: np.ndarray | None) -> None:
+        self.knn_mean, self.knn_proj = mean, proj
+        self.reference_low = None if proj is None else np.ascontiguousarray(self._low(self.reference))
+
+    def _low(self, emb: np.ndarray) -> np.ndarray:
+        return ((emb - self.knn_mean) @ self.knn_proj).astype(np.float32)
 
     def evidence_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return self.evidence_from(self.embedder.encode(list(texts)))
@@ -292,17 +308,25 @@ class EmbeddingHead:
                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return self.evidence_from(self.embedder.encode_one(text)[None, :], wanted)
 
-    def knn_space(self, emb: np.ndarray) -> np.ndarray:
-        """Unit rows in the space the reference rows live in."""
-        if self.knn_proj is None:
-            return emb
-        return _normalize_rows((emb - self.knn_mean) @ self.knn_proj)
+    def knn(self, emb: np.ndarray) -> np.ndarray:
+        """Mean cosine similarity of each unit row of ``emb`` to its ``knn_k`` nearest reference rows."""
+        if self.reference_low is None or self.knn_candidates >= len(self.reference):
+            return _knn_similarity(emb, self.reference, self.knn_k)
+        out = np.empty(len(emb), dtype=np.float32)
+        low = self._low(emb)
+        c = self.knn_candidates
+        for start in range(0, len(emb), 256):
+            coarse = low[start:start + 256] @ self.reference_low.T  # [n, n_ref]
+            cand = np.argpartition(coarse, coarse.shape[1] - c, axis=1)[:, -c:]  # [n, c]
+            exact = np.einsum("ncd,nd->nc", self.reference[cand], emb[start:start + 256])
+            out[start:start + 256] = _topk_mean(exact, self.knn_k)
+        return out
 
     def evidence_from(self, emb: np.ndarray, wanted: frozenset[str] | None = None
                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         comps = {}
         if wanted is None or "knn" in wanted:
-            comps["knn"] = _knn_similarity(self.knn_space(emb), self.reference, self.knn_k)
+            comps["knn"] = self.knn(emb)
         return _softmax(emb @ self.w + self.b), comps
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -311,19 +335,21 @@ class EmbeddingHead:
             arrays.update({f"{prefix}knn_mean": self.knn_mean.astype(np.float32),
                            f"{prefix}knn_proj": self.knn_proj.astype(np.float32)})
         return {"embedder": "minilm", **self.embedder.spec(), "knn_k": self.knn_k,
-                "knn_dims": 0 if self.knn_proj is None else int(self.knn_proj.shape[1])}, arrays
+                "knn_dims": 0 if self.knn_proj is None else int(self.knn_proj.shape[1]),
+                "knn_candidates": self.knn_candidates}, arrays
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str,
                    embedder: MiniLMEmbedder | None = None) -> EmbeddingHead:
-        projected = bool(meta.get("knn_dims"))
+        two_stage = bool(meta.get("knn_dims"))
         return cls(
             embedder=embedder or MiniLMEmbedder(max_length=int(meta.get("max_length", 256)),
                                                 num_layers=meta.get("num_layers"), int8=bool(meta.get("int8"))),
             w=arrays[f"{prefix}w"].astype(np.float32), b=arrays[f"{prefix}b"].astype(np.float32),
             reference=arrays[f"{prefix}reference"].astype(np.float32), knn_k=int(meta["knn_k"]),
-            knn_mean=arrays[f"{prefix}knn_mean"].astype(np.float32) if projected else None,
-            knn_proj=arrays[f"{prefix}knn_proj"].astype(np.float32) if projected else None,
+            knn_mean=arrays[f"{prefix}knn_mean"].astype(np.float32) if two_stage else None,
+            knn_proj=arrays[f"{prefix}knn_proj"].astype(np.float32) if two_stage else None,
+            knn_candidates=int(meta.get("knn_candidates", 256)),
         )
 
 

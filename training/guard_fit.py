@@ -63,10 +63,11 @@ class FitConfig:
     encoder_int8: bool = True
     encoder_max_length: int = 64
     # Serving cost of the kNN evidence (BENCHMARKS "Guard"): "tfknn" reads a text's this many
-    # highest-weighted n-grams (0: all), and the embedding member searches its references in this many
-    # principal dimensions (0: all 384).
+    # highest-weighted n-grams (0: all); the embedding member ranks its references in this many principal
+    # dimensions first (0: one exact scan) and computes exact cosines for the best candidates only.
     tfknn_terms: int = 0
     embedding_knn_dims: int = 0
+    embedding_knn_candidates: int = 256
 
     def make_embedder(self) -> MiniLMEmbedder:
         return MiniLMEmbedder(max_length=self.encoder_max_length, num_layers=self.encoder_layers,
@@ -208,16 +209,28 @@ def fit_embedding(emb: np.ndarray, y: np.ndarray, num_classes: int, ref_mask: np
         loss.backward()
         opt.step()
         step(1)
+    ref = _normalize_rows(emb[_reference_rows(ref_mask, cfg)])
     head = EmbeddingHead(embedder=embedder, w=(lin.weight.detach().numpy().T * 10.0).copy(),
-                         b=lin.bias.detach().numpy().copy(), reference=np.zeros((1, emb.shape[1]), np.float32),
+                         b=lin.bias.detach().numpy().copy(), reference=np.ascontiguousarray(ref, dtype=np.float32),
                          knn_k=cfg.knn_k)
-    ref = emb[_reference_rows(ref_mask, cfg)].astype(np.float64)
-    if 0 < cfg.embedding_knn_dims < min(ref.shape):
-        head.knn_mean = ref.mean(axis=0).astype(np.float32)
-        _, _, vt = np.linalg.svd(ref - head.knn_mean, full_matrices=False)
-        head.knn_proj = np.ascontiguousarray(vt[: cfg.embedding_knn_dims].T, dtype=np.float32)
-    head.reference = np.ascontiguousarray(head.knn_space(ref.astype(np.float32)), dtype=np.float32)
+    set_search_options(head, cfg)
     return head
+
+
+def set_search_options(member: WideMLP | EmbeddingHead, cfg: FitConfig) -> None:
+    """Apply ``cfg``'s kNN search options (``tfknn_terms``, ``embedding_knn_*``) to a fitted member: they
+    change how its evidence is computed from the stored reference rows, not what was trained."""
+    if isinstance(member, WideMLP):
+        member.tfknn_terms = cfg.tfknn_terms
+        return
+    member.knn_candidates = cfg.embedding_knn_candidates
+    ref = member.reference
+    if not 0 < cfg.embedding_knn_dims < min(ref.shape):
+        member.set_projection(None, None)
+        return
+    mean = ref.mean(axis=0)
+    _, _, vt = np.linalg.svd((ref - mean).astype(np.float64), full_matrices=False)
+    member.set_projection(mean.astype(np.float32), np.ascontiguousarray(vt[: cfg.embedding_knn_dims].T, dtype=np.float32))
 
 
 def _embed_all(embedder: MiniLMEmbedder, texts: Sequence[str], progress: Progress) -> np.ndarray:

@@ -39,7 +39,7 @@ import numpy as np
 from routers.features import MiniLMEmbedder
 from routers.guard import Guard, OODRule
 from training.guard_data import GuardRow, load_guard_rows
-from training.guard_fit import FitConfig, fit_uncalibrated
+from training.guard_fit import FitConfig, fit_uncalibrated, set_search_options
 
 # --------------------------------------------------------------------------------------------------
 # pseudo-OOD data
@@ -218,12 +218,14 @@ VARIANTS = {
     "embedding": Variant("embedding", {"kind": "embedding"}),  # MiniLM per text: slow without --embedding-cache
     "ensemble": Variant("ensemble", {"kind": "ensemble"}),
     # cheaper kNN evidence for the ensemble (serving latency; BENCHMARKS "Guard")
+    "ens_base": Variant("ens_base", {"kind": "ensemble"}),  # = ensemble, refitted by this code
     "ens_terms256": Variant("ens_terms256", {"kind": "ensemble", "tfknn_terms": 256}),
-    "ens_d128": Variant("ens_d128", {"kind": "ensemble", "embedding_knn_dims": 128}),
-    "ens_d64": Variant("ens_d64", {"kind": "ensemble", "embedding_knn_dims": 64}),
-    "ens_fast": Variant("ens_fast", {"kind": "ensemble", "embedding_knn_dims": 128, "tfknn_terms": 256}),
-    "ens_fast_l2": Variant("ens_fast_l2", {"kind": "ensemble", "embedding_knn_dims": 128, "tfknn_terms": 256,
-                                           "encoder_layers": 2}),
+    "ens_2s64": Variant("ens_2s64", {"kind": "ensemble", "embedding_knn_dims": 64}),
+    "ens_fast": Variant("ens_fast", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256}),
+    "ens_fast_m48": Variant("ens_fast_m48", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
+                                             "encoder_max_length": 48}),
+    "ens_fast_m32": Variant("ens_fast_m32", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
+                                             "encoder_max_length": 32}),
 }
 
 
@@ -256,13 +258,26 @@ class CachedEmbedder(MiniLMEmbedder):
         return np.stack([self.cache[t] for t in texts])
 
 
+SEARCH_OPTIONS = ("tfknn_terms", "embedding_knn_dims", "embedding_knn_candidates")
+
+
 def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
-             embedder: MiniLMEmbedder | None = None) -> FoldScores:
+             embedder: MiniLMEmbedder | None = None, fitted: dict | None = None) -> FoldScores:
+    """The fold's scores for ``cfg`` (from ``cache``/``key`` when there). ``fitted`` (a dict the caller
+    keeps) remembers fitted guards across variants that differ only in kNN search options, which are
+    applied after fitting (``set_search_options``) — those variants then cost one scoring pass each."""
     path = cache / key / f"{fold.name}.pkl" if cache else None
     if path is not None and path.exists():
         with open(path, "rb") as f:
             return pickle.load(f)
-    guard = fit_uncalibrated(fold.train, cfg, embedder=embedder)
+    memo_key = (fold.name, replace(cfg, **{o: getattr(FitConfig(), o) for o in SEARCH_OPTIONS}))
+    guard = fitted.get(memo_key) if fitted is not None else None
+    if guard is None:
+        guard = fit_uncalibrated(fold.train, cfg, embedder=embedder)
+        if fitted is not None:
+            fitted[memo_key] = guard
+    for m in guard.members.values():
+        set_search_options(m, cfg)
     fs = score_fold(guard, fold)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +303,7 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
     """Score every (variant, rule) pair; rows sorted best first by mean pseudo-GQR over folds."""
     base = base or FitConfig()
     folds = make_folds(train, dev, full=full)
+    fitted: dict = {}  # guards fitted for one variant, reused by variants differing in search options only
     results = []
     for v in variants:
         scores = {}
@@ -295,7 +311,7 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
         for fold in folds:
             if log:
                 log(f"fitting {v.name} / {fold.name}")
-            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name, v_embedder)
+            scores[fold.name] = fit_fold(fold, v.config(base), cache, v.name, v_embedder, fitted)
         for spec in rules:
             try:
                 per_fold = {name: evaluate_rule(fs, spec) for name, fs in scores.items()}

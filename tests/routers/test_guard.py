@@ -297,25 +297,36 @@ def test_capped_tfknn_is_the_same_rule_in_batch_and_single(capped_guard, guard, 
     assert all(capped_guard.classify(t).label == "ood" for t in FOREIGN)
 
 
-def test_ensemble_with_projected_knn_and_chosen_evidence(tmp_path):
-    """The ensemble's embedding kNN in a PCA space of ``embedding_knn_dims`` dimensions, and an OOD rule
-    without widemlp's hidden-space kNN: serving computes only the evidence the rule combines (widemlp's
-    hidden reference is never read), agrees with batch scoring, and round-trips."""
+def test_ensemble_with_two_stage_knn_and_chosen_evidence(tmp_path):
+    """The ensemble's embedding kNN ranked in a PCA space of ``embedding_knn_dims`` dimensions and exact
+    on the best candidates, and an OOD rule without widemlp's hidden-space kNN: serving computes only the
+    evidence the rule combines (widemlp's hidden reference is never read), agrees with batch scoring,
+    and round-trips."""
     cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3,
-                    embedding_knn_dims=16, tfknn_terms=12, per_class_threshold=True,
+                    embedding_knn_dims=16, embedding_knn_candidates=10, tfknn_terms=12, per_class_threshold=True,
                     ood_components=("msp", "embedding.knn", "widemlp.tfknn"))
     g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg)
     e = g.members["embedding"]
-    assert e.knn_proj.shape == (384, 16) and e.reference.shape[1] == 16
-    assert np.allclose(np.linalg.norm(e.reference, axis=1), 1.0, atol=1e-4)
+    assert e.knn_proj.shape == (384, 16) and e.reference.shape == (60, 384) and e.reference_low.shape == (60, 16)
+    texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:3]
+    emb = e.embedder.encode(texts)
+    two_stage, exact = e.knn(emb), _exact_knn(emb, e.reference, 3)
+    assert np.all(two_stage <= exact + 1e-5)  # it can miss neighbours, never invent them
+    assert np.allclose(two_stage, exact, atol=0.02)  # ... and finds them in this easy setup
     assert set(g.rule.dev_scores) == {"embedding.knn", "embedding.msp", "widemlp.tfknn", "widemlp.msp"}
     assert g.evidence_wanted("widemlp") == {"tfknn", "msp"} and g.evidence_wanted("embedding") == {"knn", "msp"}
     again = Guard.load(g.save(tmp_path / "ens"))
     again.members["widemlp"].reference = None  # not needed by this rule: classify must not touch it
-    texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:3]
     single = [again.classify(t) for t in texts]
     batch = g.score_batch(texts)
     assert [v.domain or v.label for v in single] == batch.labels
     assert np.allclose([v.scores["id_percentile"] for v in single], batch.id_percentile, atol=0.02)
     assert all(v.label == "ood" for v in single[-3:])
-    assert np.allclose(again.members["embedding"].knn_proj, e.knn_proj)
+    loaded = again.members["embedding"]
+    assert loaded.knn_candidates == 10 and np.allclose(loaded.knn_proj, e.knn_proj)
+    assert np.allclose(loaded.knn(emb), two_stage, atol=2e-3)  # float16 references on disk
+
+
+def _exact_knn(emb: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
+    sims = emb @ ref.T
+    return np.sort(sims, axis=1)[:, -k:].mean(axis=1)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,3 +110,22 @@ def test_rules_name_components_in_full_or_by_suffix():
     assert set(_pick(comps, RULES["eknn+tfknn"].components)) == {"embedding.knn", "widemlp.tfknn"}
     with pytest.raises(ValueError, match="not computed"):
         _pick({"widemlp.knn": np.zeros(2), "widemlp.tfknn": np.ones(2)}, RULES["eknn+tfknn"].components)
+
+
+def test_variants_differing_in_search_options_share_one_fit(monkeypatch):
+    import training.guard_select as gs
+
+    calls = []
+    real = gs.fit_uncalibrated
+    monkeypatch.setattr(gs, "fit_uncalibrated", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fold = make_folds(make_rows(30, 0), make_rows(20, 1), num_foreign=10)[-1]
+    fitted: dict = {}
+    plain = fit_fold(fold, TINY, None, "a", fitted=fitted)
+    capped = fit_fold(fold, replace(TINY, tfknn_terms=5), None, "b", fitted=fitted)
+    assert len(calls) == 1
+    assert not np.allclose(plain.dev_comps["widemlp.tfknn"], capped.dev_comps["widemlp.tfknn"])
+    assert np.allclose(plain.dev_comps["widemlp.knn"], capped.dev_comps["widemlp.knn"])
+    again = fit_fold(fold, TINY, None, "a", fitted=fitted)  # the options are reset, not inherited
+    assert np.allclose(again.dev_comps["widemlp.tfknn"], plain.dev_comps["widemlp.tfknn"])
+    fit_fold(fold, replace(TINY, hidden=8), None, "c", fitted=fitted)
+    assert len(calls) == 2
