@@ -104,6 +104,69 @@ def _knn_similarity(queries: np.ndarray, reference: np.ndarray, k: int) -> np.nd
 
 
 @dataclass
+class CoarseRanking:
+    """The first stage of a two-stage kNN search over unit reference rows: rank them in a small space (the
+    vector minus ``mean``, projected on the reference set's top principal directions), then compute the
+    exact cosine for the ``candidates`` best only. The coarse scan reads a fraction of the reference
+    matrix, the guard's largest per-query memory traffic.
+
+    It can only miss true neighbours, never invent them, so the evidence is exact or lower: in-domain
+    texts' neighbours live in the principal space and are found; a foreign text's evidence can only drop,
+    the safe side for an OOD rule. (Projecting both stages, as a first attempt did, loses exactly the
+    directions in which near-domain OOD text differs: -2 on the selection protocol.)
+    """
+
+    mean: np.ndarray  # float32 [d_full]
+    proj: np.ndarray  # float32 [d_full, d]
+    reference_low: np.ndarray  # float32 [n_ref, d]: the reference rows in the coarse space
+    candidates: int
+
+    @classmethod
+    def fit(cls, reference: np.ndarray, dims: int, candidates: int) -> CoarseRanking | None:
+        """Principal directions of ``reference``; None when a coarse stage would not be smaller."""
+        if not 0 < dims < min(reference.shape) or candidates >= len(reference):
+            return None
+        mean = reference.mean(axis=0)
+        _, _, vt = np.linalg.svd((reference - mean).astype(np.float64), full_matrices=False)
+        return cls.of(reference, mean.astype(np.float32), np.ascontiguousarray(vt[:dims].T, dtype=np.float32),
+                      candidates)
+
+    @classmethod
+    def of(cls, reference: np.ndarray, mean: np.ndarray, proj: np.ndarray, candidates: int) -> CoarseRanking:
+        return cls(mean, proj, np.ascontiguousarray((reference - mean) @ proj, dtype=np.float32), candidates)
+
+    def knn(self, queries: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
+        """As ``_knn_similarity(queries, reference, k)``, over the best ``candidates`` rows per query."""
+        out = np.empty(len(queries), dtype=np.float32)
+        c = self.candidates
+        for start in range(0, len(queries), 256):
+            q = queries[start:start + 256]
+            coarse = ((q - self.mean) @ self.proj) @ self.reference_low.T  # [n, n_ref]
+            cand = np.argpartition(coarse, coarse.shape[1] - c, axis=1)[:, -c:]  # [n, c]
+            out[start:start + 256] = _topk_mean(np.einsum("ncd,nd->nc", reference[cand], q), k)
+        return out
+
+    def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return ({"knn_dims": int(self.proj.shape[1]), "knn_candidates": self.candidates},
+                {f"{prefix}knn_mean": self.mean, f"{prefix}knn_proj": self.proj})
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str,
+                   reference: np.ndarray) -> CoarseRanking | None:
+        if not meta.get("knn_dims"):
+            return None
+        return cls.of(reference, arrays[f"{prefix}knn_mean"].astype(np.float32),
+                      arrays[f"{prefix}knn_proj"].astype(np.float32), int(meta["knn_candidates"]))
+
+
+def _knn(queries: np.ndarray, reference: np.ndarray, k: int, coarse: CoarseRanking | None) -> np.ndarray:
+    """kNN evidence of unit ``queries``: one exact scan, or two stages when ``coarse`` is set."""
+    if coarse is None:
+        return _knn_similarity(queries, reference, k)
+    return coarse.knn(queries, reference, k)
+
+
+@dataclass
 class WideMLP:
     """TF-IDF-weighted embedding bag → ReLU → linear; numpy at serve time.
 
@@ -123,6 +186,7 @@ class WideMLP:
     class_means: np.ndarray | None = None  # float32 [n_domains, hidden]: for "maha" evidence
     precision: np.ndarray | None = None  # float32 [hidden, hidden]: inverse shared covariance, for "maha"
     tfknn_terms: int = 0  # "tfknn" uses a text's this many highest-weighted n-grams (0: all of them)
+    coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
 
     def _extra(self, h: np.ndarray, logits: np.ndarray, comps: dict[str, np.ndarray]) -> None:
         """``energy`` (logsumexp of the logits) and, when fitted, ``maha`` (minus the smallest
@@ -154,7 +218,7 @@ class WideMLP:
         """(class probabilities [n, C], {component: in-domain score [n]}), every component computed."""
         X = self.featurizer.transform(texts)
         h = self._hidden_rows(X)
-        comps = {"knn": _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)}
+        comps = {"knn": _knn(_normalize_rows(h), self.reference, self.knn_k, self.coarse)}
         if self.ref_tf is not None:
             sims = np.asarray((_top_terms_rows(X, self.tfknn_terms) @ self.ref_tf).todense(), dtype=np.float32)
             comps["tfknn"] = _topk_mean(sims, self.knn_k)
@@ -173,7 +237,7 @@ class WideMLP:
         h = np.maximum(vals[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
         comps = {}
         if wanted is None or "knn" in wanted:
-            comps["knn"] = _knn_similarity(_normalize_rows(h), self.reference, self.knn_k)
+            comps["knn"] = _knn(_normalize_rows(h), self.reference, self.knn_k, self.coarse)
         if self.ref_tf is not None and (wanted is None or "tfknn" in wanted):
             sims = _sparse_rows_dot(self.ref_tf, *_top_terms(cols, vals, self.tfknn_terms))
             comps["tfknn"] = _topk_mean(sims[None, :], self.knn_k)
@@ -195,13 +259,16 @@ class WideMLP:
         if has_maha:
             arrays.update({f"{prefix}class_means": self.class_means.astype(np.float32),
                            f"{prefix}precision": self.precision.astype(np.float32)})
-        return {"type": "widemlp", "featurizer": fmeta,
+        cmeta, carrays = self.coarse.state(prefix) if self.coarse is not None else ({}, {})
+        arrays.update(carrays)
+        return {"type": "widemlp", "featurizer": fmeta, **cmeta,
                 "num_reference_tf": 0 if self.ref_tf is None else int(self.ref_tf.shape[1]),
                 "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k, "tfknn_terms": self.tfknn_terms,
                 "num_kept_features": int(self.w_in.shape[0]), "mahalanobis": has_maha}, arrays
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> WideMLP:
+        reference = arrays[f"{prefix}reference"].astype(np.float32)
         return cls(
             featurizer=HashedTfidf.from_state(meta["featurizer"], {"idf": arrays[f"{prefix}idf"]}),
             col_map=arrays[f"{prefix}col_map"].astype(np.int64),
@@ -209,12 +276,13 @@ class WideMLP:
             b_in=arrays[f"{prefix}b_in"].astype(np.float32),
             w_out=arrays[f"{prefix}w_out"].astype(np.float32),
             b_out=arrays[f"{prefix}b_out"].astype(np.float32),
-            reference=arrays[f"{prefix}reference"].astype(np.float32),
+            reference=reference,
             knn_k=int(meta["knn_k"]),
             ref_tf=_load_ref_tf(meta, arrays, prefix),
             class_means=arrays[f"{prefix}class_means"].astype(np.float32) if meta.get("mahalanobis") else None,
             precision=arrays[f"{prefix}precision"].astype(np.float32) if meta.get("mahalanobis") else None,
             tfknn_terms=int(meta.get("tfknn_terms", 0)),
+            coarse=CoarseRanking.from_state(meta, arrays, prefix, reference),
         )
 
 
@@ -269,37 +337,14 @@ def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: st
 
 @dataclass
 class EmbeddingHead:
-    """MiniLM embedding → linear softmax head; kNN evidence against training embeddings.
-
-    Two-stage kNN when ``knn_proj`` is set: the reference rows are first ranked in a small space (the
-    embedding minus ``knn_mean``, projected on the reference set's top principal directions), and the
-    exact cosine is then computed for the ``knn_candidates`` best only. The coarse scan reads a sixth of
-    the memory of the full one. It can only miss true neighbours, never invent them, so the evidence is
-    exact or lower: an in-domain text's neighbours live in the principal space and are found; a
-    foreign text's evidence can only drop — the safe side for an OOD rule. (Projecting *both* stages, as
-    a first attempt did, loses exactly the directions in which near-domain OOD text differs: -2 on the
-    selection protocol.)
-    """
+    """MiniLM embedding → linear softmax head; kNN evidence against training embeddings."""
 
     embedder: MiniLMEmbedder
     w: np.ndarray  # float32 [384, n_classes]
     b: np.ndarray  # float32 [n_classes]
     reference: np.ndarray  # float32 [n_ref, 384], unit rows
     knn_k: int = 10
-    knn_mean: np.ndarray | None = None  # float32 [384]
-    knn_proj: np.ndarray | None = None  # float32 [384, d]
-    knn_candidates: int = 256
-    reference_low: np.ndarray | None = field(default=None, repr=False)  # derived: the coarse reference rows
-
-    def __post_init__(self) -> None:
-        self.set_projection(self.knn_mean, self.knn_proj)
-
-    def set_projection(self, mean: np.ndarray | None, proj: np.ndarray | None) -> None:
-        self.knn_mean, self.knn_proj = mean, proj
-        self.reference_low = None if proj is None else np.ascontiguousarray(self._low(self.reference))
-
-    def _low(self, emb: np.ndarray) -> np.ndarray:
-        return ((emb - self.knn_mean) @ self.knn_proj).astype(np.float32)
+    coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
 
     def evidence_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return self.evidence_from(self.embedder.encode(list(texts)))
@@ -308,48 +353,29 @@ class EmbeddingHead:
                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return self.evidence_from(self.embedder.encode_one(text)[None, :], wanted)
 
-    def knn(self, emb: np.ndarray) -> np.ndarray:
-        """Mean cosine similarity of each unit row of ``emb`` to its ``knn_k`` nearest reference rows."""
-        if self.reference_low is None or self.knn_candidates >= len(self.reference):
-            return _knn_similarity(emb, self.reference, self.knn_k)
-        out = np.empty(len(emb), dtype=np.float32)
-        low = self._low(emb)
-        c = self.knn_candidates
-        for start in range(0, len(emb), 256):
-            coarse = low[start:start + 256] @ self.reference_low.T  # [n, n_ref]
-            cand = np.argpartition(coarse, coarse.shape[1] - c, axis=1)[:, -c:]  # [n, c]
-            exact = np.einsum("ncd,nd->nc", self.reference[cand], emb[start:start + 256])
-            out[start:start + 256] = _topk_mean(exact, self.knn_k)
-        return out
-
     def evidence_from(self, emb: np.ndarray, wanted: frozenset[str] | None = None
                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         comps = {}
         if wanted is None or "knn" in wanted:
-            comps["knn"] = self.knn(emb)
+            comps["knn"] = _knn(emb, self.reference, self.knn_k, self.coarse)
         return _softmax(emb @ self.w + self.b), comps
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {f"{prefix}w": self.w, f"{prefix}b": self.b, f"{prefix}reference": self.reference.astype(np.float16)}
-        if self.knn_proj is not None:
-            arrays.update({f"{prefix}knn_mean": self.knn_mean.astype(np.float32),
-                           f"{prefix}knn_proj": self.knn_proj.astype(np.float32)})
-        return {"embedder": "minilm", **self.embedder.spec(), "knn_k": self.knn_k,
-                "knn_dims": 0 if self.knn_proj is None else int(self.knn_proj.shape[1]),
-                "knn_candidates": self.knn_candidates}, arrays
+        cmeta, carrays = self.coarse.state(prefix) if self.coarse is not None else ({}, {})
+        arrays.update(carrays)
+        return {"embedder": "minilm", **self.embedder.spec(), "knn_k": self.knn_k, **cmeta}, arrays
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str,
                    embedder: MiniLMEmbedder | None = None) -> EmbeddingHead:
-        two_stage = bool(meta.get("knn_dims"))
+        reference = arrays[f"{prefix}reference"].astype(np.float32)
         return cls(
             embedder=embedder or MiniLMEmbedder(max_length=int(meta.get("max_length", 256)),
                                                 num_layers=meta.get("num_layers"), int8=bool(meta.get("int8"))),
             w=arrays[f"{prefix}w"].astype(np.float32), b=arrays[f"{prefix}b"].astype(np.float32),
-            reference=arrays[f"{prefix}reference"].astype(np.float32), knn_k=int(meta["knn_k"]),
-            knn_mean=arrays[f"{prefix}knn_mean"].astype(np.float32) if two_stage else None,
-            knn_proj=arrays[f"{prefix}knn_proj"].astype(np.float32) if two_stage else None,
-            knn_candidates=int(meta.get("knn_candidates", 256)),
+            reference=reference, knn_k=int(meta["knn_k"]),
+            coarse=CoarseRanking.from_state(meta, arrays, prefix, reference),
         )
 
 

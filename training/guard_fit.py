@@ -16,6 +16,7 @@ from routers.guard import (
     KINDS,
     OOD,
     UNSAFE,
+    CoarseRanking,
     EmbeddingHead,
     Guard,
     OODRule,
@@ -63,11 +64,13 @@ class FitConfig:
     encoder_int8: bool = True
     encoder_max_length: int = 64
     # Serving cost of the kNN evidence (BENCHMARKS "Guard"): "tfknn" reads a text's this many
-    # highest-weighted n-grams (0: all); the embedding member ranks its references in this many principal
-    # dimensions first (0: one exact scan) and computes exact cosines for the best candidates only.
+    # highest-weighted n-grams (0: all); the widemlp / embedding member ranks its references in this many
+    # principal dimensions first (0: one exact scan) and computes exact cosines for the best
+    # ``knn_candidates`` only (routers.guard.CoarseRanking).
     tfknn_terms: int = 0
+    hidden_knn_dims: int = 0
     embedding_knn_dims: int = 0
-    embedding_knn_candidates: int = 256
+    knn_candidates: int = 256
 
     def make_embedder(self) -> MiniLMEmbedder:
         return MiniLMEmbedder(max_length=self.encoder_max_length, num_layers=self.encoder_layers,
@@ -160,6 +163,7 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
         model.class_means, model.precision = class_gaussian(ref_hidden, y[ref_idx], cfg.maha_shrinkage)
     if cfg.tfidf_reference:
         model.ref_tf = tfidf_reference(featurizer, ref_texts, cfg.tfidf_reference_max_df)
+    set_search_options(model, cfg)
     return model
 
 
@@ -218,19 +222,13 @@ def fit_embedding(emb: np.ndarray, y: np.ndarray, num_classes: int, ref_mask: np
 
 
 def set_search_options(member: WideMLP | EmbeddingHead, cfg: FitConfig) -> None:
-    """Apply ``cfg``'s kNN search options (``tfknn_terms``, ``embedding_knn_*``) to a fitted member: they
-    change how its evidence is computed from the stored reference rows, not what was trained."""
+    """Apply ``cfg``'s kNN search options (``tfknn_terms``, ``*_knn_dims``, ``knn_candidates``) to a fitted
+    member: they change how its evidence is computed from the stored reference rows, not what was trained."""
     if isinstance(member, WideMLP):
         member.tfknn_terms = cfg.tfknn_terms
-        return
-    member.knn_candidates = cfg.embedding_knn_candidates
-    ref = member.reference
-    if not 0 < cfg.embedding_knn_dims < min(ref.shape):
-        member.set_projection(None, None)
-        return
-    mean = ref.mean(axis=0)
-    _, _, vt = np.linalg.svd((ref - mean).astype(np.float64), full_matrices=False)
-    member.set_projection(mean.astype(np.float32), np.ascontiguousarray(vt[: cfg.embedding_knn_dims].T, dtype=np.float32))
+        member.coarse = CoarseRanking.fit(member.reference, cfg.hidden_knn_dims, cfg.knn_candidates)
+    else:
+        member.coarse = CoarseRanking.fit(member.reference, cfg.embedding_knn_dims, cfg.knn_candidates)
 
 
 def _embed_all(embedder: MiniLMEmbedder, texts: Sequence[str], progress: Progress) -> np.ndarray:

@@ -226,6 +226,14 @@ VARIANTS = {
                                              "encoder_max_length": 48}),
     "ens_fast_m32": Variant("ens_fast_m32", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
                                              "encoder_max_length": 32}),
+    "ens_fast_m24": Variant("ens_fast_m24", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
+                                             "encoder_max_length": 24}),
+    "ens_fast_m16": Variant("ens_fast_m16", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
+                                             "encoder_max_length": 16}),
+    "ens_m32_t128": Variant("ens_m32_t128", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 128,
+                                             "encoder_max_length": 32}),
+    "ens_m32_l4": Variant("ens_m32_l4", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
+                                         "encoder_max_length": 32, "encoder_layers": 4}),
 }
 
 
@@ -258,7 +266,7 @@ class CachedEmbedder(MiniLMEmbedder):
         return np.stack([self.cache[t] for t in texts])
 
 
-SEARCH_OPTIONS = ("tfknn_terms", "embedding_knn_dims", "embedding_knn_candidates")
+SEARCH_OPTIONS = ("tfknn_terms", "hidden_knn_dims", "embedding_knn_dims", "knn_candidates")
 
 
 def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,

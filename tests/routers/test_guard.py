@@ -303,16 +303,21 @@ def test_ensemble_with_two_stage_knn_and_chosen_evidence(tmp_path):
     evidence the rule combines (widemlp's hidden reference is never read), agrees with batch scoring,
     and round-trips."""
     cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3,
-                    embedding_knn_dims=16, embedding_knn_candidates=10, tfknn_terms=12, per_class_threshold=True,
+                    hidden_knn_dims=8, embedding_knn_dims=16, knn_candidates=10, tfknn_terms=12,
+                    per_class_threshold=True,
                     ood_components=("msp", "embedding.knn", "widemlp.tfknn"))
     g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg)
     e = g.members["embedding"]
-    assert e.knn_proj.shape == (384, 16) and e.reference.shape == (60, 384) and e.reference_low.shape == (60, 16)
+    w = g.members["widemlp"]
+    assert e.coarse.proj.shape == (384, 16) and e.reference.shape == (60, 384) and e.coarse.reference_low.shape == (60, 16)
+    assert w.coarse.proj.shape == (32, 8) and w.coarse.candidates == 10
     texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:3]
     emb = e.embedder.encode(texts)
-    two_stage, exact = e.knn(emb), _exact_knn(emb, e.reference, 3)
-    assert np.all(two_stage <= exact + 1e-5)  # it can miss neighbours, never invent them
-    assert np.allclose(two_stage, exact, atol=0.02)  # ... and finds them in this easy setup
+    hid = _unit(w.hidden(texts))
+    for member, q in ((e, emb), (w, hid)):
+        two_stage, exact = member.coarse.knn(q, member.reference, 3), _exact_knn(q, member.reference, 3)
+        assert np.all(two_stage <= exact + 1e-5)  # it can miss neighbours, never invent them
+        assert np.allclose(two_stage, exact, atol=0.05)  # ... and finds them in this easy setup
     assert set(g.rule.dev_scores) == {"embedding.knn", "embedding.msp", "widemlp.tfknn", "widemlp.msp"}
     assert g.evidence_wanted("widemlp") == {"tfknn", "msp"} and g.evidence_wanted("embedding") == {"knn", "msp"}
     again = Guard.load(g.save(tmp_path / "ens"))
@@ -323,8 +328,14 @@ def test_ensemble_with_two_stage_knn_and_chosen_evidence(tmp_path):
     assert np.allclose([v.scores["id_percentile"] for v in single], batch.id_percentile, atol=0.02)
     assert all(v.label == "ood" for v in single[-3:])
     loaded = again.members["embedding"]
-    assert loaded.knn_candidates == 10 and np.allclose(loaded.knn_proj, e.knn_proj)
-    assert np.allclose(loaded.knn(emb), two_stage, atol=2e-3)  # float16 references on disk
+    assert loaded.coarse.candidates == 10 and np.allclose(loaded.coarse.proj, e.coarse.proj)
+    two_stage = e.coarse.knn(emb, e.reference, 3)
+    assert np.allclose(loaded.coarse.knn(emb, loaded.reference, 3), two_stage, atol=2e-3)  # float16 on disk
+    assert again.members["widemlp"].coarse.proj.shape == (32, 8)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
 def _exact_knn(emb: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
