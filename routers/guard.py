@@ -372,7 +372,8 @@ class EmbeddingHead:
         reference = arrays[f"{prefix}reference"].astype(np.float32)
         return cls(
             embedder=embedder or MiniLMEmbedder(max_length=int(meta.get("max_length", 256)),
-                                                num_layers=meta.get("num_layers"), int8=bool(meta.get("int8"))),
+                                                num_layers=meta.get("num_layers"), int8=bool(meta.get("int8")),
+                                                graph=meta.get("graph", "hf")),  # before "graph": the HF one
             w=arrays[f"{prefix}w"].astype(np.float32), b=arrays[f"{prefix}b"].astype(np.float32),
             reference=reference, knn_k=int(meta["knn_k"]),
             coarse=CoarseRanking.from_state(meta, arrays, prefix, reference),

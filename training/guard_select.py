@@ -25,6 +25,7 @@ JSON object on the last line. Fitted folds are cached under ``--cache`` (one pic
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import pickle
 import sys
@@ -232,6 +233,18 @@ VARIANTS = {
                                              "encoder_max_length": 16}),
     "ens_m32_t128": Variant("ens_m32_t128", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 128,
                                              "encoder_max_length": 32}),
+    # both kNN searches two-stage (the widemlp hidden space too), then cheaper encoders under them
+    "ens_fast2": Variant("ens_fast2", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
+                                       "tfknn_terms": 256}),
+    "ens_fast2_m48": Variant("ens_fast2_m48", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
+                                               "tfknn_terms": 256, "encoder_max_length": 48}),
+    "ens_fast2_l2": Variant("ens_fast2_l2", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
+                                             "tfknn_terms": 256, "encoder_layers": 2}),
+    "ens_fast2_l2_m32": Variant("ens_fast2_l2_m32", {"kind": "ensemble", "embedding_knn_dims": 64,
+                                                     "hidden_knn_dims": 64, "tfknn_terms": 256,
+                                                     "encoder_layers": 2, "encoder_max_length": 32}),
+    "ens_fast2_l1": Variant("ens_fast2_l1", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
+                                             "tfknn_terms": 256, "encoder_layers": 1}),
     "ens_m32_l4": Variant("ens_m32_l4", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
                                          "encoder_max_length": 32, "encoder_layers": 4}),
 }
@@ -267,6 +280,7 @@ class CachedEmbedder(MiniLMEmbedder):
 
 
 SEARCH_OPTIONS = ("tfknn_terms", "hidden_knn_dims", "embedding_knn_dims", "knn_candidates")
+ENCODER_OPTIONS = ("encoder_layers", "encoder_int8", "encoder_max_length")
 
 
 def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
@@ -279,11 +293,21 @@ def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
         with open(path, "rb") as f:
             return pickle.load(f)
     memo_key = (fold.name, replace(cfg, **{o: getattr(FitConfig(), o) for o in SEARCH_OPTIONS}))
+    # an ensemble's widemlp does not depend on the encoder: variants differing only in it share one fit
+    wide_key = (fold.name, replace(memo_key[1], kind="widemlp",
+                                   **{o: getattr(FitConfig(), o) for o in ENCODER_OPTIONS}))
     guard = fitted.get(memo_key) if fitted is not None else None
+    if guard is None and cfg.kind == "ensemble" and fitted is not None and wide_key in fitted:
+        emb = fit_uncalibrated(fold.train, replace(cfg, kind="embedding"), embedder=embedder)
+        guard = Guard(kind="ensemble", classes=emb.classes, rule=emb.rule, max_chars=emb.max_chars,
+                      members={"widemlp": copy.copy(fitted[wide_key]), "embedding": emb.members["embedding"]})
+        fitted[memo_key] = guard
     if guard is None:
         guard = fit_uncalibrated(fold.train, cfg, embedder=embedder)
         if fitted is not None:
             fitted[memo_key] = guard
+            if cfg.kind == "ensemble":
+                fitted[wide_key] = guard.members["widemlp"]
     for m in guard.members.values():
         set_search_options(m, cfg)
     fs = score_fold(guard, fold)

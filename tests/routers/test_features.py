@@ -138,8 +138,9 @@ def test_minilm_fast_encoder_layers_and_int8(tmp_path, monkeypatch):
              "How do I bake sourdough bread at home?"]
     fast = MiniLMEmbedder(folder, max_length=32, num_layers=2, int8=True)
     a = fast.encode(texts)
-    assert fast.backend == "onnx" and fast.spec() == {"max_length": 32, "num_layers": 2, "int8": True}
-    assert (tmp_path / "onnx" / "minilm-l2-int8.onnx").is_file()
+    assert fast.backend == "onnx" and fast.spec() == {"max_length": 32, "num_layers": 2, "int8": True,
+                                                      "graph": "single"}
+    assert (tmp_path / "onnx" / "minilm-l2-int8-single.onnx").is_file()
     assert a.shape == (3, 384) and np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     assert np.array_equal(a[1], fast.encode_one(texts[1]))  # batch == serving, bit for bit
     sims = a @ a.T
@@ -151,3 +152,31 @@ def test_minilm_fast_encoder_layers_and_int8(tmp_path, monkeypatch):
         MiniLMEmbedder(folder, num_layers=7)
     with pytest.raises(ValueError):
         MiniLMEmbedder(folder, backend="torch", int8=True)
+    with pytest.raises(ValueError):
+        MiniLMEmbedder(folder, int8=False, graph="single")
+    with pytest.raises(ValueError):
+        MiniLMEmbedder(folder, int8=True, graph="tiny")
+
+
+def test_minilm_single_text_graph_matches_the_batched_one(tmp_path, monkeypatch):
+    """The int8 encoder's single-text graph (no masks, no padding) computes what transformers' BertModel
+    computes: exported without int8 rounding differences it would be equal; with int8 on both sides the
+    vectors agree to int8 precision. Its tokenizer shortcut for long texts gives exactly the full ids."""
+    monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
+    from backends.models import prepare
+
+    folder = prepare("minilm")
+    rng = np.random.RandomState(0)
+    words = ["court", "contract", "Patient", "dosage", "taxes,", "inflation.", "über", "ørkenen", "x" * 30, "(a)"]
+    texts = ["What are the side effects of ibuprofen?", "", "a"] + [
+        " ".join(rng.choice(words, size=n)) for n in (5, 80, 200, 400)]
+    single = MiniLMEmbedder(folder, num_layers=2, int8=True)
+    hf = MiniLMEmbedder(folder, num_layers=2, int8=True, graph="hf")
+    a, b = single.encode(texts), hf.encode(texts)
+    assert single.graph == "single" and (tmp_path / "onnx" / "minilm-l2-int8-single.onnx").is_file()
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.all((a * b).sum(axis=1) > 0.99)
+    for text in texts + [" ".join(["word"] * 600), "y" * 5000, "z " * 3000]:
+        full = np.asarray(single._tokenizer.encode(text).ids)
+        assert np.array_equal(single._single_ids(text), full)
+        assert len(full) <= single.max_length

@@ -161,11 +161,21 @@ def test_ensemble_default_encoder_is_the_fast_minilm_and_round_trips(tmp_path):
     meta = json.loads((tmp_path / "fast" / "manifest.json").read_text())["meta"]["members"]["embedding"]
     assert (meta["num_layers"], meta["int8"], meta["max_length"]) == (3, True, 64)
     again = Guard.load(tmp_path / "fast")
-    assert again.members["embedding"].embedder.spec() == {"max_length": 64, "num_layers": 3, "int8": True}
+    assert again.members["embedding"].embedder.spec() == {"max_length": 64, "num_layers": 3, "int8": True,
+                                                          "graph": "single"}
     texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:2]
     assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
     for a, b in zip(map(g.classify, texts), map(again.classify, texts), strict=True):  # float16 references
         assert all(abs(a.scores[k] - b.scores[k]) < 1e-3 for k in g.classes)
+    # an artifact written before the single-text graph existed records no "graph": it loads the HF graph
+    manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
+    del manifest["meta"]["members"]["embedding"]["graph"]
+    (tmp_path / "fast" / "manifest.json").write_text(json.dumps(manifest))
+    old = Guard.load(tmp_path / "fast")
+    assert old.members["embedding"].embedder.graph == "hf"
+    a, b = g.members["embedding"].embedder, old.members["embedding"].embedder
+    cos = (a.encode(texts) * b.encode(texts)).sum(axis=1)
+    assert np.all(cos > 0.99) and not np.array_equal(a.encode(texts), b.encode(texts))  # same function, other graph
 
 
 def test_per_class_rule_keeps_recall_in_every_domain():
