@@ -24,7 +24,10 @@ has no class of its own and is rejected by the OOD rule like any other foreign t
 
 Serving contract: ``Guard.load(path)`` reads an artifact folder once; ``classify`` and
 ``classify_messages`` are pure, synchronous, CPU-only, thread-safe and do no I/O (the ``embedding`` and
-``ensemble`` kinds load MiniLM at ``load`` time).
+``ensemble`` kinds load MiniLM at ``load`` time). ``classify`` computes the cheapest evidence first and stops
+as soon as the ``ood`` verdict can no longer change (``OODRule.rejects_for_sure``): foreign text — another
+language, toxic posts — is rejected after the TF-IDF kNN alone, without MiniLM. The labels equal
+``score_batch``'s, which computes everything.
 """
 
 from __future__ import annotations
@@ -227,10 +230,11 @@ class WideMLP:
         return _softmax(logits), comps
 
     def evidence_one(self, text: str, features: tuple[np.ndarray, np.ndarray] | None = None,
-                     wanted: frozenset[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One text; ``features`` = ``self.featurizer.transform_one(text)`` when the caller has it already.
-        ``wanted``: the kNN components to compute (None: all) — the OOD rule may not use every one, and
-        each kNN search reads a whole reference matrix (the guard's largest per-query cost)."""
+                     wanted: frozenset[str] | None = None, tfknn: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One text; ``features`` = ``self.featurizer.transform_one(text)`` when the caller has it already
+        (``tfknn`` = ``tfknn_one(*features)`` likewise). ``wanted``: the kNN components to compute (None:
+        all) — the OOD rule may not use every one, and each kNN search reads a whole reference matrix."""
         cols, vals = features if features is not None else self.featurizer.transform_one(text)
         rows = self.col_map[cols]
         keep = rows >= 0
@@ -239,11 +243,15 @@ class WideMLP:
         if wanted is None or "knn" in wanted:
             comps["knn"] = _knn(_normalize_rows(h), self.reference, self.knn_k, self.coarse)
         if self.ref_tf is not None and (wanted is None or "tfknn" in wanted):
-            sims = _sparse_rows_dot(self.ref_tf, *_top_terms(cols, vals, self.tfknn_terms))
-            comps["tfknn"] = _topk_mean(sims[None, :], self.knn_k)
+            comps["tfknn"] = tfknn if tfknn is not None else self.tfknn_one(cols, vals)
         logits = h @ self.w_out + self.b_out
         self._extra(h, logits, comps)
         return _softmax(logits), comps
+
+    def tfknn_one(self, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """The ``tfknn`` evidence [1] of one text's TF-IDF row (needs ``ref_tf``)."""
+        sims = _sparse_rows_dot(self.ref_tf, *_top_terms(cols, vals, self.tfknn_terms))
+        return _topk_mean(sims[None, :], self.knn_k)
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fmeta, farrays = self.featurizer.state()
@@ -477,6 +485,21 @@ class OODRule:
             out[i] = np.searchsorted(ref, v, side="left") / len(ref)
         return out
 
+    def rejects_for_sure(self, partial: dict[str, np.ndarray]) -> tuple[bool, float]:
+        """Whether one text whose evidence is known only in part (``partial``: some of the rule's
+        components, each [1]) is rejected whatever the others turn out to be, and the largest in-domain
+        percentile it can still reach. The unknown components are set to their most in-domain p-value
+        (the Fisher sum only grows with each), and the text must fall below the threshold among the dev
+        rows of every domain (a per-class rule does not know the predicted domain yet). So a ``True`` is
+        exact: computing the rest could not change the ``ood`` verdict."""
+        bound = 0.0
+        for name, ref in self.dev_scores.items():
+            rank = np.searchsorted(ref, float(partial[name][0]), side="left") if name in partial else len(ref)
+            bound += math.log((rank + 0.5) / (len(ref) + 1.0))
+        refs = [r if len(r) else self.dev_combined for r in self.class_combined or [self.dev_combined]]
+        pct = max(np.searchsorted(r, bound, side="left") / len(r) for r in refs)
+        return pct < self.threshold, float(pct)
+
     def threshold_for(self, id_recall: float) -> float:
         """Percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing in it."""
         if not 0.0 < id_recall <= 1.0:
@@ -576,14 +599,27 @@ class Guard:
         text = text[: self.max_chars]
         outs = {}
         features: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one transform per shared featurizer
+        tfknn = None
+        if self.can_exit_early:  # the cheapest evidence first: TF-IDF kNN alone rejects most foreign text
+            wide = self.members["widemlp"]
+            features[id(wide.featurizer)] = wide.featurizer.transform_one(text)
+            tfknn = wide.tfknn_one(*features[id(wide.featurizer)])
+            sure, pct = self.rule.rejects_for_sure({"widemlp.tfknn": tfknn})
+            if sure:
+                return self._early_ood(pct)
         for name, m in self.members.items():
             wanted = self.evidence_wanted(name)
             if isinstance(m, WideMLP):
                 key = id(m.featurizer)
                 if key not in features:
                     features[key] = m.featurizer.transform_one(text)
-                outs[name] = m.evidence_one(text, features[key], wanted)
+                outs[name] = m.evidence_one(text, features[key], wanted, tfknn if name == "widemlp" else None)
             else:
+                if self.can_exit_early and "widemlp" in outs:  # before the costlier member: is widemlp's enough?
+                    sure, pct = self.rule.rejects_for_sure(
+                        {f"widemlp.{c}": v for c, v in outs["widemlp"][1].items()})
+                    if sure:
+                        return self._early_ood(pct)
                 outs[name] = m.evidence_one(text, wanted)
         probs, comps = self._combine(outs)
         p = probs[0]
@@ -600,6 +636,22 @@ class Guard:
         if label == UNSAFE:
             return GuardVerdict("unsafe", None, float(p[self.classes.index(UNSAFE)]), scores)
         return GuardVerdict("domain", label, float(p[self.classes.index(label)]), scores)
+
+    @property
+    def can_exit_early(self) -> bool:
+        """Whether ``classify`` may stop before computing every member: the rule combines the one widemlp's
+        TF-IDF kNN evidence, and no trained class (``ood``/``unsafe``) could outrank the OOD rule."""
+        wide = self.members.get("widemlp")
+        return (isinstance(wide, WideMLP) and wide.ref_tf is not None and "widemlp.tfknn" in self.rule.dev_scores
+                and not any(_family(n) == "widemlp" and n != "widemlp" for n in self.members)
+                and not any(c in RESERVED_LABELS for c in self.classes))
+
+    def _early_ood(self, pct: float) -> GuardVerdict:
+        """The ``ood`` verdict of a text rejected before every member ran (``rejects_for_sure``): the same
+        label the full computation gives; ``scores`` has no class probabilities, ``id_percentile`` is an
+        upper bound, and ``early_exit`` is 1."""
+        conf = 1.0 - pct / max(self.rule.threshold, 1e-9)
+        return GuardVerdict("ood", None, min(max(conf, 0.0), 1.0), {"id_percentile": pct, "early_exit": 1.0})
 
     def classify_messages(self, messages: list[dict]) -> GuardVerdict:
         """Verdict for a chat: judged on ``last_user_text(messages, max_chars)`` (see routers.features)."""
