@@ -74,10 +74,14 @@ def train_guard(args) -> int:
         raise ValueError(f"--distill-weight must be >= 0, got {args.distill_weight}")
     if args.encoder_max_length < 8:
         raise ValueError(f"--encoder-max-length must be at least 8 word pieces, got {args.encoder_max_length}")
-    cfg = FitConfig(kind=args.kind, id_recall=args.id_recall, seed=args.seed, epochs=args.epochs,
-                    hidden=args.hidden, lr=args.lr, per_class_threshold=args.threshold == "per-class",
-                    num_seeds=args.seeds, distill_weight=args.distill_weight, encoder_layers=args.encoder_layers,
-                    encoder_int8=args.encoder_int8, encoder_max_length=args.encoder_max_length)
+    if args.knn_dims is not None and args.knn_dims < 0 or args.tfknn_terms is not None and args.tfknn_terms < 0:
+        raise ValueError("--knn-dims and --tfknn-terms must be >= 0 (0: exact search / every n-gram)")
+    cfg = FitConfig.for_kind(
+        args.kind, id_recall=args.id_recall, seed=args.seed, epochs=args.epochs, hidden=args.hidden, lr=args.lr,
+        per_class_threshold=None if args.threshold is None else args.threshold == "per-class",
+        num_seeds=args.seeds, distill_weight=args.distill_weight, encoder_layers=args.encoder_layers,
+        encoder_int8=args.encoder_int8, encoder_max_length=args.encoder_max_length,
+        hidden_knn_dims=args.knn_dims, embedding_knn_dims=args.knn_dims, tfknn_terms=args.tfknn_terms)
     make, bars = _progress_factory(sys.stderr.isatty() or bool(os.environ.get("SWITCHYARD_PROGRESS")))
     guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make)
     for bar in bars:
@@ -104,7 +108,9 @@ def train_guard(args) -> int:
             ("train rows", f"{len(train)} (+{len(ood)} ood, +{len(unsafe)} unsafe)"), ("dev rows", str(len(dev))),
             ("dev accuracy (no rejection)", f"{dev_acc * 100:.2f}%"),
             ("OOD threshold", f"id_percentile < {guard.rule.threshold:.4f} (id_recall {args.id_recall}, "
-                              f"{args.threshold})"),
+                              f"{'per-class' if cfg.per_class_threshold else 'global'})"),
+            ("kNN search", f"{cfg.hidden_knn_dims or 'exact'} dims (hidden), {cfg.embedding_knn_dims or 'exact'} "
+                           f"dims (embedding), tfknn terms {cfg.tfknn_terms or 'all'}"),
             ("dev in-domain kept", f"{dev_kept * 100:.2f}%"), ("seed", str(args.seed)),
             ("train time", f"{elapsed:.1f} s"), ("artifact", str(out))]
     _print_table(["guard", ""], rows)

@@ -57,12 +57,12 @@ class FitConfig:
     mahalanobis: bool = False  # widemlp: class means + shared covariance in hidden space ("maha" evidence)
     maha_shrinkage: float = 0.1
     distill_weight: float = 0.0  # > 0: widemlp's hidden layer also fits MiniLM embeddings (training only)
-    # The MiniLM of the embedding/ensemble kinds. Default: the first 3 of 6 layers, int8 weights, 64 word
-    # pieces: ~1 ms per query on one thread instead of ~6 ms, so an ensemble stays in the guard's 2 ms
-    # budget (chosen by latency alone; BENCHMARKS "Guard"). (6, False, 256) is the full model.
-    encoder_layers: int = 3
+    # The MiniLM of the embedding/ensemble kinds. Default: the first 2 of 6 layers, int8 weights, 32 word
+    # pieces (guard_select: 3 layers score ~1.6 points more but cost ~1 ms more per query on the current box;
+    # 24-64 pieces score alike; BENCHMARKS "Guard"). (6, False, 256) is the full model.
+    encoder_layers: int = 2
     encoder_int8: bool = True
-    encoder_max_length: int = 64
+    encoder_max_length: int = 32
     # Serving cost of the kNN evidence (BENCHMARKS "Guard"): "tfknn" reads a text's this many
     # highest-weighted n-grams (0: all); the widemlp / embedding member ranks its references in this many
     # principal dimensions first (0: one exact scan) and computes exact cosines for the best
@@ -72,9 +72,28 @@ class FitConfig:
     embedding_knn_dims: int = 0
     knn_candidates: int = 256
 
+    @classmethod
+    def for_kind(cls, kind: str, **overrides) -> FitConfig:
+        """The defaults ``training/guard_select.py`` chose for ``kind`` (``KIND_DEFAULTS``), then
+        ``overrides`` (None values are ignored: "use the kind's default")."""
+        if kind not in KIND_DEFAULTS:
+            raise ValueError(f"unknown guard kind {kind!r}; valid: {', '.join(KIND_DEFAULTS)}")
+        return cls(kind=kind, **{**KIND_DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None}})
+
     def make_embedder(self) -> MiniLMEmbedder:
         return MiniLMEmbedder(max_length=self.encoder_max_length, num_layers=self.encoder_layers,
                               int8=self.encoder_int8)
+
+
+# Per kind, what training/guard_select.py preferred (BENCHMARKS "Guard"): widemlp keeps exact kNN searches
+# and per-domain thresholds; the ensemble scored higher with two-stage kNN searches (64 principal dims,
+# 256 candidates), TF-IDF kNN over a text's 256 top n-grams and one global threshold (+1.9 over exact
+# searches with per-domain thresholds).
+KIND_DEFAULTS: dict[str, dict] = {
+    "widemlp": {"per_class_threshold": True},
+    "embedding": {"per_class_threshold": True},
+    "ensemble": {"per_class_threshold": False, "hidden_knn_dims": 64, "embedding_knn_dims": 64, "tfknn_terms": 256},
+}
 
 
 def _set_seed(seed: int) -> None:

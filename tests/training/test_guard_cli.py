@@ -120,3 +120,26 @@ def test_encoder_options_are_checked(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's own one-line usage error
         main([*base, "--encoder-layers", "9"])
     assert e.value.code == 2 and "--encoder-layers" in capsys.readouterr().err
+
+
+def test_kind_defaults_and_search_options(files, tmp_path, capsys):
+    """Each kind gets guard_select's choices unless an option says otherwise; bad values are one line."""
+    from training.guard_fit import FitConfig
+
+    e = FitConfig.for_kind("ensemble")
+    assert (e.per_class_threshold, e.hidden_knn_dims, e.embedding_knn_dims, e.tfknn_terms) == (False, 64, 64, 256)
+    assert (e.encoder_layers, e.encoder_int8, e.encoder_max_length) == (2, True, 32)
+    w = FitConfig.for_kind("widemlp", per_class_threshold=None, tfknn_terms=None)
+    assert w.per_class_threshold is True and (w.hidden_knn_dims, w.tfknn_terms) == (0, 0)
+    assert FitConfig.for_kind("ensemble", per_class_threshold=True, hidden_knn_dims=0).hidden_knn_dims == 0
+    with pytest.raises(ValueError, match="unknown guard kind"):
+        FitConfig.for_kind("nope")
+    out = tmp_path / "terms"
+    assert main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
+                 "--epochs", "5", "--lr", "0.01", "--hidden", "16", "--tfknn-terms", "7", "--knn-dims", "0"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["meta"]["members"]["widemlp"]["tfknn_terms"] == 7
+    capsys.readouterr()
+    assert main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
+                 "--knn-dims", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--knn-dims" in err[0]

@@ -94,7 +94,7 @@ def test_cached_embedder_embeds_each_text_once(tmp_path, monkeypatch):
     assert a.shape == (3, 384) and a[0, 0] == 2 and a[1, 0] == 1 and calls == [["b", "aa"]]
     again = CachedEmbedder(path)  # from disk: no new call
     assert np.array_equal(again.encode(["b", "aa"]), a[[1, 0]]) and len(calls) == 1
-    assert again.spec() == {"max_length": 64, "num_layers": 3, "int8": True, "graph": "single"}  # train guard's
+    assert again.spec() == {"max_length": 32, "num_layers": 2, "int8": True, "graph": "single"}  # train guard's
     from training.guard_fit import FitConfig
 
     other = CachedEmbedder(path, FitConfig(encoder_layers=6, encoder_int8=False, encoder_max_length=256))
