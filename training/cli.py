@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="> 0: widemlp's hidden layer also fits MiniLM embeddings of the training rows "
                         "(MiniLM at training time only; serving cost unchanged)")
-    p.add_argument("--encoder-layers", type=int, default=2, choices=range(1, 7), metavar="1..6",
-                   help="embedding/ensemble: MiniLM layers kept (default 2 of 6)")
+    p.add_argument("--encoder-layers", type=int, default=3, choices=range(1, 7), metavar="1..6",
+                   help="embedding/ensemble: MiniLM layers kept (default 3 of 6)")
     p.add_argument("--encoder-int8", action=argparse.BooleanOptionalAction, default=True,
                    help="embedding/ensemble: int8 MiniLM weights (default on)")
     p.add_argument("--encoder-max-length", type=int, default=32,
@@ -135,8 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kNN evidence: rank references in this many principal dims, exact cosine on the best "
                         "256 (0: one exact scan; default: 64 for ensemble, 0 otherwise)")
     p.add_argument("--tfknn-terms", type=int, default=None,
-                   help="TF-IDF kNN over a text's this many top-weighted n-grams (0: all; default: 256 for "
-                        "ensemble, 0 otherwise)")
+                   help="TF-IDF kNN over a text's this many top-weighted n-grams (default 0: all)")
 
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")

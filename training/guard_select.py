@@ -67,6 +67,9 @@ def foreign_texts(texts: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
     return {"synthetic_cipher": cipher, "synthetic_shuffle": shuffled}
 
 
+OOD_VAL = "ood-val"  # the fold of --ood-val: scored apart from the protocol's mean
+
+
 @dataclass(frozen=True)
 class Fold:
     """One selection fold: what is trained, which in-domain rows calibrate/evaluate, what must be rejected."""
@@ -78,8 +81,10 @@ class Fold:
 
 
 def make_folds(train: Sequence[GuardRow], dev: Sequence[GuardRow], num_foreign: int = 300,
-               full: bool = True, seed: int = 0) -> list[Fold]:
-    """The leave-one-domain-out folds (+ ``full``), each with the synthetic foreign sources."""
+               full: bool = True, seed: int = 0, ood_val: Sequence[GuardRow] = ()) -> list[Fold]:
+    """The leave-one-domain-out folds (+ ``full``), each with the synthetic foreign sources; with
+    ``ood_val`` rows (real OOD text from sources the test never uses) also the ``ood-val`` fold: trained on
+    every domain, rejecting those rows per source — the GQR protocol itself, on validation data."""
     domains = sorted({r.label for r in train})
     if len(domains) < 3:
         raise ValueError(f"leave-one-domain-out needs at least 3 domains, found {domains}")
@@ -94,6 +99,9 @@ def make_folds(train: Sequence[GuardRow], dev: Sequence[GuardRow], num_foreign: 
                           {**ood, **foreign}))
     if full:
         folds.append(Fold("full", list(train), list(dev), dict(foreign)))
+    if ood_val:
+        by_source = {src: [r.text for r in ood_val if r.source == src] for src in sorted({r.source for r in ood_val})}
+        folds.append(Fold(OOD_VAL, list(train), list(dev), by_source))
     return folds
 
 
@@ -218,52 +226,26 @@ VARIANTS = {
     "distill1": Variant("distill1", {"distill_weight": 1.0}),  # MiniLM at training time
     "embedding": Variant("embedding", {"kind": "embedding"}),  # MiniLM per text: slow without --embedding-cache
     "ensemble": Variant("ensemble", {"kind": "ensemble"}),
-    # cheaper kNN evidence for the ensemble (serving latency; BENCHMARKS "Guard")
-    "ens_base": Variant("ens_base", {"kind": "ensemble"}),  # = ensemble, refitted by this code
-    "ens_terms256": Variant("ens_terms256", {"kind": "ensemble", "tfknn_terms": 256}),
-    "ens_2s64": Variant("ens_2s64", {"kind": "ensemble", "embedding_knn_dims": 64}),
-    "ens_fast": Variant("ens_fast", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256}),
-    "ens_fast_m48": Variant("ens_fast_m48", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
-                                             "encoder_max_length": 48}),
-    "ens_fast_m32": Variant("ens_fast_m32", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
-                                             "encoder_max_length": 32}),
-    "ens_fast_m24": Variant("ens_fast_m24", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
-                                             "encoder_max_length": 24}),
-    "ens_fast_m16": Variant("ens_fast_m16", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
-                                             "encoder_max_length": 16}),
-    "ens_m32_t128": Variant("ens_m32_t128", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 128,
-                                             "encoder_max_length": 32}),
-    # widemlp alone with the cheaper kNN searches (reference for the ensembles below)
+    # widemlp alone with the cheaper kNN searches
     "wide_fast2": Variant("wide_fast2", {"hidden_knn_dims": 64, "tfknn_terms": 256}),
     "wide_terms256": Variant("wide_terms256", {"tfknn_terms": 256}),
     "wide_h64": Variant("wide_h64", {"hidden_knn_dims": 64}),
-    # both kNN searches two-stage (the widemlp hidden space too), then cheaper encoders under them
-    "ens_fast2": Variant("ens_fast2", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
-                                       "tfknn_terms": 256}),
-    "ens_fast2_m48": Variant("ens_fast2_m48", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
-                                               "tfknn_terms": 256, "encoder_max_length": 48}),
-    "ens_fast2_l2": Variant("ens_fast2_l2", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
-                                             "tfknn_terms": 256, "encoder_layers": 2}),
-    "ens_fast2_l2_m32": Variant("ens_fast2_l2_m32", {"kind": "ensemble", "embedding_knn_dims": 64,
-                                                     "hidden_knn_dims": 64, "tfknn_terms": 256,
-                                                     "encoder_layers": 2, "encoder_max_length": 32}),
-    "ens_fast2_l1": Variant("ens_fast2_l1", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
-                                             "tfknn_terms": 256, "encoder_layers": 1}),
-    "ens_fast2_m32": Variant("ens_fast2_m32", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
-                                               "tfknn_terms": 256, "encoder_max_length": 32}),
-    "ens_fast2_m24": Variant("ens_fast2_m24", {"kind": "ensemble", "embedding_knn_dims": 64, "hidden_knn_dims": 64,
-                                               "tfknn_terms": 256, "encoder_max_length": 24}),
-    "ens_fast2_l2_m24": Variant("ens_fast2_l2_m24", {"kind": "ensemble", "embedding_knn_dims": 64,
-                                                     "hidden_knn_dims": 64, "tfknn_terms": 256,
-                                                     "encoder_layers": 2, "encoder_max_length": 24}),
-    "ens_fast2_l1_m32": Variant("ens_fast2_l1_m32", {"kind": "ensemble", "embedding_knn_dims": 64,
-                                                     "hidden_knn_dims": 64, "tfknn_terms": 256,
-                                                     "encoder_layers": 1, "encoder_max_length": 32}),
-    "ens_fast2_m32_d32": Variant("ens_fast2_m32_d32", {"kind": "ensemble", "embedding_knn_dims": 32,
-                                                       "hidden_knn_dims": 32, "tfknn_terms": 256,
-                                                       "encoder_max_length": 32, "knn_candidates": 128}),
-    "ens_m32_l4": Variant("ens_m32_l4", {"kind": "ensemble", "embedding_knn_dims": 64, "tfknn_terms": 256,
-                                         "encoder_max_length": 32, "encoder_layers": 4}),
+    # ensembles, every setting spelled out (the encoder defaults changed over time; BENCHMARKS "Guard"):
+    # lN = MiniLM layers, mN = word pieces, 2s = two-stage kNN searches in 64 dims (hidden + embedding),
+    # t256 = TF-IDF kNN over the 256 top n-grams, d32 = 32 dims and 128 candidates
+    **{name: Variant(name, {"kind": "ensemble", "encoder_layers": layers, "encoder_max_length": pieces,
+                            **({"hidden_knn_dims": dims, "embedding_knn_dims": dims} if dims else {}),
+                            **({"knn_candidates": 128} if dims == 32 else {}),
+                            **({"tfknn_terms": 256} if terms else {})})
+       for name, layers, pieces, dims, terms in [
+           ("ens_base", 3, 64, 0, False), ("ens_fast2", 3, 64, 64, True), ("ens_fast2_m48", 3, 48, 64, True),
+           ("ens_fast2_m32", 3, 32, 64, True), ("ens_fast2_m24", 3, 24, 64, True),
+           ("ens_fast2_m32_d32", 3, 32, 32, True), ("ens_fast2_l2", 2, 64, 64, True),
+           ("ens_fast2_l2_m32", 2, 32, 64, True), ("ens_fast2_l2_m24", 2, 24, 64, True),
+           ("ens_fast2_l1", 1, 64, 64, True), ("ens_fast2_l1_m32", 1, 32, 64, True),
+           ("ens_l3_m32", 3, 32, 0, False), ("ens_l3_m32_2s", 3, 32, 64, False), ("ens_l3_m32_t256", 3, 32, 0, True),
+           ("ens_l2_m32", 2, 32, 0, False), ("ens_l2_m32_2s", 2, 32, 64, False), ("ens_l2_m32_t256", 2, 32, 0, True),
+           ("ens_l3_m64_2s", 3, 64, 64, False)]},
 }
 
 
@@ -309,9 +291,10 @@ def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
     if path is not None and path.exists():
         with open(path, "rb") as f:
             return pickle.load(f)
-    memo_key = (fold.name, replace(cfg, **{o: getattr(FitConfig(), o) for o in SEARCH_OPTIONS}))
+    fit_on = "full" if fold.name == OOD_VAL else fold.name  # the two folds train on the same rows
+    memo_key = (fit_on, replace(cfg, **{o: getattr(FitConfig(), o) for o in SEARCH_OPTIONS}))
     # an ensemble's widemlp does not depend on the encoder: variants differing only in it share one fit
-    wide_key = (fold.name, replace(memo_key[1], kind="widemlp",
+    wide_key = (fit_on, replace(memo_key[1], kind="widemlp",
                                    **{o: getattr(FitConfig(), o) for o in ENCODER_OPTIONS}))
     guard = fitted.get(memo_key) if fitted is not None else None
     if guard is None and cfg.kind == "ensemble" and fitted is not None and wide_key in fitted:
@@ -348,10 +331,14 @@ def _embedder_for(cfg: FitConfig, embedder: MiniLMEmbedder | None) -> MiniLMEmbe
 
 def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequence[Variant],
            rules: Sequence[RuleSpec], base: FitConfig | None = None, cache: Path | None = None,
-           full: bool = True, log=None, embedder: MiniLMEmbedder | None = None) -> list[dict[str, Any]]:
-    """Score every (variant, rule) pair; rows sorted best first by mean pseudo-GQR over folds."""
+           full: bool = True, log=None, embedder: MiniLMEmbedder | None = None,
+           ood_val: Sequence[GuardRow] = (), only_ood_val: bool = False) -> list[dict[str, Any]]:
+    """Score every (variant, rule) pair; rows sorted best first by mean pseudo-GQR over the protocol's folds,
+    or, with ``ood_val`` rows, by the GQR-score of the ``ood-val`` fold (then the mean)."""
     base = base or FitConfig()
-    folds = make_folds(train, dev, full=full)
+    folds = make_folds(train, dev, full=full, ood_val=ood_val)
+    if only_ood_val:
+        folds = [f for f in folds if f.name == OOD_VAL]
     fitted: dict = {}  # guards fitted for one variant, reused by variants differing in search options only
     results = []
     for v in variants:
@@ -368,14 +355,16 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
                 if log:
                     log(f"skip {v.name}/{spec.name}: {e}")
                 continue
+            protocol = [r for name, r in per_fold.items() if name != OOD_VAL] or list(per_fold.values())
             results.append({
                 "variant": v.name, "rule": spec.name, "id_recall": spec.id_recall, "per_class": spec.per_class,
-                "score": float(np.mean([r["gqr"] for r in per_fold.values()])),
-                "id_acc": float(np.mean([r["id_acc"] for r in per_fold.values()])),
-                "ood_acc": float(np.mean([r["ood_acc"] for r in per_fold.values()])),
+                "score": float(np.mean([r["gqr"] for r in protocol])),
+                "id_acc": float(np.mean([r["id_acc"] for r in protocol])),
+                "ood_acc": float(np.mean([r["ood_acc"] for r in protocol])),
+                "ood_val": per_fold[OOD_VAL]["gqr"] if OOD_VAL in per_fold else None,
                 "folds": per_fold,
             })
-    return sorted(results, key=lambda r: -r["score"])
+    return sorted(results, key=lambda r: (-(r["ood_val"] or 0.0), -r["score"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache", help="folder for fitted folds (reused across runs)")
     ap.add_argument("--embedding-cache", help=".npz file remembering MiniLM embeddings across runs "
                                               "(variants embedding, ensemble, distill1)")
+    ap.add_argument("--ood-val", help="OOD rows of sources the test never uses (e.g. ood_train.jsonl): the "
+                                      "ood-val fold, used for selection only, never for fitting")
+    ap.add_argument("--only-ood-val", action="store_true", help="score the ood-val fold alone")
     ap.add_argument("--epochs", type=int, default=None, help="widemlp epochs (default: FitConfig's)")
     ap.add_argument("--hidden", type=int, default=256, help="widemlp hidden width of the base config")
     ap.add_argument("--seed", type=int, default=0)
@@ -405,9 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = load_guard_rows(args.train)
     dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
     base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)
+    ood_val = load_guard_rows(args.ood_val, default_label="ood") if args.ood_val else []
     results = select(train, dev, variants, rules, base=base, cache=Path(args.cache) if args.cache else None,
                      full=not args.no_full, log=lambda m: print(m, file=sys.stderr),
-                     embedder=CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None, base))
+                     embedder=CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None, base),
+                     ood_val=ood_val, only_ood_val=args.only_ood_val)
     folds = list(results[0]["folds"]) if results else []
     header = ["variant", "rule", "recall", "per-class", "score", "ID acc", "OOD acc", *folds]
     table = [header] + [[r["variant"], r["rule"], f"{r['id_recall']:.2f}", "yes" if r["per_class"] else "no",

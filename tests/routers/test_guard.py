@@ -153,15 +153,15 @@ def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
 
 
 def test_ensemble_default_encoder_is_the_fast_minilm_and_round_trips(tmp_path):
-    """Without an embedder the ensemble uses FitConfig's encoder (2 layers, int8, 32 word pieces); the
+    """Without an embedder the ensemble uses FitConfig's encoder (3 layers, int8, 32 word pieces); the
     artifact records it, and Guard.load rebuilds exactly that encoder."""
     cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
     g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg)
     g.save(tmp_path / "fast")
     meta = json.loads((tmp_path / "fast" / "manifest.json").read_text())["meta"]["members"]["embedding"]
-    assert (meta["num_layers"], meta["int8"], meta["max_length"]) == (2, True, 32)
+    assert (meta["num_layers"], meta["int8"], meta["max_length"]) == (3, True, 32)
     again = Guard.load(tmp_path / "fast")
-    assert again.members["embedding"].embedder.spec() == {"max_length": 32, "num_layers": 2, "int8": True,
+    assert again.members["embedding"].embedder.spec() == {"max_length": 32, "num_layers": 3, "int8": True,
                                                           "graph": "single"}
     texts = [r.text for r in make_rows(2, 2)] + FOREIGN[:2]
     assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]

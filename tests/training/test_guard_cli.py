@@ -127,8 +127,8 @@ def test_kind_defaults_and_search_options(files, tmp_path, capsys):
     from training.guard_fit import FitConfig
 
     e = FitConfig.for_kind("ensemble")
-    assert (e.per_class_threshold, e.hidden_knn_dims, e.embedding_knn_dims, e.tfknn_terms) == (False, 64, 64, 256)
-    assert (e.encoder_layers, e.encoder_int8, e.encoder_max_length) == (2, True, 32)
+    assert (e.per_class_threshold, e.hidden_knn_dims, e.embedding_knn_dims, e.tfknn_terms) == (False, 64, 64, 0)
+    assert (e.encoder_layers, e.encoder_int8, e.encoder_max_length) == (3, True, 32)
     w = FitConfig.for_kind("widemlp", per_class_threshold=None, tfknn_terms=None)
     assert w.per_class_threshold is True and (w.hidden_knn_dims, w.tfknn_terms) == (0, 0)
     assert FitConfig.for_kind("ensemble", per_class_threshold=True, hidden_knn_dims=0).hidden_knn_dims == 0

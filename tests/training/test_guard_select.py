@@ -94,7 +94,7 @@ def test_cached_embedder_embeds_each_text_once(tmp_path, monkeypatch):
     assert a.shape == (3, 384) and a[0, 0] == 2 and a[1, 0] == 1 and calls == [["b", "aa"]]
     again = CachedEmbedder(path)  # from disk: no new call
     assert np.array_equal(again.encode(["b", "aa"]), a[[1, 0]]) and len(calls) == 1
-    assert again.spec() == {"max_length": 32, "num_layers": 2, "int8": True, "graph": "single"}  # train guard's
+    assert again.spec() == {"max_length": 32, "num_layers": 3, "int8": True, "graph": "single"}  # train guard's
     from training.guard_fit import FitConfig
 
     other = CachedEmbedder(path, FitConfig(encoder_layers=6, encoder_int8=False, encoder_max_length=256))
@@ -129,3 +129,23 @@ def test_variants_differing_in_search_options_share_one_fit(monkeypatch):
     assert np.allclose(again.dev_comps["widemlp.tfknn"], plain.dev_comps["widemlp.tfknn"])
     fit_fold(fold, replace(TINY, hidden=8), None, "c", fitted=fitted)
     assert len(calls) == 2
+
+
+def test_ood_val_fold_ranks_by_real_ood_sources():
+    """--ood-val: a fold trained on every domain that must reject real OOD rows per source; with it the
+    results are ordered by that fold's GQR-score, and --only-ood-val skips the protocol's folds."""
+    from training.guard_data import GuardRow
+    from training.guard_select import OOD_VAL
+
+    train, dev = make_rows(40, 0), make_rows(20, 1)
+    ood = [GuardRow(t, "ood", "german") for t in ["Der Hund schläft im Garten.", "Wir fahren morgen nach Berlin."]]
+    ood += [GuardRow(t, "ood", "spanish") for t in ["El gato duerme en la ventana.", "Vamos a la playa mañana."]]
+    folds = make_folds(train, dev, num_foreign=6, ood_val=ood)
+    assert folds[-1].name == OOD_VAL and folds[-1].ood == {"german": [r.text for r in ood[:2]],
+                                                           "spanish": [r.text for r in ood[2:]]}
+    assert len(folds[-1].train) == len(train) and len(folds[-1].dev) == len(dev)
+    results = select(train, dev, [VARIANTS["base"]], [RULES["knn+tfknn"], RULES["msp"]], base=TINY, ood_val=ood,
+                     only_ood_val=True)
+    assert [set(r["folds"]) for r in results] == [{OOD_VAL}, {OOD_VAL}]
+    assert results[0]["ood_val"] >= results[1]["ood_val"] and results[0]["ood_val"] == results[0]["folds"][OOD_VAL]["gqr"]
+    assert set(results[0]["folds"][OOD_VAL]["per_source"]) == {"german", "spanish"}
