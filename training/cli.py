@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="widemlp Adam learning rate")
     p.add_argument("--threshold", default=None, choices=["per-class", "global"],
                    help="OOD percentile among dev rows of the predicted domain (per-class) or of all dev rows "
-                        "(default: per-class for widemlp/embedding, global for ensemble)")
+                        "(default: global)")
     p.add_argument("--seeds", type=int, default=1, help="widemlp members with consecutive seeds, averaged")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="> 0: widemlp's hidden layer also fits MiniLM embeddings of the training rows "

@@ -99,13 +99,13 @@ def test_bad_training_files(files, tmp_path, capsys):
 
 def test_threshold_and_seed_options(files, model, tmp_path, capsys):
     meta = json.loads((model / "manifest.json").read_text())["meta"]
-    assert meta["thresholds"]["per_class"] is True and meta["thresholds"]["id_recall"] == 0.9  # the defaults
-    out = tmp_path / "global"
+    assert meta["thresholds"]["per_class"] is False and meta["thresholds"]["id_recall"] == 0.9  # the defaults
+    out = tmp_path / "per_class"
     code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
-                 "--epochs", "5", "--lr", "0.01", "--hidden", "16", "--threshold", "global", "--seeds", "2"])
+                 "--epochs", "5", "--lr", "0.01", "--hidden", "16", "--threshold", "per-class", "--seeds", "2"])
     assert code == 0
     meta = json.loads((out / "manifest.json").read_text())["meta"]
-    assert meta["thresholds"]["per_class"] is False and set(meta["members"]) == {"widemlp", "widemlp_1"}
+    assert meta["thresholds"]["per_class"] is True and set(meta["members"]) == {"widemlp", "widemlp_1"}
     capsys.readouterr()
     code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
                  "--seeds", "0"])
@@ -130,7 +130,7 @@ def test_kind_defaults_and_search_options(files, tmp_path, capsys):
     assert (e.per_class_threshold, e.hidden_knn_dims, e.embedding_knn_dims, e.tfknn_terms) == (False, 64, 64, 0)
     assert (e.encoder_layers, e.encoder_int8, e.encoder_max_length) == (3, True, 32)
     w = FitConfig.for_kind("widemlp", per_class_threshold=None, tfknn_terms=None)
-    assert w.per_class_threshold is True and (w.hidden_knn_dims, w.tfknn_terms) == (0, 0)
+    assert w.per_class_threshold is False and (w.hidden_knn_dims, w.tfknn_terms) == (0, 0)
     assert FitConfig.for_kind("ensemble", per_class_threshold=True, hidden_knn_dims=0).hidden_knn_dims == 0
     with pytest.raises(ValueError, match="unknown guard kind"):
         FitConfig.for_kind("nope")
