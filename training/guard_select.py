@@ -245,7 +245,18 @@ VARIANTS = {
            ("ens_fast2_l1", 1, 64, 64, True), ("ens_fast2_l1_m32", 1, 32, 64, True),
            ("ens_l3_m32", 3, 32, 0, False), ("ens_l3_m32_2s", 3, 32, 64, False), ("ens_l3_m32_t256", 3, 32, 0, True),
            ("ens_l2_m32", 2, 32, 0, False), ("ens_l2_m32_2s", 2, 32, 64, False), ("ens_l2_m32_t256", 2, 32, 0, True),
-           ("ens_l3_m64_2s", 3, 64, 64, False)]},
+           ("ens_l3_m64_2s", 3, 64, 64, False), ("ens_l3_m24_2s", 3, 24, 64, False)]},
+    # cheaper long texts for the 3-layer / 32-piece ensemble: fewer TF-IDF kNN terms, a shorter guard
+    # window, a smaller coarse kNN stage
+    "ens_l3_m32_2s_t1024": Variant("ens_l3_m32_2s_t1024", {"kind": "ensemble", "encoder_layers": 3,
+                                                           "encoder_max_length": 32, "hidden_knn_dims": 64,
+                                                           "embedding_knn_dims": 64, "tfknn_terms": 1024}),
+    "ens_l3_m32_2s_c500": Variant("ens_l3_m32_2s_c500", {"kind": "ensemble", "encoder_layers": 3,
+                                                         "encoder_max_length": 32, "hidden_knn_dims": 64,
+                                                         "embedding_knn_dims": 64, "max_chars": 500}),
+    "ens_l3_m32_d32": Variant("ens_l3_m32_d32", {"kind": "ensemble", "encoder_layers": 3, "encoder_max_length": 32,
+                                                 "hidden_knn_dims": 32, "embedding_knn_dims": 32,
+                                                 "knn_candidates": 128}),
 }
 
 
