@@ -47,7 +47,8 @@ from routers.features import HashedTfidf, MiniLMEmbedder, last_user_text
 KINDS = ("widemlp", "embedding", "ensemble")
 # meta["guard_format"]: 1 (absent) = the first release; 2 adds per-class OOD percentiles, extra widemlp
 # seeds (members widemlp_1, ...) and "energy"/"maha" evidence. Format 1 artifacts load unchanged.
-GUARD_FORMAT = 2
+# 3 adds the optional early accept (``EarlyAccept``).
+GUARD_FORMAT = 3
 OOD = "ood"
 UNSAFE = "unsafe"
 RESERVED_LABELS = (OOD, UNSAFE)
@@ -485,7 +486,7 @@ class OODRule:
             out[i] = np.searchsorted(ref, v, side="left") / len(ref)
         return out
 
-    def rejects_for_sure(self, partial: dict[str, np.ndarray]) -> tuple[bool, float]:
+    def rejects_for_sure(self, partial: dict[str, np.ndarray], threshold: float | None = None) -> tuple[bool, float]:
         """Whether one text whose evidence is known only in part (``partial``: some of the rule's
         components, each [1]) is rejected whatever the others turn out to be, and the largest in-domain
         percentile it can still reach. The unknown components are set to their most in-domain p-value
@@ -498,7 +499,7 @@ class OODRule:
             bound += math.log((rank + 0.5) / (len(ref) + 1.0))
         refs = [r if len(r) else self.dev_combined for r in self.class_combined or [self.dev_combined]]
         pct = max(np.searchsorted(r, bound, side="left") / len(r) for r in refs)
-        return pct < self.threshold, float(pct)
+        return pct < (self.threshold if threshold is None else threshold), float(pct)
 
     def threshold_for(self, id_recall: float) -> float:
         """Percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing in it."""
@@ -512,6 +513,23 @@ class OODRule:
     def with_id_recall(self, id_recall: float) -> OODRule:
         return OODRule(self.dev_scores, self.dev_combined, id_recall, self.threshold_for(id_recall),
                        self.class_combined)
+
+
+@dataclass
+class EarlyAccept:
+    """Stop after the ``widemlp`` member for a text it alone already rates clearly in-domain: its own OOD
+    rule (the full rule's ``widemlp.*`` components, calibrated on the same dev rows) puts the text at or
+    above ``percentile`` of the dev rows, and the verdict is widemlp's most probable domain. Unlike the
+    early rejection this can change a verdict — MiniLM's evidence might have rejected the text — so its
+    price is measured (``training/guard_select.py --early-accept``; BENCHMARKS "Guard")."""
+
+    rule: OODRule
+    percentile: float
+
+    def accepts(self, wide_components: dict[str, np.ndarray]) -> np.ndarray:
+        """Per row: whether the widemlp evidence alone is in-domain enough to stop."""
+        comps = {k: wide_components[k] for k in self.rule.dev_scores}
+        return self.rule.percentile(comps) >= self.percentile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,6 +554,7 @@ class Guard:
     rule: OODRule
     max_chars: int = 2000
     meta: dict[str, Any] = field(default_factory=dict)
+    early_accept: EarlyAccept | None = None  # used only when ``can_exit_early``
 
     @property
     def domains(self) -> list[str]:
@@ -590,7 +609,14 @@ class Guard:
         probs, comps = self._combine(outs)
         pct = self.rule.percentile(comps, self.predicted_domain(probs))
         threshold = self.rule.threshold if id_recall is None else self.rule.threshold_for(id_recall)
-        return GuardBatch(probs=probs, id_percentile=pct, labels=self._decide(probs, pct, threshold))
+        labels = self._decide(probs, pct, threshold)
+        if self.early_accept is not None and self.can_exit_early:  # what classify decides after widemlp
+            wide_probs, wide_comps = outs["widemlp"]
+            named = {f"widemlp.{c}": v for c, v in wide_comps.items()}
+            for i in np.flatnonzero(self.early_accept.accepts(named)):
+                if not self.rule.rejects_for_sure({k: v[i:i + 1] for k, v in named.items()}, threshold)[0]:
+                    labels[i] = self.domains[int(self.predicted_domain(wide_probs[i:i + 1])[0])]
+        return GuardBatch(probs=probs, id_percentile=pct, labels=labels)
 
     def classify(self, text: str) -> GuardVerdict:
         """Verdict for one text (already the text to judge; chats go through ``classify_messages``)."""
@@ -616,10 +642,12 @@ class Guard:
                 outs[name] = m.evidence_one(text, features[key], wanted, tfknn if name == "widemlp" else None)
             else:
                 if self.can_exit_early and "widemlp" in outs:  # before the costlier member: is widemlp's enough?
-                    sure, pct = self.rule.rejects_for_sure(
-                        {f"widemlp.{c}": v for c, v in outs["widemlp"][1].items()})
+                    named = {f"widemlp.{c}": v for c, v in outs["widemlp"][1].items()}
+                    sure, pct = self.rule.rejects_for_sure(named)
                     if sure:
                         return self._early_ood(pct)
+                    if self.early_accept is not None and self.early_accept.accepts(named)[0]:
+                        return self._early_domain(outs["widemlp"][0][0])
                 outs[name] = m.evidence_one(text, wanted)
         probs, comps = self._combine(outs)
         p = probs[0]
@@ -653,6 +681,14 @@ class Guard:
         conf = 1.0 - pct / max(self.rule.threshold, 1e-9)
         return GuardVerdict("ood", None, min(max(conf, 0.0), 1.0), {"id_percentile": pct, "early_exit": 1.0})
 
+    def _early_domain(self, wide_probs: np.ndarray) -> GuardVerdict:
+        """The verdict of a text accepted on widemlp's evidence alone (``EarlyAccept``): its most probable
+        domain; ``scores`` are widemlp's class probabilities and ``early_exit`` is 1."""
+        domain = self.domains[int(np.argmax(wide_probs[: len(self.domains)]))]
+        scores = {c: float(v) for c, v in zip(self.classes, wide_probs, strict=True)}
+        scores["early_exit"] = 1.0
+        return GuardVerdict("domain", domain, scores[domain], scores)
+
     def classify_messages(self, messages: list[dict]) -> GuardVerdict:
         """Verdict for a chat: judged on ``last_user_text(messages, max_chars)`` (see routers.features)."""
         return self.classify(last_user_text(messages, self.max_chars))
@@ -660,7 +696,7 @@ class Guard:
     def with_id_recall(self, id_recall: float) -> Guard:
         """A copy whose OOD threshold keeps ``id_recall`` of the dev rows (members shared)."""
         return Guard(self.kind, self.classes, self.members, self.rule.with_id_recall(id_recall), self.max_chars,
-                     self.meta)
+                     self.meta, self.early_accept)
 
     # -- artifacts ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -674,6 +710,10 @@ class Guard:
             arrays[f"rule.dev.{comp}"] = ref
         for c, ref in enumerate(self.rule.class_combined or []):
             arrays[f"rule.class_combined.{c}"] = ref
+        if self.early_accept is not None:
+            arrays["early.dev_combined"] = self.early_accept.rule.dev_combined
+            for comp, ref in self.early_accept.rule.dev_scores.items():
+                arrays[f"early.dev.{comp}"] = ref
         meta = {
             **self.meta,
             "description": f"switchyard guard ({self.kind})",
@@ -684,7 +724,10 @@ class Guard:
             "members": members_meta,
             "thresholds": {"id_recall": self.rule.id_recall, "id_percentile": self.rule.threshold,
                            "components": sorted(self.rule.dev_scores),
-                           "per_class": self.rule.class_combined is not None},
+                           "per_class": self.rule.class_combined is not None,
+                           "early_accept": None if self.early_accept is None else {
+                               "percentile": self.early_accept.percentile,
+                               "components": sorted(self.early_accept.rule.dev_scores)}},
             "max_chars": self.max_chars,
         }
         return Artifact(kind="guard", meta=meta, arrays=arrays).save(path)
@@ -724,7 +767,13 @@ class Guard:
                 class_combined=[arrays[f"rule.class_combined.{c}"] for c in range(len(meta["domains"]))]
                 if th.get("per_class") else None,
             )
+            early = None
+            if th.get("early_accept"):
+                ea = th["early_accept"]
+                early = EarlyAccept(OODRule(dev_scores={c: arrays[f"early.dev.{c}"] for c in ea["components"]},
+                                            dev_combined=arrays["early.dev_combined"], id_recall=rule.id_recall),
+                                    float(ea["percentile"]))
         except KeyError as e:
             raise ArtifactError(f"guard artifact {str(path)!r} is missing {e}; retrain it") from None
         return cls(kind=kind, classes=list(meta["labels"]), members=members, rule=rule,
-                   max_chars=int(meta.get("max_chars", 2000)), meta=meta)
+                   max_chars=int(meta.get("max_chars", 2000)), meta=meta, early_accept=early)

@@ -74,6 +74,8 @@ def train_guard(args) -> int:
         raise ValueError(f"--distill-weight must be >= 0, got {args.distill_weight}")
     if args.encoder_max_length < 8:
         raise ValueError(f"--encoder-max-length must be at least 8 word pieces, got {args.encoder_max_length}")
+    if args.early_accept is not None and not 0.0 <= args.early_accept < 1.0:
+        raise ValueError(f"--early-accept must be in [0, 1) (0: off), got {args.early_accept}")
     if args.knn_dims is not None and args.knn_dims < 0 or args.tfknn_terms is not None and args.tfknn_terms < 0:
         raise ValueError("--knn-dims and --tfknn-terms must be >= 0 (0: exact search / every n-gram)")
     cfg = FitConfig.for_kind(
@@ -81,7 +83,8 @@ def train_guard(args) -> int:
         per_class_threshold=None if args.threshold is None else args.threshold == "per-class",
         num_seeds=args.seeds, distill_weight=args.distill_weight, encoder_layers=args.encoder_layers,
         encoder_int8=args.encoder_int8, encoder_max_length=args.encoder_max_length,
-        hidden_knn_dims=args.knn_dims, embedding_knn_dims=args.knn_dims, tfknn_terms=args.tfknn_terms)
+        hidden_knn_dims=args.knn_dims, embedding_knn_dims=args.knn_dims, tfknn_terms=args.tfknn_terms,
+        early_accept=args.early_accept)
     make, bars = _progress_factory(sys.stderr.isatty() or bool(os.environ.get("SWITCHYARD_PROGRESS")))
     guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make)
     for bar in bars:
@@ -111,10 +114,19 @@ def train_guard(args) -> int:
                               f"{'per-class' if cfg.per_class_threshold else 'global'})"),
             ("kNN search", f"{cfg.hidden_knn_dims or 'exact'} dims (hidden), {cfg.embedding_knn_dims or 'exact'} "
                            f"dims (embedding), tfknn terms {cfg.tfknn_terms or 'all'}"),
+            ("early accept", "off" if guard.early_accept is None else
+             f"widemlp percentile >= {guard.early_accept.percentile} (dev rows stopping after widemlp: "
+             f"{float(np.mean(guard.early_accept.accepts(_wide_dev(guard, dev)))) * 100:.1f}%)"),
             ("dev in-domain kept", f"{dev_kept * 100:.2f}%"), ("seed", str(args.seed)),
             ("train time", f"{elapsed:.1f} s"), ("artifact", str(out))]
     _print_table(["guard", ""], rows)
     return 0
+
+
+def _wide_dev(guard, dev) -> dict[str, np.ndarray]:
+    """The widemlp member's named evidence on the dev texts (for the early-accept summary line)."""
+    _, comps = guard.members["widemlp"].evidence_batch([r.text[: guard.max_chars] for r in dev])
+    return {f"widemlp.{c}": v for c, v in comps.items()}
 
 
 def _counts(labels) -> dict[str, int]:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from routers.features import MiniLMEmbedder
-from routers.guard import Guard, OODRule
+from routers.guard import EarlyAccept, Guard, OODRule
 from training.guard_data import GuardRow, load_guard_rows
 from training.guard_fit import FitConfig, fit_uncalibrated, set_search_options
 
@@ -145,6 +145,7 @@ class RuleSpec:
     components: tuple[str, ...]
     id_recall: float = 0.9
     per_class: bool = False  # calibrate a threshold per predicted domain
+    early_accept: float = 0.0  # > 0: rows whose widemlp-only percentile reaches it are accepted (EarlyAccept)
 
 
 RULES = {
@@ -174,6 +175,14 @@ def _pick(comps: dict[str, np.ndarray], wanted: Sequence[str], rows=slice(None))
     return out
 
 
+def _kept(rule: OODRule, early: EarlyAccept | None, spec: RuleSpec, comps: dict[str, np.ndarray], pred: np.ndarray,
+          rows=slice(None)) -> np.ndarray:
+    """Rows the rule keeps; with ``early``, also those accepted on widemlp's evidence alone (their class is
+    approximated by the ensemble's prediction here, not widemlp's alone)."""
+    ok = rule.percentile(_pick(comps, spec.components, rows), pred) >= rule.threshold
+    return ok if early is None else ok | early.accepts({k: v[rows] for k, v in comps.items()})
+
+
 def evaluate_rule(fs: FoldScores, spec: RuleSpec) -> dict[str, Any]:
     """Pseudo-GQR of one rule on one fold, averaged over the two calibrate/evaluate halves. The rule is the
     serving one (``OODRule``), calibrated on one dev half exactly as ``fit_guard`` calibrates on dev."""
@@ -184,11 +193,15 @@ def evaluate_rule(fs: FoldScores, spec: RuleSpec) -> dict[str, Any]:
         dev_pred = fs.dev_probs[:, :n_dom].argmax(axis=1)
         rule = OODRule.calibrate(_pick(fs.dev_comps, spec.components, cal), spec.id_recall,
                                  dev_pred[cal] if spec.per_class else None, n_dom)
-        pct = rule.percentile(_pick(fs.dev_comps, spec.components, ev), dev_pred[ev])
-        id_accs.append(float(np.mean((pct >= rule.threshold) & (dev_pred[ev] == fs.dev_labels[ev]))))
+        early = None
+        if spec.early_accept > 0:  # the serving rule's widemlp components, calibrated on the same half
+            wide = [k for k in _pick(fs.dev_comps, spec.components) if k.startswith("widemlp.")]
+            early = EarlyAccept(OODRule.calibrate(_pick(fs.dev_comps, wide, cal), spec.id_recall), spec.early_accept)
+
+        ok = _kept(rule, early, spec, fs.dev_comps, dev_pred[ev], ev)
+        id_accs.append(float(np.mean(ok & (dev_pred[ev] == fs.dev_labels[ev]))))
         for src, comps in fs.ood_comps.items():
-            pct = rule.percentile(_pick(comps, spec.components), fs.ood_probs[src][:, :n_dom].argmax(axis=1))
-            rej[src].append(float(np.mean(pct < rule.threshold)))
+            rej[src].append(float(np.mean(~_kept(rule, early, spec, comps, fs.ood_probs[src][:, :n_dom].argmax(axis=1)))))
     id_acc = float(np.mean(id_accs))
     per_source = {src: float(np.mean(v)) for src, v in rej.items()}
     ood_acc = float(np.mean(list(per_source.values())))
@@ -368,7 +381,8 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
                 continue
             protocol = [r for name, r in per_fold.items() if name != OOD_VAL] or list(per_fold.values())
             results.append({
-                "variant": v.name, "rule": spec.name, "id_recall": spec.id_recall, "per_class": spec.per_class,
+                "variant": v.name, "rule": spec.name + (f"@{spec.early_accept:g}" if spec.early_accept else ""),
+                "id_recall": spec.id_recall, "per_class": spec.per_class, "early_accept": spec.early_accept,
                 "score": float(np.mean([r["gqr"] for r in protocol])),
                 "id_acc": float(np.mean([r["id_acc"] for r in protocol])),
                 "ood_acc": float(np.mean([r["ood_acc"] for r in protocol])),
@@ -386,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rule", action="append", help=f"rules ({', '.join(RULES)}); default all")
     ap.add_argument("--id-recall", type=float, action="append", help="dev recall(s) to score; default 0.9")
     ap.add_argument("--per-class", action="store_true", help="also score per-domain thresholds")
+    ap.add_argument("--early-accept", type=float, action="append",
+                    help="also score an ensemble early accept at this widemlp percentile (repeatable)")
     ap.add_argument("--no-full", action="store_true", help="skip the all-domains fold")
     ap.add_argument("--cache", help="folder for fitted folds (reused across runs)")
     ap.add_argument("--embedding-cache", help=".npz file remembering MiniLM embeddings across runs "
@@ -403,8 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_rules = [RULES[n] for n in (args.rule or list(RULES))]
     except KeyError as e:
         raise SystemExit(f"unknown name {e}; variants: {', '.join(VARIANTS)}; rules: {', '.join(RULES)}") from None
-    rules = [replace(r, id_recall=rec, per_class=pc) for r in base_rules for rec in (args.id_recall or [0.9])
-             for pc in ((False, True) if args.per_class else (False,))]
+    rules = [replace(r, id_recall=rec, per_class=pc, early_accept=ea) for r in base_rules
+             for rec in (args.id_recall or [0.9]) for pc in ((False, True) if args.per_class else (False,))
+             for ea in [0.0, *(args.early_accept or [])]]
     train = load_guard_rows(args.train)
     dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
     base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)

@@ -210,7 +210,7 @@ def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
     assert set(g.rule.dev_scores) == {"widemlp.knn", "widemlp.tfknn"}
     texts = [r.text for r in make_rows(5, 3)] + FOREIGN
     again = Guard.load(g.save(tmp_path / "s"))
-    assert again.meta["guard_format"] == 2 and again.meta["thresholds"]["per_class"] is True
+    assert again.meta["guard_format"] == 3 and again.meta["thresholds"]["per_class"] is True
     assert g.score_batch(texts).labels == again.score_batch(texts).labels
     assert [g.classify(t).label for t in texts] == [again.classify(t).label for t in texts]
     assert all(again.classify(t).label == "ood" for t in FOREIGN)
@@ -390,3 +390,25 @@ def test_classify_exits_early_on_foreign_text_with_the_batch_labels():
     assert early and all(v.label == "ood" and 0 <= v.confidence <= 1 for v in early)
     assert sum(bool(v.scores.get("early_exit")) for v in verdicts[len(texts) - 9:]) >= 3
     assert not any(v.scores.get("early_exit") for v in verdicts[:24] if v.label == "domain")
+
+
+def test_ensemble_early_accept_matches_the_batch_and_round_trips(tmp_path):
+    """EarlyAccept: texts widemlp alone rates clearly in-domain stop before MiniLM with widemlp's domain;
+    score_batch applies the same rule, so labels agree; the artifact keeps it (guard format 3)."""
+    cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3, early_accept=0.4)
+    g = fit_guard(make_rows(30, 0), make_rows(40, 1), cfg)
+    assert g.early_accept is not None and g.early_accept.percentile == 0.4
+    assert set(g.early_accept.rule.dev_scores) == {"widemlp.knn", "widemlp.tfknn"}
+    texts = [r.text for r in make_rows(6, 2)] + FOREIGN
+    verdicts = [g.classify(t) for t in texts]
+    labels = [v.domain if v.label == "domain" else v.label for v in verdicts]
+    assert labels == g.score_batch(texts).labels
+    accepted = [v for v in verdicts if v.label == "domain" and v.scores.get("early_exit")]
+    assert accepted, "some in-domain texts stop after widemlp"
+    assert all(v.domain in g.domains and 0 < v.confidence <= 1 for v in accepted)
+    assert all(v.label == "ood" for v in verdicts[-len(FOREIGN):])
+    again = Guard.load(g.save(tmp_path / "ea"))
+    assert again.meta["guard_format"] == 3 and again.early_accept.percentile == 0.4
+    assert [v.label for v in map(again.classify, texts)] == [v.label for v in verdicts]
+    g.early_accept = None  # without it every text runs MiniLM: no early domain verdicts
+    assert not any(v.scores.get("early_exit") and v.label == "domain" for v in map(g.classify, texts))

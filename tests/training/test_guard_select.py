@@ -149,3 +149,14 @@ def test_ood_val_fold_ranks_by_real_ood_sources():
     assert [set(r["folds"]) for r in results] == [{OOD_VAL}, {OOD_VAL}]
     assert results[0]["ood_val"] >= results[1]["ood_val"] and results[0]["ood_val"] == results[0]["folds"][OOD_VAL]["gqr"]
     assert set(results[0]["folds"][OOD_VAL]["per_source"]) == {"german", "spanish"}
+
+
+def test_rule_with_early_accept_trades_rejection_for_skipped_work(tmp_path):
+    """RuleSpec.early_accept: rows widemlp alone puts at or above the percentile are kept; a percentile
+    above every row changes nothing, a tiny one keeps (almost) everything."""
+    train, dev = make_rows(30, 0), make_rows(20, 1)
+    fs = fit_fold(make_folds(train, dev, num_foreign=10)[-1], TINY, tmp_path, "tiny")
+    base = evaluate_rule(fs, RULES["knn+tfknn"])
+    assert evaluate_rule(fs, replace(RULES["knn+tfknn"], early_accept=1.01)) == base
+    loose = evaluate_rule(fs, replace(RULES["knn+tfknn"], early_accept=1e-6))
+    assert loose["id_acc"] > base["id_acc"] and loose["ood_acc"] <= base["ood_acc"]
