@@ -633,7 +633,8 @@ class Guard:
             sure, pct = self.rule.rejects_for_sure({"widemlp.tfknn": tfknn})
             if sure:
                 return self._early_ood(pct)
-        for name, m in self.members.items():
+        # widemlp members first: the early checks run between them and the costlier embedding member
+        for name, m in sorted(self.members.items(), key=lambda item: not isinstance(item[1], WideMLP)):
             wanted = self.evidence_wanted(name)
             if isinstance(m, WideMLP):
                 key = id(m.featurizer)
@@ -649,7 +650,7 @@ class Guard:
                     if self.early_accept is not None and self.early_accept.accepts(named)[0]:
                         return self._early_domain(outs["widemlp"][0][0])
                 outs[name] = m.evidence_one(text, wanted)
-        probs, comps = self._combine(outs)
+        probs, comps = self._combine({name: outs[name] for name in self.members})  # score_batch's order
         p = probs[0]
         pct = float(self.rule.percentile(comps, self.predicted_domain(probs))[0])
         label = self._decide(probs, np.array([pct]), self.rule.threshold)[0]
