@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "256 (0: one exact scan; default: 64 for ensemble, 0 otherwise)")
     p.add_argument("--early-accept", type=float, default=None,
                    help="ensemble: stop after widemlp when its own in-domain percentile is at least this "
-                        "(0: off; default 0.4 for ensemble); the exact early rejection is always on")
+                        "(0: off; default 0.3 for ensemble); the exact early rejection is always on")
     p.add_argument("--tfknn-terms", type=int, default=None,
                    help="TF-IDF kNN over a text's this many top-weighted n-grams (default 0: all)")
 
