@@ -417,6 +417,11 @@ def _share_featurizers(members: dict[str, Member]) -> None:
             m.featurizer = same
 
 
+def named_evidence(family: str, comps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A member's evidence under the names the OOD rule uses (``knn`` → ``widemlp.knn``)."""
+    return {f"{family}.{c}": v for c, v in comps.items()}
+
+
 def _family(member_name: str) -> str:
     """``widemlp_2`` → ``widemlp``: extra seeds of a member kind share its evidence names."""
     return member_name.split("_", 1)[0]
@@ -612,7 +617,7 @@ class Guard:
         labels = self._decide(probs, pct, threshold)
         if self.early_accept is not None and self.can_exit_early:  # what classify decides after widemlp
             wide_probs, wide_comps = outs["widemlp"]
-            named = {f"widemlp.{c}": v for c, v in wide_comps.items()}
+            named = named_evidence("widemlp", wide_comps)
             for i in np.flatnonzero(self.early_accept.accepts(named)):
                 if not self.rule.rejects_for_sure({k: v[i:i + 1] for k, v in named.items()}, threshold)[0]:
                     labels[i] = self.domains[int(self.predicted_domain(wide_probs[i:i + 1])[0])]
@@ -643,7 +648,7 @@ class Guard:
                 outs[name] = m.evidence_one(text, features[key], wanted, tfknn if name == "widemlp" else None)
             else:
                 if self.can_exit_early and "widemlp" in outs:  # before the costlier member: is widemlp's enough?
-                    named = {f"widemlp.{c}": v for c, v in outs["widemlp"][1].items()}
+                    named = named_evidence("widemlp", outs["widemlp"][1])
                     sure, pct = self.rule.rejects_for_sure(named)
                     if sure:
                         return self._early_ood(pct)

@@ -125,8 +125,10 @@ def train_guard(args) -> int:
 
 def _wide_dev(guard, dev) -> dict[str, np.ndarray]:
     """The widemlp member's named evidence on the dev texts (for the early-accept summary line)."""
+    from routers.guard import named_evidence
+
     _, comps = guard.members["widemlp"].evidence_batch([r.text[: guard.max_chars] for r in dev])
-    return {f"widemlp.{c}": v for c, v in comps.items()}
+    return named_evidence("widemlp", comps)
 
 
 def _counts(labels) -> dict[str, int]:
