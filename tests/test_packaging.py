@@ -1,0 +1,87 @@
+"""Serving needs only the core dependencies of pyproject.toml.
+
+The Docker image installs the core dependencies, the ``gpu`` extra and the weight packages its Dockerfile
+names, nothing else. A fresh process in
+which every other installed distribution (the ``train`` and ``test`` extras: scikit-learn, matplotlib,
+pytest, ...) is unimportable, with an empty ``SWITCHYARD_HOME`` (so MiniLM's ONNX graphs are exported
+anew, as in a new container), loads an ensemble guard, classifies, embeds for the example cache and
+imports the gateway. A module it needs from outside that set is a gateway that fails in the image.
+"""
+
+import importlib.metadata as md
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from training.guard_fit import FitConfig, fit_guard
+
+from .routers.test_guard import FOREIGN, make_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN = {"gateway", "routers", "backends", "training", "bench", "tests"}
+
+SERVE = """
+import json, sys
+
+for name in json.loads(sys.argv[1]):  # not installed, as far as imports can tell
+    sys.modules[name] = None
+before = set(sys.modules)
+from routers.guard import Guard
+from routers.features import MiniLMEmbedder
+import gateway.app, gateway.pipeline, backends.pool  # noqa: E401,F401
+
+guard = Guard.load(sys.argv[2])
+labels = [guard.classify(t).label for t in sys.argv[3:]]
+vec = MiniLMEmbedder().encode(["what is a fiduciary duty?"])
+print(json.dumps({"labels": labels, "dim": int(vec.shape[1]),
+                  "modules": sorted({m.split(".")[0] for m in set(sys.modules) - before})}))
+"""
+
+
+def _image_closure() -> set[str]:
+    """Canonical names of the core dependencies, the ``gpu`` extra and, recursively, of what they require
+    (markers and extras evaluated for this interpreter), plus the packages the Dockerfile pins itself."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+            continue
+        key = f"{name}[{','.join(sorted(req.extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        for sub in md.requires(req.name) or []:
+            r = Requirement(sub)
+            if r.marker is None or r.marker.evaluate({"extra": ""}) or any(
+                    r.marker.evaluate({"extra": e}) for e in req.extras):
+                todo.append(r)
+    pinned = re.findall(r"([A-Za-z0-9_.-]+)==", (ROOT / "Dockerfile").read_text())  # the weight packages
+    return {k.split("[")[0] for k in seen} | {canonicalize_name(p) for p in pinned}
+
+
+def test_serving_needs_only_what_the_image_installs(tmp_path):
+    closure = _image_closure()
+    owners = md.packages_distributions()
+    blocked = sorted(m for m, dists in owners.items()
+                     if m not in OWN and not any(canonicalize_name(d) in closure for d in dists))
+    assert {"sklearn", "matplotlib", "pytest"} <= set(blocked)
+    cfg = FitConfig(kind="ensemble", epochs=5, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
+    guard_dir = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg).save(tmp_path / "guard")
+    env = {**os.environ, "SWITCHYARD_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(blocked), str(guard_dir), *FOREIGN[:2]],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["labels"] == ["ood", "ood"] and got["dim"] == 384
+    assert (tmp_path / "home" / "onnx").is_dir()  # the graphs were exported in the fresh process
+    assert {"scipy", "onnx", "onnxruntime", "numpy"} <= set(got["modules"])  # what the guard itself needs
