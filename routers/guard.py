@@ -40,6 +40,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+try:  # scipy's C loops behind sparse row indexing and products (see _sparse_rows_dot)
+    from scipy.sparse import _sparsetools
+except ImportError:  # a scipy without them: the public product
+    _sparsetools = None
+
 from routers.artifact import Artifact, ArtifactError
 from routers.artifact import load as load_artifact
 from routers.features import HashedTfidf, MiniLMEmbedder, last_user_text
@@ -323,15 +328,35 @@ def _top_terms_rows(X: Any, limit: int) -> Any:
 
 
 def _sparse_rows_dot(csr: Any, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``weights @ csr[rows]`` as float32 [n_cols], gathering the rows' entries straight from the CSR
-    arrays (scipy's fancy row indexing builds a whole new matrix: ~4x slower for one query)."""
+    """``weights @ csr[rows]`` as float32 [n_cols]: the same float32 sums, added in the same order, as
+    scipy's ``q @ csr`` for the sparse row ``q`` (what ``score_batch`` computes), so ``classify`` and
+    ``score_batch`` agree to the bit.
+
+    scipy's own C loops do the work without building matrices: ``csr_row_index`` (what fancy row indexing
+    runs) copies the rows' entries out, and ``csc_matvec`` sums the copy, read as a CSC matrix, into the
+    columns. For a 1,000-character text (about 170 k reference entries) that is 0.5 ms, against 1.9 ms for
+    numpy's gather-and-bincount and for the public ``q @ csr`` (which first counts the product's nonzeros).
+    The two functions are scipy internals (pinned in pyproject); without them the public product runs.
+    """
+    n_cols = csr.shape[1]
+    out = np.zeros(n_cols, dtype=np.float32)
     if not len(rows):
-        return np.zeros(csr.shape[1], dtype=np.float32)
-    starts, ends = csr.indptr[rows], csr.indptr[rows + 1]
-    lens = ends - starts
-    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-    out = np.bincount(csr.indices[pos], weights=csr.data[pos] * np.repeat(weights, lens), minlength=csr.shape[1])
-    return out.astype(np.float32)
+        return out
+    weights = np.asarray(weights, dtype=np.float32)
+    if _sparsetools is None or csr.data.dtype != np.float32 or csr.indices.dtype != csr.indptr.dtype:
+        from scipy.sparse import csr_matrix
+
+        q = csr_matrix((weights, np.asarray(rows, dtype=np.int64), [0, len(rows)]), shape=(1, csr.shape[0]))
+        return np.asarray((q @ csr).todense(), dtype=np.float32)[0]
+    idx = csr.indptr.dtype
+    rows = np.asarray(rows, dtype=idx)
+    indptr = np.zeros(len(rows) + 1, dtype=idx)
+    np.cumsum(csr.indptr[rows + 1] - csr.indptr[rows], out=indptr[1:])
+    nnz = int(indptr[-1])
+    indices, data = np.empty(nnz, dtype=csr.indices.dtype), np.empty(nnz, dtype=np.float32)
+    _sparsetools.csr_row_index(len(rows), rows, csr.indptr, csr.indices, csr.data, indices, data)
+    _sparsetools.csc_matvec(n_cols, len(rows), indptr, indices, data, weights, out)
+    return out
 
 
 def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str):

@@ -279,6 +279,31 @@ def test_top_terms_keeps_the_heaviest_ngrams_in_column_order():
     assert _top_terms_rows(X, 5) is X
 
 
+def test_sparse_rows_dot_is_the_batch_product_to_the_bit(monkeypatch):
+    """``tfknn_one``'s product (scipy's C loops) must give exactly the float32 sums of ``q @ ref``, which
+    ``evidence_batch`` computes, so serving and calibration agree; the fallback path likewise."""
+    from scipy.sparse import csr_matrix, random as sparse_random
+
+    import routers.guard as guard_module
+
+    rng = np.random.default_rng(0)
+    ref = csr_matrix(sparse_random(500, 300, density=0.05, random_state=1, dtype=np.float32))
+    for n in (0, 1, 37, 200):
+        rows = np.sort(rng.choice(500, n, replace=False))
+        w = rng.random(n).astype(np.float32)
+        q = csr_matrix((w, rows, [0, n]), shape=(1, 500))
+        expect = np.asarray((q @ ref).todense(), dtype=np.float32)[0]
+        got = guard_module._sparse_rows_dot(ref, rows, w)
+        assert got.dtype == np.float32 and got.shape == (300,)
+        assert np.array_equal(got, expect)
+        if n:
+            assert np.count_nonzero(got) > 0
+        monkeypatch.setattr(guard_module, "_sparsetools", None)
+        assert np.array_equal(guard_module._sparse_rows_dot(ref, rows, w), expect)
+        monkeypatch.undo()
+    assert guard_module._sparsetools is not None  # the fast path is what serving runs with pinned scipy
+
+
 @pytest.fixture(scope="module")
 def capped_guard() -> Guard:
     cfg = FitConfig(kind="widemlp", epochs=10, lr=1e-2, hidden=32, max_features=4096, id_recall=0.9, knn_k=3,
