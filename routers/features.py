@@ -505,11 +505,15 @@ class MiniLMEmbedder:
     def _single_ids(self, text: str) -> np.ndarray:
         """Word-piece ids of one text, truncated to ``max_length`` (with [CLS]/[SEP]) — exactly what the
         tokenizer gives for the whole text, without tokenizing what truncation drops: a long text is first
-        cut at a space about 8 characters per kept piece in. BERT's pre-tokenizer splits at every space and
-        its normaliser works per character, so the prefix's pieces are the text's first pieces; when the
-        prefix does not fill ``max_length`` the whole text is tokenized instead."""
-        limit = 8 * self.max_length
-        if len(text) > limit:
+        cut at a space about 5, then 8 characters per kept piece in (the guard's 32 pieces need at most 174
+        characters in 99 % of its dev texts; tokenizing 160 instead of 256 characters saves a third of the
+        tokenizer's time). BERT's pre-tokenizer splits at every space and its normaliser works per
+        character, so a prefix's pieces are the text's first pieces; when no prefix fills ``max_length``
+        the whole text is tokenized instead."""
+        for chars_per_piece in (5, 8):
+            limit = chars_per_piece * self.max_length
+            if len(text) <= limit:
+                break
             cut = text.rfind(" ", 0, limit)
             if cut > 0:
                 ids = self._tokenizer.encode(text[:cut]).ids

@@ -176,7 +176,9 @@ def test_minilm_single_text_graph_matches_the_batched_one(tmp_path, monkeypatch)
     assert single.graph == "single" and (tmp_path / "onnx" / "minilm-l2-int8-single.onnx").is_file()
     assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     assert np.all((a * b).sum(axis=1) > 0.99)
-    for text in texts + [" ".join(["word"] * 600), "y" * 5000, "z " * 3000]:
+    # "a " fills max_length within 5 characters a piece, "court " within 8, "contract " only in full
+    tiers = ["a " * 500, "court " * 200, "contract " * 200, "court " * 60 + "contract " * 100]
+    for text in texts + tiers + [" ".join(["word"] * 600), "y" * 5000, "z " * 3000]:
         full = np.asarray(single._tokenizer.encode(text).ids)
         assert np.array_equal(single._single_ids(text), full)
         assert len(full) <= single.max_length
