@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="train file for the baselines trained in the same run")
     p.add_argument("--dev", help="dev file for the baselines' thresholds")
     p.add_argument("--plot", help="write the ID-recall vs OOD-rejection curve to this PNG")
-    p.add_argument("--max-latency-queries", type=int, default=1000)
+    p.add_argument("--max-latency-queries", type=int, default=0,
+                   help="test rows timed one by one, in a fixed random order (default 0: every row)")
     _json_flag(p)
 
     p = _add(evsub, "router", "training.router_cmd:eval_router", "APGR, CPT per source, latency")

@@ -67,6 +67,18 @@ def test_eval_json_with_baselines(files, model, capsys, tmp_path):
     assert any(line.startswith("guard") for line in out)
 
 
+def test_latency_probe_times_every_row_by_default_and_baselines_the_same_count(files, model, capsys):
+    code = main(["eval", "guard", "--model", str(model), "--test-id", str(files["test_id"]),
+                 "--test-ood", str(files["test_ood"]), "--train", str(files["train"]), "--dev", str(files["dev"]),
+                 "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = sum(1 for f in ("test_id", "test_ood") for line in open(files[f]) if line.strip())
+    assert res["latency_queries"] == rows
+    assert {b["latency_queries"] for b in res["baselines"].values()} == {rows}
+    assert 0 < res["latency_ms_p50"] <= res["latency_ms_p99"]
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
