@@ -1,12 +1,12 @@
 """Serving needs only the core dependencies of pyproject.toml.
 
 The Docker image installs the core dependencies, the ``gpu`` extra and the weight packages its Dockerfile
-names, nothing else. A fresh process in
-which every other installed distribution (the ``train`` and ``test`` extras: scikit-learn, matplotlib,
-pytest, ...) is unimportable, with an empty ``SWITCHYARD_HOME`` (so MiniLM's ONNX graphs are exported
-anew, as in a new container), loads an ensemble guard, classifies, embeds for the example cache and
-imports the gateway. A module it needs from outside that set is a gateway that fails in the image.
-"""
+names, nothing else. The test starts a fresh process in which every other installed distribution (the
+``train`` and ``test`` extras: scikit-learn, matplotlib, pytest, ...) is unimportable, with an empty
+``SWITCHYARD_HOME`` (so MiniLM's ONNX graphs are exported anew, as in a new container). There it builds
+the gateway's pipeline from a config that names a guard (ensemble) and a router artifact, classifies,
+scores, and embeds for the example cache. A module needed from outside that set is a gateway that fails
+in the image."""
 
 import importlib.metadata as md
 import json
@@ -20,9 +20,11 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.routers.test_guard import FOREIGN, make_rows
+from tests.training.router_synth import synth_rows
+from training.data import parse_routing_row
+from training.fit import TrainConfig, fit_router
 from training.guard_fit import FitConfig, fit_guard
-
-from .routers.test_guard import FOREIGN, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN = {"gateway", "routers", "backends", "training", "bench", "tests"}
@@ -33,15 +35,28 @@ import json, sys
 for name in json.loads(sys.argv[1]):  # not installed, as far as imports can tell
     sys.modules[name] = None
 before = set(sys.modules)
-from routers.guard import Guard
+from gateway.app import create_app
+from gateway.pipeline import Pipeline
+from gateway.settings import load_settings
 from routers.features import MiniLMEmbedder
-import gateway.app, gateway.pipeline, backends.pool  # noqa: E401,F401
 
-guard = Guard.load(sys.argv[2])
-labels = [guard.classify(t).label for t in sys.argv[3:]]
-vec = MiniLMEmbedder().encode(["what is a fiduciary duty?"])
-print(json.dumps({"labels": labels, "dim": int(vec.shape[1]),
+settings = load_settings(sys.argv[2], environ={})
+pipe = Pipeline.build(settings)  # loads both artifacts; pools start later, in start()
+create_app(settings)
+labels = [pipe.guard.classify(t).label for t in sys.argv[3:]]
+score = pipe.policy.router.score("prove that the integral converges")
+vec = MiniLMEmbedder().encode(["what is a fiduciary duty?"])  # the example cache's embedder
+print(json.dumps({"labels": labels, "score": float(score), "dim": int(vec.shape[1]),
                   "modules": sorted({m.split(".")[0] for m in set(sys.modules) - before})}))
+"""
+
+CONFIG = """
+pools:
+  - {name: slm, kind: remote, model: small, urls: ["http://127.0.0.1:9/v1"]}
+  - {name: llm, kind: remote, model: large, urls: ["http://127.0.0.1:9/v1"]}
+routing: {slm_pool: slm, llm_pool: llm, router_artifact: ROUTER}
+guard: {artifact: GUARD}
+example_cache: {enabled: true, backend: memory}
 """
 
 
@@ -77,11 +92,15 @@ def test_serving_needs_only_what_the_image_installs(tmp_path):
     assert {"sklearn", "matplotlib", "pytest"} <= set(blocked)
     cfg = FitConfig(kind="ensemble", epochs=5, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
     guard_dir = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg).save(tmp_path / "guard")
+    rows = [parse_routing_row(r, f"synth:{i}") for i, r in enumerate(synth_rows(300, seed=0))]
+    router_dir = fit_router(rows, TrainConfig()).save(tmp_path / "router")  # the CLI's default kind
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG.replace("ROUTER", str(router_dir)).replace("GUARD", str(guard_dir)))
     env = {**os.environ, "SWITCHYARD_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(blocked), str(guard_dir), *FOREIGN[:2]],
+    out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(blocked), str(config), *FOREIGN[:2]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["labels"] == ["ood", "ood"] and got["dim"] == 384
+    assert got["labels"] == ["ood", "ood"] and got["dim"] == 384 and 0.0 <= got["score"] <= 1.0
     assert (tmp_path / "home" / "onnx").is_dir()  # the graphs were exported in the fresh process
     assert {"scipy", "onnx", "onnxruntime", "numpy"} <= set(got["modules"])  # what the guard itself needs
