@@ -282,7 +282,8 @@ def test_top_terms_keeps_the_heaviest_ngrams_in_column_order():
 def test_sparse_rows_dot_is_the_batch_product_to_the_bit(monkeypatch):
     """``tfknn_one``'s product (scipy's C loops) must give exactly the float32 sums of ``q @ ref``, which
     ``evidence_batch`` computes, so serving and calibration agree; the fallback path likewise."""
-    from scipy.sparse import csr_matrix, random as sparse_random
+    from scipy.sparse import csr_matrix
+    from scipy.sparse import random as sparse_random
 
     import routers.guard as guard_module
 
