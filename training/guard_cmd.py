@@ -288,6 +288,9 @@ def _print_report(r: dict[str, Any]) -> None:
                      f"{m['latency_ms_p99']:.3f}", f"{m['cpu_ms_p50']:.3f}", f"{m['cpu_ms_p99']:.3f}"))
     _print_table(["system", "GQR", "ID acc", "ID F1", "OOD acc", "AUROC", "p50 ms", "p99 ms", "cpu p50", "cpu p99"],
                  rows)
+    for name, b in r.get("baselines", {}).items():  # the machine's speed drifts: ratios to a same-run peer
+        print(f"guard vs {name} (same run): GQR {r['gqr_score'] - b['gqr_score']:+.2f}, latency p50 "
+              f"{r['latency_ms_p50'] / b['latency_ms_p50']:.2f}x, p99 {r['latency_ms_p99'] / b['latency_ms_p99']:.2f}x")
     print()
     sources = list(r["ood_accuracy_per_source"])
     _print_table(["OOD accuracy", *systems],

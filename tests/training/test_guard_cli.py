@@ -65,6 +65,9 @@ def test_eval_json_with_baselines(files, model, capsys, tmp_path):
     assert set(res["baselines"]) == {"tfidf_lr", "fasttext"}
     assert plot.is_file() and plot.stat().st_size > 1000
     assert any(line.startswith("guard") for line in out)
+    vs = [line for line in out if line.startswith("guard vs tfidf_lr (same run): GQR ")]
+    assert len(vs) == 1 and vs[0].endswith("x")
+    assert f"{res['gqr_score'] - res['baselines']['tfidf_lr']['gqr_score']:+.2f}" in vs[0]
 
 
 def test_latency_probe_times_every_row_by_default_and_baselines_the_same_count(files, model, capsys):
