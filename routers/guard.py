@@ -365,8 +365,13 @@ def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: st
         return None
     from scipy.sparse import csr_matrix
 
-    return csr_matrix((arrays[f"{prefix}ref_tf.data"].astype(np.float32), arrays[f"{prefix}ref_tf.indices"],
-                       arrays[f"{prefix}ref_tf.indptr"]), shape=(int(meta["featurizer"]["n_features"]), n_ref))
+    ref = csr_matrix((arrays[f"{prefix}ref_tf.data"].astype(np.float32), arrays[f"{prefix}ref_tf.indices"],
+                      arrays[f"{prefix}ref_tf.indptr"]), shape=(int(meta["featurizer"]["n_features"]), n_ref))
+    try:  # every index in range (O(nnz), once): _sparse_rows_dot's C loops do not check them
+        ref.check_format(full_check=True)
+    except ValueError as e:
+        raise ValueError(f"TF-IDF kNN references are malformed ({e})") from None
+    return ref
 
 
 @dataclass
@@ -806,5 +811,7 @@ class Guard:
                                     float(ea["percentile"]))
         except KeyError as e:
             raise ArtifactError(f"guard artifact {str(path)!r} is missing {e}; retrain it") from None
+        except ValueError as e:
+            raise ArtifactError(f"guard artifact {str(path)!r} is malformed: {e}; retrain it") from None
         return cls(kind=kind, classes=list(meta["labels"]), members=members, rule=rule,
                    max_chars=int(meta.get("max_chars", 2000)), meta=meta, early_accept=early)

@@ -136,6 +136,23 @@ def test_load_errors(tmp_path):
         Guard.load(tmp_path / "missing")
 
 
+def test_malformed_tfidf_references_are_an_artifact_error(guard, tmp_path):
+    """The TF-IDF kNN runs scipy's unchecked C loops over the stored references, so an index out of range
+    (a corrupt or hand-edited arrays.npz) must be refused at load with one line, never reach them."""
+    path = guard.save(tmp_path / "g")
+    with np.load(path / "arrays.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    key = "widemlp.ref_tf.indices"
+    n_ref = guard.members["widemlp"].ref_tf.shape[1]
+    assert key in arrays and arrays[key].max() < n_ref
+    arrays[key] = arrays[key].copy()
+    arrays[key][0] = n_ref + 1000
+    np.savez(path / "arrays.npz", **arrays)
+    with pytest.raises(ArtifactError, match="malformed.*TF-IDF kNN references") as e:
+        Guard.load(path)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
     from routers.features import MiniLMEmbedder
