@@ -370,7 +370,7 @@ def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: st
     try:  # every index in range (O(nnz), once): _sparse_rows_dot's C loops do not check them
         ref.check_format(full_check=True)
     except ValueError as e:
-        raise ValueError(f"TF-IDF kNN references are malformed ({e})") from None
+        raise ValueError(f"bad TF-IDF kNN references ({e})") from None
     return ref
 
 
