@@ -285,7 +285,8 @@ class OpenAIUpstream:
                             retryable=not after, status_code=status, code=code, after_first_token=after)
 
     def _status_error(self, status: int, content: bytes) -> BackendError:
-        message, code = f"upstream {self.name} answered HTTP {status}", None
+        # No replica address in the message: a 4xx message reaches the caller as it is.
+        message, code = f"upstream answered HTTP {status}", None
         try:
             err = json.loads(content).get("error")
             if isinstance(err, dict):

@@ -151,6 +151,7 @@ class ApiKey(_Frozen):
     tokens_per_minute: int | None = Field(None, ge=1)
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
+    admin: bool = Field(False, description="may see replica addresses in /readyz (credentials are never shown)")
 
 
 class Limits(_Frozen):
@@ -159,6 +160,8 @@ class Limits(_Frozen):
     max_completion_tokens: int = Field(2048, ge=1)
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a chat request names none")
     request_timeout_s: float = Field(120.0, gt=0)
+    body_read_timeout_s: float = Field(60.0, gt=0, description="the whole request body must arrive within this "
+                                                             "time, else 408 and the connection is closed")
     max_n: int = Field(8, ge=1)
 
 
