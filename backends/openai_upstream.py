@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -39,6 +39,19 @@ import orjson
 from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage, json_bytes
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+
+def display_url(url: str) -> str:
+    """``url`` without user:password@ and without a ?query (where API keys hide): safe for names, logs and
+    admin views. Anything that is not an absolute URL comes back unchanged."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class OpenAIUpstream:

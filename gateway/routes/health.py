@@ -7,13 +7,13 @@ replica addresses only to a caller with an ``admin`` key, and with credentials a
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
+from backends.openai_upstream import display_url
 from gateway.pipeline import Pipeline
 from gateway.routes.deps import get_pipeline
 
@@ -54,7 +54,7 @@ async def readyz(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -
                   for alias, r in pools.items()},
     }
     if _is_admin(request, pipeline):
-        body["replicas"] = {alias: {public_replica_name(n): ok for n, ok in r.items()} for alias, r in pools.items()}
+        body["replicas"] = {alias: {display_url(n): ok for n, ok in r.items()} for alias, r in pools.items()}
     return JSONResponse(body, status_code=200 if state["ready"] else 503)
 
 
@@ -70,18 +70,6 @@ def _is_admin(request: Request, pipeline: Pipeline) -> bool:
     except GatewayError:
         return False
     return bool(key is not None and key.admin)
-
-
-def public_replica_name(name: str) -> str:
-    """A replica's name without user:password@ or ?query (where API keys hide); non-URLs unchanged."""
-    parts = urlsplit(name)
-    if not parts.scheme or not parts.netloc:
-        return name
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response,
