@@ -180,7 +180,8 @@ async def _fast_completion(request: Request, path: str) -> Response:
 
 def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """FastAPI's schema with what this deployment enforces beyond the wire types, so that the schema and
-    the server agree: the configured limits on ``n`` and ``max_tokens``, and top_logprobs ⇒ logprobs."""
+    the server agree: the configured limits on ``n`` and ``max_tokens``, top_logprobs ⇒ logprobs, and the
+    bearer key on /v1/ when keys are configured."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -200,5 +201,12 @@ def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
         chat["if"] = {"required": ["top_logprobs"],
                       "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}}
         chat["then"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+    if settings.api_keys:  # every /v1/ operation needs a key: say so, so clients and checkers know
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "a configured API key (also accepted: api-key header)"}
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
     app.openapi_schema = schema
     return schema

@@ -19,7 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-INT64_MAX = 2**63 - 1
+# I-JSON (RFC 7493): integers beyond ±(2**53 - 1) are not exact in every JSON parser (schema checkers
+# included), so a seed lives in that range.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 # Strict JSON types on every request field (as OpenAI's API): "stream": "yes", "n": "2" or
 # "temperature": "0.5" are 400s, not coerced. Integers are accepted where a number is expected.
@@ -34,6 +36,18 @@ def _only_bool(value: Any) -> Any:
 
 
 OnlyFalse = Annotated[Literal[False] | None, BeforeValidator(_only_bool)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 4.0: accept a float with no fraction as that integer, nothing else."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(ge: int | None = None, le: int | None = None) -> Any:  # noqa: N802 - a type, read as one
+    """An integer field: JSON integers, and floats with no fraction (JSON Schema counts 4.0 as one)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
@@ -87,7 +101,9 @@ class SwitchyardOptions(BaseModel):
     """Per-request routing hint: ``quality`` low prefers the SLM, high prefers the LLM;
     ``max_strong_share`` caps the share of traffic the router may send to the LLM (give one of the two)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "not": {"required": ["quality", "max_strong_share"],
+                "properties": {"quality": {"type": "string"}, "max_strong_share": {"type": "number"}}}})
     quality: Literal["low", "medium", "high"] | None = None
     max_strong_share: float | None = Field(None, ge=0, le=1)
 
@@ -107,14 +123,14 @@ class _Sampling(_Request):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    n: int | None = Field(None, ge=1, le=128)
+    n: Int(1, 128) | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_tokens: Int(1, 1_000_000) | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
+    seed: Int(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | None = None
     user: str | None = Field(None, max_length=256)
     switchyard: SwitchyardOptions | None = None
 
@@ -133,9 +149,9 @@ class ChatCompletionRequest(_Sampling):
     ]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: Int(1, 1_000_000) | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -158,10 +174,10 @@ class CompletionRequest(_Sampling):
     ]})
 
     prompt: (Annotated[str, Field(min_length=1)]
-             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+             | Annotated[list[Int(0)], Field(min_length=1)]
              | Annotated[list[str], Field(min_length=1, max_length=1, description="one prompt per request")])
-    max_tokens: int | None = Field(16, ge=1, le=1_000_000)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: Int(1, 1_000_000) | None = 16
+    logprobs: Int(0, 5) | None = None
     echo: OnlyFalse = Field(False, description="not supported: only false")
     suffix: Literal[""] | None = Field(None, description="not supported: only empty")
 

@@ -94,12 +94,22 @@ def completion_job(body: CompletionRequest, request: Request, default_max_tokens
 
 async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
     """A parsed chat or completion body → its response: what the FastAPI routes and ``FastLane`` both run."""
+    _check_token_fields(body, pipeline.settings.limits.max_completion_tokens)
     if isinstance(body, ChatCompletionRequest):
         job = chat_job(body, request, pipeline.default_max_tokens)
     else:
         job = completion_job(body, request, pipeline.default_max_tokens)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(pipeline, job, request, include_usage)
+
+
+def _check_token_fields(body: ChatCompletionRequest | CompletionRequest, limit: int) -> None:
+    """Each token-count field a request sets is within ``limits.max_completion_tokens`` (the served OpenAPI
+    schema says so too), not only the one that takes effect."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value > limit and field in body.model_fields_set:
+            raise InvalidRequest(f"{field} = {value} is above the limit {limit}", param=field)
 
 
 async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool) -> Response:

@@ -145,7 +145,7 @@ def test_client_leaving_a_stream_is_counted_499(live_server, caplog):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("stream", "yes"), ("n", "2"), ("temperature", "0.5"), ("max_tokens", 4.0), ("logprobs", 1),
+    ("stream", "yes"), ("n", "2"), ("temperature", "0.5"), ("max_tokens", 4.5), ("logprobs", 1),
     ("top_logprobs", "3"), ("stop", ""), ("stop", ["a", "b", "c", "d", "e"]), ("seed", "7"), ("user", 5),
 ])
 def test_loose_json_types_are_400(live_server, field, value):
