@@ -114,7 +114,8 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
-                       body_read_timeout_s=settings.limits.body_read_timeout_s)
+                       body_read_timeout_s=settings.limits.body_read_timeout_s,
+                       max_header_bytes=settings.limits.max_header_bytes)
     app.openapi = lambda: _openapi_schema(app, settings)  # type: ignore[method-assign]
     return app
 

@@ -3,6 +3,7 @@
 ``Edge`` is the outermost ASGI middleware. For each HTTP request it, in this order:
 
 1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement;
+   refuses headers over ``limits.max_header_bytes`` in all (431, like nginx's header buffers);
 2. on ``/v1/`` paths checks the API key from the headers alone: a missing or wrong key is a 401
    before one byte of the body is read or parsed (an anonymous caller learns nothing about the schema);
 3. reads the whole body once, bounded in size (``limits.max_body_bytes`` → 413, checked against
@@ -30,6 +31,7 @@ from starlette.responses import Response
 from gateway.errors import (
     ClientGone,
     GatewayError,
+    HeadersTooLarge,
     PayloadTooLarge,
     RequestTimeout,
 )
@@ -77,10 +79,11 @@ def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
 class Edge:
     """ASGI middleware; see the module docstring. ``authenticate(scope)`` raises the 401 or returns."""
 
-    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float, max_header_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout_s = body_read_timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -88,6 +91,11 @@ class Edge:
             return
         scope.setdefault("state", {})["t_start"] = time.perf_counter()
         try:
+            headers = scope.get("headers", ())
+            if sum(len(name) + len(value) for name, value in headers) > self.max_header_bytes:
+                raise HeadersTooLarge(f"Request headers are larger than {self.max_header_bytes} bytes "
+                                      "(limits.max_header_bytes).", code="headers_too_large",
+                                      headers={"connection": "close"})
             if scope["path"].startswith("/v1/"):
                 await _authenticate(scope)
             body = await self._read_body(scope, receive) if scope["method"] in _BODY_METHODS else None

@@ -11,6 +11,7 @@ status the official ``openai`` SDK maps to the right exception class:
  404   invalid_request_error       ``NotFoundError`` (code ``model_not_found``)
  408   invalid_request_error       ``APIStatusError`` (the body did not arrive within limits.body_read_timeout_s)
  413   invalid_request_error       ``APIStatusError`` (status 413, body too large)
+ 431   invalid_request_error       ``APIStatusError`` (headers over limits.max_header_bytes)
  429   rate_limit_error            ``RateLimitError``
  502   upstream_error              ``InternalServerError`` (backend failed, not retryable here)
  503   service_unavailable         ``InternalServerError`` (code ``no_healthy_replica``)
@@ -81,6 +82,11 @@ class RequestTimeout(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status_code = 413
+    error_type = "invalid_request_error"
+
+
+class HeadersTooLarge(GatewayError):
+    status_code = 431
     error_type = "invalid_request_error"
 
 

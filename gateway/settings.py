@@ -156,6 +156,7 @@ class ApiKey(_Frozen):
 
 class Limits(_Frozen):
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_header_bytes: int = Field(32_768, ge=1024, description="all request headers together; more is a 431")
     max_prompt_tokens: int = Field(8192, ge=1)
     max_completion_tokens: int = Field(2048, ge=1)
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a chat request names none")
