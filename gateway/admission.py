@@ -214,6 +214,12 @@ class RedisRateLimiter:
         await self._redis.aclose()
 
 
+def presented_key(headers: Any) -> str | None:
+    """The key a request presents: ``Authorization: Bearer KEY``, else ``api-key`` (Azure style), else
+    ``x-api-key`` (Anthropic's SDK). ``headers``: any case-insensitive mapping (Starlette's Headers)."""
+    return bearer_token(headers.get("authorization"), headers.get("api-key") or headers.get("x-api-key"))
+
+
 def bearer_token(authorization: str | None, api_key_header: str | None = None) -> str | None:
     """The key from ``Authorization: Bearer KEY`` (or ``api-key: KEY``); None when absent."""
     if authorization:

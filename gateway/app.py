@@ -23,22 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import __version__
 from gateway.edge import Edge, error_response
 from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
+from gateway.routes.common import validation_message
 from gateway.settings import Settings
 
 log = logging.getLogger("switchyard")
 
 PipelineFactory = Callable[[Settings], Any]  # settings -> Pipeline (tests inject fakes through it)
-
-
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    parts, param = [], None
-    for e in errors[:5]:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        param = param or (where or None)
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "Invalid request: " + "; ".join(parts or ["malformed body"]), param
 
 
 def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,
@@ -87,7 +77,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        message, param = _validation_message(list(exc.errors()))
+        message, param = validation_message(list(exc.errors()))
         return error_response(request.scope, InvalidRequest(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -108,9 +98,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, health, models
+    from gateway.routes import chat, completions, health, messages, models
 
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, messages, models, health):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
@@ -121,14 +111,14 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
 
 class FastLane:
-    """ASGI middleware: ``POST /v1/chat/completions`` and ``POST /v1/completions`` without FastAPI's
-    per-request machinery.
+    """ASGI middleware: the generation routes (``POST /v1/chat/completions``, ``/v1/completions``,
+    ``/v1/messages``) without FastAPI's per-request machinery.
 
     FastAPI's routing, dependency solving and exception middleware cost about 470k instructions per request
-    (callgrind; BENCHMARKS.md "Gateway") — as much as the guard. For these two routes FastLane parses the
-    body with pydantic's JSON validator, runs the same ``chat_job``/``completion_job`` and ``respond`` as
-    the FastAPI routes, and maps errors exactly like the app's exception handlers. Every other path or
-    method goes on to FastAPI, whose route definitions still produce the OpenAPI schema of these two.
+    (callgrind; BENCHMARKS.md "Gateway") — as much as the guard. For these routes FastLane parses the
+    body with pydantic's JSON validator, runs the same handler as the FastAPI route, and maps errors with
+    the same ``error_response``. Every other path or method goes on to FastAPI, whose route definitions
+    still produce the OpenAPI schema of these routes.
     """
 
     def __init__(self, app: Any) -> None:
@@ -146,7 +136,8 @@ class FastLane:
         await response(scope, receive, send)
 
 
-_FAST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+_FAST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
+_FAST_HANDLERS: dict[str, tuple[Any, Any]] = {}  # filled on the first request (no imports at module load)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -157,11 +148,21 @@ def _is_json(content_type: str | None) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
+def _fast_routes() -> dict[str, tuple[Any, Any]]:
+    """path → (request model, handler(pipeline, body, request)): the same handlers as the FastAPI routes."""
+    from gateway.anthropic import MessagesRequest
+    from gateway.protocol import ChatCompletionRequest, CompletionRequest
+    from gateway.routes.common import complete
+    from gateway.routes.messages import messages
+
+    return {"/v1/chat/completions": (ChatCompletionRequest, complete), "/v1/completions": (CompletionRequest, complete),
+            "/v1/messages": (MessagesRequest, messages)}
+
+
 async def _fast_completion(request: Request, path: str) -> Response:
     from pydantic import ValidationError
 
-    from gateway.protocol import ChatCompletionRequest, CompletionRequest
-    from gateway.routes.common import complete
+    from gateway.routes.common import validation_message
     from gateway.routes.deps import get_pipeline
 
     if not _is_json(request.headers.get("content-type")):
@@ -170,13 +171,15 @@ async def _fast_completion(request: Request, path: str) -> Response:
         raise InvalidRequest("Invalid request: the body must be JSON sent with Content-Type: application/json.")
     raw = await request.body()
     pipeline = await get_pipeline(request)
-    model = ChatCompletionRequest if path == "/v1/chat/completions" else CompletionRequest
+    if not _FAST_HANDLERS:
+        _FAST_HANDLERS.update(_fast_routes())
+    model, handler = _FAST_HANDLERS[path]
     try:
         body = model.model_validate_json(raw or b"null")
     except ValidationError as e:
-        message, param = _validation_message(list(e.errors()))
+        message, param = validation_message(list(e.errors()))
         raise InvalidRequest(message, param=param) from None
-    return await complete(pipeline, body, request)
+    return await handler(pipeline, body, request)
 
 
 def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:

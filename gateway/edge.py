@@ -61,7 +61,7 @@ def record_status(scope: dict[str, Any], status: int) -> None:
 def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
     """The response for an exception raised while serving ``scope``, counted once in the metrics.
 
-    GatewayError → its status and OpenAI body; ClientGone / ClientDisconnect → 499 with no body (the
+    GatewayError → its status and the endpoint's error body (OpenAI's, Anthropic's on /v1/messages); ClientGone / ClientDisconnect → 499 with no body (the
     client is gone), logged at info; anything else → 500 ``internal_error`` with the traceback in the log.
     """
     if isinstance(exc, ClientGone | ClientDisconnect):
@@ -72,8 +72,13 @@ def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
         log.error("unexpected error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
         exc = GatewayError("Internal error in the gateway.", code="internal_error")
     record_status(scope, exc.status_code)
-    return Response(exc.body_bytes(), status_code=exc.status_code, media_type="application/json",
-                    headers=exc.headers)
+    body = exc.body_bytes()
+    if scope.get("path", "").startswith("/v1/messages"):  # Anthropic's SDK reads Anthropic's envelope
+        from backends.base import json_bytes
+        from gateway.anthropic import error_body
+
+        body = json_bytes(error_body(exc.status_code, exc.message))
+    return Response(body, status_code=exc.status_code, media_type="application/json", headers=exc.headers)
 
 
 class Edge:
@@ -140,19 +145,14 @@ def _too_large(limit: int) -> PayloadTooLarge:
 async def _authenticate(scope: dict) -> None:
     """401 unless the headers carry a configured key (or the gateway is open). Starting up: no check
     here, the route answers 503."""
-    from gateway.admission import bearer_token
+    from starlette.datastructures import Headers
+
+    from gateway.admission import presented_key
 
     pipeline = getattr(scope["app"].state, "pipeline", None) if "app" in scope else None
     if pipeline is None:
         return
-    headers = dict(scope.get("headers", ()))
-    presented = bearer_token(_header(headers, b"authorization"), _header(headers, b"api-key"))
-    pipeline.admitter.authenticate(presented)
-
-
-def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
-    value = headers.get(name)
-    return value.decode("latin-1") if value is not None else None
+    pipeline.admitter.authenticate(presented_key(Headers(scope=scope)))
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -173,6 +173,10 @@ class ResponseShaper:
             return out
         return out + sse(self._chunk([choice]))
 
+    def error_frame(self, status: int, message: str, code: str | None, error_type: str) -> bytes:
+        """The frame that ends a stream which failed after its headers were sent."""
+        return error_event(message, code, error_type)
+
     def closing(self, usage: Usage | None, info: dict[str, Any]) -> bytes:
         """Last frames: choices never finished get finish_reason, the held chunk gets ``switchyard``,
         then the usage chunk (when asked) and ``data: [DONE]``."""
@@ -196,3 +200,169 @@ class ResponseShaper:
                      "choices": [], "usage": usage_dict(usage) if usage else None, "switchyard": info}
             out += sse(final)
         return out + DONE
+
+
+def sse_event(name: str, obj: Any) -> bytes:
+    """An SSE frame with an ``event:`` line (the Responses and Anthropic Messages streams name every event)."""
+    return b"event: " + name.encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
+
+
+class ToolCalls:
+    """OpenAI tool-call pieces (stream deltas carry ``index`` with ``id``/``name`` first, then ``arguments``
+    fragments; whole answers carry complete calls) merged into whole calls, in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, pieces: list[dict[str, Any]]) -> list[tuple[int, bool, str]]:
+        """Merge ``pieces``; returns (call position, is_new, argument fragment) for each piece."""
+        out = []
+        for piece in pieces:
+            key = piece.get("index", len(self.calls))
+            fn = piece.get("function") or {}
+            call = self.calls.get(key)
+            is_new = call is None
+            if call is None:
+                call = self.calls[key] = {"id": piece.get("id") or f"call_{len(self.calls)}", "name": "",
+                                          "arguments": ""}
+            if fn.get("name"):
+                call["name"] = fn["name"]
+            fragment = fn.get("arguments") or ""
+            call["arguments"] += fragment
+            out.append((list(self.calls).index(key), is_new, fragment))
+        return out
+
+    def whole(self) -> list[dict[str, Any]]:
+        return list(self.calls.values())
+
+
+def _json_object(arguments: str) -> dict[str, Any]:
+    """A tool call's arguments as an object (Anthropic's ``input``); text that is not a JSON object is kept
+    under ``_raw`` rather than lost."""
+    import json
+
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {"_raw": arguments}
+    return value if isinstance(value, dict) else {"_raw": arguments}
+
+
+class MessagesShaper:
+    """Deltas → Anthropic Messages: one ``message`` object, or the event sequence ``message_start``,
+    (``content_block_start``, ``content_block_delta``…, ``content_block_stop``) per block, ``message_delta``
+    with ``stop_reason`` and usage, ``message_stop``. Choice 0 only (Messages has no ``n``)."""
+
+    def __init__(self, *, message_id: str, model: str) -> None:
+        self.message_id = message_id
+        self.model = model
+        self.text: list[str] = []
+        self.tools = ToolCalls()
+        self.finish_reason: str | None = None
+        self._started = False
+        self._open: tuple[str, int] | None = None  # ("text", block index) | ("tool", call position)
+        self._num_blocks = 0
+        self._block_of_call: dict[int, int] = {}
+
+    def _message(self, usage: Usage | None, info: dict[str, Any] | None, content: list[dict[str, Any]]) -> dict:
+        from gateway.anthropic import STOP_REASONS
+
+        stop = STOP_REASONS.get(self.finish_reason or "", None) if self.finish_reason else None
+        out = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+               "content": content, "stop_reason": stop, "stop_sequence": None,
+               "usage": {"input_tokens": usage.prompt_tokens if usage else 0,
+                         "output_tokens": usage.completion_tokens if usage else 0}}
+        if info is not None:
+            out["switchyard"] = info
+        return out
+
+    # ------------------------------------------------------------------------------ accumulate
+
+    def add(self, delta: Delta) -> None:
+        if delta.index != 0:
+            return
+        if delta.text:
+            self.text.append(delta.text)
+        if delta.tool_calls:
+            self.tools.add(delta.tool_calls)
+        if delta.finish_reason is not None and self.finish_reason is None:
+            self.finish_reason = delta.finish_reason
+
+    def body(self, usage: Usage, info: dict[str, Any]) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if self.text or not self.tools.calls:
+            content.append({"type": "text", "text": "".join(self.text)})
+        for call in self.tools.whole():
+            content.append({"type": "tool_use", "id": call["id"], "name": call["name"],
+                            "input": _json_object(call["arguments"])})
+        self.finish_reason = self.finish_reason or "stop"
+        return self._message(usage, info, content)
+
+    # ---------------------------------------------------------------------------------- stream
+
+    def _start(self) -> bytes:
+        if self._started:
+            return b""
+        self._started = True
+        return sse_event("message_start", {"type": "message_start", "message": self._message(None, None, [])})
+
+    def _close_block(self) -> bytes:
+        if self._open is None:
+            return b""
+        index = self._open[1] if self._open[0] == "text" else self._block_of_call[self._open[1]]
+        self._open = None
+        return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def frames(self, delta: Delta) -> bytes:
+        out = self._start()
+        if delta.index != 0 or self.finish_reason is not None:
+            return out
+        if delta.text:
+            if self._open is None or self._open[0] != "text":
+                out += self._close_block()
+                self._open = ("text", self._num_blocks)
+                self._num_blocks += 1
+                out += sse_event("content_block_start", {"type": "content_block_start", "index": self._open[1],
+                                                         "content_block": {"type": "text", "text": ""}})
+            self.text.append(delta.text)
+            out += sse_event("content_block_delta", {"type": "content_block_delta", "index": self._open[1],
+                                                     "delta": {"type": "text_delta", "text": delta.text}})
+        for position, is_new, fragment in self.tools.add(delta.tool_calls or []):
+            if is_new or self._open != ("tool", position):
+                out += self._close_block()
+                self._block_of_call[position] = self._num_blocks
+                self._num_blocks += 1
+                self._open = ("tool", position)
+                call = self.tools.whole()[position]
+                out += sse_event("content_block_start", {
+                    "type": "content_block_start", "index": self._block_of_call[position],
+                    "content_block": {"type": "tool_use", "id": call["id"], "name": call["name"], "input": {}}})
+            if fragment:
+                out += sse_event("content_block_delta", {
+                    "type": "content_block_delta", "index": self._block_of_call[position],
+                    "delta": {"type": "input_json_delta", "partial_json": fragment}})
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        return out
+
+    def closing(self, usage: Usage | None, info: dict[str, Any]) -> bytes:
+        from gateway.anthropic import STOP_REASONS
+
+        out = self._start()
+        if self._num_blocks == 0:  # an empty answer still has one (empty) text block
+            out += sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                     "content_block": {"type": "text", "text": ""}})
+            self._open, self._num_blocks = ("text", 0), 1
+        out += self._close_block()
+        usage_out = {"input_tokens": usage.prompt_tokens if usage else 0,
+                     "output_tokens": usage.completion_tokens if usage else 0}
+        out += sse_event("message_delta", {
+            "type": "message_delta", "usage": usage_out, "switchyard": info,
+            "delta": {"stop_reason": STOP_REASONS.get(self.finish_reason or "stop", "end_turn"),
+                      "stop_sequence": None}})
+        return out + sse_event("message_stop", {"type": "message_stop"})
+
+    def error_frame(self, status: int, message: str, code: str | None, error_type: str) -> bytes:
+        from gateway.anthropic import error_body
+
+        return sse_event("error", error_body(status, message))

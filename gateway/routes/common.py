@@ -6,19 +6,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from backends.base import BackendError, SamplingOptions, json_bytes
-from gateway.admission import bearer_token
+from backends.base import BackendError, Delta, SamplingOptions, Usage, json_bytes
+from gateway.admission import presented_key
 from gateway.edge import STATUS_CLIENT_GONE
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from gateway.streaming import ResponseShaper, error_event
+from gateway.streaming import ResponseShaper
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": what}
@@ -40,6 +40,18 @@ def stream_response_doc(schema_ref: str) -> dict[str, Any]:
                 "properties": {"data": {"type": "string", "description": f"JSON of a {schema_ref}, or [DONE]"},
                                "event": {"type": "string"}, "id": {"type": "string"},
                                "retry": {"type": "integer"}}}}}}
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A pydantic error list → the 400's message (first five problems, 'where: what') and its ``param``."""
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        param = param or (where or None)
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "Invalid request: " + "; ".join(parts or ["malformed body"]), param
 
 
 def t_start_of(request: Request) -> float:
@@ -112,31 +124,60 @@ def _check_token_fields(body: ChatCompletionRequest | CompletionRequest, limit: 
             raise InvalidRequest(f"{field} = {value} is above the limit {limit}", param=field)
 
 
-async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool) -> Response:
-    """Run the pipeline and shape its answer: one JSON body, or an SSE stream."""
-    key = bearer_token(request.headers.get("authorization"), request.headers.get("api-key"))
+class Shaper(Protocol):
+    """How one endpoint writes Deltas: chat/completion chunks, Responses events or Anthropic events."""
+
+    def add(self, delta: Delta) -> None: ...
+
+    def body(self, usage: Usage, info: dict[str, Any]) -> dict[str, Any]: ...
+
+    def frames(self, delta: Delta) -> bytes: ...
+
+    def closing(self, usage: Usage | None, info: dict[str, Any]) -> bytes: ...
+
+    def error_frame(self, status: int, message: str, code: str | None, error_type: str) -> bytes: ...
+
+
+ShaperFactory = Callable[[Job, Execution], Shaper]
+Finished = Callable[[Shaper, Usage], Awaitable[None]]
+
+
+def openai_shaper(include_usage: bool) -> ShaperFactory:
+    """The chat / completion shaper of the OpenAI endpoints."""
+    def make(job: Job, execution: Execution) -> Shaper:
+        prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
+        return ResponseShaper(kind=job.kind, request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
+                              created=int(time.time()), model=execution.model_name,
+                              logprobs=job.sampling.logprobs, top_logprobs=job.sampling.top_logprobs,
+                              include_usage=include_usage, prompt_chars=prompt_chars)
+    return make
+
+
+async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool = False, *,
+                  shaper: ShaperFactory | None = None, finished: Finished | None = None) -> Response:
+    """Run the pipeline and shape its answer: one JSON body, or an SSE stream. ``finished`` runs once the
+    whole answer is known and before its last byte is sent (e.g. to store a Responses conversation)."""
+    key = presented_key(request.headers)
     async with abort_on_disconnect(request):  # one watcher for the whole non-stream request
         execution = await pipeline.run(job, key)  # up to the first Delta (the whole answer when buffered)
-        prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
-        shaper = ResponseShaper(kind=job.kind,
-                                request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
-                                created=int(time.time()), model=execution.model_name,
-                                logprobs=job.sampling.logprobs, top_logprobs=job.sampling.top_logprobs,
-                                include_usage=include_usage, prompt_chars=prompt_chars)
+        shape = (shaper or openai_shaper(include_usage))(job, execution)
         trace = execution.trace
         if job.stream:  # AbortingStream watches the client itself while it streams
-            return AbortingStream(_sse(pipeline, execution, shaper), media_type="text/event-stream",
+            return AbortingStream(_sse(pipeline, execution, shape, finished), media_type="text/event-stream",
                                   headers={**trace.headers(with_cost=False), "cache-control": "no-cache"})
         try:
             async for delta in execution.deltas():
-                shaper.add(delta)
+                shape.add(delta)
         except BackendError as e:
             raise from_backend_error(e, trace.pool) from None
         finally:
             await execution.aclose()
+        usage = execution.usage or _zero_usage()
+        body = shape.body(usage, trace.info())
+        if finished is not None:
+            await finished(shape, usage)
     pipeline.record(route=trace.route, model=trace.pool, status=200, t_start=job.t_start,
                     overhead_s=trace.overhead_s)
-    body = shaper.body(execution.usage or _zero_usage(), trace.info())
     return Response(json_bytes(body), media_type="application/json", headers=trace.headers(with_cost=True))
 
 
@@ -146,7 +187,8 @@ def _zero_usage():
     return Usage(0, 0)
 
 
-async def _sse(pipeline: Pipeline, execution: Execution, shaper: ResponseShaper) -> AsyncIterator[bytes]:
+async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
+               finished: Finished | None) -> AsyncIterator[bytes]:
     """The SSE frames of one stream. Counted once when it ends: 200 when the closing frame was handed
     to the server, the error's status when an error event was, 499 when the client left before."""
     trace, status = execution.trace, STATUS_CLIENT_GONE
@@ -155,16 +197,19 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: ResponseShaper)
             frame = shaper.frames(delta)
             if frame:
                 yield frame
+        closing = shaper.closing(execution.usage, trace.info())
+        if finished is not None:
+            await finished(shaper, execution.usage or _zero_usage())
         status = 200
-        yield shaper.closing(execution.usage, trace.info())
+        yield closing
     except BackendError as e:
         err = from_backend_error(e, trace.pool)
         status = err.status_code
-        yield error_event(err.message, err.code, err.error_type)
+        yield shaper.error_frame(status, err.message, err.code, err.error_type)
     except Exception as e:  # noqa: BLE001 - headers are gone: the error can only travel as an event
         status = 500
         logging.getLogger("switchyard").exception("stream failed")
-        yield error_event(f"internal error: {type(e).__name__}", "internal_error", "server_error")
+        yield shaper.error_frame(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
     finally:
         if status == STATUS_CLIENT_GONE:
             logging.getLogger("switchyard").info("client left during its stream (%s)", trace.pool)

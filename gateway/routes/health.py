@@ -59,10 +59,10 @@ async def readyz(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -
 
 
 def _is_admin(request: Request, pipeline: Pipeline) -> bool:
-    from gateway.admission import bearer_token
+    from gateway.admission import presented_key
     from gateway.errors import GatewayError
 
-    presented = bearer_token(request.headers.get("authorization"), request.headers.get("api-key"))
+    presented = presented_key(request.headers)
     if presented is None or pipeline.admitter.is_open:
         return False
     try:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from backends.base import json_bytes
-from gateway.admission import bearer_token
+from gateway.admission import presented_key
 from gateway.pipeline import Pipeline
 from gateway.protocol import ModelList
 from gateway.routes.common import ERROR_RESPONSES
@@ -20,7 +20,7 @@ router = APIRouter()
 @router.get("/v1/models", response_model=ModelList, tags=["openai"], responses={401: ERROR_RESPONSES[401]},
             summary="List the models (aliases) this gateway answers for")
 async def list_models(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -> Response:
-    key = bearer_token(request.headers.get("authorization"), request.headers.get("api-key"))
+    key = presented_key(request.headers)
     allowed = await pipeline.admitter.allowed_models(key)
     now = int(time.time())
     data = [{"id": i, "object": "model", "created": now, "owned_by": "switchyard"}

@@ -1,0 +1,225 @@
+"""Anthropic Messages wire types (``POST /v1/messages``) and their translation to the one chat request.
+
+A Messages request becomes a ``ChatCompletionRequest`` (``MessagesRequest.to_chat_request``), so it runs the
+same pipeline as every other endpoint: admission, guard, routing, cascade, pools, metrics. Only the shape of
+the answer differs (``gateway.streaming.MessagesShaper``) and the error body
+(``{"type": "error", "error": {"type", "message"}}``, ``error_body``).
+
+Translation (Anthropic → OpenAI chat):
+  * ``system`` (a string or text blocks) → one leading system message;
+  * a user turn's ``tool_result`` blocks → ``tool`` messages (``tool_call_id`` = ``tool_use_id``), placed
+    before the turn's text, which stays a user message;
+  * an assistant turn's ``tool_use`` blocks → ``tool_calls`` (arguments = the JSON of ``input``);
+  * ``tools[].input_schema`` → ``function.parameters``; ``tool_choice`` auto / any / tool / none →
+    auto / required / the named function / none; ``stop_sequences`` → ``stop``; ``metadata.user_id`` →
+    ``user``. Image and document blocks are a 400 naming the block (no vision pools yet).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.protocol import ChatCompletionRequest, Int, SwitchyardOptions
+
+_WIRE = ConfigDict(extra="ignore", strict=True)
+
+
+class TextBlock(BaseModel):
+    model_config = _WIRE
+    type: Literal["text"]
+    text: str
+
+
+class ToolUseBlock(BaseModel):
+    model_config = _WIRE
+    type: Literal["tool_use"]
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+
+
+class ToolResultBlock(BaseModel):
+    model_config = _WIRE
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[TextBlock] = ""
+    is_error: bool | None = None
+
+    def text(self) -> str:
+        body = self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+        return f"Error: {body}" if self.is_error else body
+
+
+class UnsupportedBlock(BaseModel):
+    """A block kind the gateway cannot serve yet: the request is a 400 that names it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image", "document", "thinking", "redacted_thinking", "search_result"]
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | UnsupportedBlock, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = _WIRE
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(BaseModel):
+    model_config = _WIRE
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(BaseModel):
+    model_config = _WIRE
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class Metadata(BaseModel):
+    model_config = _WIRE
+    user_id: str | None = Field(None, max_length=256)
+
+
+class MessagesRequest(BaseModel):
+    """POST /v1/messages."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"examples": [
+        {"model": "auto", "max_tokens": 64, "messages": [{"role": "user", "content": "What is 2 + 2?"}]},
+    ]})
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: Int(1, 1_000_000)
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=4)
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: Int(0, 1_000_000) | None = None
+    stream: bool | None = False
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    metadata: Metadata | None = None
+    switchyard: SwitchyardOptions | None = None
+
+    def to_chat_request(self) -> ChatCompletionRequest:
+        """The same request as an OpenAI chat request; a ValueError names what cannot be served."""
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
+            messages.append({"role": "system", "content": system})
+        for i, m in enumerate(self.messages):
+            messages.extend(_chat_messages(m, i))
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                                "stream": bool(self.stream)}
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.stop_sequences:
+            body["stop"] = list(self.stop_sequences)
+        if self.metadata and self.metadata.user_id:
+            body["user"] = self.metadata.user_id
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description or "", "parameters": t.input_schema}}
+                for t in self.tools]
+        if self.tool_choice is not None:
+            body["tool_choice"] = _tool_choice(self.tool_choice)
+        if self.switchyard is not None:
+            body["switchyard"] = self.switchyard.model_dump(exclude_none=True)
+        return ChatCompletionRequest.model_validate(body)
+
+
+def _chat_messages(m: Message, i: int) -> list[dict[str, Any]]:
+    if isinstance(m.content, str):
+        return [{"role": m.role, "content": m.content}]
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(m.content):
+        where = f"messages.{i}.content.{j}"
+        if isinstance(block, UnsupportedBlock):
+            raise ValueError(f"{where}: content blocks of type {block.type!r} are not supported by this gateway")
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            if m.role != "assistant":
+                raise ValueError(f"{where}: tool_use blocks belong to assistant turns")
+            tool_calls.append({"id": block.id, "type": "function", "function": {
+                "name": block.name, "arguments": json.dumps(block.input, separators=(",", ":"))}})
+        else:
+            if m.role != "user":
+                raise ValueError(f"{where}: tool_result blocks belong to user turns")
+            results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
+    out = list(results)
+    if m.role == "assistant":
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        out.append(message)
+    elif texts or not results:
+        out.append({"role": "user", "content": "".join(texts)})
+    return out
+
+
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.type == "tool":
+        if not choice.name:
+            raise ValueError("tool_choice: type 'tool' needs a name")
+        return {"type": "function", "function": {"name": choice.name}}
+    return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal",
+                "abort": "end_turn"}
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+                431: "invalid_request_error", 504: "timeout_error"}
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error envelope for an HTTP status (the ``anthropic`` SDK picks its exception by status)."""
+    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Anthropic's error envelope."""
+
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int | None = None
+
+
+class MessageResponse(BaseModel):
+    """The answer of POST /v1/messages (non-stream); the stream sends Anthropic's event sequence."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_sequence: str | None = None
+    usage: Usage
+    switchyard: dict[str, Any] | None = None
