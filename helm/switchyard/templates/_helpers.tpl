@@ -172,11 +172,14 @@ content of an existing ConfigMap found by lookup. A change here rolls the gatewa
 {{- if $found }}{{ $found }}{{ else if eq .position "first" }}{{ (first .pools).name }}{{ else }}{{ (last .pools).name }}{{ end }}
 {{- end }}
 
-{{/* Gateway engine options → `switchyard engine serve` flags. Call with the engine dict. */}}
+{{/*
+Gateway engine options → `switchyard engine serve` flags (every EngineOptions key has one; null = the
+engine's default). Call with the engine dict.
+*/}}
 {{- define "switchyard.engineArgs" -}}
-{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" }}
+{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" }}
 {{- range $k := keys $flags | sortAlpha }}
-{{- if hasKey $ $k }}
+{{- if and (hasKey $ $k) (not (kindIs "invalid" (index $ $k))) }}
 - {{ index $flags $k | quote }}
 - {{ index $ $k | toString | quote }}
 {{- end }}
