@@ -340,6 +340,18 @@ def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
     assert (args.num_kv_blocks, args.num_threads) == (None, None)
 
 
+def test_unquoted_off_and_on_in_values_reach_the_gateway_as_words():
+    """Helm reads values as YAML 1.1 (`off` is false): the documented `mode: off` still means "off"."""
+    for words, expected in [("mode: off", "off"), ("mode: slm_then_escalate", "slm_then_escalate")]:
+        for search in ("off", "on"):
+            text = (f"gateway:\n  config:\n    routing:\n      cascade: {{{words}}}\n"
+                    f"    example_cache: {{server_search: {search}}}\n")
+            settings = settings_from_dict(gateway_config(render(extra_values=text)))
+            assert (settings.routing.cascade.mode, settings.example_cache.server_search) == (expected, search)
+    assert helm("template", RELEASE, str(CHART), "-f", "-", check=False,
+                stdin="gateway:\n  config:\n    routing:\n      cascade: {mode: on}\n").returncode != 0
+
+
 @pytest.mark.parametrize("values_file", CI_FILES)
 def test_every_switchyard_command_parses_with_the_real_cli(values_file):
     """Gateway, engine and model-preparation containers run `switchyard ...` with flags the CLI accepts."""

@@ -197,6 +197,11 @@ Service URLs, artifact paths, default routing pools and example-cache backend.
 {{- define "switchyard.gatewayConfig" -}}
 {{- $root := . }}
 {{- $cfg := deepCopy (.Values.gateway.config | default dict) }}
+{{- /* Helm reads values as YAML 1.1: an unquoted off/on arrives as a boolean. The gateway wants the word. */}}
+{{- $cascadeCfg := dig "routing" "cascade" dict $cfg }}
+{{- if kindIs "bool" $cascadeCfg.mode }}{{ $_ := set $cascadeCfg "mode" (ternary "on" "off" $cascadeCfg.mode) }}{{ end }}
+{{- $cacheCfg := dig "example_cache" dict $cfg }}
+{{- if kindIs "bool" $cacheCfg.server_search }}{{ $_ := set $cacheCfg "server_search" (ternary "on" "off" $cacheCfg.server_search) }}{{ end }}
 {{- $_ := set $cfg "host" "0.0.0.0" }}
 {{- $_ := set $cfg "port" (int .Values.gateway.port) }}
 {{- $redisUrl := include "switchyard.redisUrl" . }}
