@@ -512,6 +512,9 @@ def test_lint_fails_on_a_bad_value():
         ((), (0, {"modelSource.type": "pvc"}), "type pvc needs claimName"),
         (("artifacts.router.source=configMap",), None, "artifacts.router.configMap"),
         ((), (0, {"urls": ["http://x/v1"]}), "urls are only for mode external"),
+        # values a pool's mode would drop: said, not ignored
+        ((), (0, {"mode": "external", "urls": ["http://x/v1"]}), "pools[slm]: engine options are for modes"),
+        ((), (0, {"mode": "inProcess", "gpu": 1}), "pools[slm]: gpu is for mode deployment"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(sets, pools, message):

@@ -277,6 +277,12 @@ Checks the schema cannot express; a failed one stops the render with a message n
 {{- if and (ne .mode "external") .urls }}
 {{- fail (printf "pools[%s]: urls are only for mode external" .name) }}
 {{- end }}
+{{- if and (eq .mode "external") .engine }}
+{{- fail (printf "pools[%s]: engine options are for modes deployment and inProcess; an external server has its own" .name) }}
+{{- end }}
+{{- if and (ne .mode "deployment") .gpu }}
+{{- fail (printf "pools[%s]: gpu is for mode deployment (inProcess pools run in the gateway pods, which request none)" .name) }}
+{{- end }}
 {{- if and (eq .mode "deployment") .modelSource (eq (.modelSource.type | default "prepare") "pvc") (not .modelSource.claimName) }}
 {{- fail (printf "pools[%s].modelSource: type pvc needs claimName" .name) }}
 {{- end }}
