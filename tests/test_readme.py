@@ -1,5 +1,5 @@
 """README.md says what the code does: its configuration reference defaults are the real ones, and every
-YAML block and env example in it loads through the real settings loader."""
+YAML block and env example in it (and in the shipped config's comments) loads through the real settings loader."""
 
 from __future__ import annotations
 
@@ -123,7 +123,10 @@ def yaml_blocks() -> list[str]:
 
 
 def env_examples() -> list[tuple[str, str]]:
-    return sorted(set(re.findall(rf"`({ENV_PREFIX}[A-Z0-9_]+)=([^`<>]+)`", README)))
+    """`SWITCHYARD__KEY=value` examples of the README and of the shipped config's comments."""
+    found = re.findall(rf"`({ENV_PREFIX}[A-Z0-9_]+)=([^`<>]+)`", README)
+    found += re.findall(rf"\b({ENV_PREFIX}[A-Z0-9_]+)=([^\s,<>]+?)[.,]?(?:\s|$)", default_config_text())
+    return sorted(set(found))
 
 
 def merge(base: dict, over: dict) -> dict:
