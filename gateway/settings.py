@@ -7,7 +7,7 @@ Load order (later wins):
      ``SWITCHYARD__LIMITS__MAX_BODY_BYTES=2000000`` or ``SWITCHYARD__REDIS_URL=redis://r:6379/0``.
      List items are addressed by index: ``SWITCHYARD__POOLS__0__REPLICAS=2``.
 
-Both are read as YAML with the 1.2 core schema's booleans: only true/false (any case) are booleans, so
+Both are read as YAML with the 1.2 core schema's booleans: only true/false (True, FALSE, ...) are booleans, so
 the documented ``mode: off`` or ``SWITCHYARD__ROUTING__CASCADE__MODE=off`` stays the string "off" (YAML
 1.1, PyYAML's default, would read off/on/yes/no as booleans).
 

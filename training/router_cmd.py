@@ -185,7 +185,8 @@ def _fit_baseline(args: argparse.Namespace, meta: dict, rows: list[RoutingRow],
     are left out. Returns the baseline and what it was fitted on (``baseline_fit`` in the report)."""
     td = meta.get("training_data", {})
     pct = int(td.get("split", {}).get("eval_percent", 20))
-    cfg = TrainConfig(kind="tfidf_lr", eval_fraction=pct / 100, exclude_sources=tuple(td.get("excluded_sources", [])))
+    cfg = TrainConfig(kind="tfidf_lr", eval_fraction=pct / 100,
+                      exclude_sources=tuple(td.get("excluded_sources", [])))
     data = args.data
     if args.all_rows:
         data = args.baseline_data or td.get("file")
