@@ -15,7 +15,8 @@ from gateway.settings import ENV_PREFIX, Settings, default_config_text, load_set
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 MINIMAL = {"pools": [{"name": "slm", "model": "smollm2-135m"}, {"name": "llm", "model": "gemma3-270m"}]}
-REQUIRED = object()
+REQUIRED = object()  # a key without a default
+NOT_SET = object()  # a key the shipped config does not set
 
 
 def section(title: str) -> str:
@@ -68,10 +69,11 @@ def item_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def shipped_value(key: str) -> Any:
+    """The value the embedded default config (default_config.yaml) gives a key, else NOT_SET."""
     node: Any = read_yaml(default_config_text())
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return REQUIRED  # not set by the shipped config
+            return NOT_SET
         node = node[part]
     return node
 
@@ -111,7 +113,7 @@ def test_reference_defaults_match_settings_and_shipped_config(key, cell, embedde
     shipped = shipped_value(key)
     if embedded is not None:
         assert shipped == read_yaml(embedded), f"{key}: README embedded default {embedded!r}, shipped {shipped!r}"
-    elif shipped is not REQUIRED:
+    elif shipped is not NOT_SET:
         assert shipped == expected, f"{key}: the shipped config sets {shipped!r}; say so in README's cell"
 
 
