@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -39,6 +39,19 @@ import orjson
 from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage, json_bytes
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+
+def display_url(url: str) -> str:
+    """``url`` without user:password@ and without a ?query (where API keys hide): safe for names, logs and
+    admin views. Anything that is not an absolute URL comes back unchanged."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class OpenAIUpstream:
@@ -285,7 +298,8 @@ class OpenAIUpstream:
                             retryable=not after, status_code=status, code=code, after_first_token=after)
 
     def _status_error(self, status: int, content: bytes) -> BackendError:
-        message, code = f"upstream {self.name} answered HTTP {status}", None
+        # No replica address in the message: a 4xx message reaches the caller as it is.
+        message, code = f"upstream answered HTTP {status}", None
         try:
             err = json.loads(content).get("error")
             if isinstance(err, dict):

@@ -431,7 +431,7 @@ class PoolSet:
 def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = None) -> Backend:
     """Replica ``index`` of pool ``cfg`` (a PoolConfig): LocalBackend or OpenAIUpstream."""
     if cfg.kind == "remote":
-        from backends.openai_upstream import OpenAIUpstream
+        from backends.openai_upstream import OpenAIUpstream, display_url
 
         env = os.environ if environ is None else environ
         api_key = None
@@ -440,7 +440,7 @@ def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = No
             if not api_key:
                 raise ValueError(f"pool {cfg.name!r}: env var {cfg.api_key_env} (api_key_env) is not set")
         url = cfg.urls[index]
-        return OpenAIUpstream(url, url, cfg.model, api_key, timeout_s=cfg.timeout_s,
+        return OpenAIUpstream(display_url(url), url, cfg.model, api_key, timeout_s=cfg.timeout_s,
                               connect_timeout_s=cfg.connect_timeout_s, supports_tools=cfg.supports_tools,
                               supports_json_mode=cfg.supports_json_mode)
     from backends.local import LocalBackend

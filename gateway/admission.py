@@ -13,7 +13,8 @@
   script per admission: check and count atomically, shared by gateway replicas; a Redis failure fails
   *open* and is counted), in process otherwise.
 * The model allow list applies to the ``model`` the caller names (``auto`` must be listed to use routing).
-* Body size is checked by ``BodyLimit`` (an ASGI middleware) before the body is parsed.
+* The key is checked from the headers before the body is read, and the body's size and read time are
+  bounded, by ``gateway.edge.Edge`` (an ASGI middleware); ``admit`` checks the key again (cheap).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.errors import AuthenticationFailed, PayloadTooLarge, PermissionDenied, RateLimited
+from gateway.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from gateway.settings import ApiKey, Settings
 
 log = logging.getLogger("switchyard.admission")
@@ -244,6 +245,10 @@ class Admitter:
                 found = key
         return found
 
+    def authenticate(self, presented_key: str | None) -> ApiKey | None:
+        """The configured key matching ``presented_key`` (None: the gateway is open); 401 when missing or wrong."""
+        return None if self.is_open else self._authenticate(presented_key)
+
     def _authenticate(self, presented_key: str | None) -> ApiKey:
         """The configured key matching ``presented_key``; raises 401 when it is missing or wrong."""
         if presented_key is None:
@@ -282,60 +287,3 @@ class Admitter:
     async def record_tokens(self, admission: Admission, num_tokens: int) -> None:
         if admission.key_name is not None and admission.tokens_per_minute is not None and num_tokens > 0:
             await self.limiter.add_tokens(admission.key_name, num_tokens)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_body_bytes`` gets 413 before anything parses it.
-
-    Also stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement.
-    """
-
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope.setdefault("state", {})["t_start"] = time.perf_counter()
-        limit = self.max_body_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    break
-                if declared > limit:
-                    await _send_too_large(send, limit)
-                    return
-                # The HTTP server delivers exactly the declared bytes: nothing left to count or guard.
-                await self.app(scope, receive, send)
-                return
-        received = 0
-        responded = False
-
-        async def limited_receive() -> dict:
-            nonlocal received, responded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    responded = True
-                    await _send_too_large(send, limit)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: dict) -> None:
-            if not responded:
-                await send(message)
-
-        await self.app(scope, limited_receive, guarded_send)
-
-
-async def _send_too_large(send: Any, limit: int) -> None:
-    body = PayloadTooLarge(f"Request body is larger than {limit} bytes (limits.max_body_bytes).",
-                           code="request_too_large").body_bytes()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

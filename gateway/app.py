@@ -2,8 +2,9 @@
 
 The lifespan builds the ``Pipeline`` once (pools, guard, router policy, cascade rule, example store,
 admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
-Every error leaves in OpenAI's envelope (``gateway/errors.py``): pydantic validation errors are 400
-``invalid_request_error`` (not FastAPI's 422), unknown paths 404, anything unexpected 500.
+Every error leaves in OpenAI's envelope through ``gateway.edge.error_response``: pydantic validation
+errors are 400 ``invalid_request_error`` (not FastAPI's 422), unknown paths 404 (a trailing slash too:
+never a redirect), a client that left 499, anything unexpected 500.
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
-from gateway.admission import BodyLimit
+from gateway.edge import Edge, error_response
 from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
 from gateway.settings import Settings
 
 log = logging.getLogger("switchyard")
 
 PipelineFactory = Callable[[Settings], Any]  # settings -> Pipeline (tests inject fakes through it)
-
-
-def _error_response(err: GatewayError) -> Response:
-    return Response(err.body_bytes(), status_code=err.status_code, media_type="application/json",
-                    headers=err.headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -78,51 +74,49 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     # FastAPI's native OpenTelemetry checks for a configured provider on every request (~3% of a routed
     # request's CPU); it runs only when the deployment asks for it.
     telemetry = None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False}
+    # redirect_slashes off: "/v1/chat/completions/" is a 404, never a redirect built from the Host header.
     app = FastAPI(title="switchyard", version=__version__, lifespan=lifespan, telemetry=telemetry,
+                  redirect_slashes=False,
                   description="OpenAI-compatible LLM gateway: guard, router, cascade, example cache, model pools.")
     app.state.settings = settings
     app.state.pipeline = None
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
-        _record_error(request, exc.status_code)
-        return _error_response(exc)
+        return error_response(request.scope, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         message, param = _validation_message(list(exc.errors()))
-        _record_error(request, 400)
-        return _error_response(InvalidRequest(message, param=param))
+        return error_response(request.scope, InvalidRequest(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
             err: GatewayError = NotFound(f"No route {request.method} {request.url.path}", code="not_found")
         else:
-            err = GatewayError(str(exc.detail), code=None)
+            err = GatewayError(str(exc.detail), code=None, headers=getattr(exc, "headers", None))
             err.status_code = exc.status_code
             err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return Response(err.body_bytes(), status_code=exc.status_code, media_type="application/json",
-                        headers=getattr(exc, "headers", None))
+        return error_response(request.scope, err)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
-        _record_error(request, 499)
-        return Response(status_code=499)
+        return error_response(request.scope, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        _record_error(request, 500)
-        err = GatewayError("Internal error in the gateway.", code="internal_error")
-        return _error_response(err)
+        return error_response(request.scope, exc)
 
     from gateway.routes import chat, completions, health, models
 
     for module in (chat, completions, models, health):
         app.include_router(module.router)
     app.add_middleware(FastLane)
-    app.add_middleware(BodyLimit, max_body_bytes=settings.limits.max_body_bytes)  # outermost: sizes, t_start
+    app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
+                       body_read_timeout_s=settings.limits.body_read_timeout_s,
+                       max_header_bytes=settings.limits.max_header_bytes)
+    app.openapi = lambda: _openapi_schema(app, settings)  # type: ignore[method-assign]
     return app
 
 
@@ -147,16 +141,8 @@ class FastLane:
         request = Request(scope, receive)
         try:
             response = await _fast_completion(request, scope["path"])
-        except GatewayError as e:
-            _record_error(request, e.status_code)
-            response = _error_response(e)
-        except ClientGone:
-            _record_error(request, 499)
-            response = Response(status_code=499)
-        except Exception:  # noqa: BLE001 - the same envelope as the app's catch-all handler
-            log.exception("unexpected error on POST %s", scope["path"])
-            _record_error(request, 500)
-            response = _error_response(GatewayError("Internal error in the gateway.", code="internal_error"))
+        except Exception as e:  # noqa: BLE001 - the same mapping as the app's exception handlers
+            response = error_response(scope, e)
         await response(scope, receive, send)
 
 
@@ -193,12 +179,35 @@ async def _fast_completion(request: Request, path: str) -> Response:
     return await complete(pipeline, body, request)
 
 
-def _record_error(request: Request, status: int) -> None:
-    pipeline = getattr(request.app.state, "pipeline", None)
-    if pipeline is None or not request.url.path.startswith("/v1/"):
-        return
-    from gateway.routes.common import t_start_of
+def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's schema with what this deployment enforces beyond the wire types, so that the schema and
+    the server agree: the configured limits on ``n`` and ``max_tokens``, top_logprobs ⇒ logprobs, and the
+    bearer key on /v1/ when keys are configured."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
 
-    if status == 429:
-        pipeline.metrics.rate_limited.inc()
-    pipeline.record(route="error", model="-", status=status, t_start=t_start_of(request), overhead_s=None)
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    limits = settings.limits
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = components.get(name, {}).get("properties", {})
+        for field, maximum in (("n", limits.max_n), ("max_tokens", limits.max_completion_tokens),
+                               ("max_completion_tokens", limits.max_completion_tokens)):
+            for branch in props.get(field, {}).get("anyOf", [props.get(field, {})]):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = min(branch.get("maximum", maximum), maximum)
+    chat = components.get("ChatCompletionRequest")
+    if chat is not None:
+        chat["if"] = {"required": ["top_logprobs"],
+                      "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}}
+        chat["then"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+    if settings.api_keys:  # every /v1/ operation needs a key: say so, so clients and checkers know
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "a configured API key (also accepted: api-key header)"}
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+    app.openapi_schema = schema
+    return schema

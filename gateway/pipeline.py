@@ -381,7 +381,7 @@ class Pipeline:
             else:
                 first, rest = await self._start(self._timed(trace.pool, request, job.stream, trace), trace)
         except BackendError as e:
-            raise from_backend_error(e) from None
+            raise from_backend_error(e, trace.pool) from None
         trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
         model_name = self.settings.pool(trace.pool).model
         return Execution(self, job, admission, trace, model_name, first, rest, text)

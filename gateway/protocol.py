@@ -15,25 +15,53 @@ switchyard extensions:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-INT64_MAX = 2**63 - 1
+# I-JSON (RFC 7493): integers beyond ±(2**53 - 1) are not exact in every JSON parser (schema checkers
+# included), so a seed lives in that range.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+# Strict JSON types on every request field (as OpenAI's API): "stream": "yes", "n": "2" or
+# "temperature": "0.5" are 400s, not coerced. Integers are accepted where a number is expected.
+_WIRE = ConfigDict(extra="ignore", strict=True)
+
+
+def _only_bool(value: Any) -> Any:
+    """Literal[False] alone compares with ==, so 0 would pass as false: only JSON booleans (or null) do."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
+
+OnlyFalse = Annotated[Literal[False] | None, BeforeValidator(_only_bool)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 4.0: accept a float with no fraction as that integer, nothing else."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(ge: int | None = None, le: int | None = None) -> Any:  # noqa: N802 - a type, read as one
+    """An integer field: JSON integers, and floats with no fraction (JSON Schema counts 4.0 as one)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -60,48 +88,49 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
     include_usage: bool = False
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text", "json_object", "json_schema"]
 
 
 class SwitchyardOptions(BaseModel):
-    """Per-request routing hint: ``quality`` low prefers the SLM, high prefers the LLM."""
+    """Per-request routing hint: ``quality`` low prefers the SLM, high prefers the LLM;
+    ``max_strong_share`` caps the share of traffic the router may send to the LLM (give one of the two)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "not": {"required": ["quality", "max_strong_share"],
+                "properties": {"quality": {"type": "string"}, "max_strong_share": {"type": "number"}}}})
     quality: Literal["low", "medium", "high"] | None = None
+    max_strong_share: float | None = Field(None, ge=0, le=1)
 
 
-Stop = str | list[str] | None
+StopSequence = Annotated[str, Field(min_length=1)]
+Stop = StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None
 
 
 def _check_stop(stop: Stop) -> tuple[str, ...]:
+    """The stop sequences as a tuple; the field's type already holds 1-4 non-empty strings."""
     if stop is None:
         return ()
-    items = [stop] if isinstance(stop, str) else list(stop)
-    if len(items) > 4:
-        raise ValueError("stop: at most 4 sequences")
-    if any(s == "" for s in items):
-        raise ValueError("stop: sequences must not be empty")
-    return tuple(items)
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 class _Sampling(_Request):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    n: int | None = Field(None, ge=1, le=128)
+    n: Int(1, 128) | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_tokens: Int(1, 1_000_000) | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
+    seed: Int(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | None = None
     user: str | None = Field(None, max_length=256)
     switchyard: SwitchyardOptions | None = None
 
@@ -120,16 +149,15 @@ class ChatCompletionRequest(_Sampling):
     ]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: Int(1, 1_000_000) | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        _check_stop(self.stop)
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         return self
@@ -145,21 +173,13 @@ class CompletionRequest(_Sampling):
         {"model": "slm", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
     ]})
 
-    prompt: str | list[int] | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1, le=1_000_000)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] | None = Field(False, description="not supported: only false")
+    prompt: (Annotated[str, Field(min_length=1)]
+             | Annotated[list[Int(0)], Field(min_length=1)]
+             | Annotated[list[str], Field(min_length=1, max_length=1, description="one prompt per request")])
+    max_tokens: Int(1, 1_000_000) | None = 16
+    logprobs: Int(0, 5) | None = None
+    echo: OnlyFalse = Field(False, description="not supported: only false")
     suffix: Literal[""] | None = Field(None, description="not supported: only empty")
-
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        _check_stop(self.stop)
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: one prompt per request (a list of strings must have length 1)")
-        if isinstance(self.prompt, list) and any(isinstance(t, int) and t < 0 for t in self.prompt):
-            raise ValueError("prompt: token ids must be >= 0")
-        return self
 
     def prompt_value(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):

@@ -156,14 +156,18 @@ class ApiKey(_Frozen):
     tokens_per_minute: int | None = Field(None, ge=1)
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
+    admin: bool = Field(False, description="may see replica addresses in /readyz (credentials are never shown)")
 
 
 class Limits(_Frozen):
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_header_bytes: int = Field(32_768, ge=1024, description="all request headers together; more is a 431")
     max_prompt_tokens: int = Field(8192, ge=1)
     max_completion_tokens: int = Field(2048, ge=1)
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a chat request names none")
     request_timeout_s: float = Field(120.0, gt=0)
+    body_read_timeout_s: float = Field(60.0, gt=0, description="the whole request body must arrive within this "
+                                                             "time, else 408 and the connection is closed")
     max_n: int = Field(8, ge=1)
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from backends.base import BackendError, SamplingOptions, json_bytes
 from gateway.admission import bearer_token
+from gateway.edge import STATUS_CLIENT_GONE
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
@@ -42,8 +43,9 @@ def stream_response_doc(schema_ref: str) -> dict[str, Any]:
 
 
 def t_start_of(request: Request) -> float:
-    state = request.scope.get("state") or {}
-    return state.get("t_start") or time.perf_counter()
+    from gateway.edge import t_start_of as scope_start
+
+    return scope_start(request.scope)
 
 
 def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
@@ -92,12 +94,22 @@ def completion_job(body: CompletionRequest, request: Request, default_max_tokens
 
 async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
     """A parsed chat or completion body → its response: what the FastAPI routes and ``FastLane`` both run."""
+    _check_token_fields(body, pipeline.settings.limits.max_completion_tokens)
     if isinstance(body, ChatCompletionRequest):
         job = chat_job(body, request, pipeline.default_max_tokens)
     else:
         job = completion_job(body, request, pipeline.default_max_tokens)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(pipeline, job, request, include_usage)
+
+
+def _check_token_fields(body: ChatCompletionRequest | CompletionRequest, limit: int) -> None:
+    """Each token-count field a request sets is within ``limits.max_completion_tokens`` (the served OpenAPI
+    schema says so too), not only the one that takes effect."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value > limit and field in body.model_fields_set:
+            raise InvalidRequest(f"{field} = {value} is above the limit {limit}", param=field)
 
 
 async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool) -> Response:
@@ -119,7 +131,7 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
             async for delta in execution.deltas():
                 shaper.add(delta)
         except BackendError as e:
-            raise from_backend_error(e) from None
+            raise from_backend_error(e, trace.pool) from None
         finally:
             await execution.aclose()
     pipeline.record(route=trace.route, model=trace.pool, status=200, t_start=job.t_start,
@@ -135,47 +147,52 @@ def _zero_usage():
 
 
 async def _sse(pipeline: Pipeline, execution: Execution, shaper: ResponseShaper) -> AsyncIterator[bytes]:
-    trace, status = execution.trace, 200
+    """The SSE frames of one stream. Counted once when it ends: 200 when the closing frame was handed
+    to the server, the error's status when an error event was, 499 when the client left before."""
+    trace, status = execution.trace, STATUS_CLIENT_GONE
     try:
         async for delta in execution.deltas():
             frame = shaper.frames(delta)
             if frame:
                 yield frame
+        status = 200
         yield shaper.closing(execution.usage, trace.info())
     except BackendError as e:
-        status = e.status_code
-        err = from_backend_error(e)
-        yield error_event(e.message, e.code, err.error_type)
+        err = from_backend_error(e, trace.pool)
+        status = err.status_code
+        yield error_event(err.message, err.code, err.error_type)
     except Exception as e:  # noqa: BLE001 - headers are gone: the error can only travel as an event
         status = 500
         logging.getLogger("switchyard").exception("stream failed")
         yield error_event(f"internal error: {type(e).__name__}", "internal_error", "server_error")
     finally:
+        if status == STATUS_CLIENT_GONE:
+            logging.getLogger("switchyard").info("client left during its stream (%s)", trace.pool)
         await execution.aclose()
         pipeline.record(route=trace.route, model=trace.pool, status=status, t_start=execution.job.t_start,
                         overhead_s=trace.overhead_s)
 
 
+async def _cancel_on_disconnect(receive: Any, task: asyncio.Task, gone: asyncio.Event) -> None:
+    """The one disconnect watcher: wait for ``http.disconnect``, then set ``gone`` and cancel ``task``."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            task.cancel()
+            return
+
+
 @contextlib.asynccontextmanager
 async def abort_on_disconnect(request: Request):
-    """Cancel the enclosed work when the client disconnects (the backend request is aborted with it)."""
-    task = asyncio.current_task()
-    disconnected = False
-
-    async def watch() -> None:
-        nonlocal disconnected
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-                task.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
+    """Cancel the enclosed work when the client disconnects (the backend request is aborted with it);
+    the disconnect leaves as ``ClientGone``."""
+    task, gone = asyncio.current_task(), asyncio.Event()
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request.receive, task, gone))
     try:
         yield
     except asyncio.CancelledError:
-        if disconnected:
+        if gone.is_set():
             task.uncancel()
             raise ClientGone() from None
         raise
@@ -188,23 +205,12 @@ class AbortingStream(StreamingResponse):
     also while waiting for the next token, and always closes the iterator when it ends."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        task = asyncio.current_task()
-        disconnected = False
-
-        async def watch() -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
+        task, gone = asyncio.current_task(), asyncio.Event()
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task, gone))
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not disconnected:
+            if not gone.is_set():
                 raise
             task.uncancel()
         except OSError:

@@ -1,14 +1,19 @@
-"""/healthz (process up), /readyz (pools have a healthy replica, Redis reachable), /metrics (Prometheus)."""
+"""/healthz (process up), /readyz (pools have a healthy replica, Redis reachable), /metrics (Prometheus).
+
+/readyz names pools and their replica counts to anyone (it is the readiness probe, so it needs no key);
+replica addresses only to a caller with an ``admin`` key, and with credentials and query strings removed.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from backends.openai_upstream import display_url
 from gateway.pipeline import Pipeline
 from gateway.routes.deps import get_pipeline
 
@@ -19,10 +24,17 @@ class Health(BaseModel):
     status: str
 
 
+class PoolReadiness(BaseModel):
+    healthy_replicas: int
+    replicas: int
+
+
 class Readiness(BaseModel):
     ready: bool
-    pools: dict[str, dict[str, bool]]
+    pools: dict[str, PoolReadiness]
     redis: bool | None = None
+    replicas: dict[str, dict[str, bool]] | None = Field(
+        None, description="per pool, replica → healthy; only for an admin key (addresses without credentials)")
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness: the process answers")
@@ -33,9 +45,31 @@ async def healthz() -> dict[str, Any]:
 @router.get("/readyz", response_model=Readiness, tags=["ops"],
             responses={503: {"model": Readiness, "description": "not ready"}},
             summary="Readiness: every pool has a healthy replica and Redis (when configured) answers")
-async def readyz(pipeline: Pipeline = Depends(get_pipeline)) -> JSONResponse:
+async def readyz(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -> JSONResponse:
     state = await pipeline.readiness()
-    return JSONResponse(state, status_code=200 if state["ready"] else 503)
+    pools = state["pools"]
+    body: dict[str, Any] = {
+        "ready": state["ready"], "redis": state["redis"],
+        "pools": {alias: {"healthy_replicas": sum(map(bool, r.values())), "replicas": len(r)}
+                  for alias, r in pools.items()},
+    }
+    if _is_admin(request, pipeline):
+        body["replicas"] = {alias: {display_url(n): ok for n, ok in r.items()} for alias, r in pools.items()}
+    return JSONResponse(body, status_code=200 if state["ready"] else 503)
+
+
+def _is_admin(request: Request, pipeline: Pipeline) -> bool:
+    from gateway.admission import bearer_token
+    from gateway.errors import GatewayError
+
+    presented = bearer_token(request.headers.get("authorization"), request.headers.get("api-key"))
+    if presented is None or pipeline.admitter.is_open:
+        return False
+    try:
+        key = pipeline.admitter.authenticate(presented)
+    except GatewayError:
+        return False
+    return bool(key is not None and key.admin)
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response,

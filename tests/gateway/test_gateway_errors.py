@@ -119,7 +119,8 @@ def test_no_healthy_replica_is_503(live_server):
         _chat(client, model="llm")
     assert e.value.status_code == 503 and e.value.code == "no_healthy_replica"
     ready = httpx.get(server.base_url + "/readyz")
-    assert ready.status_code == 503 and ready.json()["pools"]["llm"] == {"llm/0": False}
+    assert ready.status_code == 503 and ready.json()["pools"]["llm"] == {"healthy_replicas": 0, "replicas": 1}
+    assert "replicas" not in ready.json()  # replica names only for an admin key
 
 
 def test_request_deadline(live_server):

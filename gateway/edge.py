@@ -1,0 +1,169 @@
+"""The HTTP edge: what every request passes before a route sees it, and the one error response.
+
+``Edge`` is the outermost ASGI middleware. For each HTTP request it, in this order:
+
+1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement;
+   refuses headers over ``limits.max_header_bytes`` in all (431, like nginx's header buffers);
+2. on ``/v1/`` paths checks the API key from the headers alone: a missing or wrong key is a 401
+   before one byte of the body is read or parsed (an anonymous caller learns nothing about the schema);
+3. reads the whole body once, bounded in size (``limits.max_body_bytes`` → 413, checked against
+   ``content-length`` first) and in time (``limits.body_read_timeout_s`` for the whole body → 408 and the
+   connection closed, like nginx's ``client_body_timeout``: a client that sends headers and stalls
+   cannot hold a socket forever);
+4. hands the app a ``receive`` that replays the buffered body and then waits for the disconnect, so
+   routes never see a partial body and the disconnect watchers work as before.
+
+A client that leaves while uploading is the outcome ``client_gone``: status 499 in the metrics, one
+info log line, nothing sent. ``error_response`` is the one place an exception becomes a response and
+a counted status: the app's exception handlers, ``FastLane`` and ``Edge`` all call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from gateway.errors import (
+    ClientGone,
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+
+log = logging.getLogger("switchyard")
+
+STATUS_CLIENT_GONE = 499  # nginx's "client closed request"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def t_start_of(scope: dict[str, Any]) -> float:
+    state = scope.get("state") or {}
+    return state.get("t_start") or time.perf_counter()
+
+
+def record_status(scope: dict[str, Any], status: int) -> None:
+    """Count a request that ends without an answer from the pipeline (errors, 499). /v1/ paths only."""
+    app = scope.get("app")
+    pipeline = getattr(getattr(app, "state", None), "pipeline", None)
+    if pipeline is None or not scope.get("path", "").startswith("/v1/"):
+        return
+    if status == 429:
+        pipeline.metrics.rate_limited.inc()
+    pipeline.record(route="error", model="-", status=status, t_start=t_start_of(scope), overhead_s=None)
+
+
+def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
+    """The response for an exception raised while serving ``scope``, counted once in the metrics.
+
+    GatewayError → its status and OpenAI body; ClientGone / ClientDisconnect → 499 with no body (the
+    client is gone), logged at info; anything else → 500 ``internal_error`` with the traceback in the log.
+    """
+    if isinstance(exc, ClientGone | ClientDisconnect):
+        log.info("client left before its answer: %s %s", scope.get("method"), scope.get("path"))
+        record_status(scope, STATUS_CLIENT_GONE)
+        return Response(status_code=STATUS_CLIENT_GONE)
+    if not isinstance(exc, GatewayError):
+        log.error("unexpected error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+        exc = GatewayError("Internal error in the gateway.", code="internal_error")
+    record_status(scope, exc.status_code)
+    return Response(exc.body_bytes(), status_code=exc.status_code, media_type="application/json",
+                    headers=exc.headers)
+
+
+class Edge:
+    """ASGI middleware; see the module docstring. ``authenticate(scope)`` raises the 401 or returns."""
+
+    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_read_timeout_s = body_read_timeout_s
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["t_start"] = time.perf_counter()
+        try:
+            headers = scope.get("headers", ())
+            if sum(len(name) + len(value) for name, value in headers) > self.max_header_bytes:
+                raise HeadersTooLarge(f"Request headers are larger than {self.max_header_bytes} bytes "
+                                      "(limits.max_header_bytes).", code="headers_too_large",
+                                      headers={"connection": "close"})
+            if scope["path"].startswith("/v1/"):
+                await _authenticate(scope)
+            body = await self._read_body(scope, receive) if scope["method"] in _BODY_METHODS else None
+        except (GatewayError, ClientGone) as e:
+            response = error_response(scope, e)
+            if response.status_code != STATUS_CLIENT_GONE:
+                await response(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive) if body is not None else receive, send)
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes:
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_read_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {self.body_read_timeout_s:g} s "
+                                 "(limits.body_read_timeout_s).", code="request_timeout",
+                                 headers={"connection": "close"}) from None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than {limit} bytes (limits.max_body_bytes).",
+                           code="request_too_large", headers={"connection": "close"})
+
+
+async def _authenticate(scope: dict) -> None:
+    """401 unless the headers carry a configured key (or the gateway is open). Starting up: no check
+    here, the route answers 503."""
+    from gateway.admission import bearer_token
+
+    pipeline = getattr(scope["app"].state, "pipeline", None) if "app" in scope else None
+    if pipeline is None:
+        return
+    headers = dict(scope.get("headers", ()))
+    presented = bearer_token(_header(headers, b"authorization"), _header(headers, b"api-key"))
+    pipeline.admitter.authenticate(presented)
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that returns the buffered body once, then defers to the server (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
