@@ -7,6 +7,10 @@ Load order (later wins):
      ``SWITCHYARD__LIMITS__MAX_BODY_BYTES=2000000`` or ``SWITCHYARD__REDIS_URL=redis://r:6379/0``.
      List items are addressed by index: ``SWITCHYARD__POOLS__0__REPLICAS=2``.
 
+Both are read as YAML with the 1.2 core schema's booleans: only true/false (True, FALSE, ...) are booleans, so
+the documented ``mode: off`` or ``SWITCHYARD__ROUTING__CASCADE__MODE=off`` stays the string "off" (YAML
+1.1, PyYAML's default, would read off/on/yes/no as booleans).
+
 Every validation error names the dotted key and the offending value (``ConfigError``).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -224,6 +229,24 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader whose only booleans are true/false (YAML 1.2 core schema), not YAML 1.1's on/off/yes/no."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """One YAML document of a config file or env override value (booleans: true/false only)."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def _format_validation_error(err: ValidationError, raw: Mapping[str, Any]) -> str:
     lines = []
     for e in err.errors():
@@ -270,7 +293,7 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
         if not path:
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = read_yaml(raw) if raw != "" else None
         except yaml.YAMLError as e:
             raise ConfigError(f"env override {name} = {raw!r}: not valid YAML ({e.problem})") from None
         _set_path(data, path, value)
@@ -291,7 +314,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
             raise ConfigError(f"config file {str(p)!r} does not exist")
         text, origin = p.read_text(), str(p)
     try:
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {origin}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -295,6 +295,63 @@ def test_engine_options_become_engine_serve_flags():
     assert "--no-prefix-caching" in engine["args"]
 
 
+# Every pool option the schema documents, each set to a non-default value.
+EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_len": 4096, "max_num_seqs": 7,
+                       "max_num_batched_tokens": 333, "block_size": 32, "num_kv_blocks": 500,
+                       "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3}
+EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
+                     "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
+                     "chat_template": "plain_turns"}
+
+
+def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
+    """A deployment pool's engine options become `engine serve` flags that build the same EngineOptions (its
+    chat_template a flag too); an inProcess pool's reach the gateway config; pool config keys reach both."""
+    from backends.engine.server import engine_options
+    from training.cli import build_parser
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(EVERY_ENGINE_OPTION) == _props(schema, "engine")
+    assert set(EVERY_POOL_CONFIG) | {"fallback"} == _props(schema, "poolConfig")
+    pools = [{"name": name, "mode": mode, "model": "smollm2-135m", "engine": EVERY_ENGINE_OPTION,
+              "config": {**EVERY_POOL_CONFIG, "fallback": other}}
+             for name, mode, other in [("slm", "deployment", "llm"), ("llm", "inProcess", "slm")]]
+    docs = render(extra_values=yaml.safe_dump({"pools": pools}))
+    config = gateway_config(docs)
+    settings = settings_from_dict(config)
+    deployed, in_process = (settings.pool(p["name"]) for p in pools)
+
+    (engine,) = pod_spec(one(docs, "Deployment", f"{fullname()}-pool-slm"))["containers"]
+    args = build_parser().parse_args(engine["command"][1:] + engine["args"])
+    assert engine_options(args) == EngineOptions(**EVERY_ENGINE_OPTION)
+    assert args.chat_template == "plain_turns"
+    assert in_process.engine == EngineOptions(**EVERY_ENGINE_OPTION)
+    assert in_process.chat_template == "plain_turns"
+    for pool in (deployed, in_process):
+        assert pool.price.model_dump() == EVERY_POOL_CONFIG["price"]
+        for key in ("timeout_s", "connect_timeout_s", "max_retries", "supports_tools", "supports_json_mode"):
+            assert getattr(pool, key) == EVERY_POOL_CONFIG[key], key
+    assert (deployed.fallback, in_process.fallback) == ("llm", "slm")
+
+    # null engine options are the engine's defaults, not a flag with an empty value
+    docs = render(extra_values=pools_with(0, **{"engine.num_kv_blocks": None, "engine.num_threads": None}))
+    (engine,) = pod_spec(one(docs, "Deployment", f"{fullname()}-pool-slm"))["containers"]
+    args = build_parser().parse_args(engine["command"][1:] + engine["args"])
+    assert (args.num_kv_blocks, args.num_threads) == (None, None)
+
+
+def test_unquoted_off_and_on_in_values_reach_the_gateway_as_words():
+    """Helm reads values as YAML 1.1 (`off` is false): the documented `mode: off` still means "off"."""
+    for words, expected in [("mode: off", "off"), ("mode: slm_then_escalate", "slm_then_escalate")]:
+        for search in ("off", "on"):
+            text = (f"gateway:\n  config:\n    routing:\n      cascade: {{{words}}}\n"
+                    f"    example_cache: {{server_search: {search}}}\n")
+            settings = settings_from_dict(gateway_config(render(extra_values=text)))
+            assert (settings.routing.cascade.mode, settings.example_cache.server_search) == (expected, search)
+    assert helm("template", RELEASE, str(CHART), "-f", "-", check=False,
+                stdin="gateway:\n  config:\n    routing:\n      cascade: {mode: on}\n").returncode != 0
+
+
 @pytest.mark.parametrize("values_file", CI_FILES)
 def test_every_switchyard_command_parses_with_the_real_cli(values_file):
     """Gateway, engine and model-preparation containers run `switchyard ...` with flags the CLI accepts."""
@@ -455,6 +512,9 @@ def test_lint_fails_on_a_bad_value():
         ((), (0, {"modelSource.type": "pvc"}), "type pvc needs claimName"),
         (("artifacts.router.source=configMap",), None, "artifacts.router.configMap"),
         ((), (0, {"urls": ["http://x/v1"]}), "urls are only for mode external"),
+        # values a pool's mode would drop: said, not ignored
+        ((), (0, {"mode": "external", "urls": ["http://x/v1"]}), "pools[slm]: engine options are for modes"),
+        ((), (0, {"mode": "inProcess", "gpu": 1}), "pools[slm]: gpu is for mode deployment"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(sets, pools, message):

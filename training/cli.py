@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from --kv-cache-memory-gb)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -172,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="routing rows; only the eval split (by id hash) is used")
     p.add_argument("--all-rows", action="store_true", help="evaluate every row (data never seen in training)")
     p.add_argument("--plot", help="write the cost-quality curve to this PNG")
-    p.add_argument("--baselines", action="store_true", help="also train/eval TF-IDF+LR on the same split")
+    p.add_argument("--baselines", action="store_true",
+                   help="also fit and evaluate TF-IDF+LR on training-split rows disjoint from the evaluated ones "
+                        "(with --all-rows: the router's own training data)")
+    p.add_argument("--baseline-data", help="with --all-rows --baselines: the router's training data (default: "
+                                           "the file its artifact records)")
     p.add_argument("--source", action="append", default=[], help="evaluate only rows of this source (repeatable)")
     _json_flag(p)
 

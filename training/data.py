@@ -3,7 +3,9 @@
 Row formats (DESIGN.md):
 
 - pairwise: ``{"prompt", "strong_score", "weak_score"}`` + optional ``source``, ``id``;
-- N models: ``{"prompt", "model_scores": {name: score}}`` + optional ``source``, ``id``.
+- N models: ``{"prompt", "model_scores": {name: score}}`` + optional ``source``, ``id``;
+- both: a row may carry the pairwise scores and ``model_scores``; pairwise commands (the SLM/LLM router)
+  read ``strong_score``/``weak_score``, N-model commands read ``model_scores``.
 
 Every malformed row raises ``ValueError("FILE:LINE: what is wrong")`` — one line, naming the row.
 
@@ -94,12 +96,14 @@ def parse_routing_row(obj: Any, where: str) -> RoutingRow:
     row_id = obj.get("id")
     if row_id is not None:
         row_id = str(row_id)
-    if "model_scores" in obj and obj["model_scores"] is not None:
+    model_scores: dict[str, float] = {}
+    if obj.get("model_scores") is not None:
         ms = obj["model_scores"]
         if not isinstance(ms, dict) or not ms:
             raise ValueError(f"{where}: 'model_scores' must be a non-empty object {{model: score}}")
-        scores = {str(k): _score(v, where, f"model_scores.{k}") for k, v in ms.items()}
-        return RoutingRow(prompt=prompt, source=source, row_id=row_id, model_scores=scores)
+        model_scores = {str(k): _score(v, where, f"model_scores.{k}") for k, v in ms.items()}
+        if "strong_score" not in obj and "weak_score" not in obj:
+            return RoutingRow(prompt=prompt, source=source, row_id=row_id, model_scores=model_scores)
     missing = [k for k in ("strong_score", "weak_score") if k not in obj]
     if missing:
         raise ValueError(f"{where}: missing {' and '.join(repr(m) for m in missing)} (or give 'model_scores')")
@@ -109,6 +113,7 @@ def parse_routing_row(obj: Any, where: str) -> RoutingRow:
         row_id=row_id,
         strong_score=_score(obj["strong_score"], where, "strong_score"),
         weak_score=_score(obj["weak_score"], where, "weak_score"),
+        model_scores=model_scores,
     )
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from training.calibrate import calibrate_scores, share_for_cost, share_table
 from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row, load_routing_rows
 from training.evaluate import measure_latency, metrics, oracle_scores, random_scores
 from training.fit import TrainConfig, fit_router
+
+if TYPE_CHECKING:
+    from routers.scorers import Router
 
 
 def _single_thread() -> None:
@@ -42,7 +46,7 @@ def _prices(args: argparse.Namespace, stored: dict | None = None) -> dict[str, f
 
 def train_router(args: argparse.Namespace) -> int:
     rows = load_routing_rows(args.data)
-    if args.kind == "nmodel" or all(r.model_scores for r in rows):
+    if args.kind == "nmodel" or not any(r.is_pairwise for r in rows):
         return _train_nmodel(args, rows)
     cfg = TrainConfig(
         kind=args.kind,
@@ -121,6 +125,8 @@ def eval_router(args: argparse.Namespace) -> int:
     from routers.scorers import Router
 
     _single_thread()
+    if args.baseline_data and not (args.baselines and args.all_rows):
+        raise ValueError("--baseline-data is for --baselines with --all-rows")
     art = artifact.load(args.model, kind="router")
     if art.meta.get("scorer", {}).get("kind") == "nmodel":
         return _eval_nmodel(args, art)
@@ -134,15 +140,15 @@ def eval_router(args: argparse.Namespace) -> int:
     texts = [r.prompt for r in held]
     scores = router.score_batch(texts)
     systems: dict[str, np.ndarray] = {router.kind: scores}
+    baseline_fit = None
     if args.baselines:
-        td = router.meta.get("training_data", {})
-        cfg = TrainConfig(kind="tfidf_lr", eval_fraction=td.get("split", {}).get("eval_percent", 20) / 100,
-                          exclude_sources=tuple(td.get("excluded_sources", [])))
-        baseline = fit_router(rows, cfg)
+        baseline, baseline_fit = _fit_baseline(args, router.meta, rows, held)
         systems["tfidf_lr"] = baseline.score_batch(texts)
     sources = sorted(Counter(r.source for r in held))
     report: dict = {"model": str(args.model), "kind": router.kind, "num_eval_rows": len(held),
                     "threshold": router.threshold, "sources": {}}
+    if baseline_fit is not None:
+        report["baseline_fit"] = baseline_fit
     groups = [(s, [i for i, r in enumerate(held) if r.source == s]) for s in sources]
     if len(sources) > 1:
         groups.append(("all", list(range(len(held)))))
@@ -171,6 +177,38 @@ def eval_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_baseline(args: argparse.Namespace, meta: dict, rows: list[RoutingRow],
+                  held: list[RoutingRow]) -> tuple[Router, dict]:
+    """TF-IDF+LR fitted like the router (its split, its excluded sources) on rows disjoint from ``held``:
+    the training split of ``--data``, or with ``--all-rows`` of the router's own training data (the file
+    its artifact records, or ``--baseline-data``). Rows sharing an id or a prompt with an evaluated row
+    are left out. Returns the baseline and what it was fitted on (``baseline_fit`` in the report)."""
+    td = meta.get("training_data", {})
+    pct = int(td.get("split", {}).get("eval_percent", 20))
+    cfg = TrainConfig(kind="tfidf_lr", eval_fraction=pct / 100,
+                      exclude_sources=tuple(td.get("excluded_sources", [])))
+    data = args.data
+    if args.all_rows:
+        data = args.baseline_data or td.get("file")
+        if not data:
+            raise ValueError("--baselines with --all-rows fits the baseline on the router's training data, but the "
+                             "artifact does not record its file: pass --baseline-data FILE")
+        if not os.path.isfile(data):
+            raise ValueError(f"--baselines with --all-rows fits the baseline on the router's training data "
+                             f"{data!r}, which is not found: pass --baseline-data FILE")
+        rows = load_routing_rows(data, require="pairwise")
+    evaluated = {r.split_key for r in held} | {r.prompt for r in held}
+    train = [r for r in rows if not is_eval_row(r, pct) and r.source not in cfg.exclude_sources]
+    fit_rows = [r for r in train if r.split_key not in evaluated and r.prompt not in evaluated]
+    if not fit_rows:
+        raise ValueError(f"--baselines: every training-split row of {data} is among the evaluated rows, so the "
+                         "baseline has nothing disjoint to fit on; evaluate rows the router was not trained on")
+    fit = {"file": str(data), "rows": f"training split: sha1(id or prompt) mod 100 >= {pct}",
+           "num_rows": len(fit_rows), "num_left_out_as_evaluated": len(train) - len(fit_rows),
+           "disjoint_from_eval": True}
+    return fit_router(fit_rows, cfg), fit
+
+
 def _flat_json(report: dict, kind: str) -> dict:
     out = dict(report)
     out["per_source"] = {
@@ -193,6 +231,10 @@ def _print_report(report: dict, systems: list[str]) -> None:
             share = m["strong_share_at_threshold"]
             print(f"{src:<10} {name:<12} {m['n']:>6} {m['apgr']:>7.3f} {m['cpt50']:>7.1%} {m['cpt80']:>7.1%} "
                   f"{'' if share is None else format(share, '.1%'):>8}")
+    fit = report.get("baseline_fit")
+    if fit is not None:
+        print(f"tfidf_lr baseline fitted on {fit['num_rows']} rows of {fit['file']} ({fit['rows']}), none of them "
+              f"evaluated ({fit['num_left_out_as_evaluated']} left out for sharing an id or prompt)")
     print(f"router latency per query: p50 {report['latency_ms_p50']:.3f} ms, p99 {report['latency_ms_p99']:.3f} ms")
 
 

@@ -256,18 +256,24 @@ def _prometheus(backend: LocalBackend, model_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def engine_options(args) -> EngineOptions:
+    """The EngineOptions that ``switchyard engine serve``'s flags describe."""
+    return EngineOptions(
+        dtype=args.dtype, quantization=args.quantization, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=getattr(args, "num_kv_blocks", None),
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        enable_prefix_caching=not args.no_prefix_caching, num_threads=getattr(args, "num_threads", None),
+    )
+
+
 def serve(args) -> int:
     """Handler for ``switchyard engine serve``."""
     from pathlib import Path
 
     import uvicorn
 
-    options = EngineOptions(
-        dtype=args.dtype, quantization=args.quantization, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        enable_prefix_caching=not args.no_prefix_caching, num_threads=getattr(args, "num_threads", None),
-    )
+    options = engine_options(args)
     template = args.chat_template
     if template and template not in BUILTIN_TEMPLATES:
         path = Path(template)

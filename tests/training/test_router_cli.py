@@ -9,6 +9,7 @@ from routers.scorers import Router
 from tests.training.router_synth import synth_rows, write_jsonl
 from training.calibrate import calibrate_scores, share_for_cost, threshold_for_share
 from training.cli import main
+from training.data import eval_bucket
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,54 @@ def test_ensemble_of_fast_members_round_trip(tmp_path):
     assert s[0] < s[1]
     router.save(tmp_path / "e")
     assert np.allclose(Router.load(tmp_path / "e").score_batch(texts), s, atol=1e-6)
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_baselines_fit_on_rows_disjoint_from_the_evaluated_ones(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", synth_rows(600, seed=1))
+    model = tmp_path / "m"
+    assert main(["train", "router", "--data", str(train), "--out", str(model)]) == 0
+    training_split = [r for r in synth_rows(600, seed=1) if eval_bucket(r["id"]) >= 20]
+    evaluate = ["eval", "router", "--model", str(model), "--baselines", "--json"]
+    capsys.readouterr()
+
+    # the held-out split of --data: fitted on its training split, and says so
+    assert main([*evaluate, "--data", str(train)]) == 0
+    out = capsys.readouterr().out
+    fit = json.loads(out.strip().splitlines()[-1])["baseline_fit"]
+    assert (fit["file"], fit["num_rows"], fit["disjoint_from_eval"]) == (str(train), len(training_split), True)
+    assert f"tfidf_lr baseline fitted on {len(training_split)} rows of {train}" in out
+
+    # --all-rows on new rows: fitted on the router's own training data (the file its artifact records)
+    fresh = write_jsonl(tmp_path / "fresh.jsonl", synth_rows(200, seed=2, source="fresh"))
+    assert main([*evaluate, "--data", str(fresh), "--all-rows"]) == 0
+    fit = _last_json(capsys)["baseline_fit"]
+    assert (fit["file"], fit["num_rows"]) == (str(train), len(training_split))
+
+    # --all-rows on the training data itself: nothing disjoint to fit on, one line and no traceback
+    assert main([*evaluate, "--data", str(train), "--all-rows"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is among the evaluated rows" in err
+
+    # the recorded file is gone: refuse, or fit on --baseline-data
+    moved = train.rename(tmp_path / "moved.jsonl")
+    assert main([*evaluate, "--data", str(fresh), "--all-rows"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass --baseline-data FILE" in err
+    assert main([*evaluate, "--data", str(fresh), "--all-rows", "--baseline-data", str(moved)]) == 0
+    assert _last_json(capsys)["baseline_fit"]["file"] == str(moved)
+
+
+def test_rows_with_pairwise_scores_and_model_scores_serve_both_kinds(tmp_path, capsys):
+    rows = [{**r, "model_scores": {"small": r["weak_score"], "big": r["strong_score"]}} for r in synth_rows(600, seed=4)]
+    data = write_jsonl(tmp_path / "both.jsonl", rows)
+    for kind, out in [("tfidf_source_ridge", tmp_path / "pair"), ("nmodel", tmp_path / "nm")]:
+        assert main(["train", "router", "--data", str(data), "--out", str(out), "--kind", kind]) == 0
+        capsys.readouterr()
+        assert main(["eval", "router", "--model", str(out), "--data", str(data), "--json"]) == 0
+        assert _last_json(capsys)["kind"] == kind
+    assert main(["train", "router", "--data", str(data), "--out", str(tmp_path / "default")]) == 0
+    assert Router.load(tmp_path / "default").kind == "tfidf_source_ridge"  # pairwise unless --kind nmodel

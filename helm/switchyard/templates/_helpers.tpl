@@ -172,11 +172,14 @@ content of an existing ConfigMap found by lookup. A change here rolls the gatewa
 {{- if $found }}{{ $found }}{{ else if eq .position "first" }}{{ (first .pools).name }}{{ else }}{{ (last .pools).name }}{{ end }}
 {{- end }}
 
-{{/* Gateway engine options → `switchyard engine serve` flags. Call with the engine dict. */}}
+{{/*
+Gateway engine options → `switchyard engine serve` flags (every EngineOptions key has one; null = the
+engine's default). Call with the engine dict.
+*/}}
 {{- define "switchyard.engineArgs" -}}
-{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" }}
+{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" }}
 {{- range $k := keys $flags | sortAlpha }}
-{{- if hasKey $ $k }}
+{{- if and (hasKey $ $k) (not (kindIs "invalid" (index $ $k))) }}
 - {{ index $flags $k | quote }}
 - {{ index $ $k | toString | quote }}
 {{- end }}
@@ -194,6 +197,11 @@ Service URLs, artifact paths, default routing pools and example-cache backend.
 {{- define "switchyard.gatewayConfig" -}}
 {{- $root := . }}
 {{- $cfg := deepCopy (.Values.gateway.config | default dict) }}
+{{- /* Helm reads values as YAML 1.1: an unquoted off/on arrives as a boolean. The gateway wants the word. */}}
+{{- $cascadeCfg := dig "routing" "cascade" dict $cfg }}
+{{- if kindIs "bool" $cascadeCfg.mode }}{{ $_ := set $cascadeCfg "mode" (ternary "on" "off" $cascadeCfg.mode) }}{{ end }}
+{{- $cacheCfg := dig "example_cache" dict $cfg }}
+{{- if kindIs "bool" $cacheCfg.server_search }}{{ $_ := set $cacheCfg "server_search" (ternary "on" "off" $cacheCfg.server_search) }}{{ end }}
 {{- $_ := set $cfg "host" "0.0.0.0" }}
 {{- $_ := set $cfg "port" (int .Values.gateway.port) }}
 {{- $redisUrl := include "switchyard.redisUrl" . }}
@@ -268,6 +276,12 @@ Checks the schema cannot express; a failed one stops the render with a message n
 {{- end }}
 {{- if and (ne .mode "external") .urls }}
 {{- fail (printf "pools[%s]: urls are only for mode external" .name) }}
+{{- end }}
+{{- if and (eq .mode "external") .engine }}
+{{- fail (printf "pools[%s]: engine options are for modes deployment and inProcess; an external server has its own" .name) }}
+{{- end }}
+{{- if and (ne .mode "deployment") .gpu }}
+{{- fail (printf "pools[%s]: gpu is for mode deployment (inProcess pools run in the gateway pods, which request none)" .name) }}
 {{- end }}
 {{- if and (eq .mode "deployment") .modelSource (eq (.modelSource.type | default "prepare") "pvc") (not .modelSource.claimName) }}
 {{- fail (printf "pools[%s].modelSource: type pvc needs claimName" .name) }}

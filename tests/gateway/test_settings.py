@@ -1,0 +1,47 @@
+"""The settings loader reads YAML so that the documented literals mean what they say."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.settings import ConfigError, load_settings
+
+POOLS = "pools:\n  - {name: slm, model: smollm2-135m}\n  - {name: llm, model: gemma3-270m}\n"
+
+
+def _file(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(POOLS + text)
+    return path
+
+
+def test_off_on_yes_no_stay_strings_in_a_config_file(tmp_path):
+    s = load_settings(_file(tmp_path, "routing:\n  cascade: {mode: off}\nexample_cache:\n  server_search: off\n"),
+                      environ={})
+    assert s.routing.cascade.mode == "off" and s.example_cache.server_search == "off"
+    path = _file(tmp_path, "example_cache: {backend: redis, server_search: on}\nredis_url: redis://r:6379/0\n")
+    assert load_settings(path, environ={}).example_cache.server_search == "on"
+    # a pool name that YAML 1.1 reads as a boolean stays a name
+    path = tmp_path / "yes.yaml"
+    path.write_text("pools:\n  - {name: yes, model: m}\n  - {name: no, model: n}\n"
+                    "routing: {slm_pool: yes, llm_pool: no}\n")
+    assert [p.name for p in load_settings(path, environ={}).pools] == ["yes", "no"]
+
+
+def test_off_stays_a_string_in_env_overrides(tmp_path):
+    s = load_settings(_file(tmp_path, ""), environ={"SWITCHYARD__ROUTING__CASCADE__MODE": "off",
+                                                   "SWITCHYARD__EXAMPLE_CACHE__SERVER_SEARCH": "off"})
+    assert s.routing.cascade.mode == "off" and s.example_cache.server_search == "off"
+    with pytest.raises(ConfigError, match="example_cache.server_search = 'Off'"):  # strings keep their case
+        load_settings(_file(tmp_path, ""), environ={"SWITCHYARD__EXAMPLE_CACHE__SERVER_SEARCH": "Off"})
+    assert load_settings(environ={"SWITCHYARD__ROUTING__CASCADE__MODE": "off"}).routing.cascade.mode == "off"
+
+
+def test_boolean_fields_still_take_booleans(tmp_path):
+    s = load_settings(_file(tmp_path, "example_cache: {enabled: false}\nopentelemetry: True\n"),
+                      environ={"SWITCHYARD__POOLS__0__SUPPORTS_TOOLS": "true"})
+    assert s.example_cache.enabled is False and s.opentelemetry is True and s.pools[0].supports_tools is True
+    assert load_settings(_file(tmp_path, ""), environ={"SWITCHYARD__EXAMPLE_CACHE__ENABLED": "FALSE"}
+                         ).example_cache.enabled is False
+    # "off" is a string now; a boolean field still reads it as False (pydantic's string booleans)
+    assert load_settings(_file(tmp_path, "example_cache: {enabled: off}\n"), environ={}).example_cache.enabled is False
