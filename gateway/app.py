@@ -48,6 +48,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
             log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
                         settings.host, settings.port)
         await pipeline.start()
+        from gateway.response_store import build_response_store
+
+        app.state.response_store = build_response_store(settings)
         # Everything built so far (modules, models, artifacts) lives as long as the process: move it out
         # of the cyclic GC's reach, or every young-generation collection walks it (≈40% of the CPU a
         # request costs, measured with fake replicas).
@@ -59,6 +62,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         finally:
             app.state.pipeline = None
             await pipeline.close()
+            await app.state.response_store.close()
             gc.unfreeze()
 
     # FastAPI's native OpenTelemetry checks for a configured provider on every request (~3% of a routed
@@ -98,9 +102,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, health, messages, models
+    from gateway.routes import chat, completions, health, messages, models, responses
 
-    for module in (chat, completions, messages, models, health):
+    for module in (chat, completions, responses, messages, models, health):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
@@ -112,7 +116,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
 class FastLane:
     """ASGI middleware: the generation routes (``POST /v1/chat/completions``, ``/v1/completions``,
-    ``/v1/messages``) without FastAPI's per-request machinery.
+    ``/v1/responses``, ``/v1/messages``) without FastAPI's per-request machinery.
 
     FastAPI's routing, dependency solving and exception middleware cost about 470k instructions per request
     (callgrind; BENCHMARKS.md "Gateway") — as much as the guard. For these routes FastLane parses the
@@ -136,7 +140,7 @@ class FastLane:
         await response(scope, receive, send)
 
 
-_FAST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
+_FAST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
 _FAST_HANDLERS: dict[str, tuple[Any, Any]] = {}  # filled on the first request (no imports at module load)
 
 
@@ -151,12 +155,13 @@ def _is_json(content_type: str | None) -> bool:
 def _fast_routes() -> dict[str, tuple[Any, Any]]:
     """path → (request model, handler(pipeline, body, request)): the same handlers as the FastAPI routes."""
     from gateway.anthropic import MessagesRequest
-    from gateway.protocol import ChatCompletionRequest, CompletionRequest
+    from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
     from gateway.routes.common import complete
     from gateway.routes.messages import messages
+    from gateway.routes.responses import responses
 
     return {"/v1/chat/completions": (ChatCompletionRequest, complete), "/v1/completions": (CompletionRequest, complete),
-            "/v1/messages": (MessagesRequest, messages)}
+            "/v1/messages": (MessagesRequest, messages), "/v1/responses": (ResponsesRequest, responses)}
 
 
 async def _fast_completion(request: Request, path: str) -> Response:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 # I-JSON (RFC 7493): integers beyond ±(2**53 - 1) are not exact in every JSON parser (schema checkers
 # included), so a seed lives in that range.
@@ -327,3 +327,190 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------------ Responses API
+
+
+class InputText(BaseModel):
+    model_config = _WIRE
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    """A message item; ``type`` may be left out (the SDK's "easy input message")."""
+
+    model_config = _WIRE
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(BaseModel):
+    model_config = _WIRE
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = _WIRE
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in ("function_call", "function_call_output") else "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_kind)]
+
+
+class FunctionTool(BaseModel):
+    model_config = _WIRE
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+def _only_function_tools(value: Any) -> Any:
+    """Built-in tools (web search, file search, ...) are named in the 400, not lost in a union error."""
+    if isinstance(value, list):
+        for i, tool in enumerate(value):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind != "function":
+                raise ValueError(f"tools.{i}: the built-in tool {kind!r} is not supported here; "
+                                 "only function tools are")
+    return value
+
+
+class NamedFunction(BaseModel):
+    model_config = _WIRE
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+class PlainFormat(BaseModel):
+    model_config = _WIRE
+    type: Literal["text", "json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    type: Literal["json_schema"]
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextOptions(BaseModel):
+    model_config = _WIRE
+    format: Annotated[PlainFormat | JsonSchemaFormat, Field(discriminator="type")] | None = None
+
+
+class ResponsesRequest(_Request):
+    """POST /v1/responses (the fields a chat model can serve; built-in tools are a 400 naming them)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True, json_schema_extra={"examples": [
+        {"model": "auto", "input": "What is 2 + 2?"},
+        {"model": "slm", "instructions": "Be brief.", "input": [{"role": "user", "content": "Hello"}],
+         "max_output_tokens": 16, "temperature": 0},
+    ]})
+
+    model: str = Field(min_length=1, max_length=256)
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    tools: Annotated[list[FunctionTool] | None, BeforeValidator(_only_function_tools)] = None
+    tool_choice: Literal["auto", "none", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextOptions | None = None
+    max_output_tokens: Int(1, 1_000_000) | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool | None = False
+    previous_response_id: str | None = Field(None, min_length=1, max_length=256)
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(None, max_length=256)
+    switchyard: SwitchyardOptions | None = None
+
+    def input_messages(self) -> list[dict[str, Any]]:
+        """``input`` as chat messages: consecutive function calls become one assistant turn's tool_calls,
+        each function output a ``tool`` message."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        out: list[dict[str, Any]] = []
+        for item in self.input:
+            if isinstance(item, InputMessage):
+                out.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") is not None:
+                    out[-1]["tool_calls"].append(call)
+                else:
+                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        return out
+
+    def to_chat_request(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """The chat request for ``history`` (the stored conversation of ``previous_response_id``) + input."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages += history + self.input_messages()
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": bool(self.stream)}
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        if self.max_output_tokens is not None:
+            body["max_tokens"] = self.max_output_tokens
+        for name in ("temperature", "top_p", "user"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description or "", "parameters": t.parameters or {},
+                **({"strict": t.strict} if t.strict is not None else {})}} for t in self.tools]
+        if self.tool_choice is not None:
+            body["tool_choice"] = (self.tool_choice if isinstance(self.tool_choice, str) else
+                                   {"type": "function", "function": {"name": self.tool_choice.name}})
+        fmt = self.text.format if self.text else None
+        if fmt is not None and fmt.type == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif isinstance(fmt, JsonSchemaFormat):
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.name, "schema": fmt.schema_, "strict": bool(fmt.strict)}}
+        if self.switchyard is not None:
+            body["switchyard"] = self.switchyard.model_dump(exclude_none=True)
+        return ChatCompletionRequest.model_validate(body)
+
+
+class ResponseObject(BaseModel):
+    """The answer of POST /v1/responses (non-stream; the stream's ``response.completed`` carries the same)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+    incomplete_details: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    switchyard: SwitchyardInfo | None = None

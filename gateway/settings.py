@@ -171,6 +171,13 @@ class Limits(_Frozen):
     max_n: int = Field(8, ge=1)
 
 
+class ResponsesSettings(_Frozen):
+    """Stored conversations of the Responses API (``previous_response_id``)."""
+
+    ttl_s: float = Field(604_800.0, gt=0, description="how long a stored response can be continued")
+    max_entries: int = Field(10_000, ge=1, description="in-process store only (no redis_url): oldest out first")
+
+
 class Settings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -181,6 +188,7 @@ class Settings(_Frozen):
     example_cache: ExampleCacheSettings = ExampleCacheSettings()
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()
+    responses: ResponsesSettings = ResponsesSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")

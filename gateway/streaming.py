@@ -366,3 +366,167 @@ class MessagesShaper:
         from gateway.anthropic import error_body
 
         return sse_event("error", error_body(status, message))
+
+
+class ResponsesShaper:
+    """Deltas → the Responses API: one ``response`` object, or its event stream (``response.created``,
+    ``response.in_progress``, per output item ``response.output_item.added`` … ``.done`` with the text or
+    function-call argument deltas between, then ``response.completed`` or ``response.incomplete``).
+    Every event carries ``sequence_number``. Choice 0 only (Responses has no ``n``). The shaper keeps the
+    whole answer either way, for the stored conversation (``output_messages``)."""
+
+    def __init__(self, *, response_id: str, model: str, created_at: int, echo: dict[str, Any]) -> None:
+        self.response_id = response_id
+        self.model = model
+        self.created_at = created_at
+        self.echo = echo  # request fields a response object repeats (instructions, tools, ...)
+        self.text: list[str] = []
+        self.tools = ToolCalls()
+        self.finish_reason: str | None = None
+        self._seq = 0
+        self._started = False
+        self._items: list[tuple[str, int]] = []  # output order: ("message", 0) | ("call", call position)
+        self._open: int | None = None  # output index of the item being streamed
+
+    @property
+    def _message_id(self) -> str:
+        return "msg_" + self.response_id.removeprefix("resp_")
+
+    def _call_id(self, position: int) -> str:
+        return f"fc_{self.response_id.removeprefix('resp_')}_{position}"
+
+    def _item(self, kind: str, position: int, done: bool) -> dict[str, Any]:
+        status = "completed" if done else "in_progress"
+        if kind == "message":
+            text = "".join(self.text) if done else ""
+            content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if done else []
+            return {"id": self._message_id, "type": "message", "status": status, "role": "assistant",
+                    "content": content}
+        call = self.tools.whole()[position]
+        return {"id": self._call_id(position), "type": "function_call", "status": status,
+                "call_id": call["id"], "name": call["name"], "arguments": call["arguments"] if done else ""}
+
+    def _response(self, status: str, usage: Usage | None, info: dict[str, Any] | None) -> dict[str, Any]:
+        done = status != "in_progress"
+        out: dict[str, Any] = {
+            "id": self.response_id, "object": "response", "created_at": self.created_at, "status": status,
+            "model": self.model, "output": [self._item(k, p, True) for k, p in self._items] if done else [],
+            "error": None, "incomplete_details": None, **self.echo,
+            "usage": None if usage is None else {
+                "input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+                "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage.total_tokens}}
+        if status == "incomplete":
+            out["incomplete_details"] = {
+                "reason": "content_filter" if self.finish_reason == "content_filter" else "max_output_tokens"}
+        if info is not None:
+            out["switchyard"] = info
+        return out
+
+    def _status(self) -> str:
+        return "incomplete" if self.finish_reason in ("length", "content_filter") else "completed"
+
+    def output_messages(self) -> list[dict[str, Any]]:
+        """The answer as chat messages (what a stored conversation keeps)."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        calls = self.tools.whole()
+        if calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+        return [message]
+
+    # ------------------------------------------------------------------------------ accumulate
+
+    def add(self, delta: Delta) -> None:
+        if delta.index != 0:
+            return
+        if delta.text:
+            if not self.text:
+                self._items.append(("message", 0))
+            self.text.append(delta.text)
+        for position, is_new, _ in self.tools.add(delta.tool_calls or []):
+            if is_new:
+                self._items.append(("call", position))
+        if delta.finish_reason is not None and self.finish_reason is None:
+            self.finish_reason = delta.finish_reason
+
+    def body(self, usage: Usage, info: dict[str, Any]) -> dict[str, Any]:
+        if not self._items:
+            self._items.append(("message", 0))
+        return self._response(self._status(), usage, info)
+
+    # ---------------------------------------------------------------------------------- stream
+
+    def _event(self, event: str, **fields: Any) -> bytes:
+        frame = sse_event(event, {"type": event, "sequence_number": self._seq, **fields})
+        self._seq += 1
+        return frame
+
+    def _start(self) -> bytes:
+        if self._started:
+            return b""
+        self._started = True
+        return (self._event("response.created", response=self._response("in_progress", None, None))
+                + self._event("response.in_progress", response=self._response("in_progress", None, None)))
+
+    def _add_item(self, kind: str, position: int) -> bytes:
+        out = self._close_item()
+        self._items.append((kind, position))
+        self._open = len(self._items) - 1
+        out += self._event("response.output_item.added", output_index=self._open,
+                           item=self._item(kind, position, False))
+        if kind == "message":
+            out += self._event("response.content_part.added", item_id=self._message_id, output_index=self._open,
+                               content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+        return out
+
+    def _close_item(self) -> bytes:
+        if self._open is None:
+            return b""
+        index, (kind, position) = self._open, self._items[self._open]
+        self._open = None
+        item = self._item(kind, position, True)
+        if kind == "message":
+            text = item["content"][0]["text"]
+            out = self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                              text=text, logprobs=[])
+            out += self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                               content_index=0, part={"type": "output_text", "text": text, "annotations": []})
+        else:
+            out = self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                              name=item["name"], arguments=item["arguments"])
+        return out + self._event("response.output_item.done", output_index=index, item=item)
+
+    def frames(self, delta: Delta) -> bytes:
+        out = self._start()
+        if delta.index != 0 or self.finish_reason is not None:
+            return out
+        if delta.text:
+            if not self.text:
+                out += self._add_item("message", 0)
+            self.text.append(delta.text)
+            if self._open is None or self._items[self._open][0] != "message":
+                return out  # text after a function call: kept for the stored conversation only
+            out += self._event("response.output_text.delta", item_id=self._message_id, output_index=self._open,
+                               content_index=0, delta=delta.text, logprobs=[])
+        for position, is_new, fragment in self.tools.add(delta.tool_calls or []):
+            if is_new:
+                out += self._add_item("call", position)
+            if fragment:
+                out += self._event("response.function_call_arguments.delta", item_id=self._call_id(position),
+                                   output_index=self._items.index(("call", position)), delta=fragment)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        return out
+
+    def closing(self, usage: Usage | None, info: dict[str, Any]) -> bytes:
+        out = self._start()
+        if not self._items:  # an empty answer is one empty message
+            out += self._add_item("message", 0)
+        out += self._close_item()
+        status = self._status()
+        name = "response.incomplete" if status == "incomplete" else "response.completed"
+        return out + self._event(name, response=self._response(status, usage, info))
+
+    def error_frame(self, status: int, message: str, code: str | None, error_type: str) -> bytes:
+        return self._event("error", code=code or error_type, message=message, param=None)

@@ -32,3 +32,30 @@ def test_embedded_default_answers_chat_with_real_models(live_server, bundled_mod
     assert llm.model == "gemma3-270m" and llm.usage.completion_tokens <= 16
     # plain_turns: the base model answers instead of echoing, and stops before inventing the next turn
     assert "Paris" in llm.choices[0].message.content and "User:" not in llm.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_embedded_default_answers_responses_and_messages(live_server, bundled_model_dir):
+    """The agent APIs on the real bundled models: Responses (stream == non-stream at temperature 0, a stored
+    conversation continued) and Anthropic Messages."""
+    import anthropic
+
+    bundled_model_dir("smollm2-135m")
+    bundled_model_dir("gemma3-270m")
+    server = live_server(create_app(load_settings(None, environ={})))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+    first = client.responses.create(model="slm", input="What is the capital of France?", max_output_tokens=8,
+                                    temperature=0)
+    assert first.status in ("completed", "incomplete") and "Paris" in first.output_text
+    with client.responses.stream(model="slm", input="What is the capital of France?", max_output_tokens=8,
+                                 temperature=0) as stream:
+        streamed = stream.get_final_response()
+    assert streamed.output_text == first.output_text
+    follow = client.responses.create(model="slm", input="And of Italy?", previous_response_id=first.id,
+                                     max_output_tokens=8, temperature=0)
+    assert follow.output_text.strip()
+    claude = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+    message = claude.messages.create(model="slm", max_tokens=8, temperature=0,
+                                     messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert message.content[0].text == first.output_text
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens <= 8
