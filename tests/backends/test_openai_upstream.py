@@ -11,6 +11,7 @@ from backends.base import Backend, BackendError, GenerationRequest, SamplingOpti
 from backends.openai_upstream import OpenAIUpstream
 from bench.fake_upstream import FakeBehavior, FakeUpstream
 from tests.conftest import free_port
+from tests.gateway.fakes import wait_until_async
 
 
 def chat(max_tokens: int = 4, **kw) -> GenerationRequest:
@@ -150,18 +151,18 @@ async def test_connection_refused_is_retryable():
     await up.close()
 
 
+@pytest.mark.slow
 async def test_hang_times_out_retryably(fake):
     app, url = fake
     app.behavior = FakeBehavior(mode="hang")
     up = OpenAIUpstream("a", url, "up-model", timeout_s=0.3)
-    t0 = time.monotonic()
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(BackendError) as err:  # the upstream never answers: only the 0.3 s timeout ends it
         await collect(up, chat())
-    assert time.monotonic() - t0 < 5
     assert err.value.retryable and err.value.code == "upstream_timeout" and err.value.status_code == 504
     await up.close()
 
 
+@pytest.mark.slow
 async def test_deadline_bounds_the_request(fake):
     app, url = fake
     app.behavior = FakeBehavior(mode="hang")
@@ -221,6 +222,7 @@ def test_bad_arguments_raise_value_error(client_kind):
         OpenAIUpstream("a", "http://x/v1", "m", timeout_s=0)
 
 
+@pytest.mark.slow
 async def test_events_split_across_reads_and_crlf(live_server):
     pieces = [b'data: {"choices":[{"index":0,"delta":{"content":"hel', b'lo"},"finish_reason":null}]}\r\n\r\n',
               b'data: {"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":null}]}\r\n\r\n'
@@ -244,32 +246,35 @@ async def test_events_split_across_reads_and_crlf(live_server):
     assert deltas[-1].finish_reason == "stop" and deltas[-1].usage.completion_tokens == 2
 
 
+@pytest.mark.slow
 async def test_lean_pool_reconnects_after_the_server_closed_idle_connections(live_server):
     app = FakeUpstream(behavior=FakeBehavior(num_tokens=2))
     server = live_server(app, timeout_keep_alive=0.2)
     up = OpenAIUpstream("a", f"{server.base_url}/v1", "m", client="lean")
     assert "".join(d.text for d in await collect(up, chat())) == "tok0 tok1 "
     assert len(up._lean.idle) == 1
-    await asyncio.sleep(0.6)  # uvicorn closes the idle keep-alive connection
+    connections = server.server.server_state.connections  # uvicorn closes the idle keep-alive connection
+    await wait_until_async(lambda: not connections, "uvicorn to close the idle connection")
     assert "".join(d.text for d in await collect(up, chat(), stream=False)) == "tok0 tok1 "
     assert app.num_requests == 2
     await up.close()
 
 
+@pytest.mark.slow
 async def test_deadline_mid_stream_is_after_first_token(fake):
     app, url = fake
     app.behavior = FakeBehavior(num_tokens=100, token_delay_s=0.05)
     up = OpenAIUpstream("a", url, "up-model", timeout_s=30)
     got = []
-    t0 = time.monotonic()
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(BackendError) as err:  # 100 tokens take 5 s: the 1 s deadline cuts the stream
         async for d in up.generate(chat(max_tokens=100, deadline=time.monotonic() + 1.0)):
             got.append(d)
-    assert time.monotonic() - t0 < 3.0 and got
+    assert got
     assert err.value.code == "deadline_exceeded" and err.value.after_first_token and err.value.status_code == 504
     await up.close()
 
 
+@pytest.mark.slow
 async def test_idle_timeout_between_stream_chunks(fake):
     app, url = fake
     app.behavior = FakeBehavior(num_tokens=5, token_delay_s=3.0)
@@ -283,6 +288,7 @@ async def test_idle_timeout_between_stream_chunks(fake):
     await up.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 async def test_large_answers_and_connection_reuse(fake, stream):
     app, url = fake

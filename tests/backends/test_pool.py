@@ -339,7 +339,6 @@ async def test_poolset_from_settings_with_factory_and_default_remote(monkeypatch
     assert set(pools.pools) == {"llm"} and set(pools.stats()) == {"llm"}
 
 
-@pytest.mark.slow
 def test_default_factory_builds_local_replicas(tiny_model_dir):
     from backends.local import LocalBackend
 

@@ -70,7 +70,6 @@ async def test_top_k_order_and_token_budget(make_store):
     await store.close()
 
 
-@pytest.mark.slow
 async def test_eviction_order_is_lfu_da_and_utility_aware(make_store):
     store = make_store(max_entries_per_namespace=3)
     texts = ["alpha one", "beta two", "gamma three", "delta four", "epsilon five", "zeta six"]
