@@ -1,6 +1,7 @@
 """Fakes and builders shared by gateway tests (real Pool, real uvicorn, real openai client).
 
-``FakeBackend`` / ``FakeFactory`` / ``fake_settings``: deterministic in-process backends and their config;
+``FakeBackend`` / ``FakeFactory`` / ``fake_settings`` / ``fake_app``: deterministic in-process backends,
+their config and the gateway app over them;
 ``bow_embed`` / ``cache_settings``: an embedder and example-cache settings for the example-cache tests;
 ``wait_until`` / ``wait_until_async``: wait on a condition (never on a fixed time).
 
@@ -157,6 +158,16 @@ def fake_settings(**overrides: Any):
     for key, value in overrides.items():
         data[key] = value
     return settings_from_dict(data)
+
+
+def fake_app(settings, factory: FakeFactory, embed: Callable[[list[str]], np.ndarray] | None = None):
+    """The gateway app over ``factory``'s FakeBackends; the example cache embeds with ``embed`` (default
+    ``bow_embed``), never MiniLM."""
+    from gateway.app import create_app
+    from gateway.pipeline import Pipeline
+
+    embed = embed or bow_embed
+    return create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=embed))
 
 
 # ------------------------------------------------------------------------------ example cache

@@ -1,28 +1,27 @@
-"""The Redis example store inside the live gateway: two gateway replicas on one real redis-server,
-per-namespace examples in the SLM's prompt, and requests that still succeed while Redis is down."""
+"""The example cache inside the live gateway: per-namespace examples in the SLM's prompt (in-memory store,
+and two gateway replicas on one real redis-server), requests that still succeed while Redis is down, the
+admit metric, one embedding per request, and good examples keeping a request on the SLM."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
-from gateway.app import create_app
-from gateway.pipeline import Pipeline
 from gateway.settings import hash_api_key
-from tests.gateway.fakes import FakeFactory, bow_embed, fake_settings, wait_until
+from tests.gateway.fakes import FakeFactory, bow_embed, fake_app, fake_settings, wait_until
 
 pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
 
 
+KEYS = [{"name": "team-a", "sha256": hash_api_key("sk-a")}, {"name": "team-b", "sha256": hash_api_key("sk-b")}]
+
+
 def _gateway(live_server, redis_url: str):
-    keys = [{"name": "team-a", "sha256": hash_api_key("sk-a")}, {"name": "team-b", "sha256": hash_api_key("sk-b")}]
-    settings = fake_settings(api_keys=keys, example_cache={
+    settings = fake_settings(api_keys=KEYS, example_cache={
         "enabled": True, "backend": "redis", "redis_url": redis_url, "top_k": 2, "min_similarity": 0.5,
         "deadline_ms": 500})
     factory = FakeFactory()
-    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=bow_embed))
-    server = live_server(app)
-    return factory, server
+    return factory, live_server(fake_app(settings, factory))
 
 
 def _client(server, key: str) -> openai.OpenAI:
@@ -36,6 +35,25 @@ def _ask_until_examples(client: openai.OpenAI, text: str):
         return resp if resp.model_extra["switchyard"]["num_examples"] else None
 
     return wait_until(ask, f"an answer to {text!r} with examples")
+
+
+def test_memory_store_feeds_llm_answers_to_the_slm_per_namespace(live_server):
+    settings = fake_settings(api_keys=KEYS, example_cache={"enabled": True, "backend": "memory", "top_k": 2,
+                                                           "min_similarity": 0.5})
+    factory = FakeFactory()
+    server = live_server(fake_app(settings, factory))
+    a, b = _client(server, "sk-a"), _client(server, "sk-b")
+    question = "how do tides work on earth"
+    a.chat.completions.create(model="llm", messages=[{"role": "user", "content": question}])
+    resp = _ask_until_examples(a, question + " today")  # admission runs in the background after the response
+    slm_messages = factory.requests("slm")[-1].messages
+    assert resp.model_extra["switchyard"]["num_examples"] == 1
+    assert slm_messages[0] == {"role": "user", "content": question}
+    assert slm_messages[1]["role"] == "assistant" and slm_messages[1]["content"].startswith("llm: echo how do tides")
+    assert slm_messages[-1]["content"] == question + " today"
+    other = b.chat.completions.create(model="auto", messages=[{"role": "user", "content": question + " today"}])
+    assert other.model_extra["switchyard"]["num_examples"] == 0
+    assert len(factory.requests("slm")[-1].messages) == 1
 
 
 def test_two_gateway_replicas_share_examples_per_namespace(live_server, redis_url):
@@ -66,11 +84,14 @@ def test_two_gateway_replicas_share_examples_per_namespace(live_server, redis_ur
 
 
 def test_requests_succeed_while_redis_is_down(live_server, redis_server, redis_url):
+    import httpx
+
     factory, server = _gateway(live_server, redis_url)
     client = _client(server, "sk-a")
     question = "why is the sky blue at noon"
     client.chat.completions.create(model="llm", messages=[{"role": "user", "content": question}])
     assert _ask_until_examples(client, question).model_extra["switchyard"]["num_examples"] == 1
+    assert httpx.get(server.base_url + "/readyz").json()["redis"] is True
     redis_server.stop()
     try:
         for i in range(5):
@@ -79,6 +100,10 @@ def test_requests_succeed_while_redis_is_down(live_server, redis_server, redis_u
             assert resp.model_extra["switchyard"]["num_examples"] == 0
             llm = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": f"q {i}"}])
             assert llm.choices[0].finish_reason == "stop"  # the failed admit never reaches the client
+        assert httpx.get(server.base_url + "/readyz").status_code == 503
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert 'switchyard_example_cache_lookups_total{result="miss"}' in metrics
+        assert "switchyard_example_cache_events_total" in metrics
     finally:
         redis_server.start()  # back, empty: the store reconnects by itself after its short back-off
 
@@ -121,7 +146,7 @@ def test_an_escalated_request_embeds_its_text_once(live_server):
 
     settings = fake_settings(example_cache={"enabled": True, "backend": "memory", "top_k": 2, "min_similarity": 0.5})
     factory = FakeFactory()
-    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=counting_embed))
+    app = fake_app(settings, factory, counting_embed)
     server = live_server(app)
     client = _client(server, "none")
     store = app.state.pipeline.store
@@ -146,7 +171,7 @@ def test_good_examples_keep_an_slm_then_escalate_request_on_the_slm(live_server)
     settings = fake_settings(example_cache={"enabled": True, "backend": "memory", "top_k": 2, "min_similarity": 0.5,
                                             "keep_on_slm_similarity": 0.9})
     factory = FakeFactory()
-    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=bow_embed))
+    app = fake_app(settings, factory)
     client = _client(live_server(app), "none")
     client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "unsure tides work"}])
     store = app.state.pipeline.store
@@ -170,7 +195,7 @@ def test_keep_on_slm_is_off_by_default(live_server):
     settings = fake_settings(example_cache={"enabled": True, "backend": "memory", "top_k": 2, "min_similarity": 0.5})
     assert settings.example_cache.keep_on_slm_similarity is None
     factory = FakeFactory()
-    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=bow_embed))
+    app = fake_app(settings, factory)
     client = _client(live_server(app), "none")
     client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "unsure tides work"}])
     wait_until(lambda: app.state.pipeline.store.stats["admitted"] >= 1, "the LLM answer admitted")
