@@ -16,7 +16,7 @@ import numpy as np
 
 from gateway.example_cache.index import unit_vector
 from gateway.example_cache.policy import admission_refusal, select_within_budget
-from gateway.example_cache.types import Embed, Entry, Example, Examples
+from gateway.example_cache.types import Embed, Example, Examples
 
 if TYPE_CHECKING:
     from gateway.settings import ExampleCacheSettings
@@ -104,14 +104,6 @@ class StoreBase:
         if q is None:
             self._count("admit_failures")
         return q
-
-    async def _complete_import(self, entry: Entry) -> None:
-        """Fill in an imported entry's embedding and id (ValueError when it cannot be embedded)."""
-        if entry.embedding is None:
-            entry.embedding = await self._embed_one(entry.request_text, None)
-            if entry.embedding is None:
-                raise ValueError(f"cannot embed entry {entry.id!r}")
-        entry.id = entry.id or self._ids.next(entry.created_at)
 
     def _is_expired(self, created_at: float, now: float) -> bool:
         ttl = self.settings.ttl_s

@@ -1,4 +1,5 @@
-"""``InMemoryExampleStore``: the embedded default example store (one process, no persistence).
+"""``InMemoryExampleStore``: the embedded default example store (one process, no persistence, nothing to
+administer: the ``switchyard cache`` commands and the admin calls are the Redis store's).
 
 Same contract as every ``ExampleStore`` (see ``gateway/example_cache/__init__.py``); eviction keeps the LFU-DA ranks
 on the entries themselves and scans them when a namespace is over its cap.
@@ -103,41 +104,15 @@ class InMemoryExampleStore(StoreBase):
     async def close(self) -> None:
         return None
 
-    # --- admin (CLI, tests) ---
-    async def namespaces(self) -> list[str]:
-        return sorted(ns for ns, space in self._ns.items() if space.entries)
-
-    async def entries(self, namespace: str) -> list[Entry]:
-        space = self._ns.get(namespace)
-        return sorted(space.entries.values(), key=lambda e: e.id) if space else []
-
-    async def put(self, entry: Entry) -> None:
-        """Store an entry as is (import): no dedup; keeps its id and stats."""
-        await self._complete_import(entry)
-        space = self._space(entry.namespace, entry.embedding.shape[0])
-        self._insert(space, entry)
-        self._evict(space)
-
-    async def remove(self, namespace: str, ids: Sequence[str]) -> int:
-        space = self._ns.get(namespace)
-        return sum(self._drop(space, id_, None) for id_ in ids) if space else 0
-
-    async def clear(self, namespace: str) -> int:
-        space = self._ns.pop(namespace, None)
-        return len(space.entries) if space else 0
-
     def _insert(self, space: _MemNamespace, entry: Entry) -> None:
         entry.rank = policy.initial_rank(space.floor, entry)
         space.entries[entry.id] = entry
         space.index.add(entry.id, entry.embedding)
 
-    def _drop(self, space: _MemNamespace, id_: str, stat: str | None) -> bool:
-        if space.entries.pop(id_, None) is None:
-            return False
+    def _drop(self, space: _MemNamespace, id_: str, stat: str) -> None:
+        del space.entries[id_]
         space.index.remove(id_)
-        if stat:
-            self._count(stat)
-        return True
+        self._count(stat)
 
     def _sweep_expired(self, space: _MemNamespace, now: float) -> None:
         if self.settings.ttl_s is None:

@@ -601,6 +601,14 @@ class RedisExampleStore(StoreBase):
                     self._skip_corrupt(namespace, id_, e)
         return out
 
+    async def _complete_import(self, entry: Entry) -> None:
+        """Fill in an imported entry's embedding and id (ValueError when it cannot be embedded)."""
+        if entry.embedding is None:
+            entry.embedding = await self._embed_one(entry.request_text, None)
+            if entry.embedding is None:
+                raise ValueError(f"cannot embed entry {entry.id!r}")
+        entry.id = entry.id or self._ids.next(entry.created_at)
+
     async def put(self, entry: Entry) -> None:
         """Store an entry as is (import): no dedup; keeps its id and stats. Evicts over the cap."""
         await self._complete_import(entry)

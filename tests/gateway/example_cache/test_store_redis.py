@@ -1,5 +1,6 @@
-"""The Redis example store on a real redis-server: replicas in sync, outages, a slow server, corrupt
-entries, batched use counts, and resyncs after the op stream was trimmed or recreated."""
+"""The Redis example store on a real redis-server: export/import and the admin calls, replicas in sync,
+outages, a slow server, corrupt entries, batched use counts, resyncs after the op stream was trimmed or
+recreated."""
 
 from __future__ import annotations
 
@@ -10,12 +11,33 @@ import pytest
 import redis
 
 from gateway.example_cache.store_redis import KEY_PREFIX, RedisExampleStore
+from gateway.example_cache.types import Entry
 from tests.gateway.fakes import bow_embed, cache_settings, wait_until_async
 
 
 async def _close(*stores):
     for s in stores:
         await s.close()
+
+
+async def test_export_put_clear_admin(redis_url):
+    store = RedisExampleStore(redis_url, cache_settings(), embed=bow_embed)
+    assert await store.admit("t", "one two three", "a", "llm", "stop")
+    assert await store.admit("t", "four five six", "b", "llm", "stop")
+    rows = [e.to_json() for e in await store.entries("t")]
+    assert [r["answer"] for r in rows] == ["a", "b"]
+    assert await store.namespaces() == ["t"]
+    assert await store.clear("t") == 2
+    assert await store.lookup("t", "one two three") == []
+    for row in rows:
+        entry = Entry.from_json({**row, "namespace": "u"})
+        await store.put(entry)
+    assert [e.answer for e in await store.lookup("u", "one two three")] == ["a"]
+    assert await store.remove("u", [rows[0]["id"]]) == 1
+    assert await store.lookup("u", "one two three") == []
+    with pytest.raises(ValueError):
+        Entry.from_json({"request_text": "", "answer": "x"})
+    await store.close()
 
 
 async def test_replica_sync_two_stores_one_redis(redis_url):
