@@ -1,8 +1,8 @@
 """``InMemoryExampleStore``: the embedded default example store (one process, no persistence, nothing to
 administer: the ``switchyard cache`` commands and the admin calls are the Redis store's).
 
-Same contract as every ``ExampleStore`` (see ``gateway/example_cache/__init__.py``); eviction keeps the LFU-DA ranks
-on the entries themselves and scans them when a namespace is over its cap.
+Same contract as every ``ExampleStore`` (see ``gateway/example_cache/__init__.py``); eviction keeps the
+LFU-DA ranks on the entries themselves and scans them when a namespace is over its cap.
 """
 
 from __future__ import annotations
