@@ -163,7 +163,6 @@ def test_redis_fixture_is_a_real_server(redis_url):
     assert r.info("server")["redis_version"]
 
 
-@pytest.mark.slow
 def test_live_server_fixture_up_and_down(live_server):
     from gateway.app import create_app
 

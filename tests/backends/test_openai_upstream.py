@@ -151,7 +151,6 @@ async def test_connection_refused_is_retryable():
     await up.close()
 
 
-@pytest.mark.slow
 async def test_hang_times_out_retryably(fake):
     app, url = fake
     app.behavior = FakeBehavior(mode="hang")
@@ -162,7 +161,6 @@ async def test_hang_times_out_retryably(fake):
     await up.close()
 
 
-@pytest.mark.slow
 async def test_deadline_bounds_the_request(fake):
     app, url = fake
     app.behavior = FakeBehavior(mode="hang")
@@ -222,7 +220,6 @@ def test_bad_arguments_raise_value_error(client_kind):
         OpenAIUpstream("a", "http://x/v1", "m", timeout_s=0)
 
 
-@pytest.mark.slow
 async def test_events_split_across_reads_and_crlf(live_server):
     pieces = [b'data: {"choices":[{"index":0,"delta":{"content":"hel', b'lo"},"finish_reason":null}]}\r\n\r\n',
               b'data: {"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":null}]}\r\n\r\n'
@@ -246,7 +243,6 @@ async def test_events_split_across_reads_and_crlf(live_server):
     assert deltas[-1].finish_reason == "stop" and deltas[-1].usage.completion_tokens == 2
 
 
-@pytest.mark.slow
 async def test_lean_pool_reconnects_after_the_server_closed_idle_connections(live_server):
     app = FakeUpstream(behavior=FakeBehavior(num_tokens=2))
     server = live_server(app, timeout_keep_alive=0.2)
@@ -260,7 +256,6 @@ async def test_lean_pool_reconnects_after_the_server_closed_idle_connections(liv
     await up.close()
 
 
-@pytest.mark.slow
 async def test_deadline_mid_stream_is_after_first_token(fake):
     app, url = fake
     app.behavior = FakeBehavior(num_tokens=100, token_delay_s=0.05)
@@ -274,7 +269,6 @@ async def test_deadline_mid_stream_is_after_first_token(fake):
     await up.close()
 
 
-@pytest.mark.slow
 async def test_idle_timeout_between_stream_chunks(fake):
     app, url = fake
     app.behavior = FakeBehavior(num_tokens=5, token_delay_s=3.0)
@@ -288,7 +282,6 @@ async def test_idle_timeout_between_stream_chunks(fake):
     await up.close()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 async def test_large_answers_and_connection_reuse(fake, stream):
     app, url = fake

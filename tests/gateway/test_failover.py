@@ -64,7 +64,6 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}/v1"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("failure", ["refused", "error_500", "hang"])
 async def test_bad_replica_is_routed_around(fakes, failure, stream):
@@ -104,7 +103,6 @@ async def test_die_mid_stream_ends_with_after_first_token_error(fakes):
     await pool.fallback.close()
 
 
-@pytest.mark.slow
 async def test_stream_fails_over_to_fallback_pool_before_first_token(fakes):
     _, bad1 = fakes("bad1", mode="error_500")
     backup, backup_url = fakes("backup")
@@ -132,7 +130,6 @@ async def test_every_replica_down_without_fallback_is_503():
     await pool.close()
 
 
-@pytest.mark.slow
 async def test_ejected_replica_recovers_via_probe(fakes):
     flaky, flaky_url = fakes("flaky", mode="error_500")
     _, good_url = fakes("good")

@@ -36,7 +36,6 @@ def test_percentile_is_nearest_rank():
     assert percentile([5.0], 99) == 5.0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 async def test_loadgen_against_fake_upstream(live_server, stream):
     app = FakeUpstream(behavior=FakeBehavior(num_tokens=4))
@@ -48,7 +47,6 @@ async def test_loadgen_against_fake_upstream(live_server, stream):
     assert app.last_bodies[-1]["model"] == "fake-model" and app.last_bodies[-1]["stream"] is stream
 
 
-@pytest.mark.slow
 async def test_loadgen_counts_errors(live_server):
     app = FakeUpstream(behavior=FakeBehavior(mode="error_500"))
     url = f"{live_server(app).base_url}/v1/chat/completions"

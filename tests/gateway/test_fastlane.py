@@ -4,13 +4,10 @@ error envelope, and everything else still reaches FastAPI (live uvicorn, fake re
 from __future__ import annotations
 
 import httpx
-import pytest
 
 import gateway.app as app_module
 from gateway.app import create_app
 from tests.gateway.fakes import FakeFactory, fake_settings
-
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
 
 CHAT = {"model": "slm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

@@ -11,8 +11,6 @@ import pytest
 from gateway.app import create_app
 from tests.gateway.fakes import FakeFactory, fake_settings
 
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
-
 
 @pytest.fixture
 def gateway(live_server):

@@ -7,14 +7,11 @@ import threading
 
 import httpx
 import openai
-import pytest
 
 from bench.fake_upstream import FakeBehavior, FakeUpstream
 from gateway.app import create_app
 from gateway.settings import settings_from_dict
 from tests.conftest import start_live_server
-
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
 
 EXPECTED = "".join(f"tok{i} " for i in range(8))
 

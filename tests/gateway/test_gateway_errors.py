@@ -10,8 +10,6 @@ from gateway.app import create_app
 from gateway.settings import hash_api_key
 from tests.gateway.fakes import FakeFactory, fake_settings
 
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
-
 KEYS = [
     {"name": "alice", "sha256": hash_api_key("sk-alice"), "requests_per_minute": 3},
     {"name": "bob", "sha256": hash_api_key("sk-bob"), "models": ["slm"], "tokens_per_minute": 10},

@@ -9,8 +9,6 @@ from gateway.app import create_app
 from gateway.settings import settings_from_dict
 from tests.conftest import start_live_server
 
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
-
 ENGINE = {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 256, "kv_cache_memory_gb": 0.05,
           "num_threads": 1}
 

@@ -12,8 +12,6 @@ from gateway.app import create_app
 from gateway.settings import hash_api_key
 from tests.gateway.fakes import FakeFactory, fake_settings
 
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
-
 HARD = ["integral", "theorem", "derivative", "eigenvalue", "proof", "lemma", "topology", "manifold"]
 EASY = ["hello", "thanks", "weather", "greeting", "hi", "morning", "friend", "coffee"]
 

@@ -6,12 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from gateway.app import create_app
 from tests.gateway.fakes import FakeFactory, fake_settings
-
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
           "response_headers_conformance")

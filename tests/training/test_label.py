@@ -46,7 +46,6 @@ def fake_openai(answers: dict[str, str], name: str) -> FastAPI:
     return app
 
 
-@pytest.mark.slow
 def test_label_with_fake_openai_servers(tmp_path, live_server, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [

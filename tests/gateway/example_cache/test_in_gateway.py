@@ -10,9 +10,6 @@ import pytest
 from gateway.settings import hash_api_key
 from tests.gateway.fakes import FakeFactory, bow_embed, fake_app, fake_settings, wait_until
 
-pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
-
-
 KEYS = [{"name": "team-a", "sha256": hash_api_key("sk-a")}, {"name": "team-b", "sha256": hash_api_key("sk-b")}]
 
 
