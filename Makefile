@@ -1,4 +1,4 @@
-# switchyard: the two set-up commands are `make serve` and `make test`.
+# switchyard: the two set-up commands are `make serve` and `make test` (`make test-fast`: the inner loop).
 # Both are idempotent: stamps under .venv/ skip work that is already done.
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -12,7 +12,7 @@ HELM := .tools/helm
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install models lint tools clean
+.PHONY: serve test test-fast install models lint tools clean
 
 serve: install models
 	$(SWITCHYARD) serve --host $(HOST) --port $(PORT)
@@ -20,6 +20,10 @@ serve: install models
 test: install models tools
 	$(PY) -m ruff check .
 	PATH="$(CURDIR)/.tools:$$PATH" $(PY) -m pytest -q tests
+
+# The inner loop: every test not marked `slow` (live servers, real weights, subprocesses, training runs).
+test-fast: install models tools
+	PATH="$(CURDIR)/.tools:$$PATH" $(PY) -m pytest -q -m "not slow" tests
 
 install: .venv/.stamp-install
 

@@ -64,8 +64,6 @@ class Replica:
     ejected_until: float = 0.0  # time.monotonic(); 0 = not ejected
     is_healthy: bool = True  # last active probe
     last_success: float = 0.0  # time.monotonic() of the last completed request
-    num_requests: int = 0
-    num_failures: int = 0
 
     @property
     def name(self) -> str:
@@ -130,14 +128,6 @@ class Pool:
     def max_retries(self) -> int:
         return int(getattr(self.settings, "max_retries", 2))
 
-    @property
-    def num_outstanding_tokens(self) -> int:
-        return sum(r.num_outstanding_tokens for r in self.replicas)
-
-    @property
-    def num_outstanding_requests(self) -> int:
-        return sum(r.num_outstanding_requests for r in self.replicas)
-
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -185,12 +175,6 @@ class Pool:
         """{replica name: available now} from what the pool knows (no I/O)."""
         now = time.monotonic()
         return {r.name: r.is_available(now) for r in self.replicas}
-
-    def replica_stats(self) -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
-        return {r.name: {"available": r.is_available(now), "outstanding_tokens": r.num_outstanding_tokens,
-                         "outstanding_requests": r.num_outstanding_requests, "requests": r.num_requests,
-                         "failures": r.num_failures} for r in self.replicas}
 
     # -------------------------------------------------------------------------------- choice
 
@@ -309,7 +293,6 @@ class Pool:
         cost = self.estimate_tokens(request, replica)
         replica.num_outstanding_tokens += cost
         replica.num_outstanding_requests += 1
-        replica.num_requests += 1
         try:
             if stream:
                 agen = replica.backend.generate(request)
@@ -350,7 +333,6 @@ class Pool:
             return  # the request was bad, not the replica
         if error.code == "deadline_exceeded":
             return
-        replica.num_failures += 1
         replica.num_consecutive_failures += 1
         if replica.num_consecutive_failures < self.eject_after_failures:
             return
@@ -401,16 +383,6 @@ class PoolSet:
         """The pool for ``alias``; KeyError if there is none."""
         return self.pools[alias]
 
-    def __contains__(self, alias: object) -> bool:
-        return alias in self.pools
-
-    def __iter__(self):
-        return iter(self.pools.values())
-
-    @property
-    def aliases(self) -> list[str]:
-        return list(self.pools)
-
     async def start(self) -> None:
         await asyncio.gather(*(p.start() for p in self.pools.values()))
 
@@ -419,10 +391,6 @@ class PoolSet:
 
     def health(self) -> dict[str, dict[str, bool]]:
         return {alias: p.health() for alias, p in self.pools.items()}
-
-    async def check_health(self) -> dict[str, dict[str, bool]]:
-        results = await asyncio.gather(*(p.check_health() for p in self.pools.values()))
-        return dict(zip(self.pools, results, strict=True))
 
     def stats(self) -> dict[str, PoolStats]:
         return {alias: p.stats for alias, p in self.pools.items()}

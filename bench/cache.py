@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gateway.example_cache import Entry, RedisExampleStore
-from gateway.example_index import VectorIndex, single_threaded_blas
+from gateway.example_cache.index import VectorIndex, single_threaded_blas
 from gateway.settings import ExampleCacheSettings
 
 

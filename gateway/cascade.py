@@ -3,9 +3,9 @@
 Pure functions and small classes, no I/O — the pipeline (gateway/pipeline.py) collects the SLM answer's
 token log-probabilities and asks ``CascadeRule.should_escalate``.
 
-Thresholds come from calibration (``fit_cascade_rule``: pick ``min_mean_logprob`` so a target share of
-held-out SLM answers escalates; stored in the router artifact's ``meta["cascade"]``); gateway settings
-(``routing.cascade.min_mean_logprob`` / ``min_token_logprob``) override them. With neither, the
+Thresholds come from calibration (``fit_cascade_rule`` in ``training/calibrate.py``: pick ``min_mean_logprob``
+so a target share of held-out SLM answers escalates; stored in the router artifact's ``meta["cascade"]``);
+gateway settings (``routing.cascade.min_mean_logprob`` / ``min_token_logprob``) override them. With neither, the
 ``DEFAULT_RULE`` below is used (documented constants, the fallback for a deployment that has not
 calibrated yet).
 """
@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -91,32 +89,3 @@ def resolve_rule(
         min_mean_logprob=settings_mean if settings_mean is not None else art.get("min_mean_logprob"),
         min_token_logprob=settings_token if settings_token is not None else art.get("min_token_logprob"),
     )
-
-
-def fit_cascade_rule(
-    confidences: Sequence[Confidence],
-    escalate_share: float,
-    token_quantile: float | None = 0.01,
-) -> CascadeRule:
-    """Quantile rule: ``min_mean_logprob`` = the ``escalate_share`` quantile of held-out mean log-probs,
-    so about that share of answers escalates; ``min_token_logprob`` (optional) = the ``token_quantile``
-    quantile of per-answer minimum log-probs (catches a single wild token)."""
-    if not 0.0 <= escalate_share <= 1.0:
-        raise ValueError(f"escalate_share must be in [0, 1], got {escalate_share}")
-    finite = [c for c in confidences if c.num_tokens > 0]
-    if not finite:
-        raise ValueError("fit_cascade_rule needs at least one non-empty answer")
-    means = np.asarray([c.mean_logprob for c in finite])
-    mins = np.asarray([c.min_logprob for c in finite])
-    mean_t = float(np.quantile(means, escalate_share)) if escalate_share > 0 else None
-    token_t = float(np.quantile(mins, token_quantile)) if token_quantile else None
-    return CascadeRule(
-        min_mean_logprob=None if mean_t is None else min(mean_t, 0.0),
-        min_token_logprob=None if token_t is None else min(token_t, 0.0),
-    )
-
-
-def escalation_share(rule: CascadeRule, confidences: Sequence[Confidence]) -> float:
-    if not confidences:
-        return 0.0
-    return sum(rule.should_escalate(c) for c in confidences) / len(confidences)

@@ -2,6 +2,10 @@
 
 TRITON_INTERPRET=1 is set here, before anything can import a Triton kernel, so the Triton
 kernels run (slowly, exactly) on CPU in the default test run.
+
+Every test that uses a model folder (``tiny_model_dir``, ``bundled_model_dir``) or a live server
+(``live_server``) is marked ``slow`` here, so ``make test-fast`` (``-m "not slow"``) never builds or loads a
+model nor starts uvicorn; other slow tests carry the mark themselves.
 """
 
 from __future__ import annotations
@@ -248,3 +252,12 @@ def bundled_model_dir() -> Callable[[str], Path]:
     from backends.models import prepare
 
     return lambda name: prepare(name)
+
+
+SLOW_FIXTURES = frozenset({"tiny_model_dir", "bundled_model_dir", "live_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

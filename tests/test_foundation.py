@@ -93,6 +93,7 @@ def test_bundled_names_resolve_to_prepared_folders():
     assert (models.resolve("minilm") / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_prepare_is_reused_and_detects_tampering(tmp_path, monkeypatch):
     monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
     with pytest.raises(models.ModelNotFoundError, match="switchyard models prepare smollm2-135m"):
@@ -131,6 +132,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_version_and_help():
     r = run_cli("version")
     assert r.returncode == 0 and r.stdout.startswith("switchyard ")
@@ -138,6 +140,7 @@ def test_cli_version_and_help():
     assert r.returncode == 0 and "serve" in r.stdout and "train" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path):
     (tmp_path / "c.yaml").write_text("pools: []\n")
     r = run_cli("config", "check", "--config", str(tmp_path / "c.yaml"))

@@ -67,7 +67,8 @@ def _kubernetes_validate_binary() -> str | None:
 
 
 HELM = _helm_binary()
-pytestmark = pytest.mark.skipif(HELM is None, reason="helm not installed (run `make tools`)")
+pytestmark = [pytest.mark.skipif(HELM is None, reason="helm not installed (run `make tools`)"),
+              pytest.mark.slow]  # each test runs the helm binary
 
 
 # ------------------------------------------------------------------------------------ helpers

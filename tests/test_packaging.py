@@ -17,6 +17,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -25,6 +26,8 @@ from tests.training.router_synth import synth_rows
 from training.data import parse_routing_row
 from training.fit import TrainConfig, fit_router
 from training.guard_fit import FitConfig, fit_guard
+
+pytestmark = pytest.mark.slow  # every test here starts a live server, a model or a process
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN = {"gateway", "routers", "backends", "training", "bench", "tests"}

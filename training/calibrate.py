@@ -6,13 +6,19 @@ on representative prompts. Labels are not needed — only prompts.
 
 Rows used by ``switchyard calibrate``: the evaluation split of ``--data`` (never training rows), cut in
 two by the id hash: even buckets set the threshold, odd buckets measure the realised share.
+
+The cascade's thresholds (``fit_cascade_rule``, ``calibrate --escalate-share``) follow the same quantile rule
+over the SLM answers' log-probabilities; the rule itself is served by ``gateway/cascade.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from gateway.cascade import CascadeRule, Confidence
 
 SHARE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 
@@ -79,3 +85,33 @@ def calibrate_scores(
         num_calibration_rows=int(len(cal_scores)),
         num_heldout_rows=int(len(heldout_scores)),
     )
+
+
+def fit_cascade_rule(
+    confidences: Sequence[Confidence],
+    escalate_share: float,
+    token_quantile: float | None = 0.01,
+) -> CascadeRule:
+    """Quantile rule: ``min_mean_logprob`` = the ``escalate_share`` quantile of held-out mean log-probs,
+    so about that share of answers escalates; ``min_token_logprob`` (optional) = the ``token_quantile``
+    quantile of per-answer minimum log-probs (catches a single wild token)."""
+    if not 0.0 <= escalate_share <= 1.0:
+        raise ValueError(f"escalate_share must be in [0, 1], got {escalate_share}")
+    finite = [c for c in confidences if c.num_tokens > 0]
+    if not finite:
+        raise ValueError("fit_cascade_rule needs at least one non-empty answer")
+    means = np.asarray([c.mean_logprob for c in finite])
+    mins = np.asarray([c.min_logprob for c in finite])
+    mean_t = float(np.quantile(means, escalate_share)) if escalate_share > 0 else None
+    token_t = float(np.quantile(mins, token_quantile)) if token_quantile else None
+    return CascadeRule(
+        min_mean_logprob=None if mean_t is None else min(mean_t, 0.0),
+        min_token_logprob=None if token_t is None else min(token_t, 0.0),
+    )
+
+
+def escalation_share(rule: CascadeRule, confidences: Sequence[Confidence]) -> float:
+    """The share of ``confidences`` that ``rule`` escalates (0 for none)."""
+    if not confidences:
+        return 0.0
+    return sum(rule.should_escalate(c) for c in confidences) / len(confidences)

@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("clear", "delete a namespace's entries"),
         ("replay", "re-score stored examples and drop harmful ones"),
     ):
-        p = _add(ccsub, name, f"gateway.example_cache_cli:{name}_cmd", helptext)
+        p = _add(ccsub, name, f"training.cache_cmd:{name}_cmd", helptext)
         p.add_argument("--config", help="gateway config (for redis_url / backend)")
         p.add_argument("--redis-url", help="overrides the config's redis_url")
         p.add_argument("--namespace", help="namespace (default: all for stats/export)")

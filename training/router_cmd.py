@@ -329,7 +329,8 @@ def calibrate(args: argparse.Namespace) -> int:
 def _fit_cascade(data: str, meta: dict, all_rows: bool, escalate_share: float):
     """Cascade thresholds from labelled rows carrying ``slm_mean_logprob``/``slm_min_logprob`` (from
     ``switchyard label``): set on even id-hash buckets of the eval split, measured on odd ones."""
-    from gateway.cascade import Confidence, escalation_share, fit_cascade_rule
+    from gateway.cascade import Confidence
+    from training.calibrate import escalation_share, fit_cascade_rule
     from training.data import read_records
 
     pct = int(meta.get("training_data", {}).get("split", {}).get("eval_percent", 20))

@@ -11,6 +11,7 @@ from backends.base import Backend, BackendError, GenerationRequest, SamplingOpti
 from backends.openai_upstream import OpenAIUpstream
 from bench.fake_upstream import FakeBehavior, FakeUpstream
 from tests.conftest import free_port
+from tests.gateway.fakes import wait_until_async
 
 
 def chat(max_tokens: int = 4, **kw) -> GenerationRequest:
@@ -154,10 +155,8 @@ async def test_hang_times_out_retryably(fake):
     app, url = fake
     app.behavior = FakeBehavior(mode="hang")
     up = OpenAIUpstream("a", url, "up-model", timeout_s=0.3)
-    t0 = time.monotonic()
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(BackendError) as err:  # the upstream never answers: only the 0.3 s timeout ends it
         await collect(up, chat())
-    assert time.monotonic() - t0 < 5
     assert err.value.retryable and err.value.code == "upstream_timeout" and err.value.status_code == 504
     await up.close()
 
@@ -250,7 +249,8 @@ async def test_lean_pool_reconnects_after_the_server_closed_idle_connections(liv
     up = OpenAIUpstream("a", f"{server.base_url}/v1", "m", client="lean")
     assert "".join(d.text for d in await collect(up, chat())) == "tok0 tok1 "
     assert len(up._lean.idle) == 1
-    await asyncio.sleep(0.6)  # uvicorn closes the idle keep-alive connection
+    connections = server.server.server_state.connections  # uvicorn closes the idle keep-alive connection
+    await wait_until_async(lambda: not connections, "uvicorn to close the idle connection")
     assert "".join(d.text for d in await collect(up, chat(), stream=False)) == "tok0 tok1 "
     assert app.num_requests == 2
     await up.close()
@@ -261,11 +261,10 @@ async def test_deadline_mid_stream_is_after_first_token(fake):
     app.behavior = FakeBehavior(num_tokens=100, token_delay_s=0.05)
     up = OpenAIUpstream("a", url, "up-model", timeout_s=30)
     got = []
-    t0 = time.monotonic()
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(BackendError) as err:  # 100 tokens take 5 s: the 1 s deadline cuts the stream
         async for d in up.generate(chat(max_tokens=100, deadline=time.monotonic() + 1.0)):
             got.append(d)
-    assert time.monotonic() - t0 < 3.0 and got
+    assert got
     assert err.value.code == "deadline_exceeded" and err.value.after_first_token and err.value.status_code == 504
     await up.close()
 

@@ -141,6 +141,7 @@ def test_n_choices_with_preemption_and_sampling_seeds(tiny_model_dir):
     assert a.outputs[0].token_ids != a.outputs[1].token_ids
 
 
+@pytest.mark.slow  # builds and runs its own model
 def test_mistral_with_sliding_window_matches_hf(tmp_path):
     import torch
     import transformers as tf

@@ -19,6 +19,8 @@ import torch
 from backends.engine.layers.attention import paged_decode_attention_torch, store_kvcache_torch
 from backends.engine.layers.triton_attention import paged_decode_attention, store_kvcache
 
+pytestmark = pytest.mark.slow  # TRITON_INTERPRET runs the kernels in Triton's interpreter: seconds per file
+
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
 

@@ -1,4 +1,9 @@
-"""Deterministic in-process backends for gateway tests (real Pool, real uvicorn, real openai client).
+"""Fakes and builders shared by gateway tests (real Pool, real uvicorn, real openai client).
+
+``FakeBackend`` / ``FakeFactory`` / ``fake_settings`` / ``fake_app``: deterministic in-process backends,
+their config and the gateway app over them;
+``bow_embed`` / ``cache_settings``: an embedder and example-cache settings for the example-cache tests;
+``wait_until`` / ``wait_until_async``: wait on a condition (never on a fixed time).
 
 ``FakeBackend`` answers ``"<alias>: echo <words of the last user turn> done."`` one word per Delta, so
 answers are checkable and stream == non-stream by construction of the *gateway's* framing. Words in the
@@ -12,7 +17,14 @@ prompt steer it:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
+import re
+import time
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
 
@@ -146,3 +158,66 @@ def fake_settings(**overrides: Any):
     for key, value in overrides.items():
         data[key] = value
     return settings_from_dict(data)
+
+
+def fake_app(settings, factory: FakeFactory, embed: Callable[[list[str]], np.ndarray] | None = None):
+    """The gateway app over ``factory``'s FakeBackends; the example cache embeds with ``embed`` (default
+    ``bow_embed``), never MiniLM."""
+    from gateway.app import create_app
+    from gateway.pipeline import Pipeline
+
+    embed = embed or bow_embed
+    return create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=embed))
+
+
+# ------------------------------------------------------------------------------ example cache
+
+EMBED_DIM = 64
+
+
+def bow_embed(texts: list[str]) -> np.ndarray:
+    """Deterministic bag-of-words embedding: shared words → high cosine, disjoint words → ~0."""
+    out = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
+    for i, text in enumerate(texts):
+        for word in re.findall(r"\w+", text.lower()):
+            out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % EMBED_DIM] += 1.0
+        n = np.linalg.norm(out[i])
+        out[i] /= n if n else 1.0
+    return out
+
+
+def cache_settings(**overrides: Any):
+    """``ExampleCacheSettings`` for store tests: top 2, similarity >= 0.5, dedup at 0.97, 500 ms deadline."""
+    from gateway.settings import ExampleCacheSettings
+
+    base: dict[str, Any] = dict(top_k=2, min_similarity=0.5, dedup_similarity=0.97, max_example_tokens=512,
+                                deadline_ms=500)
+    return ExampleCacheSettings(**{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------------- waits
+
+
+def wait_until(condition: Callable[[], Any], what: str = "condition", timeout_s: float = 15.0) -> Any:
+    """Poll ``condition()`` until it is truthy and return its value; fail the test after ``timeout_s``
+    (a bound for a hung test, never a measured time)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+async def wait_until_async(condition: Callable[[], Any], what: str = "condition", timeout_s: float = 15.0) -> Any:
+    """``wait_until`` inside an event loop; ``condition`` may be a coroutine function."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -164,6 +164,7 @@ def upstream_process(token_delay_ms: float):
         proc.wait(10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 async def test_burst_of_200_with_one_replica_killed_loses_nothing(stream):
     with upstream_process(50) as (victim, url0), upstream_process(50) as (_, url1), \

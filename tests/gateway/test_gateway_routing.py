@@ -1,17 +1,14 @@
-"""Routing through the live gateway with artifacts trained in the test, and the example cache in the path."""
+"""Routing through the live gateway with artifacts trained in the test (the example cache in the path:
+tests/gateway/example_cache/test_in_gateway.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import random
-import time
 
-import numpy as np
 import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.pipeline import Pipeline
 from gateway.settings import hash_api_key
 from tests.gateway.fakes import FakeFactory, fake_settings
 
@@ -70,43 +67,6 @@ def test_router_artifact_decides_and_headers_show_it(live_server, router_dir):
         model="slm", messages=[{"role": "user", "content": "please integral theorem proof now"}])
     assert explicit.headers["x-switchyard-route"] == "explicit" and explicit.headers["x-switchyard-model"] == "slm"
     assert [r.messages[-1]["content"] for r in factory.requests("llm")] == ["please integral theorem proof now"]
-
-
-def _embed(texts):
-    """Deterministic bag-of-words embedding (unit vectors) standing in for MiniLM."""
-    out = np.zeros((len(texts), 64), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for w in t.lower().split():
-            out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.maximum(norms, 1e-9)
-
-
-def test_example_cache_feeds_llm_answers_to_the_slm_per_namespace(live_server):
-    keys = [{"name": "team-a", "sha256": hash_api_key("sk-a")}, {"name": "team-b", "sha256": hash_api_key("sk-b")}]
-    settings = fake_settings(api_keys=keys, example_cache={"enabled": True, "backend": "memory", "top_k": 2,
-                                                           "min_similarity": 0.5})
-    factory = FakeFactory()
-    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=_embed))
-    server = live_server(app)
-    a = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-a", max_retries=0)
-    b = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-b", max_retries=0)
-    question = "how do tides work on earth"
-    a.chat.completions.create(model="llm", messages=[{"role": "user", "content": question}])
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # admission runs in the background after the response
-        resp = a.chat.completions.create(model="auto", messages=[{"role": "user", "content": question + " today"}])
-        if resp.model_extra["switchyard"]["num_examples"]:
-            break
-        time.sleep(0.05)
-    slm_messages = factory.requests("slm")[-1].messages
-    assert resp.model_extra["switchyard"]["num_examples"] == 1
-    assert slm_messages[0] == {"role": "user", "content": question}
-    assert slm_messages[1]["role"] == "assistant" and slm_messages[1]["content"].startswith("llm: echo how do tides")
-    assert slm_messages[-1]["content"] == question + " today"
-    other = b.chat.completions.create(model="auto", messages=[{"role": "user", "content": question + " today"}])
-    assert other.model_extra["switchyard"]["num_examples"] == 0
-    assert len(factory.requests("slm")[-1].messages) == 1
 
 
 DOMAIN_VOCAB = {
@@ -180,28 +140,3 @@ def test_guard_reject_and_route_actions(live_server, guard_dir):
     routed = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "How do I handle poison and weapon?"}])
     assert routed.headers["x-switchyard-route"] == "guard" and routed.headers["x-switchyard-model"] == "llm"
-
-
-def test_redis_example_cache_outage_does_not_fail_requests(live_server, redis_server, redis_url):
-    settings = fake_settings(redis_url=redis_url, example_cache={"enabled": True, "backend": "redis", "top_k": 2,
-                                                                 "min_similarity": 0.5})
-    factory = FakeFactory()
-    app = create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=_embed))
-    server = live_server(app)
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
-    ask = [{"role": "user", "content": "why is the sky blue at noon"}]
-    client.chat.completions.create(model="llm", messages=ask)
-    import httpx
-
-    assert httpx.get(server.base_url + "/readyz").json()["redis"] is True
-    redis_server.stop()
-    try:
-        for _ in range(3):
-            resp = client.chat.completions.create(model="auto", messages=ask)
-            assert resp.choices[0].message.content.startswith("slm:")
-        assert httpx.get(server.base_url + "/readyz").status_code == 503
-        metrics = httpx.get(server.base_url + "/metrics").text
-        assert 'switchyard_example_cache_lookups_total{result="miss"}' in metrics
-        assert "switchyard_example_cache_events_total" in metrics
-    finally:
-        redis_server.start()

@@ -55,6 +55,7 @@ def test_back_to_back_featurizers_share_counts_but_not_idf():
         b._counts(text).cols[0] = 1  # memoised arrays are read-only
 
 
+@pytest.mark.slow
 def test_hash_buckets_are_stable_across_processes():
     code = (
         "from routers.features import HashedTfidf;"
@@ -127,6 +128,7 @@ def test_minilm_onnx_matches_torch(tmp_path, monkeypatch):
     assert (tmp_path / "onnx" / "minilm.onnx").is_file() and (tmp_path / "onnx" / "minilm.json").is_file()
 
 
+@pytest.mark.slow
 def test_minilm_fast_encoder_layers_and_int8(tmp_path, monkeypatch):
     """The guard's cheaper MiniLM: fewer layers + int8 weights, its own exported file, one text at a time
     (so a batch equals serving), still unit vectors that keep related texts closer than unrelated ones."""
@@ -158,6 +160,7 @@ def test_minilm_fast_encoder_layers_and_int8(tmp_path, monkeypatch):
         MiniLMEmbedder(folder, int8=True, graph="tiny")
 
 
+@pytest.mark.slow
 def test_minilm_single_text_graph_matches_the_batched_one(tmp_path, monkeypatch):
     """The int8 encoder's single-text graph (no masks, no padding) computes what transformers' BertModel
     computes: exported without int8 rounding differences it would be equal; with int8 on both sides the

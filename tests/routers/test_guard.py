@@ -169,6 +169,7 @@ def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
     assert all(again.classify(t).label == "ood" for t in FOREIGN[:2])
 
 
+@pytest.mark.slow
 def test_ensemble_default_encoder_is_the_fast_minilm_and_round_trips(tmp_path):
     """Without an embedder the ensemble uses FitConfig's encoder (3 layers, int8, 32 word pieces); the
     artifact records it, and Guard.load rebuilds exactly that encoder."""
@@ -220,6 +221,7 @@ def seeded_guard() -> Guard:
     return fit_guard(make_rows(60, 0), make_rows(20, 1), cfg)
 
 
+@pytest.mark.slow
 def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
     g = seeded_guard
     assert set(g.members) == {"widemlp", "widemlp_1"}
@@ -350,6 +352,7 @@ def test_capped_tfknn_is_the_same_rule_in_batch_and_single(capped_guard, guard, 
     assert all(capped_guard.classify(t).label == "ood" for t in FOREIGN)
 
 
+@pytest.mark.slow
 def test_ensemble_with_two_stage_knn_and_chosen_evidence(tmp_path):
     """The ensemble's embedding kNN ranked in a PCA space of ``embedding_knn_dims`` dimensions and exact
     on the best candidates, and an OOD rule without widemlp's hidden-space kNN: serving computes only the
@@ -396,6 +399,7 @@ def _exact_knn(emb: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
     return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
 
 
+@pytest.mark.slow
 def test_rejects_for_sure_is_an_exact_bound():
     """``rejects_for_sure`` says True only when every value of the unknown components still ends in a
     rejection, global and per-class, checked by brute force over the dev values themselves."""
@@ -418,6 +422,7 @@ def test_rejects_for_sure_is_an_exact_bound():
         assert sure_seen and unsure_seen
 
 
+@pytest.mark.slow
 def test_classify_exits_early_on_foreign_text_with_the_batch_labels():
     """The early exit changes how much is computed, never the label: classify == score_batch on in-domain and
     foreign text, and clearly foreign text is rejected on TF-IDF kNN evidence alone (with 300 dev rows the
@@ -435,6 +440,7 @@ def test_classify_exits_early_on_foreign_text_with_the_batch_labels():
     assert not any(v.scores.get("early_exit") for v in verdicts[:24] if v.label == "domain")
 
 
+@pytest.mark.slow
 def test_ensemble_early_accept_matches_the_batch_and_round_trips(tmp_path):
     """EarlyAccept: texts widemlp alone rates clearly in-domain stop before MiniLM with widemlp's domain;
     score_batch applies the same rule, so labels agree; the artifact keeps it (guard format 3)."""

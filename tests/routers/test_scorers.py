@@ -36,6 +36,7 @@ def _eval(router, rows):
     return metrics(router.score_batch([r.prompt for r in held]), strong, weak, threshold=router.threshold), held
 
 
+@pytest.mark.slow
 def test_trained_router_beats_random(trained):
     router, rows = trained
     m, held = _eval(router, rows)
@@ -46,6 +47,7 @@ def test_trained_router_beats_random(trained):
     assert abs(m.strong_share_at_threshold - 0.4) < 0.1
 
 
+@pytest.mark.slow
 def test_linear_router_refits_on_all_training_rows(trained):
     """tfidf_ridge is refitted on fit + calibration rows; the held-back model's mapping is kept."""
     router, rows = trained
@@ -59,7 +61,7 @@ def test_linear_router_refits_on_all_training_rows(trained):
     assert held_back.threshold == pytest.approx(router.threshold)
 
 
-@pytest.mark.parametrize("kind", ["tfidf_lr", "length", "random", "always_strong"])
+@pytest.mark.parametrize("kind", [pytest.param("tfidf_lr", marks=pytest.mark.slow), "length", "random", "always_strong"])
 def test_other_kinds_train_and_score(kind):
     rows = _rows(400, seed=1)
     router = fit_router(rows, TrainConfig(kind=kind, strong_share=0.5))
@@ -71,6 +73,7 @@ def test_other_kinds_train_and_score(kind):
         assert router.routes_to_strong(router.score("anything")) or router.threshold <= 0.0
 
 
+@pytest.mark.slow
 def test_artifact_round_trip(trained, tmp_path):
     router, _ = trained
     texts = ["tell me about the eigenvalue", "what fruit is this", ""]
@@ -114,6 +117,7 @@ def test_knn_and_mlp_on_precomputed_embeddings():
         assert metrics(raw, strong, weak).apgr > best - 0.02
 
 
+@pytest.mark.slow
 def test_nmodel_picks_cheapest_within_tolerance():
     from routers.features import HashedTfidf
 
@@ -161,6 +165,7 @@ def _two_source_rows(n, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_source_ridge_learns_per_source_heads(tmp_path):
     from training.data import is_eval_row
 
@@ -187,6 +192,7 @@ def test_source_ridge_learns_per_source_heads(tmp_path):
     assert [loaded.score(t) for t in texts[:5]] == pytest.approx(list(before), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_source_ridge_small_sources_fall_back_to_one_head():
     rows = _rows(400, seed=3)  # one source: plain ridge, no classifier
     router = fit_router(rows, TrainConfig(kind="tfidf_source_ridge", strong_share=0.5))
@@ -203,6 +209,7 @@ def test_source_ridge_small_sources_fall_back_to_one_head():
         make_scorer("tfidf_source_ridge").fit(["a"], np.zeros(1), router.feats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tfidf_source_ridge", "tfidf_lr"])
 def test_small_training_set_calibrates_out_of_fold(kind):
     """< 200 training rows (a first `switchyard label` run): the threshold comes from out-of-fold scores,

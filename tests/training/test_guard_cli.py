@@ -40,6 +40,7 @@ def model(files):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_artifact_and_summary(model, capsys):
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["kind"] == "guard"
@@ -48,6 +49,7 @@ def test_train_writes_artifact_and_summary(model, capsys):
     assert (model / "MODEL_CARD.md").is_file()
 
 
+@pytest.mark.slow
 def test_eval_json_with_baselines(files, model, capsys, tmp_path):
     plot = tmp_path / "curve.png"
     code = main(["eval", "guard", "--model", str(model), "--test-id", str(files["test_id"]),
@@ -70,6 +72,7 @@ def test_eval_json_with_baselines(files, model, capsys, tmp_path):
     assert f"{res['gqr_score'] - res['baselines']['tfidf_lr']['gqr_score']:+.2f}" in vs[0]
 
 
+@pytest.mark.slow
 def test_latency_probe_times_every_row_by_default_and_baselines_the_same_count(files, model, capsys):
     code = main(["eval", "guard", "--model", str(model), "--test-id", str(files["test_id"]),
                  "--test-ood", str(files["test_ood"]), "--train", str(files["train"]), "--dev", str(files["dev"]),
@@ -112,6 +115,7 @@ def test_bad_training_files(files, tmp_path, capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_threshold_and_seed_options(files, model, tmp_path, capsys):
     meta = json.loads((model / "manifest.json").read_text())["meta"]
     assert meta["thresholds"]["per_class"] is False and meta["thresholds"]["id_recall"] == 0.9  # the defaults

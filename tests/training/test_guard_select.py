@@ -43,6 +43,7 @@ def test_folds_leave_one_domain_out():
     assert set(folds[3].ood) == {"synthetic_cipher", "synthetic_shuffle"}
 
 
+@pytest.mark.slow
 def test_select_scores_rules_without_test_data():
     train, dev = make_rows(40, 0), make_rows(20, 1)
     results = select(train, dev, [VARIANTS["base"]], [RULES["knn+tfknn"], RULES["msp"]], base=TINY)
@@ -112,6 +113,7 @@ def test_rules_name_components_in_full_or_by_suffix():
         _pick({"widemlp.knn": np.zeros(2), "widemlp.tfknn": np.ones(2)}, RULES["eknn+tfknn"].components)
 
 
+@pytest.mark.slow
 def test_variants_differing_in_search_options_share_one_fit(monkeypatch):
     import training.guard_select as gs
 

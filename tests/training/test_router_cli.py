@@ -25,6 +25,7 @@ def data_and_model(tmp_path_factory):
     return data, out
 
 
+@pytest.mark.slow
 def test_eval_json_per_source_and_plot(data_and_model, tmp_path, capsys):
     data, model = data_and_model
     capsys.readouterr()
@@ -46,6 +47,7 @@ def test_eval_json_per_source_and_plot(data_and_model, tmp_path, capsys):
     assert set(only["per_source"]) == {"other"}
 
 
+@pytest.mark.slow
 def test_calibrate_strong_share_within_two_points(data_and_model, capsys):
     data, model = data_and_model
     capsys.readouterr()
@@ -57,6 +59,7 @@ def test_calibrate_strong_share_within_two_points(data_and_model, capsys):
     assert router.meta["calibration"]["target_share"] == 0.3
 
 
+@pytest.mark.slow
 def test_calibrate_max_cost(data_and_model, capsys):
     data, model = data_and_model
     capsys.readouterr()
@@ -106,6 +109,7 @@ def test_missing_file_and_bad_kind(tmp_path, capsys):
     assert "valid kinds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nmodel_train_and_eval(tmp_path, capsys):
     rows = []
     for r in synth_rows(600, seed=3):
@@ -120,6 +124,7 @@ def test_nmodel_train_and_eval(tmp_path, capsys):
     assert rep["kind"] == "nmodel" and rep["oracle_quality"] >= rep["tolerances"]["0.05"]["quality"]
 
 
+@pytest.mark.slow
 def test_calibrate_cascade_from_labelled_logprobs(data_and_model, tmp_path, capsys):
     data, model = data_and_model
     rng = np.random.default_rng(0)
@@ -141,6 +146,7 @@ def test_calibrate_cascade_from_labelled_logprobs(data_and_model, tmp_path, caps
     assert "needs held-out rows with slm_mean_logprob" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ensemble_of_fast_members_round_trip(tmp_path):
     from routers.scorers import LengthScorer, TfidfRidgeScorer, make_scorer
     from training.data import parse_routing_row

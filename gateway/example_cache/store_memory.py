@@ -1,7 +1,8 @@
-"""``InMemoryExampleStore``: the embedded default example store (one process, no persistence).
+"""``InMemoryExampleStore``: the embedded default example store (one process, no persistence, nothing to
+administer: the ``switchyard cache`` commands and the admin calls are the Redis store's).
 
-Same contract as every ``ExampleStore`` (see ``gateway/example_cache.py``); eviction keeps the LFU-DA ranks
-on the entries themselves and scans them when a namespace is over its cap.
+Same contract as every ``ExampleStore`` (see ``gateway/example_cache/__init__.py``); eviction keeps the
+LFU-DA ranks on the entries themselves and scans them when a namespace is over its cap.
 """
 
 from __future__ import annotations
@@ -13,17 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gateway.example_cache import (
-    ESCALATED_WEIGHT,
-    KEPT_WEIGHT,
-    USE_WEIGHT,
-    Embed,
-    Entry,
-    Example,
-    StoreBase,
-    initial_rank,
-)
-from gateway.example_index import VectorIndex
+import gateway.example_cache.policy as policy
+from gateway.example_cache.index import VectorIndex
+from gateway.example_cache.store import StoreBase
+from gateway.example_cache.types import Embed, Entry, Example, Examples
 
 if TYPE_CHECKING:
     from gateway.settings import ExampleCacheSettings
@@ -50,7 +44,7 @@ class InMemoryExampleStore(StoreBase):
         return space
 
     async def lookup(self, namespace: str, text: str, k: int | None = None, *,
-                     embedding: np.ndarray | None = None) -> list[Example]:
+                     embedding: np.ndarray | None = None) -> Examples:
         self._count("lookups")
         k = self.settings.top_k if k is None else k
         if k <= 0 or not text or namespace not in self._ns:
@@ -60,17 +54,17 @@ class InMemoryExampleStore(StoreBase):
             return self._record_outcome([])
         space = self._space(namespace, q.shape[0])
         now = time.time()
-        found: list[Example] = []
-        for id_, sim in space.index.search(q, self._num_candidates(k), self.settings.min_similarity):
+        found: Examples = []
+        for id_, sim in space.index.search(q, policy.num_candidates(k), self.settings.min_similarity):
             e = space.entries[id_]
             if self._is_expired(e.created_at, now):
                 self._drop(space, id_, "expired")
                 continue
-            found.append(Example(e.id, e.request_text, e.answer, sim, e.model, e.utility))
+            found.append(Example(e.id, e.request_text, e.answer, sim, e.model, policy.utility(e.kept, e.escalated)))
         chosen = self._select(found, k)
         for ex in chosen:
             space.entries[ex.id].uses += 1
-            space.entries[ex.id].rank += USE_WEIGHT
+            space.entries[ex.id].rank += policy.USE_WEIGHT
         return self._record_outcome(chosen)
 
     async def admit(self, namespace: str, text: str, answer: str, model: str, finish_reason: str | None,
@@ -98,10 +92,10 @@ class InMemoryExampleStore(StoreBase):
                 continue
             if escalated:
                 e.escalated += 1
-                e.rank += ESCALATED_WEIGHT
+                e.rank += policy.ESCALATED_WEIGHT
             else:
                 e.kept += 1
-                e.rank += KEPT_WEIGHT
+                e.rank += policy.KEPT_WEIGHT
         self._count("feedback_escalated" if escalated else "feedback_kept", len(example_ids))
 
     async def health(self) -> bool:
@@ -110,41 +104,15 @@ class InMemoryExampleStore(StoreBase):
     async def close(self) -> None:
         return None
 
-    # --- admin (CLI, tests) ---
-    async def namespaces(self) -> list[str]:
-        return sorted(ns for ns, space in self._ns.items() if space.entries)
-
-    async def entries(self, namespace: str) -> list[Entry]:
-        space = self._ns.get(namespace)
-        return sorted(space.entries.values(), key=lambda e: e.id) if space else []
-
-    async def put(self, entry: Entry) -> None:
-        """Store an entry as is (import): no dedup; keeps its id and stats."""
-        await self._complete_import(entry)
-        space = self._space(entry.namespace, entry.embedding.shape[0])
-        self._insert(space, entry)
-        self._evict(space)
-
-    async def remove(self, namespace: str, ids: Sequence[str]) -> int:
-        space = self._ns.get(namespace)
-        return sum(self._drop(space, id_, None) for id_ in ids) if space else 0
-
-    async def clear(self, namespace: str) -> int:
-        space = self._ns.pop(namespace, None)
-        return len(space.entries) if space else 0
-
     def _insert(self, space: _MemNamespace, entry: Entry) -> None:
-        entry.rank = initial_rank(space.floor, entry)
+        entry.rank = policy.initial_rank(space.floor, entry)
         space.entries[entry.id] = entry
         space.index.add(entry.id, entry.embedding)
 
-    def _drop(self, space: _MemNamespace, id_: str, stat: str | None) -> bool:
-        if space.entries.pop(id_, None) is None:
-            return False
+    def _drop(self, space: _MemNamespace, id_: str, stat: str) -> None:
+        del space.entries[id_]
         space.index.remove(id_)
-        if stat:
-            self._count(stat)
-        return True
+        self._count(stat)
 
     def _sweep_expired(self, space: _MemNamespace, now: float) -> None:
         if self.settings.ttl_s is None:

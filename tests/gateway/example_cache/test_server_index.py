@@ -11,23 +11,21 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from gateway import example_cache as ec
-from gateway.example_server_index import ServerIndex, has_server_search, namespace_tag, parse_hits
-from gateway.example_store_redis import RedisExampleStore
+from gateway.example_cache.server_index import ServerIndex, has_server_search, namespace_tag, parse_hits
+from gateway.example_cache.store_redis import KEY_PREFIX, RedisExampleStore
 from gateway.pipeline import Pipeline
 from gateway.settings import ConfigError
-from tests.gateway.fakes import FakeFactory, fake_settings
-from tests.gateway.test_example_cache import bow_embed, cfg
+from tests.gateway.fakes import FakeFactory, bow_embed, cache_settings, fake_settings
 
 
 async def test_auto_detects_no_server_search_and_uses_the_in_process_index(redis_url):
-    store = RedisExampleStore(redis_url, cfg(server_search="auto"), embed=bow_embed)
+    store = RedisExampleStore(redis_url, cache_settings(server_search="auto"), embed=bow_embed)
     await store.start()
     assert store.stats["server_vector_search"] == 0 and store._server is None
     assert await store.admit("t", "how do tides work", "the moon", "llm", "stop")
     assert [e.answer for e in await store.lookup("t", "how do tides work")] == ["the moon"]
     assert store.stats["reloads"] == 1 and store.stats["server_search_fallbacks"] == 0  # in-process index
-    key = redis.Redis.from_url(redis_url).keys(ec.KEY_PREFIX + "t:e:*")[0]
+    key = redis.Redis.from_url(redis_url).keys(KEY_PREFIX + "t:e:*")[0]
     assert redis.Redis.from_url(redis_url).hget(key, "ns") == namespace_tag("t").encode()  # the TAG field
     await store.close()
 
@@ -50,7 +48,7 @@ async def test_on_fails_start_up_with_a_clear_message(redis_url):
 
 
 async def test_on_with_redis_unreachable_fails_start_up():
-    store = RedisExampleStore("redis://127.0.0.1:1/0", cfg(server_search="on"), embed=bow_embed,
+    store = RedisExampleStore("redis://127.0.0.1:1/0", cache_settings(server_search="on"), embed=bow_embed,
                               admit_timeout_s=0.5)
     with pytest.raises(ConfigError, match="cannot ask Redis"):
         await store.start()
@@ -64,8 +62,8 @@ def test_on_needs_the_redis_backend():
 
 
 async def test_an_ft_error_falls_back_to_the_in_process_index_once(redis_url, caplog):
-    store = RedisExampleStore(redis_url, cfg(), embed=bow_embed)
-    store._server = ServerIndex(ec.KEY_PREFIX)  # as if detected: plain Redis 7 answers FT.* with an error
+    store = RedisExampleStore(redis_url, cache_settings(), embed=bow_embed)
+    store._server = ServerIndex(KEY_PREFIX)  # as if detected: plain Redis 7 answers FT.* with an error
     with caplog.at_level(logging.WARNING, logger="switchyard.example_cache"):
         assert await store.admit("t", "red green blue", "colours", "llm", "stop")
         assert not await store.admit("t", "red green blue!", "again", "llm", "stop")  # dedup in process
@@ -77,7 +75,7 @@ async def test_an_ft_error_falls_back_to_the_in_process_index_once(redis_url, ca
 
 
 def test_knn_query_is_prefiltered_by_the_namespace_tag():
-    q = ServerIndex(ec.KEY_PREFIX).query("team a, b", 7)
+    q = ServerIndex(KEY_PREFIX).query("team a, b", 7)
     assert q.query_string() == f"(@ns:{{{namespace_tag('team a, b')}}})=>[KNN 7 @emb $vec AS dist]"
     assert namespace_tag("team a, b").isalnum() and namespace_tag("x") != namespace_tag("y")
     args = q.get_args()
@@ -86,14 +84,14 @@ def test_knn_query_is_prefiltered_by_the_namespace_tag():
 
 
 def test_parse_hits_applies_the_cutoff_and_the_key_prefix():
-    prefix = ec.KEY_PREFIX + "t:e:"
+    prefix = KEY_PREFIX + "t:e:"
 
     def doc(key, dist, text="q"):
         return SimpleNamespace(id=key, dist=str(dist), text=text, answer="a", model="llm", created="1.5",
                                kept="2", escalated="1")
 
     docs = [doc(prefix + "b", 0.2), doc(prefix + "a", 0.1), doc(prefix + "c", 0.6),
-            doc(ec.KEY_PREFIX + "other:e:z", 0.0)]
+            doc(KEY_PREFIX + "other:e:z", 0.0)]
     hits = parse_hits(docs, prefix, min_similarity=0.5)
     assert [(h.id, round(h.similarity, 6)) for h in hits] == [("a", 0.9), ("b", 0.8)]
     assert (hits[0].created_at, hits[0].kept, hits[0].escalated) == (1.5, 2, 1)

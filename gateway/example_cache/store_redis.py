@@ -24,26 +24,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.example_cache import (
-    ESCALATED_WEIGHT,
-    KEPT_WEIGHT,
-    KEY_PREFIX,
-    USE_WEIGHT,
-    Embed,
-    Entry,
-    Example,
-    StoreBase,
-    initial_rank,
-    utility,
-)
-from gateway.example_index import VectorIndex, unit_vector
-from gateway.example_server_index import ServerHit, ServerIndex, has_server_search, namespace_tag
+import gateway.example_cache.policy as policy
+from gateway.example_cache.index import VectorIndex, unit_vector
+from gateway.example_cache.server_index import ServerHit, ServerIndex, has_server_search, namespace_tag
+from gateway.example_cache.store import StoreBase
+from gateway.example_cache.types import Embed, Entry, Example, Examples
 
 if TYPE_CHECKING:
     from gateway.settings import ExampleCacheSettings
 
 logger = logging.getLogger("switchyard.example_cache")
 
+KEY_PREFIX = "switchyard:ex:"
 _REDIS_ERRORS = (RedisError, OSError, ConnectionError)
 
 
@@ -343,7 +335,7 @@ class RedisExampleStore(StoreBase):
 
     # --- the protocol ---
     async def lookup(self, namespace: str, text: str, k: int | None = None, *,
-                     embedding: np.ndarray | None = None) -> list[Example]:
+                     embedding: np.ndarray | None = None) -> Examples:
         self._count("lookups")
         k = self.settings.top_k if k is None else k
         if k <= 0 or not text:
@@ -365,22 +357,22 @@ class RedisExampleStore(StoreBase):
         self._on_success()
         return self._record_outcome(found)
 
-    async def _lookup(self, namespace: str, q: np.ndarray, k: int) -> list[Example]:
+    async def _lookup(self, namespace: str, q: np.ndarray, k: int) -> Examples:
         now = time.time()
-        server_hits = await self._server_search(namespace, q, self._num_candidates(k), self.settings.min_similarity)
+        server_hits = await self._server_search(namespace, q, policy.num_candidates(k), self.settings.min_similarity)
         if server_hits is not None:
-            found = [Example(h.id, h.text, h.answer, h.similarity, h.model, utility(h.kept, h.escalated))
+            found = [Example(h.id, h.text, h.answer, h.similarity, h.model, policy.utility(h.kept, h.escalated))
                      for h in server_hits if not self._is_expired(h.created_at, now)]
             return self._note_uses(namespace, self._select(found, k))
         st = await self._sync(namespace, q.shape[0])
-        hits = [(id_, sim) for id_, sim in st.index.search(q, self._num_candidates(k), self.settings.min_similarity)
+        hits = [(id_, sim) for id_, sim in st.index.search(q, policy.num_candidates(k), self.settings.min_similarity)
                 if not self._is_expired(st.created.get(id_, now), now)]
         if not hits:
             return []
         pipe = self._client().pipeline(transaction=False)
         for id_, _ in hits:
             pipe.hmget(self._key(namespace, "e", id_), *_FETCH_FIELDS)
-        found: list[Example] = []
+        found: Examples = []
         for (id_, sim), values in zip(hits, await pipe.execute(), strict=True):
             if all(v is None for v in values):
                 st.index.remove(id_)  # expired or evicted by another replica
@@ -392,21 +384,25 @@ class RedisExampleStore(StoreBase):
             except (AttributeError, UnicodeDecodeError, ValueError) as e:
                 self._skip_corrupt(namespace, id_, e)
                 continue
-            found.append(Example(id_, text, answer, sim, model, utility(kept, escalated)))
+            found.append(Example(id_, text, answer, sim, model, policy.utility(kept, escalated)))
         return self._note_uses(namespace, self._select(found, k))
 
-    def _note_uses(self, namespace: str, chosen: list[Example]) -> list[Example]:
+    def _note_uses(self, namespace: str, chosen: Examples) -> Examples:
         if chosen:  # uses reach Redis in one batch every uses_flush_interval_s, off the request path
             pending = self._pending_uses.setdefault(namespace, {})
             for ex in chosen:
                 pending[ex.id] = pending.get(ex.id, 0) + 1
             if self._uses_flush is None or self._uses_flush.done():
-                self._uses_flush = self._spawn(self._quietly(self._flush_uses(self.uses_flush_interval_s)))
+                self._uses_flush = self._spawn(self._quietly(self._flush_after(self.uses_flush_interval_s)))
         return chosen
 
-    async def _flush_uses(self, delay_s: float = 0.0) -> None:
-        if delay_s:
-            await asyncio.sleep(delay_s)
+    async def _flush_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the use counts batched since the last flush to Redis now (lookups otherwise write them
+        every ``uses_flush_interval_s``, and ``close`` writes the rest). Raises on Redis errors."""
         pending, self._pending_uses = self._pending_uses, {}
         if not pending:
             return
@@ -414,7 +410,7 @@ class RedisExampleStore(StoreBase):
         for namespace, counts in pending.items():
             for id_, n in counts.items():
                 pipe.eval(_FEEDBACK_LUA, 2, self._key(namespace, "e", id_), self._key(namespace, "rank"),
-                          "uses", USE_WEIGHT, id_, n)
+                          "uses", policy.USE_WEIGHT, id_, n)
         await pipe.execute()
 
     async def _bump(self, namespace: str, ids: Sequence[str], stat: str, weight: float) -> None:
@@ -483,7 +479,7 @@ class RedisExampleStore(StoreBase):
         if self.settings.ttl_s is not None:
             remaining = entry.created_at + self.settings.ttl_s - time.time()
             pipe.expire(key, max(1, math.ceil(remaining)))
-        pipe.zadd(self._key(ns, "rank"), {entry.id: initial_rank(floor, entry)})
+        pipe.zadd(self._key(ns, "rank"), {entry.id: policy.initial_rank(floor, entry)})
         pipe.zadd(self._key(ns, "time"), {entry.id: entry.created_at})
         pipe.xadd(self._key(ns, "log"), {"op": "add", "id": entry.id}, maxlen=self._stream_maxlen,
                   approximate=True)
@@ -539,7 +535,7 @@ class RedisExampleStore(StoreBase):
         if not self._is_available():
             self._count("skipped_unavailable")
             return
-        stat, weight = ("escalated", ESCALATED_WEIGHT) if escalated else ("kept", KEPT_WEIGHT)
+        stat, weight = ("escalated", policy.ESCALATED_WEIGHT) if escalated else ("kept", policy.KEPT_WEIGHT)
         try:
             await asyncio.wait_for(self._bump(namespace, example_ids, stat, weight), self._admit_timeout_s)
         except TimeoutError:
@@ -558,7 +554,7 @@ class RedisExampleStore(StoreBase):
         """Writes pending use counts (best effort, within the admit timeout), then stops everything."""
         if self._pending_uses and self._redis is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._flush_uses(), self._admit_timeout_s)
+                await asyncio.wait_for(self.flush(), self._admit_timeout_s)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -604,6 +600,14 @@ class RedisExampleStore(StoreBase):
                 except (AttributeError, TypeError, UnicodeDecodeError, ValueError) as e:
                     self._skip_corrupt(namespace, id_, e)
         return out
+
+    async def _complete_import(self, entry: Entry) -> None:
+        """Fill in an imported entry's embedding and id (ValueError when it cannot be embedded)."""
+        if entry.embedding is None:
+            entry.embedding = await self._embed_one(entry.request_text, None)
+            if entry.embedding is None:
+                raise ValueError(f"cannot embed entry {entry.id!r}")
+        entry.id = entry.id or self._ids.next(entry.created_at)
 
     async def put(self, entry: Entry) -> None:
         """Store an entry as is (import): no dedup; keeps its id and stats. Evicts over the cap."""

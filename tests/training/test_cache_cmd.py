@@ -7,7 +7,7 @@ import json
 
 from gateway.example_cache import RedisExampleStore
 from gateway.settings import ExampleCacheSettings
-from tests.gateway.test_example_cache import bow_embed
+from tests.gateway.fakes import bow_embed
 from training.cli import main
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.example_cache import Entry, RedisExampleStore, utility
+from gateway.example_cache import Entry, utility
+from gateway.example_cache.store_redis import RedisExampleStore
 
 
 def _store(args: argparse.Namespace) -> RedisExampleStore:
