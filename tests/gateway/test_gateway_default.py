@@ -55,7 +55,7 @@ def test_embedded_default_answers_responses_and_messages(live_server, bundled_mo
                                      max_output_tokens=8, temperature=0)
     assert follow.output_text.strip()
     claude = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
-    message = claude.messages.create(model="slm", max_tokens=8, temperature=0,
+    message = claude.messages.create(model="slm", max_tokens=8, extra_body={"temperature": 0},
                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert message.content[0].text == first.output_text
     assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens <= 8
