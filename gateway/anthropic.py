@@ -12,7 +12,7 @@ Translation (Anthropic → OpenAI chat):
   * an assistant turn's ``tool_use`` blocks → ``tool_calls`` (arguments = the JSON of ``input``);
   * ``tools[].input_schema`` → ``function.parameters``; ``tool_choice`` auto / any / tool / none →
     auto / required / the named function / none; ``stop_sequences`` → ``stop``; ``metadata.user_id`` →
-    ``user``. Image and document blocks are a 400 naming the block (no vision pools yet).
+    ``user``. Other block kinds (image, document, thinking) are a 400 naming the tag (no vision pools yet).
 """
 
 from __future__ import annotations
@@ -53,20 +53,19 @@ class ToolResultBlock(BaseModel):
         return f"Error: {body}" if self.is_error else body
 
 
-class UnsupportedBlock(BaseModel):
-    """A block kind the gateway cannot serve yet: the request is a 400 that names it."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["image", "document", "thinking", "redacted_thinking", "search_result"]
-
-
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | UnsupportedBlock, Field(discriminator="type")]
-
-
-class Message(BaseModel):
+class UserMessage(BaseModel):
     model_config = _WIRE
-    role: Literal["user", "assistant"]
-    content: str | list[Block]
+    role: Literal["user"]
+    content: str | list[Annotated[TextBlock | ToolResultBlock, Field(discriminator="type")]]
+
+
+class AssistantMessage(BaseModel):
+    model_config = _WIRE
+    role: Literal["assistant"]
+    content: str | list[Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]]
+
+
+Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class Tool(BaseModel):
@@ -76,11 +75,20 @@ class Tool(BaseModel):
     input_schema: dict[str, Any]
 
 
-class ToolChoice(BaseModel):
+class AnyToolChoice(BaseModel):
     model_config = _WIRE
-    type: Literal["auto", "any", "tool", "none"]
-    name: str | None = None
+    type: Literal["auto", "any", "none"]
     disable_parallel_tool_use: bool | None = None
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _WIRE
+    type: Literal["tool"]
+    name: str = Field(min_length=1)
+    disable_parallel_tool_use: bool | None = None
+
+
+ToolChoice = Annotated[AnyToolChoice | NamedToolChoice, Field(discriminator="type")]
 
 
 class Metadata(BaseModel):
@@ -115,8 +123,8 @@ class MessagesRequest(BaseModel):
         if self.system:
             system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
             messages.append({"role": "system", "content": system})
-        for i, m in enumerate(self.messages):
-            messages.extend(_chat_messages(m, i))
+        for m in self.messages:
+            messages.extend(_chat_messages(m))
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
                                 "stream": bool(self.stream)}
         if self.stream:
@@ -139,26 +147,19 @@ class MessagesRequest(BaseModel):
         return ChatCompletionRequest.model_validate(body)
 
 
-def _chat_messages(m: Message, i: int) -> list[dict[str, Any]]:
+def _chat_messages(m: UserMessage | AssistantMessage) -> list[dict[str, Any]]:
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    for j, block in enumerate(m.content):
-        where = f"messages.{i}.content.{j}"
-        if isinstance(block, UnsupportedBlock):
-            raise ValueError(f"{where}: content blocks of type {block.type!r} are not supported by this gateway")
+    for block in m.content:
         if isinstance(block, TextBlock):
             texts.append(block.text)
         elif isinstance(block, ToolUseBlock):
-            if m.role != "assistant":
-                raise ValueError(f"{where}: tool_use blocks belong to assistant turns")
             tool_calls.append({"id": block.id, "type": "function", "function": {
                 "name": block.name, "arguments": json.dumps(block.input, separators=(",", ":"))}})
         else:
-            if m.role != "user":
-                raise ValueError(f"{where}: tool_result blocks belong to user turns")
             results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
     out = list(results)
     if m.role == "assistant":
@@ -171,10 +172,8 @@ def _chat_messages(m: Message, i: int) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
-    if choice.type == "tool":
-        if not choice.name:
-            raise ValueError("tool_choice: type 'tool' needs a name")
+def _tool_choice(choice: AnyToolChoice | NamedToolChoice) -> str | dict[str, Any]:
+    if isinstance(choice, NamedToolChoice):
         return {"type": "function", "function": {"name": choice.name}}
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 

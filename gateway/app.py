@@ -198,10 +198,11 @@ def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     limits = settings.limits
     components = schema.get("components", {}).get("schemas", {})
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest", "MessagesRequest"):
         props = components.get(name, {}).get("properties", {})
         for field, maximum in (("n", limits.max_n), ("max_tokens", limits.max_completion_tokens),
-                               ("max_completion_tokens", limits.max_completion_tokens)):
+                               ("max_completion_tokens", limits.max_completion_tokens),
+                               ("max_output_tokens", limits.max_completion_tokens)):
             for branch in props.get(field, {}).get("anyOf", [props.get(field, {})]):
                 if branch.get("type") == "integer":
                     branch["maximum"] = min(branch.get("maximum", maximum), maximum)

@@ -32,9 +32,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 ERROR_RESPONSES["4XX"] = {"model": ErrorResponse, "description": "other client errors, OpenAI envelope"}
 
 
-def stream_response_doc(schema_ref: str) -> dict[str, Any]:
+def stream_response_doc(schema_ref: str, ending: str = "`data: [DONE]`") -> dict[str, Any]:
     return {"description": "JSON body, or with `stream: true` a `text/event-stream` of `data: <chunk>` events "
-                           f"({schema_ref}) ending with `data: [DONE]`",
+                           f"({schema_ref}) ending with {ending}",
             "content": {"text/event-stream": {"schema": {
                 "type": "object", "description": "one server-sent event", "required": ["data"],
                 "properties": {"data": {"type": "string", "description": f"JSON of a {schema_ref}, or [DONE]"},

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from gateway.anthropic import ErrorResponse, MessageResponse, MessagesRequest
 from gateway.errors import InvalidRequest
 from gateway.pipeline import Execution, Job, Pipeline
-from gateway.routes.common import chat_job, respond, validation_message
+from gateway.routes.common import chat_job, respond, stream_response_doc, validation_message
 from gateway.routes.deps import get_pipeline
 from gateway.streaming import MessagesShaper
 
@@ -24,8 +24,7 @@ _ERRORS["4XX"] = {"model": ErrorResponse, "description": "other client errors, A
 
 
 @router.post("/v1/messages", response_model=MessageResponse, tags=["anthropic"],
-             responses={200: {"description": "a message, or with `stream: true` Anthropic's SSE event sequence",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_ERRORS},
+             responses={200: stream_response_doc("Anthropic Messages event", "`event: message_stop`"), **_ERRORS},
              summary="Create a message (Anthropic Messages API; model 'auto' routes)")
 async def create_message(body: MessagesRequest, request: Request, pipeline: Pipeline = Depends(get_pipeline)) -> Response:
     return await messages(pipeline, body, request)

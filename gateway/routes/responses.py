@@ -24,7 +24,7 @@ router = APIRouter()
 
 
 @router.post("/v1/responses", response_model=ResponseObject, tags=["openai"],
-             responses={200: stream_response_doc("response event"), **ERROR_RESPONSES},
+             responses={200: stream_response_doc("Responses API event", "`response.completed` or `response.incomplete`"), **ERROR_RESPONSES},
              summary="Create a response (Responses API; model 'auto' routes)")
 async def create_response(body: ResponsesRequest, request: Request,
                           pipeline: Pipeline = Depends(get_pipeline)) -> Response:
