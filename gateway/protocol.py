@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from routers.text import content_text
+
 INT64_MAX = 2**63 - 1
 
 
@@ -41,11 +43,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+        return content_text(self.content)
 
     def to_backend(self) -> dict[str, Any]:
         """The message as backends see it: content flattened to one string."""

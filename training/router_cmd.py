@@ -118,7 +118,7 @@ def _arrays(rows: list[RoutingRow]) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_router(args: argparse.Namespace) -> int:
     from routers import artifact
-    from routers.scorers import Router
+    from routers.router import Router
 
     _single_thread()
     art = artifact.load(args.model, kind="router")
@@ -233,7 +233,7 @@ def _eval_nmodel(args: argparse.Namespace, art) -> int:
 
 def calibrate(args: argparse.Namespace) -> int:
     from routers import artifact
-    from routers.scorers import Router
+    from routers.router import Router
 
     _single_thread()
     router = Router.load(args.model)
