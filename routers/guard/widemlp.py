@@ -24,6 +24,30 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class TfidfRows:
+    """TF-IDF rows of some texts in CSR layout (sorted columns per row), without building a scipy matrix:
+    one query's row costs what ``HashedTfidf.transform_one`` costs."""
+
+    indices: np.ndarray  # int64 column ids, row after row
+    data: np.ndarray  # float32 values
+    indptr: np.ndarray  # int64 [num_rows + 1]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def of(cls, featurizer: HashedTfidf, texts: Sequence[str]) -> TfidfRows:
+        rows = [featurizer.transform_one(t) for t in texts]
+        if len(rows) == 1:
+            return cls(rows[0][0], rows[0][1], np.array([0, len(rows[0][0])], dtype=np.int64))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c, _ in rows], out=indptr[1:])
+        return cls(np.concatenate([c for c, _ in rows]) if rows else np.zeros(0, np.int64),
+                   np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32), indptr)
+
+
 @dataclass
 class WideMLP:
     """TF-IDF-weighted embedding bag → ReLU → linear; numpy at serve time.
@@ -48,46 +72,46 @@ class WideMLP:
     coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
 
     # -- evidence -------------------------------------------------------------------------------------
-    def rows(self, texts: Sequence[str], cache: dict | None = None) -> Any:
-        """The texts' TF-IDF rows (csr); ``cache`` (one dict per call, shared by the members) keeps them
-        per featurizer, so seeds fitted on the same texts transform once."""
+    def rows(self, texts: Sequence[str], cache: dict | None = None) -> TfidfRows:
+        """The texts' TF-IDF rows; ``cache`` (one dict per call, shared by the members) keeps them per
+        featurizer, so seeds fitted on the same texts transform once."""
         if cache is None:
-            return self.featurizer.transform(texts)
+            return TfidfRows.of(self.featurizer, texts)
         key = ("tfidf", id(self.featurizer))
         if key not in cache:
-            cache[key] = self.featurizer.transform(texts)
+            cache[key] = TfidfRows.of(self.featurizer, texts)
         return cache[key]
 
-    def hidden_of(self, X: Any) -> np.ndarray:
+    def hidden_of(self, X: TfidfRows) -> np.ndarray:
         """Hidden activations [n, hidden] of TF-IDF rows. One row is a gather of ``w_in``'s kept rows (the
         serving path: no sparse matrix product), several a sparse product; the two agree to float32
         rounding."""
         rows = self.col_map[X.indices]
         keep = rows >= 0
-        if X.shape[0] == 1:
+        if X.num_rows == 1:
             return np.maximum(X.data[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
         from scipy.sparse import csr_matrix
 
-        kept_per_row = np.zeros(X.shape[0], dtype=np.int64)
+        kept_per_row = np.zeros(X.num_rows, dtype=np.int64)
         nz = np.diff(X.indptr) > 0
-        if X.nnz:
+        if len(X.data):
             kept_per_row[nz] = np.add.reduceat(keep.astype(np.int64), X.indptr[:-1][nz])
         indptr = np.concatenate([[0], np.cumsum(kept_per_row)]).astype(np.int64)
-        Xc = csr_matrix((X.data[keep], rows[keep], indptr), shape=(X.shape[0], self.w_in.shape[0]))
+        Xc = csr_matrix((X.data[keep], rows[keep], indptr), shape=(X.num_rows, self.w_in.shape[0]))
         return np.maximum(np.asarray(Xc @ self.w_in) + self.b_in, 0.0).astype(np.float32)
 
     def hidden(self, texts: Sequence[str]) -> np.ndarray:
-        return self.hidden_of(self.featurizer.transform(texts))
+        return self.hidden_of(TfidfRows.of(self.featurizer, texts))
 
-    def tfknn(self, X: Any, cache: dict | None = None) -> np.ndarray:
+    def tfknn(self, X: TfidfRows, cache: dict | None = None) -> np.ndarray:
         """The ``tfknn`` evidence [n] of TF-IDF rows (needs ``ref_tf``): the mean of the ``knn_k`` largest
         dot products of each row's top ``tfknn_terms`` n-grams with the reference rows. Kept in ``cache``."""
         key = ("tfknn", id(self))
         if cache is not None and key in cache:
             return cache[key]
-        out = np.empty(X.shape[0], dtype=np.float32)
-        for start in range(0, X.shape[0], 256):  # 256 rows of similarities at a time
-            stop = min(start + 256, X.shape[0])
+        out = np.empty(X.num_rows, dtype=np.float32)
+        for start in range(0, X.num_rows, 256):  # 256 rows of similarities at a time
+            stop = min(start + 256, X.num_rows)
             sims = np.empty((stop - start, self.ref_tf.shape[1]), dtype=np.float32)
             for i in range(start, stop):
                 a, b = X.indptr[i], X.indptr[i + 1]
