@@ -13,9 +13,9 @@ from routers.features import HashedTfidf
 from routers.guard.knn import CoarseRanking, knn, normalize_rows, topk_mean
 from routers.guard.sparse import sparse_rows_dot, top_terms
 
-# ``msp`` (the largest domain probability) is computed for every member by the guard itself; "energy"
-# and "maha" exist for experiments (training/guard_select.py) and run only when a rule combines them.
-WIDEMLP_EVIDENCE = ("knn", "tfknn", "energy", "maha")
+# ``msp`` (the largest domain probability) is computed for every member by the guard itself; "energy" and
+# "maha" exist for experiments and live with them (training/guard_select.py experiment_evidence).
+WIDEMLP_EVIDENCE = ("knn", "tfknn")
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -66,8 +66,10 @@ class WideMLP:
     reference: np.ndarray  # float32 [n_ref, hidden], unit rows
     knn_k: int = 10
     ref_tf: Any = None  # optional scipy csr [n_features, n_ref]: TF-IDF rows of the reference set, transposed
-    class_means: np.ndarray | None = None  # float32 [n_domains, hidden]: for "maha" evidence
-    precision: np.ndarray | None = None  # float32 [hidden, hidden]: inverse shared covariance, for "maha"
+    # class means and inverse shared covariance in hidden space, for the experiments' "maha" evidence
+    # (stored with the artifact; serving never reads them)
+    class_means: np.ndarray | None = None  # float32 [n_domains, hidden]
+    precision: np.ndarray | None = None  # float32 [hidden, hidden]
     tfknn_terms: int = 0  # "tfknn" uses a text's this many highest-weighted n-grams (0: all of them)
     coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
 
@@ -125,7 +127,7 @@ class WideMLP:
     def evidence(self, texts: Sequence[str], wanted: Collection[str] | None = None, cache: dict | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(class probabilities [n, C], {component: in-domain score [n]}) for the components in ``wanted``
-        (None: every one this member can compute — training and selection ask for that)."""
+        (None: every one of ``WIDEMLP_EVIDENCE`` — training asks for that)."""
         wanted = WIDEMLP_EVIDENCE if wanted is None else wanted
         X = self.rows(texts, cache)
         h = self.hidden_of(X)
@@ -134,15 +136,10 @@ class WideMLP:
             comps["knn"] = knn(normalize_rows(h), self.reference, self.knn_k, self.coarse)
         if "tfknn" in wanted and self.ref_tf is not None:
             comps["tfknn"] = self.tfknn(X, cache)
-        logits = h @ self.w_out + self.b_out
-        if "energy" in wanted:  # logsumexp of the logits: higher = more in-domain
-            m = logits.max(axis=1, keepdims=True)
-            comps["energy"] = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))).astype(np.float32)
-        if "maha" in wanted and self.class_means is not None and self.precision is not None:
-            d = h[:, None, :] - self.class_means[None, :, :]  # [n, C, H]; minus the smallest Mahalanobis
-            dist = ((d @ self.precision) * d).sum(axis=2)  # d P d^T per class (einsum's path search cost more)
-            comps["maha"] = (-dist.min(axis=1)).astype(np.float32)
-        return softmax(logits), comps
+        return softmax(self.logits_of(h)), comps
+
+    def logits_of(self, h: np.ndarray) -> np.ndarray:
+        return h @ self.w_out + self.b_out
 
     # -- artifact -------------------------------------------------------------------------------------
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

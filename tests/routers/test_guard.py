@@ -278,16 +278,20 @@ def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
 
 
 def test_evidence_components(seeded_guard):
-    """Training asks for every component; serving computes only those its rule combines (the experiments'
-    ``energy`` and ``maha`` are not among them here)."""
+    """Serving computes the evidence its rule combines; the experiments' ``energy`` and ``maha`` live in
+    training (``experiment_evidence``) and never run in serving."""
+    from training.guard_select import experiment_evidence
+
     texts = ["How do I sue my landlord?", "Det regner."]
-    probs, comps = seeded_guard.members["widemlp"].evidence(texts)
-    assert {"knn", "tfknn", "energy", "maha"} <= set(comps)
+    wide = seeded_guard.members["widemlp"]
+    probs, comps = wide.evidence(texts)
+    assert set(comps) == {"knn", "tfknn"}
     assert probs.shape == (2, 3) and all(v.shape == (2,) for v in comps.values())
     assert seeded_guard.evidence_wanted("widemlp") == {"knn", "tfknn"}
-    _, served = seeded_guard.members["widemlp"].evidence(texts, seeded_guard.evidence_wanted("widemlp"))
-    assert set(served) == {"knn", "tfknn"}
-    assert all(np.array_equal(served[c], comps[c]) for c in served)
+    _, served = wide.evidence(texts, {"tfknn"})
+    assert set(served) == {"tfknn"} and np.array_equal(served["tfknn"], comps["tfknn"])
+    extra = experiment_evidence(wide, texts)
+    assert set(extra) == {"energy", "maha"} and all(v.shape == (2,) for v in extra.values())
 
 
 def test_guard_format_versions(guard, tmp_path):
