@@ -11,7 +11,6 @@ Nothing is loaded at import time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -21,20 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from routers.artifact import sha256_file
+
 EMBEDDING_DIM = 384
 GRAPHS = ("hf", "single")  # MiniLMEmbedder(graph=...): the exported ONNX graph
 
 
 class EncoderNotPrepared(ValueError):
     """The ONNX graph an embedder needs was never exported (serving does not export)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class MiniLMEmbedder:
@@ -134,7 +127,7 @@ class MiniLMEmbedder:
         if self.requested_backend != "torch" and self.onnx_file is None:
             path = self.onnx_path()
             record = path.with_suffix(".json")
-            source_sha = _sha256(self.model_dir / "model.safetensors")
+            source_sha = sha256_file(self.model_dir / "model.safetensors")
             if force or _record(path).get("source_sha256") != source_sha:
                 self._export_onnx(path, record, source_sha)
         return self.load()
@@ -230,7 +223,7 @@ class MiniLMEmbedder:
                 quantize_dynamic(str(tmp), str(q_tmp), weight_type=QuantType.QInt8)
             os.replace(q_tmp, tmp)
         rec_tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        rec_tmp.write_text(json.dumps({"source_sha256": source_sha, "onnx_sha256": _sha256(tmp),
+        rec_tmp.write_text(json.dumps({"source_sha256": source_sha, "onnx_sha256": sha256_file(tmp),
                                        "max_length": self.max_length}, indent=2))
         os.replace(tmp, path)
         os.replace(rec_tmp, record)
@@ -343,7 +336,7 @@ def _record(path: Path) -> dict[str, Any]:
         rec = json.loads(record.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return rec if rec.get("onnx_sha256") == _sha256(path) else {}
+    return rec if rec.get("onnx_sha256") == sha256_file(path) else {}
 
 
 def encoder_files(embedder: MiniLMEmbedder, prefix: str) -> dict[str, Path]:

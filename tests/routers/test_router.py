@@ -7,15 +7,8 @@ import pytest
 
 from routers.artifact import ArtifactError
 from routers.router import Router
-from tests.routers.test_scorers import _rows
+from tests.routers.conftest import routing_rows
 from training.fit import TrainConfig, fit_router
-
-
-@pytest.fixture(scope="module")
-def trained():
-    rows = _rows(1200)
-    router = fit_router(rows, TrainConfig(kind="tfidf_ridge", eval_fraction=0.2, strong_share=0.4))
-    return router, rows
 
 
 def test_artifact_round_trip(trained, tmp_path):
@@ -38,7 +31,7 @@ def test_load_errors(tmp_path):
 
 def test_knn_with_real_minilm_round_trip(tmp_path):
     """The MiniLM kinds end to end on the bundled all-MiniLM-L6-v2 (short prompts keep it quick)."""
-    rows = _rows(240, seed=7)
+    rows = routing_rows(240, seed=7)
     router = fit_router(rows, TrainConfig(kind="knn", strong_share=0.4))
     texts = ["please explain the eigenvalue of this matrix", "what color is the fruit"]
     s = router.score_batch(texts)

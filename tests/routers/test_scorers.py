@@ -11,21 +11,13 @@ from routers.scorers import (
     choose_model,
     make_scorer,
 )
+from tests.routers.conftest import routing_rows
 from tests.training.router_synth import HARD, synth_rows
 from training.data import parse_routing_row
 from training.evaluate import metrics, oracle_scores
 from training.fit import TrainConfig, fit_router
 
-
-def _rows(n, seed=0):
-    return [parse_routing_row(r, f"synth:{i}") for i, r in enumerate(synth_rows(n, seed=seed))]
-
-
-@pytest.fixture(scope="module")
-def trained():
-    rows = _rows(1200)
-    router = fit_router(rows, TrainConfig(kind="tfidf_ridge", eval_fraction=0.2, strong_share=0.4))
-    return router, rows
+_rows = routing_rows
 
 
 def _eval(router, rows):
