@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from routers import artifact
 from routers.artifact import ArtifactError
 from routers.router import Router
 from tests.routers.conftest import routing_rows
@@ -42,6 +43,9 @@ def test_knn_with_real_minilm_round_trip(tmp_path):
     manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"encoder.minilm.onnx", "encoder.tokenizer.json"}  # serving never exports
     assert loaded.feats.embedder.graph_file() == tmp_path / "k" / "encoder.minilm.onnx"
+    artifact.update_meta(tmp_path / "k", threshold=0.25)  # `switchyard calibrate` rewrites the folder in place
+    assert Router.load(tmp_path / "k").threshold == 0.25
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
     del manifest["files"]  # an artifact written before artifacts shipped their encoder
     (tmp_path / "k" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="ships no encoder graph.*switchyard artifact add-encoder"):
