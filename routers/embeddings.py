@@ -51,7 +51,8 @@ class MiniLMEmbedder:
       ``"single"`` (int8 only; the default there) exports a graph for one unpadded text — ids in, unit
       pooled vector out, no mask, shape or padding ops — which ONNX Runtime runs ~35 % faster. The two
       compute the same function (cosine ≥ 0.995 between their int8 outputs, from int8 rounding).
-      Artifacts record the graph; an older artifact without it loads with ``"hf"``.
+      Artifacts record the graph (an older one without the record means ``"hf"``: what
+      ``switchyard artifact add-encoder`` exports for it).
     - Loading is lazy (first ``encode``) and guarded by a lock; ``encode`` is thread-safe afterwards.
     """
 
