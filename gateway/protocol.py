@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from routers.text import content_text
+
 # I-JSON (RFC 7493): integers beyond ±(2**53 - 1) are not exact in every JSON parser (schema checkers
 # included), so a seed lives in that range.
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -69,11 +71,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+        return content_text(self.content)
 
     def to_backend(self) -> dict[str, Any]:
         """The message as backends see it: content flattened to one string."""

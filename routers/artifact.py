@@ -5,14 +5,18 @@ Layout of an artifact folder::
     manifest.json   {"schema_version", "kind", "created", "switchyard_version", "meta": {...}}
     arrays.npz      named numpy arrays (weights, centroids, ...), loaded without pickle
     MODEL_CARD.md   human-readable summary written from ``meta`` (training data, metrics, thresholds)
+    <name>          files the model ships as they are (an exported ONNX encoder graph, its tokenizer),
+                    each listed with its sha256 under the manifest's ``"files"``
 
 ``meta`` is free-form JSON owned by the model kind (featurizer spec, thresholds, label set, training
-data summary, metrics). ``load`` checks ``schema_version`` and ``kind`` and raises ``ArtifactError`` with
-a message that says what to do (retrain or upgrade) — never a KeyError deep inside a model.
+data summary, metrics). ``load`` checks ``schema_version``, ``kind`` and every shipped file's sha256 and
+raises ``ArtifactError`` with a message that says what to do (retrain or upgrade) — never a KeyError deep
+inside a model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -38,6 +42,7 @@ class Artifact:
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    files: dict[str, Path] = field(default_factory=dict)  # name in the folder → where its bytes are now
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp folder + rename); an existing artifact at ``path`` is replaced."""
@@ -54,13 +59,28 @@ class Artifact:
             "switchyard_version": __version__,
             "meta": self.meta,
         }
+        if self.files:
+            manifest["files"] = {}
+            for name, src in sorted(self.files.items()):
+                assert "/" not in name and name not in (MANIFEST, ARRAYS, CARD), f"bad artifact file name {name!r}"
+                shutil.copyfile(src, tmp / name)
+                manifest["files"][name] = sha256_file(tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default))
         np.savez(tmp / ARRAYS, **self.arrays)
         (tmp / CARD).write_text(model_card(self))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+        self.files = {name: out / name for name in self.files}
         return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _json_default(o: Any) -> Any:
@@ -105,7 +125,16 @@ def load(path: str | Path, kind: str | None = None) -> Artifact:
                 arrays = {k: z[k] for k in z.files}
         except (ValueError, OSError) as e:
             raise ArtifactError(f"{apath}: corrupt arrays file ({e})") from None
-    return Artifact(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays, schema_version=version)
+    files = {}
+    for name, sha in (manifest.get("files") or {}).items():
+        fpath = folder / name
+        if not fpath.is_file():
+            raise ArtifactError(f"artifact {str(folder)!r} is missing its file {name!r}; copy the whole folder")
+        if sha256_file(fpath) != sha:
+            raise ArtifactError(f"{fpath}: sha256 differs from the manifest's (corrupt or replaced file)")
+        files[name] = fpath
+    return Artifact(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays, schema_version=version,
+                    files=files)
 
 
 def update_meta(path: str | Path, **updates: Any) -> Artifact:
@@ -122,5 +151,7 @@ def model_card(art: Artifact) -> str:
         if key in art.meta:
             lines += [f"## {key}", "", "```json", json.dumps(art.meta[key], indent=2, default=_json_default),
                       "```", ""]
+    if art.files:
+        lines += ["## files", ""] + [f"- `{name}`" for name in sorted(art.files)] + [""]
     lines += ["## arrays", ""] + [f"- `{k}`: {v.dtype} {tuple(v.shape)}" for k, v in sorted(art.arrays.items())]
     return "\n".join(lines) + "\n"

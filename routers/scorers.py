@@ -1,4 +1,4 @@
-"""Scorers: P(the weak model's answer is good enough | prompt), and the serving ``Router``.
+"""Scorers: P(the weak model's answer is good enough | prompt); the serving ``Router`` is ``routers.router``.
 
 Every scorer maps texts to a number where **higher = keep on the weak model (SLM)**; the learned ones
 are Platt-calibrated so the number is a probability that the weak answer scores at least as well as the
@@ -17,8 +17,8 @@ Kinds (``SCORERS``; ``make_scorer(kind)`` raises ValueError listing them):
 - ``knn``           MiniLM embedding → similarity-weighted mean gain of the k nearest training prompts
 - ``ensemble``      mean of standardised member predictions (tfidf_ridge + minilm_mlp + knn by default)
 
-Serving code needs numpy only (plus ONNX Runtime when a MiniLM kind is used); training uses
-scikit-learn / torch and is imported lazily inside ``fit``.
+Serving code needs numpy only (plus ONNX Runtime when a MiniLM kind is used: the artifact ships the graph);
+training uses scikit-learn / torch and is imported lazily inside ``fit``. Nothing here imports ``training``.
 
 ``NModelScorer`` is the N-model variant: one ridge head per model predicting that model's score, and
 ``choose(text, prices, tolerance)`` picks the cheapest model whose predicted score is within
@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +71,9 @@ class Platt:
 
 
 class Featurizers:
-    """Holds the featurizers a scorer tree needs; one MiniLM per process."""
+    """Holds the featurizers a scorer tree needs: the TF-IDF and, for the MiniLM kinds, the embedder (a
+    trained router's ships inside its artifact; training prepares one with ``MiniLMEmbedder.prepare``).
+    Each cuts a text to its first ``FEATURE_MAX_CHARS`` characters."""
 
     def __init__(self, tfidf=None, embedder=None) -> None:
         self.tfidf = tfidf
@@ -81,10 +82,14 @@ class Featurizers:
     @property
     def embedder(self):
         if self._embedder is None:
-            from routers.features import MiniLMEmbedder
+            from routers.embeddings import MiniLMEmbedder
 
-            self._embedder = MiniLMEmbedder(num_threads=1)
+            self._embedder = MiniLMEmbedder(num_threads=1)  # the prepared default graph, if any
         return self._embedder
+
+    @property
+    def has_embedder(self) -> bool:
+        return self._embedder is not None
 
     def tfidf_rows(self, texts: Sequence[str]):
         return self.tfidf.transform([t[:FEATURE_MAX_CHARS] for t in texts])
@@ -123,6 +128,10 @@ class Scorer:
 
     def score_batch(self, texts: Sequence[str], feats: Featurizers) -> np.ndarray:
         return self.platt(self.raw_batch(texts, feats))
+
+    def score_one(self, text: str, feats: Featurizers) -> float:
+        """``score_batch`` of one text (kinds with a faster single-text path override it)."""
+        return float(self.score_batch([text], feats)[0])
 
     def calibrate(self, texts: Sequence[str], gain: np.ndarray, feats: Featurizers) -> None:
         self.platt = Platt.fit(self.raw_batch(texts, feats), np.asarray(gain) <= 0)
@@ -293,12 +302,11 @@ class SourceRidgeScorer(Scorer):
     def _head_alpha(self, num_rows: int, num_source_rows: int) -> float:
         return self.alpha * math.sqrt(num_rows / num_source_rows)
 
-    def _own_head_wins(self, x, gain: np.ndarray, label: np.ndarray, seed: int) -> dict[str, bool]:
+    def _own_head_wins(self, x, gain: np.ndarray, label: np.ndarray, seed: int,
+                       head_apgr: Callable[[np.ndarray, np.ndarray], float]) -> dict[str, bool]:
         """Per class: does its own head beat the all-rows ridge on its rows, out of fold, by the margin?"""
         from sklearn.linear_model import Ridge
         from sklearn.model_selection import KFold
-
-        from training.evaluate import apgr, curve
 
         classes = [c for c in self.classes if c != self.OTHER]
         total = {c: [0.0, 0.0] for c in classes}  # [own, all-rows] summed APGR
@@ -308,12 +316,14 @@ class SourceRidgeScorer(Scorer):
             for c in classes:
                 a, b = tr[label[tr] == c], te[label[te] == c]
                 own = Ridge(alpha=self._head_alpha(len(tr), len(a))).fit(x[a], gain[a])
-                zero = np.zeros(len(b))
-                total[c][0] += apgr(curve(-own.predict(x[b]), gain[b], zero))
-                total[c][1] += apgr(curve(-glob.predict(x[b]), gain[b], zero))
+                total[c][0] += head_apgr(-own.predict(x[b]), gain[b])
+                total[c][1] += head_apgr(-glob.predict(x[b]), gain[b])
         return {c: (own - other) / self.select_folds >= self.select_margin for c, (own, other) in total.items()}
 
-    def fit(self, texts, gain, feats, seed=0, sources: Sequence[str] | None = None):
+    def fit(self, texts, gain, feats, seed=0, sources: Sequence[str] | None = None,
+            head_apgr: Callable[[np.ndarray, np.ndarray], float] | None = None):
+        """``sources``: one per row; ``head_apgr(scores, gain)``: the APGR of scores on rows whose weak score
+        is 0 and strong score ``gain`` (``training.fit`` passes ``training.evaluate``'s)."""
         from sklearn.linear_model import LogisticRegression, Ridge
 
         if sources is None or len(sources) != len(texts):
@@ -325,7 +335,9 @@ class SourceRidgeScorer(Scorer):
         headed = [str(n) for n, c in zip(names, counts, strict=True) if c >= self.min_source_rows]
         label = np.where(np.isin(src, headed), src, self.OTHER)
         self.classes = sorted(set(label.tolist()))
-        wins = self._own_head_wins(x, gain, label, seed) if len(self.classes) >= 2 else {}
+        if len(self.classes) >= 2 and head_apgr is None:
+            raise ValueError("tfidf_source_ridge needs head_apgr to choose between heads (training.fit passes it)")
+        wins = self._own_head_wins(x, gain, label, seed, head_apgr) if len(self.classes) >= 2 else {}
         self.head_of = {c: "source" if wins.get(c) else "all" for c in self.classes}
         glob = Ridge(alpha=self.alpha).fit(x, gain)
         heads, biases, index = [-np.asarray(glob.coef_, dtype=np.float64)], [-float(glob.intercept_)], []
@@ -617,92 +629,6 @@ def scorer_from_state(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Sc
     s = SCORERS[kind]()
     s._load(meta, arrays)
     return s
-
-
-# --------------------------------------------------------------------------------------------------
-# serving
-# --------------------------------------------------------------------------------------------------
-
-
-class Router:
-    """A trained router as the gateway uses it.
-
-    - ``score(text) -> float``: P(SLM answer good enough), in [0, 1]; higher = keep on the SLM.
-    - ``threshold``: requests scoring below it go to the LLM (calibrated: ``switchyard calibrate``).
-    - ``cascade_min_mean_logprob`` / ``cascade_min_token_logprob``: the cascade thresholds calibrated
-      on held-out SLM answers, or None when the artifact has none.
-    - ``prices``: per-model USD per 1k requests (``{"slm": x, "llm": y}``) recorded at train time, or {}.
-    Thread-safe after ``load``; ``score`` is synchronous and CPU-only.
-    """
-
-    def __init__(self, scorer: Scorer, feats: Featurizers, meta: dict[str, Any]) -> None:
-        self.scorer = scorer
-        self.feats = feats
-        self.meta = meta
-        self.threshold = float(meta.get("threshold", 0.5))
-        cascade = meta.get("cascade") or {}
-        self.cascade_min_mean_logprob: float | None = cascade.get("min_mean_logprob")
-        self.cascade_min_token_logprob: float | None = cascade.get("min_token_logprob")
-        self.prices: dict[str, float] = dict(meta.get("prices") or {})
-
-    @property
-    def kind(self) -> str:
-        return self.scorer.kind
-
-    @classmethod
-    def load(cls, path: str | Path) -> Router:
-        from routers import artifact
-
-        art = artifact.load(path, kind=ROUTER_KIND)
-        if (art.meta.get("scorer") or {}).get("kind") == "nmodel":
-            raise artifact.ArtifactError(f"{str(path)!r} is an N-model router; load it with NModelScorer.from_state")
-        try:
-            return cls.from_artifact(art)
-        except (KeyError, ValueError) as e:
-            raise artifact.ArtifactError(f"router artifact {str(path)!r} is malformed: {e}; retrain it") from None
-
-    @classmethod
-    def from_artifact(cls, art) -> Router:
-        meta = art.meta
-        smeta = meta["scorer"]
-        sarrays = {k[len("scorer."):]: v for k, v in art.arrays.items() if k.startswith("scorer.")}
-        scorer = scorer_from_state(smeta, sarrays)
-        tfidf = None
-        if "featurizer" in meta and meta["featurizer"]:
-            from routers.features import HashedTfidf
-
-            tfidf = HashedTfidf.from_state(meta["featurizer"], {"idf": art.arrays["tfidf.idf"]})
-        return cls(scorer, Featurizers(tfidf=tfidf), meta)
-
-    def to_artifact(self):
-        from routers.artifact import Artifact
-
-        smeta, sarrays = self.scorer.state()
-        meta = dict(self.meta)
-        meta["scorer"] = smeta
-        meta["threshold"] = self.threshold
-        arrays = {f"scorer.{k}": v for k, v in sarrays.items()}
-        if self.feats.tfidf is not None:
-            fmeta, farrays = self.feats.tfidf.state()
-            meta["featurizer"] = fmeta
-            arrays["tfidf.idf"] = farrays["idf"]
-        else:
-            meta["featurizer"] = None
-        return Artifact(kind=ROUTER_KIND, meta=meta, arrays=arrays)
-
-    def save(self, path: str | Path) -> Path:
-        return self.to_artifact().save(path)
-
-    def score(self, text: str) -> float:
-        if isinstance(self.scorer, _Linear | SourceRidgeScorer):
-            return self.scorer.score_one(text, self.feats)
-        return float(self.scorer.score_batch([text], self.feats)[0])
-
-    def score_batch(self, texts: Sequence[str]) -> np.ndarray:
-        return self.scorer.score_batch(list(texts), self.feats)
-
-    def routes_to_strong(self, score: float) -> bool:
-        return score < self.threshold
 
 
 # --------------------------------------------------------------------------------------------------

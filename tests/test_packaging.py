@@ -1,12 +1,13 @@
-"""Serving needs only the core dependencies of pyproject.toml.
+"""A gateway whose pools are all remote installs the core dependencies of pyproject.toml only, and serves.
 
-The Docker image installs the core dependencies, the ``gpu`` extra and the weight packages its Dockerfile
-names, nothing else. The test starts a fresh process in which every other installed distribution (the
-``train`` and ``test`` extras: scikit-learn, matplotlib, pytest, ...) is unimportable, with an empty
-``SWITCHYARD_HOME`` (so MiniLM's ONNX graphs are exported anew, as in a new container). There it builds
-the gateway's pipeline from a config that names a guard (ensemble) and a router artifact, classifies,
-scores, and embeds for the example cache. A module needed from outside that set is a gateway that fails
-in the image."""
+The Dockerfile's ``gateway`` image installs the core dependencies and the MiniLM weight package (its
+tokenizer), nothing else: no torch, transformers, onnx, gguf or accelerate (the ``engine`` extra). The test
+prepares MiniLM's ONNX graph as ``switchyard models prepare`` does (the image copies it from a build stage),
+then starts a fresh process in which every other installed distribution (the ``engine``, ``gpu``,
+``train`` and ``test`` extras) is unimportable. There it builds the gateway's pipeline from a config that
+names a guard (ensemble: its artifact ships its MiniLM graph) and a router artifact, classifies, scores,
+and embeds for the example cache — without exporting anything. A module needed from outside that set is a
+gateway that fails in the image."""
 
 import importlib.metadata as md
 import json
@@ -41,7 +42,7 @@ before = set(sys.modules)
 from gateway.app import create_app
 from gateway.pipeline import Pipeline
 from gateway.settings import load_settings
-from routers.features import MiniLMEmbedder
+from routers.embeddings import MiniLMEmbedder
 
 settings = load_settings(sys.argv[2], environ={})
 pipe = Pipeline.build(settings)  # loads both artifacts; pools start later, in start()
@@ -63,12 +64,18 @@ example_cache: {enabled: true, backend: memory}
 """
 
 
+def _gateway_stage() -> str:
+    """The Dockerfile's ``gateway`` stage (up to the next FROM)."""
+    text = (ROOT / "Dockerfile").read_text()
+    stage = text[text.index("AS gateway\n"):]
+    return stage[: stage.index("\nFROM ")] if "\nFROM " in stage else stage
+
+
 def _image_closure() -> set[str]:
-    """Canonical names of the core dependencies, the ``gpu`` extra and, recursively, of what they require
-    (markers and extras evaluated for this interpreter), plus the packages the Dockerfile pins itself."""
+    """Canonical names of the core dependencies and, recursively, of what they require (markers and extras
+    evaluated for this interpreter), plus the packages the Dockerfile's gateway stage pins itself."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    todo = [r for r in map(Requirement, project["dependencies"] + project["optional-dependencies"]["gpu"])
-            if r.marker is None or r.marker.evaluate({"extra": ""})]
+    todo = [r for r in map(Requirement, project["dependencies"]) if r.marker is None or r.marker.evaluate({"extra": ""})]
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         req = todo.pop()
@@ -80,7 +87,7 @@ def _image_closure() -> set[str]:
             r = Requirement(sub)
             if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
                 todo.append(r)
-    pinned = re.findall(r"([A-Za-z0-9_.-]+)==", (ROOT / "Dockerfile").read_text())  # the weight packages
+    pinned = re.findall(r"([A-Za-z0-9_.-]+)==", _gateway_stage())  # the MiniLM weight package
     return {name for name, _ in seen} | {canonicalize_name(p) for p in pinned}
 
 
@@ -89,7 +96,8 @@ def test_serving_needs_only_what_the_image_installs(tmp_path):
     owners = md.packages_distributions()
     blocked = sorted(m for m, dists in owners.items()
                      if m not in OWN and not any(canonicalize_name(d) in closure for d in dists))
-    assert {"sklearn", "matplotlib", "pytest"} <= set(blocked)
+    assert {"sklearn", "matplotlib", "pytest", "torch", "transformers", "onnx", "gguf", "accelerate",
+            "triton"} <= set(blocked)
     assert not {"uvloop", "httptools"} & set(blocked)  # uvicorn[standard]: requirements behind an extra count
     cfg = FitConfig(kind="ensemble", epochs=5, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
     guard_dir = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg).save(tmp_path / "guard")
@@ -98,10 +106,15 @@ def test_serving_needs_only_what_the_image_installs(tmp_path):
     config = tmp_path / "gateway.yaml"
     config.write_text(CONFIG.replace("ROUTER", str(router_dir)).replace("GUARD", str(guard_dir)))
     env = {**os.environ, "SWITCHYARD_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    prepare = subprocess.run([sys.executable, "-c", "import sys; from training.cli import main; sys.exit(main())", "models", "prepare",
+                              "minilm"], env=env, capture_output=True, text=True, timeout=600)
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    prepared = sorted(p.name for p in (tmp_path / "home" / "onnx").iterdir())
     out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(blocked), str(config), *FOREIGN[:2]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["labels"] == ["ood", "ood"] and got["dim"] == 384 and 0.0 <= got["score"] <= 1.0
-    assert (tmp_path / "home" / "onnx").is_dir()  # the graphs were exported in the fresh process
-    assert {"scipy", "onnx", "onnxruntime", "numpy"} <= set(got["modules"])  # what the guard itself needs
+    assert prepared == ["minilm.json", "minilm.onnx"]
+    assert sorted(p.name for p in (tmp_path / "home" / "onnx").iterdir()) == prepared  # serving exported nothing
+    assert {"scipy", "onnxruntime", "numpy", "tokenizers"} <= set(got["modules"])  # what guard and cache need

@@ -28,7 +28,40 @@ def prepare_cmd(args: argparse.Namespace) -> int:
     for name in names:
         t0 = time.perf_counter()
         path = prepare(name, force=args.force, verify=args.verify)
+        if name == "minilm":  # the example cache's encoder: serving reads this graph, never exports one
+            from routers.embeddings import MiniLMEmbedder
+
+            path = MiniLMEmbedder(path).prepare(force=args.force).graph_file()
         print(f"{name}: ready at {path} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def add_encoder_cmd(args: argparse.Namespace) -> int:
+    """Ship the MiniLM graph an artifact written before artifacts carried theirs uses: export the graph its
+    recorded encoder options name (torch, on this host) and add it, with its tokenizer, to the folder."""
+    from routers.artifact import load
+    from routers.embeddings import MiniLMEmbedder, encoder_files
+    from routers.router import DEFAULT_ENCODER, Router
+
+    art = load(args.path)
+    specs: dict[str, dict] = {}  # file prefix → encoder options
+    if art.kind == "guard":
+        for name, mmeta in art.meta.get("members", {}).items():
+            if mmeta.get("embedder") == "minilm":
+                specs[f"{name}."] = {**mmeta, "graph": mmeta.get("graph", "hf")}  # before "graph": the HF one
+    elif art.kind == "router" and (art.meta.get("scorer") or {}).get("kind") != "nmodel":
+        if Router.from_artifact(art).scorer.uses_embeddings:
+            art.meta["encoder"] = art.meta.get("encoder") or dict(DEFAULT_ENCODER)
+            specs["encoder."] = art.meta["encoder"]
+    if not specs:
+        print(f"{args.path}: uses no MiniLM encoder; unchanged")
+        return 0
+    for prefix, spec in specs.items():
+        embedder = MiniLMEmbedder(max_length=int(spec.get("max_length", 256)), num_layers=spec.get("num_layers"),
+                                  int8=bool(spec.get("int8")), graph=spec["graph"]).prepare()
+        art.files.update(encoder_files(embedder, prefix))
+    art.save(args.path)
+    print(f"{args.path}: added {', '.join(sorted(art.files))}")
     return 0
 
 

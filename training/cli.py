@@ -84,10 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the bundled model catalogue")
     msub = p.add_subparsers(dest="models_command", metavar="MODELS_COMMAND", required=True)
     _add(msub, "list", "training.admin:list_cmd", "list bundled models and their status")
-    p = _add(msub, "prepare", "training.admin:prepare_cmd", "convert bundled GGUFs once (idempotent)")
+    p = _add(msub, "prepare", "training.admin:prepare_cmd",
+             "convert bundled GGUFs and export MiniLM's ONNX graph once (idempotent)")
     p.add_argument("names", nargs="*", help="models to prepare (default: all bundled)")
     p.add_argument("--force", action="store_true", help="convert again even if prepared")
     p.add_argument("--verify", action="store_true", help="re-hash every prepared file")
+
+    # --- artifact ------------------------------------------------------------------------------
+    p = sub.add_parser("artifact", help="guard / router artifact helpers")
+    asub = p.add_subparsers(dest="artifact_command", metavar="ARTIFACT_COMMAND", required=True)
+    p = _add(asub, "add-encoder", "training.admin:add_encoder_cmd",
+             "add the MiniLM ONNX graph an older guard/router artifact names (exported here) to the artifact")
+    p.add_argument("path", help="artifact folder (rewritten in place)")
 
     # --- keys ----------------------------------------------------------------------------------
     p = sub.add_parser("keys", help="API key helpers")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from routers.scorers import Featurizers, Platt, Router, Scorer, make_scorer
+from routers.router import Router
+from routers.scorers import Featurizers, Platt, Scorer, make_scorer
 from training.calibrate import share_table, threshold_for_share
 from training.data import RoutingRow, eval_bucket, eval_percent_of, is_eval_row
 
@@ -65,8 +66,15 @@ def training_rows(rows: Sequence[RoutingRow], cfg: TrainConfig) -> tuple[list[Ro
 
 
 def _sources(scorer: Scorer, rows: Sequence[RoutingRow]) -> dict:
-    """``{"sources": [...]}`` for scorers that learn per-source heads, else no extra argument."""
-    return {"sources": [r.source for r in rows]} if scorer.uses_sources else {}
+    """``{"sources": [...], "head_apgr": ...}`` for scorers that learn per-source heads, else nothing."""
+    return {"sources": [r.source for r in rows], "head_apgr": _head_apgr} if scorer.uses_sources else {}
+
+
+def _head_apgr(scores: np.ndarray, gain: np.ndarray) -> float:
+    """APGR of ``scores`` on rows whose weak score is 0 and strong score ``gain`` (head selection)."""
+    from training.evaluate import apgr, curve
+
+    return apgr(curve(scores, gain, np.zeros(len(gain))))
 
 
 def out_of_fold_raw(proto: Scorer, rows: Sequence[RoutingRow], feats: Featurizers, seed: int) -> np.ndarray:
@@ -90,7 +98,12 @@ def build_features(scorer: Scorer, texts: Sequence[str], cfg: TrainConfig) -> Fe
         from routers.features import HashedTfidf
 
         tfidf = HashedTfidf(n_features=cfg.tfidf_features).fit(list(texts))
-    return Featurizers(tfidf=tfidf)
+    embedder = None
+    if scorer.uses_embeddings:  # the default MiniLM, its graph exported once: the artifact ships it
+        from routers.embeddings import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder(num_threads=1).prepare()
+    return Featurizers(tfidf=tfidf, embedder=embedder)
 
 
 def fit_router(rows: Sequence[RoutingRow], cfg: TrainConfig, scorer: Scorer | None = None) -> Router:

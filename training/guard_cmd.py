@@ -127,7 +127,7 @@ def _wide_dev(guard, dev) -> dict[str, np.ndarray]:
     """The widemlp member's named evidence on the dev texts (for the early-accept summary line)."""
     from routers.guard import named_evidence
 
-    _, comps = guard.members["widemlp"].evidence_batch([r.text[: guard.max_chars] for r in dev])
+    _, comps = guard.members["widemlp"].evidence([r.text[: guard.max_chars] for r in dev])
     return named_evidence("widemlp", comps)
 
 

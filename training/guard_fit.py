@@ -11,20 +11,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from routers.features import HashedTfidf, MiniLMEmbedder
-from routers.guard import (
-    KINDS,
-    OOD,
-    UNSAFE,
-    CoarseRanking,
-    EarlyAccept,
-    EmbeddingHead,
-    Guard,
-    OODRule,
-    WideMLP,
-    _normalize_rows,
-    _share_featurizers,
-)
+from routers.embeddings import MiniLMEmbedder
+from routers.features import HashedTfidf
+from routers.guard import OOD, UNSAFE, EarlyAccept, Guard, OODRule, guard_kind
+from routers.guard.embedding import EmbeddingHead
+from routers.guard.guard import share_featurizers
+from routers.guard.knn import CoarseRanking, normalize_rows
+from routers.guard.widemlp import WideMLP
 from training.guard_data import GuardRow
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (description, total) -> step(n)
@@ -65,12 +58,12 @@ class FitConfig:
     encoder_int8: bool = True
     encoder_max_length: int = 32
     # ensemble: stop after widemlp for texts whose widemlp-only OOD percentile is at least this (0: never;
-    # routers.guard.EarlyAccept); the default of the ensemble kind is in KIND_DEFAULTS
+    # routers.guard.EarlyAccept); the default of the ensemble kind is in routers.guard.kinds
     early_accept: float = 0.0
     # Serving cost of the kNN evidence (BENCHMARKS "Guard"): "tfknn" reads a text's this many
     # highest-weighted n-grams (0: all); the widemlp / embedding member ranks its references in this many
     # principal dimensions first (0: one exact scan) and computes exact cosines for the best
-    # ``knn_candidates`` only (routers.guard.CoarseRanking).
+    # ``knn_candidates`` only (routers.guard.knn.CoarseRanking).
     tfknn_terms: int = 0
     hidden_knn_dims: int = 0
     embedding_knn_dims: int = 0
@@ -78,30 +71,15 @@ class FitConfig:
 
     @classmethod
     def for_kind(cls, kind: str, **overrides) -> FitConfig:
-        """The defaults ``training/guard_select.py`` chose for ``kind`` (``KIND_DEFAULTS``), then
-        ``overrides`` (None values are ignored: "use the kind's default")."""
-        if kind not in KIND_DEFAULTS:
-            raise ValueError(f"unknown guard kind {kind!r}; valid: {', '.join(KIND_DEFAULTS)}")
-        return cls(kind=kind, **{**KIND_DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None}})
+        """The defaults ``training/guard_select.py`` chose for ``kind`` (``routers.guard.kinds``), then
+        ``overrides`` (None values are ignored: "use the kind's default"); ValueError for an unknown kind."""
+        defaults = guard_kind(kind).defaults
+        return cls(kind=kind, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def make_embedder(self) -> MiniLMEmbedder:
+        """This config's MiniLM, its ONNX graph exported (once per SWITCHYARD_HOME) and loaded."""
         return MiniLMEmbedder(max_length=self.encoder_max_length, num_layers=self.encoder_layers,
-                              int8=self.encoder_int8)
-
-
-# Per kind, what training/guard_select.py --ood-val preferred (BENCHMARKS "Guard"): one global threshold
-# (widemlp +0.7, ensemble +0.7 over per-domain thresholds; `embedding` follows, unmeasured); widemlp keeps
-# exact kNN searches (two-stage: -0.2), the ensemble two-stage ones (64 principal dims, 256 candidates: as
-# good as exact there, a fraction of the memory read per query). TF-IDF kNN over a text's top n-grams only
-# (tfknn_terms) lost 1-4 points: every n-gram is read by default.
-KIND_DEFAULTS: dict[str, dict] = {
-    "widemlp": {"per_class_threshold": False},
-    "embedding": {"per_class_threshold": False},
-    "ensemble": {"per_class_threshold": False, "hidden_knn_dims": 64, "embedding_knn_dims": 64, "early_accept": 0.3},
-}
-# early_accept 0.3 (~70 % of in-domain dev rows stop after widemlp): of 0.5 / 0.4 / 0.3, the largest exit
-# share at which the ood-val fold loses nothing (90.64 -> 90.78) and the leave-one-domain-out folds, whose
-# pseudo-OOD is near-domain text, lose at most 1 point (89.27 -> 88.71; BENCHMARKS "Guard").
+                              int8=self.encoder_int8).prepare()
 
 
 def _set_seed(seed: int) -> None:
@@ -185,7 +163,7 @@ def fit_widemlp(texts: Sequence[str], y: np.ndarray, num_classes: int, ref_mask:
     ref_idx = _reference_rows(ref_mask, cfg)
     ref_texts = [texts[i] for i in ref_idx]
     ref_hidden = model.hidden(ref_texts)
-    model.reference = _normalize_rows(ref_hidden)
+    model.reference = normalize_rows(ref_hidden)
     if cfg.mahalanobis:
         model.class_means, model.precision = class_gaussian(ref_hidden, y[ref_idx], cfg.maha_shrinkage)
     if cfg.tfidf_reference:
@@ -240,7 +218,7 @@ def fit_embedding(emb: np.ndarray, y: np.ndarray, num_classes: int, ref_mask: np
         loss.backward()
         opt.step()
         step(1)
-    ref = _normalize_rows(emb[_reference_rows(ref_mask, cfg)])
+    ref = normalize_rows(emb[_reference_rows(ref_mask, cfg)])
     head = EmbeddingHead(embedder=embedder, w=(lin.weight.detach().numpy().T * 10.0).copy(),
                          b=lin.bias.detach().numpy().copy(), reference=np.ascontiguousarray(ref, dtype=np.float32),
                          knn_k=cfg.knn_k)
@@ -253,9 +231,20 @@ def set_search_options(member: WideMLP | EmbeddingHead, cfg: FitConfig) -> None:
     member: they change how its evidence is computed from the stored reference rows, not what was trained."""
     if isinstance(member, WideMLP):
         member.tfknn_terms = cfg.tfknn_terms
-        member.coarse = CoarseRanking.fit(member.reference, cfg.hidden_knn_dims, cfg.knn_candidates)
+        member.coarse = fit_coarse_ranking(member.reference, cfg.hidden_knn_dims, cfg.knn_candidates)
     else:
-        member.coarse = CoarseRanking.fit(member.reference, cfg.embedding_knn_dims, cfg.knn_candidates)
+        member.coarse = fit_coarse_ranking(member.reference, cfg.embedding_knn_dims, cfg.knn_candidates)
+
+
+def fit_coarse_ranking(reference: np.ndarray, dims: int, candidates: int) -> CoarseRanking | None:
+    """A two-stage kNN search over ``reference``'s top ``dims`` principal directions; None when a coarse
+    stage would not be smaller."""
+    if not 0 < dims < min(reference.shape) or candidates >= len(reference):
+        return None
+    mean = reference.mean(axis=0)
+    _, _, vt = np.linalg.svd((reference - mean).astype(np.float64), full_matrices=False)
+    return CoarseRanking.of(reference, mean.astype(np.float32), np.ascontiguousarray(vt[:dims].T, dtype=np.float32),
+                            candidates)
 
 
 def _embed_all(embedder: MiniLMEmbedder, texts: Sequence[str], progress: Progress) -> np.ndarray:
@@ -288,7 +277,7 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
     if dev_bad:
         raise ValueError(f"dev has label {dev_bad[0].label!r}, not a training domain ({', '.join(guard.classes)})")
     dev_texts = [r.text[: cfg.max_chars] for r in dev]
-    probs, comps = guard._combine({name: m.evidence_batch(dev_texts) for name, m in guard.members.items()})
+    probs, comps = guard.combine({name: m.evidence(dev_texts) for name, m in guard.members.items()})
     dev_pred = guard.predicted_domain(probs) if cfg.per_class_threshold else None
     chosen = select_components(comps, cfg, bool(ood))
     guard.rule = OODRule.calibrate(chosen, cfg.id_recall, dev_pred, len(guard.domains))
@@ -318,8 +307,7 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
                      unsafe: Sequence[GuardRow] = (), progress: Progress = _no_progress,
                      embedder: MiniLMEmbedder | None = None) -> Guard:
     """The members trained, with a placeholder OOD rule (callers calibrate ``guard.rule`` on dev rows)."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"unknown guard kind {cfg.kind!r}; valid: {', '.join(KINDS)}")
+    families = guard_kind(cfg.kind).families
     classes = class_list(train, ood, unsafe)
     rows = [*train, *unsafe, *ood]
     texts = [r.text[: cfg.max_chars] for r in rows]
@@ -327,15 +315,15 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
     ref_mask = np.array([r.label not in (OOD, UNSAFE) for r in rows])
     members = {}
     targets = None
-    if cfg.distill_weight > 0 and cfg.kind in ("widemlp", "ensemble"):
+    if cfg.distill_weight > 0 and "widemlp" in families:
         targets = _embed_all(embedder := embedder or cfg.make_embedder(), texts, progress)
-    if cfg.kind in ("widemlp", "ensemble"):
+    if "widemlp" in families:
         members["widemlp"] = fit_widemlp(texts, y, len(classes), ref_mask, cfg, progress, targets)
         for i in range(1, cfg.num_seeds):  # extra seeds: averaged probabilities and hidden-space evidence
             seed_cfg = replace(cfg, seed=cfg.seed + i, tfidf_reference=False)
             members[f"widemlp_{i}"] = fit_widemlp(texts, y, len(classes), ref_mask, seed_cfg, progress, targets)
-        _share_featurizers(members)
-    if cfg.kind in ("embedding", "ensemble"):
+        share_featurizers(members)
+    if "embedding" in families:
         embedder = embedder or cfg.make_embedder()
         embs = targets if targets is not None else _embed_all(embedder, texts, progress)
         members["embedding"] = fit_embedding(embs, y, len(classes), ref_mask, cfg, embedder, progress)

@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from routers.features import MiniLMEmbedder
+from routers.embeddings import MiniLMEmbedder
 from routers.guard import EarlyAccept, Guard, OODRule
+from routers.guard.widemlp import WideMLP
 from training.guard_data import GuardRow, load_guard_rows
 from training.guard_fit import FitConfig, fit_uncalibrated, set_search_options
 
@@ -123,10 +124,29 @@ class FoldScores:
     ood_comps: dict[str, dict[str, np.ndarray]]
 
 
+def experiment_evidence(member: WideMLP, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The evidence kinds that exist for experiments (serving never computes them), higher = more in-domain:
+    ``energy`` (logsumexp of the logits) and, when fitted (``FitConfig.mahalanobis``), ``maha`` (minus the
+    smallest class-conditional Mahalanobis distance in hidden space, shared covariance)."""
+    h = member.hidden(texts)
+    logits = member.logits_of(h)
+    m = logits.max(axis=1, keepdims=True)
+    comps = {"energy": (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))).astype(np.float32)}
+    if member.class_means is not None and member.precision is not None:
+        d = h[:, None, :] - member.class_means[None, :, :]  # [n, C, H]
+        dist = ((d @ member.precision) * d).sum(axis=2)  # d P d^T per class (einsum's path search cost more)
+        comps["maha"] = (-dist.min(axis=1)).astype(np.float32)
+    return comps
+
+
 def score_fold(guard: Guard, fold: Fold) -> FoldScores:
     def run(texts):
         texts = [t[: guard.max_chars] for t in texts]
-        return guard._combine({n: m.evidence_batch(texts) for n, m in guard.members.items()})
+        outs = {}
+        for n, m in guard.members.items():  # every evidence kind, the experiments' too
+            probs, comps = m.evidence(texts)
+            outs[n] = (probs, {**comps, **experiment_evidence(m, texts)} if isinstance(m, WideMLP) else comps)
+        return guard.combine(outs)
 
     dp, dc = run([r.text for r in fold.dev])
     ood_p, ood_c = {}, {}
@@ -292,6 +312,8 @@ class CachedEmbedder(MiniLMEmbedder):
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:
             order = sorted(missing, key=len)  # similar lengths per batch: less padding
+            if self.backend is None:
+                self.prepare()  # training: export the graph when this SWITCHYARD_HOME has none
             self.cache.update(zip(order, super().encode(order, batch_size=32), strict=True))
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +367,8 @@ def fit_fold(fold: Fold, cfg: FitConfig, cache: Path | None, key: str,
 def _embedder_for(cfg: FitConfig, embedder: MiniLMEmbedder | None) -> MiniLMEmbedder | None:
     """``embedder`` when it is the encoder ``cfg`` asks for, else a ``CachedEmbedder`` of that encoder
     (its cache file beside ``embedder``'s, named by the encoder)."""
-    if embedder is None or embedder.spec() == cfg.make_embedder().spec():
+    wanted = MiniLMEmbedder(max_length=cfg.encoder_max_length, num_layers=cfg.encoder_layers, int8=cfg.encoder_int8)
+    if embedder is None or embedder.spec() == wanted.spec():
         return embedder
     path = getattr(embedder, "path", None)
     if path is not None:

@@ -122,7 +122,7 @@ def _arrays(rows: list[RoutingRow]) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_router(args: argparse.Namespace) -> int:
     from routers import artifact
-    from routers.scorers import Router
+    from routers.router import Router
 
     _single_thread()
     if args.baseline_data and not (args.baselines and args.all_rows):
@@ -275,7 +275,7 @@ def _eval_nmodel(args: argparse.Namespace, art) -> int:
 
 def calibrate(args: argparse.Namespace) -> int:
     from routers import artifact
-    from routers.scorers import Router
+    from routers.router import Router
 
     _single_thread()
     router = Router.load(args.model)

@@ -58,7 +58,7 @@ class StoreBase:
 
     def _embedder(self) -> Embed:
         if self._embed_fn is None:  # the real MiniLM, built on first use (never at import)
-            from routers.features import MiniLMEmbedder
+            from routers.embeddings import MiniLMEmbedder
 
             self._embed_fn = MiniLMEmbedder().encode
         return self._embed_fn

@@ -69,12 +69,36 @@ def test_save_load_same_predictions(guard, tmp_path):
     assert again.meta["thresholds"]["id_recall"] == 0.95
 
 
-def test_single_and_batch_agree(guard):
-    texts = [r.text for r in make_rows(3, 4)] + FOREIGN
-    batch = guard.score_batch(texts)
-    single = [guard.classify(t) for t in texts]
-    assert [v.domain or v.label for v in single] == batch.labels
-    assert np.allclose([v.scores["id_percentile"] for v in single], batch.id_percentile, atol=1e-3)
+def _many_texts(n: int, seed: int) -> list[str]:
+    """In-domain rows, foreign sentences, their mixtures and noise: texts on both sides of the threshold."""
+    rng = np.random.RandomState(seed)
+    rows = [r.text for r in make_rows(n, seed)]
+    mixed = [f"{a} {b}" for a, b in zip(rows, rng.permutation(FOREIGN * n), strict=False)]
+    noise = ["".join(rng.choice(list("abcdefghij klmnop"), size=rng.randint(0, 40))) for _ in range(n)]
+    return rows + mixed + noise + FOREIGN + ["", "1234 5678"]
+
+
+@pytest.fixture(scope="module")
+def early_ensemble() -> Guard:
+    cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3, early_accept=0.4)
+    return fit_guard(make_rows(30, 0), make_rows(40, 1), cfg)
+
+
+@pytest.mark.parametrize("which", ["guard", "early_ensemble"])
+def test_classify_is_score_batch_on_one_row(which, request):
+    """``classify`` = ``score_batch`` of one row + the early-exit stage: on many texts the labels are equal
+    and the scores agree within float rounding (an early verdict's id_percentile is an upper bound)."""
+    g = request.getfixturevalue(which)
+    texts = _many_texts(30, 9)
+    batch = g.score_batch(texts)
+    single = [g.classify(t) for t in texts]
+    assert len(texts) > 100 and [v.domain or v.label for v in single] == batch.labels
+    for v, pct, probs in zip(single, batch.id_percentile, batch.probs, strict=True):
+        if v.scores.get("early_exit"):
+            assert v.label == "domain" or v.scores["id_percentile"] >= pct - 1e-9
+            continue
+        assert abs(v.scores["id_percentile"] - pct) < 1e-3
+        assert np.allclose([v.scores[c] for c in g.classes], probs, atol=1e-5)
 
 
 def test_thresholds_are_monotone(guard):
@@ -96,11 +120,15 @@ def test_rule_keeps_requested_dev_recall():
     assert 0.89 <= kept <= 0.91
 
 
-def test_classify_messages_uses_last_user_turn(guard):
+def test_a_chat_is_judged_on_its_request_text(guard):
+    from routers.text import request_text
+
     msgs = [{"role": "system", "content": "Der Hund schläft unter dem Baum."},
             {"role": "user", "content": "Is it normal that the fever affects my headache?"}]
-    v = guard.classify_messages(msgs)
+    v = guard.classify(request_text(msgs))
     assert (v.label, v.domain) == ("domain", "healthcare")
+    assert guard.classify("Is it normal that the fever affects my headache?" + "x" * 5000) == guard.classify(
+        ("Is it normal that the fever affects my headache?" + "x" * 5000)[: guard.max_chars])  # its own limit
 
 
 def test_thread_safe(guard):
@@ -155,7 +183,7 @@ def test_malformed_tfidf_references_are_an_artifact_error(guard, tmp_path):
 
 @pytest.mark.slow
 def test_ensemble_with_minilm_round_trips(tmp_path, bundled_model_dir):
-    from routers.features import MiniLMEmbedder
+    from routers.embeddings import MiniLMEmbedder
 
     embedder = MiniLMEmbedder(bundled_model_dir("minilm"), backend="torch")
     cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
@@ -185,15 +213,29 @@ def test_ensemble_default_encoder_is_the_fast_minilm_and_round_trips(tmp_path):
     assert [v.label for v in map(g.classify, texts)] == [v.label for v in map(again.classify, texts)]
     for a, b in zip(map(g.classify, texts), map(again.classify, texts), strict=True):  # float16 references
         assert all(abs(a.scores[k] - b.scores[k]) < 1e-3 for k in g.classes if k in a.scores)
-    # an artifact written before the single-text graph existed records no "graph": it loads the HF graph
+    # the artifact ships the exact graph it was trained with (and serving never exports one)
     manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
-    del manifest["meta"]["members"]["embedding"]["graph"]
+    assert set(manifest["files"]) == {"embedding.minilm.onnx", "embedding.tokenizer.json"}
+    assert again.members["embedding"].embedder.graph_file() == tmp_path / "fast" / "embedding.minilm.onnx"
+    # an artifact written before artifacts shipped their encoder: one line naming the command that adds it
+    del manifest["files"]
     (tmp_path / "fast" / "manifest.json").write_text(json.dumps(manifest))
-    old = Guard.load(tmp_path / "fast")
-    assert old.members["embedding"].embedder.graph == "hf"
-    a, b = g.members["embedding"].embedder, old.members["embedding"].embedder
-    cos = (a.encode(texts) * b.encode(texts)).sum(axis=1)
-    assert np.all(cos > 0.99) and not np.array_equal(a.encode(texts), b.encode(texts))  # same function, other graph
+    with pytest.raises(ArtifactError, match="switchyard artifact add-encoder") as e:
+        Guard.load(tmp_path / "fast")
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_guard_kind_lists_the_valid_ones(guard, tmp_path):
+    from routers.guard import guard_kind
+
+    with pytest.raises(ValueError, match="valid kinds: widemlp, embedding, ensemble"):
+        guard_kind("forest")
+    path = guard.save(tmp_path / "k")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["meta"]["guard_kind"] = "forest"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="unknown guard kind 'forest'; valid kinds"):
+        Guard.load(path)
 
 
 def test_per_class_rule_keeps_recall_in_every_domain():
@@ -229,7 +271,7 @@ def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
     assert set(g.rule.dev_scores) == {"widemlp.knn", "widemlp.tfknn"}
     texts = [r.text for r in make_rows(5, 3)] + FOREIGN
     again = Guard.load(g.save(tmp_path / "s"))
-    assert again.meta["guard_format"] == 3 and again.meta["thresholds"]["per_class"] is True
+    assert again.meta["guard_format"] == 4 and again.meta["thresholds"]["per_class"] is True
     assert g.score_batch(texts).labels == again.score_batch(texts).labels
     assert [g.classify(t).label for t in texts] == [again.classify(t).label for t in texts]
     assert all(again.classify(t).label == "ood" for t in FOREIGN)
@@ -238,9 +280,20 @@ def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
 
 
 def test_evidence_components(seeded_guard):
-    probs, comps = seeded_guard.members["widemlp"].evidence_batch(["How do I sue my landlord?", "Det regner."])
-    assert {"knn", "tfknn", "energy", "maha"} <= set(comps)
+    """Serving computes the evidence its rule combines; the experiments' ``energy`` and ``maha`` live in
+    training (``experiment_evidence``) and never run in serving."""
+    from training.guard_select import experiment_evidence
+
+    texts = ["How do I sue my landlord?", "Det regner."]
+    wide = seeded_guard.members["widemlp"]
+    probs, comps = wide.evidence(texts)
+    assert set(comps) == {"knn", "tfknn"}
     assert probs.shape == (2, 3) and all(v.shape == (2,) for v in comps.values())
+    assert seeded_guard.evidence_wanted("widemlp") == {"knn", "tfknn"}
+    _, served = wide.evidence(texts, {"tfknn"})
+    assert set(served) == {"tfknn"} and np.array_equal(served["tfknn"], comps["tfknn"])
+    extra = experiment_evidence(wide, texts)
+    assert set(extra) == {"energy", "maha"} and all(v.shape == (2,) for v in extra.values())
 
 
 def test_guard_format_versions(guard, tmp_path):
@@ -284,44 +337,30 @@ def test_distilled_widemlp_serves_like_a_plain_one(tmp_path):
 
 
 def test_top_terms_keeps_the_heaviest_ngrams_in_column_order():
-    from scipy.sparse import csr_matrix
-
-    from routers.guard import _top_terms, _top_terms_rows
+    from routers.guard.sparse import top_terms
 
     cols, vals = np.array([3, 7, 9, 12, 40]), np.array([0.1, 0.5, 0.2, 0.9, 0.3], dtype=np.float32)
-    c, v = _top_terms(cols, vals, 3)
+    c, v = top_terms(cols, vals, 3)
     assert c.tolist() == [7, 12, 40] and np.allclose(v, [0.5, 0.9, 0.3])
-    assert _top_terms(cols, vals, 0)[0] is cols and _top_terms(cols, vals, 5)[0] is cols
-    X = csr_matrix((np.r_[vals, [1.0, 2.0]], np.r_[cols, [1, 2]], [0, 5, 7]), shape=(2, 50))
-    Y = _top_terms_rows(X, 3)
-    assert Y[0].indices.tolist() == [7, 12, 40] and Y[1].indices.tolist() == [1, 2]
-    assert _top_terms_rows(X, 5) is X
+    assert top_terms(cols, vals, 0)[0] is cols and top_terms(cols, vals, 5)[0] is cols
 
 
-def test_sparse_rows_dot_is_the_batch_product_to_the_bit(monkeypatch):
-    """``tfknn_one``'s product (scipy's C loops) must give exactly the float32 sums of ``q @ ref``, which
-    ``evidence_batch`` computes, so serving and calibration agree; the fallback path likewise."""
+def test_sparse_rows_dot_c_loops_equal_the_public_product():
+    """scipy's private C loops give exactly the float32 sums of the public ``q @ ref`` (the fallback)."""
     from scipy.sparse import csr_matrix
     from scipy.sparse import random as sparse_random
 
-    import routers.guard as guard_module
+    from routers.guard.sparse import _sparsetools, sparse_rows_dot
 
+    assert _sparsetools() is not None  # the fast path is what serving runs with pinned scipy
     rng = np.random.default_rng(0)
     ref = csr_matrix(sparse_random(500, 300, density=0.05, random_state=1, dtype=np.float32))
     for n in (0, 1, 37, 200):
         rows = np.sort(rng.choice(500, n, replace=False))
         w = rng.random(n).astype(np.float32)
-        q = csr_matrix((w, rows, [0, n]), shape=(1, 500))
-        expect = np.asarray((q @ ref).todense(), dtype=np.float32)[0]
-        got = guard_module._sparse_rows_dot(ref, rows, w)
-        assert got.dtype == np.float32 and got.shape == (300,)
-        assert np.array_equal(got, expect)
-        if n:
-            assert np.count_nonzero(got) > 0
-        monkeypatch.setattr(guard_module, "_sparsetools", None)
-        assert np.array_equal(guard_module._sparse_rows_dot(ref, rows, w), expect)
-        monkeypatch.undo()
-    assert guard_module._sparsetools is not None  # the fast path is what serving runs with pinned scipy
+        fast, public = sparse_rows_dot(ref, rows, w), sparse_rows_dot(ref, rows, w, c_loops=False)
+        assert fast.dtype == np.float32 and fast.shape == (300,)
+        assert np.array_equal(fast, public) and (np.count_nonzero(fast) > 0 or n == 0)
 
 
 @pytest.fixture(scope="module")
@@ -336,14 +375,14 @@ def test_capped_tfknn_is_the_same_rule_in_batch_and_single(capped_guard, guard, 
     must apply the same cap, and the cap must actually change the evidence of a long text."""
     w = capped_guard.members["widemlp"]
     texts = [r.text for r in make_rows(3, 4)] + FOREIGN
-    _, batch = w.evidence_batch(texts)
-    single = [w.evidence_one(t)[1]["tfknn"][0] for t in texts]
+    _, batch = w.evidence(texts)
+    single = [w.evidence([t])[1]["tfknn"][0] for t in texts]
     assert np.allclose(batch["tfknn"], single, atol=1e-5)
     assert all(len(w.featurizer.transform_one(t)[0]) > 12 for t in texts)  # the cap applies to every text
     uncapped = w.tfknn_terms
     w.tfknn_terms = 0
     try:
-        assert not np.allclose(w.evidence_batch(texts)[1]["tfknn"], batch["tfknn"])
+        assert not np.allclose(w.evidence(texts)[1]["tfknn"], batch["tfknn"])
     finally:
         w.tfknn_terms = uncapped
     again = Guard.load(capped_guard.save(tmp_path / "capped"))
@@ -443,7 +482,7 @@ def test_classify_exits_early_on_foreign_text_with_the_batch_labels():
 @pytest.mark.slow
 def test_ensemble_early_accept_matches_the_batch_and_round_trips(tmp_path):
     """EarlyAccept: texts widemlp alone rates clearly in-domain stop before MiniLM with widemlp's domain;
-    score_batch applies the same rule, so labels agree; the artifact keeps it (guard format 3)."""
+    score_batch applies the same rule, so labels agree; the artifact keeps it (guard format >= 3)."""
     cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3, early_accept=0.4)
     g = fit_guard(make_rows(30, 0), make_rows(40, 1), cfg)
     assert g.early_accept is not None and g.early_accept.percentile == 0.4
@@ -457,7 +496,7 @@ def test_ensemble_early_accept_matches_the_batch_and_round_trips(tmp_path):
     assert all(v.domain in g.domains and 0 < v.confidence <= 1 for v in accepted)
     assert all(v.label == "ood" for v in verdicts[-len(FOREIGN):])
     again = Guard.load(g.save(tmp_path / "ea"))
-    assert again.meta["guard_format"] == 3 and again.early_accept.percentile == 0.4
+    assert again.meta["guard_format"] == 4 and again.early_accept.percentile == 0.4
     assert list(again.members) == ["embedding", "widemlp"]  # the manifest sorts them: classify must not care
     loaded = list(map(again.classify, texts))
     assert [v.label for v in loaded] == [v.label for v in verdicts]

@@ -162,3 +162,30 @@ def test_kind_defaults_and_search_options(files, tmp_path, capsys):
                  "--knn-dims", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--knn-dims" in err[0]
+
+
+def test_add_encoder_ships_the_graph_an_older_artifact_names(tmp_path, capsys):
+    """An ensemble written before artifacts shipped their MiniLM (no files, no recorded "graph": the HF
+    graph) is refused with a one-line error; `switchyard artifact add-encoder` exports that graph and adds
+    it, and the artifact loads and classifies; a widemlp artifact is left unchanged."""
+    from routers.artifact import ArtifactError
+    from routers.guard import Guard
+    from training.guard_fit import FitConfig, fit_guard
+
+    cfg = FitConfig(kind="ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3)
+    path = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg).save(tmp_path / "old")
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"], manifest["meta"]["members"]["embedding"]["graph"]
+    manifest["meta"]["guard_format"] = 3
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"switchyard artifact add-encoder {path}"):
+        Guard.load(path)
+    capsys.readouterr()
+    assert main(["artifact", "add-encoder", str(path)]) == 0
+    assert "embedding.minilm.onnx" in capsys.readouterr().out
+    again = Guard.load(path)
+    assert again.members["embedding"].embedder.graph == "hf"
+    assert all(again.classify(t).label == "ood" for t in FOREIGN[:2])
+    wide = fit_guard(make_rows(20, 0), make_rows(8, 1), FitConfig(epochs=10, lr=1e-2, hidden=32, knn_k=3))
+    assert main(["artifact", "add-encoder", str(wide.save(tmp_path / "wide"))]) == 0
+    assert "uses no MiniLM encoder" in capsys.readouterr().out

@@ -79,7 +79,7 @@ def test_cli_prints_table_and_json(tmp_path, capsys):
 
 
 def test_cached_embedder_embeds_each_text_once(tmp_path, monkeypatch):
-    from routers.features import MiniLMEmbedder
+    from routers.embeddings import MiniLMEmbedder
     from training.guard_select import CachedEmbedder
 
     calls = []

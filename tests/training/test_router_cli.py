@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from routers.scorers import Router
+from routers.router import Router
 from tests.training.router_synth import synth_rows, write_jsonl
 from training.calibrate import calibrate_scores, share_for_cost, threshold_for_share
 from training.cli import main
@@ -139,8 +139,9 @@ def test_calibrate_cascade_from_labelled_logprobs(data_and_model, tmp_path, caps
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["cascade"]["realised_escalate_share"] == pytest.approx(0.25, abs=0.04)
     router = Router.load(model)
-    assert router.cascade_min_mean_logprob == pytest.approx(res["cascade"]["min_mean_logprob"])
-    assert router.cascade_min_token_logprob is not None
+    cascade = router.meta["cascade"]  # what the gateway's cascade rule reads (gateway.cascade.resolve_rule)
+    assert cascade["min_mean_logprob"] == pytest.approx(res["cascade"]["min_mean_logprob"])
+    assert cascade["min_token_logprob"] is not None
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--strong-share", "0.3",
                  "--escalate-share", "0.25"]) == 2
     assert "needs held-out rows with slm_mean_logprob" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""The ``widemlp`` member: hashed TF-IDF → TF-IDF-weighted embedding bag → ReLU → linear, numpy at serve
+time (trained with torch by ``training.guard_fit``)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from routers.features import HashedTfidf
+from routers.guard.knn import CoarseRanking, knn, normalize_rows, topk_mean
+from routers.guard.sparse import sparse_rows_dot, top_terms
+
+# ``msp`` (the largest domain probability) is computed for every member by the guard itself; "energy" and
+# "maha" exist for experiments and live with them (training/guard_select.py experiment_evidence).
+WIDEMLP_EVIDENCE = ("knn", "tfknn")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class TfidfRows:
+    """TF-IDF rows of some texts in CSR layout (sorted columns per row), without building a scipy matrix:
+    one query's row costs what ``HashedTfidf.transform_one`` costs."""
+
+    indices: np.ndarray  # int64 column ids, row after row
+    data: np.ndarray  # float32 values
+    indptr: np.ndarray  # int64 [num_rows + 1]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def of(cls, featurizer: HashedTfidf, texts: Sequence[str]) -> TfidfRows:
+        rows = [featurizer.transform_one(t) for t in texts]
+        if len(rows) == 1:
+            return cls(rows[0][0], rows[0][1], np.array([0, len(rows[0][0])], dtype=np.int64))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c, _ in rows], out=indptr[1:])
+        return cls(np.concatenate([c for c, _ in rows]) if rows else np.zeros(0, np.int64),
+                   np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32), indptr)
+
+
+@dataclass
+class WideMLP:
+    """TF-IDF-weighted embedding bag → ReLU → linear; numpy at serve time.
+
+    ``col_map[bucket]`` is the row of ``w_in`` for a kept hash bucket, -1 for a dropped one.
+    ``reference`` holds unit hidden vectors of (a sample of) the training rows, for ``knn`` evidence;
+    ``ref_tf`` their TF-IDF rows, for ``tfknn`` evidence.
+    """
+
+    featurizer: HashedTfidf
+    col_map: np.ndarray  # int32 [n_features]
+    w_in: np.ndarray  # float32 [n_kept, hidden]
+    b_in: np.ndarray  # float32 [hidden]
+    w_out: np.ndarray  # float32 [hidden, n_classes]
+    b_out: np.ndarray  # float32 [n_classes]
+    reference: np.ndarray  # float32 [n_ref, hidden], unit rows
+    knn_k: int = 10
+    ref_tf: Any = None  # optional scipy csr [n_features, n_ref]: TF-IDF rows of the reference set, transposed
+    # class means and inverse shared covariance in hidden space, for the experiments' "maha" evidence
+    # (stored with the artifact; serving never reads them)
+    class_means: np.ndarray | None = None  # float32 [n_domains, hidden]
+    precision: np.ndarray | None = None  # float32 [hidden, hidden]
+    tfknn_terms: int = 0  # "tfknn" uses a text's this many highest-weighted n-grams (0: all of them)
+    coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
+
+    # -- evidence -------------------------------------------------------------------------------------
+    def rows(self, texts: Sequence[str], cache: dict | None = None) -> TfidfRows:
+        """The texts' TF-IDF rows; ``cache`` (one dict per call, shared by the members) keeps them per
+        featurizer, so seeds fitted on the same texts transform once."""
+        if cache is None:
+            return TfidfRows.of(self.featurizer, texts)
+        key = ("tfidf", id(self.featurizer))
+        if key not in cache:
+            cache[key] = TfidfRows.of(self.featurizer, texts)
+        return cache[key]
+
+    def hidden_of(self, X: TfidfRows) -> np.ndarray:
+        """Hidden activations [n, hidden] of TF-IDF rows. One row is a gather of ``w_in``'s kept rows (the
+        serving path: no sparse matrix product), several a sparse product; the two agree to float32
+        rounding."""
+        rows = self.col_map[X.indices]
+        keep = rows >= 0
+        if X.num_rows == 1:
+            return np.maximum(X.data[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
+        from scipy.sparse import csr_matrix
+
+        kept_per_row = np.zeros(X.num_rows, dtype=np.int64)
+        nz = np.diff(X.indptr) > 0
+        if len(X.data):
+            kept_per_row[nz] = np.add.reduceat(keep.astype(np.int64), X.indptr[:-1][nz])
+        indptr = np.concatenate([[0], np.cumsum(kept_per_row)]).astype(np.int64)
+        Xc = csr_matrix((X.data[keep], rows[keep], indptr), shape=(X.num_rows, self.w_in.shape[0]))
+        return np.maximum(np.asarray(Xc @ self.w_in) + self.b_in, 0.0).astype(np.float32)
+
+    def hidden(self, texts: Sequence[str]) -> np.ndarray:
+        return self.hidden_of(TfidfRows.of(self.featurizer, texts))
+
+    def tfknn(self, X: TfidfRows, cache: dict | None = None) -> np.ndarray:
+        """The ``tfknn`` evidence [n] of TF-IDF rows (needs ``ref_tf``): the mean of the ``knn_k`` largest
+        dot products of each row's top ``tfknn_terms`` n-grams with the reference rows. Kept in ``cache``."""
+        key = ("tfknn", id(self))
+        if cache is not None and key in cache:
+            return cache[key]
+        out = np.empty(X.num_rows, dtype=np.float32)
+        for start in range(0, X.num_rows, 256):  # 256 rows of similarities at a time
+            stop = min(start + 256, X.num_rows)
+            sims = np.empty((stop - start, self.ref_tf.shape[1]), dtype=np.float32)
+            for i in range(start, stop):
+                a, b = X.indptr[i], X.indptr[i + 1]
+                sims[i - start] = sparse_rows_dot(self.ref_tf, *top_terms(X.indices[a:b], X.data[a:b],
+                                                                          self.tfknn_terms))
+            out[start:stop] = topk_mean(sims, self.knn_k)
+        if cache is not None:
+            cache[key] = out
+        return out
+
+    def evidence(self, texts: Sequence[str], wanted: Collection[str] | None = None, cache: dict | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(class probabilities [n, C], {component: in-domain score [n]}) for the components in ``wanted``
+        (None: every one of ``WIDEMLP_EVIDENCE`` — training asks for that)."""
+        wanted = WIDEMLP_EVIDENCE if wanted is None else wanted
+        X = self.rows(texts, cache)
+        h = self.hidden_of(X)
+        comps: dict[str, np.ndarray] = {}
+        if "knn" in wanted:
+            comps["knn"] = knn(normalize_rows(h), self.reference, self.knn_k, self.coarse)
+        if "tfknn" in wanted and self.ref_tf is not None:
+            comps["tfknn"] = self.tfknn(X, cache)
+        return softmax(self.logits_of(h)), comps
+
+    def logits_of(self, h: np.ndarray) -> np.ndarray:
+        return h @ self.w_out + self.b_out
+
+    # -- artifact -------------------------------------------------------------------------------------
+    def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fmeta, farrays = self.featurizer.state()
+        arrays = {f"{prefix}idf": farrays["idf"], f"{prefix}col_map": self.col_map.astype(np.int32),
+                  f"{prefix}w_in": self.w_in.astype(np.float16), f"{prefix}b_in": self.b_in,
+                  f"{prefix}w_out": self.w_out, f"{prefix}b_out": self.b_out,
+                  f"{prefix}reference": self.reference.astype(np.float16)}
+        if self.ref_tf is not None:
+            arrays.update({f"{prefix}ref_tf.data": self.ref_tf.data.astype(np.float16),
+                           f"{prefix}ref_tf.indices": self.ref_tf.indices.astype(np.int32),
+                           f"{prefix}ref_tf.indptr": self.ref_tf.indptr.astype(np.int64)})
+        has_maha = self.class_means is not None and self.precision is not None
+        if has_maha:
+            arrays.update({f"{prefix}class_means": self.class_means.astype(np.float32),
+                           f"{prefix}precision": self.precision.astype(np.float32)})
+        cmeta, carrays = self.coarse.state(prefix) if self.coarse is not None else ({}, {})
+        arrays.update(carrays)
+        return {"type": "widemlp", "featurizer": fmeta, **cmeta,
+                "num_reference_tf": 0 if self.ref_tf is None else int(self.ref_tf.shape[1]),
+                "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k, "tfknn_terms": self.tfknn_terms,
+                "num_kept_features": int(self.w_in.shape[0]), "mahalanobis": has_maha}, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> WideMLP:
+        reference = arrays[f"{prefix}reference"].astype(np.float32)
+        return cls(
+            featurizer=HashedTfidf.from_state(meta["featurizer"], {"idf": arrays[f"{prefix}idf"]}),
+            col_map=arrays[f"{prefix}col_map"].astype(np.int64),
+            w_in=arrays[f"{prefix}w_in"].astype(np.float32),
+            b_in=arrays[f"{prefix}b_in"].astype(np.float32),
+            w_out=arrays[f"{prefix}w_out"].astype(np.float32),
+            b_out=arrays[f"{prefix}b_out"].astype(np.float32),
+            reference=reference,
+            knn_k=int(meta["knn_k"]),
+            ref_tf=_load_ref_tf(meta, arrays, prefix),
+            class_means=arrays[f"{prefix}class_means"].astype(np.float32) if meta.get("mahalanobis") else None,
+            precision=arrays[f"{prefix}precision"].astype(np.float32) if meta.get("mahalanobis") else None,
+            tfknn_terms=int(meta.get("tfknn_terms", 0)),
+            coarse=CoarseRanking.from_state(meta, arrays, prefix, reference),
+        )
+
+
+def _load_ref_tf(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str):
+    n_ref = int(meta.get("num_reference_tf", 0))
+    if not n_ref:
+        return None
+    from scipy.sparse import csr_matrix
+
+    ref = csr_matrix((arrays[f"{prefix}ref_tf.data"].astype(np.float32), arrays[f"{prefix}ref_tf.indices"],
+                      arrays[f"{prefix}ref_tf.indptr"]), shape=(int(meta["featurizer"]["n_features"]), n_ref))
+    try:  # every index in range (O(nnz), once): sparse_rows_dot's C loops do not check them
+        ref.check_format(full_check=True)
+    except ValueError as e:
+        raise ValueError(f"bad TF-IDF kNN references ({e})") from None
+    return ref
