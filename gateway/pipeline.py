@@ -316,7 +316,7 @@ class Pipeline:
         trace.namespace = admission.namespace
         requested = self.resolve_model(job.model)
         self._check_limits(job)
-        text = self._routing_text(job)
+        text, guard_text = self._routing_text(job)
         # [2] guard
         forced_pool = None
         if self.guard is None:
@@ -324,7 +324,7 @@ class Pipeline:
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
-            verdict = self.guard.classify(text)
+            verdict = self.guard.classify(guard_text)
             trace.guard = verdict.label
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
@@ -385,15 +385,19 @@ class Pipeline:
         model_name = self.settings.pool(trace.pool).model
         return Execution(self, job, admission, trace, model_name, first, rest, text)
 
-    def _routing_text(self, job: Job) -> str:
+    def _routing_text(self, job: Job) -> tuple[str, str]:
+        """(the text router and cache read, the text the guard reads): one ``RequestText`` per request,
+        cut to ``guard.max_context_chars`` and to the guard artifact's own budget."""
         max_chars = self.settings.guard.max_context_chars
         if job.messages is not None:
-            from routers.text import request_text
+            from routers.text import RequestText
 
-            return request_text(job.messages, max_chars)
+            turns = RequestText.of(job.messages)
+            text = turns.text(max_chars)
+            return text, (turns.text(self.guard.max_chars) if self.guard is not None else text)
         if isinstance(job.prompt, str):
-            return job.prompt[-max_chars:]
-        return ""
+            return job.prompt[-max_chars:], job.prompt[-max_chars:]
+        return "", ""
 
     def _check_limits(self, job: Job) -> None:
         limits = self.settings.limits

@@ -16,7 +16,7 @@ from training.evaluate import measure_latency, metrics, oracle_scores, random_sc
 from training.fit import TrainConfig, fit_router
 
 if TYPE_CHECKING:
-    from routers.scorers import Router
+    from routers.router import Router
 
 
 def _single_thread() -> None:

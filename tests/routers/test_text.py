@@ -34,3 +34,16 @@ def test_content_text_is_what_the_models_and_the_artifacts_see():
     assert wire.text() == "Hello world" == wire.to_backend()["content"]
     with pytest.raises(ValueError, match="string or a list"):
         content_text(42)
+
+
+def test_each_budget_keeps_the_last_turn_first():
+    """One RequestText per request; a smaller budget (the guard's) drops older turns, never the newest."""
+    from routers.text import RequestText
+
+    msgs = [{"role": "user", "content": "a" * 900}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "b" * 600}]
+    turns = RequestText.of(msgs)
+    assert turns.turns == ("a" * 900, "b" * 600)
+    assert turns.text(2000) == "a" * 900 + "\n" + "b" * 600 == request_text(msgs, 2000)
+    assert turns.text(1000) == "b" * 600  # not the first 1,000 characters of the 2,000 window
+    assert turns.text(100) == "b" * 100
