@@ -372,10 +372,12 @@ class PoolSet:
         factory = backend_factory or (lambda cfg, i: default_backend(cfg, i, env))
         pools: dict[str, Pool] = {}
         for cfg in settings.pools:
+            if getattr(cfg, "task", "generate") != "generate":
+                continue  # embedding pools are served by the gateway's embeddings service
             count = len(cfg.urls) if cfg.kind == "remote" else cfg.replicas
             pools[cfg.name] = Pool(cfg.name, [factory(cfg, i) for i in range(count)], cfg, **pool_kwargs)
         for cfg in settings.pools:
-            if cfg.fallback is not None:
+            if cfg.fallback is not None and cfg.name in pools:
                 pools[cfg.name].fallback = pools[cfg.fallback]
         return cls(pools)
 

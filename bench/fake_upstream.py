@@ -1,7 +1,8 @@
 """A fast fake OpenAI-compatible server: the upstream for `switchyard bench gateway` and for failover tests.
 
 ``FakeUpstream`` is a plain ASGI app (no framework, pre-encoded bytes) so that its own cost stays far below
-the gateway overhead being measured. It answers ``POST /v1/chat/completions`` and ``/v1/completions``
+the gateway overhead being measured. It answers ``POST /v1/chat/completions``, ``/v1/completions`` and
+``/v1/embeddings`` (vector ``[len(str(input)), 0.5, ...]`` of ``dimensions``, default 4)
 (stream and non-stream, ``n``, ``logprobs``, ``stream_options.include_usage``, a tool call when the request
 carries ``tools``), ``GET /v1/models`` and ``GET /healthz``.
 
@@ -102,6 +103,16 @@ class FakeUpstream:
             finally:
                 self.num_in_flight -= 1
             return
+        if method == "POST" and path == "/v1/embeddings":
+            request = json.loads(await _read_body(receive))
+            self.last_bodies.append(request)
+            del self.last_bodies[: -self.keep_bodies]
+            inputs = request["input"] if isinstance(request["input"], list) else [request["input"]]
+            dims = int(request.get("dimensions") or 4)
+            data = [{"object": "embedding", "index": i, "embedding": [float(len(str(x))), *[0.5] * (dims - 1)]}
+                    for i, x in enumerate(inputs)]
+            return await _send_json(send, 200, {"object": "list", "data": data, "model": self.model,
+                                                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
         await _send_json(send, 404, _error_body(f"no route {method} {path}", "not_found"))
 
     async def _generate(self, send, receive, request: dict[str, Any], *, is_chat: bool) -> None:

@@ -51,6 +51,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         from gateway.response_store import build_response_store
 
         app.state.response_store = build_response_store(settings)
+        from gateway.embeddings import Embeddings
+
+        app.state.embeddings = Embeddings(settings)
         # Everything built so far (modules, models, artifacts) lives as long as the process: move it out
         # of the cyclic GC's reach, or every young-generation collection walks it (≈40% of the CPU a
         # request costs, measured with fake replicas).
@@ -63,6 +66,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
             app.state.pipeline = None
             await pipeline.close()
             await app.state.response_store.close()
+            await app.state.embeddings.close()
             gc.unfreeze()
 
     # FastAPI's native OpenTelemetry checks for a configured provider on every request (~3% of a routed
@@ -102,9 +106,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, health, messages, models, responses
+    from gateway.routes import chat, completions, embeddings, health, messages, models, responses
 
-    for module in (chat, completions, responses, messages, models, health):
+    for module in (chat, completions, responses, messages, embeddings, models, health):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start

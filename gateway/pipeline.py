@@ -315,6 +315,9 @@ class Pipeline:
         admission = await self.admitter.admit(api_key, job.model)
         trace.namespace = admission.namespace
         requested = self.resolve_model(job.model)
+        if requested != "auto" and self.settings.pool(requested).task != "generate":
+            raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
+                           code="wrong_endpoint", param="model")
         self._check_limits(job)
         text, guard_text = self._routing_text(job)
         # [2] guard

@@ -68,6 +68,8 @@ class PoolConfig(_Frozen):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     kind: Literal["local", "remote"] = "local"
+    task: Literal["generate", "embed"] = Field("generate", description="embed: serves POST /v1/embeddings "
+                                               "(local: the bundled minilm; remote: passed through)")
     model: str = Field(min_length=1, description="bundled model name, HF folder path, or upstream model id")
     replicas: int = Field(1, ge=1, description="local: number of in-process engine replicas")
     urls: list[str] = Field(default_factory=list, description="remote: base URLs ending in /v1")
@@ -91,6 +93,8 @@ class PoolConfig(_Frozen):
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"pool {self.name!r}: url {url!r} must start with http:// or https://")
+        if self.task == "embed" and self.kind == "local" and self.model != "minilm":
+            raise ValueError(f"pool {self.name!r}: a local embed pool serves the bundled 'minilm', not {self.model!r}")
         return self
 
 
@@ -210,12 +214,15 @@ class Settings(_Frozen):
             raise ValueError(f"pool names must be unique; repeated: {sorted(dup)}")
         if "auto" in names:
             raise ValueError("'auto' is reserved for routing and cannot name a pool")
+        generate = [p.name for p in self.pools if p.task == "generate"]
         for key, ref in (("routing.slm_pool", self.routing.slm_pool), ("routing.llm_pool", self.routing.llm_pool)):
-            if ref not in names:
-                raise ValueError(f"{key} = {ref!r} is not a pool; pools: {names}")
+            if ref not in generate:
+                raise ValueError(f"{key} = {ref!r} is not a generation pool; pools: {generate}")
         for pool in self.pools:
             if pool.fallback is not None and pool.fallback not in names:
                 raise ValueError(f"pools[{pool.name}].fallback = {pool.fallback!r} is not a pool; pools: {names}")
+            if pool.fallback is not None and self.pool(pool.fallback).task != pool.task:
+                raise ValueError(f"pools[{pool.name}].fallback = {pool.fallback!r} serves another task")
         for verdict, policy in (("guard.ood", self.guard.ood), ("guard.unsafe", self.guard.unsafe)):
             if policy.action == "route" and policy.pool not in names:
                 raise ValueError(f"{verdict}.pool = {policy.pool!r} must name a pool for action 'route'")

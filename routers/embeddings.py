@@ -133,6 +133,11 @@ class MiniLMEmbedder:
                 self._export_onnx(path, record, source_sha)
         return self.load()
 
+    def num_tokens(self, texts: list[str]) -> int:
+        """Word pieces of ``texts`` as encoded (special tokens included, after truncation, no padding)."""
+        self.load()
+        return sum(sum(e.attention_mask) for e in self._tokenizer.encode_batch(texts))
+
     def tokenizer_path(self) -> Path:
         return self.tokenizer_file or self.model_dir / "tokenizer.json"
 

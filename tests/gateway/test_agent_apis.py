@@ -221,3 +221,64 @@ def test_messages_errors_are_anthropic_exceptions_in_anthropic_envelope(live_ser
     bad = httpx.post(server.base_url + "/v1/messages", headers={"x-api-key": "sk-a"},
                      json={"model": "slm", "messages": user})  # max_tokens is required
     assert bad.status_code in (400, 429) and bad.json()["type"] == "error"
+
+
+# ---------------------------------------------------------------------------------- embeddings
+
+
+@pytest.mark.slow
+def test_embeddings_are_minilm_vectors_equal_to_the_library_own(live_server):
+    """A local embed pool serves the bundled MiniLM: equal (cosine > 0.999) to transformers' BertModel with
+    the model card's mean pooling; float and base64 (the SDK's default) alike."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from backends.models import prepare
+
+    pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
+             {"name": "emb", "model": "minilm", "task": "embed"}]
+    server = live_server(create_app(fake_settings(pools=pools), backend_factory=FakeFactory()))
+    client = _openai(server)
+    texts = ["The court ruled on the contract dispute.", "How do I bake sourdough bread?", "x"]
+    answer = client.embeddings.create(model="emb", input=texts)  # the SDK asks for base64
+    ours = np.array([d.embedding for d in answer.data])
+    floats = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    assert np.allclose(np.array([d.embedding for d in floats.data]), ours, atol=1e-6)
+    folder = prepare("minilm")
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert ours.shape == (3, 384) and np.all((ours * ref).sum(axis=1) > 0.999)
+    assert answer.usage.prompt_tokens == int(batch["attention_mask"].sum())
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="emb", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "wrong_endpoint"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="slm", input="x")  # a generation pool
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="emb", input=[[1, 2, 3]])  # token ids: remote pools only
+
+
+def test_embeddings_pass_through_to_a_remote_pool(live_server):
+    upstream_app = FakeUpstream()
+    upstream = live_server(upstream_app)
+    pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
+             {"name": "cloud-emb", "kind": "remote", "task": "embed", "model": "text-embedding-x",
+              "urls": [upstream.base_url + "/v1"]}]
+    server = live_server(create_app(fake_settings(pools=pools), backend_factory=FakeFactory()))
+    answer = _openai(server).embeddings.create(model="cloud-emb", input=["ab", "abcd"], dimensions=3)
+    assert [d.embedding for d in answer.data] == [[2.0, 0.5, 0.5], [4.0, 0.5, 0.5]]
+    assert upstream_app.last_bodies[-1] == {"model": "text-embedding-x", "input": ["ab", "abcd"], "dimensions": 3,
+                                            "encoding_format": "float"}
+
+
+def test_get_one_model(gateway):
+    server, _ = gateway
+    client = _openai(server)
+    assert client.models.retrieve("auto").id == "auto" and client.models.retrieve("slm").owned_by == "switchyard"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")

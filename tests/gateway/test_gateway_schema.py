@@ -33,6 +33,8 @@ def _remote_pool_gateway(live_server, **overrides):
     pools = [{"name": name, "kind": "remote", "model": model, "urls": [upstream.base_url + "/v1"],
               "supports_tools": True, "supports_json_mode": True}
              for name, model in (("slm", "fake-slm"), ("llm", "fake-llm"))]
+    pools.append({"name": "minilm", "kind": "remote", "task": "embed", "model": "text-embedding-x",
+                  "urls": [upstream.base_url + "/v1"]})
     return live_server(create_app(settings_from_dict({"pools": pools, "example_cache": {"enabled": False},
                                                       **overrides})))
 
