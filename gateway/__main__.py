@@ -23,7 +23,8 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     loop = "uvloop" if sys.platform != "win32" else "auto"
     uvicorn.run(app, host=host, port=port, loop=loop, http="httptools", log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=10, timeout_keep_alive=settings.keep_alive_s)
+                access_log=False, timeout_graceful_shutdown=settings.drain_seconds(),
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

@@ -86,6 +86,8 @@ class Metrics:
                                      registry=r)
         self.cache_admits = Counter("switchyard_example_cache_admits", "LLM answers admitted", registry=r)
         self.rate_limited = Counter("switchyard_rate_limited", "requests refused by rate limits", registry=r)
+        self.degraded = Gauge("switchyard_degraded", "1 while Redis is unreachable and the gateway serves without "
+                              "it (limiter and example cache fail open), as of the last /readyz", registry=r)
         self._callbacks: _Callbacks | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() looked up once per label set
 

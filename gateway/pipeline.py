@@ -279,7 +279,11 @@ class Pipeline:
                 "pool_events": pool_events}
 
     async def readiness(self) -> dict[str, Any]:
-        """{"ready": bool, "pools": {alias: {replica: bool}}, "redis": bool | None}."""
+        """{"ready", "status", "pools": {alias: {replica: bool}}, "redis": bool | None}.
+
+        Ready while some traffic can be served: every pool has an available replica. Redis is an
+        optimisation (the limiter and the example cache fail open), so Redis down is ``status: degraded``,
+        still ready; a pool without a replica is ``status: unavailable``, not ready."""
         pools = self.pools.health()
         ready = all(any(r.values()) for r in pools.values())
         redis_ok: bool | None = None
@@ -291,8 +295,9 @@ class Pipeline:
         if checks:
             results = await asyncio.gather(*checks, return_exceptions=True)
             redis_ok = all(r is True for r in results)
-            ready = ready and redis_ok
-        return {"ready": ready, "pools": pools, "redis": redis_ok}
+        status = "unavailable" if not ready else "degraded" if redis_ok is False else "ok"
+        self.metrics.degraded.set(1.0 if status == "degraded" else 0.0)
+        return {"ready": ready, "status": status, "pools": pools, "redis": redis_ok}
 
     def model_ids(self) -> list[str]:
         return ["auto", *[p.name for p in self.settings.pools]]

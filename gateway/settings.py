@@ -182,6 +182,13 @@ class ResponsesSettings(_Frozen):
     max_entries: int = Field(10_000, ge=1, description="in-process store only (no redis_url): oldest out first")
 
 
+class ShutdownSettings(_Frozen):
+    """Graceful shutdown on SIGTERM: stop accepting, let in-flight requests and streams finish."""
+
+    drain_s: float | None = Field(None, gt=0, description="how long in-flight requests may take to finish; "
+                                  "None = limits.request_timeout_s + 5 (no request is cut by a rollout)")
+
+
 class Settings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -193,6 +200,7 @@ class Settings(_Frozen):
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()
     responses: ResponsesSettings = ResponsesSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
@@ -232,6 +240,10 @@ class Settings(_Frozen):
         if self.example_cache.server_search == "on" and self.example_cache.backend != "redis":
             raise ValueError("example_cache.server_search = 'on' needs example_cache.backend = 'redis'")
         return self
+
+    def drain_seconds(self) -> float:
+        """Seconds in-flight requests get after SIGTERM (``shutdown.drain_s``, default request timeout + 5)."""
+        return self.shutdown.drain_s if self.shutdown.drain_s is not None else self.limits.request_timeout_s + 5
 
     def pool(self, name: str) -> PoolConfig:
         for p in self.pools:

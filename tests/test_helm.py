@@ -842,3 +842,20 @@ def test_every_values_key_is_documented_where_it_lives():
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert undocumented_keys((CHART / "values.yaml").read_text(), schema) == []
     assert undocumented_keys("gateway:\n  replicas: 2\n", schema) == ["gateway", "gateway.replicas"]
+
+
+def test_gateway_drains_longer_than_the_request_timeout():
+    """A rollout cuts no request: preStop sleep, then SIGTERM, then the gateway's drain time (issue 23)."""
+    def pod(*sets):
+        docs = render(sets=tuple(sets))
+        return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"))
+
+    spec = pod()["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == 5 + (120 + 5) + 5
+    assert spec["containers"][0]["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    assert pod("gateway.config.limits.request_timeout_s=30")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"] == 5 + 35 + 5
+    assert pod("gateway.config.shutdown.drain_s=60", "gateway.preStopSleepSeconds=2")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"] == 2 + 60 + 5
+    assert pod("gateway.terminationGracePeriodSeconds=300")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"] == 300

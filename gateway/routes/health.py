@@ -1,4 +1,4 @@
-"""/healthz (process up), /readyz (pools have a healthy replica, Redis reachable), /metrics (Prometheus).
+"""/healthz (process up), /readyz (every pool has a replica; Redis down = degraded, ready), /metrics.
 
 /readyz names pools and their replica counts to anyone (it is the readiness probe, so it needs no key);
 replica addresses only to a caller with an ``admin`` key, and with credentials and query strings removed.
@@ -31,6 +31,8 @@ class PoolReadiness(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    status: str = Field(description="ok | degraded (Redis unreachable: limiter and cache fail open, still "
+                                    "ready) | unavailable (a pool has no available replica)")
     pools: dict[str, PoolReadiness]
     redis: bool | None = None
     replicas: dict[str, dict[str, bool]] | None = Field(
@@ -44,12 +46,12 @@ async def healthz() -> dict[str, Any]:
 
 @router.get("/readyz", response_model=Readiness, tags=["ops"],
             responses={503: {"model": Readiness, "description": "not ready"}},
-            summary="Readiness: every pool has a healthy replica and Redis (when configured) answers")
+            summary="Readiness: every pool has a healthy replica (Redis down is 'degraded', still ready)")
 async def readyz(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -> JSONResponse:
     state = await pipeline.readiness()
     pools = state["pools"]
     body: dict[str, Any] = {
-        "ready": state["ready"], "redis": state["redis"],
+        "ready": state["ready"], "status": state["status"], "redis": state["redis"],
         "pools": {alias: {"healthy_replicas": sum(map(bool, r.values())), "replicas": len(r)}
                   for alias, r in pools.items()},
     }

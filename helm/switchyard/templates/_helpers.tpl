@@ -312,3 +312,21 @@ Checks the schema cannot express; a failed one stops the render with a message n
 {{- end }}
 {{- end }}
 {{- end }}
+
+
+{{/*
+The gateway pod's termination grace period: the value when set, else preStop sleep + drain + 5 s, the drain
+being config.shutdown.drain_s or config.limits.request_timeout_s (default 120) + 5 (gateway/settings.py).
+*/}}
+{{- define "switchyard.gatewayGracePeriod" -}}
+{{- $g := .Values.gateway -}}
+{{- if kindIs "invalid" $g.terminationGracePeriodSeconds -}}
+{{- $config := $g.config | default dict -}}
+{{- $limits := $config.limits | default dict -}}
+{{- $shutdown := $config.shutdown | default dict -}}
+{{- $drain := $shutdown.drain_s | default (add ($limits.request_timeout_s | default 120 | int) 5) -}}
+{{- add $g.preStopSleepSeconds ($drain | ceil | int) 5 -}}
+{{- else -}}
+{{- $g.terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
