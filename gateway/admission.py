@@ -43,6 +43,8 @@ class Admission:
     namespace: str  # example-cache namespace
     guard_exempt: bool = False
     tokens_per_minute: int | None = None
+    max_budget_usd: float | None = None
+    budget_window: str = "1d"
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,8 @@ class Admitter:
                                   f"(sliding); retry in {check.retry_after_s} s.",
                                   code=f"rate_limit_{check.over}", headers={"retry-after": str(check.retry_after_s)})
         return Admission(key_name=key.name, namespace=key.namespace or key.name,
-                         guard_exempt=key.guard_exempt, tokens_per_minute=key.tokens_per_minute)
+                         guard_exempt=key.guard_exempt, tokens_per_minute=key.tokens_per_minute,
+                         max_budget_usd=key.max_budget_usd, budget_window=key.budget_window)
 
     async def allowed_models(self, presented_key: str | None) -> list[str] | None:
         """The aliases this caller may use (None = all); raises 401 like ``admit``."""

@@ -86,6 +86,10 @@ class Metrics:
                                      registry=r)
         self.cache_admits = Counter("switchyard_example_cache_admits", "LLM answers admitted", registry=r)
         self.rate_limited = Counter("switchyard_rate_limited", "requests refused by rate limits", registry=r)
+        self.budget_exceeded = Counter("switchyard_budget_exceeded", "requests refused by key budgets", registry=r)
+        self.key_spend = Counter("switchyard_key_spend_usd", "cost of answered requests per API key name",
+                                 ["key"], registry=r)
+        self.key_tokens = Counter("switchyard_key_tokens", "tokens per API key name", ["key", "kind"], registry=r)
         self.degraded = Gauge("switchyard_degraded", "1 while Redis is unreachable and the gateway serves without "
                               "it (limiter and example cache fail open), as of the last /readyz", registry=r)
         self._callbacks: _Callbacks | None = None

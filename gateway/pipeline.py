@@ -33,6 +33,7 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PolicyRejection,
+    RateLimited,
     from_backend_error,
 )
 from gateway.metrics import Metrics
@@ -119,6 +120,7 @@ class Execution:
         self._finish_reason: str | None = None
         self._num_deltas = 0
         self._done = False
+        self.reservation: Any = None  # gateway.budget.Reservation, settled by finish()
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
@@ -176,8 +178,11 @@ class Pipeline:
 
     def __init__(self, settings: Settings, pools: Any, *, admitter: Admitter, metrics: Metrics,
                  policy: Any, guard: Any = None, cascade_rule: Any = None, store: Any = None,
-                 limiter_ping: Any = None) -> None:
+                 limiter_ping: Any = None, budgets: Any = None) -> None:
+        from gateway.budget import Budgets
+
         self.settings = settings
+        self.budgets = budgets or Budgets(None)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
@@ -233,8 +238,11 @@ class Pipeline:
 
             store = build_example_store(settings, embed=embed)
         ping = limiter.ping if isinstance(limiter, RedisRateLimiter) else None
+        from gateway.budget import Budgets
+
         return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics or Metrics(),
-                   policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping)
+                   policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping,
+                   budgets=Budgets(settings.redis_url))
 
     async def start(self) -> None:
         if self.store is not None:  # first: example_cache.server_search = 'on' without it fails start-up fast
@@ -260,12 +268,16 @@ class Pipeline:
                 await self.store.close()
         with contextlib.suppress(Exception):
             await self.admitter.limiter.close()
+        with contextlib.suppress(Exception):
+            await self.budgets.close()
 
     def _scrape_values(self) -> dict[str, Any]:
         failures: dict[str, int] = {}
         limiter = self.admitter.limiter
         if hasattr(limiter, "num_failures"):
             failures["rate_limiter"] = limiter.num_failures
+        if self.settings.redis_url:
+            failures["budgets"] = self.budgets.num_failures
         if self.store is not None:
             stats = getattr(self.store, "stats", {}) or {}
             failures["example_cache"] = sum(int(stats.get(k, 0)) for k in ("redis_errors", "timeouts", "admit_failures"))
@@ -324,6 +336,36 @@ class Pipeline:
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
         self._check_limits(job)
+        reservation = await self._reserve_budget(job, admission, requested)
+        try:
+            execution = await self._decide_and_start(job, admission, trace, requested)
+        except BaseException:
+            if reservation is not None:  # nothing was answered: the reservation becomes what was spent
+                self._background(self.budgets.settle(reservation, trace.cost_usd))
+            raise
+        execution.reservation = reservation
+        return execution
+
+    async def _reserve_budget(self, job: Job, admission: Admission, requested: str) -> Any:
+        """Reserve the request's worst case against the key's budget (``gateway/budget.py``); 429 when over."""
+        if admission.max_budget_usd is None or admission.key_name is None:
+            return None
+        routing = self.settings.routing
+        pools = [routing.slm_pool, routing.llm_pool] if requested == "auto" else [requested]
+        num_prompt, num_out = _estimate_prompt_tokens(job), job.sampling.max_tokens * job.n
+        worst = sum(self.settings.pool(p).price.cost_usd(num_prompt, num_out) for p in pools)
+        reservation = await self.budgets.reserve(admission.key_name, admission.budget_window, worst,
+                                                 admission.max_budget_usd)
+        if reservation is None:
+            spent = await self.budgets.spent(admission.key_name, admission.budget_window)
+            self.metrics.budget_exceeded.inc()
+            raise RateLimited(f"Budget reached for key {admission.key_name!r}: ${spent:.6f} of "
+                              f"${admission.max_budget_usd:g} per {admission.budget_window} spent or reserved; "
+                              f"this request may cost up to ${worst:.6f}.", code="budget_exceeded")
+        return reservation
+
+    async def _decide_and_start(self, job: Job, admission: Admission, trace: Trace, requested: str) -> Execution:
+        """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta."""
         text, guard_text = self._routing_text(job)
         # [2] guard
         forced_pool = None
@@ -565,6 +607,12 @@ class Pipeline:
             trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
         if usage.total_tokens:
             self._background(self.admitter.record_tokens(execution.admission, usage.total_tokens))
+        key = execution.admission.key_name or "-"
+        self.metrics.key_spend.labels(key).inc(trace.cost_usd)
+        self.metrics.key_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
+        self.metrics.key_tokens.labels(key, "completion").inc(usage.completion_tokens)
+        if execution.reservation is not None:
+            self._background(self.budgets.settle(execution.reservation, trace.cost_usd))
         if (self.store is not None and job.kind == "chat" and trace.pool == self.settings.routing.llm_pool
                 and execution._finish_reason == "stop" and execution._text):
             guard_ok = trace.guard in ("domain", "off", "exempt")

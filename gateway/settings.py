@@ -161,6 +161,10 @@ class ApiKey(_Frozen):
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
     admin: bool = Field(False, description="may see replica addresses in /readyz (credentials are never shown)")
+    max_budget_usd: float | None = Field(None, ge=0, description="spend cap per budget_window; over it → 429 "
+                                         "budget_exceeded before any backend call; None = no cap")
+    budget_window: str = Field("1d", pattern=r"^[1-9][0-9]*[smhd]$", description="30m, 12h, 1d, 30d, ... "
+                               "(fixed windows aligned to the epoch: 1d = UTC days)")
 
 
 class Limits(_Frozen):
