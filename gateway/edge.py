@@ -2,7 +2,8 @@
 
 ``Edge`` is the outermost ASGI middleware. For each HTTP request it, in this order:
 
-1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement;
+1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement and
+   ``scope["state"]["request_id"]``: the client's ``x-request-id`` or a new one, echoed on every response;
    refuses headers over ``limits.max_header_bytes`` in all (431, like nginx's header buffers);
 2. on ``/v1/`` paths checks the API key from the headers alone: a missing or wrong key is a 401
    before one byte of the body is read or parsed (an anonymous caller learns nothing about the schema);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -55,7 +57,8 @@ def record_status(scope: dict[str, Any], status: int) -> None:
         return
     if status == 429:
         pipeline.metrics.rate_limited.inc()
-    pipeline.record(route="error", model="-", status=status, t_start=t_start_of(scope), overhead_s=None)
+    pipeline.record(route="error", model="-", status=status, t_start=t_start_of(scope), overhead_s=None,
+                    scope=scope)
 
 
 def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
@@ -94,7 +97,10 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["t_start"] = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["t_start"] = time.perf_counter()
+        state["request_id"] = request_id = _request_id(scope)
+        send = _with_request_id(send, request_id)
         try:
             headers = scope.get("headers", ())
             if sum(len(name) + len(value) for name, value in headers) > self.max_header_bytes:
@@ -135,6 +141,26 @@ class Edge:
             raise RequestTimeout(f"The request body did not arrive within {self.body_read_timeout_s:g} s "
                                  "(limits.body_read_timeout_s).", code="request_timeout",
                                  headers={"connection": "close"}) from None
+
+
+def _request_id(scope: dict) -> str:
+    """The client's ``x-request-id`` when it is a sane token (≤ 128 printable ASCII), else a new one."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+def _with_request_id(send: Any, request_id: str) -> Any:
+    """``send`` that puts ``x-request-id`` on the response (every response, errors included)."""
+    header = (b"x-request-id", request_id.encode())
+
+    async def send_with_id(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return send_with_id
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -183,6 +183,11 @@ class Pipeline:
 
         self.settings = settings
         self.budgets = budgets or Budgets(None)
+        self.decision_log: Any = None  # gateway.decision_log.DecisionLog when settings.decision_log.path is set
+        if settings.decision_log.path:
+            from gateway.decision_log import DecisionLog
+
+            self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
@@ -270,6 +275,8 @@ class Pipeline:
             await self.admitter.limiter.close()
         with contextlib.suppress(Exception):
             await self.budgets.close()
+        if self.decision_log is not None:
+            self.decision_log.close()
 
     def _scrape_values(self) -> dict[str, Any]:
         failures: dict[str, int] = {}
@@ -638,9 +645,27 @@ class Pipeline:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background task failed: %r", task.exception())
 
-    def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None) -> None:
-        self.metrics.record_request(route=route, model=model, status=status,
-                                    latency_s=time.perf_counter() - t_start, overhead_s=overhead_s)
+    def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None,
+               execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
+        """Count one finished request (metrics) and write its decision-log line: exactly once per request."""
+        latency_s = time.perf_counter() - t_start
+        self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
+                                    overhead_s=overhead_s)
+        if self.decision_log is None:
+            return
+        entry: dict[str, Any] = {
+            "request_id": ((scope or {}).get("state") or {}).get("request_id"),
+            "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
+            "latency_ms": round(latency_s * 1000, 3),
+            "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
+        if execution is not None:
+            trace, usage = execution.trace, execution.usage
+            entry.update(key=execution.admission.key_name, score=trace.score, threshold=trace.threshold,
+                         guard=trace.guard, escalated=trace.escalated, num_examples=trace.num_examples,
+                         prompt_tokens=usage.prompt_tokens if usage else None,
+                         completion_tokens=usage.completion_tokens if usage else None,
+                         cost_usd=round(trace.cost_usd, 10))
+        self.decision_log.write(entry)
 
 
 def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -193,6 +193,13 @@ class ShutdownSettings(_Frozen):
                                   "None = limits.request_timeout_s + 5 (no request is cut by a rollout)")
 
 
+class DecisionLogSettings(_Frozen):
+    """One JSON line per request (gateway/decision_log.py)."""
+
+    path: str | None = Field(None, description="a file to append to, or 'stdout'; None = no decision log")
+    sample: float = Field(1.0, ge=0, le=1, description="share of requests logged")
+
+
 class Settings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -205,6 +212,7 @@ class Settings(_Frozen):
     limits: Limits = Limits()
     responses: ResponsesSettings = ResponsesSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    decision_log: DecisionLogSettings = DecisionLogSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")

@@ -163,7 +163,8 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
         shape = (shaper or openai_shaper(include_usage))(job, execution)
         trace = execution.trace
         if job.stream:  # AbortingStream watches the client itself while it streams
-            return AbortingStream(_sse(pipeline, execution, shape, finished), media_type="text/event-stream",
+            return AbortingStream(_sse(pipeline, execution, shape, finished, request.scope),
+                                  media_type="text/event-stream",
                                   headers={**trace.headers(with_cost=False), "cache-control": "no-cache"})
         try:
             async for delta in execution.deltas():
@@ -177,7 +178,7 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
         if finished is not None:
             await finished(shape, usage)
     pipeline.record(route=trace.route, model=trace.pool, status=200, t_start=job.t_start,
-                    overhead_s=trace.overhead_s)
+                    overhead_s=trace.overhead_s, execution=execution, scope=request.scope)
     return Response(json_bytes(body), media_type="application/json", headers=trace.headers(with_cost=True))
 
 
@@ -188,7 +189,7 @@ def _zero_usage():
 
 
 async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
-               finished: Finished | None) -> AsyncIterator[bytes]:
+               finished: Finished | None, scope: dict[str, Any]) -> AsyncIterator[bytes]:
     """The SSE frames of one stream. Counted once when it ends: 200 when the closing frame was handed
     to the server, the error's status when an error event was, 499 when the client left before."""
     trace, status = execution.trace, STATUS_CLIENT_GONE
@@ -215,7 +216,7 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
             logging.getLogger("switchyard").info("client left during its stream (%s)", trace.pool)
         await execution.aclose()
         pipeline.record(route=trace.route, model=trace.pool, status=status, t_start=execution.job.t_start,
-                        overhead_s=trace.overhead_s)
+                        overhead_s=trace.overhead_s, execution=execution, scope=scope)
 
 
 async def _cancel_on_disconnect(receive: Any, task: asyncio.Task, gone: asyncio.Event) -> None:

@@ -73,7 +73,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request,
         data = [{"object": "embedding", "index": item.get("index", i),
                  "embedding": encode_vector(item.get("embedding") or [], body.encoding_format)}
                 for i, item in enumerate(result.data or [])]
-    pipeline.record(route="embeddings", model=alias, status=200, t_start=t_start, overhead_s=None)
+    pipeline.record(route="embeddings", model=alias, status=200, t_start=t_start, overhead_s=None,
+                    scope=request.scope)
     out = {"object": "list", "data": data, "model": service.pools[alias].model,
            "usage": {"prompt_tokens": result.num_tokens, "total_tokens": result.num_tokens}}
     return Response(json_bytes(out), media_type="application/json")

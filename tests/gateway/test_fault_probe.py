@@ -27,7 +27,7 @@ CHAT = {"model": "slm", "messages": [{"role": "user", "content": "hello"}], "max
 
 
 @pytest.fixture
-def probe(live_server, redis_url, caplog):
+def probe(live_server, redis_url, caplog, tmp_path):
     caplog.set_level(logging.INFO)
     ok = live_server(FakeUpstream(name="ok", behavior=FakeBehavior(num_tokens=20, token_delay_s=0.03)))
     resets = live_server(FakeUpstream(name="resets", behavior=FakeBehavior(mode="die_mid_stream")))
@@ -43,8 +43,11 @@ def probe(live_server, redis_url, caplog):
         "example_cache": {"enabled": False},
         "api_keys": [{"name": "probe", "sha256": hash_api_key(KEY), "requests_per_minute": 100_000}],
         "limits": {"max_body_bytes": 64_000, "request_timeout_s": 1.5, "body_read_timeout_s": 2.0},
+        "decision_log": {"path": str(tmp_path / "decisions.jsonl")},
     })
-    return live_server(create_app(settings))
+    server = live_server(create_app(settings))
+    server.decision_log = tmp_path / "decisions.jsonl"
+    return server
 
 
 def _requests_total(base_url: str) -> dict[tuple[str, ...], float]:
@@ -187,6 +190,9 @@ def test_fault_probe(probe, redis_server, caplog):
     num_gone = counts.get(("explicit", "slm", "499"), 0)
     assert 0 < num_gone <= outcomes.count(499), counts
     assert counts[("explicit", "slm", "200")] + num_gone == 200 + 40 + 1 + 2, counts
+    lines = probe.decision_log.read_text().splitlines()
+    assert len(lines) == num_sent  # one decision-log line per request, whatever its outcome
+    assert sum('"status":499' in line for line in lines) == num_gone
     _assert_clean_log(caplog)
 
 
