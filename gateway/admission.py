@@ -12,7 +12,8 @@
   429 carries ``retry-after`` for that moment. Counters live in Redis when ``redis_url`` is set (one Lua
   script per admission: check and count atomically, shared by gateway replicas; a Redis failure fails
   *open* and is counted), in process otherwise.
-* The model allow list applies to the ``model`` the caller names (``auto`` must be listed to use routing).
+* The model allow list applies to the pool the caller's ``model`` resolves to (a pool's name or the model it
+  serves, listed either way; ``auto`` must be listed to use routing).
 * The key is checked from the headers before the body is read, and the body's size and read time are
   bounded, by ``gateway.edge.Edge`` (an ASGI middleware); ``admit`` checks the key again (cheap).
 """
@@ -238,6 +239,10 @@ class Admitter:
 
     def __init__(self, settings: Settings, limiter: RateLimiter) -> None:
         self.keys: list[ApiKey] = list(settings.api_keys)
+        # a key's allow list may name pools or the models they serve: both become pool names here
+        self._allowed: dict[str, set[str] | None] = {
+            k.name: None if k.models is None else {settings.resolve_model(m) or m for m in k.models}
+            for k in self.keys}
         self.limiter = limiter
         self.num_rate_limited = 0
 
@@ -267,12 +272,14 @@ class Admitter:
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         return key
 
-    async def admit(self, presented_key: str | None, model: str) -> Admission:
+    async def admit(self, presented_key: str | None, pool: str) -> Admission:
+        """``pool``: the resolved model (``auto`` or a pool name, ``Settings.resolve_model``)."""
         if self.is_open:
             return Admission(key_name=None, namespace=OPEN_NAMESPACE)
         key = self._authenticate(presented_key)
-        if key.models is not None and model not in key.models:
-            raise PermissionDenied(f"API key {key.name!r} may not use model {model!r}; allowed: {key.models}",
+        allowed = self._allowed.get(key.name)
+        if allowed is not None and pool not in allowed:
+            raise PermissionDenied(f"API key {key.name!r} may not use model {pool!r}; allowed: {key.models}",
                                    code="model_not_allowed", param="model")
         if key.requests_per_minute is not None or key.tokens_per_minute is not None:
             check = await self.limiter.hit(key.name, max_requests=key.requests_per_minute,
@@ -291,7 +298,8 @@ class Admitter:
         """The aliases this caller may use (None = all); raises 401 like ``admit``."""
         if self.is_open:
             return None
-        return self._authenticate(presented_key).models
+        allowed = self._allowed.get(self._authenticate(presented_key).name)
+        return None if allowed is None else sorted(allowed)
 
     async def record_tokens(self, admission: Admission, num_tokens: int) -> None:
         if admission.key_name is not None and admission.tokens_per_minute is not None and num_tokens > 0:

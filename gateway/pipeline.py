@@ -197,9 +197,6 @@ class Pipeline:
         self.store = store
         self._limiter_ping = limiter_ping
         self._aliases = {p.name for p in settings.pools}
-        self._by_model = {}
-        for p in settings.pools:
-            self._by_model.setdefault(p.model, p.name)
         self._tasks: set[asyncio.Task] = set()
         self.llm_price = settings.pool(settings.routing.llm_pool).price
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
@@ -231,7 +228,7 @@ class Pipeline:
             from routers.router import Router
 
             router = Router.load(settings.routing.router_artifact)
-        policy = RoutePolicy.from_settings(settings, router)
+        policy = RoutePolicy(settings.routing, router)
         cascade = settings.routing.cascade
         rule = None
         if cascade.mode != "off":
@@ -324,10 +321,9 @@ class Pipeline:
     # ---------------------------------------------------------------------------- the request
 
     def resolve_model(self, model: str) -> str:
-        """'auto', a pool alias, or a pool's model name → 'auto' or the alias; unknown → 404."""
-        if model == "auto" or model in self._aliases:
-            return model
-        alias = self._by_model.get(model)
+        """'auto', a pool alias, or a pool's model name → 'auto' or the alias (``Settings.resolve_model``);
+        unknown → 404."""
+        alias = self.settings.resolve_model(model)
         if alias is None:
             raise NotFound(f"The model {model!r} does not exist; available: {self.model_ids()}",
                            code="model_not_found", param="model")
@@ -335,10 +331,10 @@ class Pipeline:
 
     async def run(self, job: Job, api_key: str | None) -> Execution:
         trace = Trace()
-        # [1] admission (401 before anything about models is revealed)
-        admission = await self.admitter.admit(api_key, job.model)
-        trace.namespace = admission.namespace
+        # [1] the model, resolved once; admission of the resolved pool (the key was checked at the edge)
         requested = self.resolve_model(job.model)
+        admission = await self.admitter.admit(api_key, requested)
+        trace.namespace = admission.namespace
         if requested != "auto" and self.settings.pool(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
@@ -399,7 +395,7 @@ class Pipeline:
         elif requested != "auto":
             trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
         else:
-            decision = self.policy.decide(text, "auto", job.hint)
+            decision = self.policy.decide(text, job.hint)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
             self._route_for_capabilities(job, trace)

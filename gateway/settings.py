@@ -257,6 +257,19 @@ class Settings(_Frozen):
         """Seconds in-flight requests get after SIGTERM (``shutdown.drain_s``, default request timeout + 5)."""
         return self.shutdown.drain_s if self.shutdown.drain_s is not None else self.limits.request_timeout_s + 5
 
+    def resolve_model(self, model: str) -> str | None:
+        """The one place a request's ``model`` becomes a pool: ``auto`` stays ``auto``; a pool's name, or the
+        model a pool serves (the first such pool), gives that pool's name; anything else None."""
+        if model == "auto":
+            return model
+        for p in self.pools:
+            if p.name == model:
+                return p.name
+        for p in self.pools:
+            if p.model == model:
+                return p.name
+        return None
+
     def pool(self, name: str) -> PoolConfig:
         for p in self.pools:
             if p.name == name:

@@ -1,17 +1,17 @@
 """Route policy: from the router's score, the thresholds and the request's hints to a ``RouteDecision``.
 
-Precedence (first match wins):
+``decide`` is asked only for ``model: "auto"`` (a request naming a pool goes there: the gateway resolves
+model names, once, before admission). Precedence (first match wins):
 
-1. **explicit model** — ``model`` names a pool (or the model a pool serves): that pool, route ``explicit``.
-2. **per-request hint** on ``model: "auto"`` (see ``parse_hint``):
+1. **per-request hint** (see ``parse_hint``):
    - quality ``low``  → ``slm`` (cheapest; no escalation);
    - quality ``high`` → ``llm``;
    - quality ``medium`` or no hint → the router as below;
    - ``max_strong_share`` x in [0, 1] → the router with the threshold that sends about the share x of
      traffic to the LLM (from the artifact's calibration table).
-3. **no router artifact** → ``slm_then_escalate`` (the cascade decides on SLM confidence), or ``slm``
+2. **no router artifact** → ``slm_then_escalate`` (the cascade decides on SLM confidence), or ``slm``
    when the cascade is off.
-4. **router**: ``score < threshold`` → ``llm``; ``threshold <= score < threshold + escalate_band`` →
+3. **router**: ``score < threshold`` → ``llm``; ``threshold <= score < threshold + escalate_band`` →
    ``slm_then_escalate`` (``slm`` when the cascade is off); else ``slm``.
 
 Hints reach the gateway two ways (the body wins when both are given):
@@ -33,9 +33,8 @@ QUALITY_LEVELS = ("low", "medium", "high")
 HINT_BODY_FIELD = "switchyard"
 HINT_HEADER = "x-switchyard-quality"
 SHARE_HEADER = "x-switchyard-max-strong-share"
-AUTO = "auto"
 
-Route = Literal["slm", "slm_then_escalate", "llm", "explicit"]
+Route = Literal["slm", "slm_then_escalate", "llm"]
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,6 @@ class RouteHint:
 
     quality: Literal["low", "medium", "high"] | None = None
     max_strong_share: float | None = None
-
-
-class UnknownModel(ValueError):
-    """``model`` is neither ``auto`` nor a pool / served model name (the gateway answers 404)."""
 
 
 def parse_hint(body_value: Any = None, headers: Mapping[str, str] | None = None) -> RouteHint | None:
@@ -116,24 +111,12 @@ def threshold_for_share(share_table: list[list[float]] | None, share: float, def
 
 
 class RoutePolicy:
-    """Builds RouteDecisions. Construct once (create_app/lifespan); ``decide`` is pure and thread-safe.
+    """Builds RouteDecisions for ``model: "auto"``. Construct once (create_app/lifespan); ``decide`` is pure
+    and thread-safe."""
 
-    ``pools`` maps every name a client may send as ``model`` to its pool (pool names and the models
-    they serve); ``prices`` is per-pool USD per 1k requests (informational: recorded in ``reason`` of
-    cost-driven decisions and used by callers for cost accounting).
-    """
-
-    def __init__(
-        self,
-        routing,  # gateway.settings.RoutingSettings
-        router=None,  # routers.scorers.Router | None
-        pools: Mapping[str, str] | None = None,
-        prices: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, routing, router=None) -> None:  # gateway.settings.RoutingSettings, routers.router.Router
         self.routing = routing
         self.router = router
-        self.pools = dict(pools or {routing.slm_pool: routing.slm_pool, routing.llm_pool: routing.llm_pool})
-        self.prices = dict(prices or {})
         self.cascade_on = routing.cascade.mode != "off"
         if routing.threshold is not None:
             self.threshold: float | None = float(routing.threshold)
@@ -144,28 +127,8 @@ class RoutePolicy:
         cal = (router.meta.get("calibration") or {}) if router is not None else {}
         self.share_table: list[list[float]] | None = cal.get("share_table")
 
-    @classmethod
-    def from_settings(cls, settings, router=None) -> RoutePolicy:
-        """Names: each pool's name and its ``model``; prices: USD per 1k requests of 500 in + 500 out tokens."""
-        pools: dict[str, str] = {}
-        prices: dict[str, float] = {}
-        for p in settings.pools:
-            pools.setdefault(p.model, p.name)
-            prices[p.name] = 1000 * p.price.cost_usd(500, 500)
-        for p in settings.pools:
-            pools[p.name] = p.name
-        return cls(settings.routing, router=router, pools=pools, prices=prices)
-
-    def decide(self, text: str, requested_model: str, hint: RouteHint | str | None = None) -> RouteDecision:
+    def decide(self, text: str, hint: RouteHint | None = None) -> RouteDecision:
         slm, llm = self.routing.slm_pool, self.routing.llm_pool
-        if requested_model != AUTO:
-            pool = self.pools.get(requested_model)
-            if pool is None:
-                raise UnknownModel(f"model {requested_model!r} does not exist; use 'auto' or one of "
-                                   f"{sorted(set(self.pools))}")
-            return RouteDecision("explicit", pool, None, None, f"explicit model {requested_model!r}")
-        if isinstance(hint, str):
-            hint = RouteHint(quality=_quality(hint, "hint"))
         threshold = self.threshold
         if hint is not None and hint.quality == "low":
             return RouteDecision("slm", slm, None, None, "hint quality=low")

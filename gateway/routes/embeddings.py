@@ -52,15 +52,15 @@ class EmbeddingList(BaseModel):
 async def create_embeddings(body: EmbeddingRequest, request: Request,
                             pipeline: Pipeline = Depends(get_pipeline)) -> Response:
     t_start = t_start_of(request)
-    await pipeline.admitter.admit(presented_key(request.headers), body.model)
     service = request.app.state.embeddings
-    alias = next((p.name for p in service.pools.values() if body.model in (p.name, p.model)), None)
-    if alias is None and body.model in pipeline.model_ids():
-        raise NotFound(f"The model {body.model!r} is a generation pool, not an embedding model; embedding "
-                       f"pools: {sorted(service.pools)}", code="wrong_endpoint", param="model")
-    if alias is None:
+    alias = pipeline.settings.resolve_model(body.model)
+    if alias is None or alias == "auto":
         raise NotFound(f"The model {body.model!r} does not exist; embedding pools: {sorted(service.pools)}",
                        code="model_not_found", param="model")
+    await pipeline.admitter.admit(presented_key(request.headers), alias)
+    if alias not in service.pools:
+        raise NotFound(f"The model {body.model!r} is a generation pool, not an embedding model; embedding "
+                       f"pools: {sorted(service.pools)}", code="wrong_endpoint", param="model")
     extra: dict[str, Any] = {} if body.dimensions is None else {"dimensions": body.dimensions}
     if body.dimensions is not None and service.pools[alias].kind == "local":
         raise InvalidRequest(f"Pool {alias!r} returns 384 dimensions; 'dimensions' cannot change it.",

@@ -124,10 +124,10 @@ def test_responses_text_format_json_schema_reaches_the_pool(remote):
 
 
 def test_responses_errors_are_the_sdk_exceptions(live_server):
-    keys = [{"name": "a", "sha256": hash_api_key("sk-a"), "requests_per_minute": 2}]
+    keys = [{"name": "a", "sha256": hash_api_key("sk-a"), "requests_per_minute": 1}]
     server = live_server(create_app(fake_settings(api_keys=keys), backend_factory=FakeFactory(
         fail_load=frozenset({"llm"}))))
-    client = _openai(server, "sk-a")
+    client = _openai(server, "sk-a")  # admitted requests count: only the 503 below
     with pytest.raises(openai.AuthenticationError):
         _openai(server, "sk-wrong").responses.create(model="slm", input="x")
     with pytest.raises(openai.BadRequestError) as e:
@@ -197,10 +197,10 @@ def test_messages_tool_use_round_trip_on_a_remote_pool(remote):
 
 
 def test_messages_errors_are_anthropic_exceptions_in_anthropic_envelope(live_server):
-    keys = [{"name": "a", "sha256": hash_api_key("sk-a"), "requests_per_minute": 2}]
+    keys = [{"name": "a", "sha256": hash_api_key("sk-a"), "requests_per_minute": 1}]
     server = live_server(create_app(fake_settings(api_keys=keys), backend_factory=FakeFactory(
         fail_load=frozenset({"llm"}))))
-    client = _anthropic(server, "sk-a")  # sent as x-api-key; admitted requests count (404 and 503 below)
+    client = _anthropic(server, "sk-a")  # sent as x-api-key; admitted requests count: only the 503 below
     user = [{"role": "user", "content": "x"}]
     with pytest.raises(anthropic.AuthenticationError) as e:
         _anthropic(server, "sk-wrong").messages.create(model="slm", max_tokens=8, messages=user)

@@ -151,3 +151,16 @@ def test_auto_falls_back_to_the_llm_when_the_slm_pool_is_down(live_server):
     assert resp.choices[0].message.content.startswith("llm:")
     info = resp.model_extra["switchyard"]
     assert info["escalated"] is True and "SLM failed" in info["reason"]
+
+
+def test_key_allowed_a_pool_may_name_its_model(live_server):
+    """Model names resolve once, before admission: a key allowed pool 'slm' may send 'fake-slm', the model that
+    pool serves (it got 403 when admission checked the raw name), and the allow list may name either."""
+    keys = [{"name": "carol", "sha256": hash_api_key("sk-carol"), "models": ["slm", "fake-llm"]}]
+    server = live_server(create_app(fake_settings(api_keys=keys), backend_factory=FakeFactory()))
+    carol = _client(server, "sk-carol")
+    assert _chat(carol, model="fake-slm").model_extra["switchyard"]["model"] == "slm"
+    assert _chat(carol, model="llm").model_extra["switchyard"]["model"] == "llm"
+    with pytest.raises(openai.PermissionDeniedError):
+        _chat(carol, model="cloud")
+    assert sorted(m.id for m in carol.models.list()) == ["llm", "slm"]
