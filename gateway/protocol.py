@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from backends.types import SamplingParams
+
 INT64_MAX = 2**63 - 1
 
 
@@ -104,9 +106,44 @@ class _Sampling(_Request):
     seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
     user: str | None = Field(None, max_length=256)
     switchyard: SwitchyardOptions | None = None
+    # vLLM's extra sampling fields (``extra_body``): the engine honours them; remote pools get them when set.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
 
     def stop_sequences(self) -> tuple[str, ...]:
         return _check_stop(self.stop)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """None = no logprobs; k = the sampled token's plus the top-k alternatives."""
+        return None
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The request's one SamplingParams (vLLM's ``to_sampling_params``): OpenAI's defaults where a field
+        is unset (temperature 1, top_p 1), ``default_max_tokens`` when no max_tokens is given. Raises
+        ``SamplingParamsError`` (a ValueError whose ``param`` names the field) for values no backend can
+        honour; the routes answer it with a 400 ``invalid_request_error``, for local and remote pools alike."""
+        return SamplingParams(
+            n=self.n or 1,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_p=self.min_p or 0.0,
+            max_tokens=self.max_new_tokens() or default_max_tokens,
+            stop=self.stop_sequences(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logprobs=self.num_logprobs(),
+            ignore_eos=bool(self.ignore_eos),
+        )
 
 
 class ChatCompletionRequest(_Sampling):
@@ -137,6 +174,9 @@ class ChatCompletionRequest(_Sampling):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions. One prompt per request: a string, or a list of token ids."""
@@ -166,8 +206,8 @@ class CompletionRequest(_Sampling):
             return self.prompt[0]  # type: ignore[return-value]
         return self.prompt  # type: ignore[return-value]
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 # ------------------------------------------------------------------------------------- responses
