@@ -59,6 +59,7 @@ class Job:
     response_format: dict[str, Any] | None = None
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
+    priority: int = 0  # engine scheduling, lower first (vLLM's extra ``priority``)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -458,7 +459,7 @@ class Pipeline:
             request_id=job.request_id, model=self.settings.pool(alias).model,
             messages=messages if job.kind == "chat" else None, prompt=job.prompt if job.kind == "completion" else None,
             sampling=job.sampling, tools=job.tools, tool_choice=job.tool_choice,
-            response_format=job.response_format, user=job.user, deadline=deadline,
+            response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
         )
 
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:

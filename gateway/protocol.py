@@ -112,6 +112,7 @@ class _Sampling(_Request):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    priority: int | None = Field(None, description="engine scheduling: lower runs first (vLLM's priority)")
 
     def stop_sequences(self) -> tuple[str, ...]:
         return _check_stop(self.stop)

@@ -70,14 +70,14 @@ def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: 
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), tools=body.tools,
                tool_choice=body.tool_choice,
                response_format=body.response_format.model_dump() if body.response_format else None,
-               user=body.user, hint=_hint(body, request),
+               user=body.user, hint=_hint(body, request), priority=body.priority or 0,
                t_start=t_start_of(request))
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
     return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(),
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
-               hint=_hint(body, request),
+               hint=_hint(body, request), priority=body.priority or 0,
                t_start=t_start_of(request))
 
 

@@ -92,6 +92,12 @@ def test_n_choices_and_stop(client):
         assert cut.choices[0].finish_reason == "stop"
 
 
+def test_vllm_extra_fields_priority_and_min_p(client):
+    res = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=4,
+                                         extra_body={"priority": -1, "min_p": 0.1, "ignore_eos": True})
+    assert res.usage.completion_tokens == 4
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model="tiny", messages=MESSAGES, temperature=1.0, max_tokens=10, seed=123,
                   extra_body={"ignore_eos": True})
