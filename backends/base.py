@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "abort"]
+# The boundary types live in backends/types.py; re-exported for the modules that import them from here.
+from backends.types import (  # noqa: F401
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -37,82 +44,6 @@ def json_bytes(obj: Any) -> bytes:
         return orjson.dumps(obj)
     except TypeError:
         return json.dumps(obj, separators=(",", ":")).encode()
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Sampling knobs shared by every backend. ``temperature == 0`` means greedy (argmax)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1 = off
-    min_p: float = 0.0
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-    ignore_eos: bool = False
-
-
-@dataclass
-class GenerationRequest:
-    """One request to one backend. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
-
-    request_id: str
-    model: str  # the model id the backend serves (remote: upstream model name)
-    messages: list[dict[str, Any]] | None = None
-    prompt: str | list[int] | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    n: int = 1
-    # OpenAI fields passed through to backends that support them (remote); local rejects tools.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    user: str | None = None
-    deadline: float | None = None  # time.monotonic() by which the request must finish
-    priority: int = 0  # lower runs first (engine scheduler)
-
-    def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("GenerationRequest needs exactly one of messages or prompt")
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    token_id: int | None = None
-    top_logprobs: tuple[tuple[str, float], ...] = ()  # (token text, logprob), best first
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A piece of one choice's output. ``text`` may be empty (e.g. a final Delta with only finish_reason)."""
-
-    index: int = 0
-    text: str = ""
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: FinishReason | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # remote passthrough (OpenAI delta.tool_calls)
-    is_final: bool = False  # last Delta of the whole request
-    usage: Usage | None = None  # set on the final Delta
 
 
 class BackendError(Exception):

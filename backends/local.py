@@ -1,24 +1,28 @@
 """LocalBackend: the Backend protocol over the embedded engine (one in-process replica).
 
 Turns a GenerationRequest into prompt token ids (the tokenizer's chat template, a Jinja override, or
-"gemma_plain" Gemma turns, or "plain_turns" plain-text turns for base models), streams the engine's incremental text as Deltas, and maps
-engine errors to BackendError: prompt too long → 400 ``context_length_exceeded``; ``tools`` → 400
-``tools_not_supported``; invalid sampling values → 400 ``invalid_parameter``.
+"gemma_plain" Gemma turns, or "plain_turns" plain-text turns for base models), hands the request's
+SamplingParams to the engine (as is; a built-in template appends its end-of-turn stops), streams the
+engine's incremental text as Deltas, and maps engine errors to BackendError: prompt too long → 400
+``context_length_exceeded``; ``tools`` → 400 ``tools_not_supported``; a token id outside the vocabulary
+→ 400 ``invalid_parameter``. Sampling values were validated when the SamplingParams was built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 
 from backends.base import BackendError, Delta, GenerationRequest, TokenLogprob, Usage
+from backends.engine.args import EngineArgs
 from backends.engine.async_engine import AsyncEngine, EngineDeadError
 from backends.engine.llm_engine import ContextLengthError, LLMEngine
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.sequence import TokenLogprobs
-from gateway.settings import EngineOptions
+from backends.engine.stats import StatLogger
 
 GEMMA_PLAIN = "gemma_plain"
 PLAIN_TURNS = "plain_turns"
@@ -88,24 +92,36 @@ def _content_text(content) -> str:
 
 
 class LocalBackend:
-    def __init__(self, name: str, model: str, options: EngineOptions, chat_template: str | None = None,
-                 device: str | None = None) -> None:
+    """One in-process engine replica of ``model`` (a bundled name or a local HF folder).
+
+    ``stat_logger`` (optional) receives the engine's per-step numbers (``backends/engine/stats.py``) on the
+    engine thread; the gateway passes one that records them in its Prometheus registry.
+    """
+
+    def __init__(self, name: str, model: str, args: EngineArgs | None = None, chat_template: str | None = None,
+                 stat_logger: StatLogger | None = None) -> None:
         from backends.models import chat_template_override
 
         self.name = name
         self.model = model
-        self.options = options
+        self.args = args or EngineArgs()
         self.chat_template = chat_template or chat_template_override(model)
-        self.device = device
+        self.stat_logger = stat_logger
         self.engine: AsyncEngine | None = None
         self._load_lock = asyncio.Lock()
         self._ids = itertools.count()
+        self._template_stops: tuple[tuple[str, ...], tuple[int, ...]] = ((), ())
 
     # ------------------------------------------------------------------ lifecycle
     async def load(self) -> None:
         async with self._load_lock:
             if self.engine is None:
-                self.engine = await AsyncEngine.create(self.model, self.options, device=self.device)
+                from backends.models import resolve_model_path
+
+                path = await asyncio.to_thread(resolve_model_path, self.model)
+                loggers = [self.stat_logger] if self.stat_logger is not None else []
+                self.engine = await AsyncEngine.create(path, self.args, stat_loggers=loggers)
+                self._template_stops = self._end_of_turn_stops()
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -154,20 +170,23 @@ class LocalBackend:
             return None
         return len(self.prompt_token_ids(request))
 
-    def _params(self, request: GenerationRequest) -> SamplingParams:
-        try:
-            params = SamplingParams.from_options(request.sampling, n=request.n)
-        except ValueError as exc:
-            raise BackendError(str(exc), retryable=False, status_code=400, code="invalid_parameter") from exc
-        if self.chat_template == GEMMA_PLAIN and request.messages is not None:
+    def _end_of_turn_stops(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(stop strings, stop token ids) a built-in chat template adds to chat requests; computed at load."""
+        if self.chat_template == GEMMA_PLAIN:
             eot = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
             if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
-                params = SamplingParams(**{**params.__dict__, "stop_token_ids": params.stop_token_ids + (eot,)})
-            else:
-                params = SamplingParams(**{**params.__dict__, "stop": params.stop + (END_OF_TURN,)})
-        if self.chat_template == PLAIN_TURNS and request.messages is not None:
-            params = SamplingParams(**{**params.__dict__, "stop": params.stop + PLAIN_TURNS_STOPS})
-        return params
+                return (), (eot,)
+            return (END_OF_TURN,), ()
+        return builtin_stops(self.chat_template), ()
+
+    def sampling_params(self, request: GenerationRequest) -> SamplingParams:
+        """What the engine gets: ``request.sampling`` itself, or — for a chat request under a built-in
+        template — a copy with the template's end-of-turn stops appended."""
+        stops, stop_ids = self._template_stops
+        if request.messages is None or not (stops or stop_ids):
+            return request.sampling
+        params = request.sampling
+        return dataclasses.replace(params, stop=params.stop + stops, stop_token_ids=params.stop_token_ids + stop_ids)
 
     def _logprobs(self, items: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
         tok = self.tokenizer
@@ -187,7 +206,7 @@ class LocalBackend:
         if self.engine is None or not self.engine.is_running:
             raise BackendError(f"{self.name}: engine not running", retryable=True, status_code=503)
         prompt = self.prompt_token_ids(request)
-        params = self._params(request)
+        params = self.sampling_params(request)
         if len(prompt) >= self.max_model_len:
             raise BackendError(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "

@@ -214,6 +214,13 @@ def resolve(name_or_path: str) -> Path:
     )
 
 
+def resolve_model_path(model: str | Path) -> Path:
+    """The folder the engine loads: a bundled name (converted once, see ``prepare``) or a local HF folder.
+    Raises ModelNotFoundError."""
+    name = str(model)
+    return prepare(name) if name in CATALOG else resolve(name)
+
+
 def chat_template_override(name_or_path: str) -> str | None:
     entry = CATALOG.get(name_or_path)
     return entry.chat_template if entry else None

@@ -155,7 +155,9 @@ class OpenAIUpstream:
     # ------------------------------------------------------------------------------- request
 
     def build_payload(self, request: GenerationRequest, *, stream: bool) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body) for this request. Raises BackendError(400) for features this upstream lacks."""
+        """(path, JSON body) for this request: ``request.sampling`` (validated already) serialised in
+        OpenAI's fields, vLLM's extra fields only when set. Raises BackendError(400) for features this
+        upstream lacks."""
         s = request.sampling
         is_chat = request.messages is not None
         if request.tools and not self.supports_tools:
@@ -183,13 +185,13 @@ class OpenAIUpstream:
             body["presence_penalty"] = s.presence_penalty
         if s.frequency_penalty:
             body["frequency_penalty"] = s.frequency_penalty
-        if s.logprobs:
+        if s.logprobs is not None:
             if is_chat:
                 body["logprobs"] = True
-                if s.top_logprobs:
-                    body["top_logprobs"] = s.top_logprobs
+                if s.logprobs:
+                    body["top_logprobs"] = s.logprobs
             else:
-                body["logprobs"] = s.top_logprobs
+                body["logprobs"] = s.logprobs
         # Non-OpenAI sampling knobs (vLLM / SGLang / llama.cpp accept them): sent only when set.
         if s.top_k != -1:
             body["top_k"] = s.top_k

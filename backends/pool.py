@@ -39,6 +39,8 @@ from typing import Any
 from backends.base import Backend, BackendError, Delta, GenerationRequest
 
 BackendFactory = Callable[[Any, int], Backend]  # (PoolConfig, replica index) -> Backend
+# (pool alias, replica name, model) -> the engine StatLogger of that local replica (backends/engine/stats.py)
+StatLoggerFactory = Callable[[str, str, str], Any]
 
 
 @dataclass
@@ -360,16 +362,18 @@ class PoolSet:
 
     @classmethod
     def from_settings(cls, settings: Any, backend_factory: BackendFactory | None = None,
-                      environ: Mapping[str, str] | None = None, **pool_kwargs: Any) -> PoolSet:
+                      environ: Mapping[str, str] | None = None, stat_logger_factory: StatLoggerFactory | None = None,
+                      **pool_kwargs: Any) -> PoolSet:
         """Build the pools of ``settings.pools`` and wire their fallbacks.
 
         ``backend_factory(pool_config, index)`` builds replica ``index``; the default builds
         ``backends.local.LocalBackend`` (imported only when a local pool exists) for ``kind: local``
-        (``replicas`` of them) and one ``OpenAIUpstream`` per url for ``kind: remote``, with the API key
-        read from the env var ``api_key_env``. ``pool_kwargs`` go to every ``Pool``.
+        (``replicas`` of them, each with ``stat_logger_factory(alias, replica, model)`` as its engine's stat
+        logger) and one ``OpenAIUpstream`` per url for ``kind: remote``, with the API key read from the env
+        var ``api_key_env``. ``pool_kwargs`` go to every ``Pool``.
         """
         env = os.environ if environ is None else environ
-        factory = backend_factory or (lambda cfg, i: default_backend(cfg, i, env))
+        factory = backend_factory or (lambda cfg, i: default_backend(cfg, i, env, stat_logger_factory))
         pools: dict[str, Pool] = {}
         for cfg in settings.pools:
             if getattr(cfg, "task", "generate") != "generate":
@@ -398,7 +402,8 @@ class PoolSet:
         return {alias: p.stats for alias, p in self.pools.items()}
 
 
-def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = None) -> Backend:
+def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = None,
+                    stat_logger_factory: StatLoggerFactory | None = None) -> Backend:
     """Replica ``index`` of pool ``cfg`` (a PoolConfig): LocalBackend or OpenAIUpstream."""
     if cfg.kind == "remote":
         from backends.openai_upstream import OpenAIUpstream, display_url
@@ -415,7 +420,9 @@ def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = No
                               supports_json_mode=cfg.supports_json_mode)
     from backends.local import LocalBackend
 
-    return LocalBackend(f"{cfg.name}/{index}", cfg.model, cfg.engine, cfg.chat_template)
+    name = f"{cfg.name}/{index}"
+    stat_logger = stat_logger_factory(cfg.name, name, cfg.model) if stat_logger_factory is not None else None
+    return LocalBackend(name, cfg.model, cfg.engine, cfg.chat_template, stat_logger=stat_logger)
 
 
 def _rendezvous(key: bytes, name: str) -> int:

@@ -275,12 +275,13 @@ class _Chat:
     """One bundled model on the embedded engine (greedy), with the gateway's prompt formatting."""
 
     def __init__(self, name: str, max_tokens: int, completion: bool = False) -> None:
+        from backends.engine.args import EngineArgs
         from backends.engine.llm_engine import LLMEngine
         from backends.engine.sampling_params import SamplingParams
-        from backends.models import chat_template_override
-        from gateway.settings import EngineOptions
+        from backends.models import chat_template_override, resolve_model_path
 
-        self.engine = LLMEngine(name, EngineOptions(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.25))
+        self.engine = LLMEngine(resolve_model_path(name),
+                                EngineArgs(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.25))
         self.template = chat_template_override(name)  # the gateway's format for this bundled model
         self.tokenizer = self.engine.tokenizer
         self.completion = completion

@@ -134,15 +134,16 @@ def rounds_for(concurrency: int) -> int:
 
 # ----------------------------------------------------------------------------- switchyard
 def ours_engine(model: str, opts: argparse.Namespace, quantization: str):
+    from backends.engine.args import EngineArgs
     from backends.engine.llm_engine import LLMEngine
-    from gateway.settings import EngineOptions
+    from backends.models import resolve_model_path
 
     need = max(opts.prefix_len + SUFFIX_LEN, opts.prompt_len) + opts.output_len + 16
-    options = EngineOptions(
+    options = EngineArgs(
         quantization=quantization, max_num_seqs=max(32, max(opts.concurrency)), num_threads=opts.threads,
         max_model_len=max(2048, need), kv_cache_memory_gb=1.0, enable_prefix_caching=True,
     )
-    return LLMEngine(model, options, device="cpu")
+    return LLMEngine(resolve_model_path(model), options, device="cpu")
 
 
 def ours_throughput(engine, prompts: list[list[int]], output_len: int, label: str = "switchyard") -> tuple[float, float]:

@@ -109,7 +109,7 @@ class MessagesRequest(BaseModel):
     system: str | list[TextBlock] | None = None
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=4)
     temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: Int(0, 1_000_000) | None = None
     stream: bool | None = False
     tools: list[Tool] | None = None
@@ -129,7 +129,7 @@ class MessagesRequest(BaseModel):
                                 "stream": bool(self.stream)}
         if self.stream:
             body["stream_options"] = {"include_usage": True}
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "top_k"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.stop_sequences:

@@ -17,16 +17,39 @@ Names (all prefixed ``switchyard_``):
   rate_limited_total
   pool_healthy_replicas{pool}                read at scrape time
   pool_events_total{pool,event}              requests | failures | retries | failovers | ejections | no_replica
+
+The embedded engine of each local replica (vLLM's metric names behind the ``switchyard_`` prefix; labels
+``pool``, ``replica``, ``model_name``), recorded from the numbers the engine reports after every step
+(``backends/engine/stats.py``) by ``EngineStatLogger``:
+  time_to_first_token_seconds                histogram, arrival in the engine → first token
+  inter_token_latency_seconds                histogram, between two tokens of one choice
+  e2e_request_latency_seconds                histogram, arrival → last token (finished choices)
+  request_queue_time_seconds                 histogram, arrival → first scheduled
+  kv_cache_usage_perc                        gauge, fraction of KV blocks in use (0..1, as vLLM)
+  num_requests_running / num_requests_waiting gauges
+  prefix_cache_queries_total / prefix_cache_hits_total   prompt tokens looked up / found in the prefix cache
+  num_preemptions_total, prompt_tokens_total, generation_tokens_total
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+if TYPE_CHECKING:
+    from backends.engine.stats import IterationStats, SchedulerStats
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0)
+ENGINE_LABELS = ("pool", "replica", "model_name")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
@@ -92,6 +115,7 @@ class Metrics:
         self.key_tokens = Counter("switchyard_key_tokens", "tokens per API key name", ["key", "kind"], registry=r)
         self.degraded = Gauge("switchyard_degraded", "1 while Redis is unreachable and the gateway serves without "
                               "it (limiter and example cache fail open), as of the last /readyz", registry=r)
+        self.engine = EngineMetrics(r)
         self._callbacks: _Callbacks | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() looked up once per label set
 
@@ -126,3 +150,75 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """The embedded engines' metrics in one registry; ``stat_logger`` gives each replica its recorder."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r, labels = registry, ENGINE_LABELS
+        self.ttft = Histogram("switchyard_time_to_first_token_seconds", "time to first token (engine)", labels,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("switchyard_inter_token_latency_seconds", "inter-token latency (engine)", labels,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("switchyard_e2e_request_latency_seconds", "end-to-end latency of finished choices "
+                             "(engine)", labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("switchyard_request_queue_time_seconds", "time waiting before first scheduled",
+                               labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.kv_usage = Gauge("switchyard_kv_cache_usage_perc", "KV cache usage (1 = 100 percent)", labels,
+                              registry=r)
+        self.running = Gauge("switchyard_num_requests_running", "sequences running in the engine", labels,
+                             registry=r)
+        self.waiting = Gauge("switchyard_num_requests_waiting", "sequences waiting in the engine", labels,
+                             registry=r)
+        self.prefix_queries = Counter("switchyard_prefix_cache_queries", "prompt tokens looked up in the prefix "
+                                      "cache", labels, registry=r)
+        self.prefix_hits = Counter("switchyard_prefix_cache_hits", "prompt tokens found in the prefix cache",
+                                   labels, registry=r)
+        self.preemptions = Counter("switchyard_num_preemptions", "sequences preempted", labels, registry=r)
+        self.prompt_tokens = Counter("switchyard_prompt_tokens", "prompt tokens prefilled (engine)", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("switchyard_generation_tokens", "tokens generated (engine)", labels,
+                                         registry=r)
+
+    def stat_logger(self, pool: str, replica: str, model_name: str) -> EngineStatLogger:
+        """The recorder of one replica (a ``backends.engine.stats.StatLogger``)."""
+        return EngineStatLogger(self, (pool, replica, model_name))
+
+
+class EngineStatLogger:
+    """Records one engine's SchedulerStats / IterationStats (called on the engine thread after each step;
+    prometheus_client's metrics are thread-safe). The labelled children are looked up once."""
+
+    def __init__(self, metrics: EngineMetrics, labels: tuple[str, str, str]) -> None:
+        m = metrics
+        self.ttft, self.itl = m.ttft.labels(*labels), m.itl.labels(*labels)
+        self.e2e, self.queue = m.e2e.labels(*labels), m.queue.labels(*labels)
+        self.kv_usage, self.running, self.waiting = (m.kv_usage.labels(*labels), m.running.labels(*labels),
+                                                     m.waiting.labels(*labels))
+        self.prefix_queries, self.prefix_hits = m.prefix_queries.labels(*labels), m.prefix_hits.labels(*labels)
+        self.preemptions = m.preemptions.labels(*labels)
+        self.prompt_tokens, self.generation_tokens = (m.prompt_tokens.labels(*labels),
+                                                      m.generation_tokens.labels(*labels))
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
+        s, it = scheduler_stats, iteration_stats
+        self.kv_usage.set(s.kv_cache_usage)
+        self.running.set(s.num_running_reqs)
+        self.waiting.set(s.num_waiting_reqs)
+        if s.prefix_cache_queries:
+            self.prefix_queries.inc(s.prefix_cache_queries)
+            self.prefix_hits.inc(s.prefix_cache_hits)
+        if s.num_preemptions:
+            self.preemptions.inc(s.num_preemptions)
+        if it.num_prompt_tokens:
+            self.prompt_tokens.inc(it.num_prompt_tokens)
+        if it.num_generation_tokens:
+            self.generation_tokens.inc(it.num_generation_tokens)
+        for value in it.time_to_first_tokens_s:
+            self.ttft.observe(value)
+        for value in it.inter_token_latencies_s:
+            self.itl.observe(value)
+        for finished in it.finished_requests:
+            self.e2e.observe(finished.e2e_latency_s)
+            self.queue.observe(finished.queue_time_s)

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from backends.base import BackendError, Delta, GenerationRequest, SamplingOptions, Usage
+from backends.base import BackendError, Delta, GenerationRequest, SamplingParams, Usage
 from gateway.admission import Admission, Admitter
 from gateway.errors import (
     GatewayError,
@@ -53,16 +53,20 @@ class Job:
     model: str  # as requested: "auto", a pool alias, or a pool's model name
     messages: list[dict[str, Any]] | None
     prompt: str | list[int] | None
-    sampling: SamplingOptions
-    n: int = 1
+    sampling: SamplingParams  # built once by the wire request's to_sampling_params(); carries n
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
+    priority: int = 0  # engine scheduling, lower first (vLLM's extra ``priority``)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return self.sampling.n
 
 
 @dataclass
@@ -216,7 +220,9 @@ class Pipeline:
         from gateway.cascade import resolve_rule
         from routers.policy import RoutePolicy
 
-        pools = PoolSet.from_settings(settings, backend_factory=backend_factory)
+        metrics = metrics or Metrics()
+        pools = PoolSet.from_settings(settings, backend_factory=backend_factory,
+                                      stat_logger_factory=metrics.engine.stat_logger)
         limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else InProcessRateLimiter()
         guard = None
         if settings.guard.artifact:
@@ -242,7 +248,7 @@ class Pipeline:
         ping = limiter.ping if isinstance(limiter, RedisRateLimiter) else None
         from gateway.budget import Budgets
 
-        return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics or Metrics(),
+        return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics,
                    policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping,
                    budgets=Budgets(settings.redis_url))
 
@@ -316,7 +322,10 @@ class Pipeline:
         return {"ready": ready, "status": status, "pools": pools, "redis": redis_ok}
 
     def model_ids(self) -> list[str]:
-        return ["auto", *[p.name for p in self.settings.pools]]
+        """The public aliases: every pool, and ``auto`` when there is a choice to route (``auto`` is accepted
+        with one pool too, e.g. ``switchyard engine serve``, but not listed)."""
+        pools = [p.name for p in self.settings.pools]
+        return pools if len(pools) == 1 else ["auto", *pools]
 
     # ---------------------------------------------------------------------------- the request
 
@@ -505,8 +514,8 @@ class Pipeline:
         return GenerationRequest(
             request_id=job.request_id, model=self.settings.pool(alias).model,
             messages=messages if job.kind == "chat" else None, prompt=job.prompt if job.kind == "completion" else None,
-            sampling=job.sampling, n=job.n, tools=job.tools, tool_choice=job.tool_choice,
-            response_format=job.response_format, user=job.user, deadline=deadline,
+            sampling=job.sampling, tools=job.tools, tool_choice=job.tool_choice,
+            response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
         )
 
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
@@ -551,8 +560,7 @@ class Pipeline:
         from gateway.cascade import Confidence
 
         slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
-        judged = replace(request, sampling=replace(request.sampling, logprobs=True,
-                                                   top_logprobs=request.sampling.top_logprobs))
+        judged = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
         escalate, reason = False, ""
         try:
             deltas = await self._collect(slm, judged, trace)
@@ -572,7 +580,7 @@ class Pipeline:
             trace.judged = True
             self._background(self.store.feedback(trace.namespace, trace.example_ids, escalate))
         if not escalate:
-            if not job.sampling.logprobs:
+            if job.sampling.logprobs is None:
                 deltas = _strip_logprobs(deltas)
             return await self._start(_replay(deltas), trace)
         usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from backends.types import SamplingParams
 from routers.text import content_text
 
 # I-JSON (RFC 7493): integers beyond ±(2**53 - 1) are not exact in every JSON parser (schema checkers
@@ -120,7 +121,7 @@ def _check_stop(stop: Stop) -> tuple[str, ...]:
 class _Sampling(_Request):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
     n: Int(1, 128) | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -131,9 +132,46 @@ class _Sampling(_Request):
     seed: Int(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | None = None
     user: str | None = Field(None, max_length=256)
     switchyard: SwitchyardOptions | None = None
+    # vLLM's extra sampling fields (``extra_body``): the engine honours them; remote pools get them when set.
+    top_k: Int(-1, 1_000_000) | None = Field(None, description="-1 or 0: off")
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Int(0)] | None = None
+    priority: Int(-(2**31), 2**31 - 1) | None = Field(None, description="engine scheduling: lower runs first "
+                                                                        "(vLLM's priority)")
 
     def stop_sequences(self) -> tuple[str, ...]:
         return _check_stop(self.stop)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """None = no logprobs; k = the sampled token's plus the top-k alternatives."""
+        return None
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The request's one SamplingParams (vLLM's ``to_sampling_params``): OpenAI's defaults where a field
+        is unset (temperature 1, top_p 1), ``default_max_tokens`` when no max_tokens is given. Raises
+        ``SamplingParamsError`` (a ValueError whose ``param`` names the field) for values no backend can
+        honour; the routes answer it with a 400 ``invalid_request_error``, for local and remote pools alike."""
+        return SamplingParams(
+            n=self.n or 1,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if not self.top_k else self.top_k,
+            min_p=self.min_p or 0.0,
+            max_tokens=self.max_new_tokens() or default_max_tokens,
+            stop=self.stop_sequences(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logprobs=self.num_logprobs(),
+            ignore_eos=bool(self.ignore_eos),
+        )
 
 
 class ChatCompletionRequest(_Sampling):
@@ -163,6 +201,9 @@ class ChatCompletionRequest(_Sampling):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions. One prompt per request: a string, or a list of token ids."""
@@ -184,8 +225,8 @@ class CompletionRequest(_Sampling):
             return self.prompt[0]  # type: ignore[return-value]
         return self.prompt  # type: ignore[return-value]
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -441,7 +482,7 @@ class ResponsesRequest(_Request):
     text: TextOptions | None = None
     max_output_tokens: Int(1, 1_000_000) | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
     stream: bool | None = False
     previous_response_id: str | None = Field(None, min_length=1, max_length=256)
     store: bool | None = True

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backends.engine.args import EngineArgs
+
 ENV_PREFIX = "SWITCHYARD__"
 
 
@@ -48,21 +50,6 @@ class Price(_Frozen):
         return (num_prompt_tokens * self.input_per_1m + num_completion_tokens * self.output_per_1m) / 1e6
 
 
-class EngineOptions(_Frozen):
-    """Options for the embedded paged-KV engine (local pools)."""
-
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "int8", "int4"] = "none"  # weight-only; CPU packed-int kernels
-    max_model_len: int = Field(2048, ge=16)
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(1024, ge=16)
-    block_size: int = Field(16, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1, description="None = size from kv_cache_memory_gb")
-    kv_cache_memory_gb: float = Field(1.0, gt=0)
-    enable_prefix_caching: bool = True
-    num_threads: int | None = Field(None, ge=1)
-
-
 class PoolConfig(_Frozen):
     """One model pool: replicas of the embedded engine (``local``) or remote OpenAI-compatible servers."""
 
@@ -82,7 +69,8 @@ class PoolConfig(_Frozen):
     fallback: str | None = Field(None, description="pool to fail over to when no replica can serve")
     supports_tools: bool = Field(False, description="remote pools that accept tools/tool_choice")
     supports_json_mode: bool = False
-    engine: EngineOptions = EngineOptions()
+    engine: EngineArgs = Field(EngineArgs(), description="local: the embedded engine's options (EngineArgs, "
+                                                      "backends/engine/args.py)")
 
     @model_validator(mode="after")
     def _check_kind(self) -> PoolConfig:

@@ -7,6 +7,7 @@ Needs the `helm` binary (`make tools` puts it in .tools/, which `make test` adds
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,10 +26,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backends.engine.args import EngineArgs
 from gateway.settings import (
     ApiKey,
     CascadeSettings,
-    EngineOptions,
     ExampleCacheSettings,
     GuardSettings,
     Limits,
@@ -299,16 +300,18 @@ def test_engine_options_become_engine_serve_flags():
 # Every pool option the schema documents, each set to a non-default value.
 EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_len": 4096, "max_num_seqs": 7,
                        "max_num_batched_tokens": 333, "block_size": 32, "num_kv_blocks": 500,
-                       "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3}
+                       "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3,
+                       "device": "cpu"}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
                      "chat_template": "plain_turns"}
 
 
 def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
-    """A deployment pool's engine options become `engine serve` flags that build the same EngineOptions (its
+    """A deployment pool's engine options become `engine serve` flags that build the same EngineArgs (its
     chat_template a flag too); an inProcess pool's reach the gateway config; pool config keys reach both."""
-    from backends.engine.server import engine_options
+    from backends.engine.args import EngineArgs
+    from gateway.engine_server import engine_args_of
     from training.cli import build_parser
 
     schema = json.loads((CHART / "values.schema.json").read_text())
@@ -324,9 +327,9 @@ def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
 
     (engine,) = pod_spec(one(docs, "Deployment", f"{fullname()}-pool-slm"))["containers"]
     args = build_parser().parse_args(engine["command"][1:] + engine["args"])
-    assert engine_options(args) == EngineOptions(**EVERY_ENGINE_OPTION)
+    assert engine_args_of(args) == EngineArgs(**EVERY_ENGINE_OPTION)
     assert args.chat_template == "plain_turns"
-    assert in_process.engine == EngineOptions(**EVERY_ENGINE_OPTION)
+    assert in_process.engine == EngineArgs(**EVERY_ENGINE_OPTION)
     assert in_process.chat_template == "plain_turns"
     for pool in (deployed, in_process):
         assert pool.price.model_dump() == EVERY_POOL_CONFIG["price"]
@@ -546,7 +549,7 @@ def test_schema_mirrors_the_settings_models():
         assert node["properties"][name]["additionalProperties"] is False
     assert set(node["properties"]["routing"]["properties"]["cascade"]["properties"]) <= set(CascadeSettings.model_fields)
     assert _props(schema, "verdictPolicy") <= set(VerdictPolicy.model_fields)
-    assert _props(schema, "engine") == set(EngineOptions.model_fields)
+    assert _props(schema, "engine") == {f.name for f in dataclasses.fields(EngineArgs)}
     assert _props(schema, "poolConfig") <= set(PoolConfig.model_fields)
     assert _props(schema, "apiKey") - {"key"} <= set(ApiKey.model_fields)
     # Settings fields the chart neither sets itself nor lets users set: a new gateway option to add to
@@ -642,8 +645,8 @@ def test_probes(values_file):
     for doc in find(docs, "Deployment"):
         if "-pool-" in doc["metadata"]["name"]:
             (engine,) = pod_spec(doc)["containers"]
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                assert engine[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # ready = the engine runs
+                assert engine[probe]["httpGet"] == {"path": "/readyz", "port": "http"}
     for doc in find(docs, "StatefulSet"):
         (redis,) = pod_spec(doc)["containers"]
         assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]

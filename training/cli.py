@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --- engine --------------------------------------------------------------------------------
     p = sub.add_parser("engine", help="the embedded inference engine")
     esub = p.add_subparsers(dest="engine_command", metavar="ENGINE_COMMAND", required=True)
-    p = _add(esub, "serve", "backends.engine.server:serve", "serve one model as an OpenAI-compatible server")
+    p = _add(esub, "serve", "gateway.engine_server:serve", "serve one model as an OpenAI-compatible server")
     p.add_argument("--model", required=True, help="bundled model name or HF folder path")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     # --- models --------------------------------------------------------------------------------

@@ -127,11 +127,12 @@ class EngineAnswerer:
     """A bundled model / HF folder on the embedded engine; greedy, batched."""
 
     def __init__(self, model: str, max_model_len: int = 2048) -> None:
+        from backends.engine.args import EngineArgs
         from backends.engine.llm_engine import LLMEngine
-        from backends.models import chat_template_override
-        from gateway.settings import EngineOptions
+        from backends.models import chat_template_override, resolve_model_path
 
-        self.engine = LLMEngine(model, EngineOptions(max_model_len=max_model_len, kv_cache_memory_gb=0.5))
+        self.engine = LLMEngine(resolve_model_path(model), EngineArgs(max_model_len=max_model_len,
+                                                                      kv_cache_memory_gb=0.5))
         self.chat_template = chat_template_override(model)
 
     def _prompt_ids(self, text: str) -> list[int]:

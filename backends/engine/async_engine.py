@@ -4,7 +4,7 @@ Usage::
 
     from backends.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(LLMEngine("smollm2-135m", EngineOptions()))   # or: await AsyncEngine.create(...)
+    engine = AsyncEngine(LLMEngine("/path/to/hf-folder", EngineArgs()))   # or: await AsyncEngine.create(...)
     engine.start()
     async for out in engine.stream("req-1", prompt_token_ids, SamplingParams(max_tokens=32)):
         out.new_text, out.new_token_ids, out.finished       # RequestOutput deltas (all n choices)
@@ -23,12 +23,14 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from pathlib import Path
 
+from backends.engine.args import EngineArgs
 from backends.engine.llm_engine import ContextLengthError, EngineStats, LLMEngine, RequestOutput
 from backends.engine.sampling_params import SamplingParams
-from gateway.settings import EngineOptions
+from backends.engine.stats import StatLogger
 
 
 class EngineDeadError(RuntimeError):
@@ -74,9 +76,11 @@ class AsyncEngine:
         self.error: BaseException | None = None
 
     @classmethod
-    async def create(cls, model: str | Path, options: EngineOptions | None = None, device=None) -> AsyncEngine:
-        """Load the model in a worker thread (the event loop stays responsive) and start the loop."""
-        engine = await asyncio.to_thread(LLMEngine, model, options, device=device)
+    async def create(cls, model: str | Path, args: EngineArgs | None = None, device=None,
+                     stat_loggers: SequenceOf[StatLogger] = ()) -> AsyncEngine:
+        """Load the model (a local HF folder) in a worker thread (the event loop stays responsive) and start
+        the loop. ``stat_loggers`` are called on the engine thread after every step (stats.py)."""
+        engine = await asyncio.to_thread(LLMEngine, model, args, device=device, stat_loggers=stat_loggers)
         self = cls(engine)
         self.start()
         return self

@@ -1,4 +1,4 @@
-"""EngineConfig: the validated, read-only settings of one engine instance."""
+"""EngineConfig: EngineArgs resolved against one model folder and one device (read-only)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gateway.settings import EngineOptions
+from backends.engine.args import EngineArgs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,45 +24,41 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """``args`` plus what follows from the model and the device: ``max_model_len`` is capped by the model's
+    ``max_position_embeddings``; ``dtype`` is resolved ("auto")."""
+
     model_path: Path
     hf_config: Any  # transformers PretrainedConfig
     device: torch.device
     dtype: torch.dtype
     max_model_len: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    num_kv_blocks: int | None  # None = size from kv_cache_memory_gb
-    kv_cache_memory_gb: float
-    enable_prefix_caching: bool
-    num_threads: int | None
-    quantization: str
+    args: EngineArgs
 
     @classmethod
-    def from_options(cls, model_path: Path, options: EngineOptions | None = None,
-                     device: str | torch.device | None = None) -> EngineConfig:
+    def from_args(cls, model_path: str | Path, args: EngineArgs | None = None,
+                  device: str | torch.device | None = None) -> EngineConfig:
+        """Read the model folder's config.json. ``model_path`` must be a local HF folder (bundled names are
+        resolved outside the engine: ``backends.models.resolve_model_path``); ``device`` overrides
+        ``args.device``. Raises ValueError."""
         from transformers import AutoConfig
 
-        options = options or EngineOptions()
+        args = args or EngineArgs()
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {str(model_path)!r} is not a model folder (no config.json)")
+        if device is None and args.device != "auto":
+            device = args.device
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
-        hf_config = AutoConfig.from_pretrained(str(model_path))
+        hf_config = AutoConfig.from_pretrained(str(path))
         hf_config = getattr(hf_config, "text_config", None) or hf_config
-        max_pos = getattr(hf_config, "max_position_embeddings", options.max_model_len)
-        max_model_len = min(options.max_model_len, max_pos)
-        if options.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
-        if options.num_kv_blocks is not None and options.num_kv_blocks * options.block_size < max_model_len:
+        max_pos = getattr(hf_config, "max_position_embeddings", args.max_model_len)
+        max_model_len = min(args.max_model_len, max_pos)
+        if args.num_kv_blocks is not None and args.num_kv_blocks * args.block_size < max_model_len:
             raise ValueError(
-                f"num_kv_blocks * block_size ({options.num_kv_blocks * options.block_size}) must hold "
+                f"num_kv_blocks * block_size ({args.num_kv_blocks * args.block_size}) must hold "
                 f"max_model_len ({max_model_len}) tokens"
             )
-        return cls(
-            model_path=Path(model_path), hf_config=hf_config, device=dev, dtype=resolve_dtype(options.dtype, dev),
-            max_model_len=max_model_len, max_num_seqs=options.max_num_seqs,
-            max_num_batched_tokens=options.max_num_batched_tokens, block_size=options.block_size,
-            num_kv_blocks=options.num_kv_blocks, kv_cache_memory_gb=options.kv_cache_memory_gb,
-            enable_prefix_caching=options.enable_prefix_caching, num_threads=options.num_threads,
-            quantization=options.quantization,
-        )
+        return cls(model_path=path, hf_config=hf_config, device=dev, dtype=resolve_dtype(args.dtype, dev),
+                   max_model_len=max_model_len, args=args)

@@ -2,11 +2,11 @@
 
 Usage::
 
+    from backends.engine.args import EngineArgs
     from backends.engine.llm_engine import LLMEngine
     from backends.engine.sampling_params import SamplingParams
-    from gateway.settings import EngineOptions
 
-    engine = LLMEngine("smollm2-135m", EngineOptions(max_num_seqs=32))   # name or HF folder
+    engine = LLMEngine("/path/to/hf-folder", EngineArgs(max_num_seqs=32))
     results = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=16))
     results[0].token_ids, results[0].text
 
@@ -14,7 +14,11 @@ Usage::
     while engine.has_unfinished_requests():
         for out in engine.step():          # RequestOutput deltas of this step
             ...
-    engine.stats()                         # EngineStats: running/waiting, KV usage, prefix hit rate, tok/s
+    engine.stats()                         # EngineStats: running/waiting, KV usage, prefix hit rate, totals
+
+``stat_loggers`` receive SchedulerStats / IterationStats after every step that ran
+(backends/engine/stats.py). The model is a local HF folder; bundled names are resolved outside the
+engine (``backends.models.resolve_model_path``).
 
 Not thread-safe: one thread drives it (AsyncEngine does so for asyncio callers).
 """
@@ -24,21 +28,21 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections import deque
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from backends.engine.args import EngineArgs
 from backends.engine.block_manager import BlockManager
 from backends.engine.config import EngineConfig
 from backends.engine.detokenizer import Detokenizer
-from backends.engine.loader import resolve_model_path
 from backends.engine.model_runner import ModelRunner
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.scheduler import Scheduler
 from backends.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
-from gateway.settings import EngineOptions
+from backends.engine.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
 
 
 class ContextLengthError(ValueError):
@@ -90,6 +94,8 @@ class RequestResult:
 
 @dataclass
 class EngineStats:
+    """A snapshot of the engine's counters (totals since start)."""
+
     num_running: int
     num_waiting: int
     num_kv_blocks: int
@@ -99,24 +105,24 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens_total: int
     num_generation_tokens_total: int
-    generation_tokens_per_s: float  # over the last ~10 s
     num_requests_finished: int = 0
-    ttft_ms_p50: float = 0.0  # time to first token, over the last 256 sequences
-    itl_ms_p50: float = 0.0  # inter-token latency, over the last 4096 tokens
     extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path, config: EngineOptions | EngineConfig | None = None, *,
-                 device: str | torch.device | None = None, tokenizer=None) -> None:
-        if isinstance(config, EngineConfig):
-            self.config = config
+    def __init__(self, model: str | Path, args: EngineArgs | EngineConfig | None = None, *,
+                 device: str | torch.device | None = None, tokenizer=None,
+                 stat_loggers: SequenceOf[StatLogger] = ()) -> None:
+        if isinstance(args, EngineConfig):
+            self.config = args
         else:
-            self.config = EngineConfig.from_options(resolve_model_path(model), config, device)
+            self.config = EngineConfig.from_args(model, args, device)
         cfg = self.config
         self.model_runner = ModelRunner(cfg)
-        self.block_manager = BlockManager(self.model_runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, cfg.args.block_size,
+                                          cfg.args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.args.max_num_seqs, cfg.args.max_num_batched_tokens)
+        self.stat_loggers = list(stat_loggers)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -130,10 +136,10 @@ class LLMEngine:
         self._num_prompt_tokens_total = 0
         self._num_generation_tokens_total = 0
         self._num_finished = 0
-        self._recent: deque[tuple[float, int]] = deque()
         self.last_step_num_tokens = 0
-        self._ttft: deque[float] = deque(maxlen=256)
-        self._itl: deque[float] = deque(maxlen=4096)
+        self._num_prefix_queries_logged = 0
+        self._num_prefix_hits_logged = 0
+        self._num_preemptions_logged = 0
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -210,32 +216,54 @@ class LLMEngine:
         self.last_step_num_tokens = batch.num_tokens
         if batch.is_empty:
             return []
+        scheduled_at = time.monotonic()
+        for item in batch.scheduled:
+            if not item.seq.first_scheduled_time:
+                item.seq.first_scheduled_time = scheduled_at
         sampled, result = self.model_runner.run(batch)
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(item.seq)
         outputs = []
-        if result is None:
-            return outputs
-        now = time.monotonic()
-        self._recent.append((now, len(sampled)))
-        while self._recent and now - self._recent[0][0] > 10.0:
-            self._recent.popleft()
-        self._num_generation_tokens_total += len(sampled)
-        for i, item in enumerate(sampled):
-            lp = None
-            if result.logprobs[i] is not None:
-                lp = TokenLogprobs(result.token_ids[i], result.logprobs[i], result.top_logprobs[i] or [])
-            outputs.append(self._postprocess(item.seq, result.token_ids[i], lp))
+        iteration = IterationStats() if self.stat_loggers else None
+        if result is not None:
+            self._num_generation_tokens_total += len(sampled)
+            for i, item in enumerate(sampled):
+                lp = None
+                if result.logprobs[i] is not None:
+                    lp = TokenLogprobs(result.token_ids[i], result.logprobs[i], result.top_logprobs[i] or [])
+                outputs.append(self._postprocess(item.seq, result.token_ids[i], lp, iteration))
+        if iteration is not None:
+            self._log_stats(iteration)
         return outputs
 
-    def _postprocess(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None) -> RequestOutput:
+    def _log_stats(self, iteration: IterationStats) -> None:
+        bm = self.block_manager
+        stats = SchedulerStats(
+            num_running_reqs=len(self.scheduler.running), num_waiting_reqs=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.num_prefix_queries - self._num_prefix_queries_logged,
+            prefix_cache_hits=bm.num_prefix_hits - self._num_prefix_hits_logged,
+            num_preemptions=self.scheduler.num_preemptions - self._num_preemptions_logged,
+        )
+        self._num_prefix_queries_logged = bm.num_prefix_queries
+        self._num_prefix_hits_logged = bm.num_prefix_hits
+        self._num_preemptions_logged = self.scheduler.num_preemptions
+        for logger in self.stat_loggers:
+            logger.record(stats, iteration)
+
+    def _postprocess(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None,
+                     iteration: IterationStats | None) -> RequestOutput:
         seq.token_ids.append(token_id)
         now = time.monotonic()
-        if seq.num_output_tokens == 1:
-            self._ttft.append(now - seq.arrival_time)
-        else:
-            self._itl.append(now - seq.last_token_time)
+        if iteration is not None:
+            iteration.num_generation_tokens += 1
+            if seq.num_output_tokens == 1:
+                if seq.index == 0:
+                    iteration.num_prompt_tokens += seq.num_prompt_tokens
+                iteration.time_to_first_tokens_s.append(now - seq.arrival_time)
+            else:
+                iteration.inter_token_latencies_s.append(now - seq.last_token_time)
         seq.last_token_time = now
         if logprob is not None:
             seq.output_logprobs.append(logprob)
@@ -258,6 +286,11 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._num_finished += 1
+            if iteration is not None:
+                iteration.finished_requests.append(FinishedRequestStats(
+                    finish_reason=reason, e2e_latency_s=now - seq.arrival_time,
+                    queue_time_s=max(0.0, seq.first_scheduled_time - seq.arrival_time),
+                    num_prompt_tokens=seq.num_prompt_tokens, num_generation_tokens=seq.num_output_tokens))
             siblings = self.requests.get(seq.request_id, [])
             if all(s.is_finished for s in siblings):
                 self.requests.pop(seq.request_id, None)
@@ -292,25 +325,14 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        window = [n for t, n in self._recent]
-        span = (self._recent[-1][0] - self._recent[0][0]) if len(self._recent) > 1 else 0.0
-        tps = (sum(window) - window[0]) / span if span > 0 else 0.0
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_kv_blocks=bm.num_blocks, num_used_blocks=bm.num_used_blocks, kv_usage=bm.usage,
             prefix_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
-            generation_tokens_per_s=tps, num_requests_finished=self._num_finished,
-            ttft_ms_p50=_median_ms(self._ttft), itl_ms_p50=_median_ms(self._itl),
+            num_requests_finished=self._num_finished,
         )
-
-
-def _median_ms(values: deque[float]) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] * 1000
 
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestResult", "CompletionOutput", "EngineStats", "ContextLengthError",

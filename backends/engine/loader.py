@@ -1,4 +1,5 @@
-"""Load an HF safetensors folder into an engine model (bundled names resolved via backends.models)."""
+"""Load an HF safetensors folder into an engine model (the folder is given: bundled names are resolved
+outside the engine, by ``backends.models.resolve_model_path``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,6 @@ import torch
 from torch import nn
 
 from backends.engine.models.registry import model_class
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """A bundled name (prepared once, see backends.models.prepare) or a local HF folder."""
-    from backends.models import CATALOG, prepare, resolve
-
-    name = str(model)
-    return prepare(name) if name in CATALOG else resolve(name)
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:

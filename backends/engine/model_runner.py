@@ -26,21 +26,21 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.device
-        if config.num_threads and self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
+        if config.args.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.args.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
-        if config.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
+        if config.args.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
             from backends.engine.layers.quantization import Int8Linear, quantize_model
 
-            quantize_model(self.model, config.quantization)
+            quantize_model(self.model, config.args.quantization)
             # lm_head in int8 too (per-row scales, also under int4): left in fp32 it was the largest matrix
             # read per token (tied 49k x 576 in smollm2, ~1/3 of int8 decode time at c=1) and the largest
             # GEMM at batch 32; tests/engine/test_quantization.py checks greedy agreement with fp32
             if type(self.model.lm_head) is torch.nn.Linear:
                 self.model.lm_head = Int8Linear.from_linear(self.model.lm_head)
-        self.block_size = config.block_size
+        self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_memory()
+        self.num_blocks = config.args.num_kv_blocks or self._blocks_for_memory()
         self._allocate_kv_cache()
 
     def _kv_shape(self) -> tuple[int, int, int]:
@@ -52,7 +52,7 @@ class ModelRunner:
         itemsize = torch.empty(0, dtype=self.config.dtype).element_size()
         bytes_per_block = 2 * num_layers * self.block_size * num_kv_heads * head_dim * itemsize
         min_blocks = -(-self.config.max_model_len // self.block_size)
-        return max(int(self.config.kv_cache_memory_gb * (1 << 30)) // bytes_per_block, min_blocks)
+        return max(int(self.config.args.kv_cache_memory_gb * (1 << 30)) // bytes_per_block, min_blocks)
 
     def _allocate_kv_cache(self) -> None:
         num_layers, num_kv_heads, head_dim = self._kv_shape()

@@ -1,18 +1,32 @@
-"""Per-request sampling parameters for the engine (token level; stop strings are matched on text)."""
+"""SamplingParams: the one description of how to sample a request and when to stop (vLLM's SamplingParams).
+
+Built once per request — by the wire request's ``to_sampling_params()`` in the gateway, or directly by
+engine callers — validated in ``__post_init__``, then read-only. The same object travels inside
+``backends.types.GenerationRequest`` to a local engine (passed as is) or a remote pool (serialised).
+Stop strings are matched on the detokenized text; stop token ids on the sampled ids.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.base import SamplingOptions
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling value; ``param`` names the field (the OpenAI error's ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What to sample and when to stop. ``temperature == 0`` means greedy (argmax).
 
-    ``logprobs``: None = off; k >= 0 = return the sampled token's logprob plus the top-k alternatives.
-    ``n`` choices share the prompt's KV blocks.
+    ``logprobs``: None = off; k >= 0 = return the sampled token's logprob plus the top-k alternatives
+    (chat ``logprobs: true, top_logprobs: k``; completions ``logprobs: k``).
+    ``n`` choices share the prompt's KV blocks. ``top_k`` -1 = off. Construction raises
+    ``SamplingParamsError`` (a ValueError naming the field) for values no backend can honour.
     """
 
     temperature: float = 1.0
@@ -31,26 +45,34 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
-            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs (top alternatives) must be in [0, 20], got {self.logprobs}")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise SamplingParamsError("n", f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise SamplingParamsError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise SamplingParamsError("top_k", f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingParamsError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if self.max_tokens < 1:
+            raise SamplingParamsError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.repetition_penalty <= 0:
+            raise SamplingParamsError("repetition_penalty",
+                                      f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2:
+            raise SamplingParamsError("presence_penalty",
+                                      f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise SamplingParamsError("frequency_penalty",
+                                      f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise SamplingParamsError("logprobs",
+                                      f"logprobs (top alternatives) must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise SamplingParamsError("stop", "stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", "stop_token_ids must be >= 0")
 
     @property
     def is_greedy(self) -> bool:
@@ -59,13 +81,3 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-
-    @classmethod
-    def from_options(cls, options: SamplingOptions, n: int = 1) -> SamplingParams:
-        return cls(
-            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, min_p=options.min_p,
-            max_tokens=options.max_tokens, stop=tuple(options.stop), stop_token_ids=tuple(options.stop_token_ids),
-            seed=options.seed, presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty, repetition_penalty=options.repetition_penalty,
-            logprobs=(options.top_logprobs if options.logprobs else None), ignore_eos=options.ignore_eos, n=n,
-        )

@@ -52,6 +52,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     arrival_time: float = 0.0  # time.monotonic() when added
+    first_scheduled_time: float = 0.0  # time.monotonic() of the first step that scheduled it; 0 = not yet
     last_token_time: float = 0.0
     # incremental detokenization state (owned by the engine's detokenizer)
     output_text: str = ""

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from backends.base import BackendError, Delta, SamplingOptions, Usage, json_bytes
+from backends.base import BackendError, Delta, SamplingParams, Usage, json_bytes
 from gateway.admission import presented_key
 from gateway.edge import STATUS_CLIENT_GONE
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
@@ -71,36 +71,27 @@ def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> 
         raise InvalidRequest(str(e), param="switchyard") from None
 
 
-def _sampling(body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int, logprobs: bool,
-              top_logprobs: int) -> SamplingOptions:
-    """The sampling fields chat and completion requests share; OpenAI's defaults where a field is unset."""
-    return SamplingOptions(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        max_tokens=body.max_new_tokens() or default_max_tokens,
-        stop=body.stop_sequences(), seed=body.seed,
-        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        logprobs=logprobs, top_logprobs=top_logprobs,
-    )
+def _sampling_params(body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> SamplingParams:
+    """``body.to_sampling_params``; an invalid value is a 400 naming the field, whatever pool answers."""
+    try:
+        return body.to_sampling_params(default_max_tokens)
+    except ValueError as e:
+        raise InvalidRequest(f"Invalid request: {e}", param=getattr(e, "param", None)) from None
 
 
 def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
-    sampling = _sampling(body, default_max_tokens, logprobs=bool(body.logprobs),
-                         top_logprobs=body.top_logprobs or 0)
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
-               sampling=sampling, n=body.n or 1, stream=bool(body.stream), tools=body.tools,
+               sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), tools=body.tools,
                tool_choice=body.tool_choice,
                response_format=body.response_format.model_dump() if body.response_format else None,
-               user=body.user, hint=_hint(body, request),
+               user=body.user, hint=_hint(body, request), priority=body.priority or 0,
                t_start=t_start_of(request))
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
-    sampling = _sampling(body, default_max_tokens, logprobs=body.logprobs is not None,
-                         top_logprobs=body.logprobs or 0)
-    return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(), sampling=sampling,
-               n=body.n or 1, stream=bool(body.stream), user=body.user,
-               hint=_hint(body, request),
+    return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(),
+               sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
+               hint=_hint(body, request), priority=body.priority or 0,
                t_start=t_start_of(request))
 
 
@@ -148,7 +139,7 @@ def openai_shaper(include_usage: bool) -> ShaperFactory:
         prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
         return ResponseShaper(kind=job.kind, request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
                               created=int(time.time()), model=execution.model_name,
-                              logprobs=job.sampling.logprobs, top_logprobs=job.sampling.top_logprobs,
+                              logprobs=job.sampling.logprobs is not None, top_logprobs=job.sampling.logprobs or 0,
                               include_usage=include_usage, prompt_chars=prompt_chars)
     return make
 

@@ -1,4 +1,4 @@
-"""GET /v1/models — the public aliases: ``auto`` and every pool."""
+"""GET /v1/models — the public aliases: every pool, and ``auto`` when there are several (Pipeline.model_ids)."""
 
 from __future__ import annotations
 

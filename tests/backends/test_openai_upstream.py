@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from backends.base import Backend, BackendError, GenerationRequest, SamplingOptions
+from backends.base import Backend, BackendError, GenerationRequest, SamplingParams
 from backends.openai_upstream import OpenAIUpstream
 from bench.fake_upstream import FakeBehavior, FakeUpstream
 from tests.conftest import free_port
@@ -15,7 +15,7 @@ from tests.gateway.fakes import wait_until_async
 
 
 def chat(max_tokens: int = 4, **kw) -> GenerationRequest:
-    sampling = SamplingOptions(max_tokens=max_tokens, **kw.pop("sampling", {}))
+    sampling = SamplingParams(max_tokens=max_tokens, **kw.pop("sampling", {}))
     return GenerationRequest(request_id="r1", model="ignored", messages=[{"role": "user", "content": "hi"}],
                              sampling=sampling, **kw)
 
@@ -78,8 +78,8 @@ async def test_buffered_equals_stream_and_passes_options(fake):
 async def test_completions_logprobs_and_n(fake):
     app, url = fake
     up = OpenAIUpstream("a", url, "up-model")
-    request = GenerationRequest(request_id="r", model="m", prompt="Once upon", n=2,
-                                sampling=SamplingOptions(max_tokens=2, logprobs=True, top_logprobs=2))
+    request = GenerationRequest(request_id="r", model="m", prompt="Once upon",
+                                sampling=SamplingParams(max_tokens=2, logprobs=2, n=2))
     deltas = await collect(up, request)
     whole = await collect(up, request, stream=False)
     await up.close()
@@ -98,7 +98,7 @@ async def test_completions_logprobs_and_n(fake):
 async def test_chat_logprobs(fake):
     _, url = fake
     up = OpenAIUpstream("a", url, "up-model")
-    deltas = await collect(up, chat(max_tokens=2, sampling={"logprobs": True, "top_logprobs": 2}))
+    deltas = await collect(up, chat(max_tokens=2, sampling={"logprobs": 2}))
     await up.close()
     lps = [lp for d in deltas for lp in d.logprobs]
     assert [lp.token for lp in lps] == ["tok0 ", "tok1 "]

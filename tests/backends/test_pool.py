@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from backends.base import BackendError, Delta, GenerationRequest, SamplingOptions, Usage
+from backends.base import BackendError, Delta, GenerationRequest, SamplingParams, Usage
 from backends.openai_upstream import OpenAIUpstream
 from backends.pool import Pool, PoolSet
 from gateway.settings import PoolConfig, settings_from_dict
@@ -60,7 +60,7 @@ def cfg(name="p", max_retries=2, **kw) -> PoolConfig:
 
 
 def req(prompt: str = "hello world", **kw) -> GenerationRequest:
-    return GenerationRequest(request_id="r", model="m", prompt=prompt, sampling=SamplingOptions(max_tokens=10), **kw)
+    return GenerationRequest(request_id="r", model="m", prompt=prompt, sampling=SamplingParams(max_tokens=10), **kw)
 
 
 def pool(backends, name="p", max_retries=2, **kw) -> Pool:
@@ -350,4 +350,4 @@ def test_default_factory_builds_local_replicas(tiny_model_dir):
     pools = PoolSet.from_settings(settings)
     replicas = [r.backend for r in pools.get("slm").replicas]
     assert all(isinstance(b, LocalBackend) for b in replicas)
-    assert [b.name for b in replicas] == ["slm/0", "slm/1"] and replicas[0].options.max_num_seqs == 4
+    assert [b.name for b in replicas] == ["slm/0", "slm/1"] and replicas[0].args.max_num_seqs == 4

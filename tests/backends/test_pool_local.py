@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.base import BackendError, GenerationRequest, SamplingOptions
+from backends.base import BackendError, GenerationRequest, SamplingParams
 from backends.pool import PoolSet
 from gateway.settings import settings_from_dict
 
@@ -20,7 +20,7 @@ async def test_pool_streams_from_a_local_replica(tiny_model_dir):
     try:
         pool = pools.get("slm")
         request = GenerationRequest(request_id="r", model="tiny", messages=[{"role": "user", "content": "Hello"}],
-                                    sampling=SamplingOptions(max_tokens=5, temperature=0.0, ignore_eos=True))
+                                    sampling=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
         exact = pool.replicas[0].backend.num_prompt_tokens(request)
         assert exact is None or pool.estimate_tokens(request, pool.replicas[0]) == exact + 5
         streamed = [d async for d in pool.generate(request)]

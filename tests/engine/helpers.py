@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from backends.engine.args import EngineArgs
 from backends.engine.llm_engine import LLMEngine
-from gateway.settings import EngineOptions
 
 _HF: dict[str, object] = {}
 
@@ -39,11 +39,11 @@ def hf_logprobs(folder: Path, tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def tiny_engine(folder: Path, **options) -> LLMEngine:
+def tiny_engine(folder: Path, stat_loggers=(), **options) -> LLMEngine:
     defaults = dict(num_kv_blocks=128, block_size=4, max_model_len=256, max_num_batched_tokens=64,
                     max_num_seqs=64, num_threads=1)
     defaults.update(options)
-    return LLMEngine(str(folder), EngineOptions(**defaults), device="cpu")
+    return LLMEngine(str(folder), EngineArgs(**defaults), device="cpu", stat_loggers=stat_loggers)
 
 
 def prompts(num: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -6,23 +6,24 @@ import asyncio
 
 import pytest
 
-from backends.base import Backend, BackendError, GenerationRequest, SamplingOptions
+from backends.base import Backend, BackendError, GenerationRequest, SamplingParams
+from backends.engine.args import EngineArgs
 from backends.local import LocalBackend, gemma_plain_prompt
-from gateway.settings import EngineOptions
 
-OPTIONS = EngineOptions(num_kv_blocks=64, block_size=4, max_model_len=64, max_num_batched_tokens=64, num_threads=1)
+OPTIONS = EngineArgs(num_kv_blocks=64, block_size=4, max_model_len=64, max_num_batched_tokens=64, num_threads=1,
+                     device="cpu")
 
 
 @pytest.fixture
 async def backend(tiny_model_dir):
-    b = LocalBackend("slm/0", str(tiny_model_dir("llama")), OPTIONS, device="cpu")
+    b = LocalBackend("slm/0", str(tiny_model_dir("llama")), OPTIONS)
     await b.load()
     yield b
     await b.close()
 
 
 def req(**kw) -> GenerationRequest:
-    kw.setdefault("sampling", SamplingOptions(temperature=0, max_tokens=5, ignore_eos=True))
+    kw.setdefault("sampling", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     kw.setdefault("messages", [{"role": "user", "content": "Hello world!"}])
     return GenerationRequest(request_id="r1", model="slm", **kw)
 
@@ -30,8 +31,8 @@ def req(**kw) -> GenerationRequest:
 async def test_contract_final_delta_usage_finish_once(backend):
     assert isinstance(backend, Backend)
     assert await backend.health()
-    sampling = SamplingOptions(temperature=0, max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=2)
-    deltas = [d async for d in backend.generate(req(n=2, sampling=sampling))]
+    sampling = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2, n=2)
+    deltas = [d async for d in backend.generate(req(sampling=sampling))]
     assert sum(1 for d in deltas if d.is_final) == 1 and deltas[-1].is_final
     assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1]
     usage = deltas[-1].usage
@@ -51,13 +52,13 @@ async def test_errors(backend):
     with pytest.raises(BackendError) as info:
         [d async for d in backend.generate(req(messages=[{"role": "user", "content": "hello " * 100}]))]
     assert info.value.code == "context_length_exceeded" and info.value.status_code == 400
-    with pytest.raises(BackendError) as info:
-        [d async for d in backend.generate(req(sampling=SamplingOptions(top_k=0)))]
-    assert info.value.status_code == 400
+    with pytest.raises(BackendError) as info:  # a token id outside the vocabulary
+        [d async for d in backend.generate(req(messages=None, prompt=[1, 10**6]))]
+    assert info.value.status_code == 400 and info.value.code == "invalid_parameter"
 
 
 async def test_aclose_aborts_and_frees_blocks(backend):
-    gen = backend.generate(req(sampling=SamplingOptions(max_tokens=50, ignore_eos=True)))
+    gen = backend.generate(req(sampling=SamplingParams(max_tokens=50, ignore_eos=True)))
     await anext(gen)
     engine = backend.llm_engine
     assert engine.block_manager.num_used_blocks > 0
@@ -86,7 +87,7 @@ def test_gemma_plain_prompt():
 
 
 async def test_gemma_plain_backend_runs(tiny_model_dir):
-    b = LocalBackend("llm/0", str(tiny_model_dir("gemma3")), OPTIONS, chat_template="gemma_plain", device="cpu")
+    b = LocalBackend("llm/0", str(tiny_model_dir("gemma3")), OPTIONS, chat_template="gemma_plain")
     await b.load()
     try:
         deltas = [d async for d in b.generate(req())]
@@ -109,12 +110,14 @@ def test_plain_turns_prompt_and_stops():
 
 
 async def test_plain_turns_backend_stops_at_next_turn(tiny_model_dir):
-    b = LocalBackend("llm/0", str(tiny_model_dir("llama")), OPTIONS, chat_template="plain_turns", device="cpu")
+    b = LocalBackend("llm/0", str(tiny_model_dir("llama")), OPTIONS, chat_template="plain_turns")
     await b.load()
     try:
         req = GenerationRequest(request_id="p", model="m", messages=[{"role": "user", "content": "Hi"}],
-                                sampling=SamplingOptions(temperature=0.0, max_tokens=8))
-        assert b._params(req).stop[-2:] == ("\nUser:", "\nAssistant:")
+                                sampling=SamplingParams(temperature=0.0, max_tokens=8))
+        assert b.sampling_params(req).stop[-2:] == ("\nUser:", "\nAssistant:")
+        completion = GenerationRequest(request_id="c", model="m", prompt="Hi", sampling=req.sampling)
+        assert b.sampling_params(completion) is req.sampling  # passed on as it is
         text = "".join([d.text async for d in b.generate(req)])
         assert "\nUser:" not in text
     finally:

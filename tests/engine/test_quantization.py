@@ -7,7 +7,7 @@ Rules (stated, and what the tests check):
   agreement with fp32 under teacher forcing (both fed the fp32 greedy sequence) >= 95%, and at least 5 of 8
   free-running greedy continuations identical. Random tiny models have near-flat logits, so some flips
   are expected; int4 only has to keep teacher-forced agreement >= 60%.
-- Through the engine (``EngineOptions(quantization="int8")``): >= 5 of 8 greedy continuations equal the
+- Through the engine (``EngineArgs(quantization="int8")``): >= 5 of 8 greedy continuations equal the
   fp32 engine's.
 """
 

@@ -108,8 +108,8 @@ class FakeBackend:
                         raise BackendError("replica died mid-answer", retryable=True, status_code=502,
                                            code="upstream_error", after_first_token=True)
                     lps: tuple[TokenLogprob, ...] = ()
-                    if s.logprobs:
-                        tops = tuple((t, lp_value - k) for k, t in enumerate([tok, " x", " y", " z", " w"][: s.top_logprobs]))
+                    if s.logprobs is not None:
+                        tops = tuple((t, lp_value - k) for k, t in enumerate([tok, " x", " y", " z", " w"][: s.logprobs]))
                         lps = (TokenLogprob(token=tok, logprob=lp_value, token_id=count, top_logprobs=tops),)
                     produced += tok
                     count += 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import BackendError, GenerationRequest, SamplingOptions
+from backends.base import BackendError, GenerationRequest, SamplingParams
 from backends.openai_upstream import OpenAIUpstream
 from backends.pool import Pool
 from bench.fake_upstream import FakeBehavior, FakeUpstream
@@ -30,7 +30,7 @@ EXPECTED = "tok0 tok1 tok2 tok3 "
 
 def chat(i: int = 0, max_tokens: int = 4) -> GenerationRequest:
     return GenerationRequest(request_id=f"r{i}", model="m", messages=[{"role": "user", "content": f"question {i}"}],
-                             sampling=SamplingOptions(max_tokens=max_tokens))
+                             sampling=SamplingParams(max_tokens=max_tokens))
 
 
 def make_pool(urls: list[str], name: str = "p", timeout_s: float = 5.0, max_retries: int = 2,

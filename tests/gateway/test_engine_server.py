@@ -1,26 +1,41 @@
-"""Engine server against a live uvicorn with the official openai client."""
+"""`switchyard engine serve` = the gateway app with one local pool: a live uvicorn, the official openai client."""
 
 from __future__ import annotations
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from backends.engine.server import create_engine_app
-from backends.local import LocalBackend
-from gateway.settings import EngineOptions
+from backends.engine.args import EngineArgs
+from gateway.app import create_app
+from gateway.engine_server import engine_settings
 
-OPTIONS = EngineOptions(num_kv_blocks=128, block_size=4, max_model_len=128, max_num_batched_tokens=64, num_threads=1)
+OPTIONS = EngineArgs(num_kv_blocks=128, block_size=4, max_model_len=128, max_num_batched_tokens=64, num_threads=1,
+                     device="cpu")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     from tests.conftest import start_live_server
 
-    backend = LocalBackend("tiny/0", str(tiny_model_dir("llama")), OPTIONS, device="cpu")
-    live = start_live_server(create_engine_app(backend, served_name="tiny"))
+    app = create_app(engine_settings(str(tiny_model_dir("llama")), OPTIONS, served_name="tiny"))
+    live = start_live_server(app)
+    backend = app.state.pipeline.pools.get("tiny").replicas[0].backend
     yield live, backend
     live.stop()
+
+
+def test_engine_settings_turn_guard_router_cascade_and_cache_off(tiny_model_dir):
+    folder = str(tiny_model_dir("llama"))
+    settings = engine_settings(folder, OPTIONS)
+    (pool,) = settings.pools
+    assert (pool.kind, pool.model, pool.engine) == ("local", folder, OPTIONS)
+    assert pool.name == tiny_model_dir("llama").name  # a path is not a pool name: the folder's name is
+    assert settings.routing.slm_pool == settings.routing.llm_pool == pool.name
+    assert settings.routing.router_artifact is None and settings.guard.artifact is None
+    assert settings.routing.cascade.mode == "off" and not settings.example_cache.enabled
+    assert engine_settings("smollm2-135m", OPTIONS).pools[0].name == "smollm2-135m"
 
 
 @pytest.fixture
@@ -77,6 +92,12 @@ def test_n_choices_and_stop(client):
         assert cut.choices[0].finish_reason == "stop"
 
 
+def test_vllm_extra_fields_priority_and_min_p(client):
+    res = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=4,
+                                         extra_body={"priority": -1, "min_p": 0.1, "ignore_eos": True})
+    assert res.usage.completion_tokens == 4
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model="tiny", messages=MESSAGES, temperature=1.0, max_tokens=10, seed=123,
                   extra_body={"ignore_eos": True})
@@ -97,20 +118,40 @@ def test_bad_params_and_tools_are_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=5)
     with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"top_k": 0})
+    assert info.value.param == "top_k"
+    with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
     assert info.value.code == "tools_not_supported"
+
+
+def _samples(text: str) -> dict[str, float]:
+    """{name: value} of the samples labelled with the one replica (pool tiny)."""
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.labels.get("pool") == "tiny" and s.labels.get("replica") == "tiny/0" and "le" not in s.labels}
 
 
 def test_models_health_metrics(client, server):
     live, _ = server
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert httpx.get(live.base_url + "/healthz").status_code == 200
+    assert httpx.get(live.base_url + "/readyz").json()["pools"] == {"tiny": {"tiny/0": True}}
+    client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3)
+    client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3)
     metrics = httpx.get(live.base_url + "/metrics").text
-    assert 'switchyard_engine_kv_blocks_total{model="tiny"} 128' in metrics
-    assert "switchyard_engine_generation_tokens_total" in metrics
-    ttft = next(line for line in metrics.splitlines() if line.startswith("switchyard_engine_time_to_first_token"))
-    assert float(ttft.split()[-1]) > 0
+    assert "switchyard_engine_" not in metrics  # the hand-written text output is gone
+    values = _samples(metrics)
+    assert 0 <= values["switchyard_kv_cache_usage_perc"] <= 1
+    assert values["switchyard_generation_tokens_total"] >= 6
+    assert values["switchyard_time_to_first_token_seconds_count"] >= 2
+    assert values["switchyard_time_to_first_token_seconds_sum"] > 0
+    assert values["switchyard_inter_token_latency_seconds_count"] >= 4
+    assert values["switchyard_e2e_request_latency_seconds_count"] >= 2
+    assert values["switchyard_request_queue_time_seconds_count"] >= 2
+    # the second identical prompt hit the prefix cache
+    assert values["switchyard_prefix_cache_hits_total"] > 0
+    assert values["switchyard_prefix_cache_queries_total"] >= values["switchyard_prefix_cache_hits_total"]
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server):

@@ -1,0 +1,64 @@
+"""EngineArgs: what a user chooses about one engine instance (vLLM's EngineArgs), validated once.
+
+The one definition of the engine's options: the gateway's pool settings nest it (``PoolConfig.engine``,
+validated from YAML by pydantic through the dataclass fields and ``__post_init__``), ``switchyard engine
+serve`` builds it from flags, tests and benchmarks construct it directly. ``EngineConfig.from_args``
+resolves it against a model folder and a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "int8", "int4"]
+Device = Literal["auto", "cpu", "cuda"]
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Options of one engine. Invalid values raise ValueError naming the field; afterwards read-only.
+
+    ``num_kv_blocks`` None = size the KV cache from ``kv_cache_memory_gb``; ``num_threads`` None = torch's
+    choice; ``quantization`` is weight-only (CPU packed-int kernels); ``device`` "auto" = CUDA when
+    available, else CPU.
+    """
+
+    # Read by pydantic when a settings model nests this dataclass: unknown keys are errors. A plain dict,
+    # so the engine does not import pydantic.
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - not a field (no annotation)
+
+    dtype: Dtype = "auto"
+    quantization: Quantization = "none"
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        for name, minimum in (("max_model_len", 16), ("max_num_seqs", 1), ("max_num_batched_tokens", 16),
+                              ("block_size", 1)):
+            value = getattr(self, name)
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        for name in ("num_kv_blocks", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {value}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")

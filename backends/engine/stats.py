@@ -1,0 +1,58 @@
+"""What the engine reports about itself, as plain numbers (vLLM v1's SchedulerStats / IterationStats).
+
+After every step that ran a batch, ``LLMEngine`` hands each registered ``StatLogger`` one
+``SchedulerStats`` (state now) and one ``IterationStats`` (what happened in that step). The engine never
+imports a metrics library: whoever registers a logger (``backends/local.py`` → the gateway's Prometheus
+registry) turns these numbers into metrics. Loggers run on the engine's thread, between steps: they must
+be quick and must not raise.
+
+All times are seconds of ``time.monotonic()``; latencies are per choice (one sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The engine's state after a step. ``prefix_cache_*`` count prompt tokens looked up / found in the
+    prefix cache during this step (deltas, as vLLM's counters); ``num_preemptions`` likewise."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    num_kv_blocks: int
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """One choice that finished ("stop" or "length") in this step."""
+
+    finish_reason: str
+    e2e_latency_s: float  # arrival → last token
+    queue_time_s: float  # arrival → first scheduled
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass
+class IterationStats:
+    """What one step produced: token counts, the first-token and inter-token latencies it observed, and
+    the choices it finished."""
+
+    num_prompt_tokens: int = 0  # prompts of requests whose first choice got its first token in this step
+    num_generation_tokens: int = 0
+    time_to_first_tokens_s: list[float] = field(default_factory=list)
+    inter_token_latencies_s: list[float] = field(default_factory=list)
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+
+class StatLogger(Protocol):
+    """Receives the numbers of every step that ran (on the engine thread; quick, never raises)."""
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None: ...

@@ -1,0 +1,81 @@
+"""The boundary types between the gateway and the backends: GenerationRequest in, Deltas out.
+
+``SamplingParams`` is the engine's own (``backends/engine/sampling_params.py``), re-exported here: the
+wire request builds it once (``to_sampling_params()``), and the same object reaches a local engine as is
+or is serialised for a remote pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from backends.engine.sampling_params import SamplingParams, SamplingParamsError
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "abort"]
+
+
+@dataclass
+class GenerationRequest:
+    """One request to one backend. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set.
+
+    ``sampling`` is validated already (a SamplingParams cannot exist invalid); ``n`` is ``sampling.n``.
+    """
+
+    request_id: str
+    model: str  # the model id the backend serves (remote: upstream model name)
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # OpenAI fields passed through to backends that support them (remote); local rejects tools.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    deadline: float | None = None  # time.monotonic() by which the request must finish
+    priority: int = 0  # lower runs first (engine scheduler)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("GenerationRequest needs exactly one of messages or prompt")
+
+    @property
+    def n(self) -> int:
+        return self.sampling.n
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    token_id: int | None = None
+    top_logprobs: tuple[tuple[str, float], ...] = ()  # (token text, logprob), best first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of one choice's output. ``text`` may be empty (e.g. a final Delta with only finish_reason)."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # remote passthrough (OpenAI delta.tool_calls)
+    is_final: bool = False  # last Delta of the whole request
+    usage: Usage | None = None  # set on the final Delta
+
+
+__all__ = ["Delta", "FinishReason", "GenerationRequest", "SamplingParams", "SamplingParamsError", "TokenLogprob",
+           "Usage"]

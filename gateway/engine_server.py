@@ -1,0 +1,74 @@
+"""`switchyard engine serve`: one model as an OpenAI-compatible server.
+
+It is the gateway app (``create_app``) over ``engine_settings(...)``: one in-process local pool named after
+the served model, no guard, no router, no cascade, no example cache, and limits that leave the engine's
+own checks in charge (context length, ``max_model_len``). Requests, responses, errors and ``/metrics``
+are therefore exactly the gateway's; ``model: "auto"`` also reaches the one pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from backends.engine.args import EngineArgs
+from gateway.settings import Settings, settings_from_dict
+
+_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+
+
+def engine_settings(model: str, args: EngineArgs, *, served_name: str | None = None,
+                    chat_template: str | None = None, host: str = "127.0.0.1", port: int = 8001) -> Settings:
+    """The Settings of a one-model server. The pool (= the model id clients send and ``/v1/models``
+    lists) is ``served_name``, else ``model`` when it is a valid pool name, else the folder's name; the
+    ``model`` string itself is accepted in requests too. Raises ConfigError (one line) for bad values."""
+    name = served_name or (model if _POOL_NAME.match(model) else Path(model).name)
+    return settings_from_dict({
+        "host": host, "port": port,
+        "pools": [{"name": name, "kind": "local", "model": model, "chat_template": chat_template, "engine": args}],
+        "routing": {"slm_pool": name, "llm_pool": name, "cascade": {"mode": "off"}},
+        "example_cache": {"enabled": False},
+        # the engine answers context_length_exceeded and stops at max_model_len itself
+        "limits": {"max_body_bytes": 64 << 20, "max_prompt_tokens": 1 << 30, "max_completion_tokens": 1_000_000,
+                   "default_max_tokens": 256, "max_n": 16, "request_timeout_s": 3600},
+    })
+
+
+def engine_args_of(args: argparse.Namespace) -> EngineArgs:
+    """The EngineArgs that ``switchyard engine serve``'s flags describe (every option the chart can set)."""
+    return EngineArgs(
+        dtype=args.dtype, quantization=args.quantization, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=getattr(args, "num_kv_blocks", None),
+        kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=getattr(args, "num_threads", None), device=getattr(args, "device", "auto"),
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Handler for ``switchyard engine serve``: bad flags fail here, in one line, before weights load."""
+    import uvicorn
+
+    from backends.local import BUILTIN_TEMPLATES
+    from backends.models import resolve_model_path
+    from gateway.app import create_app
+
+    engine_args = engine_args_of(args)
+    template = args.chat_template
+    if template and template not in BUILTIN_TEMPLATES:
+        path = Path(template)
+        if not path.is_file():
+            raise ValueError(f"--chat-template {template!r}: not one of {BUILTIN_TEMPLATES} and not a file")
+        template = path.read_text()
+    resolve_model_path(args.model)  # fail fast with a one-line error (prepares bundled models once)
+    settings = engine_settings(args.model, engine_args, served_name=args.served_name, chat_template=template,
+                               host=args.host, port=args.port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loop = "uvloop" if sys.platform != "win32" else "auto"
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, loop=loop, http="httptools",
+                log_level="info", access_log=False, timeout_graceful_shutdown=settings.drain_seconds(),
+                timeout_keep_alive=settings.keep_alive_s)
+    return 0
