@@ -225,7 +225,7 @@ class Settings(_Frozen):
         generate = [p.name for p in self.pools if p.task == "generate"]
         for key, ref in (("routing.slm_pool", self.routing.slm_pool), ("routing.llm_pool", self.routing.llm_pool)):
             if ref not in generate:
-                raise ValueError(f"{key} = {ref!r} is not a generation pool; pools: {generate}")
+                raise ValueError(f"{key} = {ref!r} is not a pool with task 'generate'; those are: {generate}")
         for pool in self.pools:
             if pool.fallback is not None and pool.fallback not in names:
                 raise ValueError(f"pools[{pool.name}].fallback = {pool.fallback!r} is not a pool; pools: {names}")

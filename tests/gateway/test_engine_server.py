@@ -118,7 +118,7 @@ def test_bad_params_and_tools_are_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=5)
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"top_k": 0})
+        client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"top_k": -5})  # 0, -1: off
     assert info.value.param == "top_k"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[
@@ -136,7 +136,7 @@ def test_models_health_metrics(client, server):
     live, _ = server
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert httpx.get(live.base_url + "/healthz").status_code == 200
-    assert httpx.get(live.base_url + "/readyz").json()["pools"] == {"tiny": {"tiny/0": True}}
+    assert httpx.get(live.base_url + "/readyz").json()["pools"] == {"tiny": {"healthy_replicas": 1, "replicas": 1}}
     client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3)
     client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3)
     metrics = httpx.get(live.base_url + "/metrics").text

@@ -38,10 +38,10 @@ def gateway(tiny_model_dir):
 
 BAD = [
     ({"top_p": 0}, "top_p"),
-    ({"extra_body": {"top_k": 0}}, "top_k"),
+    ({"extra_body": {"top_k": -5}}, "top_k"),  # -1 and 0 are off
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
-    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids.0"),
 ]
 
 
@@ -81,6 +81,8 @@ def test_to_sampling_params_defaults_and_logprobs():
     completion = CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": 3, "temperature": 0})
     params = completion.to_sampling_params(512)
     assert (params.max_tokens, params.logprobs, params.is_greedy) == (16, 3, True)
-    with pytest.raises(SamplingParamsError) as info:
-        ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "top_p": 0}).to_sampling_params(8)
+    with pytest.raises(SamplingParamsError) as info:  # a value the wire type lets through, the engine refuses
+        ChatCompletionRequest.model_construct(model="m", messages=[], top_p=0).to_sampling_params(8)
     assert info.value.param == "top_p" and "top_p" in str(info.value)
+    with pytest.raises(ValueError, match="top_p"):  # the wire type (and so the served schema) refuses it first
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "top_p": 0})
