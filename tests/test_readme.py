@@ -4,7 +4,6 @@ YAML block and env example in it (and in the shipped config's comments) loads th
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
