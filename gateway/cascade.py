@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,15 @@ class CascadeRule:
         if self.min_token_logprob is not None and conf.min_logprob < self.min_token_logprob:
             return True
         return False
+
+    def judge(self, deltas: Sequence[Any]) -> str | None:
+        """The reason to escalate a whole answer (Deltas of every choice), or None to keep it: any choice
+        whose token log-probabilities fail the rule escalates the request."""
+        for index in sorted({d.index for d in deltas}):
+            values = [lp.logprob for d in deltas if d.index == index for lp in d.logprobs]
+            if self.should_escalate(Confidence.from_logprobs(values)):
+                return "SLM answer unsure (low token log-probabilities)"
+        return None
 
     def as_dict(self) -> dict[str, float | None]:
         return {"min_mean_logprob": self.min_mean_logprob, "min_token_logprob": self.min_token_logprob}

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -92,6 +92,8 @@ class Edge:
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout_s = body_read_timeout_s
         self.max_header_bytes = max_header_bytes
+        self._id_prefix = secrets.token_hex(8)
+        self._num_requests = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -99,17 +101,27 @@ class Edge:
             return
         state = scope.setdefault("state", {})
         state["t_start"] = time.perf_counter()
-        state["request_id"] = request_id = _request_id(scope)
+        num_header_bytes, request_id, content_length = 0, None, None
+        for name, value in scope["headers"]:  # one pass: size, x-request-id, content-length
+            num_header_bytes += len(name) + len(value)
+            if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
+                request_id = value.decode()
+            elif name == b"content-length":
+                content_length = value
+        state["request_id"] = request_id = request_id or self._new_request_id()
         send = _with_request_id(send, request_id)
         try:
-            headers = scope.get("headers", ())
-            if sum(len(name) + len(value) for name, value in headers) > self.max_header_bytes:
+            if num_header_bytes > self.max_header_bytes:
                 raise HeadersTooLarge(f"Request headers are larger than {self.max_header_bytes} bytes "
                                       "(limits.max_header_bytes).", code="headers_too_large",
                                       headers={"connection": "close"})
             if scope["path"].startswith("/v1/"):
-                await _authenticate(scope)
-            body = await self._read_body(scope, receive) if scope["method"] in _BODY_METHODS else None
+                _authenticate(scope)
+            body = None
+            if scope["method"] in _BODY_METHODS:
+                if content_length is not None and content_length.isdigit() and int(content_length) > self.max_body_bytes:
+                    raise _too_large(self.max_body_bytes)
+                body = await self._read_body(receive)
         except (GatewayError, ClientGone) as e:
             response = error_response(scope, e)
             if response.status_code != STATUS_CLIENT_GONE:
@@ -117,11 +129,13 @@ class Edge:
             return
         await self.app(scope, _replay(body, receive) if body is not None else receive, send)
 
-    async def _read_body(self, scope: dict, receive: Any) -> bytes:
+    def _new_request_id(self) -> str:
+        """Unique across replicas and restarts: a random per-process prefix and a counter (cheaper than uuid4)."""
+        self._num_requests += 1
+        return f"{self._id_prefix}{self._num_requests:08x}"
+
+    async def _read_body(self, receive: Any) -> bytes:
         limit = self.max_body_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -143,14 +157,6 @@ class Edge:
                                  headers={"connection": "close"}) from None
 
 
-def _request_id(scope: dict) -> str:
-    """The client's ``x-request-id`` when it is a sane token (≤ 128 printable ASCII), else a new one."""
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
-            return value.decode()
-    return uuid.uuid4().hex
-
-
 def _with_request_id(send: Any, request_id: str) -> Any:
     """``send`` that puts ``x-request-id`` on the response (every response, errors included)."""
     header = (b"x-request-id", request_id.encode())
@@ -168,16 +174,16 @@ def _too_large(limit: int) -> PayloadTooLarge:
                            code="request_too_large", headers={"connection": "close"})
 
 
-async def _authenticate(scope: dict) -> None:
+def _authenticate(scope: dict) -> None:
     """401 unless the headers carry a configured key (or the gateway is open). Starting up: no check
     here, the route answers 503."""
+    pipeline = getattr(scope["app"].state, "pipeline", None) if "app" in scope else None
+    if pipeline is None or pipeline.admitter.is_open:
+        return
     from starlette.datastructures import Headers
 
     from gateway.admission import presented_key
 
-    pipeline = getattr(scope["app"].state, "pipeline", None) if "app" in scope else None
-    if pipeline is None:
-        return
     pipeline.admitter.authenticate(presented_key(Headers(scope=scope)))
 
 

@@ -33,7 +33,6 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PolicyRejection,
-    RateLimited,
     from_backend_error,
 )
 from gateway.metrics import Metrics
@@ -106,6 +105,20 @@ class Trace:
         return h
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A request whose answer ended normally: what ``Pipeline.finish`` books and learns from."""
+
+    job: Job
+    admission: Admission
+    trace: Trace
+    usage: Usage
+    finish_reason: str | None  # choice 0's
+    answer: str  # choice 0's text
+    request_text: str  # what guard / router / cache saw
+    reservation: Any = None  # gateway.budget.Reservation
+
+
 class Execution:
     """A request past its first Delta. Iterate ``deltas()`` once; afterwards ``usage`` and ``trace`` are final."""
 
@@ -138,7 +151,12 @@ class Execution:
             self._done = True
         finally:
             await self.aclose()
-        self.pipeline.finish(self)
+        if self.job.stream is False and self.trace.overhead_s is not None:
+            self.trace.overhead_s = time.perf_counter() - self.job.t_start - self.trace.backend_wait_s
+        self.pipeline.finish(Outcome(
+            job=self.job, admission=self.admission, trace=self.trace,
+            usage=self.usage or Usage(0, self._num_deltas), finish_reason=self._finish_reason,
+            answer="".join(self._answer), request_text=self._text, reservation=self.reservation))
 
     def _see(self, delta: Delta) -> None:
         self._num_deltas += 1
@@ -200,9 +218,10 @@ class Pipeline:
         self.cascade_rule = cascade_rule
         self.store = store
         self._limiter_ping = limiter_ping
-        self._aliases = {p.name for p in settings.pools}
         self._tasks: set[asyncio.Task] = set()
-        self.llm_price = settings.pool(settings.routing.llm_pool).price
+        from gateway.accounting import Accounting
+
+        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background)
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -348,33 +367,15 @@ class Pipeline:
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
         self._check_limits(job)
-        reservation = await self._reserve_budget(job, admission, requested)
+        reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
+                                                    job.sampling.max_tokens * job.n)
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
         except BaseException:
-            if reservation is not None:  # nothing was answered: the reservation becomes what was spent
-                self._background(self.budgets.settle(reservation, trace.cost_usd))
+            self.accounting.release(reservation, trace.cost_usd)  # nothing was answered
             raise
         execution.reservation = reservation
         return execution
-
-    async def _reserve_budget(self, job: Job, admission: Admission, requested: str) -> Any:
-        """Reserve the request's worst case against the key's budget (``gateway/budget.py``); 429 when over."""
-        if admission.max_budget_usd is None or admission.key_name is None:
-            return None
-        routing = self.settings.routing
-        pools = [routing.slm_pool, routing.llm_pool] if requested == "auto" else [requested]
-        num_prompt, num_out = _estimate_prompt_tokens(job), job.sampling.max_tokens * job.n
-        worst = sum(self.settings.pool(p).price.cost_usd(num_prompt, num_out) for p in pools)
-        reservation = await self.budgets.reserve(admission.key_name, admission.budget_window, worst,
-                                                 admission.max_budget_usd)
-        if reservation is None:
-            spent = await self.budgets.spent(admission.key_name, admission.budget_window)
-            self.metrics.budget_exceeded.inc()
-            raise RateLimited(f"Budget reached for key {admission.key_name!r}: ${spent:.6f} of "
-                              f"${admission.max_budget_usd:g} per {admission.budget_window} spent or reserved; "
-                              f"this request may cost up to ${worst:.6f}.", code="budget_exceeded")
-        return reservation
 
     async def _decide_and_start(self, job: Job, admission: Admission, trace: Trace, requested: str) -> Execution:
         """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta."""
@@ -556,9 +557,7 @@ class Pipeline:
 
     async def _cascade(self, job: Job, request: GenerationRequest,
                        trace: Trace) -> tuple[Delta | None, AsyncIterator[Delta]]:
-        """Produce the SLM answer, judge it, then replay it or start the LLM's."""
-        from gateway.cascade import Confidence
-
+        """Produce the SLM answer, judge it (``CascadeRule.judge``), then replay it or start the LLM's."""
         slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
         judged = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
         escalate, reason = False, ""
@@ -571,11 +570,8 @@ class Pipeline:
         if not escalate:
             trace.judged = True
             self.metrics.cascade_judged.inc()
-            for index in sorted({d.index for d in deltas}):
-                values = [lp.logprob for d in deltas if d.index == index for lp in d.logprobs]
-                if self.cascade_rule.should_escalate(Confidence.from_logprobs(values)):
-                    escalate, reason = True, "SLM answer unsure (low token log-probabilities)"
-                    break
+            unsure = self.cascade_rule.judge(deltas)
+            escalate, reason = unsure is not None, unsure or ""
         if self.store is not None and trace.example_ids:
             trace.judged = True
             self._background(self.store.feedback(trace.namespace, trace.example_ids, escalate))
@@ -603,33 +599,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------ bookkeeping
 
-    def finish(self, execution: Execution) -> None:
-        """Called once the Delta stream ended normally: cost, metrics, token limits, cache admit."""
-        trace, job = execution.trace, execution.job
-        usage = execution.usage or Usage(0, execution._num_deltas)
-        if trace.pool in self._aliases:
-            price = self.settings.pool(trace.pool).price
-            trace.cost_usd += price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
-            always = self.llm_price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
-            self.metrics.record_usage(model=trace.pool, num_prompt_tokens=usage.prompt_tokens,
-                                      num_completion_tokens=usage.completion_tokens, cost_usd=trace.cost_usd,
-                                      always_llm_cost_usd=always)
-        if job.stream is False and trace.overhead_s is not None:
-            trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
-        if usage.total_tokens:
-            self._background(self.admitter.record_tokens(execution.admission, usage.total_tokens))
-        key = execution.admission.key_name or "-"
-        self.metrics.key_spend.labels(key).inc(trace.cost_usd)
-        self.metrics.key_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
-        self.metrics.key_tokens.labels(key, "completion").inc(usage.completion_tokens)
-        if execution.reservation is not None:
-            self._background(self.budgets.settle(execution.reservation, trace.cost_usd))
+    def finish(self, outcome: Outcome) -> None:
+        """[11] Called once per answer that ended normally: accounting, then what the example cache learns."""
+        self.accounting.charge(outcome)
+        trace, job = outcome.trace, outcome.job
         if (self.store is not None and job.kind == "chat" and trace.pool == self.settings.routing.llm_pool
-                and execution._finish_reason == "stop" and execution._text):
-            guard_ok = trace.guard in ("domain", "off", "exempt")
-            if guard_ok:
-                self._background(self._admit_example(execution.admission.namespace, execution._text,
-                                                     "".join(execution._answer), trace.pool, trace.query_embedding))
+                and outcome.finish_reason == "stop" and outcome.request_text
+                and trace.guard in ("domain", "off", "exempt")):
+            self._background(self._admit_example(outcome.admission.namespace, outcome.request_text, outcome.answer,
+                                                 trace.pool, trace.query_embedding))
         if self.store is not None and trace.example_ids and not trace.judged:
             self._background(self.store.feedback(trace.namespace, trace.example_ids, False))
 
