@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import __version__
 from gateway.edge import Edge, error_response
 from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
-from gateway.routes.common import validation_message
+from gateway.responder import validation_message
 from gateway.settings import Settings
 
 log = logging.getLogger("switchyard")
@@ -160,7 +160,7 @@ def _fast_routes() -> dict[str, tuple[Any, Any]]:
     """path → (request model, handler(pipeline, body, request)): the same handlers as the FastAPI routes."""
     from gateway.anthropic import MessagesRequest
     from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
-    from gateway.routes.common import complete
+    from gateway.responder import complete
     from gateway.routes.messages import messages
     from gateway.routes.responses import responses
 
@@ -171,7 +171,7 @@ def _fast_routes() -> dict[str, tuple[Any, Any]]:
 async def _fast_completion(request: Request, path: str) -> Response:
     from pydantic import ValidationError
 
-    from gateway.routes.common import validation_message
+    from gateway.responder import validation_message
     from gateway.routes.deps import get_pipeline
 
     if not _is_json(request.headers.get("content-type")):

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from gateway.pipeline import Pipeline
 from gateway.protocol import Completion, CompletionRequest
-from gateway.routes.common import ERROR_RESPONSES, complete, stream_response_doc
+from gateway.responder import ERROR_RESPONSES, complete, stream_response_doc
 from gateway.routes.deps import get_pipeline
 
 router = APIRouter()

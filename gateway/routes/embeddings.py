@@ -14,7 +14,7 @@ from gateway.embeddings import encode_vector
 from gateway.errors import InvalidRequest, NotFound
 from gateway.pipeline import Pipeline
 from gateway.protocol import Int
-from gateway.routes.common import ERROR_RESPONSES, t_start_of
+from gateway.responder import ERROR_RESPONSES, t_start_of
 from gateway.routes.deps import get_pipeline
 
 router = APIRouter()

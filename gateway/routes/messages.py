@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from gateway.anthropic import ErrorResponse, MessageResponse, MessagesRequest
 from gateway.errors import InvalidRequest
 from gateway.pipeline import Execution, Job, Pipeline
-from gateway.routes.common import chat_job, respond, stream_response_doc, validation_message
+from gateway.responder import chat_job, respond, stream_response_doc, validation_message
 from gateway.routes.deps import get_pipeline
 from gateway.streaming import MessagesShaper
 

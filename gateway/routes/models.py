@@ -12,7 +12,7 @@ from gateway.admission import presented_key
 from gateway.errors import NotFound
 from gateway.pipeline import Pipeline
 from gateway.protocol import Model, ModelList
-from gateway.routes.common import ERROR_RESPONSES
+from gateway.responder import ERROR_RESPONSES
 from gateway.routes.deps import get_pipeline
 
 router = APIRouter()

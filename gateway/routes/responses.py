@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gateway.errors import InvalidRequest, NotFound
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ResponseObject, ResponsesRequest
-from gateway.routes.common import ERROR_RESPONSES, chat_job, respond, stream_response_doc, validation_message
+from gateway.responder import ERROR_RESPONSES, chat_job, respond, stream_response_doc, validation_message
 from gateway.routes.deps import get_pipeline
 from gateway.streaming import ResponsesShaper
 

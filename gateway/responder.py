@@ -1,4 +1,10 @@
-"""What the completion routes share: request → Job, Execution → Response, client-disconnect abort."""
+"""The responder: a parsed request → a Job → the pipeline → the endpoint's HTTP response.
+
+What every generation route runs (the FastAPI routes and ``FastLane`` alike): the wire request becomes a
+``Job`` (its one ``SamplingParams``), ``respond`` runs ``Pipeline.run`` and shapes the Deltas with the
+endpoint's shaper (chat/completion chunks, Responses events, Anthropic events) into one body or an SSE
+stream, counts the request once, and aborts the backend when the client leaves (one disconnect watcher).
+"""
 
 from __future__ import annotations
 
