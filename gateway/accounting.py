@@ -62,10 +62,11 @@ class Accounting:
                                       always_llm_cost_usd=always)
         if usage.total_tokens:
             self._background(self.admitter.record_tokens(outcome.admission, usage.total_tokens))
-        key = outcome.admission.key_name or "-"
-        self.metrics.child(self.metrics.key_spend, key).inc(trace.cost_usd)
-        self.metrics.child(self.metrics.key_tokens, key, "prompt").inc(usage.prompt_tokens)
-        self.metrics.child(self.metrics.key_tokens, key, "completion").inc(usage.completion_tokens)
+        key = outcome.admission.key_name
+        if key is not None:  # an open gateway has no keys to account to
+            self.metrics.child(self.metrics.key_spend, key).inc(trace.cost_usd)
+            self.metrics.child(self.metrics.key_tokens, key, "prompt").inc(usage.prompt_tokens)
+            self.metrics.child(self.metrics.key_tokens, key, "completion").inc(usage.completion_tokens)
         if outcome.reservation is not None:
             self._background(self.budgets.settle(outcome.reservation, trace.cost_usd))
 

@@ -94,6 +94,9 @@ class Edge:
         self.max_header_bytes = max_header_bytes
         self._id_prefix = secrets.token_hex(8)
         self._num_requests = 0
+        self._reads: dict[asyncio.Task, float] = {}  # body reads in progress → deadline (monotonic)
+        self._timed_out: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -135,26 +138,51 @@ class Edge:
         return f"{self._id_prefix}{self._num_requests:08x}"
 
     async def _read_body(self, receive: Any) -> bytes:
+        """The whole body, or 413 / 408 / ClientGone. The read time is watched by one sweeper task for all
+        requests (no timer per request): a read still running after ``body_read_timeout_s`` is cancelled."""
         limit = self.max_body_bytes
         chunks: list[bytes] = []
         size = 0
+        task = asyncio.current_task()
+        self._reads[task] = time.monotonic() + self.body_read_timeout_s
+        self._start_sweeper()
         try:
-            async with asyncio.timeout(self.body_read_timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise ClientGone()
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_large(limit)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        return b"".join(chunks)
-        except TimeoutError:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            task.uncancel()
             raise RequestTimeout(f"The request body did not arrive within {self.body_read_timeout_s:g} s "
                                  "(limits.body_read_timeout_s).", code="request_timeout",
                                  headers={"connection": "close"}) from None
+        finally:
+            self._reads.pop(task, None)
+            self._timed_out.discard(task)
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Cancel body reads past their deadline; checks 4 times per timeout (at most every second)."""
+        period = min(1.0, self.body_read_timeout_s / 4)
+        while self._reads:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for task, deadline in list(self._reads.items()):
+                if now >= deadline and task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
 
 
 def _with_request_id(send: Any, request_id: str) -> Any:

@@ -21,6 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from backends.base import BackendError, Delta, SamplingParams, Usage, json_bytes
 from gateway.admission import presented_key
 from gateway.edge import STATUS_CLIENT_GONE
+from gateway.edge import t_start_of as scope_start
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
@@ -61,8 +62,6 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def t_start_of(request: Request) -> float:
-    from gateway.edge import t_start_of as scope_start
-
     return scope_start(request.scope)
 
 
@@ -154,7 +153,7 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
                   shaper: ShaperFactory | None = None, finished: Finished | None = None) -> Response:
     """Run the pipeline and shape its answer: one JSON body, or an SSE stream. ``finished`` runs once the
     whole answer is known and before its last byte is sent (e.g. to store a Responses conversation)."""
-    key = presented_key(request.headers)
+    key = None if pipeline.admitter.is_open else presented_key(request.headers)
     async with abort_on_disconnect(request):  # one watcher for the whole non-stream request
         execution = await pipeline.run(job, key)  # up to the first Delta (the whole answer when buffered)
         shape = (shaper or openai_shaper(include_usage))(job, execution)
