@@ -23,14 +23,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.protocol import ChatCompletionRequest, Int, SwitchyardOptions
+from gateway.protocol import TextPart as TextBlock  # the same {type: text, text} block
 
 _WIRE = ConfigDict(extra="ignore", strict=True)
-
-
-class TextBlock(BaseModel):
-    model_config = _WIRE
-    type: Literal["text"]
-    text: str
 
 
 class ToolUseBlock(BaseModel):

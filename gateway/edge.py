@@ -189,10 +189,10 @@ def _with_request_id(send: Any, request_id: str) -> Any:
     """``send`` that puts ``x-request-id`` on the response (every response, errors included)."""
     header = (b"x-request-id", request_id.encode())
 
-    async def send_with_id(message: dict) -> None:
+    def send_with_id(message: dict) -> Any:  # returns send's awaitable: no coroutine frame of its own
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), header]}
-        await send(message)
+            message["headers"] = [*message.get("headers", ()), header]
+        return send(message)
 
     return send_with_id
 

@@ -105,7 +105,7 @@ class Trace:
         return h
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """A request whose answer ended normally: what ``Pipeline.finish`` books and learns from."""
 
@@ -367,8 +367,10 @@ class Pipeline:
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
         self._check_limits(job)
-        reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
-                                                    job.sampling.max_tokens * job.n)
+        reservation = None
+        if admission.max_budget_usd is not None:
+            reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
+                                                        job.sampling.max_tokens * job.n)
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
         except BaseException:
