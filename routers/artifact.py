@@ -50,13 +50,17 @@ class Artifact:
         tmp = out.with_name(out.name + ".tmp-save")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        from gateway import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
+            switchyard_version = version("switchyard")
+        except PackageNotFoundError:  # a source tree that was never installed
+            switchyard_version = "unknown"
         manifest = {
             "schema_version": self.schema_version,
             "kind": self.kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "switchyard_version": __version__,
+            "switchyard_version": switchyard_version,
             "meta": self.meta,
         }
         if self.files:

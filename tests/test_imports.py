@@ -22,16 +22,9 @@ PACKAGES = ("gateway", "routers", "backends", "training")
 ENGINE = "backends.engine"
 ENGINE_THIRD_PARTY = frozenset({"torch", "transformers", "triton", "numpy", "safetensors"})
 
-# Known offenders, being moved by other parts of issue 18 (each one a (file, imported module) pair). The
-# list only shrinks: an entry that no longer occurs is reported (a warning) so it can be deleted.
-ALLOWED: frozenset[tuple[str, str]] = frozenset({
-    # issue 18: offline example-cache scoring moves to training/ (gateway/example_cache/ package)
-    ("gateway/example_cache_cli.py", "training.cli"),
-    # issue 18: routers/scorers.py must not import training.evaluate (APGR helpers move out of serving)
-    ("routers/scorers.py", "training.evaluate"),
-    # issue 18: the artifact version stamp reads gateway.__version__ (routers must not import gateway)
-    ("routers/artifact.py", "gateway"),
-})
+# Known offenders (each one a (file, imported module) pair); none left since issue 18. The list only
+# shrinks: an entry that no longer occurs is reported (a warning) so it can be deleted.
+ALLOWED: frozenset[tuple[str, str]] = frozenset()
 
 
 def _module_name(path: Path) -> str:
