@@ -226,7 +226,7 @@ class OpenAIUpstream:
 
     @contextlib.asynccontextmanager
     async def _post(self, path: str, body: dict[str, Any], timeout: tuple[float, float],
-                    request_deadline: float | None = None):
+                    request_deadline: float | None = None, headers: dict[str, str] | None = None):
         """A response with ``status_code``, ``aread()``, ``aiter_bytes()``; closed (or pooled) on exit."""
         await self._ensure_client()
         if self._lean is not None:
@@ -235,12 +235,12 @@ class OpenAIUpstream:
             if request_deadline is not None:  # time.monotonic() → loop time
                 deadline = asyncio.get_running_loop().time() + (request_deadline - time.monotonic())
             async with self._lean.post(path, data, connect_timeout_s=timeout[0], read_timeout_s=timeout[1],
-                                       deadline=deadline) as r:
+                                       deadline=deadline, headers=headers) as r:
                 yield r
             return
         assert self._client is not None, "load() must create the client"
         t = httpx.Timeout(timeout[1], connect=timeout[0])
-        async with self._client.stream("POST", path, json=body, timeout=t) as response:
+        async with self._client.stream("POST", path, json=body, timeout=t, headers=headers) as response:
             yield response
 
     async def generate(self, request: GenerationRequest, stream: bool = True) -> AsyncIterator[Delta]:
@@ -250,7 +250,7 @@ class OpenAIUpstream:
         is_chat = request.messages is not None
         num_yielded = 0
         try:
-            async with self._post(path, body, timeout, request.deadline) as response:
+            async with self._post(path, body, timeout, request.deadline, request.trace_headers) as response:
                 if response.status_code != 200:
                     raise self._status_error(response.status_code, await response.aread())
                 if not stream:
@@ -515,10 +515,11 @@ class Http1Pool:
 
     @contextlib.asynccontextmanager
     async def post(self, path: str, body: bytes, *, connect_timeout_s: float, read_timeout_s: float,
-                   deadline: float | None = None):
+                   deadline: float | None = None, headers: dict[str, str] | None = None):
+        extra = b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) if headers else b""
         head = (b"POST " + (self.prefix + path).encode() + b" HTTP/1.1\r\n" + self._host_header
                 + b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
-                + self.extra_headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                + self.extra_headers + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
         if self.slots is not None:
             await self.slots.acquire()
         conn = None

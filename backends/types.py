@@ -34,6 +34,7 @@ class GenerationRequest:
     user: str | None = None
     deadline: float | None = None  # time.monotonic() by which the request must finish
     priority: int = 0  # lower runs first (engine scheduler)
+    trace_headers: dict[str, str] = field(default_factory=dict)  # x-request-id, traceparent: sent to remote pools
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

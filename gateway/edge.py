@@ -3,7 +3,8 @@
 ``Edge`` is the outermost ASGI middleware. For each HTTP request it, in this order:
 
 1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement and
-   ``scope["state"]["request_id"]``: the client's ``x-request-id`` or a new one, echoed on every response;
+   ``scope["state"]["request_id"]``: the client's ``x-request-id`` or a new one, echoed on every response
+   (and ``traceparent`` when the client sent a valid one; both are forwarded to remote pools);
    refuses headers over ``limits.max_header_bytes`` in all (431, like nginx's header buffers);
 2. on ``/v1/`` paths checks the API key from the headers alone: a missing or wrong key is a 401
    before one byte of the body is read or parsed (an anonymous caller learns nothing about the schema);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -41,6 +43,7 @@ from gateway.errors import (
 log = logging.getLogger("switchyard")
 
 STATUS_CLIENT_GONE = 499  # nginx's "client closed request"
+_TRACEPARENT = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # W3C trace context, version 00
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -105,12 +108,14 @@ class Edge:
         state = scope.setdefault("state", {})
         state["t_start"] = time.perf_counter()
         num_header_bytes, request_id, content_length = 0, None, None
-        for name, value in scope["headers"]:  # one pass: size, x-request-id, content-length
+        for name, value in scope["headers"]:  # one pass: size, x-request-id, traceparent, content-length
             num_header_bytes += len(name) + len(value)
             if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
                 request_id = value.decode()
             elif name == b"content-length":
                 content_length = value
+            elif name == b"traceparent" and _TRACEPARENT.fullmatch(value):
+                state["traceparent"] = value.decode()
         state["request_id"] = request_id = request_id or self._new_request_id()
         send = _with_request_id(send, request_id)
         try:

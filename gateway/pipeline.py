@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -60,6 +61,8 @@ class Job:
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
     priority: int = 0  # engine scheduling, lower first (vLLM's extra ``priority``)
+    correlation_id: str | None = None  # the x-request-id the edge accepted or made
+    traceparent: str | None = None  # the client's W3C traceparent, if it sent one
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -519,7 +522,17 @@ class Pipeline:
             messages=messages if job.kind == "chat" else None, prompt=job.prompt if job.kind == "completion" else None,
             sampling=job.sampling, tools=job.tools, tool_choice=job.tool_choice,
             response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
+            trace_headers=self._trace_headers(job, alias),
         )
+
+    def _trace_headers(self, job: Job, alias: str) -> dict[str, str]:
+        """For a remote pool: ``x-request-id`` and a ``traceparent`` whose parent is this gateway hop (the
+        client's trace id when it sent one, else a new trace)."""
+        if self.settings.pool(alias).kind != "remote" or job.correlation_id is None:
+            return {}
+        trace_id, flags = ((job.traceparent[3:35], job.traceparent[53:55]) if job.traceparent
+                           else (secrets.token_hex(16), "01"))
+        return {"x-request-id": job.correlation_id, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}
 
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
         """The pool's Delta stream; time spent waiting on it is added to ``trace.backend_wait_s``."""

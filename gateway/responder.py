@@ -84,20 +84,25 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, default_ma
         raise InvalidRequest(f"Invalid request: {e}", param=getattr(e, "param", None)) from None
 
 
+def _correlation(request: Request) -> dict[str, str | None]:
+    state = request.scope.get("state") or {}
+    return {"correlation_id": state.get("request_id"), "traceparent": state.get("traceparent")}
+
+
 def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), tools=body.tools,
                tool_choice=body.tool_choice,
                response_format=body.response_format.model_dump() if body.response_format else None,
                user=body.user, hint=_hint(body, request), priority=body.priority or 0,
-               t_start=t_start_of(request))
+               t_start=t_start_of(request), **_correlation(request))
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
     return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(),
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
                hint=_hint(body, request), priority=body.priority or 0,
-               t_start=t_start_of(request))
+               t_start=t_start_of(request), **_correlation(request))
 
 
 async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:

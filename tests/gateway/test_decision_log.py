@@ -62,3 +62,33 @@ def test_sample_zero_logs_nothing(live_server, tmp_path):
                                     backend_factory=FakeFactory()))
     assert httpx.post(server.base_url + "/v1/chat/completions", json=CHAT).status_code == 200
     assert not log.exists() or log.read_text() == ""
+
+
+def test_request_id_and_traceparent_reach_a_remote_pool(live_server):
+    import re
+
+    from bench.fake_upstream import FakeUpstream
+
+    upstream_app = FakeUpstream()
+    upstream = live_server(upstream_app)
+    pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
+             {"name": "cloud", "kind": "remote", "model": "m", "urls": [upstream.base_url + "/v1"]}]
+
+    def factory(cfg, index):
+        from backends.pool import default_backend
+
+        return default_backend(cfg, index) if cfg.kind == "remote" else FakeFactory()(cfg, index)
+
+    server = live_server(create_app(fake_settings(pools=pools), backend_factory=factory))
+    parent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    body = {**CHAT, "model": "cloud"}
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body,
+                   headers={"x-request-id": "req-42", "traceparent": parent})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    sent = upstream_app.last_headers
+    assert sent["x-request-id"] == "req-42"
+    assert re.fullmatch("00-" + "a" * 32 + "-[0-9a-f]{16}-01", sent["traceparent"])  # same trace, this hop
+    assert sent["traceparent"] != parent
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers={"traceparent": "garbage"})
+    assert upstream_app.last_headers["x-request-id"] == r.headers["x-request-id"]
+    assert re.fullmatch("00-[0-9a-f]{32}-[0-9a-f]{16}-01", upstream_app.last_headers["traceparent"])  # a new trace
