@@ -239,6 +239,7 @@ class Admitter:
 
     def __init__(self, settings: Settings, limiter: RateLimiter) -> None:
         self.keys: list[ApiKey] = list(settings.api_keys)
+        self.is_open = not self.keys  # no keys configured: anyone may call
         # a key's allow list may name pools or the models they serve: both become pool names here
         self._allowed: dict[str, set[str] | None] = {
             k.name: None if k.models is None else {settings.resolve_model(m) or m for m in k.models}
@@ -246,9 +247,6 @@ class Admitter:
         self.limiter = limiter
         self.num_rate_limited = 0
 
-    @property
-    def is_open(self) -> bool:
-        return not self.keys
 
     def _find_key(self, presented: str) -> ApiKey | None:
         digest = hashlib.sha256(presented.encode()).hexdigest().encode()

@@ -150,7 +150,8 @@ class Edge:
         size = 0
         task = asyncio.current_task()
         self._reads[task] = time.monotonic() + self.body_read_timeout_s
-        self._start_sweeper()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
         try:
             while True:
                 message = await receive()
@@ -173,10 +174,6 @@ class Edge:
         finally:
             self._reads.pop(task, None)
             self._timed_out.discard(task)
-
-    def _start_sweeper(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def _sweep(self) -> None:
         """Cancel body reads past their deadline; checks 4 times per timeout (at most every second)."""

@@ -222,6 +222,7 @@ class Pipeline:
         self.store = store
         self._limiter_ping = limiter_ping
         self._tasks: set[asyncio.Task] = set()
+        self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         from gateway.accounting import Accounting
 
         self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background)
@@ -366,7 +367,7 @@ class Pipeline:
         requested = self.resolve_model(job.model)
         admission = await self.admitter.admit(api_key, requested)
         trace.namespace = admission.namespace
-        if requested != "auto" and self.settings.pool(requested).task != "generate":
+        if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
         self._check_limits(job)
@@ -450,7 +451,7 @@ class Pipeline:
         except BackendError as e:
             raise from_backend_error(e, trace.pool) from None
         trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
-        model_name = self.settings.pool(trace.pool).model
+        model_name = self._pool_cfg(trace.pool).model
         return Execution(self, job, admission, trace, model_name, first, rest, text)
 
     def _routing_text(self, job: Job) -> tuple[str, str]:
@@ -469,8 +470,9 @@ class Pipeline:
 
     def _check_limits(self, job: Job) -> None:
         limits = self.settings.limits
-        if job.n > limits.max_n:
-            raise InvalidRequest(f"n = {job.n} is above the limit {limits.max_n}", param="n")
+        n = job.sampling.n
+        if n > limits.max_n:
+            raise InvalidRequest(f"n = {n} is above the limit {limits.max_n}", param="n")
         if job.sampling.max_tokens > limits.max_completion_tokens:
             raise InvalidRequest(f"max_tokens = {job.sampling.max_tokens} is above the limit "
                                  f"{limits.max_completion_tokens}", param="max_tokens")
@@ -493,13 +495,13 @@ class Pipeline:
         return bool(job.response_format) and job.response_format.get("type") in ("json_object", "json_schema")
 
     def _can_serve(self, job: Job, alias: str) -> bool:
-        cfg = self.settings.pool(alias)
+        cfg = self._pool_cfg(alias)
         if job.tools and not (cfg.kind == "remote" and cfg.supports_tools):
             return False
         return not (self._wants_json(job) and not cfg.supports_json_mode)
 
     def _check_capabilities(self, job: Job, alias: str) -> None:
-        cfg = self.settings.pool(alias)
+        cfg = self._pool_cfg(alias)
         if job.tools and not (cfg.kind == "remote" and cfg.supports_tools):
             raise InvalidRequest(f"Pool {alias!r} does not support tools / tool_choice "
                                  f"(set supports_tools on a remote pool).", code="tools_not_supported", param="tools")
@@ -518,17 +520,17 @@ class Pipeline:
     def _generation_request(self, job: Job, alias: str, messages: list[dict[str, Any]] | None) -> GenerationRequest:
         deadline = time.monotonic() + self.settings.limits.request_timeout_s
         return GenerationRequest(
-            request_id=job.request_id, model=self.settings.pool(alias).model,
+            request_id=job.request_id, model=self._pool_cfg(alias).model,
             messages=messages if job.kind == "chat" else None, prompt=job.prompt if job.kind == "completion" else None,
             sampling=job.sampling, tools=job.tools, tool_choice=job.tool_choice,
             response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
-            trace_headers=self._trace_headers(job, alias),
+            trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
         )
 
     def _trace_headers(self, job: Job, alias: str) -> dict[str, str]:
         """For a remote pool: ``x-request-id`` and a ``traceparent`` whose parent is this gateway hop (the
         client's trace id when it sent one, else a new trace)."""
-        if self.settings.pool(alias).kind != "remote" or job.correlation_id is None:
+        if self._pool_cfg(alias).kind != "remote" or job.correlation_id is None:
             return {}
         trace_id, flags = ((job.traceparent[3:35], job.traceparent[53:55]) if job.traceparent
                            else (secrets.token_hex(16), "01"))
@@ -596,7 +598,7 @@ class Pipeline:
             return await self._start(_replay(deltas), trace)
         usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
         if usage is not None:
-            trace.cost_usd += self.settings.pool(slm).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+            trace.cost_usd += self._pool_cfg(slm).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.escalations.inc()
         trace.escalated, trace.pool, trace.reason = True, llm, reason
         self._check_capabilities(job, llm)

@@ -21,7 +21,6 @@ from fastapi.responses import Response, StreamingResponse
 from backends.base import BackendError, Delta, SamplingParams, Usage, json_bytes
 from gateway.admission import presented_key
 from gateway.edge import STATUS_CLIENT_GONE
-from gateway.edge import t_start_of as scope_start
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
@@ -62,7 +61,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def t_start_of(request: Request) -> float:
-    return scope_start(request.scope)
+    state = request.scope.get("state") or {}
+    return state.get("t_start") or time.perf_counter()
 
 
 def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
@@ -84,30 +84,30 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, default_ma
         raise InvalidRequest(f"Invalid request: {e}", param=getattr(e, "param", None)) from None
 
 
-def _correlation(request: Request) -> dict[str, str | None]:
-    state = request.scope.get("state") or {}
-    return {"correlation_id": state.get("request_id"), "traceparent": state.get("traceparent")}
-
-
 def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
+    state = request.scope.get("state") or {}
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), tools=body.tools,
                tool_choice=body.tool_choice,
                response_format=body.response_format.model_dump() if body.response_format else None,
                user=body.user, hint=_hint(body, request), priority=body.priority or 0,
-               t_start=t_start_of(request), **_correlation(request))
+               t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
+               traceparent=state.get("traceparent"))
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
+    state = request.scope.get("state") or {}
     return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(),
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
                hint=_hint(body, request), priority=body.priority or 0,
-               t_start=t_start_of(request), **_correlation(request))
+               t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
+               traceparent=state.get("traceparent"))
 
 
 async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
     """A parsed chat or completion body → its response: what the FastAPI routes and ``FastLane`` both run."""
-    _check_token_fields(body, pipeline.settings.limits.max_completion_tokens)
+    if body.max_tokens is not None or getattr(body, "max_completion_tokens", None) is not None:
+        _check_token_fields(body, pipeline.settings.limits.max_completion_tokens)
     if isinstance(body, ChatCompletionRequest):
         job = chat_job(body, request, pipeline.default_max_tokens)
     else:
@@ -143,17 +143,6 @@ ShaperFactory = Callable[[Job, Execution], Shaper]
 Finished = Callable[[Shaper, Usage], Awaitable[None]]
 
 
-def openai_shaper(include_usage: bool) -> ShaperFactory:
-    """The chat / completion shaper of the OpenAI endpoints."""
-    def make(job: Job, execution: Execution) -> Shaper:
-        prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
-        return ResponseShaper(kind=job.kind, request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
-                              created=int(time.time()), model=execution.model_name,
-                              logprobs=job.sampling.logprobs is not None, top_logprobs=job.sampling.logprobs or 0,
-                              include_usage=include_usage, prompt_chars=prompt_chars)
-    return make
-
-
 async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage: bool = False, *,
                   shaper: ShaperFactory | None = None, finished: Finished | None = None) -> Response:
     """Run the pipeline and shape its answer: one JSON body, or an SSE stream. ``finished`` runs once the
@@ -161,7 +150,14 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
     key = None if pipeline.admitter.is_open else presented_key(request.headers)
     async with abort_on_disconnect(request):  # one watcher for the whole non-stream request
         execution = await pipeline.run(job, key)  # up to the first Delta (the whole answer when buffered)
-        shape = (shaper or openai_shaper(include_usage))(job, execution)
+        if shaper is None:
+            prompt_chars = len(job.prompt) if isinstance(job.prompt, str) else 0
+            shape: Shaper = ResponseShaper(
+                kind=job.kind, request_id=("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.request_id,
+                created=int(time.time()), model=execution.model_name, logprobs=job.sampling.logprobs is not None,
+                top_logprobs=job.sampling.logprobs or 0, include_usage=include_usage, prompt_chars=prompt_chars)
+        else:
+            shape = shaper(job, execution)
         trace = execution.trace
         if job.stream:  # AbortingStream watches the client itself while it streams
             return AbortingStream(_sse(pipeline, execution, shape, finished, request.scope),

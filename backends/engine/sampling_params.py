@@ -69,9 +69,9 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise SamplingParamsError("logprobs",
                                       f"logprobs (top alternatives) must be in [0, 20], got {self.logprobs}")
-        if any(not s for s in self.stop):
+        if self.stop and any(not s for s in self.stop):
             raise SamplingParamsError("stop", "stop strings must be non-empty")
-        if any(t < 0 for t in self.stop_token_ids):
+        if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "stop_token_ids must be >= 0")
 
     @property
