@@ -39,7 +39,17 @@ def _remote_pool_gateway(live_server, **overrides):
                                                       **overrides})))
 
 
+# /readyz answers 503 by design while a pool has no available replica (fuzzed bodies can get an upstream
+# replica ejected for a while): that 503 is the documented answer, not a server error.
+SCHEMATHESIS_TOML = """
+[[operations]]
+include-name = "GET /readyz"
+checks.not_a_server_error.expected-statuses = ["2xx", "4xx", "503"]
+"""
+
+
 def _schemathesis(server, tmp_path, *extra: str) -> None:
+    (tmp_path / "schemathesis.toml").write_text(SCHEMATHESIS_TOML)
     exe = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(
         [str(exe), "run", server.base_url + "/openapi.json", "-n", "30", "--seed", "7", "--generation-database",
