@@ -7,7 +7,7 @@ Names (all prefixed ``switchyard_``):
   tokens_total{model,kind}                   kind = prompt | completion
   cost_usd_total{model}                      what the answered requests cost at the configured prices
   always_llm_cost_usd_total                  what the same tokens would have cost on the LLM pool
-  saved_vs_always_llm_usd_total              the difference (can be negative if escalations waste tokens)
+  saved_vs_always_llm_usd (gauge)            the difference (can be negative if escalations waste tokens)
   guard_verdicts_total{label}                domain | ood | unsafe
   cascade_judged_total / cascade_escalations_total
   example_cache_lookups_total{result}        hit | miss
@@ -98,7 +98,7 @@ class Metrics:
         self.cost = Counter("switchyard_cost_usd", "cost of answered requests", ["model"], registry=r)
         self.always_llm_cost = Counter("switchyard_always_llm_cost_usd", "cost if every request went to the LLM",
                                        registry=r)
-        self.saved = Gauge("switchyard_saved_vs_always_llm_usd_total", "always-LLM cost minus actual cost",
+        self.saved = Gauge("switchyard_saved_vs_always_llm_usd", "always-LLM cost minus actual cost",
                            registry=r)
         self.guard = Counter("switchyard_guard_verdicts", "guard verdicts", ["label"], registry=r)
         self.cascade_judged = Counter("switchyard_cascade_judged", "SLM answers judged by the cascade",

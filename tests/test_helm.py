@@ -203,9 +203,10 @@ def test_every_manifest_validates_offline(kube_version, tmp_path):
     proc = subprocess.run([kv, "--strict", "-k", kube_version, "--quiet", *files],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # The only kind without a built-in schema is the Prometheus Operator's ServiceMonitor (checked below).
+    # The only kinds without a built-in schema are the Prometheus Operator's ServiceMonitor and PrometheusRule
+    # (checked in their own tests).
     unknown = [line for line in (proc.stdout + proc.stderr).splitlines() if "Couldn't find schema" in line]
-    assert all("kind ServiceMonitor" in line for line in unknown), unknown
+    assert all("kind ServiceMonitor" in line or "kind PrometheusRule" in line for line in unknown), unknown
 
 
 def test_service_monitor_scrapes_the_gateway_metrics():
@@ -862,3 +863,23 @@ def test_gateway_drains_longer_than_the_request_timeout():
         "terminationGracePeriodSeconds"] == 2 + 60 + 5
     assert pod("gateway.terminationGracePeriodSeconds=300")["spec"]["template"]["spec"][
         "terminationGracePeriodSeconds"] == 300
+
+
+def test_prometheus_rule_and_grafana_dashboard():
+    """Off by default; when on, a PrometheusRule with the five alerts and a dashboard ConfigMap for the sidecar
+    (the metric names they query are checked against a live /metrics in tests/gateway/test_metrics_naming.py)."""
+    assert not find(render(), "PrometheusRule") and not [d for d in find(render(), "ConfigMap")
+                                                           if d["metadata"]["name"].endswith("-dashboard")]
+    docs = render(extra_values="gateway: {prometheusRule: {enabled: true, errorRatio: 0.1}, "
+                               "grafanaDashboard: {enabled: true}}\n")
+    (rule,) = find(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert set(alerts) == {"SwitchyardHighErrorRate", "SwitchyardOverheadP99High", "SwitchyardBudgetExhausted",
+                           "SwitchyardNoHealthyReplica", "SwitchyardDegraded"}
+    assert "> 0.1" in alerts["SwitchyardHighErrorRate"]["expr"]
+    assert alerts["SwitchyardNoHealthyReplica"]["annotations"]["summary"] == \
+        "Pool {{ $labels.pool }} has no healthy replica"
+    (dash,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dash["data"]["switchyard.json"])["panels"]
+    assert len(panels) == 8 and all(p["targets"] for p in panels)

@@ -140,6 +140,9 @@ def test_models_health_metrics(client, server):
     client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3)
     client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3)
     metrics = httpx.get(live.base_url + "/metrics").text
+    from tests.gateway.test_metrics_naming import _check_naming
+
+    _check_naming(metrics)  # the engine's histograms and counters follow Prometheus naming too
     assert "switchyard_engine_" not in metrics  # the hand-written text output is gone
     values = _samples(metrics)
     assert 0 <= values["switchyard_kv_cache_usage_perc"] <= 1

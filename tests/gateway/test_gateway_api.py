@@ -250,7 +250,7 @@ def test_health_ready_metrics(gateway):
     # one SLM answer: 3 prompt + 5 completion tokens at 1/2 $ per 1M (SLM) vs 10/20 $ per 1M (LLM)
     assert 'switchyard_cost_usd_total{model="slm"} 1.3e-05' in text
     assert "switchyard_always_llm_cost_usd_total 0.00013" in text
-    saved = next(line for line in text.splitlines() if line.startswith("switchyard_saved_vs_always_llm_usd_total "))
+    saved = next(line for line in text.splitlines() if line.startswith("switchyard_saved_vs_always_llm_usd "))
     assert float(saved.split()[1]) == pytest.approx(117e-6)
     assert 'switchyard_tokens_total{kind="completion",model="slm"} 5.0' in text
     assert 'switchyard_pool_healthy_replicas{pool="slm"} 1.0' in text
