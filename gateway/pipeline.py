@@ -1,11 +1,13 @@
 """The request path, short and literal (DESIGN.md):
 
-    admission → guard → policy → example cache → pool → backend → cascade → (stream) → cache admit + metrics
+    model → admission → budget → guard → policy → example cache → pool → backend → cascade → (stream)
+          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
-error a client should see as an HTTP status (401/403/404/413/429/400 policy/503/504) is raised *before*
-any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose end
-triggers the bookkeeping (cost, metrics, token rate limits, example-cache admit and feedback).
+error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
+*before* any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose
+normal end hands an ``Outcome`` to ``finish`` (``gateway/accounting.py`` books it; the example cache learns).
+Components are reached through the small Protocols below (a fake of each serves the tests).
 
 Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
 ``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
@@ -23,12 +25,13 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from backends.base import BackendError, Delta, GenerationRequest, SamplingParams, Usage
 from gateway.admission import Admission, Admitter
+from gateway.budget import Budgets
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -38,6 +41,10 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.cascade import CascadeRule
+    from gateway.example_cache.types import ExampleStore
 
 log = logging.getLogger("switchyard.pipeline")
 
@@ -198,14 +205,41 @@ def _estimate_prompt_tokens(job: Job) -> int:
     return (chars + 3) // 4 + 4 * len(job.messages or ())
 
 
+class GuardComponent(Protocol):
+    """What the pipeline asks of a guard (``routers.guard.Guard``)."""
+
+    max_chars: int
+
+    def classify(self, text: str) -> Any: ...  # → routers.guard.GuardVerdict
+
+
+class PolicyComponent(Protocol):
+    """What the pipeline asks of the route policy (``routers.policy.RoutePolicy``)."""
+
+    def decide(self, text: str, hint: Any = None) -> Any: ...  # → routers.policy.RouteDecision
+
+
+class PoolsComponent(Protocol):
+    """What the pipeline asks of the model pools (``backends.pool.PoolSet``)."""
+
+    def get(self, alias: str) -> Any: ...
+
+    def health(self) -> dict[str, dict[str, bool]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class Pipeline:
     """Built once per app (``create_app``'s lifespan). Components are injected; ``build`` makes the real ones."""
 
-    def __init__(self, settings: Settings, pools: Any, *, admitter: Admitter, metrics: Metrics,
-                 policy: Any, guard: Any = None, cascade_rule: Any = None, store: Any = None,
-                 limiter_ping: Any = None, budgets: Any = None) -> None:
-        from gateway.budget import Budgets
-
+    def __init__(self, settings: Settings, pools: PoolsComponent, *, admitter: Admitter, metrics: Metrics,
+                 policy: PolicyComponent, guard: GuardComponent | None = None, cascade_rule: CascadeRule | None = None,
+                 store: ExampleStore | None = None, limiter_ping: Callable[[], Awaitable[bool]] | None = None,
+                 budgets: Budgets | None = None) -> None:
         self.settings = settings
         self.budgets = budgets or Budgets(None)
         self.decision_log: Any = None  # gateway.decision_log.DecisionLog when settings.decision_log.path is set
