@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import time
@@ -37,6 +38,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from backends.base import Backend, BackendError, Delta, GenerationRequest
+
+log = logging.getLogger("switchyard.pool")
 
 BackendFactory = Callable[[Any, int], Backend]  # (PoolConfig, replica index) -> Backend
 # (pool alias, replica name, model) -> the engine StatLogger of that local replica (backends/engine/stats.py)
@@ -118,6 +121,7 @@ class Pool:
         self._rng = rng or random.Random()
         self._rr = 0
         self._health_task: asyncio.Task | None = None
+        self._drains: set[asyncio.Task] = set()  # replicas discovery removed, closing once idle
 
     def __repr__(self) -> str:
         return f"Pool({self.alias!r}, replicas={[r.name for r in self.replicas]})"
@@ -172,6 +176,30 @@ class Pool:
         while True:
             await asyncio.sleep(self.health_interval_s)
             await self.check_health()
+
+    async def set_replicas(self, urls: dict[str, None], make_backend: Callable[[str], Backend]) -> None:
+        """Make the replicas those of ``urls`` (discovery): new ones are built and loaded, gone ones leave the
+        choice at once and are closed after their in-flight requests (``num_outstanding_requests``) end."""
+        from backends.openai_upstream import display_url
+
+        current = {r.name: r for r in self.replicas}
+        wanted = {display_url(u): u for u in urls}
+        added = [Replica(make_backend(u)) for name, u in wanted.items() if name not in current]
+        gone = [r for name, r in current.items() if name not in wanted]
+        if not added and not gone:
+            return
+        results = await asyncio.gather(*(r.backend.load() for r in added), return_exceptions=True)
+        for replica, result in zip(added, results, strict=True):
+            replica.is_healthy = not isinstance(result, BaseException)
+        self.replicas = [r for r in self.replicas if r not in gone] + added
+        for replica in gone:
+            self._drains.add(asyncio.ensure_future(self._drain(replica)))
+        log.info("pool %s: replicas %s (+%d, -%d)", self.alias, [r.name for r in self.replicas], len(added), len(gone))
+
+    async def _drain(self, replica: Replica) -> None:
+        while replica.num_outstanding_requests > 0:
+            await asyncio.sleep(0.05)
+        await replica.backend.close()
 
     def health(self) -> dict[str, bool]:
         """{replica name: available now} from what the pool knows (no I/O)."""
@@ -357,20 +385,23 @@ class Pool:
 class PoolSet:
     """Every pool of a deployment, by alias; owns their lifecycles."""
 
-    def __init__(self, pools: Mapping[str, Pool]) -> None:
+    def __init__(self, pools: Mapping[str, Pool], discoveries: list[Any] | None = None) -> None:
         self.pools = dict(pools)
+        self.discoveries = list(discoveries or [])  # backends.discovery.DnsDiscovery of discovery: dns pools
 
     @classmethod
     def from_settings(cls, settings: Any, backend_factory: BackendFactory | None = None,
                       environ: Mapping[str, str] | None = None, stat_logger_factory: StatLoggerFactory | None = None,
-                      **pool_kwargs: Any) -> PoolSet:
+                      resolver: Any = None, **pool_kwargs: Any) -> PoolSet:
         """Build the pools of ``settings.pools`` and wire their fallbacks.
 
         ``backend_factory(pool_config, index)`` builds replica ``index``; the default builds
         ``backends.local.LocalBackend`` (imported only when a local pool exists) for ``kind: local``
         (``replicas`` of them, each with ``stat_logger_factory(alias, replica, model)`` as its engine's stat
         logger) and one ``OpenAIUpstream`` per url for ``kind: remote``, with the API key read from the env
-        var ``api_key_env``. ``pool_kwargs`` go to every ``Pool``.
+        var ``api_key_env``. ``pool_kwargs`` go to every ``Pool``. A remote pool with ``discovery: dns`` gets
+        one replica per address its URLs resolve to (``backends/discovery.py``; ``resolver`` replaces the
+        system's, for tests).
         """
         env = os.environ if environ is None else environ
         factory = backend_factory or (lambda cfg, i: default_backend(cfg, i, env, stat_logger_factory))
@@ -380,10 +411,19 @@ class PoolSet:
                 continue  # embedding pools are served by the gateway's embeddings service
             count = len(cfg.urls) if cfg.kind == "remote" else cfg.replicas
             pools[cfg.name] = Pool(cfg.name, [factory(cfg, i) for i in range(count)], cfg, **pool_kwargs)
+        discoveries = []
         for cfg in settings.pools:
             if cfg.fallback is not None and cfg.name in pools:
                 pools[cfg.name].fallback = pools[cfg.fallback]
-        return cls(pools)
+            if cfg.name in pools and cfg.kind == "remote" and getattr(cfg, "discovery", "none") == "dns":
+                from backends.discovery import DnsDiscovery
+
+                def make(url: str, cfg: Any = cfg) -> Backend:
+                    return remote_backend(cfg, url, env)
+
+                discoveries.append(DnsDiscovery(pools[cfg.name], list(cfg.urls), make, cfg.discovery_interval_s,
+                                                resolver))
+        return cls(pools, discoveries)
 
     def get(self, alias: str) -> Pool:
         """The pool for ``alias``; KeyError if there is none."""
@@ -391,8 +431,10 @@ class PoolSet:
 
     async def start(self) -> None:
         await asyncio.gather(*(p.start() for p in self.pools.values()))
+        await asyncio.gather(*(d.start() for d in self.discoveries))
 
     async def close(self) -> None:
+        await asyncio.gather(*(d.close() for d in self.discoveries), return_exceptions=True)
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     def health(self) -> dict[str, dict[str, bool]]:
@@ -406,23 +448,27 @@ def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = No
                     stat_logger_factory: StatLoggerFactory | None = None) -> Backend:
     """Replica ``index`` of pool ``cfg`` (a PoolConfig): LocalBackend or OpenAIUpstream."""
     if cfg.kind == "remote":
-        from backends.openai_upstream import OpenAIUpstream, display_url
-
-        env = os.environ if environ is None else environ
-        api_key = None
-        if cfg.api_key_env:
-            api_key = env.get(cfg.api_key_env)
-            if not api_key:
-                raise ValueError(f"pool {cfg.name!r}: env var {cfg.api_key_env} (api_key_env) is not set")
-        url = cfg.urls[index]
-        return OpenAIUpstream(display_url(url), url, cfg.model, api_key, timeout_s=cfg.timeout_s,
-                              connect_timeout_s=cfg.connect_timeout_s, supports_tools=cfg.supports_tools,
-                              supports_json_mode=cfg.supports_json_mode)
+        return remote_backend(cfg, cfg.urls[index], environ)
     from backends.local import LocalBackend
 
     name = f"{cfg.name}/{index}"
     stat_logger = stat_logger_factory(cfg.name, name, cfg.model) if stat_logger_factory is not None else None
     return LocalBackend(name, cfg.model, cfg.engine, cfg.chat_template, stat_logger=stat_logger)
+
+
+def remote_backend(cfg: Any, url: str, environ: Mapping[str, str] | None = None) -> Backend:
+    """An OpenAIUpstream for ``url`` of remote pool ``cfg``, its API key read from ``api_key_env``."""
+    from backends.openai_upstream import OpenAIUpstream, display_url
+
+    env = os.environ if environ is None else environ
+    api_key = None
+    if cfg.api_key_env:
+        api_key = env.get(cfg.api_key_env)
+        if not api_key:
+            raise ValueError(f"pool {cfg.name!r}: env var {cfg.api_key_env} (api_key_env) is not set")
+    return OpenAIUpstream(display_url(url), url, cfg.model, api_key, timeout_s=cfg.timeout_s,
+                          connect_timeout_s=cfg.connect_timeout_s, supports_tools=cfg.supports_tools,
+                          supports_json_mode=cfg.supports_json_mode)
 
 
 def _rendezvous(key: bytes, name: str) -> int:

@@ -32,9 +32,9 @@ PipelineFactory = Callable[[Settings], Any]  # settings -> Pipeline (tests injec
 
 
 def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,
-               backend_factory: Any = None) -> FastAPI:
-    """The gateway app. ``pipeline_factory`` / ``backend_factory`` replace the real pipeline / replicas
-    (tests); by default ``Pipeline.build(settings)`` makes everything from the settings."""
+               backend_factory: Any = None, resolver: Any = None) -> FastAPI:
+    """The gateway app. ``pipeline_factory`` / ``backend_factory`` / ``resolver`` replace the real pipeline /
+    replicas / DNS resolver (tests); by default ``Pipeline.build(settings)`` makes everything from the settings."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,7 +43,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         if pipeline_factory is not None:
             pipeline = pipeline_factory(settings)
         else:
-            pipeline = Pipeline.build(settings, backend_factory=backend_factory)
+            pipeline = Pipeline.build(settings, backend_factory=backend_factory, resolver=resolver)
         if not settings.api_keys:
             log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
                         settings.host, settings.port)

@@ -266,7 +266,7 @@ class Pipeline:
 
     @classmethod
     def build(cls, settings: Settings, *, backend_factory: Any = None, metrics: Metrics | None = None,
-              embed: Any = None) -> Pipeline:
+              embed: Any = None, resolver: Any = None) -> Pipeline:
         """The real components from settings. Loads artifacts (fast); pools start in ``start()``.
         ``backend_factory`` (PoolConfig, index) → Backend and ``embed`` (texts → unit vectors, for the
         example store) replace the real replicas / MiniLM (tests)."""
@@ -279,7 +279,7 @@ class Pipeline:
 
         metrics = metrics or Metrics()
         pools = PoolSet.from_settings(settings, backend_factory=backend_factory,
-                                      stat_logger_factory=metrics.engine.stat_logger)
+                                      stat_logger_factory=metrics.engine.stat_logger, resolver=resolver)
         limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else InProcessRateLimiter()
         guard = None
         if settings.guard.artifact:

@@ -68,6 +68,9 @@ class PoolConfig(_Frozen):
     max_retries: int = Field(2, ge=0)
     fallback: str | None = Field(None, description="pool to fail over to when no replica can serve")
     supports_tools: bool = Field(False, description="remote pools that accept tools/tool_choice")
+    discovery: Literal["none", "dns"] = Field("none", description="remote: 'dns' re-resolves each url's host "
+                                              "and keeps one replica per address (a headless Service's pods)")
+    discovery_interval_s: float = Field(10.0, gt=0, description="remote, discovery dns: seconds between resolutions")
     supports_json_mode: bool = False
     engine: EngineArgs = Field(EngineArgs(), description="local: the embedded engine's options (EngineArgs, "
                                                       "backends/engine/args.py)")

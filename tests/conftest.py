@@ -125,12 +125,11 @@ class LiveServer:
         self.thread.join(15)
 
 
-def start_live_server(app, port: int | None = None, **uvicorn_kwargs) -> LiveServer:
+def start_live_server(app, port: int | None = None, host: str = "127.0.0.1", **uvicorn_kwargs) -> LiveServer:
     import uvicorn
 
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                            **uvicorn_kwargs)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", **uvicorn_kwargs)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

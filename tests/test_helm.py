@@ -883,3 +883,15 @@ def test_prometheus_rule_and_grafana_dashboard():
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     panels = json.loads(dash["data"]["switchyard.json"])["panels"]
     assert len(panels) == 8 and all(p["targets"] for p in panels)
+
+
+def test_deployment_pools_are_headless_and_discovered_per_pod():
+    """Every pod of a deployment pool is a replica of its own in the gateway (issue 23): a headless Service,
+    and the gateway's pool config resolves it (discovery: dns)."""
+    docs = render(GPU_FILE)
+    config = settings_from_dict(gateway_config(docs))
+    for pool in config.pools:
+        if pool.kind == "remote" and pool.urls[0].endswith(".svc:8001/v1"):
+            service = one(docs, "Service", f"{fullname()}-pool-{pool.name}")
+            assert service["spec"]["clusterIP"] == "None" and pool.discovery == "dns"
+    assert any(p.discovery == "dns" for p in config.pools)

@@ -216,6 +216,8 @@ Service URLs, artifact paths, default routing pools and example-cache backend.
 {{- if eq $p.mode "deployment" }}
 {{- $_ := set $entry "kind" "remote" }}
 {{- $_ := set $entry "urls" (list (printf "http://%s.%s.svc:%d/v1" (include "switchyard.poolName" (dict "root" $root "pool" $p)) $root.Release.Namespace (int ($p.port | default 8001)))) }}
+{{- /* the pool's Service is headless: the gateway resolves every ready pod and balances over them */}}
+{{- $_ := set $entry "discovery" "dns" }}
 {{- $_ := unset $entry "chat_template" }}
 {{- else if eq $p.mode "external" }}
 {{- $_ := set $entry "kind" "remote" }}
