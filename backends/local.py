@@ -162,7 +162,8 @@ class LocalBackend:
                 retryable=False, status_code=400, code="chat_template_missing",
             )
         messages = [dict(m, content=_content_text(m.get("content"))) for m in request.messages]
-        text = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False,
+                                       **(request.chat_template_kwargs or {}))
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def num_prompt_tokens(self, request: GenerationRequest) -> int | None:
@@ -203,6 +204,9 @@ class LocalBackend:
         if request.tools:
             raise BackendError("tools are not supported by local models", retryable=False, status_code=400,
                                code="tools_not_supported")
+        if request.logit_bias:
+            raise BackendError("logit_bias is not supported by the embedded engine (remote pools pass it on)",
+                               retryable=False, status_code=400, code="logit_bias_not_supported")
         if self.engine is None or not self.engine.is_running:
             raise BackendError(f"{self.name}: engine not running", retryable=True, status_code=503)
         prompt = self.prompt_token_ids(request)

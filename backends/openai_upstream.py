@@ -211,6 +211,10 @@ class OpenAIUpstream:
             body["response_format"] = request.response_format
         if request.user is not None:
             body["user"] = request.user
+        if request.logit_bias:
+            body["logit_bias"] = request.logit_bias
+        if request.chat_template_kwargs and is_chat:
+            body["chat_template_kwargs"] = request.chat_template_kwargs
         return ("/chat/completions" if is_chat else "/completions"), body
 
     def _timeout(self, request: GenerationRequest) -> tuple[float, float]:
@@ -326,15 +330,16 @@ class OpenAIUpstream:
             if is_chat:
                 msg = c.get("message") or {}
                 text = msg.get("content") or ""
+                reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
                 tool_calls = msg.get("tool_calls")
                 if tool_calls:
                     tool_calls = [{"index": i, **tc} if "index" not in tc else tc for i, tc in enumerate(tool_calls)]
                 logprobs = _chat_logprobs(c.get("logprobs"))
             else:
-                text, tool_calls = c.get("text") or "", None
+                text, tool_calls, reasoning = c.get("text") or "", None, ""
                 logprobs = _completion_logprobs(c.get("logprobs"))
             num_completion += len(logprobs) or (1 if text else 0)
-            deltas.append(Delta(index=c.get("index", 0), text=text, logprobs=logprobs,
+            deltas.append(Delta(index=c.get("index", 0), text=text, logprobs=logprobs, reasoning=reasoning,
                                 finish_reason=_finish(c.get("finish_reason")), tool_calls=tool_calls or None))
         usage = _usage(obj.get("usage")) or Usage(0, num_completion)
         deltas[-1] = replace(deltas[-1], is_final=True, usage=usage)
@@ -376,14 +381,16 @@ class _StreamParser:
             if self.is_chat:
                 d = c.get("delta") or {}
                 text, tool_calls = d.get("content") or "", d.get("tool_calls")
+                reasoning = d.get("reasoning_content") or d.get("reasoning") or ""
                 logprobs = _chat_logprobs(c.get("logprobs"))
             else:
-                text, tool_calls = c.get("text") or "", None
+                text, tool_calls, reasoning = c.get("text") or "", None, ""
                 logprobs = _completion_logprobs(c.get("logprobs"))
             finish = _finish(c.get("finish_reason"))
-            if text or logprobs or tool_calls:
+            if text or logprobs or tool_calls or reasoning:
                 self.num_content_chunks += 1
-                out.append(Delta(index=index, text=text, logprobs=logprobs, tool_calls=tool_calls or None))
+                out.append(Delta(index=index, text=text, logprobs=logprobs, tool_calls=tool_calls or None,
+                                 reasoning=reasoning))
             if finish is not None:
                 self.finished.append(Delta(index=index, finish_reason=finish))
         return out

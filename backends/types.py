@@ -35,6 +35,8 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the request must finish
     priority: int = 0  # lower runs first (engine scheduler)
     trace_headers: dict[str, str] = field(default_factory=dict)  # x-request-id, traceparent: sent to remote pools
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias; remote pools only
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -74,6 +76,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     tool_calls: list[dict[str, Any]] | None = None  # remote passthrough (OpenAI delta.tool_calls)
+    reasoning: str = ""  # an upstream's reasoning_content (vLLM / SGLang reasoning parsers), passed through
     is_final: bool = False  # last Delta of the whole request
     usage: Usage | None = None  # set on the final Delta
 

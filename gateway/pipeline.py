@@ -68,6 +68,8 @@ class Job:
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
     priority: int = 0  # engine scheduling, lower first (vLLM's extra ``priority``)
+    logit_bias: dict[str, float] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     correlation_id: str | None = None  # the x-request-id the edge accepted or made
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -559,6 +561,7 @@ class Pipeline:
             sampling=job.sampling, tools=job.tools, tool_choice=job.tool_choice,
             response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
             trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
+            logit_bias=job.logit_bias, chat_template_kwargs=job.chat_template_kwargs,
         )
 
     def _trace_headers(self, job: Job, alias: str) -> dict[str, str]:

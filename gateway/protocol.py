@@ -189,6 +189,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)"))
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat-template variables "
+                                                        "(vLLM's; e.g. enable_thinking)")
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -271,6 +275,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -297,6 +302,7 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -52,6 +52,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_chars: int = 0  # completion text_offset bookkeeping
     sent_role: bool = False
@@ -90,6 +91,8 @@ class ResponseShaper:
             c.logprobs.extend(delta.logprobs)
         if delta.tool_calls:
             c.tool_calls.extend(delta.tool_calls)
+        if delta.reasoning:
+            c.reasoning.append(delta.reasoning)
         if delta.finish_reason is not None and c.finish_reason is None:
             c.finish_reason = delta.finish_reason
 
@@ -107,6 +110,8 @@ class ResponseShaper:
                 if c.tool_calls:
                     message["tool_calls"] = c.tool_calls
                     message["content"] = text or None
+                if c.reasoning:
+                    message["reasoning_content"] = "".join(c.reasoning)
                 lp = ({"content": _chat_logprob_items(tuple(c.logprobs), self.top_logprobs)}
                       if self.logprobs else None)
                 choices.append({"index": index, "message": message, "logprobs": lp,
@@ -148,7 +153,7 @@ class ResponseShaper:
         c = self._choice(delta.index)
         if c.finish_reason is not None:
             return out  # finish_reason already sent for this choice: nothing more for it
-        if not (delta.text or delta.logprobs or delta.tool_calls or delta.finish_reason):
+        if not (delta.text or delta.logprobs or delta.tool_calls or delta.finish_reason or delta.reasoning):
             return out
         if self.kind == "chat":
             d: dict[str, Any] = {}
@@ -156,6 +161,8 @@ class ResponseShaper:
                 d["role"] = "assistant"
                 c.sent_role = True
             d["content"] = delta.text
+            if delta.reasoning:
+                d["reasoning_content"] = delta.reasoning
             if delta.tool_calls:
                 d["tool_calls"] = delta.tool_calls
             lp = ({"content": _chat_logprob_items(delta.logprobs, self.top_logprobs)}
