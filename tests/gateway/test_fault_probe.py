@@ -207,3 +207,40 @@ def _wait_counted(base: str, expected: int, timeout: float = 10.0) -> dict:
             assert sum(counts.values()) == expected, f"{sum(counts.values())} != {expected}: {sorted(counts.items())}"
             return counts
         time.sleep(0.05)
+
+
+def test_redis_killed_under_a_200_request_burst(probe, redis_server):
+    """Issue 23: Redis dies during a 200-request burst — /readyz stays 200 (degraded), no request fails, and
+    the limiter is counting in Redis again once it is back."""
+    base = probe.base_url
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=AUTH, limits=limits) as client:
+            async def one(i: int) -> int:
+                if i == 50:
+                    await asyncio.to_thread(redis_server.stop)
+                return (await client.post("/v1/chat/completions", json=CHAT)).status_code
+            return list(await asyncio.gather(*(one(i) for i in range(200))))
+
+    try:
+        statuses = asyncio.run(burst())
+        assert statuses == [200] * 200
+        ready = httpx.get(base + "/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    finally:
+        redis_server.start()
+    import redis
+
+    def failures() -> float:
+        text = httpx.get(base + "/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith('switchyard_redis_failures_total{component="rate_limiter"}'))
+        return float(line.split()[-1])
+
+    assert failures() > 0
+    settled = failures()
+    for _ in range(5):
+        assert httpx.post(base + "/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30).status_code == 200
+    assert failures() == settled  # the limiter talks to Redis again
+    assert any(k.startswith(b"sy:rl:probe:") for k in redis.Redis.from_url(redis_server.url).keys("sy:rl:*"))
+    assert httpx.get(base + "/readyz").json()["status"] == "ok"
