@@ -221,3 +221,25 @@ async def wait_until_async(condition: Callable[[], Any], what: str = "condition"
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def fake_local_real_remote(cfg: Any, index: int) -> Any:
+    """``backend_factory``: FakeBackends for local pools, the real OpenAIUpstream for remote ones."""
+    if cfg.kind == "remote":
+        from backends.pool import default_backend
+
+        return default_backend(cfg, index)
+    return FakeFactory()(cfg, index)
+
+
+def requests_total(base_url: str) -> dict[tuple[str, str, str], float]:
+    """A live gateway's ``switchyard_requests_total`` as {(route, model, status): count}."""
+    import httpx
+
+    counts = {}
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith("switchyard_requests_total{"):
+            labels, value = line[len("switchyard_requests_total{"):].split("} ")
+            kv = dict(part.split("=", 1) for part in labels.split(","))
+            counts[(kv["route"].strip('"'), kv["model"].strip('"'), kv["status"].strip('"'))] = float(value)
+    return counts

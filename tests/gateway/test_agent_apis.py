@@ -14,7 +14,7 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from gateway.app import create_app
 from gateway.settings import hash_api_key
-from tests.gateway.fakes import FakeFactory, fake_settings
+from tests.gateway.fakes import FakeFactory, fake_local_real_remote, fake_settings
 
 TOOLS_RESPONSES = [{"type": "function", "name": "get_weather", "description": "weather of a city",
                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
@@ -46,14 +46,7 @@ def remote(live_server):
              {"name": "cloud", "kind": "remote", "model": "fake-cloud", "urls": [upstream.base_url + "/v1"],
               "supports_tools": True, "supports_json_mode": True}]
 
-    def factory(cfg, index):
-        if cfg.kind == "remote":
-            from backends.pool import default_backend
-
-            return default_backend(cfg, index)
-        return FakeFactory()(cfg, index)
-
-    return live_server(create_app(fake_settings(pools=pools), backend_factory=factory)), upstream_app
+    return live_server(create_app(fake_settings(pools=pools), backend_factory=fake_local_real_remote)), upstream_app
 
 
 # ----------------------------------------------------------------------------------- Responses

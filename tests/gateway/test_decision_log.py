@@ -9,7 +9,7 @@ import httpx
 
 from gateway.app import create_app
 from gateway.settings import hash_api_key
-from tests.gateway.fakes import FakeFactory, fake_settings
+from tests.gateway.fakes import FakeFactory, fake_local_real_remote, fake_settings
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -74,12 +74,7 @@ def test_request_id_and_traceparent_reach_a_remote_pool(live_server):
     pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
              {"name": "cloud", "kind": "remote", "model": "m", "urls": [upstream.base_url + "/v1"]}]
 
-    def factory(cfg, index):
-        from backends.pool import default_backend
-
-        return default_backend(cfg, index) if cfg.kind == "remote" else FakeFactory()(cfg, index)
-
-    server = live_server(create_app(fake_settings(pools=pools), backend_factory=factory))
+    server = live_server(create_app(fake_settings(pools=pools), backend_factory=fake_local_real_remote))
     parent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
     body = {**CHAT, "model": "cloud"}
     r = httpx.post(server.base_url + "/v1/chat/completions", json=body,

@@ -13,20 +13,9 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import hash_api_key
-from tests.gateway.fakes import FakeFactory, fake_settings
+from tests.gateway.fakes import FakeFactory, fake_local_real_remote, fake_settings, requests_total
 
 CHAT = {"model": "slm", "messages": [{"role": "user", "content": "hello"}]}
-
-
-def _requests_total(base_url: str) -> dict[tuple[str, str, str], float]:
-    """switchyard_requests_total as {(route, model, status): count}."""
-    counts = {}
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith("switchyard_requests_total{"):
-            labels, value = line[len("switchyard_requests_total{"):].split("} ")
-            kv = dict(part.split("=", 1) for part in labels.split(","))
-            counts[(kv["route"].strip('"'), kv["model"].strip('"'), kv["status"].strip('"'))] = float(value)
-    return counts
 
 
 def _wait_for(predicate, what: str, timeout: float = 10.0):
@@ -50,15 +39,6 @@ def _head(path: str, content_length: int, extra: str = "") -> bytes:
             f"content-length: {content_length}\r\n{extra}\r\n").encode()
 
 
-def _fake_local_real_remote(cfg, index):
-    """Fake replicas for local pools, the real OpenAIUpstream for remote ones (backend_factory)."""
-    if cfg.kind == "remote":
-        from backends.pool import default_backend
-
-        return default_backend(cfg, index)
-    return FakeFactory()(cfg, index)
-
-
 def _no_tracebacks(caplog) -> None:
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
         [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
@@ -70,7 +50,7 @@ def test_client_leaving_during_upload_is_499_once_without_traceback(live_server,
     server = live_server(create_app(fake_settings(), backend_factory=FakeFactory()))
     sock = _raw(server.port, _head("/v1/chat/completions", 5000), b'{"model": "slm", "mess')
     sock.close()
-    counts = _wait_for(lambda: (c := _requests_total(server.base_url)).get(("error", "-", "499")) and c,
+    counts = _wait_for(lambda: (c := requests_total(server.base_url)).get(("error", "-", "499")) and c,
                        "the 499 to be counted")
     assert counts == {("error", "-", "499"): 1.0}
     assert any("client left" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
@@ -93,7 +73,7 @@ def test_stalled_body_is_timed_out_with_408_and_closed(live_server):
     status_line, _, rest = reply.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b'"code":"request_timeout"' in rest and b"body_read_timeout_s" in rest
-    assert _requests_total(server.base_url).get(("error", "-", "408")) == 1.0
+    assert requests_total(server.base_url).get(("error", "-", "408")) == 1.0
 
 
 def test_readiness_hides_addresses_and_credentials(live_server):
@@ -104,7 +84,7 @@ def test_readiness_hides_addresses_and_credentials(live_server):
     keys = [{"name": "ops", "sha256": hash_api_key("sk-ops"), "admin": True},
             {"name": "app", "sha256": hash_api_key("sk-app")}]
     settings = fake_settings(pools=pools, api_keys=keys)
-    server = live_server(create_app(settings, backend_factory=_fake_local_real_remote))
+    server = live_server(create_app(settings, backend_factory=fake_local_real_remote))
     for headers in ({}, {"authorization": "Bearer sk-app"}, {"authorization": "Bearer sk-wrong"}):
         body = httpx.get(server.base_url + "/readyz", headers=headers).text
         assert "127.0.0.1" not in body and "s3cret" not in body and "hunter2" not in body, body
@@ -118,7 +98,7 @@ def test_upstream_failure_body_names_the_pool_not_the_address(live_server, caplo
     pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
              {"name": "cloud", "kind": "remote", "model": "m", "urls": ["http://127.0.0.1:9/v1"],
               "max_retries": 0}]
-    server = live_server(create_app(fake_settings(pools=pools), backend_factory=_fake_local_real_remote))
+    server = live_server(create_app(fake_settings(pools=pools), backend_factory=fake_local_real_remote))
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="cloud", messages=[{"role": "user", "content": "hi"}])
@@ -137,7 +117,7 @@ def test_client_leaving_a_stream_is_counted_499(live_server, caplog):
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-    counts = _wait_for(lambda: (c := _requests_total(server.base_url)).get(("explicit", "slm", "499")) and c,
+    counts = _wait_for(lambda: (c := requests_total(server.base_url)).get(("explicit", "slm", "499")) and c,
                        "the stream's 499")
     assert counts == {("explicit", "slm", "499"): 1.0}
     _wait_for(lambda: factory.backends["slm"][0].num_aborted == 1, "the backend request to be aborted")

@@ -20,6 +20,7 @@ import pytest
 from bench.fake_upstream import FakeBehavior, FakeUpstream
 from gateway.app import create_app
 from gateway.settings import hash_api_key, settings_from_dict
+from tests.gateway.fakes import requests_total
 
 KEY = "sk-probe"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -48,16 +49,6 @@ def probe(live_server, redis_url, caplog, tmp_path):
     server = live_server(create_app(settings))
     server.decision_log = tmp_path / "decisions.jsonl"
     return server
-
-
-def _requests_total(base_url: str) -> dict[tuple[str, ...], float]:
-    counts = {}
-    for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith("switchyard_requests_total{"):
-            labels, value = line[len("switchyard_requests_total{"):].split("} ")
-            kv = dict(part.split("=", 1) for part in labels.split(","))
-            counts[(kv["route"].strip('"'), kv["model"].strip('"'), kv["status"].strip('"'))] = float(value)
-    return counts
 
 
 def _assert_envelope(r: httpx.Response) -> None:
@@ -202,7 +193,7 @@ def _wait_counted(base: str, expected: int, timeout: float = 10.0) -> dict:
 
     deadline = time.monotonic() + timeout
     while True:
-        counts = _requests_total(base)
+        counts = requests_total(base)
         if sum(counts.values()) == expected or time.monotonic() > deadline:
             assert sum(counts.values()) == expected, f"{sum(counts.values())} != {expected}: {sorted(counts.items())}"
             return counts

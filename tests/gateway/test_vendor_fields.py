@@ -12,7 +12,7 @@ from backends.types import Delta, Usage
 from bench.fake_upstream import FakeUpstream
 from gateway.app import create_app
 from gateway.streaming import ResponseShaper
-from tests.gateway.fakes import FakeFactory, fake_settings
+from tests.gateway.fakes import FakeFactory, fake_local_real_remote, fake_settings
 
 
 def test_logit_bias_and_chat_template_kwargs_reach_a_remote_pool(live_server):
@@ -21,12 +21,7 @@ def test_logit_bias_and_chat_template_kwargs_reach_a_remote_pool(live_server):
     pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
              {"name": "cloud", "kind": "remote", "model": "m", "urls": [upstream.base_url + "/v1"]}]
 
-    def factory(cfg, index):
-        from backends.pool import default_backend
-
-        return default_backend(cfg, index) if cfg.kind == "remote" else FakeFactory()(cfg, index)
-
-    server = live_server(create_app(fake_settings(pools=pools), backend_factory=factory))
+    server = live_server(create_app(fake_settings(pools=pools), backend_factory=fake_local_real_remote))
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
     client.chat.completions.create(model="cloud", messages=[{"role": "user", "content": "hi"}],
                                    logit_bias={"42": -100, "7": 2.5},
