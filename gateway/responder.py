@@ -60,11 +60,6 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "Invalid request: " + "; ".join(parts or ["malformed body"]), param
 
 
-def t_start_of(request: Request) -> float:
-    state = request.scope.get("state") or {}
-    return state.get("t_start") or time.perf_counter()
-
-
 def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
     """The routing hint (``routers.policy.parse_hint``): body ``switchyard`` field or x-switchyard-* headers."""
     from routers.policy import parse_hint

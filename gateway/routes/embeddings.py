@@ -10,11 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import json_bytes
 from gateway.admission import presented_key
+from gateway.edge import t_start_of
 from gateway.embeddings import encode_vector
 from gateway.errors import InvalidRequest, NotFound
 from gateway.pipeline import Pipeline
 from gateway.protocol import Int
-from gateway.responder import ERROR_RESPONSES, t_start_of
+from gateway.responder import ERROR_RESPONSES
 from gateway.routes.deps import get_pipeline
 
 router = APIRouter()
@@ -51,7 +52,7 @@ class EmbeddingList(BaseModel):
              summary="Create embeddings (pools with task 'embed')")
 async def create_embeddings(body: EmbeddingRequest, request: Request,
                             pipeline: Pipeline = Depends(get_pipeline)) -> Response:
-    t_start = t_start_of(request)
+    t_start = t_start_of(request.scope)
     service = request.app.state.embeddings
     alias = pipeline.settings.resolve_model(body.model)
     if alias is None or alias == "auto":
