@@ -45,3 +45,29 @@ def test_boolean_fields_still_take_booleans(tmp_path):
                          ).example_cache.enabled is False
     # "off" is a string now; a boolean field still reads it as False (pydantic's string booleans)
     assert load_settings(_file(tmp_path, "example_cache: {enabled: off}\n"), environ={}).example_cache.enabled is False
+
+
+TWO_POOLS = [{"name": "slm", "model": "a"}, {"name": "llm", "model": "b"}]
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ({"api_keys": [{"name": "k", "sha256": "0" * 64, "budget_window": "1w"}]}, "budget_window"),
+    ({"api_keys": [{"name": "k", "sha256": "0" * 64, "max_budget_usd": -1}]}, "max_budget_usd"),
+    ({"decision_log": {"path": "x.jsonl", "sample": 1.5}}, "decision_log.sample"),
+    ({"shutdown": {"drain_s": 0}}, "shutdown.drain_s"),
+    ({"responses": {"ttl_s": 0}}, "responses.ttl_s"),
+    ({"limits": {"body_read_timeout_s": -1}}, "limits.body_read_timeout_s"),
+    ({"limits": {"max_header_bytes": 10}}, "limits.max_header_bytes"),
+    ({"pools": [*TWO_POOLS, {"name": "c", "kind": "remote", "model": "m", "urls": ["http://h/v1"],
+                         "discovery": "mdns"}]}, "discovery"),
+    ({"pools": [*TWO_POOLS, {"name": "e", "model": "smollm2-135m", "task": "embed"}]}, "minilm"),
+    ({"routing": {"slm_pool": "e"}, "pools": [*TWO_POOLS, {"name": "e", "model": "minilm", "task": "embed"}]},
+     "routing.slm_pool"),
+])
+def test_new_settings_refuse_bad_values_naming_the_key(extra, key):
+    """The settings this session added: a bad value is one ConfigError that names the key, never a traceback."""
+    from gateway.settings import settings_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict({"pools": TWO_POOLS, **extra})
+    assert key in str(info.value) and "\n" not in str(info.value).strip()
