@@ -43,6 +43,7 @@ from backends.engine.sampling_params import SamplingParams
 from backends.engine.scheduler import Scheduler
 from backends.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 from backends.engine.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
+from backends.engine.structured_output import GrammarCompiler, StructuredOutput
 
 
 class ContextLengthError(ValueError):
@@ -140,6 +141,7 @@ class LLMEngine:
         self._num_prefix_queries_logged = 0
         self._num_prefix_hits_logged = 0
         self._num_preemptions_logged = 0
+        self._grammar_compiler: GrammarCompiler | None = None
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -161,6 +163,20 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    # ------------------------------------------------------------------ grammars
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The engine's grammar compiler and cache (built on first use: it reads the whole vocabulary)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.config.hf_config.vocab_size,
+                                                     sorted(self.eos_token_ids))
+        return self._grammar_compiler
+
+    def compile_grammar(self, spec: StructuredOutput):
+        """Compile (or fetch from the cache) ``spec``; raises GrammarError (a ValueError) when it cannot be.
+        Callers on an event loop run this in a worker thread before ``add_request``, which then hits the cache."""
+        return self.grammar_compiler.compile(spec)
+
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     priority: int = 0) -> str:
@@ -179,6 +195,7 @@ class LLMEngine:
         vocab = self.config.hf_config.vocab_size
         if max(prompt) >= vocab or min(prompt) < 0:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        compiled = self.compile_grammar(params.structured) if params.structured is not None else None
         arrival = next(self._arrivals)
         now = time.monotonic()
         seqs: list[Sequence] = []
@@ -190,6 +207,8 @@ class LLMEngine:
             )
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.config.device).manual_seed(params.seed + index)
+            if compiled is not None:
+                seq.grammar = self.grammar_compiler.matcher(compiled)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -270,8 +289,10 @@ class LLMEngine:
         params = seq.params
         reason = None
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
-        if is_stop_token:
-            reason = "stop"
+        refused = (seq.grammar is not None and not seq.grammar.is_terminated()
+                   and not seq.grammar.accept_token(token_id))  # unreachable while the mask is applied
+        if is_stop_token or refused:
+            reason = "abort" if refused else "stop"  # never emit text the grammar refused, never claim it done
             self.detokenizer.append(seq, seq.output_token_ids[:-1], flush=True)
         else:
             before = len(seq.output_text)

@@ -121,12 +121,25 @@ class ModelRunner:
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), meta, sample_rows)
 
+    def _token_bitmask(self, sampling: list[ScheduledSeq]) -> torch.Tensor | None:
+        """The grammar mask of each sampling row (all ones for unconstrained rows), or None when no row has
+        a grammar. Filled on the CPU before the forward pass, so on a GPU it overlaps the model's work."""
+        if not any(s.seq.grammar is not None for s in sampling):
+            return None
+        vocab = self.config.hf_config.vocab_size
+        bitmask = torch.full((len(sampling), (vocab + 31) // 32), -1, dtype=torch.int32)
+        for row, s in enumerate(sampling):
+            if s.seq.grammar is not None:
+                s.seq.grammar.fill_next_token_bitmask(bitmask, row)
+        return bitmask
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
         """Compute the batch's tokens; sample one token for each sequence whose chunk reached its end."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
         sampling = [s for s in batch.scheduled if s.is_sampling]
+        bitmask = self._token_bitmask(sampling)
+        hidden = self.model(input_ids, positions, meta)
         if not sampling:
             return [], None
         logits = self.model.compute_logits(hidden[sample_rows])
@@ -135,5 +148,6 @@ class ModelRunner:
             token_ids=[s.seq.token_ids for s in sampling],
             num_prompt_tokens=[s.seq.num_prompt_tokens for s in sampling],
             generators=[s.seq.generator for s in sampling],
+            token_bitmask=bitmask,
         )
         return sampling, sample(logits, inp)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backends.engine.structured_output import StructuredOutput
+
 
 class SamplingParamsError(ValueError):
     """An invalid sampling value; ``param`` names the field (the OpenAI error's ``param``)."""
@@ -25,7 +27,8 @@ class SamplingParams:
 
     ``logprobs``: None = off; k >= 0 = return the sampled token's logprob plus the top-k alternatives
     (chat ``logprobs: true, top_logprobs: k``; completions ``logprobs: k``).
-    ``n`` choices share the prompt's KV blocks. ``top_k`` -1 = off. Construction raises
+    ``n`` choices share the prompt's KV blocks. ``structured`` constrains every choice to a grammar
+    (JSON Schema, any JSON object, or a structural tag for tool calls). ``top_k`` -1 = off. Construction raises
     ``SamplingParamsError`` (a ValueError naming the field) for values no backend can honour.
     """
 
@@ -43,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     n: int = 1
+    structured: StructuredOutput | None = None  # a grammar the output must follow (structured_output.py)
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    grammar: Any = None  # xgrammar GrammarMatcher when params.structured is set; advanced on each committed token
     arrival_time: float = 0.0  # time.monotonic() when added
     first_scheduled_time: float = 0.0  # time.monotonic() of the first step that scheduled it; 0 = not yet
     last_token_time: float = 0.0

@@ -1,7 +1,10 @@
-"""Batched sampling: penalties, temperature (0 = argmax), top-k, top-p, min-p, per-request seeds, logprobs.
+"""Batched sampling: grammar mask, penalties, temperature (0 = argmax), top-k, top-p, min-p, per-request
+seeds, logprobs.
 
-Logprobs are those of the model's raw distribution (log-softmax of the logits before penalties and
-temperature), as OpenAI and vLLM report them.
+Logprobs are those of the model's raw distribution (log-softmax of the logits before the grammar mask,
+penalties and temperature), as OpenAI and vLLM report them. The grammar mask (``token_bitmask``, packed as
+xgrammar fills it: token t allowed iff bit t % 32 of word t // 32 is set) comes first, so penalties,
+temperature and the top-k/p filters only ever see tokens the grammar allows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class SamplerInput:
     token_ids: list[list[int]]  # prompt + output so far (for penalties)
     num_prompt_tokens: list[int]
     generators: list[torch.Generator | None]
+    token_bitmask: torch.Tensor | None = None  # int32 [rows, ceil(V / 32)]; all bits set = unconstrained
 
 
 @dataclass
@@ -64,11 +68,23 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, V] with every token whose bit is 0 set to -inf (a new tensor)."""
+    bits = (bitmask.to(logits.device).unsqueeze(-1) >> _BITS.to(logits.device)) & 1
+    allowed = bits.view(bitmask.shape[0], -1)[:, : logits.shape[-1]].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def sample(logits: torch.Tensor, inp: SamplerInput) -> SamplerOutput:
     """``logits`` [B, V] float32 (one row per sampling sequence) → one token per row."""
     num_rows = logits.shape[0]
     want_logprobs = any(p.logprobs is not None for p in inp.params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if inp.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, inp.token_bitmask)
     if all(p.is_greedy and not p.has_penalties for p in inp.params):
         tokens = logits.argmax(dim=-1).tolist()
     else:
