@@ -57,8 +57,10 @@ class BackendError(Exception):
         status_code: int = 502,
         code: str | None = None,
         after_first_token: bool = False,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.param = param  # the request field at fault (a 4xx's OpenAI ``param``)
         self.message = message
         self.retryable = retryable
         self.status_code = status_code

@@ -4,8 +4,14 @@ Turns a GenerationRequest into prompt token ids (the tokenizer's chat template, 
 "gemma_plain" Gemma turns, or "plain_turns" plain-text turns for base models), hands the request's
 SamplingParams to the engine (as is; a built-in template appends its end-of-turn stops), streams the
 engine's incremental text as Deltas, and maps engine errors to BackendError: prompt too long → 400
-``context_length_exceeded``; ``tools`` → 400 ``tools_not_supported``; a token id outside the vocabulary
-→ 400 ``invalid_parameter``. Sampling values were validated when the SamplingParams was built.
+``context_length_exceeded``; a schema the grammar compiler refuses → 400 ``invalid_schema``; a token id
+outside the vocabulary → 400 ``invalid_parameter``. Sampling values were validated when the SamplingParams
+was built.
+
+Agents: ``tools`` render through the chat template when it takes them, else through the system-prompt
+rendering of ``backends/tool_calls.py``; ``tool_choice`` becomes a grammar (a structural tag) and the output
+is read back into OpenAI tool-call pieces, ending with finish_reason ``tool_calls``. ``response_format``
+``json_object`` / ``json_schema`` becomes a grammar too (``backends/engine/structured_output.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,18 @@ from backends.engine.llm_engine import ContextLengthError, LLMEngine
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.sequence import TokenLogprobs
 from backends.engine.stats import StatLogger
+from backends.engine.structured_output import GrammarError, StructuredOutput
+from backends.tool_calls import (
+    HERMES,
+    ToolCallFormat,
+    ToolCallParser,
+    choice_mode,
+    render_messages,
+    resolve_format,
+    structural_tag,
+    template_takes_tools,
+    tools_of,
+)
 
 GEMMA_PLAIN = "gemma_plain"
 PLAIN_TURNS = "plain_turns"
@@ -99,7 +117,7 @@ class LocalBackend:
     """
 
     def __init__(self, name: str, model: str, args: EngineArgs | None = None, chat_template: str | None = None,
-                 stat_logger: StatLogger | None = None) -> None:
+                 stat_logger: StatLogger | None = None, tool_call_parser: str = "auto") -> None:
         from backends.models import chat_template_override
 
         self.name = name
@@ -107,6 +125,9 @@ class LocalBackend:
         self.args = args or EngineArgs()
         self.chat_template = chat_template or chat_template_override(model)
         self.stat_logger = stat_logger
+        self.tool_call_parser = tool_call_parser
+        self.tool_format: ToolCallFormat = HERMES  # resolved from the template at load
+        self._template_has_tools = False
         self.engine: AsyncEngine | None = None
         self._load_lock = asyncio.Lock()
         self._ids = itertools.count()
@@ -122,6 +143,12 @@ class LocalBackend:
                 loggers = [self.stat_logger] if self.stat_logger is not None else []
                 self.engine = await AsyncEngine.create(path, self.args, stat_loggers=loggers)
                 self._template_stops = self._end_of_turn_stops()
+                source = self.chat_template if self.chat_template not in BUILTIN_TEMPLATES else None
+                source = source or getattr(self.tokenizer, "chat_template", None)
+                if not isinstance(source, str):
+                    source = None
+                self.tool_format = resolve_format(self.tool_call_parser, source)
+                self._template_has_tools = template_takes_tools(source)
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -152,7 +179,8 @@ class LocalBackend:
             if isinstance(request.prompt, list):
                 return [int(t) for t in request.prompt]
             return tok(request.prompt or "")["input_ids"]
-        text = builtin_prompt(self.chat_template, request.messages)
+        messages, tools = self._agent_messages(request)
+        text = builtin_prompt(self.chat_template, messages)
         if text is not None:
             return tok(text)["input_ids"]
         template = self.chat_template
@@ -161,10 +189,25 @@ class LocalBackend:
                 f"model {self.model!r} has no chat template; configure chat_template for its pool",
                 retryable=False, status_code=400, code="chat_template_missing",
             )
-        messages = [dict(m, content=_content_text(m.get("content"))) for m in request.messages]
+        messages = [dict(m, content=_content_text(m.get("content"))) for m in messages]
+        kwargs = dict(request.chat_template_kwargs or {})
+        if tools and self._template_has_tools:
+            kwargs["tools"] = [t.as_openai() for t in tools]
         text = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False,
-                                       **(request.chat_template_kwargs or {}))
+                                       **kwargs)
         return tok(text, add_special_tokens=False)["input_ids"]
+
+    def _agent_messages(self, request: GenerationRequest) -> tuple[list[dict], list]:
+        """The messages to render and the tools to show: tool history and tool lists in the model's format
+        (``backends/tool_calls.py``); unchanged for a request with neither."""
+        messages = request.messages or []
+        has_history = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        tools = tools_of(request.tools)
+        if choice_mode(request.tool_choice, tools) == "none":
+            tools = []
+        if not (tools or has_history):
+            return messages, []
+        return render_messages(messages, tools, self.tool_format, template_has_tools=self._template_has_tools), tools
 
     def num_prompt_tokens(self, request: GenerationRequest) -> int | None:
         if self.engine is None:
@@ -181,13 +224,36 @@ class LocalBackend:
         return builtin_stops(self.chat_template), ()
 
     def sampling_params(self, request: GenerationRequest) -> SamplingParams:
-        """What the engine gets: ``request.sampling`` itself, or — for a chat request under a built-in
-        template — a copy with the template's end-of-turn stops appended."""
+        """What the engine gets: ``request.sampling`` itself, or a copy with the grammar the request's
+        ``tool_choice`` / ``response_format`` asks for and — for a chat request under a built-in template —
+        the template's end-of-turn stops appended. Raises BackendError 400 for a tool_choice naming no tool."""
+        params = request.sampling
+        structured = self.structured_output(request)
+        if structured is not None:
+            params = dataclasses.replace(params, structured=structured)
         stops, stop_ids = self._template_stops
         if request.messages is None or not (stops or stop_ids):
-            return request.sampling
-        params = request.sampling
+            return params
         return dataclasses.replace(params, stop=params.stop + stops, stop_token_ids=params.stop_token_ids + stop_ids)
+
+    def structured_output(self, request: GenerationRequest) -> StructuredOutput | None:
+        """Tool calls (when tool_choice is not "none") take precedence over response_format."""
+        tools = tools_of(request.tools)
+        if request.messages is not None and choice_mode(request.tool_choice, tools) != "none":
+            parallel = getattr(request, "parallel_tool_calls", None) is not False
+            try:
+                tag = structural_tag(self.tool_format, tools, request.tool_choice, parallel)
+            except ValueError as exc:
+                raise BackendError(str(exc), retryable=False, status_code=400, code="invalid_tool_choice",
+                                   param="tool_choice") from exc
+            return StructuredOutput.structural_tag(tag) if tag is not None else None
+        fmt = request.response_format or {}
+        if fmt.get("type") == "json_object":
+            return StructuredOutput("json_object")
+        if fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema") or {}
+            return StructuredOutput.json_schema(spec.get("schema") or {}, strict=bool(spec.get("strict")))
+        return None
 
     def _logprobs(self, items: list[TokenLogprobs]) -> tuple[TokenLogprob, ...]:
         tok = self.tokenizer
@@ -201,9 +267,6 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if request.tools:
-            raise BackendError("tools are not supported by local models", retryable=False, status_code=400,
-                               code="tools_not_supported")
         if request.logit_bias:
             raise BackendError("logit_bias is not supported by the embedded engine (remote pools pass it on)",
                                retryable=False, status_code=400, code="logit_bias_not_supported")
@@ -211,6 +274,15 @@ class LocalBackend:
             raise BackendError(f"{self.name}: engine not running", retryable=True, status_code=503)
         prompt = self.prompt_token_ids(request)
         params = self.sampling_params(request)
+        if params.structured is not None:  # compile off the event loop (cached); a bad schema is a 400 here
+            try:
+                await asyncio.to_thread(self.llm_engine.compile_grammar, params.structured)
+            except GrammarError as exc:
+                param = "tools" if params.structured.kind == "structural_tag" else "response_format"
+                raise BackendError(f"The {param} schema cannot be compiled: {exc}", retryable=False,
+                                   status_code=400, code="invalid_schema", param=param) from exc
+        parsers = ({i: ToolCallParser(self.tool_format) for i in range(params.n)}
+                   if params.structured is not None and params.structured.kind == "structural_tag" else None)
         if len(prompt) >= self.max_model_len:
             raise BackendError(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -233,10 +305,18 @@ class LocalBackend:
                         open_choices -= 1
                     is_final = open_choices == 0
                     started = True
+                    text, pieces, reason = out.new_text, None, out.finish_reason
+                    if parsers is not None:
+                        parser = parsers[out.index]
+                        text, pieces = parser.feed(text)
+                        if out.finished:
+                            text += parser.finish()
+                            if parser.calls and reason == "stop":
+                                reason = "tool_calls"
                     yield Delta(
-                        index=out.index, text=out.new_text, token_ids=tuple(out.new_token_ids),
-                        logprobs=self._logprobs(out.new_logprobs), finish_reason=out.finish_reason,  # type: ignore[arg-type]
-                        is_final=is_final,
+                        index=out.index, text=text, token_ids=tuple(out.new_token_ids),
+                        logprobs=self._logprobs(out.new_logprobs), finish_reason=reason,  # type: ignore[arg-type]
+                        tool_calls=pieces or None, is_final=is_final,
                         usage=Usage(len(prompt), completion_tokens, cached) if is_final else None,
                     )
         except ContextLengthError as exc:

@@ -453,7 +453,8 @@ def default_backend(cfg: Any, index: int, environ: Mapping[str, str] | None = No
 
     name = f"{cfg.name}/{index}"
     stat_logger = stat_logger_factory(cfg.name, name, cfg.model) if stat_logger_factory is not None else None
-    return LocalBackend(name, cfg.model, cfg.engine, cfg.chat_template, stat_logger=stat_logger)
+    return LocalBackend(name, cfg.model, cfg.engine, cfg.chat_template, stat_logger=stat_logger,
+                        tool_call_parser=cfg.tool_call_parser)
 
 
 def remote_backend(cfg: Any, url: str, environ: Mapping[str, str] | None = None) -> Backend:

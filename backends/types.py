@@ -27,7 +27,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None
     prompt: str | list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    # OpenAI fields passed through to backends that support them (remote); local rejects tools.
+    # OpenAI agent fields: remote pools get them as is; local pools render, constrain and parse them.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -75,7 +75,7 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # remote passthrough (OpenAI delta.tool_calls)
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI stream pieces (delta.tool_calls): index, id, name, arguments
     reasoning: str = ""  # an upstream's reasoning_content (vLLM / SGLang reasoning parsers), passed through
     is_final: bool = False  # last Delta of the whole request
     usage: Usage | None = None  # set on the final Delta

@@ -130,9 +130,10 @@ def from_backend_error(err: Any, pool: str | None = None) -> GatewayError:
         message = f"Pool {pool!r} could not answer: {what} ({code or 'upstream_error'})." if pool else \
             f"The request could not be answered: {what} ({code or 'upstream_error'})."
     # An upstream 401/403 is the gateway's credential problem, not the caller's: it stays a 502.
+    param = getattr(err, "param", None) if status < 500 else None
     for cls in (InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceUnavailable, DeadlineExceeded):
         if cls.status_code == status:
-            return cls(message, code=code)
+            return cls(message, code=code, param=param)
     if 400 <= status < 500:
-        return InvalidRequest(message, code=code)
+        return InvalidRequest(message, code=code, param=param)
     return UpstreamFailed(message, code=code or "upstream_error")

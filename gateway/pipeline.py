@@ -518,7 +518,8 @@ class Pipeline:
                                  code="context_length_exceeded", param="messages" if job.messages else "prompt")
 
     def _route_for_capabilities(self, job: Job, trace: Trace) -> None:
-        """An auto-routed request that needs tools or JSON mode goes to the LLM pool when only it can."""
+        """An auto-routed request that needs tools or JSON mode goes to the LLM pool when only it can serve them
+        (local pools always can)."""
         if not (job.tools or self._wants_json(job)):
             return
         llm = self.settings.routing.llm_pool
@@ -532,16 +533,16 @@ class Pipeline:
 
     def _can_serve(self, job: Job, alias: str) -> bool:
         cfg = self._pool_cfg(alias)
-        if job.tools and not (cfg.kind == "remote" and cfg.supports_tools):
+        if job.tools and not cfg.serves_tools:
             return False
-        return not (self._wants_json(job) and not cfg.supports_json_mode)
+        return not (self._wants_json(job) and not cfg.serves_json)
 
     def _check_capabilities(self, job: Job, alias: str) -> None:
         cfg = self._pool_cfg(alias)
-        if job.tools and not (cfg.kind == "remote" and cfg.supports_tools):
+        if job.tools and not cfg.serves_tools:
             raise InvalidRequest(f"Pool {alias!r} does not support tools / tool_choice "
                                  f"(set supports_tools on a remote pool).", code="tools_not_supported", param="tools")
-        if self._wants_json(job) and not cfg.supports_json_mode:
+        if self._wants_json(job) and not cfg.serves_json:
             raise InvalidRequest(f"Pool {alias!r} does not support response_format "
                                  f"{job.response_format.get('type')!r} (supports_json_mode is false).",
                                  code="response_format_not_supported", param="response_format")

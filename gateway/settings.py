@@ -67,13 +67,28 @@ class PoolConfig(_Frozen):
     connect_timeout_s: float = Field(2.0, gt=0)
     max_retries: int = Field(2, ge=0)
     fallback: str | None = Field(None, description="pool to fail over to when no replica can serve")
-    supports_tools: bool = Field(False, description="remote pools that accept tools/tool_choice")
+    supports_tools: bool = Field(False, description="remote: the upstream accepts tools/tool_choice (local pools "
+                                 "always do: the engine constrains calls to each tool's schema)")
     discovery: Literal["none", "dns"] = Field("none", description="remote: 'dns' re-resolves each url's host "
                                               "and keeps one replica per address (a headless Service's pods)")
     discovery_interval_s: float = Field(10.0, gt=0, description="remote, discovery dns: seconds between resolutions")
-    supports_json_mode: bool = False
+    supports_json_mode: bool = Field(False, description="remote: the upstream honours response_format json_object/"
+                                     "json_schema (local pools always do: constrained decoding)")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="local: how the model writes tool calls (auto = detected from its chat template; "
+        "hermes for templates without tool support)")
     engine: EngineArgs = Field(EngineArgs(), description="local: the embedded engine's options (EngineArgs, "
                                                       "backends/engine/args.py)")
+
+    @property
+    def serves_tools(self) -> bool:
+        """Whether requests with ``tools`` may go here (a capability local pools declare, remote ones configure)."""
+        return self.kind == "local" or self.supports_tools
+
+    @property
+    def serves_json(self) -> bool:
+        """Whether ``response_format`` json_object / json_schema is honoured here."""
+        return self.kind == "local" or self.supports_json_mode
 
     @model_validator(mode="after")
     def _check_kind(self) -> PoolConfig:

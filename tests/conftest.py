@@ -179,10 +179,12 @@ def build_tiny_model(arch: str, out: Path, seed: int = 0) -> Path:
     elif arch == "mistral":
         config = tf.MistralConfig(**common, head_dim=16, sliding_window=None, rope_theta=10000.0)
         cls = tf.MistralForCausalLM
-    elif arch == "qwen2":
+    elif arch == "qwen2":  # qwen fixtures: a longer context for tool-calling prompts (tools template below)
+        common["max_position_embeddings"] = 2048
         config = tf.Qwen2Config(**common, rope_theta=10000.0, use_sliding_window=False)
         cls = tf.Qwen2ForCausalLM
     elif arch == "qwen3":
+        common["max_position_embeddings"] = 2048
         config = tf.Qwen3Config(**common, head_dim=16, rope_theta=10000.0, use_sliding_window=False)
         cls = tf.Qwen3ForCausalLM
     elif arch == "gemma3":
@@ -199,8 +201,50 @@ def build_tiny_model(arch: str, out: Path, seed: int = 0) -> Path:
     model = cls(config).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    _tiny_tokenizer().save_pretrained(str(out))
+    tok = _tiny_tokenizer()
+    if arch in ("qwen2", "qwen3"):
+        tok.chat_template = TOOLS_CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
     return out
+
+
+# A ChatML template that takes ``tools`` and writes Hermes-style calls, shaped like the Qwen2.5/Qwen3
+# templates (written here for the tiny fixtures: the real ones come from the model hub).
+TOOLS_CHAT_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}
+
+{% endif %}# Tools
+Call functions when they help. Their signatures are inside <tools></tools>:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+Write each call as a JSON object inside <tool_call></tool_call>:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0]['role'] == 'system' %}<|im_start|>system
+{{ messages[0]['content'] }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m['role'] == 'system' and loop.first %}
+{%- elif m['role'] == 'assistant' %}<|im_start|>assistant
+{{ m['content'] or '' }}
+{%- for tc in m['tool_calls'] or [] %}
+<tool_call>
+{"name": "{{ tc['function']['name'] }}", "arguments": {{ tc['function']['arguments'] | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m['role'] == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m['content'] }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m['role'] }}
+{{ m['content'] }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
 
 
 def _tiny_tokenizer():

@@ -46,9 +46,17 @@ async def test_contract_final_delta_usage_finish_once(backend):
 
 
 async def test_errors(backend):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(BackendError) as info:  # the gateway refuses this first; the backend still says which field
+        [d async for d in backend.generate(req(tools=tools, tool_choice={"type": "function",
+                                                                          "function": {"name": "g"}}))]
+    assert (info.value.status_code, info.value.code, info.value.param) == (400, "invalid_tool_choice", "tool_choice")
+    assert not info.value.retryable
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/none"}}}}}
     with pytest.raises(BackendError) as info:
-        [d async for d in backend.generate(req(tools=[{"type": "function", "function": {"name": "f"}}]))]
-    assert info.value.code == "tools_not_supported" and info.value.status_code == 400 and not info.value.retryable
+        [d async for d in backend.generate(req(response_format=bad))]
+    assert (info.value.status_code, info.value.code, info.value.param) == (400, "invalid_schema", "response_format")
     with pytest.raises(BackendError) as info:
         [d async for d in backend.generate(req(messages=[{"role": "user", "content": "hello " * 100}]))]
     assert info.value.code == "context_length_exceeded" and info.value.status_code == 400
