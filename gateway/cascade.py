@@ -69,11 +69,28 @@ class CascadeRule:
             return True
         return False
 
-    def judge(self, deltas: Sequence[Any]) -> str | None:
-        """The reason to escalate a whole answer (Deltas of every choice), or None to keep it: any choice
-        whose token log-probabilities fail the rule escalates the request."""
+    def judge(self, deltas: Sequence[Any], tools: list[dict[str, Any]] | None = None) -> str | None:
+        """The reason to escalate a whole answer (Deltas of every choice), or None to keep it. Any choice with a
+        tool call that does not parse, names a tool not in ``tools`` or fails the tool's schema escalates with
+        ``invalid_tool_call``; otherwise any choice whose token log-probabilities (those of its call's tokens
+        too) fail the rule escalates. A valid call from a backend that sends no log-probabilities for call
+        tokens is kept: its validity is all there is to judge."""
+        from backends.tool_calls import invalid_call_reason, tools_of
+        from gateway.streaming import ToolCalls
+
+        declared = tools_of(tools)
         for index in sorted({d.index for d in deltas}):
+            merged = ToolCalls()
+            for d in deltas:
+                if d.index == index and d.tool_calls:
+                    merged.add(d.tool_calls)
+            for call in merged.whole():
+                problem = invalid_call_reason(call, declared)
+                if problem is not None:
+                    return f"invalid_tool_call: {problem}"
             values = [lp.logprob for d in deltas if d.index == index for lp in d.logprobs]
+            if merged.calls and not values:
+                continue
             if self.should_escalate(Confidence.from_logprobs(values)):
                 return "SLM answer unsure (low token log-probabilities)"
         return None

@@ -625,7 +625,7 @@ class Pipeline:
         if not escalate:
             trace.judged = True
             self.metrics.cascade_judged.inc()
-            unsure = self.cascade_rule.judge(deltas)
+            unsure = self.cascade_rule.judge(deltas, job.tools)
             escalate, reason = unsure is not None, unsure or ""
         if self.store is not None and trace.example_ids:
             trace.judged = True

@@ -151,18 +151,27 @@ def test_unknown_model_is_404(gateway):
     assert e.value.code == "model_not_found"
 
 
-def test_tools_rejected_by_local_pool_and_passed_to_capable_pool(gateway):
-    client, factory, _ = gateway
+def test_tools_rejected_by_a_pool_that_cannot_and_passed_to_one_that_can(live_server):
+    """Local pools declare tools and JSON mode; a remote pool serves them only when configured to."""
+    from gateway.settings import settings_from_dict
+
+    base = fake_settings().model_dump(mode="json")
+    base["pools"].append({"name": "plain", "kind": "remote", "model": "fake-plain", "urls": ["http://127.0.0.1:9/v1"]})
+    factory = FakeFactory()
+    server = live_server(create_app(settings_from_dict(base), backend_factory=factory))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     with pytest.raises(openai.BadRequestError) as e:
-        _chat(client, model="slm", tools=tools)
-    assert e.value.code == "tools_not_supported"
+        _chat(client, model="plain", tools=tools)
+    assert e.value.code == "tools_not_supported" and not factory.requests("plain")
     resp = _chat(client, model="cloud", tools=tools, tool_choice="auto")
     assert resp.choices[0].finish_reason == "tool_calls"
     assert resp.choices[0].message.tool_calls[0].function.name == "get_time"
     assert factory.requests("cloud")[-1].tool_choice == "auto"
+    _chat(client, model="slm", tools=tools, tool_choice="auto")  # a local pool: reaches its backend
+    assert factory.requests("slm")[-1].tools[0]["function"]["name"] == "get_time"
     with pytest.raises(openai.BadRequestError) as e:
-        _chat(client, model="slm", response_format={"type": "json_object"})
+        _chat(client, model="plain", response_format={"type": "json_object"})
     assert e.value.code == "response_format_not_supported"
     _chat(client, model="cloud", response_format={"type": "json_object"})
     assert factory.requests("cloud")[-1].response_format == {"type": "json_object"}

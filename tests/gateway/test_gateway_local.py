@@ -75,13 +75,6 @@ def test_prompt_longer_than_the_engine_context_is_400(local_gateway):
     assert e.value.code == "context_length_exceeded"
 
 
-def test_tools_on_a_local_pool_is_400(local_gateway):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError) as e:
-        local_gateway.chat.completions.create(model="slm", messages=MESSAGES, tools=tools)
-    assert e.value.code == "tools_not_supported"
-
-
 def test_odd_but_valid_messages_never_500(local_gateway):
     odd = [[{"role": "system", "content": "be brief"}, {"role": "developer", "content": "really"},
             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]}],
