@@ -21,14 +21,16 @@ _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
 
 def engine_settings(model: str, args: EngineArgs, *, served_name: str | None = None,
-                    chat_template: str | None = None, host: str = "127.0.0.1", port: int = 8001) -> Settings:
+                    chat_template: str | None = None, tool_call_parser: str = "auto", host: str = "127.0.0.1",
+                    port: int = 8001) -> Settings:
     """The Settings of a one-model server. The pool (= the model id clients send and ``/v1/models``
     lists) is ``served_name``, else ``model`` when it is a valid pool name, else the folder's name; the
     ``model`` string itself is accepted in requests too. Raises ConfigError (one line) for bad values."""
     name = served_name or (model if _POOL_NAME.match(model) else Path(model).name)
     return settings_from_dict({
         "host": host, "port": port,
-        "pools": [{"name": name, "kind": "local", "model": model, "chat_template": chat_template, "engine": args}],
+        "pools": [{"name": name, "kind": "local", "model": model, "chat_template": chat_template, "engine": args,
+                   "tool_call_parser": tool_call_parser}],
         "routing": {"slm_pool": name, "llm_pool": name, "cascade": {"mode": "off"}},
         "example_cache": {"enabled": False},
         # the engine answers context_length_exceeded and stops at max_model_len itself
@@ -65,7 +67,8 @@ def serve(args: argparse.Namespace) -> int:
         template = path.read_text()
     resolve_model_path(args.model)  # fail fast with a one-line error (prepares bundled models once)
     settings = engine_settings(args.model, engine_args, served_name=args.served_name, chat_template=template,
-                               host=args.host, port=args.port)
+                               tool_call_parser=getattr(args, "tool_call_parser", "auto"), host=args.host,
+                               port=args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loop = "uvloop" if sys.platform != "win32" else "auto"
     uvicorn.run(create_app(settings), host=args.host, port=args.port, loop=loop, http="httptools",

@@ -305,7 +305,7 @@ EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_l
                        "device": "cpu"}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
-                     "chat_template": "plain_turns"}
+                     "chat_template": "plain_turns", "tool_call_parser": "llama3_json"}
 
 
 def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
@@ -329,9 +329,9 @@ def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
     (engine,) = pod_spec(one(docs, "Deployment", f"{fullname()}-pool-slm"))["containers"]
     args = build_parser().parse_args(engine["command"][1:] + engine["args"])
     assert engine_args_of(args) == EngineArgs(**EVERY_ENGINE_OPTION)
-    assert args.chat_template == "plain_turns"
+    assert args.chat_template == "plain_turns" and args.tool_call_parser == "llama3_json"
     assert in_process.engine == EngineArgs(**EVERY_ENGINE_OPTION)
-    assert in_process.chat_template == "plain_turns"
+    assert in_process.chat_template == "plain_turns" and in_process.tool_call_parser == "llama3_json"
     for pool in (deployed, in_process):
         assert pool.price.model_dump() == EVERY_POOL_CONFIG["price"]
         for key in ("timeout_s", "connect_timeout_s", "max_retries", "supports_tools", "supports_json_mode"):

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--served-name", help="model id reported by /v1/models (default: --model)")
     p.add_argument("--chat-template", help="'plain_turns' (User:/Assistant: text turns), 'gemma_plain' (Gemma turn tokens) or a Jinja template file")
+    p.add_argument("--tool-call-parser", default="auto", choices=("auto", "hermes", "llama3_json"),
+                   help="how the model writes tool calls (default: detected from its chat template)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)

@@ -219,6 +219,10 @@ Service URLs, artifact paths, default routing pools and example-cache backend.
 {{- /* the pool's Service is headless: the gateway resolves every ready pod and balances over them */}}
 {{- $_ := set $entry "discovery" "dns" }}
 {{- $_ := unset $entry "chat_template" }}
+{{- $_ := unset $entry "tool_call_parser" }}
+{{- /* its pods run the embedded engine: tools and JSON schemas are served there (constrained decoding) */}}
+{{- if not (hasKey $entry "supports_tools") }}{{ $_ := set $entry "supports_tools" true }}{{ end }}
+{{- if not (hasKey $entry "supports_json_mode") }}{{ $_ := set $entry "supports_json_mode" true }}{{ end }}
 {{- else if eq $p.mode "external" }}
 {{- $_ := set $entry "kind" "remote" }}
 {{- $_ := set $entry "urls" $p.urls }}
