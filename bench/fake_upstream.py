@@ -3,8 +3,15 @@
 ``FakeUpstream`` is a plain ASGI app (no framework, pre-encoded bytes) so that its own cost stays far below
 the gateway overhead being measured. It answers ``POST /v1/chat/completions``, ``/v1/completions`` and
 ``/v1/embeddings`` (vector ``[len(str(input)), 0.5, ...]`` of ``dimensions``, default 4)
-(stream and non-stream, ``n``, ``logprobs``, ``stream_options.include_usage``, a tool call when the request
-carries ``tools``), ``GET /v1/models`` and ``GET /healthz``.
+(stream and non-stream, ``n``, ``logprobs``, ``stream_options.include_usage``), ``GET /v1/models`` and
+``GET /healthz``.
+
+A chat request that carries ``tools`` (and no ``tool_choice: "none"``) is answered with tool calls as OpenAI
+sends them: ``num_tool_calls`` calls (one when ``parallel_tool_calls`` is false) of the named
+``tool_choice`` function or of ``tools`` in turn, each with the arguments ``tool_arguments``, and
+finish_reason ``tool_calls``. Streamed, a call's first chunk has its ``index``, ``id``, ``type``, ``name``
+and ``arguments: ""``, then its arguments follow in pieces of ``argument_piece_chars`` characters; whole,
+``message.tool_calls`` holds the complete calls.
 
 Failure modes for tests (``FakeUpstream.behavior``, changeable while it serves):
   * ``ok``             — a normal answer of ``num_tokens`` tokens;
@@ -43,6 +50,9 @@ class FakeBehavior:
     token_delay_s: float = 0.0
     die_after_tokens: int = 2
     prompt_tokens: int = 7
+    tool_arguments: str = "{}"  # the arguments (JSON text) of every tool call
+    num_tool_calls: int = 1
+    argument_piece_chars: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -163,10 +173,29 @@ class _Answer:
         p, c = self.up.behavior.prompt_tokens, self.num_tokens * self.n
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def tool_call(self, index: int = 0) -> dict[str, Any]:
-        name = self.tools[0].get("function", {}).get("name", "tool")
-        return {"index": index, "id": f"call_{self.up.num_requests}", "type": "function",
-                "function": {"name": name, "arguments": "{}"}}
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The whole calls of one choice (OpenAI's ``message.tool_calls``)."""
+        b, choice = self.up.behavior, self.request.get("tool_choice")
+        num = 1 if self.request.get("parallel_tool_calls") is False else b.num_tool_calls
+        calls = []
+        for i in range(num):
+            name = (choice["function"]["name"] if isinstance(choice, dict) else
+                    self.tools[i % len(self.tools)].get("function", {}).get("name", "tool"))
+            calls.append({"id": f"call_{self.up.num_requests}_{i}", "type": "function",
+                          "function": {"name": name, "arguments": b.tool_arguments}})
+        return calls
+
+    def tool_call_pieces(self) -> list[dict[str, Any]]:
+        """The stream deltas' ``tool_calls`` items, one per chunk: id, type and name with empty arguments
+        first, then the arguments in pieces of ``argument_piece_chars``."""
+        step = max(1, self.up.behavior.argument_piece_chars)
+        pieces = []
+        for i, call in enumerate(self.tool_calls()):
+            fn, args = call["function"], call["function"]["arguments"]
+            pieces.append({"index": i, "id": call["id"], "type": "function",
+                           "function": {"name": fn["name"], "arguments": ""}})
+            pieces += [{"index": i, "function": {"arguments": args[k:k + step]}} for k in range(0, len(args), step)]
+        return pieces
 
     def _chat_logprobs(self, tokens: list[str]) -> dict[str, Any] | None:
         if not self.want_logprobs:
@@ -195,9 +224,7 @@ class _Answer:
             if self.is_chat:
                 message: dict[str, Any] = {"role": "assistant", "content": None if self.tools else "".join(tokens)}
                 if self.tools:
-                    call = self.tool_call()
-                    call.pop("index")
-                    message["tool_calls"] = [call]
+                    message["tool_calls"] = self.tool_calls()
                 choices.append({"index": idx, "message": message, "logprobs": self._chat_logprobs(tokens),
                                 "finish_reason": self.finish_reason()})
             else:
@@ -237,9 +264,9 @@ class _Answer:
             await send({"type": "http.response.body", "body": self._chunk(first), "more_body": True})
         if self.tools:
             for i in range(self.n):
-                c = {"index": i, "delta": {"tool_calls": [self.tool_call()]}, "logprobs": None,
-                     "finish_reason": None}
-                await send({"type": "http.response.body", "body": self._chunk([c]), "more_body": True})
+                for piece in self.tool_call_pieces():
+                    c = {"index": i, "delta": {"tool_calls": [piece]}, "logprobs": None, "finish_reason": None}
+                    await send({"type": "http.response.body", "body": self._chunk([c]), "more_body": True})
         else:
             offset = 0
             for t in range(self.num_tokens):

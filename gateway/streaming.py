@@ -8,7 +8,8 @@ name, and what the caller asked for (logprobs, include_usage). It has two modes:
   ``finish_reason`` is held back until the next Delta so that the request's last choice chunk can carry
   the ``switchyard`` field (no extra chunk with an empty ``choices`` list unless usage was asked for).
   ``finish_reason`` is sent exactly once per choice.
-* ``add(delta)`` to accumulate, then ``body(usage, info)`` → the full response dict.
+* ``add(delta)`` to accumulate, then ``body(usage, info)`` → the full response dict; tool-call pieces are
+  merged by ``index`` into whole calls (``ToolCalls``), as OpenAI's ``message.tool_calls``.
 """
 
 from __future__ import annotations
@@ -47,11 +48,46 @@ def _chat_logprob_items(logprobs: tuple[TokenLogprob, ...], top_n: int) -> list[
     return items
 
 
+class ToolCalls:
+    """OpenAI tool-call pieces (stream deltas carry ``index`` with ``id``/``name`` first, then ``arguments``
+    fragments; whole answers carry complete calls) merged into whole calls, in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, pieces: list[dict[str, Any]]) -> list[tuple[int, bool, str]]:
+        """Merge ``pieces``; returns (call position, is_new, argument fragment) for each piece."""
+        out = []
+        for piece in pieces:
+            key = piece.get("index", len(self.calls))
+            fn = piece.get("function") or {}
+            call = self.calls.get(key)
+            is_new = call is None
+            if call is None:
+                call = self.calls[key] = {"id": piece.get("id") or f"call_{len(self.calls)}", "name": "",
+                                          "arguments": ""}
+            if fn.get("name"):
+                call["name"] = fn["name"]
+            fragment = fn.get("arguments") or ""
+            call["arguments"] += fragment
+            out.append((list(self.calls).index(key), is_new, fragment))
+        return out
+
+    def whole(self) -> list[dict[str, Any]]:
+        return list(self.calls.values())
+
+    def openai(self) -> list[dict[str, Any]]:
+        """The whole calls in OpenAI's message shape: ``{"id", "type": "function", "function": {"name",
+        "arguments"}}``."""
+        return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in self.calls.values()]
+
+
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: ToolCalls = field(default_factory=ToolCalls)
     reasoning: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_chars: int = 0  # completion text_offset bookkeeping
@@ -90,7 +126,7 @@ class ResponseShaper:
         if delta.logprobs:
             c.logprobs.extend(delta.logprobs)
         if delta.tool_calls:
-            c.tool_calls.extend(delta.tool_calls)
+            c.tool_calls.add(delta.tool_calls)
         if delta.reasoning:
             c.reasoning.append(delta.reasoning)
         if delta.finish_reason is not None and c.finish_reason is None:
@@ -107,8 +143,8 @@ class ResponseShaper:
             text = "".join(c.text)
             if self.kind == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
-                if c.tool_calls:
-                    message["tool_calls"] = c.tool_calls
+                if c.tool_calls.calls:
+                    message["tool_calls"] = c.tool_calls.openai()
                     message["content"] = text or None
                 if c.reasoning:
                     message["reasoning_content"] = "".join(c.reasoning)
@@ -212,35 +248,6 @@ class ResponseShaper:
 def sse_event(name: str, obj: Any) -> bytes:
     """An SSE frame with an ``event:`` line (the Responses and Anthropic Messages streams name every event)."""
     return b"event: " + name.encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
-
-
-class ToolCalls:
-    """OpenAI tool-call pieces (stream deltas carry ``index`` with ``id``/``name`` first, then ``arguments``
-    fragments; whole answers carry complete calls) merged into whole calls, in order of first appearance."""
-
-    def __init__(self) -> None:
-        self.calls: dict[int, dict[str, Any]] = {}
-
-    def add(self, pieces: list[dict[str, Any]]) -> list[tuple[int, bool, str]]:
-        """Merge ``pieces``; returns (call position, is_new, argument fragment) for each piece."""
-        out = []
-        for piece in pieces:
-            key = piece.get("index", len(self.calls))
-            fn = piece.get("function") or {}
-            call = self.calls.get(key)
-            is_new = call is None
-            if call is None:
-                call = self.calls[key] = {"id": piece.get("id") or f"call_{len(self.calls)}", "name": "",
-                                          "arguments": ""}
-            if fn.get("name"):
-                call["name"] = fn["name"]
-            fragment = fn.get("arguments") or ""
-            call["arguments"] += fragment
-            out.append((list(self.calls).index(key), is_new, fragment))
-        return out
-
-    def whole(self) -> list[dict[str, Any]]:
-        return list(self.calls.values())
 
 
 def _json_object(arguments: str) -> dict[str, Any]:
@@ -436,10 +443,8 @@ class ResponsesShaper:
     def output_messages(self) -> list[dict[str, Any]]:
         """The answer as chat messages (what a stored conversation keeps)."""
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
-        calls = self.tools.whole()
-        if calls:
-            message["tool_calls"] = [{"id": c["id"], "type": "function",
-                                      "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+        if self.tools.calls:
+            message["tool_calls"] = self.tools.openai()
         return [message]
 
     # ------------------------------------------------------------------------------ accumulate

@@ -3,7 +3,9 @@
 ``FakeBackend`` / ``FakeFactory`` / ``fake_settings`` / ``fake_app``: deterministic in-process backends,
 their config and the gateway app over them;
 ``bow_embed`` / ``cache_settings``: an embedder and example-cache settings for the example-cache tests;
-``wait_until`` / ``wait_until_async``: wait on a condition (never on a fixed time).
+``wait_until`` / ``wait_until_async``: wait on a condition (never on a fixed time);
+``fake_local_real_remote`` / ``remote_cloud_app``: fake replicas for local pools, the real OpenAIUpstream for
+remote ones (in front of ``bench.fake_upstream``).
 
 ``FakeBackend`` answers ``"<alias>: echo <words of the last user turn> done."`` one word per Delta, so
 answers are checkable and stream == non-stream by construction of the *gateway's* framing. Words in the
@@ -230,6 +232,17 @@ def fake_local_real_remote(cfg: Any, index: int) -> Any:
 
         return default_backend(cfg, index)
     return FakeFactory()(cfg, index)
+
+
+def remote_cloud_app(upstream_url: str, **overrides: Any):
+    """The gateway app over fake replicas for 'slm' and 'llm' and a real OpenAIUpstream for 'cloud' (tools and
+    JSON mode on) in front of ``upstream_url`` (a live ``bench.fake_upstream.FakeUpstream``)."""
+    from gateway.app import create_app
+
+    pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
+             {"name": "cloud", "kind": "remote", "model": "fake-cloud", "urls": [upstream_url + "/v1"],
+              "supports_tools": True, "supports_json_mode": True}]
+    return create_app(fake_settings(pools=pools, **overrides), backend_factory=fake_local_real_remote)
 
 
 def requests_total(base_url: str) -> dict[tuple[str, str, str], float]:

@@ -14,7 +14,7 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from gateway.app import create_app
 from gateway.settings import hash_api_key
-from tests.gateway.fakes import FakeFactory, fake_local_real_remote, fake_settings
+from tests.gateway.fakes import FakeFactory, fake_settings, remote_cloud_app
 
 TOOLS_RESPONSES = [{"type": "function", "name": "get_weather", "description": "weather of a city",
                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
@@ -41,12 +41,7 @@ def remote(live_server):
     """A gateway whose 'cloud' pool is a real OpenAIUpstream in front of a FakeUpstream (which answers any
     request that carries tools with a tool call, and records every body it gets)."""
     upstream_app = FakeUpstream()
-    upstream = live_server(upstream_app)
-    pools = [{"name": "slm", "model": "fake-slm"}, {"name": "llm", "model": "fake-llm"},
-             {"name": "cloud", "kind": "remote", "model": "fake-cloud", "urls": [upstream.base_url + "/v1"],
-              "supports_tools": True, "supports_json_mode": True}]
-
-    return live_server(create_app(fake_settings(pools=pools), backend_factory=fake_local_real_remote)), upstream_app
+    return live_server(remote_cloud_app(live_server(upstream_app).base_url)), upstream_app
 
 
 # ----------------------------------------------------------------------------------- Responses
