@@ -93,10 +93,11 @@ class GrammarCompiler:
         xgr, c = self._xgr, self._compiler
         try:
             if spec.kind == "structural_tag":
-                return c.compile_structural_tag(spec.spec)
-            schema = '{"type": "object"}' if spec.kind == "json_object" else spec.spec
-            strict = spec.strict and spec.kind == "json_schema"
-            grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+                grammar = xgr.Grammar.from_structural_tag(spec.spec)
+            else:
+                schema = '{"type": "object"}' if spec.kind == "json_object" else spec.spec
+                strict = spec.strict and spec.kind == "json_schema"
+                grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
             text = str(grammar)
             if _LENGTH_BOUNDED_CHAR in text:
                 grammar = xgr.Grammar.from_ebnf(text.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR))

@@ -59,3 +59,34 @@ def test_embedded_default_answers_responses_and_messages(live_server, bundled_mo
                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert message.content[0].text == first.output_text
     assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens <= 8
+
+
+@pytest.mark.slow
+def test_bundled_slm_runs_an_agent_loop_with_valid_calls(live_server, bundled_model_dir):
+    """`make serve`'s SLM (SmolLM2, a template without tools: the system-prompt rendering) drives the README's
+    agent loop through the SDK: call → tool result → call → tool result → final answer; every call
+    validates against its tool's schema."""
+    import json
+
+    import jsonschema
+
+    bundled_model_dir("smollm2-135m")
+    bundled_model_dir("gemma3-270m")
+    server = live_server(create_app(load_settings(None, environ={})))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                               "parameters": weather}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
+    for turn in range(2):
+        resp = client.chat.completions.create(model="slm", messages=messages, tools=tools, tool_choice="required",
+                                              parallel_tool_calls=False, temperature=0, max_tokens=64)
+        assert resp.choices[0].finish_reason == "tool_calls"
+        (call,) = resp.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), weather)
+        messages += [resp.choices[0].message,
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18 + turn})}]
+    final = client.chat.completions.create(model="slm", messages=messages, tools=tools, tool_choice="none",
+                                           temperature=0, max_tokens=32)
+    assert final.choices[0].message.tool_calls is None and final.choices[0].message.content.strip()

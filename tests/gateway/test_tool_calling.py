@@ -22,11 +22,11 @@ OPTIONS = EngineArgs(num_kv_blocks=512, block_size=16, max_model_len=2048, max_n
                      device="cpu")
 
 WEATHER = {"type": "object", "properties": {
-    "city": {"type": "string", "maxLength": 12},
+    "city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
     "unit": {"enum": ["celsius", "fahrenheit"]},
     "days": {"type": "integer", "minimum": 1, "maximum": 7},
 }, "required": ["city", "unit", "days"]}
-TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}}, "required": ["zone"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
@@ -128,7 +128,7 @@ class Person(BaseModel):
 
 
 def test_json_schema_and_parse_with_a_pydantic_model(client):
-    schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 10},
+    schema = {"type": "object", "properties": {"title": {"type": "string", "pattern": "^[a-z]{1,10}$"},
                                                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
                                                "score": {"type": "number"}},
               "required": ["title", "tags", "score"], "additionalProperties": False}
