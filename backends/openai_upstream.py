@@ -207,6 +207,8 @@ class OpenAIUpstream:
             body["tools"] = request.tools
             if request.tool_choice is not None:
                 body["tool_choice"] = request.tool_choice
+            if request.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = request.parallel_tool_calls
         if request.response_format is not None and rf_type != "text":
             body["response_format"] = request.response_format
         if request.user is not None:

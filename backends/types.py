@@ -30,6 +30,7 @@ class GenerationRequest:
     # OpenAI agent fields: remote pools get them as is; local pools render, constrain and parse them.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # None: the backend's default; sent to remote pools only when set
     response_format: dict[str, Any] | None = None
     user: str | None = None
     deadline: float | None = None  # time.monotonic() by which the request must finish

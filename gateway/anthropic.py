@@ -10,9 +10,10 @@ Translation (Anthropic → OpenAI chat):
   * a user turn's ``tool_result`` blocks → ``tool`` messages (``tool_call_id`` = ``tool_use_id``), placed
     before the turn's text, which stays a user message;
   * an assistant turn's ``tool_use`` blocks → ``tool_calls`` (arguments = the JSON of ``input``);
-  * ``tools[].input_schema`` → ``function.parameters``; ``tool_choice`` auto / any / tool / none →
-    auto / required / the named function / none; ``stop_sequences`` → ``stop``; ``metadata.user_id`` →
-    ``user``. Other block kinds (image, document, thinking) are a 400 naming the tag (no vision pools yet).
+  * ``tools[].input_schema`` (checked as a JSON Schema) → ``function.parameters``; ``tool_choice`` auto /
+    any / tool / none → auto / required / the named function / none, its ``disable_parallel_tool_use`` →
+    the opposite ``parallel_tool_calls``; ``stop_sequences`` → ``stop``; ``metadata.user_id`` → ``user``.
+    Other block kinds (image, document, thinking) are a 400 naming the tag (no vision pools yet).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.protocol import ChatCompletionRequest, Int, SwitchyardOptions
+from gateway.protocol import ChatCompletionRequest, Int, SwitchyardOptions, ToolName, check_json_schema
 from gateway.protocol import TextPart as TextBlock  # the same {type: text, text} block
 
 _WIRE = ConfigDict(extra="ignore", strict=True)
@@ -65,7 +66,7 @@ Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role")]
 
 class Tool(BaseModel):
     model_config = _WIRE
-    name: str = Field(min_length=1, max_length=128)
+    name: ToolName  # what OpenAI-compatible pools accept (up to 64 characters)
     description: str | None = None
     input_schema: dict[str, Any]
 
@@ -96,7 +97,9 @@ class MessagesRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"examples": [
         {"model": "auto", "max_tokens": 64, "messages": [{"role": "user", "content": "What is 2 + 2?"}]},
-    ]})
+    ], "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"anyOf": [  # it needs tools
+        {"type": "null"}, {"properties": {"type": {"const": "none"}}}]}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: Int(1, 1_000_000)
@@ -111,6 +114,12 @@ class MessagesRequest(BaseModel):
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
     switchyard: SwitchyardOptions | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MessagesRequest:
+        for i, tool in enumerate(self.tools or ()):
+            check_json_schema(tool.input_schema, f"tools.{i}.input_schema", f"tool {tool.name!r}")
+        return self
 
     def to_chat_request(self) -> ChatCompletionRequest:
         """The same request as an OpenAI chat request; a ValueError names what cannot be served."""
@@ -137,6 +146,8 @@ class MessagesRequest(BaseModel):
                 for t in self.tools]
         if self.tool_choice is not None:
             body["tool_choice"] = _tool_choice(self.tool_choice)
+            if self.tool_choice.disable_parallel_tool_use is not None:
+                body["parallel_tool_calls"] = not self.tool_choice.disable_parallel_tool_use
         if self.switchyard is not None:
             body["switchyard"] = self.switchyard.model_dump(exclude_none=True)
         return ChatCompletionRequest.model_validate(body)

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import __version__
 from gateway.edge import Edge, error_response
 from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
-from gateway.responder import validation_message
+from gateway.responder import invalid_request
 from gateway.settings import Settings
 
 log = logging.getLogger("switchyard")
@@ -85,8 +85,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        message, param = validation_message(list(exc.errors()))
-        return error_response(request.scope, InvalidRequest(message, param=param))
+        return error_response(request.scope, invalid_request(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -171,7 +170,6 @@ def _fast_routes() -> dict[str, tuple[Any, Any]]:
 async def _fast_completion(request: Request, path: str) -> Response:
     from pydantic import ValidationError
 
-    from gateway.responder import validation_message
     from gateway.routes.deps import get_pipeline
 
     if not _is_json(request.headers.get("content-type")):
@@ -186,8 +184,7 @@ async def _fast_completion(request: Request, path: str) -> Response:
     try:
         body = model.model_validate_json(raw or b"null")
     except ValidationError as e:
-        message, param = validation_message(list(e.errors()))
-        raise InvalidRequest(message, param=param) from None
+        raise invalid_request(list(e.errors())) from None
     return await handler(pipeline, body, request)
 
 

@@ -64,6 +64,7 @@ class Job:
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # None: the backend's default (parallel calls allowed)
     response_format: dict[str, Any] | None = None
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
@@ -561,6 +562,7 @@ class Pipeline:
             messages=messages if job.kind == "chat" else None, prompt=job.prompt if job.kind == "completion" else None,
             sampling=job.sampling, tools=job.tools, tool_choice=job.tool_choice,
             response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
+            parallel_tool_calls=job.parallel_tool_calls,
             trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
             logit_bias=job.logit_bias, chat_template_kwargs=job.chat_template_kwargs,
         )

@@ -1,7 +1,10 @@
 """OpenAI wire types: request bodies (parsed and validated), response shapes (documented in OpenAPI).
 
 Requests are pydantic models: a bad field is a 400 ``invalid_request_error`` naming the field. Unknown
-top-level fields are ignored (as vLLM does), so newer SDKs keep working.
+top-level fields are ignored (as vLLM does), so newer SDKs keep working. Rules across fields are model
+validators raising ``FieldError`` with the ``param`` OpenAI would name: a tool's ``parameters`` and a
+``json_schema`` response format's ``schema`` are JSON Schemas, a ``tool_choice`` other than none needs
+``tools`` (a named one, one of them), a ``tool`` message answers a call of an earlier assistant message.
 
 Responses are built as plain dicts on the hot path (``gateway/streaming.py``); the pydantic models below
 describe exactly those dicts for the OpenAPI schema, and the tests validate served bodies against them.
@@ -15,8 +18,10 @@ switchyard extensions:
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from backends.types import SamplingParams
@@ -57,18 +62,90 @@ class _Request(BaseModel):
     model_config = _WIRE
 
 
+class FieldError(ValueError):
+    """A field that is valid alone but not with the rest of the body (a tool_choice naming no tool, a
+    ``parameters`` that is no JSON Schema, a tool message answering no call). Raised inside a model
+    validator; the 400 takes ``param`` (OpenAI's form: ``tools[0].function.parameters``) and ``code`` from
+    it (``gateway.responder.invalid_request``)."""
+
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.code = code
+
+
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    """What makes ``schema`` an invalid JSON Schema under its own ``$schema`` draft (2020-12 when it names
+    none), or None."""
+    from jsonschema import Draft202012Validator, SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as e:
+        return f"{e.message} (at {e.json_path})"
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_schema_problem(canonical: bytes) -> str | None:
+    """``_schema_problem`` by the schema's sorted-key JSON: agents send the same tools every turn, and one
+    check costs about a millisecond."""
+    return _schema_problem(orjson.loads(canonical))
+
+
+def check_json_schema(schema: dict[str, Any], param: str, what: str, code: str | None = None) -> None:
+    """Raise ``FieldError(param)`` when ``schema`` is not a valid JSON Schema; ``what`` names its owner in the
+    message (``function 'get_weather'``)."""
+    try:
+        problem = _cached_schema_problem(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    except TypeError:  # an integer beyond 64 bits (orjson's range): checked without the cache
+        problem = _schema_problem(schema)
+    if problem is not None:
+        raise FieldError(param, f"invalid JSON Schema for {what}: {problem}", code)
+
+
+# OpenAI's rule for function and response-format names: a-z, A-Z, 0-9, underscores and dashes, up to 64.
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+# The rules across fields that JSON Schema can state, for the served OpenAPI schema: a tool_choice other
+# than "none" needs tools. (That a named tool_choice names one of them, that a tool message answers an
+# earlier call, that a schema is a JSON Schema: checked by the validators, not statable here.)
+TOOL_CHOICE_NEEDS_TOOLS = {
+    "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}
+
+
 class TextPart(BaseModel):
     model_config = _WIRE
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class CalledFunction(BaseModel):
     model_config = _WIRE
+    name: str
+    arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
+
+
+class ToolCall(BaseModel):
+    """One call of an assistant turn (``tool_calls``); a ``tool`` message answers it by ``id``."""
+
+    model_config = _WIRE
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    # A tool message says which call it answers (which earlier call: ``_check_tool_messages``).
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={
+        "if": {"properties": {"role": {"const": "tool"}}},
+        "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}}})
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     def text(self) -> str:
@@ -80,7 +157,7 @@ class ChatMessage(BaseModel):
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls is not None:
-            out["tool_calls"] = self.tool_calls
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out
@@ -91,9 +168,93 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: ToolName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON Schema (checked as one)")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    """``json_schema`` is required with type json_schema (and ignored with the other types)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}}, "then": {"required": ["json_schema"]}})
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise FieldError("response_format.json_schema", "required with type 'json_schema'")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _WIRE
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema (checked as one); left out: "
+                                                                 "no parameters")
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = _WIRE
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = _WIRE
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` forcing one tool of ``tools`` by name."""
+
+    model_config = _WIRE
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def _check_tools(tools: list[ChatTool] | None, tool_choice: ToolChoice | None) -> None:
+    """Each tool's ``parameters`` is a JSON Schema; a ``tool_choice`` other than none has tools, and a named
+    one names one of them (OpenAI's rules; raises FieldError)."""
+    for i, tool in enumerate(tools or ()):
+        if tool.function.parameters is not None:
+            check_json_schema(tool.function.parameters, f"tools[{i}].function.parameters",
+                              f"function {tool.function.name!r}", "invalid_function_parameters")
+    if tool_choice is None or tool_choice == "none":
+        return
+    if not tools:
+        raise FieldError("tool_choice", f"{_choice_text(tool_choice)} is only allowed when tools are given")
+    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in {
+            t.function.name for t in tools}:
+        raise FieldError("tool_choice", f"function {tool_choice.function.name!r} is not in tools")
+
+
+def _choice_text(tool_choice: ToolChoice) -> str:
+    return repr(tool_choice) if isinstance(tool_choice, str) else f"function {tool_choice.function.name!r}"
+
+
+def _check_tool_messages(messages: list[ChatMessage]) -> None:
+    """Every ``tool`` message answers (``tool_call_id``) a call of an earlier assistant message."""
+    call_ids: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and m.tool_calls:
+            call_ids.update(call.id for call in m.tool_calls)
+        elif m.role == "tool":
+            if m.tool_call_id is None:
+                raise FieldError(f"messages[{i}].tool_call_id", "a tool message needs the tool_call_id of "
+                                                                "the call it answers")
+            if m.tool_call_id not in call_ids:
+                raise FieldError(f"messages[{i}].tool_call_id", f"{m.tool_call_id!r} answers no tool call of "
+                                                                "an earlier assistant message")
 
 
 class SwitchyardOptions(BaseModel):
@@ -182,7 +343,7 @@ class ChatCompletionRequest(_Sampling):
         {"model": "slm", "messages": [{"role": "system", "content": "Be brief."},
                                       {"role": "user", "content": "Hello"}],
          "stream": True, "stream_options": {"include_usage": True}, "temperature": 0, "max_tokens": 16},
-    ]})
+    ], "allOf": [TOOL_CHOICE_NEEDS_TOOLS]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int(1, 1_000_000) | None = None
@@ -193,14 +354,35 @@ class ChatCompletionRequest(_Sampling):
         Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)"))
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat-template variables "
                                                         "(vLLM's; e.g. enable_thinking)")
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call per answer")
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
+        _check_tools(self.tools, self.tool_choice)
+        _check_tool_messages(self.messages)
+        spec = self.response_format.json_schema if self.response_format else None
+        if spec is not None and spec.schema_ is not None:
+            check_json_schema(spec.schema_, "response_format.json_schema.schema", f"response format {spec.name!r}")
         return self
+
+    def tools_for_backend(self) -> list[dict[str, Any]] | None:
+        """``tools`` as backends see them: OpenAI's dicts, unset fields left out."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools is not None else None
+
+    def tool_choice_for_backend(self) -> str | dict[str, Any] | None:
+        return self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+
+    def response_format_for_backend(self) -> dict[str, Any] | None:
+        fmt = self.response_format
+        if fmt is None:
+            return None
+        if fmt.type != "json_schema":
+            return {"type": fmt.type}
+        return {"type": fmt.type, "json_schema": fmt.json_schema.model_dump(by_alias=True, exclude_none=True)}
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -276,7 +458,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None = None
     reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "abort"]
@@ -428,7 +610,7 @@ InputItem = Annotated[
 class FunctionTool(BaseModel):
     model_config = _WIRE
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=128)
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -459,7 +641,7 @@ class PlainFormat(BaseModel):
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     type: Literal["json_schema"]
-    name: str = Field(min_length=1, max_length=64)
+    name: ToolName
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
     description: str | None = None
@@ -477,7 +659,7 @@ class ResponsesRequest(_Request):
         {"model": "auto", "input": "What is 2 + 2?"},
         {"model": "slm", "instructions": "Be brief.", "input": [{"role": "user", "content": "Hello"}],
          "max_output_tokens": 16, "temperature": 0},
-    ]})
+    ], "allOf": [TOOL_CHOICE_NEEDS_TOOLS]})
 
     model: str = Field(min_length=1, max_length=256)
     input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
@@ -495,6 +677,19 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     user: str | None = Field(None, max_length=256)
     switchyard: SwitchyardOptions | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponsesRequest:
+        """The schemas are JSON Schemas, named as this API names them (``tools[0].parameters``); the other
+        rules (tool_choice, function call outputs) are the chat request's (``to_chat_request``)."""
+        for i, tool in enumerate(self.tools or ()):
+            if tool.parameters is not None:
+                check_json_schema(tool.parameters, f"tools[{i}].parameters", f"function {tool.name!r}",
+                                  "invalid_function_parameters")
+        fmt = self.text.format if self.text else None
+        if isinstance(fmt, JsonSchemaFormat):
+            check_json_schema(fmt.schema_, "text.format.schema", f"text format {fmt.name!r}")
+        return self
 
     def input_messages(self) -> list[dict[str, Any]]:
         """``input`` as chat messages: consecutive function calls become one assistant turn's tool_calls,
@@ -535,6 +730,8 @@ class ResponsesRequest(_Request):
         if self.tool_choice is not None:
             body["tool_choice"] = (self.tool_choice if isinstance(self.tool_choice, str) else
                                    {"type": "function", "function": {"name": self.tool_choice.name}})
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}

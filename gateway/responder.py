@@ -23,7 +23,7 @@ from gateway.admission import presented_key
 from gateway.edge import STATUS_CLIENT_GONE
 from gateway.errors import ClientGone, InvalidRequest, from_backend_error
 from gateway.pipeline import Execution, Job, Pipeline
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, FieldError
 from gateway.streaming import ResponseShaper
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -48,16 +48,30 @@ def stream_response_doc(schema_ref: str, ending: str = "`data: [DONE]`") -> dict
                                "retry": {"type": "integer"}}}}}}
 
 
-def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """A pydantic error list → the 400's message (first five problems, 'where: what') and its ``param``."""
-    parts, param = [], None
+def invalid_request(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """A pydantic error list → the 400: its message lists the first five problems ('where: what'), its
+    ``param`` is the first one's field in OpenAI's form (``messages[0].content``), or the ``param`` (and
+    ``code``) of a ``FieldError`` that a model validator raised."""
+    parts, param, code = [], None, None
     for e in errors[:5]:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            param, code = param or cause.param, code or cause.code
+            parts.append(str(cause))
+            continue
+        where = _param_path(p for p in e.get("loc", ()) if p != "body")
         param = param or (where or None)
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
-    return "Invalid request: " + "; ".join(parts or ["malformed body"]), param
+    return InvalidRequest("Invalid request: " + "; ".join(parts or ["malformed body"]), param=param, code=code)
+
+
+def _param_path(loc: Any) -> str:
+    """A pydantic location as OpenAI writes a ``param``: ``("tools", 0, "function")`` → ``tools[0].function``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
@@ -82,9 +96,9 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, default_ma
 def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
     state = request.scope.get("state") or {}
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
-               sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), tools=body.tools,
-               tool_choice=body.tool_choice,
-               response_format=body.response_format.model_dump() if body.response_format else None,
+               sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream),
+               tools=body.tools_for_backend(), tool_choice=body.tool_choice_for_backend(),
+               parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format_for_backend(),
                logit_bias=body.logit_bias, chat_template_kwargs=body.chat_template_kwargs,
                user=body.user, hint=_hint(body, request), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),

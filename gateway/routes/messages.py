@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from gateway.anthropic import ErrorResponse, MessageResponse, MessagesRequest
 from gateway.errors import InvalidRequest
 from gateway.pipeline import Execution, Job, Pipeline
-from gateway.responder import chat_job, respond, stream_response_doc, validation_message
+from gateway.responder import chat_job, invalid_request, respond, stream_response_doc
 from gateway.routes.deps import get_pipeline
 from gateway.streaming import MessagesShaper
 
@@ -35,8 +35,7 @@ async def messages(pipeline: Pipeline, body: MessagesRequest, request: Request) 
     try:
         chat = body.to_chat_request()
     except ValidationError as e:
-        message, param = validation_message(list(e.errors()))
-        raise InvalidRequest(message, param=param) from None
+        raise invalid_request(list(e.errors())) from None
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
     job = chat_job(chat, request, pipeline.default_max_tokens)

@@ -13,10 +13,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import NotFound
 from gateway.pipeline import Execution, Job, Pipeline
 from gateway.protocol import ResponseObject, ResponsesRequest
-from gateway.responder import ERROR_RESPONSES, chat_job, respond, stream_response_doc, validation_message
+from gateway.responder import ERROR_RESPONSES, chat_job, invalid_request, respond, stream_response_doc
 from gateway.routes.deps import get_pipeline
 from gateway.streaming import ResponsesShaper
 
@@ -45,8 +45,7 @@ async def responses(pipeline: Pipeline, body: ResponsesRequest, request: Request
     try:
         chat = body.to_chat_request(history)
     except ValidationError as e:
-        message, param = validation_message(list(e.errors()))
-        raise InvalidRequest(message, param=param) from None
+        raise invalid_request(list(e.errors())) from None
     job = chat_job(chat, request, pipeline.default_max_tokens)
     response_id = "resp_" + job.request_id
     echo = {"instructions": body.instructions, "previous_response_id": body.previous_response_id,

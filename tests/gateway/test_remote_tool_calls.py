@@ -72,6 +72,22 @@ def test_chat_stream_and_non_stream_give_the_same_calls(remote):
     assert upstream.last_bodies[-1]["tools"] == TOOLS and "parallel_tool_calls" not in upstream.last_bodies[-1]
 
 
+def test_parallel_tool_calls_reaches_the_upstream(remote):
+    server, upstream = remote
+    client = _openai(server)
+    one = client.chat.completions.create(model="cloud", messages=ASKED, tools=TOOLS, parallel_tool_calls=False)
+    assert upstream.last_bodies[-1]["parallel_tool_calls"] is False
+    assert [(c.function.name, c.function.arguments) for c in one.choices[0].message.tool_calls] == EXPECTED[:1]
+    client.chat.completions.create(model="cloud", messages=ASKED, tools=TOOLS, parallel_tool_calls=True,
+                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+    sent = upstream.last_bodies[-1]
+    assert sent["parallel_tool_calls"] is True
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
+    client.responses.create(model="cloud", input="weather?", parallel_tool_calls=False, tools=[
+        {"type": "function", "name": "get_weather", "parameters": CITY}])
+    assert upstream.last_bodies[-1]["parallel_tool_calls"] is False
+
+
 def test_responses_api_gives_the_same_calls(remote):
     server, _ = remote
     client = _openai(server)

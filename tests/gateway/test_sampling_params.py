@@ -41,7 +41,7 @@ BAD = [
     ({"extra_body": {"top_k": -5}}, "top_k"),  # -1 and 0 are off
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
-    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids.0"),
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids[0]"),  # OpenAI's form of a param
 ]
 
 
