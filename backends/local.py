@@ -240,7 +240,7 @@ class LocalBackend:
         """Tool calls (when tool_choice is not "none") take precedence over response_format."""
         tools = tools_of(request.tools)
         if request.messages is not None and choice_mode(request.tool_choice, tools) != "none":
-            parallel = getattr(request, "parallel_tool_calls", None) is not False
+            parallel = request.parallel_tool_calls is not False
             try:
                 tag = structural_tag(self.tool_format, tools, request.tool_choice, parallel)
             except ValueError as exc:

@@ -12,7 +12,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from backends.engine.args import EngineArgs
 from gateway.app import create_app
@@ -81,7 +81,8 @@ def test_required_and_auto(client):
 
 
 def test_stream_and_non_stream_give_the_same_calls(client):
-    kw = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=300)
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=300,
+              parallel_tool_calls=False)
     whole = client.chat.completions.create(**kw).choices[0]
     calls: dict[int, dict] = {}
     finish = None
@@ -110,7 +111,8 @@ def test_agent_loop_with_tool_results_in_the_history(client):
     messages = list(ASK)
     for turn in range(2):
         resp = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
-                                              temperature=1.0, seed=turn, max_tokens=300)
+                                              temperature=1.0, seed=turn, max_tokens=300, parallel_tool_calls=False)
+        assert resp.choices[0].finish_reason == "tool_calls"
         message = resp.choices[0].message
         messages.append(message.model_dump(exclude_none=True))
         for call in message.tool_calls:
@@ -121,9 +123,9 @@ def test_agent_loop_with_tool_results_in_the_history(client):
     assert final.choices[0].message.tool_calls is None and final.usage.prompt_tokens > 100
 
 
-class Person(BaseModel):
-    name: str
-    age: int
+class Person(BaseModel):  # bounded fields: random weights would write an unbounded string forever
+    name: str = Field(pattern="^[A-Z][a-z]{1,8}$")
+    age: int = Field(ge=0, le=130)
     member: bool
 
 
@@ -150,14 +152,15 @@ def test_json_schema_and_parse_with_a_pydantic_model(client):
 def test_a_template_without_tools_gets_the_system_prompt_rendering(tiny_model_dir):
     from tests.conftest import start_live_server
 
-    live = start_live_server(create_app(engine_settings(str(tiny_model_dir("llama")), EngineArgs(
-        num_kv_blocks=256, block_size=16, max_model_len=512, num_threads=1, device="cpu"), served_name="tiny")))
+    plain = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+    live = start_live_server(create_app(engine_settings(str(tiny_model_dir("qwen2")), OPTIONS, served_name="tiny",
+                                                        chat_template=plain)))
     try:
         client = openai.OpenAI(base_url=live.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
         small = [{"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
         resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "time?"}],
                                               tools=small, tool_choice="required", temperature=1.0, seed=0,
-                                              max_tokens=100)
+                                              max_tokens=100, parallel_tool_calls=False)
         (call,) = resp.choices[0].message.tool_calls
         _valid(call)
         assert resp.usage.prompt_tokens > 100  # the tool list went into the (system) prompt
