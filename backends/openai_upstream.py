@@ -203,6 +203,8 @@ class OpenAIUpstream:
             body["ignore_eos"] = True
         if s.stop_token_ids:
             body["stop_token_ids"] = list(s.stop_token_ids)
+        if request.session_id is not None:
+            body["prompt_cache_key"] = request.session_id
         if request.tools:
             body["tools"] = request.tools
             if request.tool_choice is not None:
@@ -256,7 +258,10 @@ class OpenAIUpstream:
         is_chat = request.messages is not None
         num_yielded = 0
         try:
-            async with self._post(path, body, timeout, request.deadline, request.trace_headers) as response:
+            headers = request.trace_headers
+            if request.session_id is not None:  # downstream routers (vLLM, SGLang) keep affinity too
+                headers = {**headers, "x-session-id": request.session_id}
+            async with self._post(path, body, timeout, request.deadline, headers) as response:
                 if response.status_code != 200:
                     raise self._status_error(response.status_code, await response.aread())
                 if not stream:

@@ -1,8 +1,9 @@
 """Model pools: an alias → replicas, with load balancing, health, retries and failover.
 
 ``Pool.generate(request)`` is the Backend call the gateway makes. What it guarantees:
-  * replica choice = least outstanding tokens, with prefix affinity: requests whose leading
-    ``affinity_prefix_chars`` characters (or first 64 token ids) are equal go to the same replica
+  * replica choice = least outstanding tokens, with affinity: requests of one session (``session_id``), or
+    else whose leading ``affinity_prefix_chars`` characters after the leading system messages (or first 64
+    token ids) are equal, go to the same replica
     (rendezvous hashing, so ejecting one replica moves only its own keys) while that replica's load is at
     most ``affinity_load_factor`` × the least loaded one's + ``affinity_slack_tokens``;
   * a retryable ``BackendError`` before the first Delta → retry on *another* replica (the same one only
@@ -112,7 +113,7 @@ class Pool:
         self.eject_after_failures = eject_after_failures
         self.eject_cooldown_s = eject_cooldown_s
         self.health_interval_s = health_interval_s
-        self.affinity_prefix_chars = affinity_prefix_chars
+        self.affinity_prefix_chars = getattr(settings, "affinity_prefix_chars", affinity_prefix_chars)
         self.affinity_load_factor = affinity_load_factor
         self.affinity_slack_tokens = affinity_slack_tokens
         self.backoff_base_s = backoff_base_s
@@ -209,12 +210,20 @@ class Pool:
     # -------------------------------------------------------------------------------- choice
 
     def affinity_key(self, request: GenerationRequest) -> bytes | None:
-        """The prefix that decides affinity: leading characters of the rendered messages or prompt."""
+        """What decides affinity: the request's session when it has one (every turn of an agent session on
+        one replica, which holds its KV), else the leading characters of the messages after the leading
+        system messages (a system prompt many agents share must not send them all to one replica), or of
+        the prompt."""
+        if request.session_id is not None:
+            return b"session:" + request.session_id.encode()
         if self.affinity_prefix_chars <= 0:
             return None
         if request.messages is not None:
+            skip = 0
+            while skip < len(request.messages) - 1 and request.messages[skip].get("role") in ("system", "developer"):
+                skip += 1
             parts, size = [], 0
-            for m in request.messages:
+            for m in request.messages[skip:]:
                 content = m.get("content")
                 text = content if isinstance(content, str) else repr(content)
                 parts.append(f"{m.get('role', '')}:{text}\n")

@@ -45,6 +45,7 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from gateway.cascade import CascadeRule
     from gateway.example_cache.types import ExampleStore
+    from gateway.sessions import SessionStore
 
 log = logging.getLogger("switchyard.pipeline")
 
@@ -73,6 +74,8 @@ class Job:
     chat_template_kwargs: dict[str, Any] | None = None
     correlation_id: str | None = None  # the x-request-id the edge accepted or made
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
+    session_id: str | None = None  # the agent session (gateway/sessions.py session_of)
+    program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -99,6 +102,7 @@ class Trace:
     query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
     example_similarity: float | None = None  # cosine of the best example retrieved (None: none)
     is_kept_on_slm: bool = False  # good examples found: no cascade (example_cache.keep_on_slm_similarity)
+    examples: list[dict[str, Any]] = field(default_factory=list, repr=False)  # example messages looked up now
     backend_wait_s: float = 0.0
     overhead_s: float | None = None
     cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
@@ -242,8 +246,11 @@ class Pipeline:
     def __init__(self, settings: Settings, pools: PoolsComponent, *, admitter: Admitter, metrics: Metrics,
                  policy: PolicyComponent, guard: GuardComponent | None = None, cascade_rule: CascadeRule | None = None,
                  store: ExampleStore | None = None, limiter_ping: Callable[[], Awaitable[bool]] | None = None,
-                 budgets: Budgets | None = None) -> None:
+                 budgets: Budgets | None = None, sessions: SessionStore | None = None) -> None:
+        from gateway.sessions import build_session_store
+
         self.settings = settings
+        self.sessions = sessions if sessions is not None else build_session_store(settings)
         self.budgets = budgets or Budgets(None)
         self.decision_log: Any = None  # gateway.decision_log.DecisionLog when settings.decision_log.path is set
         if settings.decision_log.path:
@@ -337,6 +344,8 @@ class Pipeline:
         with contextlib.suppress(Exception):
             await self.admitter.limiter.close()
         with contextlib.suppress(Exception):
+            await self.sessions.close()
+        with contextlib.suppress(Exception):
             await self.budgets.close()
         if self.decision_log is not None:
             self.decision_log.close()
@@ -423,6 +432,12 @@ class Pipeline:
     async def _decide_and_start(self, job: Job, admission: Admission, trace: Trace, requested: str) -> Execution:
         """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta."""
         text, guard_text = self._routing_text(job)
+        session_key, session = None, None
+        if job.session_id is not None and requested == "auto":  # the session's tier and examples (sessions.py)
+            from gateway.sessions import SessionKey
+
+            session_key = SessionKey(admission.namespace, job.session_id)
+            session = await self.sessions.get(session_key)
         # [2] guard
         forced_pool = None
         if self.guard is None:
@@ -451,11 +466,22 @@ class Pipeline:
             decision = self.policy.decide(text, job.hint)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
+            llm = self.settings.routing.llm_pool
+            if session is not None and self.settings.sessions.hold_tier and session.holds_llm and trace.pool != llm:
+                trace.route, trace.pool = "session", llm
+                trace.reason = "the session's tier holds: an earlier turn was answered by the LLM"
             self._route_for_capabilities(job, trace)
         self._check_capabilities(job, trace.pool)
         # [4] example cache (only the SLM gets examples)
         messages = job.messages
-        if (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
+        kept = session is not None and self.settings.sessions.keep_examples and bool(session.examples)
+        if (kept and job.kind == "chat" and trace.route in _CASCADE_ROUTES
+                and trace.pool == self.settings.routing.slm_pool):
+            # the session's first examples again: this turn's prompt extends the last one's (prefix cache)
+            trace.num_examples = len(session.example_ids)
+            trace.example_ids = list(session.example_ids)
+            messages = _with_examples(job.messages or [], session.examples)
+        elif (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
                 and trace.pool == self.settings.routing.slm_pool and text):
             try:
                 trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
@@ -472,7 +498,8 @@ class Pipeline:
                 trace.num_examples = len(examples)
                 trace.example_ids = [e.id for e in examples]
                 trace.example_similarity = examples[0].similarity
-                messages = _with_examples(job.messages or [], format_examples(examples))
+                trace.examples = format_examples(examples)
+                messages = _with_examples(job.messages or [], trace.examples)
                 keep_at = self.settings.example_cache.keep_on_slm_similarity
                 if trace.route == "slm_then_escalate" and keep_at is not None and trace.example_similarity >= keep_at:
                     trace.route, trace.is_kept_on_slm = "slm", True
@@ -488,8 +515,27 @@ class Pipeline:
         except BackendError as e:
             raise from_backend_error(e, trace.pool) from None
         trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
+        if session_key is not None:
+            self._background(self._remember_session(session_key, session, trace))
         model_name = self._pool_cfg(trace.pool).model
         return Execution(self, job, admission, trace, model_name, first, rest, text)
+
+    async def _remember_session(self, key: Any, state: Any, trace: Trace) -> None:
+        """After an ``auto`` turn of a session: the tier moves up when the LLM answered (routed or escalated),
+        a held tier counts its turns down, the first examples are kept; written only when there is state."""
+        from gateway.sessions import SessionState
+
+        cfg = self.settings.sessions
+        state = state or SessionState()
+        if cfg.hold_tier and trace.pool == self.settings.routing.llm_pool:
+            if trace.route != "session":
+                state.tier, state.turns_left = "llm", cfg.hold_turns or -1
+            elif state.turns_left > 0:
+                state.turns_left -= 1
+        if cfg.keep_examples and trace.examples and not state.examples:
+            state.examples, state.example_ids = trace.examples, list(trace.example_ids)
+        if state.tier or state.examples:
+            await self.sessions.put(key, state)
 
     def _routing_text(self, job: Job) -> tuple[str, str]:
         """(the text router and cache read, the text the guard reads): one ``RequestText`` per request,
@@ -565,6 +611,7 @@ class Pipeline:
             parallel_tool_calls=job.parallel_tool_calls,
             trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
             logit_bias=job.logit_bias, chat_template_kwargs=job.chat_template_kwargs,
+            session_id=job.session_id, program_id=job.program_id,
         )
 
     def _trace_headers(self, job: Job, alias: str) -> dict[str, str]:

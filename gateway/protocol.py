@@ -266,6 +266,8 @@ class SwitchyardOptions(BaseModel):
                 "properties": {"quality": {"type": "string"}, "max_strong_share": {"type": "number"}}}})
     quality: Literal["low", "medium", "high"] | None = None
     max_strong_share: float | None = Field(None, ge=0, le=1)
+    session_id: str | None = Field(None, min_length=1, max_length=256, description="the agent session this "
+                                   "request belongs to (as the x-session-id header; gateway/sessions.py)")
 
 
 StopSequence = Annotated[str, Field(min_length=1)]
@@ -292,6 +294,9 @@ class _Sampling(_Request):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: Int(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | None = None
     user: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=256, description="OpenAI's cache key: also the "
+                                         "request's agent session unless x-session-id or switchyard.session_id "
+                                         "name one")
     switchyard: SwitchyardOptions | None = None
     # vLLM's extra sampling fields (``extra_body``): the engine honours them; remote pools get them when set.
     top_k: Int(-1, 1_000_000) | None = Field(None, description="-1 or 0: off")
@@ -676,6 +681,7 @@ class ResponsesRequest(_Request):
     store: bool | None = True
     metadata: dict[str, str] | None = None
     user: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=256)
     switchyard: SwitchyardOptions | None = None
 
     @model_validator(mode="after")
@@ -720,7 +726,7 @@ class ResponsesRequest(_Request):
             body["stream_options"] = {"include_usage": True}
         if self.max_output_tokens is not None:
             body["max_tokens"] = self.max_output_tokens
-        for name in ("temperature", "top_p", "user"):
+        for name in ("temperature", "top_p", "user", "prompt_cache_key"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.tools:

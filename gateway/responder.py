@@ -93,8 +93,17 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, default_ma
         raise InvalidRequest(f"Invalid request: {e}", param=getattr(e, "param", None)) from None
 
 
+def _session(body: ChatCompletionRequest | CompletionRequest, request: Request) -> tuple[str | None, str | None]:
+    """(session id, program id): ``gateway.sessions.session_of``'s precedence."""
+    from gateway.sessions import session_of
+
+    named = body.switchyard.session_id if body.switchyard else None
+    return session_of(request.headers, named, body.prompt_cache_key, body.user)
+
+
 def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
     state = request.scope.get("state") or {}
+    session_id, program_id = _session(body, request)
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream),
                tools=body.tools_for_backend(), tool_choice=body.tool_choice_for_backend(),
@@ -102,16 +111,17 @@ def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: 
                logit_bias=body.logit_bias, chat_template_kwargs=body.chat_template_kwargs,
                user=body.user, hint=_hint(body, request), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
-               traceparent=state.get("traceparent"))
+               traceparent=state.get("traceparent"), session_id=session_id, program_id=program_id)
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
     state = request.scope.get("state") or {}
+    session_id, program_id = _session(body, request)
     return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(),
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
                hint=_hint(body, request), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
-               traceparent=state.get("traceparent"))
+               traceparent=state.get("traceparent"), session_id=session_id, program_id=program_id)
 
 
 async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:

@@ -74,6 +74,9 @@ class PoolConfig(_Frozen):
     discovery_interval_s: float = Field(10.0, gt=0, description="remote, discovery dns: seconds between resolutions")
     supports_json_mode: bool = Field(False, description="remote: the upstream honours response_format json_object/"
                                      "json_schema (local pools always do: constrained decoding)")
+    affinity_prefix_chars: int = Field(256, ge=0, description="requests without a session whose first this many "
+                                       "characters after the leading system messages agree go to the same replica "
+                                       "(0 = off)")
     tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="local: how the model writes tool calls (auto = detected from its chat template; "
         "hermes for templates without tool support)")
@@ -192,6 +195,18 @@ class ResponsesSettings(_Frozen):
     max_entries: int = Field(10_000, ge=1, description="in-process store only (no redis_url): oldest out first")
 
 
+class SessionSettings(_Frozen):
+    """Agent sessions (gateway/sessions.py): the tier that holds and the examples kept per session."""
+
+    hold_tier: bool = Field(True, description="after a session's auto turn was answered by the LLM, its later "
+                            "auto turns stay on the LLM (route 'session'); the tier only moves up")
+    hold_turns: int = Field(0, ge=0, description="0 = the tier holds for ttl_s; k = for the next k auto turns")
+    keep_examples: bool = Field(True, description="a session's SLM turns reuse its first turn's example-cache "
+                                "examples, so each turn's prompt extends the last (prefix-cache hits)")
+    ttl_s: float = Field(1800.0, gt=0, description="seconds a session's state is kept after its last turn")
+    max_entries: int = Field(100_000, ge=1, description="in-process store only (no redis_url): oldest out first")
+
+
 class ShutdownSettings(_Frozen):
     """Graceful shutdown on SIGTERM: stop accepting, let in-flight requests and streams finish."""
 
@@ -217,6 +232,7 @@ class Settings(_Frozen):
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()
     responses: ResponsesSettings = ResponsesSettings()
+    sessions: SessionSettings = SessionSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     decision_log: DecisionLogSettings = DecisionLogSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

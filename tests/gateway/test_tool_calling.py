@@ -166,3 +166,24 @@ def test_a_template_without_tools_gets_the_system_prompt_rendering(tiny_model_di
         assert resp.usage.prompt_tokens > 100  # the tool list went into the (system) prompt
     finally:
         live.stop()
+
+
+def test_responses_and_messages_apis_get_the_local_calls(client):
+    """The agent APIs over the same local pool: a Responses function_call item and an Anthropic tool_use
+    block, arguments valid against the tool's schema."""
+    import anthropic
+
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER}
+    resp = client.responses.create(model="tiny", input="Weather in Paris?", tools=[tool], tool_choice="required",
+                                   parallel_tool_calls=False, temperature=1.0, max_output_tokens=200)
+    calls = [item for item in resp.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+    claude = anthropic.Anthropic(base_url=str(client.base_url).removesuffix("/v1/"), api_key="none", max_retries=0)
+    message = claude.messages.create(model="tiny", max_tokens=200, extra_body={"temperature": 1.0},
+                                     tools=[{"name": "get_weather", "input_schema": WEATHER}],
+                                     tool_choice={"type": "tool", "name": "get_weather"},
+                                     messages=[{"role": "user", "content": "Weather in Paris?"}])
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "tool_use" and use.name == "get_weather"
+    jsonschema.validate(use.input, WEATHER)
