@@ -426,7 +426,7 @@ class CompletionRequest(_Sampling):
 class SwitchyardInfo(BaseModel):
     """What the gateway decided for this request (also in the x-switchyard-* headers)."""
 
-    route: str = Field(description="slm | slm_then_escalate | llm | explicit | guard | policy")
+    route: str = Field(description="slm | slm_then_escalate | llm | session | explicit | guard | policy")
     model: str = Field(description="the pool alias that produced the answer")
     guard: str = Field(description="domain | ood | unsafe | off | exempt")
     score: float | None = Field(None, description="router P(SLM good enough), when a router ran")
