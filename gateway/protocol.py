@@ -356,7 +356,11 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)"))
+        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)",
+              json_schema_extra={"anyOf": [  # keys other than token ids are refused: say so in the schema
+                  {"type": "object", "additionalProperties": False, "patternProperties": {
+                      "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}}},
+                  {"type": "null"}]}))
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat-template variables "
                                                         "(vLLM's; e.g. enable_thinking)")
     tools: list[ChatTool] | None = None

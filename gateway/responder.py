@@ -78,7 +78,7 @@ def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> 
     """The routing hint (``routers.policy.parse_hint``): body ``switchyard`` field or x-switchyard-* headers."""
     from routers.policy import parse_hint
 
-    body_value = body.switchyard.model_dump(exclude_none=True) if body.switchyard else None
+    body_value = body.switchyard.model_dump(exclude_none=True, exclude={"session_id"}) if body.switchyard else None
     try:
         return parse_hint(body_value, request.headers)
     except ValueError as e:
