@@ -29,6 +29,9 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
   num_requests_running / num_requests_waiting gauges
   prefix_cache_queries_total / prefix_cache_hits_total   prompt tokens looked up / found in the prefix cache
   num_preemptions_total, prompt_tokens_total, generation_tokens_total
+  kv_retained_blocks                         gauge, KV blocks pinned for agent sessions paused on a tool
+  kv_retained_hits_total                     prompt tokens a session's next request found in its retained blocks
+  kv_retained_evicted_blocks_total           pinned blocks let go early because memory was short
 """
 
 from __future__ import annotations
@@ -180,6 +183,12 @@ class EngineMetrics:
                                      registry=r)
         self.generation_tokens = Counter("switchyard_generation_tokens", "tokens generated (engine)", labels,
                                          registry=r)
+        self.retained_blocks = Gauge("switchyard_kv_retained_blocks", "KV blocks pinned for paused agent "
+                                     "sessions", labels, registry=r)
+        self.retained_hits = Counter("switchyard_kv_retained_hits", "prompt tokens a session's next request "
+                                     "found in the KV blocks it retained", labels, registry=r)
+        self.retained_evicted = Counter("switchyard_kv_retained_evicted_blocks", "pinned KV blocks let go "
+                                        "before expiry because memory was short", labels, registry=r)
 
     def stat_logger(self, pool: str, replica: str, model_name: str) -> EngineStatLogger:
         """The recorder of one replica (a ``backends.engine.stats.StatLogger``)."""
@@ -200,6 +209,8 @@ class EngineStatLogger:
         self.preemptions = m.preemptions.labels(*labels)
         self.prompt_tokens, self.generation_tokens = (m.prompt_tokens.labels(*labels),
                                                       m.generation_tokens.labels(*labels))
+        self.retained_blocks, self.retained_hits, self.retained_evicted = (
+            m.retained_blocks.labels(*labels), m.retained_hits.labels(*labels), m.retained_evicted.labels(*labels))
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         s, it = scheduler_stats, iteration_stats
@@ -211,6 +222,11 @@ class EngineStatLogger:
             self.prefix_hits.inc(s.prefix_cache_hits)
         if s.num_preemptions:
             self.preemptions.inc(s.num_preemptions)
+        self.retained_blocks.set(s.num_retained_blocks)
+        if s.retained_hits:
+            self.retained_hits.inc(s.retained_hits)
+        if s.num_retained_evicted_blocks:
+            self.retained_evicted.inc(s.num_retained_evicted_blocks)
         if it.num_prompt_tokens:
             self.prompt_tokens.inc(it.num_prompt_tokens)
         if it.num_generation_tokens:

@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--kv-retain-s", type=float, default=0.0,
+                   help="seconds a finished agent session's KV blocks stay pinned for its next turn (0 = off)")
+    p.add_argument("--kv-retain-max-share", type=float, default=0.25,
+                   help="at most this share of the KV blocks is pinned for paused sessions")
+    p.add_argument("--program-scheduling", action="store_true",
+                   help="admit a continuing program's request ahead of a new program's (program FCFS)")
+    p.add_argument("--program-max-wait-s", type=float, default=5.0,
+                   help="a request waiting longer than this goes first (starvation bound of --program-scheduling)")
 
     # --- models --------------------------------------------------------------------------------
     p = sub.add_parser("models", help="the bundled model catalogue")

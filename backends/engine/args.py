@@ -26,6 +26,18 @@ class EngineArgs:
     ``num_kv_blocks`` None = size the KV cache from ``kv_cache_memory_gb``; ``num_threads`` None = torch's
     choice; ``quantization`` is weight-only (CPU packed-int kernels); ``device`` "auto" = CUDA when
     available, else CPU.
+
+    Agent sessions (requests that carry a session id / program id):
+      * ``kv_retain_s`` > 0: when a session's request finishes, the full KV blocks of its prompt + output
+        stay pinned (not LRU-evicted) for that many seconds, so the session's next turn hits them after a
+        tool pause; released on expiry, when the session's next request is admitted, or when memory is
+        short (``block_manager.py`` says which session is dropped). 0 = off. Pinning needs prefix caching:
+        with ``enable_prefix_caching`` off nothing is retained.
+      * ``kv_retain_max_share``: at most this share of the KV blocks is pinned at once (0 < share <= 1).
+      * ``program_scheduling``: a waiting request whose program has a request running, or finished within
+        the last ``kv_retain_s``, is admitted ahead of a new program's request (Continuum's program FCFS;
+        within the same priority only). ``program_max_wait_s`` bounds starvation: a request that has
+        waited longer goes first, in arrival order.
     """
 
     # Read by pydantic when a settings model nests this dataclass: unknown keys are errors. A plain dict,
@@ -43,6 +55,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     device: Device = "auto"
+    kv_retain_s: float = 0.0
+    kv_retain_max_share: float = 0.25
+    program_scheduling: bool = False
+    program_max_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -62,3 +78,9 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1 (or null), got {value}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not self.kv_retain_s >= 0:
+            raise ValueError(f"kv_retain_s must be >= 0 (0 = off), got {self.kv_retain_s}")
+        if not 0 < self.kv_retain_max_share <= 1:
+            raise ValueError(f"kv_retain_max_share must be in (0, 1], got {self.kv_retain_max_share}")
+        if not self.program_max_wait_s > 0:
+            raise ValueError(f"program_max_wait_s must be > 0, got {self.program_max_wait_s}")
