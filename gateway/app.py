@@ -54,6 +54,10 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         from gateway.embeddings import Embeddings
 
         app.state.embeddings = Embeddings(settings)
+        from gateway.dashboard import Dashboard
+
+        app.state.dashboard = Dashboard(pipeline.metrics, pipeline.decision_log)
+        app.state.dashboard.start()
         # Everything built so far (modules, models, artifacts) lives as long as the process: move it out
         # of the cyclic GC's reach, or every young-generation collection walks it (≈40% of the CPU a
         # request costs, measured with fake replicas).
@@ -67,6 +71,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
             await pipeline.close()
             await app.state.response_store.close()
             await app.state.embeddings.close()
+            await app.state.dashboard.close()
             gc.unfreeze()
 
     # FastAPI's native OpenTelemetry checks for a configured provider on every request (~3% of a routed
@@ -106,9 +111,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, embeddings, health, messages, models, responses
+    from gateway.routes import chat, completions, embeddings, health, messages, models, responses, ui
 
-    for module in (chat, completions, responses, messages, embeddings, models, health):
+    for module in (chat, completions, responses, messages, embeddings, models, health, ui):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
@@ -194,7 +199,7 @@ async def _fast_completion(request: Request, path: str) -> Response:
 def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """FastAPI's schema with what this deployment enforces beyond the wire types, so that the schema and
     the server agree: the configured limits on ``n`` and ``max_tokens``, top_logprobs ⇒ logprobs, and the
-    bearer key on /v1/ when keys are configured."""
+    bearer key on /v1/ (and /ui/data, an admin key) when keys are configured."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -219,7 +224,7 @@ def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer", "description": "a configured API key (also accepted: api-key header)"}
         for path, operations in schema.get("paths", {}).items():
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path == "/ui/data":
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     app.openapi_schema = schema

@@ -72,6 +72,7 @@ class Job:
     chat_template_kwargs: dict[str, Any] | None = None
     correlation_id: str | None = None  # the x-request-id the edge accepted or made
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
+    state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its Trace there for ``record``
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -93,6 +94,7 @@ class Trace:
     escalated: bool = False
     judged: bool = False  # the cascade judged an SLM answer
     namespace: str = "default"
+    key_name: str | None = None  # the admitted key's name (None: open gateway, or not admitted yet)
     num_examples: int = 0
     example_ids: list[str] = field(default_factory=list)
     query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
@@ -244,11 +246,10 @@ class Pipeline:
                  budgets: Budgets | None = None) -> None:
         self.settings = settings
         self.budgets = budgets or Budgets(None)
-        self.decision_log: Any = None  # gateway.decision_log.DecisionLog when settings.decision_log.path is set
-        if settings.decision_log.path:
-            from gateway.decision_log import DecisionLog
+        from gateway.decision_log import DecisionLog
 
-            self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
+        # the latest records always (the /ui dashboard); lines too when decision_log.path is set
+        self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
@@ -337,8 +338,7 @@ class Pipeline:
             await self.admitter.limiter.close()
         with contextlib.suppress(Exception):
             await self.budgets.close()
-        if self.decision_log is not None:
-            self.decision_log.close()
+        self.decision_log.close()
 
     def _scrape_values(self) -> dict[str, Any]:
         failures: dict[str, int] = {}
@@ -399,10 +399,12 @@ class Pipeline:
 
     async def run(self, job: Job, api_key: str | None) -> Execution:
         trace = Trace()
+        if job.state is not None:
+            job.state["trace"] = trace  # what was decided, for record() when the request fails on the way
         # [1] the model, resolved once; admission of the resolved pool (the key was checked at the edge)
         requested = self.resolve_model(job.model)
         admission = await self.admitter.admit(api_key, requested)
-        trace.namespace = admission.namespace
+        trace.namespace, trace.key_name = admission.namespace, admission.key_name
         if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
@@ -684,14 +686,14 @@ class Pipeline:
 
     def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None,
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
-        """Count one finished request (metrics) and write its decision-log line: exactly once per request."""
+        """Count one finished request (metrics) and write its decision-log record: exactly once per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
+        verdict and router score from the Trace ``run`` left in the scope state, when it got that far."""
         latency_s = time.perf_counter() - t_start
         self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
                                     overhead_s=overhead_s)
-        if self.decision_log is None:
-            return
+        state = (scope or {}).get("state") or {}
         entry: dict[str, Any] = {
-            "request_id": ((scope or {}).get("state") or {}).get("request_id"),
+            "request_id": state.get("request_id"),
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
             "latency_ms": round(latency_s * 1000, 3),
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
@@ -702,6 +704,15 @@ class Pipeline:
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
                          cost_usd=round(trace.cost_usd, 10))
+        else:
+            trace = state.get("trace")
+            if trace is not None:  # refused on the way (guard, limits, budget, backend): what was decided
+                if trace.key_name is not None:
+                    entry["key"] = trace.key_name
+                if trace.guard != "off":
+                    entry["guard"] = trace.guard
+                if trace.score is not None:
+                    entry.update(score=trace.score, threshold=trace.threshold)
         self.decision_log.write(entry)
 
 

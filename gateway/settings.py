@@ -166,7 +166,8 @@ class ApiKey(_Frozen):
     tokens_per_minute: int | None = Field(None, ge=1)
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
-    admin: bool = Field(False, description="may see replica addresses in /readyz (credentials are never shown)")
+    admin: bool = Field(False, description="may read the /ui dashboard's data and see replica addresses in /readyz "
+                        "(credentials are never shown)")
     max_budget_usd: float | None = Field(None, ge=0, description="spend cap per budget_window; over it → 429 "
                                          "budget_exceeded before any backend call; None = no cap")
     budget_window: str = Field("1d", pattern=r"^[1-9][0-9]*[smhd]$", description="30m, 12h, 1d, 30d, ... "
