@@ -53,6 +53,7 @@ class Accounting:
     def charge(self, outcome: Any) -> None:
         """Book a finished answer (``Outcome``): adds its cost to ``outcome.trace.cost_usd``."""
         trace, usage = outcome.trace, outcome.usage
+        always = 0.0
         if trace.pool in self._pools:
             trace.cost_usd += self.settings.pool(trace.pool).price.cost_usd(usage.prompt_tokens,
                                                                              usage.completion_tokens)
@@ -65,6 +66,7 @@ class Accounting:
         key = outcome.admission.key_name
         if key is not None:  # an open gateway has no keys to account to
             self.metrics.child(self.metrics.key_spend, key).inc(trace.cost_usd)
+            self.metrics.child(self.metrics.key_always_llm_cost, key).inc(always)
             self.metrics.child(self.metrics.key_tokens, key, "prompt").inc(usage.prompt_tokens)
             self.metrics.child(self.metrics.key_tokens, key, "completion").inc(usage.completion_tokens)
         if outcome.reservation is not None:

@@ -32,9 +32,16 @@ PipelineFactory = Callable[[Settings], Any]  # settings -> Pipeline (tests injec
 
 
 def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,
-               backend_factory: Any = None, resolver: Any = None) -> FastAPI:
+               backend_factory: Any = None, resolver: Any = None, tracer_provider: Any = None) -> FastAPI:
     """The gateway app. ``pipeline_factory`` / ``backend_factory`` / ``resolver`` replace the real pipeline /
-    replicas / DNS resolver (tests); by default ``Pipeline.build(settings)`` makes everything from the settings."""
+    replicas / DNS resolver (tests); by default ``Pipeline.build(settings)`` makes everything from the settings.
+    ``tracer_provider``: where spans go when ``opentelemetry`` is on (default: gateway/tracing.py's choice).
+    Raises ConfigError when ``opentelemetry`` is on and the ``otel`` extra is not installed."""
+    tracing = None
+    if settings.opentelemetry:
+        from gateway.tracing import Tracing
+
+        tracing = Tracing.from_settings(settings, tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +61,11 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         from gateway.embeddings import Embeddings
 
         app.state.embeddings = Embeddings(settings)
+        from gateway.dashboard import Dashboard
+
+        app.state.dashboard = Dashboard(pipeline.metrics, pipeline.decision_log)
+        app.state.dashboard.start()
+        pipeline.tracing = tracing
         # Everything built so far (modules, models, artifacts) lives as long as the process: move it out
         # of the cyclic GC's reach, or every young-generation collection walks it (≈40% of the CPU a
         # request costs, measured with fake replicas).
@@ -67,11 +79,19 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
             await pipeline.close()
             await app.state.response_store.close()
             await app.state.embeddings.close()
+            await app.state.dashboard.close()
+            if tracing is not None:
+                tracing.close()
             gc.unfreeze()
 
     # FastAPI's native OpenTelemetry checks for a configured provider on every request (~3% of a routed
-    # request's CPU); it runs only when the deployment asks for it.
-    telemetry = None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False}
+    # request's CPU); it runs only when the deployment asks for it, with our provider (its HTTP span is the
+    # parent of switchyard.request) and without exporters of its own (they would export every span twice).
+    # /ui is left out: a `?key=` there must not become a span attribute.
+    telemetry: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
+    if tracing is not None:
+        telemetry = {"tracer_provider": tracing.provider, "auto_configure": False,
+                     "exclude": lambda scope: scope.get("path", "").startswith("/ui")}
     # redirect_slashes off: "/v1/chat/completions/" is a 404, never a redirect built from the Host header.
     app = FastAPI(title="switchyard", version=__version__, lifespan=lifespan, telemetry=telemetry,
                   redirect_slashes=False,
@@ -105,9 +125,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, embeddings, health, messages, models, responses
+    from gateway.routes import chat, completions, embeddings, health, messages, models, responses, ui
 
-    for module in (chat, completions, responses, messages, embeddings, models, health):
+    for module in (chat, completions, responses, messages, embeddings, models, health, ui):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
@@ -191,7 +211,7 @@ async def _fast_completion(request: Request, path: str) -> Response:
 def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """FastAPI's schema with what this deployment enforces beyond the wire types, so that the schema and
     the server agree: the configured limits on ``n`` and ``max_tokens``, top_logprobs ⇒ logprobs, and the
-    bearer key on /v1/ when keys are configured."""
+    bearer key on /v1/ (and /ui/data, an admin key) when keys are configured."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -216,7 +236,7 @@ def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer", "description": "a configured API key (also accepted: api-key header)"}
         for path, operations in schema.get("paths", {}).items():
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path == "/ui/data":
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     app.openapi_schema = schema

@@ -8,6 +8,9 @@ Names (all prefixed ``switchyard_``):
   cost_usd_total{model}                      what the answered requests cost at the configured prices
   always_llm_cost_usd_total                  what the same tokens would have cost on the LLM pool
   saved_vs_always_llm_usd (gauge)            the difference (can be negative if escalations waste tokens)
+  key_spend_usd_total{key}                   cost of answered requests per API key name (never the key)
+  key_always_llm_cost_usd_total{key}         what the same key's tokens would have cost on the LLM pool
+  key_tokens_total{key,kind}                 kind = prompt | completion
   guard_verdicts_total{label}                domain | ood | unsafe
   cascade_judged_total / cascade_escalations_total
   example_cache_lookups_total{result}        hit | miss
@@ -115,6 +118,8 @@ class Metrics:
         self.budget_exceeded = Counter("switchyard_budget_exceeded", "requests refused by key budgets", registry=r)
         self.key_spend = Counter("switchyard_key_spend_usd", "cost of answered requests per API key name",
                                  ["key"], registry=r)
+        self.key_always_llm_cost = Counter("switchyard_key_always_llm_cost_usd", "cost per API key name if every "
+                                           "request went to the LLM", ["key"], registry=r)
         self.key_tokens = Counter("switchyard_key_tokens", "tokens per API key name", ["key", "kind"], registry=r)
         self.degraded = Gauge("switchyard_degraded", "1 while Redis is unreachable and the gateway serves without "
                               "it (limiter and example cache fail open), as of the last /readyz", registry=r)

@@ -1,13 +1,15 @@
 """The request path, short and literal (DESIGN.md):
 
     model → admission → budget → guard → policy → example cache → pool → backend → cascade → (stream)
-          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log
+          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log, spans
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
 error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
 *before* any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose
 normal end hands an ``Outcome`` to ``finish`` (``gateway/accounting.py`` books it; the example cache learns).
-Components are reached through the small Protocols below (a fake of each serves the tests).
+Components are reached through the small Protocols below (a fake of each serves the tests). With
+``opentelemetry: true`` each stage opens and ends a span through ``trace.spans`` (``gateway/tracing.py``);
+otherwise each hook is one ``None`` check.
 
 Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
 ``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
@@ -76,6 +78,7 @@ class Job:
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
     session_id: str | None = None  # the agent session (gateway/sessions.py session_of)
     program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
+    state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its Trace there for ``record``
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -97,6 +100,7 @@ class Trace:
     escalated: bool = False
     judged: bool = False  # the cascade judged an SLM answer
     namespace: str = "default"
+    key_name: str | None = None  # the admitted key's name (None: open gateway, or not admitted yet)
     num_examples: int = 0
     example_ids: list[str] = field(default_factory=list)
     query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
@@ -106,6 +110,7 @@ class Trace:
     backend_wait_s: float = 0.0
     overhead_s: float | None = None
     cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
+    spans: Any = field(default=None, repr=False)  # gateway.tracing.RequestSpans when `opentelemetry: true`
 
     def info(self) -> dict[str, Any]:
         return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
@@ -252,11 +257,11 @@ class Pipeline:
         self.settings = settings
         self.sessions = sessions if sessions is not None else build_session_store(settings)
         self.budgets = budgets or Budgets(None)
-        self.decision_log: Any = None  # gateway.decision_log.DecisionLog when settings.decision_log.path is set
-        if settings.decision_log.path:
-            from gateway.decision_log import DecisionLog
+        from gateway.decision_log import DecisionLog
 
-            self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
+        # the latest records always (the /ui dashboard); lines too when decision_log.path is set
+        self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
+        self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
@@ -347,8 +352,7 @@ class Pipeline:
             await self.sessions.close()
         with contextlib.suppress(Exception):
             await self.budgets.close()
-        if self.decision_log is not None:
-            self.decision_log.close()
+        self.decision_log.close()
 
     def _scrape_values(self) -> dict[str, Any]:
         failures: dict[str, int] = {}
@@ -409,10 +413,23 @@ class Pipeline:
 
     async def run(self, job: Job, api_key: str | None) -> Execution:
         trace = Trace()
+        if job.state is not None:
+            job.state["trace"] = trace  # what was decided, for record() when the request fails on the way
+        if self.tracing is not None:
+            trace.spans = self.tracing.begin(job)  # gateway/tracing.py: ended by record()
+        try:
+            return await self._run(job, api_key, trace)
+        except BaseException as e:
+            if trace.spans is not None:
+                trace.spans.error(e)
+            raise
+
+    async def _run(self, job: Job, api_key: str | None, trace: Trace) -> Execution:
         # [1] the model, resolved once; admission of the resolved pool (the key was checked at the edge)
+        span = trace.spans and trace.spans.start("admission")
         requested = self.resolve_model(job.model)
         admission = await self.admitter.admit(api_key, requested)
-        trace.namespace = admission.namespace
+        trace.namespace, trace.key_name = admission.namespace, admission.key_name
         if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
@@ -421,6 +438,8 @@ class Pipeline:
         if admission.max_budget_usd is not None:
             reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
                                                         job.sampling.max_tokens * job.n)
+        if span:
+            trace.spans.end(span, key=admission.key_name, model=requested)
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
         except BaseException:
@@ -445,8 +464,11 @@ class Pipeline:
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
+            span = trace.spans and trace.spans.start("guard")
             verdict = self.guard.classify(guard_text)
             trace.guard = verdict.label
+            if span:
+                trace.spans.end(span, guard=verdict.label)
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
                 policy = self.settings.guard.ood if verdict.label == "ood" else self.settings.guard.unsafe
@@ -458,6 +480,7 @@ class Pipeline:
                 if policy.action == "route":
                     forced_pool = policy.pool
         # [3] policy
+        span = trace.spans and trace.spans.start("routing")
         if forced_pool is not None:
             trace.route, trace.pool, trace.reason = "guard", forced_pool, f"guard verdict {trace.guard}"
         elif requested != "auto":
@@ -472,6 +495,8 @@ class Pipeline:
                 trace.reason = "the session's tier holds: an earlier turn was answered by the LLM"
             self._route_for_capabilities(job, trace)
         self._check_capabilities(job, trace.pool)
+        if span:
+            trace.spans.end(span, route=trace.route, pool=trace.pool, score=trace.score, threshold=trace.threshold)
         # [4] example cache (only the SLM gets examples)
         messages = job.messages
         kept = session is not None and self.settings.sessions.keep_examples and bool(session.examples)
@@ -483,6 +508,7 @@ class Pipeline:
             messages = _with_examples(job.messages or [], session.examples)
         elif (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
                 and trace.pool == self.settings.routing.slm_pool and text):
+            span = trace.spans and trace.spans.start("cache")
             try:
                 trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
                 examples = [] if trace.query_embedding is None else await self.store.lookup(
@@ -492,6 +518,8 @@ class Pipeline:
                 log.warning("example cache lookup failed: %r", e)
                 self.metrics.child(self.metrics.cache_lookups, "error").inc()
                 examples = []
+            if span:
+                trace.spans.end(span, num_examples=len(examples))
             if examples:
                 from gateway.example_cache import format_examples
 
@@ -626,6 +654,8 @@ class Pipeline:
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
         """The pool's Delta stream; time spent waiting on it is added to ``trace.backend_wait_s``."""
         agen = self.pools.get(alias).generate(request, stream=stream)
+        if trace.spans is not None:
+            agen = trace.spans.backend(agen, alias, request.model)
         try:
             while True:
                 t = time.perf_counter()
@@ -733,14 +763,15 @@ class Pipeline:
 
     def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None,
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
-        """Count one finished request (metrics) and write its decision-log line: exactly once per request."""
+        """Count one finished request (metrics), write its decision-log record and end its spans: exactly once
+        per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
+        verdict and router score from the Trace ``run`` left in the scope state, when it got that far."""
         latency_s = time.perf_counter() - t_start
         self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
                                     overhead_s=overhead_s)
-        if self.decision_log is None:
-            return
+        state = (scope or {}).get("state") or {}
         entry: dict[str, Any] = {
-            "request_id": ((scope or {}).get("state") or {}).get("request_id"),
+            "request_id": state.get("request_id"),
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
             "latency_ms": round(latency_s * 1000, 3),
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
@@ -751,7 +782,18 @@ class Pipeline:
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
                          cost_usd=round(trace.cost_usd, 10))
+        else:
+            trace = state.get("trace")
+            if trace is not None:  # refused on the way (guard, limits, budget, backend): what was decided
+                if trace.key_name is not None:
+                    entry["key"] = trace.key_name
+                if trace.guard != "off":
+                    entry["guard"] = trace.guard
+                if trace.score is not None:
+                    entry.update(score=trace.score, threshold=trace.threshold)
         self.decision_log.write(entry)
+        if trace is not None and trace.spans is not None:
+            trace.spans.finish(status, entry)
 
 
 def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -169,7 +169,8 @@ class ApiKey(_Frozen):
     tokens_per_minute: int | None = Field(None, ge=1)
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
-    admin: bool = Field(False, description="may see replica addresses in /readyz (credentials are never shown)")
+    admin: bool = Field(False, description="may read the /ui dashboard's data and see replica addresses in /readyz "
+                        "(credentials are never shown)")
     max_budget_usd: float | None = Field(None, ge=0, description="spend cap per budget_window; over it → 429 "
                                          "budget_exceeded before any backend call; None = no cap")
     budget_window: str = Field("1d", pattern=r"^[1-9][0-9]*[smhd]$", description="30m, 12h, 1d, 30d, ... "
@@ -238,8 +239,9 @@ class Settings(_Frozen):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
-    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans/metrics/logs (needs an "
-                                                   "OTel provider); off saves its per-request check")
+    opentelemetry: bool = Field(False, description="OpenTelemetry spans of the request path (gateway/tracing.py) and "
+                                "FastAPI's HTTP spans, exported over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT); needs "
+                                "the otel extra; off costs nothing per request")
 
     @field_validator("redis_url")
     @classmethod

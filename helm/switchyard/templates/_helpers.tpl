@@ -150,6 +150,11 @@ content of an existing ConfigMap found by lookup. A change here rolls the gatewa
 */}}
 {{- define "switchyard.artifactsChecksum" -}}
 {{- $parts := list }}
+{{- $deployed := list }}
+{{- range .Values.pools }}{{ if eq .mode "deployment" }}{{ $deployed = append $deployed .name }}{{ end }}{{ end }}
+{{- if and .Values.networkPolicy.enabled .Values.gateway.serviceMonitor.enabled $deployed (not .Values.networkPolicy.metricsFrom) }}
+{{- fail "networkPolicy.metricsFrom: with networkPolicy and gateway.serviceMonitor on, name the peers (your Prometheus) that may scrape the deployment pools' /metrics, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]" }}
+{{- end }}
 {{- range $name := list "router" "guard" }}
 {{- $a := index $.Values.artifacts $name }}
 {{- $parts = append $parts (printf "%s:%s:%s" $name $a.source $a.checksum) }}
@@ -312,6 +317,11 @@ Checks the schema cannot express; a failed one stops the render with a message n
 {{- $cache := .Values.gateway.config.example_cache | default dict }}
 {{- if and (eq ($cache.backend | default "") "redis") (not (include "switchyard.redisUrl" .)) }}
 {{- fail "gateway.config.example_cache.backend = redis needs Redis: set redis.enabled or redis.external.url" }}
+{{- end }}
+{{- $deployed := list }}
+{{- range .Values.pools }}{{ if eq .mode "deployment" }}{{ $deployed = append $deployed .name }}{{ end }}{{ end }}
+{{- if and .Values.networkPolicy.enabled .Values.gateway.serviceMonitor.enabled $deployed (not .Values.networkPolicy.metricsFrom) }}
+{{- fail "networkPolicy.metricsFrom: with networkPolicy and gateway.serviceMonitor on, name the peers (your Prometheus) that may scrape the deployment pools' /metrics, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]" }}
 {{- end }}
 {{- range $name := list "router" "guard" }}
 {{- $a := index $.Values.artifacts $name }}
