@@ -10,7 +10,7 @@ the other folds. On these out-of-fold predictions, at the given prices:
 - ``tolerance_at_best_single_cost``: the smallest tolerance whose cost is at most the best single model's
   (what ``switchyard calibrate --max-cost`` would set for that budget), and the quality it reaches;
 - ``tolerance_matching_best_single``: the largest tolerance (the cheapest setting) whose quality still
-  reaches the best single model's, and its cost;
+  reaches the best single model's, and its cost (tolerance null = infinite: a cheapest model on every row);
 - the mean squared error of the predicted scores.
 
 Run: ``python -m training.nmodel_select --data F --alpha 1 --alpha 3 --price MODEL=USD ... [--json]``.
@@ -68,12 +68,15 @@ def assess(pred: np.ndarray, true: np.ndarray, prices: np.ndarray) -> dict:
         "aiq_oracle": round(cq.aiq(cq.hull(cq.oracle_points(true, prices)), c_min, c_max), 4),
         "best_single": {"cost_per_1k": round(best.cost, 6), "quality": round(best.quality, 4)},
         "router_hull_quality_at_best_single_cost": round(cq.quality_at(router_hull, best.cost), 4),
-        "tolerance_at_best_single_cost": {"tolerance": round(eq.setting, 6), "cost_per_1k": round(eq.cost, 6),
-                                          "quality": round(eq.quality, 4)},
-        "tolerance_matching_best_single": None if match is None else {
-            "tolerance": round(match.setting, 6), "cost_per_1k": round(match.cost, 6),
-            "quality": round(match.quality, 4)},
+        "tolerance_at_best_single_cost": _setting(eq),
+        "tolerance_matching_best_single": None if match is None else _setting(match),
     }
+
+
+def _setting(p: cq.Point) -> dict:
+    """A router setting as JSON: tolerance null = infinite (a cheapest model on every row)."""
+    return {"tolerance": round(p.setting, 6) if np.isfinite(p.setting) else None,
+            "cost_per_1k": round(p.cost, 6), "quality": round(p.quality, 4)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,12 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, r in report["candidates"].items():
         eq, match = r["tolerance_at_best_single_cost"], r["tolerance_matching_best_single"]
         print(f"{name:<14} {r['mse']:>8.5f} {r['aiq_router']:>7.4f} {r['aiq_random']:>7.4f} {r['aiq_oracle']:>7.4f} "
-              f"{r['router_hull_quality_at_best_single_cost']:>8.4f} {eq['tolerance']:>10.4g} {eq['quality']:>7.4f} "
-              f"{'never' if match is None else format(match['tolerance'], '.4g'):>11} "
+              f"{r['router_hull_quality_at_best_single_cost']:>8.4f} {_tol(eq['tolerance']):>10} {eq['quality']:>7.4f} "
+              f"{'never' if match is None else _tol(match['tolerance']):>11} "
               f"{'' if match is None else format(match['cost_per_1k'], '.4g'):>8}")
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def _tol(t: float | None) -> str:
+    return "inf" if t is None else format(t, ".4g")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def _eval_nmodel(args: argparse.Namespace, art) -> int:
             "best_single_cost_per_1k": round(b.cost, 6), "best_single_quality": round(b.quality, 4),
             "router_quality_at_that_cost": round(cq.quality_at(rh, b.cost), 4),
             "router_cost_to_match_its_quality": None if match is None else round(match, 6)},
-        "tolerances": {},
+        "artifact_tolerance": router.tolerance, "tolerances": {},
     }
     tolerances = sorted({0.0, 0.02, 0.05, 0.1, router.tolerance, *(getattr(args, "tolerance", None) or [])})
     for tol in tolerances:
@@ -327,7 +327,7 @@ def _eval_nmodel(args: argparse.Namespace, art) -> int:
         report["tolerances"][f"{tol:g}"] = {
             "quality": round(pt.quality, 4), "cost_per_1k": round(pt.cost, 6),
             "picks": {models[j]: int(n) for j, n in sorted(Counter(picks.tolist()).items())}}
-    _print_nmodel_report(report, router.tolerance)
+    _print_nmodel_report(report)
     if args.plot:
         from training.plots import plot_cost_quality
 
@@ -339,27 +339,28 @@ def _eval_nmodel(args: argparse.Namespace, art) -> int:
     return 0
 
 
-def _print_nmodel_report(report: dict, artifact_tolerance: float) -> None:
+def _print_nmodel_report(report: dict) -> None:
     print(f"N-model router on {report['num_eval_rows']} held-out rows; prices (USD per 1k requests): "
           f"{report['price_source']}")
-    print(f"{'system':<52} {'cost/1k':>9} {'quality':>8} {'AIQ':>7}")
+    print(f"{'system':<54} {'cost/1k':>13} {'quality':>8} {'AIQ':>7}")
     for m, e in sorted(report["single_models"].items(), key=lambda kv: (kv[1]["cost_per_1k"], kv[0])):
-        print(f"{'always ' + m:<52} {e['cost_per_1k']:>9.4g} {e['quality']:>8.4f}")
+        print(f"{'always ' + m:<54} {e['cost_per_1k']:>13.4g} {e['quality']:>8.4f}")
     u = report["uniform_random"]
-    print(f"{'uniform random model per request':<52} {u['cost_per_1k']:>9.4g} {u['quality']:>8.4f}")
-    for name in ("random", "router", "oracle"):
+    print(f"{'uniform random model per request':<54} {u['cost_per_1k']:>13.4g} {u['quality']:>8.4f}")
+    labels = {"random": "random (zero router: mixes of single models), hull", "router": "router (tolerance sweep), hull",
+              "oracle": "oracle (best model per row at each price weight), hull"}
+    for name, label in labels.items():
         h = report["hulls"][name]
-        label = {"random": "random (zero router: mixes of single models)", "router": "router (tolerance sweep)",
-                 "oracle": "oracle (best model per row at each price weight)"}[name]
-        print(f"{label:<52} {h[0][0]:>4.4g}–{h[-1][0]:<4.4g} {h[-1][1]:>8.4f} {report['aiq'][name]:>7.4f}")
+        span = f"{h[0][0]:.4g}–{h[-1][0]:.4g}"
+        print(f"{label:<54} {span:>13} {h[-1][1]:>8.4f} {report['aiq'][name]:>7.4f}")
     for tol, e in report["tolerances"].items():
-        mark = "  (artifact)" if float(tol) == artifact_tolerance else ""
-        print(f"{'router, tolerance ' + tol + mark:<52} {e['cost_per_1k']:>9.4g} {e['quality']:>8.4f}")
+        mark = "  (artifact)" if tol == f"{report['artifact_tolerance']:g}" else ""
+        print(f"{'router, tolerance ' + tol + mark:<54} {e['cost_per_1k']:>13.4g} {e['quality']:>8.4f}")
     v = report["router_vs_best_single"]
     match = v["router_cost_to_match_its_quality"]
     print(f"best single model {report['best_single']}: quality {v['best_single_quality']:.4f} at "
           f"{v['best_single_cost_per_1k']:.4g}; router hull at that cost {v['router_quality_at_that_cost']:.4f}; "
-          f"matched at cost {'never' if match is None else format(match, '.4g')}")
+          f"its quality reached at cost {'never' if match is None else format(match, '.4g')}")
 
 
 # --------------------------------------------------------------------------------------------------

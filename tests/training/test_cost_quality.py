@@ -69,3 +69,27 @@ def test_tolerance_for_cost_is_the_best_quality_the_budget_buys():
     assert tolerance_for_cost(pred, pred, PRICES, max_cost_per_1k=10).tolerance == 0.0
     with pytest.raises(ValueError, match="below the cheapest model's cost"):
         tolerance_for_cost(pred, pred, PRICES, max_cost_per_1k=0.5)
+
+
+def test_nmodel_select_reads_only_the_training_split(tmp_path, capsys):
+    import json
+
+    from tests.training.router_synth import synth_rows
+    from training.data import eval_bucket
+    from training.nmodel_select import main
+
+    rows = []
+    for r in synth_rows(400, seed=5, noise=0.0):
+        hard = r["weak_score"] < r["strong_score"]
+        if eval_bucket(r["id"]) < 20:  # the eval split says the opposite: a run that read it would be confused
+            hard = not hard
+        rows.append({"id": r["id"], "prompt": r["prompt"], "model_scores": {"small": 0.2 if hard else 0.9, "big": 0.9}})
+    data = tmp_path / "n.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--data", str(data), "--alpha", "0.3", "--alpha", "3", "--folds", "3", "--price", "small=1",
+                 "--price", "big=4", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["num_rows"] == sum(eval_bucket(r["id"]) >= 20 for r in rows)
+    for cand in rep["candidates"].values():
+        assert cand["aiq_random"] < cand["aiq_router"] <= cand["aiq_oracle"] + 1e-9
+        assert cand["tolerance_matching_best_single"]["cost_per_1k"] < 3.0
