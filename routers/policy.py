@@ -132,6 +132,8 @@ class RoutePolicy:
         self.routing = routing
         self.router = router
         self.pools = dict(pools) if pools is not None else None
+        assert self.pools is not None or not getattr(router, "is_nmodel", False), \
+            "an nmodel router needs pools: {model: (pool, cost)} (gateway.settings.Settings.router_pools)"
         if self.pools is not None:
             assert router is not None and set(self.pools) == set(router.models), \
                 "an N-model policy maps every model of its router to a pool"
