@@ -96,6 +96,8 @@ class Trace:
     guard: str = "off"
     score: float | None = None
     threshold: float | None = None
+    scores: dict[str, float] | None = None  # N-model router: predicted score per pool alias
+    tolerance: float | None = None  # N-model router: the quality tolerance of the choice
     reason: str = ""
     escalated: bool = False
     judged: bool = False  # the cascade judged an SLM answer
@@ -114,7 +116,8 @@ class Trace:
 
     def info(self) -> dict[str, Any]:
         return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
-                "threshold": self.threshold, "escalated": self.escalated, "num_examples": self.num_examples,
+                "threshold": self.threshold, "scores": self.scores, "tolerance": self.tolerance,
+                "escalated": self.escalated, "num_examples": self.num_examples,
                 "example_similarity": self.example_similarity,
                 "overhead_ms": round((self.overhead_s or 0.0) * 1000, 3), "cost_usd": round(self.cost_usd, 10),
                 "reason": self.reason}
@@ -124,6 +127,8 @@ class Trace:
              "x-switchyard-overhead-ms": f"{(self.overhead_s or 0.0) * 1000:.3f}"}
         if with_cost:
             h["x-switchyard-cost-usd"] = f"{self.cost_usd:.10f}"
+        if self.scores is not None:
+            h["x-switchyard-scores"] = ",".join(f"{alias}={score:.4f}" for alias, score in self.scores.items())
         return h
 
 
@@ -274,7 +279,9 @@ class Pipeline:
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         from gateway.accounting import Accounting
 
-        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background)
+        nmodel_pools = getattr(policy, "pools", None)  # an N-model router's {model: (pool, cost)}
+        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background,
+                                     auto_pools=[alias for alias, _ in nmodel_pools.values()] if nmodel_pools else None)
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -301,12 +308,13 @@ class Pipeline:
             from routers.guard import Guard
 
             guard = Guard.load(settings.guard.artifact)
-        router = None
+        router, router_pools = None, None
         if settings.routing.router_artifact:
             from routers.router import Router
 
             router = Router.load(settings.routing.router_artifact)
-        policy = RoutePolicy(settings.routing, router)
+            router_pools = settings.router_pools(router.kind, router.models)  # ConfigError when they don't fit
+        policy = RoutePolicy(settings.routing, router, pools=router_pools)
         cascade = settings.routing.cascade
         rule = None
         if cascade.mode != "off":
@@ -489,6 +497,7 @@ class Pipeline:
             decision = self.policy.decide(text, job.hint)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
+            trace.scores, trace.tolerance = decision.scores, decision.tolerance
             llm = self.settings.routing.llm_pool
             if session is not None and self.settings.sessions.hold_tier and session.holds_llm and trace.pool != llm:
                 trace.route, trace.pool = "session", llm
@@ -777,6 +786,8 @@ class Pipeline:
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
         if execution is not None:
             trace, usage = execution.trace, execution.usage
+            if trace.scores is not None:
+                entry["scores"] = trace.scores
             entry.update(key=execution.admission.key_name, score=trace.score, threshold=trace.threshold,
                          guard=trace.guard, escalated=trace.escalated, num_examples=trace.num_examples,
                          prompt_tokens=usage.prompt_tokens if usage else None,

@@ -49,6 +49,12 @@ class Price(_Frozen):
     def cost_usd(self, num_prompt_tokens: int, num_completion_tokens: int) -> float:
         return (num_prompt_tokens * self.input_per_1m + num_completion_tokens * self.output_per_1m) / 1e6
 
+    @property
+    def blended_per_1m(self) -> float:
+        """USD per 1M tokens at 3 prompt tokens per completion token (the usual 3:1 blend): how an N-model
+        router ranks pools by cost."""
+        return (3 * self.input_per_1m + self.output_per_1m) / 4
+
 
 class PoolConfig(_Frozen):
     """One model pool: replicas of the embedded engine (``local``) or remote OpenAI-compatible servers."""
@@ -138,6 +144,12 @@ class RoutingSettings(_Frozen):
     threshold: float | None = Field(None, description="override the artifact's calibrated threshold")
     escalate_band: float = Field(0.1, ge=0, le=1, description="scores this close above threshold cascade")
     cascade: CascadeSettings = CascadeSettings()
+    pools: dict[str, str] = Field(default_factory=dict, description="nmodel router artifact: {model name in "
+                                  "the artifact: pool alias}; a model not listed goes to the pool named after it, "
+                                  "else to the pool serving it (pools[].model)")
+    quality_tolerance: float | None = Field(None, ge=0, description="nmodel router artifact: auto picks the "
+                                            "cheapest pool predicted within this of the best predicted score; "
+                                            "None = the artifact's calibrated tolerance")
 
 
 class ExampleCacheSettings(_Frozen):
@@ -262,6 +274,13 @@ class Settings(_Frozen):
         for key, ref in (("routing.slm_pool", self.routing.slm_pool), ("routing.llm_pool", self.routing.llm_pool)):
             if ref not in generate:
                 raise ValueError(f"{key} = {ref!r} is not a pool with task 'generate'; those are: {generate}")
+        for model, ref in self.routing.pools.items():
+            if ref not in generate:
+                raise ValueError(f"routing.pools.{model} = {ref!r} is not a pool with task 'generate'; "
+                                 f"those are: {generate}")
+        if self.routing.pools and self.routing.router_artifact is None:
+            raise ValueError("routing.pools maps an nmodel router artifact's models to pools: set "
+                             "routing.router_artifact")
         for pool in self.pools:
             if pool.fallback is not None and pool.fallback not in names:
                 raise ValueError(f"pools[{pool.name}].fallback = {pool.fallback!r} is not a pool; pools: {names}")
@@ -299,6 +318,43 @@ class Settings(_Frozen):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def router_pools(self, kind: str, models: list[str]) -> dict[str, tuple[str, float]] | None:
+        """The one place a router artifact's model names become pools. For an ``nmodel`` artifact (``kind``,
+        its ``models``): ``{model: (pool alias, cost)}`` — ``routing.pools[model]``, else the pool named
+        ``model``, else the pool serving it (``pools[].model``); cost = the pool's ``price.blended_per_1m``.
+        None for a two-pool artifact. ConfigError (one line naming the key) when the routing settings do not
+        fit the artifact at ``routing.router_artifact``."""
+        routing, where = self.routing, f"routing.router_artifact {self.routing.router_artifact!r}"
+        if kind != "nmodel":
+            for key, value in (("routing.pools", routing.pools or None),
+                               ("routing.quality_tolerance", routing.quality_tolerance)):
+                if value is not None:
+                    raise ConfigError(f"{key} is for an nmodel router artifact; {where} is a two-pool "
+                                      f"({kind}) router")
+            return None
+        if routing.threshold is not None:
+            raise ConfigError(f"routing.threshold is for a two-pool router; {where} is an nmodel router "
+                              "(set routing.quality_tolerance)")
+        unknown = sorted(set(routing.pools) - set(models))
+        if unknown:
+            raise ConfigError(f"routing.pools names {unknown}, not models of {where}; its models: {models}")
+        out, unmapped = {}, []
+        for model in models:
+            alias = routing.pools.get(model) or self.resolve_model(model)
+            if alias is None or alias == "auto" or self.pool(alias).task != "generate":
+                unmapped.append(model)
+            else:
+                out[model] = (alias, self.pool(alias).price.blended_per_1m)
+        if unmapped:
+            raise ConfigError(f"{where} routes among models that match no generate pool: {unmapped}; map each "
+                              "in routing.pools: {model: pool}, or name a pool (or its model) after it")
+        aliases = [alias for alias, _ in out.values()]
+        shared = sorted({a for a in aliases if aliases.count(a) > 1})
+        if shared:
+            raise ConfigError(f"{where}: each of its models needs its own pool; {shared} serve several "
+                              "(routing.pools)")
+        return out
 
 
 def hash_api_key(key: str) -> str:

@@ -530,6 +530,8 @@ def test_existing_api_key_secret_is_referenced_not_rendered():
         ((), {"modelSource.type": "s3"}),
         (("gateway.config.limits.max_n=0",), None),
         (("gateway.config.routing.router_artifact=/x",), None),
+        (("gateway.config.routing.quality_tolerance=-1",), None),
+        (("gateway.config.routing.pools.m=",), None),
         (("gateway.config.example_cache.backend=postgres",), None),
         (("apiKeys.keys[0].name=nokey",), None),
         (("apiKeys.keys[0].name=a", "apiKeys.keys[0].sha256=nothex"), None),
@@ -665,6 +667,14 @@ def test_artifacts_are_mounted_where_the_config_points():
     assert mount["subPath"] == "guard-v3" and mount["readOnly"] is True
     docs = render(sets=("artifacts.router.source=image", "artifacts.router.path=/opt/router"))
     assert gateway_config(docs)["routing"]["router_artifact"] == "/opt/router"
+
+
+def test_an_nmodel_router_s_pool_map_and_tolerance_reach_the_gateway():
+    values = ("artifacts:\n  router: {source: image, path: /opt/nmodel}\ngateway:\n  config:\n    routing:\n"
+              "      pools: {org/small-7b: slm, org/large-70b: llm}\n      quality_tolerance: 0.03\n")
+    settings = settings_from_dict(gateway_config(render(extra_values=values)))
+    assert settings.routing.pools == {"org/small-7b": "slm", "org/large-70b": "llm"}
+    assert (settings.routing.quality_tolerance, settings.routing.router_artifact) == (0.03, "/opt/nmodel")
 
 
 # ------------------------------------------------------------------------------------ pods

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strong-share", type=float, default=0.5, help="initial calibration target")
     p.add_argument("--slm-price", type=float, help="SLM USD per 1k requests (stored for --max-cost)")
     p.add_argument("--llm-price", type=float, help="LLM USD per 1k requests (stored for --max-cost)")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
+                   help="nmodel: a model's USD per 1k requests (repeatable; stored for eval and --max-cost)")
+    p.add_argument("--alpha", type=float, help="nmodel: ridge regularisation of the per-model heads (default 3; "
+                                               "chosen on validation folds: BENCHMARKS.md)")
 
     ev = sub.add_parser("eval", help="evaluate a guard or router artifact")
     evsub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
@@ -197,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-data", help="with --all-rows --baselines: the router's training data (default: "
                                            "the file its artifact records)")
     p.add_argument("--source", action="append", default=[], help="evaluate only rows of this source (repeatable)")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
+                   help="nmodel: override a model's USD per 1k requests (repeatable)")
+    p.add_argument("--tolerance", action="append", type=float, default=[],
+                   help="nmodel: also report the router at this quality tolerance (repeatable)")
     _json_flag(p)
 
     p = _add(sub, "calibrate", "training.router_cmd:calibrate", "set the router threshold to a cost target")
@@ -204,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--strong-share", type=float, help="share of traffic sent to the strong model (0..1)")
-    g.add_argument("--max-cost", type=float, help="USD per 1k requests, from the artifact's prices")
+    g.add_argument("--max-cost", type=float, help="USD per 1k requests, from the artifact's prices (an nmodel "
+                                                  "router: sets its quality tolerance)")
     p.add_argument("--slm-price", type=float, help="override the artifact's SLM USD per 1k requests")
     p.add_argument("--llm-price", type=float, help="override the artifact's LLM USD per 1k requests")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
+                   help="nmodel: override a model's USD per 1k requests (repeatable)")
     p.add_argument("--all-rows", action="store_true", help="use every row (data never seen in training)")
     p.add_argument("--escalate-share", type=float,
                    help="also calibrate the cascade so this share of SLM answers escalates (rows from `label`)")

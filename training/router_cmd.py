@@ -48,6 +48,8 @@ def train_router(args: argparse.Namespace) -> int:
     rows = load_routing_rows(args.data)
     if args.kind == "nmodel" or not any(r.is_pairwise for r in rows):
         return _train_nmodel(args, rows)
+    if args.price or args.alpha is not None:
+        raise ValueError("--price and --alpha are for --kind nmodel (two-pool routers: --slm-price/--llm-price)")
     cfg = TrainConfig(
         kind=args.kind,
         seed=args.seed,
@@ -70,13 +72,32 @@ def train_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_prices(args: argparse.Namespace, models: list[str], stored: dict | None = None) -> dict[str, float]:
+    """N-model prices (USD per 1k requests): the artifact's, overridden by ``--price NAME=USD``."""
+    prices = {m: float(v) for m, v in (stored or {}).items() if m in models}
+    for item in getattr(args, "price", None) or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            usd = float(value)
+        except ValueError:
+            usd = -1.0
+        if not sep or not name or usd < 0:
+            raise ValueError(f"--price {item!r}: give MODEL=USD_PER_1K_REQUESTS, e.g. --price {models[0]}=0.2")
+        if name not in models:
+            raise ValueError(f"--price {item!r}: {name!r} is not a model of this router; its models: {models}")
+        prices[name] = usd
+    return prices
+
+
 def _train_nmodel(args: argparse.Namespace, rows: list[RoutingRow]) -> int:
-    from routers.artifact import Artifact
     from routers.features import HashedTfidf
-    from routers.scorers import ROUTER_KIND, NModelScorer
+    from routers.router import DEFAULT_TOLERANCE, Router
+    from routers.scorers import NModelScorer
 
     pct = eval_percent_of(args.eval_fraction)
     train = [r for r in rows if not is_eval_row(r, pct) and r.source not in args.exclude_source]
+    if not train:
+        raise ValueError("no training rows left after the eval split and --exclude-source")
     models = sorted({m for r in train for m in r.model_scores})
     for r in train:
         if set(r.model_scores) != set(models):
@@ -85,18 +106,18 @@ def _train_nmodel(args: argparse.Namespace, rows: list[RoutingRow]) -> int:
     texts = [r.prompt for r in train]
     scores = np.asarray([[r.model_scores[m] for m in models] for r in train], dtype=np.float64)
     tfidf = HashedTfidf(n_features=2**18).fit(texts)
-    nm = NModelScorer(models).fit(texts, scores, tfidf)
-    meta, arrays = nm.state()
-    art = Artifact(kind=ROUTER_KIND, meta={
+    nm = NModelScorer(models, alpha=args.alpha if args.alpha is not None else 3.0).fit(texts, scores, tfidf)
+    router = Router(nm, nm.feats, {
         "description": "switchyard N-model router: predicted score per model; cheapest within tolerance",
-        "scorer": meta,
-        "prices": _prices(args),
+        "prices": model_prices(args, models),
+        "tolerance": DEFAULT_TOLERANCE,
         "training_data": {"file": str(args.data), "num_fit_rows": len(train),
                           "sources": dict(Counter(r.source for r in train)),
                           "split": {"eval_percent": pct}},
-    }, arrays=arrays)
-    art.save(args.out)
-    print(f"trained N-model router ({len(models)} models) on {len(train)} rows → {args.out}")
+    })
+    router.save(args.out)
+    print(f"trained N-model router ({len(models)} models, alpha {nm.alpha:g}) on {len(train)} rows; "
+          f"tolerance {router.tolerance:g} until `switchyard calibrate --max-cost` → {args.out}")
     return 0
 
 
@@ -130,6 +151,8 @@ def eval_router(args: argparse.Namespace) -> int:
     art = artifact.load(args.model, kind="router")
     if art.meta.get("scorer", {}).get("kind") == "nmodel":
         return _eval_nmodel(args, art)
+    if getattr(args, "price", None) or getattr(args, "tolerance", None):
+        raise ValueError("--price and --tolerance are for an nmodel router")
     router = Router.load(args.model)
     rows = load_routing_rows(args.data, require="pairwise")
     held = _eval_rows(rows, router.meta, args.all_rows)
@@ -239,33 +262,105 @@ def _print_report(report: dict, systems: list[str]) -> None:
 
 
 def _eval_nmodel(args: argparse.Namespace, art) -> int:
-    from routers.scorers import NModelScorer, choose_model
+    """Quality vs cost on held-out rows (``training.cost_quality``): every single model, the zero router
+    ("random"), the oracle and the router's tolerance sweep, each with its non-decreasing convex hull and
+    AIQ; the router at its artifact's tolerance and at each ``--tolerance``; where its hull stands against
+    the best single model."""
+    from routers.router import Router
+    from routers.scorers import choose_indices
+    from training import cost_quality as cq
 
-    nm = NModelScorer.from_state(art.meta["scorer"], art.arrays)
+    router = Router.from_artifact(art)
+    models = router.models
     rows = load_routing_rows(args.data, require="models")
     held = _eval_rows(rows, art.meta, args.all_rows)
-    pred = nm.predict_batch([r.prompt for r in held])
-    prices = art.meta.get("prices") or {}
-    if not prices:  # no prices: assume the listed order is cheapest first
-        prices = {m: float(i + 1) for i, m in enumerate(nm.models)}
-    true = np.asarray([[r.model_scores[m] for m in nm.models] for r in held])
-    report: dict = {"model": str(args.model), "kind": "nmodel", "num_eval_rows": len(held), "models": nm.models,
-                    "single_model_quality": {m: round(float(true[:, j].mean()), 4) for j, m in enumerate(nm.models)},
-                    "oracle_quality": round(float(true.max(axis=1).mean()), 4), "tolerances": {}}
-    print(f"N-model router on {len(held)} held-out rows")
-    for m, q in report["single_model_quality"].items():
-        print(f"  always {m:<48} quality {q:.4f}  price {prices.get(m, 0):g}")
-    print(f"  oracle (best per row)                                   quality {report['oracle_quality']:.4f}")
-    for tol in (0.0, 0.02, 0.05, 0.1):
-        picks = [choose_model(dict(zip(nm.models, p, strict=True)), prices, tol).model for p in pred]
-        q = float(np.mean([true[i, nm.models.index(m)] for i, m in enumerate(picks)]))
-        cost = float(np.mean([prices.get(m, 0.0) for m in picks]))
-        report["tolerances"][str(tol)] = {"quality": round(q, 4), "mean_price": round(cost, 4),
-                                         "picks": dict(Counter(picks))}
-        print(f"  router tolerance {tol:<5g} quality {q:.4f}  mean price {cost:.3f}")
+    if getattr(args, "source", None):
+        held = [r for r in held if r.source in args.source]
+        if not held:
+            raise ValueError(f"no eval rows with source in {args.source}")
+    missing = [r.split_key for r in held if not set(models) <= set(r.model_scores)]
+    if missing:
+        raise ValueError(f"{len(missing)} eval rows lack scores of this router's models {models} "
+                         f"(first: {missing[0][:60]!r})")
+    given = model_prices(args, models, art.meta.get("prices"))
+    if not given:  # no prices anywhere: the listed (name) order, cheapest first
+        price_source, given = "rank in name order (no prices given)", {m: float(i + 1) for i, m in enumerate(models)}
+    elif set(given) != set(models):
+        raise ValueError(f"prices name {sorted(given)} but the router's models are {models}: price every model "
+                         "(--price MODEL=USD, USD per 1k requests)")
+    else:
+        price_source = "--price / artifact"
+    prices = np.asarray([given[m] for m in models], dtype=np.float64)
+    pred = router.predict_batch([r.prompt for r in held])
+    true = np.asarray([[r.model_scores[m] for m in models] for r in held], dtype=np.float64)
+    c_min, c_max = float(prices.min()), float(prices.max())
+
+    singles = cq.single_points(true, prices)
+    systems = {"router": cq.router_points(pred, true, prices), "oracle": cq.oracle_points(true, prices),
+               "random": singles}  # random = RouterBench's zero router: random mixes of single models
+    hulls = {name: cq.hull(pts) for name, pts in systems.items()}
+    best = int(np.argmax([p.quality for p in singles]))
+    b = singles[best]
+    rh = hulls["router"]
+    match = cq.cost_to_reach(rh, b.quality)
+    uniform = cq.point(np.random.default_rng(0).integers(0, len(models), len(held)), true, prices)
+    report: dict = {
+        "model": str(args.model), "kind": "nmodel", "num_eval_rows": len(held), "models": models,
+        "prices_per_1k": given, "price_source": price_source, "cost_range_per_1k": [c_min, c_max],
+        "single_models": {m: {"cost_per_1k": round(p.cost, 6), "quality": round(p.quality, 4)}
+                          for m, p in zip(models, singles, strict=True)},
+        "best_single": models[best],
+        "aiq": {name: round(cq.aiq(h, c_min, c_max), 4) for name, h in hulls.items()},
+        "hulls": {name: [[round(c, 6), round(q, 4)] for c, q in h] for name, h in hulls.items()},
+        "uniform_random": {"cost_per_1k": round(uniform.cost, 6), "quality": round(uniform.quality, 4)},
+        "oracle_quality": round(float(true.max(axis=1).mean()), 4),
+        "router_vs_best_single": {
+            "best_single_cost_per_1k": round(b.cost, 6), "best_single_quality": round(b.quality, 4),
+            "router_quality_at_that_cost": round(cq.quality_at(rh, b.cost), 4),
+            "router_cost_to_match_its_quality": None if match is None else round(match, 6)},
+        "artifact_tolerance": router.tolerance, "tolerances": {},
+    }
+    tolerances = sorted({0.0, 0.02, 0.05, 0.1, router.tolerance, *(getattr(args, "tolerance", None) or [])})
+    for tol in tolerances:
+        picks = choose_indices(pred, prices, tol)
+        pt = cq.point(picks, true, prices, tol)
+        report["tolerances"][f"{tol:g}"] = {
+            "quality": round(pt.quality, 4), "cost_per_1k": round(pt.cost, 6),
+            "picks": {models[j]: int(n) for j, n in sorted(Counter(picks.tolist()).items())}}
+    _print_nmodel_report(report)
+    if args.plot:
+        from training.plots import plot_cost_quality
+
+        plot_cost_quality(hulls, {m: (p.cost, p.quality) for m, p in zip(models, singles, strict=True)},
+                          args.plot, title=f"N-model router on {len(held)} held-out rows")
+        print(f"plot → {args.plot}")
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def _print_nmodel_report(report: dict) -> None:
+    print(f"N-model router on {report['num_eval_rows']} held-out rows; prices (USD per 1k requests): "
+          f"{report['price_source']}")
+    print(f"{'system':<54} {'cost/1k':>13} {'quality':>8} {'AIQ':>7}")
+    for m, e in sorted(report["single_models"].items(), key=lambda kv: (kv[1]["cost_per_1k"], kv[0])):
+        print(f"{'always ' + m:<54} {e['cost_per_1k']:>13.4g} {e['quality']:>8.4f}")
+    u = report["uniform_random"]
+    print(f"{'uniform random model per request':<54} {u['cost_per_1k']:>13.4g} {u['quality']:>8.4f}")
+    labels = {"random": "random (zero router: mixes of single models), hull", "router": "router (tolerance sweep), hull",
+              "oracle": "oracle (best model per row at each price weight), hull"}
+    for name, label in labels.items():
+        h = report["hulls"][name]
+        span = f"{h[0][0]:.4g}–{h[-1][0]:.4g}"
+        print(f"{label:<54} {span:>13} {h[-1][1]:>8.4f} {report['aiq'][name]:>7.4f}")
+    for tol, e in report["tolerances"].items():
+        mark = "  (artifact)" if tol == f"{report['artifact_tolerance']:g}" else ""
+        print(f"{'router, tolerance ' + tol + mark:<54} {e['cost_per_1k']:>13.4g} {e['quality']:>8.4f}")
+    v = report["router_vs_best_single"]
+    match = v["router_cost_to_match_its_quality"]
+    print(f"best single model {report['best_single']}: quality {v['best_single_quality']:.4f} at "
+          f"{v['best_single_cost_per_1k']:.4g}; router hull at that cost {v['router_quality_at_that_cost']:.4f}; "
+          f"its quality reached at cost {'never' if match is None else format(match, '.4g')}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +374,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
     _single_thread()
     router = Router.load(args.model)
+    if router.is_nmodel:
+        return _calibrate_nmodel(args, router)
+    if getattr(args, "price", None):
+        raise ValueError("--price is for an nmodel router; this one has two pools: --slm-price/--llm-price")
     rows = load_routing_rows(args.data)
     held = _eval_rows(rows, router.meta, getattr(args, "all_rows", False))
     cal = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 0]
@@ -324,6 +423,40 @@ def calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     return 0
 
+
+def _calibrate_nmodel(args: argparse.Namespace, router: Router) -> int:
+    """The quality tolerance for ``--max-cost`` (USD per 1k requests at the artifact's / ``--price`` prices):
+    set on the even id-hash buckets of the eval split, measured on the odd ones (prompts only)."""
+    from routers import artifact
+    from training.calibrate import tolerance_for_cost
+
+    if args.max_cost is None:
+        raise ValueError("an nmodel router is calibrated to a cost budget: --max-cost USD_PER_1K_REQUESTS")
+    if getattr(args, "escalate_share", None) is not None:
+        raise ValueError("--escalate-share calibrates the two-pool cascade; an nmodel router has none")
+    models = router.models
+    prices = model_prices(args, models, router.meta.get("prices"))
+    if set(prices) != set(models):
+        raise ValueError(f"--max-cost needs a price for every model; missing {sorted(set(models) - set(prices))} "
+                         "(--price MODEL=USD, USD per 1k requests, here or at train time)")
+    rows = load_routing_rows(args.data)
+    held = _eval_rows(rows, router.meta, getattr(args, "all_rows", False))
+    cal = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 0]
+    test = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 1]
+    if not cal or not test:
+        raise ValueError(f"calibration needs at least 2 held-out rows; got {len(held)}")
+    c = tolerance_for_cost(router.predict_batch([r.prompt for r in cal]),
+                           router.predict_batch([r.prompt for r in test]),
+                           np.asarray([prices[m] for m in models], dtype=np.float64), float(args.max_cost))
+    result = c.as_dict()
+    calibration = {"rule": "cost_budget", **result, "data": str(args.data)}
+    artifact.update_meta(args.model, tolerance=c.tolerance, calibration=calibration, prices=prices)
+    print(f"tolerance {c.tolerance:.6g} for at most {c.max_cost_per_1k:g} USD per 1k requests: expected "
+          f"{c.expected_cost_per_1k:.6g} on the {c.num_calibration_rows} rows that set it, "
+          f"{c.realised_cost_per_1k:.6g} on {c.num_heldout_rows} held-out rows")
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
 
 def _fit_cascade(data: str, meta: dict, all_rows: bool, escalate_share: float):
