@@ -129,6 +129,7 @@ def test_records_auto_requests_of_the_named_keys_and_namespaces_only(live_server
     assert first["request_id"] == "req-sk-a-29" and first["endpoint"] == "/v1/chat/completions"
     assert {"ts", "score", "threshold", "escalated"} <= set(first)
     assert (second["key"], second["namespace"], second["prompt"]) == ("team-b", "shared", "name a fruit")
+    assert log.stat().st_mode & 0o777 == 0o600  # prompts: readable by the gateway's user only
     metrics = httpx.get(base + "/metrics").text
     assert "switchyard_traffic_log_lines_total 2.0" in metrics
 
