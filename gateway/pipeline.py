@@ -301,18 +301,32 @@ class Pipeline:
                                      auto_pools=[alias for alias, _ in nmodel_pools.values()] if nmodel_pools else None)
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
+    # The serving guard / policy / cascade rule: views of the current snapshot (a request uses the snapshot it
+    # started with). Setting one (tests) replaces the snapshot with a copy that differs in it.
+
     @property
     def guard(self) -> GuardComponent | None:
-        """The serving guard (of the current snapshot; a request uses the snapshot it started with)."""
         return self.artifacts.guard
+
+    @guard.setter
+    def guard(self, value: GuardComponent | None) -> None:
+        self.artifacts = replace(self.artifacts, guard=value)
 
     @property
     def policy(self) -> PolicyComponent:
         return self.artifacts.policy
 
+    @policy.setter
+    def policy(self, value: PolicyComponent) -> None:
+        self.artifacts = replace(self.artifacts, policy=value)
+
     @property
     def cascade_rule(self) -> CascadeRule | None:
         return self.artifacts.cascade_rule
+
+    @cascade_rule.setter
+    def cascade_rule(self, value: CascadeRule | None) -> None:
+        self.artifacts = replace(self.artifacts, cascade_rule=value)
 
     # ------------------------------------------------------------------------------ lifecycle
 
