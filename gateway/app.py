@@ -2,6 +2,7 @@
 
 The lifespan builds the ``Pipeline`` once (pools, guard, router policy, cascade rule, example store,
 admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
+SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Pipeline.reload``).
 Every error leaves in OpenAI's envelope through ``gateway.edge.error_response``: pydantic validation
 errors are 400 ``invalid_request_error`` (not FastAPI's 422), unknown paths 404 (a trailing slash too:
 never a redirect), a client that left 499, anything unexpected 500.
@@ -9,8 +10,10 @@ never a redirect), a client that left 499, anything unexpected 500.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -72,9 +75,12 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         gc.collect()
         gc.freeze()
         app.state.pipeline = pipeline
+        sighup = _reload_on_sighup(pipeline)
         try:
             yield
         finally:
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             app.state.pipeline = None
             await pipeline.close()
             await app.state.response_store.close()
@@ -125,9 +131,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, embeddings, health, messages, models, responses, ui
+    from gateway.routes import admin, chat, completions, embeddings, health, messages, models, responses, ui
 
-    for module in (chat, completions, responses, messages, embeddings, models, health, ui):
+    for module in (chat, completions, responses, messages, embeddings, models, health, ui, admin):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
@@ -135,6 +141,18 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
                        max_header_bytes=settings.limits.max_header_bytes)
     app.openapi = lambda: _openapi_schema(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def _reload_on_sighup(pipeline: Any) -> bool:
+    """SIGHUP reloads the artifacts (``Pipeline.reload``; the outcome is logged). Only where the loop can
+    take signals (the main thread, as ``switchyard serve`` runs); False elsewhere (a server in a test thread)."""
+    if not hasattr(signal, "SIGHUP"):
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, pipeline.reload_in_background)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 class FastLane:

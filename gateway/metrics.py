@@ -18,6 +18,8 @@ Names (all prefixed ``switchyard_``):
   redis_failures_total{component}            rate_limiter | example_cache (read at scrape time)
   example_cache_events_total{event}          the example store's own counters (lookups, timeouts, evicted, ...)
   rate_limited_total
+  artifact_reloads_total{result}             ok | failed (SIGHUP or POST /admin/reload)
+  traffic_log_lines_total                    prompts recorded by the traffic log (opt-in)
   pool_healthy_replicas{pool}                read at scrape time
   pool_events_total{pool,event}              requests | failures | retries | failovers | ejections | no_replica
 
@@ -115,6 +117,10 @@ class Metrics:
                                      registry=r)
         self.cache_admits = Counter("switchyard_example_cache_admits", "LLM answers admitted", registry=r)
         self.rate_limited = Counter("switchyard_rate_limited", "requests refused by rate limits", registry=r)
+        self.artifact_reloads = Counter("switchyard_artifact_reloads", "artifact reloads (SIGHUP or POST "
+                                        "/admin/reload)", ["result"], registry=r)
+        self.traffic_logged = Counter("switchyard_traffic_log_lines", "prompts recorded by the traffic log",
+                                      registry=r)
         self.budget_exceeded = Counter("switchyard_budget_exceeded", "requests refused by key budgets", registry=r)
         self.key_spend = Counter("switchyard_key_spend_usd", "cost of answered requests per API key name",
                                  ["key"], registry=r)

@@ -45,6 +45,7 @@ from gateway.metrics import Metrics
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.artifacts import ServingArtifacts
     from gateway.cascade import CascadeRule
     from gateway.example_cache.types import ExampleStore
     from gateway.sessions import SessionStore
@@ -53,6 +54,7 @@ log = logging.getLogger("switchyard.pipeline")
 
 # Cascade judge needs token logprobs from the SLM even when the caller did not ask for them.
 _CASCADE_ROUTES = ("slm", "slm_then_escalate")
+_AUTO_ROUTES = frozenset({"slm", "slm_then_escalate", "llm", "session"})  # decided for model "auto"
 
 
 @dataclass
@@ -166,6 +168,11 @@ class Execution:
         self._done = False
         self.reservation: Any = None  # gateway.budget.Reservation, settled by finish()
 
+    @property
+    def request_text(self) -> str:
+        """What guard / router / cache read of this request (``routers.text.RequestText``)."""
+        return self._text
+
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
             if self._first is not None:
@@ -256,7 +263,8 @@ class Pipeline:
     def __init__(self, settings: Settings, pools: PoolsComponent, *, admitter: Admitter, metrics: Metrics,
                  policy: PolicyComponent, guard: GuardComponent | None = None, cascade_rule: CascadeRule | None = None,
                  store: ExampleStore | None = None, limiter_ping: Callable[[], Awaitable[bool]] | None = None,
-                 budgets: Budgets | None = None, sessions: SessionStore | None = None) -> None:
+                 budgets: Budgets | None = None, sessions: SessionStore | None = None,
+                 artifacts: ServingArtifacts | None = None) -> None:
         from gateway.sessions import build_session_store
 
         self.settings = settings
@@ -267,12 +275,21 @@ class Pipeline:
         # the latest records always (the /ui dashboard); lines too when decision_log.path is set
         self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
         self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
+        self.traffic_log: Any = None  # the same writer, recording prompts (settings.traffic_log; opt-in)
+        traffic = settings.traffic_log
+        if traffic.path:
+            self.traffic_log = DecisionLog(traffic.path, traffic.sample, keep=0, max_bytes=traffic.max_bytes,
+                                           max_age_s=traffic.retention_days * 86400.0, file_mode=0o600)
+        self._recorded_keys = frozenset(traffic.keys)
+        self._recorded_namespaces = frozenset(traffic.namespaces)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
-        self.policy = policy
-        self.guard = guard
-        self.cascade_rule = cascade_rule
+        from gateway.artifacts import ServingArtifacts
+
+        # One snapshot, replaced whole by reload(); each request reads it once (see gateway/artifacts.py).
+        self.artifacts = artifacts or ServingArtifacts(guard=guard, policy=policy, cascade_rule=cascade_rule)
+        self._reload_lock = asyncio.Lock()
         self.store = store
         self._limiter_ping = limiter_ping
         self._tasks: set[asyncio.Task] = set()
@@ -284,7 +301,64 @@ class Pipeline:
                                      auto_pools=[alias for alias, _ in nmodel_pools.values()] if nmodel_pools else None)
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
+    # The serving guard / policy / cascade rule: views of the current snapshot (a request uses the snapshot it
+    # started with). Setting one (tests) replaces the snapshot with a copy that differs in it.
+
+    @property
+    def guard(self) -> GuardComponent | None:
+        return self.artifacts.guard
+
+    @guard.setter
+    def guard(self, value: GuardComponent | None) -> None:
+        self.artifacts = replace(self.artifacts, guard=value)
+
+    @property
+    def policy(self) -> PolicyComponent:
+        return self.artifacts.policy
+
+    @policy.setter
+    def policy(self, value: PolicyComponent) -> None:
+        self.artifacts = replace(self.artifacts, policy=value)
+
+    @property
+    def cascade_rule(self) -> CascadeRule | None:
+        return self.artifacts.cascade_rule
+
+    @cascade_rule.setter
+    def cascade_rule(self, value: CascadeRule | None) -> None:
+        self.artifacts = replace(self.artifacts, cascade_rule=value)
+
     # ------------------------------------------------------------------------------ lifecycle
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the configured guard and router artifacts again (in a worker thread) and serve them from now
+        on; requests already deciding or answering keep the snapshot they took. A load that fails keeps the
+        old snapshot, logs why, and says so: ``{"reloaded": False, "error": ..., "serving": ...}``; success is
+        ``{"reloaded": True, "serving": ..., "previous": ...}``. Reloads run one at a time (SIGHUP and
+        ``POST /admin/reload`` share this)."""
+        from gateway.artifacts import auto_pools, load_artifacts
+
+        async with self._reload_lock:
+            old = self.artifacts
+            try:
+                new = await asyncio.to_thread(load_artifacts, self.settings)
+                if auto_pools(new.policy) != auto_pools(old.policy):
+                    raise ValueError(f"the router now chooses among pools {auto_pools(new.policy)} instead of "
+                                     f"{auto_pools(old.policy)}: restart the gateway to serve it")
+            except Exception as e:  # noqa: BLE001 - any failure keeps the old artifacts serving
+                error = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+                log.error("artifact reload failed, still serving the previous artifacts: %s", error)
+                self.metrics.child(self.metrics.artifact_reloads, "failed").inc()
+                return {"reloaded": False, "error": error, "serving": old.describe()}
+            self.artifacts = new  # one assignment: the swap
+            self.metrics.child(self.metrics.artifact_reloads, "ok").inc()
+            serving = new.describe()
+            log.info("artifacts reloaded: router %s, guard %s", serving["router"], serving["guard"])
+            return {"reloaded": True, "serving": serving, "previous": old.describe()}
+
+    def reload_in_background(self) -> None:
+        """``reload()`` as a task (a signal handler cannot await); its outcome is logged."""
+        self._background(self.reload())
 
     @classmethod
     def build(cls, settings: Settings, *, backend_factory: Any = None, metrics: Metrics | None = None,
@@ -296,30 +370,13 @@ class Pipeline:
         from backends.pool import PoolSet
         from gateway import cascade as _cascade  # noqa: F401
         from gateway.admission import InProcessRateLimiter, RedisRateLimiter
-        from gateway.cascade import resolve_rule
-        from routers.policy import RoutePolicy
+        from gateway.artifacts import load_artifacts
 
         metrics = metrics or Metrics()
         pools = PoolSet.from_settings(settings, backend_factory=backend_factory,
                                       stat_logger_factory=metrics.engine.stat_logger, resolver=resolver)
         limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else InProcessRateLimiter()
-        guard = None
-        if settings.guard.artifact:
-            from routers.guard import Guard
-
-            guard = Guard.load(settings.guard.artifact)
-        router, router_pools = None, None
-        if settings.routing.router_artifact:
-            from routers.router import Router
-
-            router = Router.load(settings.routing.router_artifact)
-            router_pools = settings.router_pools(router.kind, router.models)  # ConfigError when they don't fit
-        policy = RoutePolicy(settings.routing, router, pools=router_pools)
-        cascade = settings.routing.cascade
-        rule = None
-        if cascade.mode != "off":
-            artifact_cascade = (router.meta.get("cascade") or None) if router is not None else None
-            rule = resolve_rule(cascade.min_mean_logprob, cascade.min_token_logprob, artifact_cascade)
+        artifacts = load_artifacts(settings)  # ConfigError when the router's pools don't fit the settings
         store = None
         if settings.example_cache.enabled and settings.example_cache.top_k > 0:
             from gateway.example_cache import build_example_store
@@ -329,8 +386,8 @@ class Pipeline:
         from gateway.budget import Budgets
 
         return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics,
-                   policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping,
-                   budgets=Budgets(settings.redis_url))
+                   policy=artifacts.policy, store=store, limiter_ping=ping, budgets=Budgets(settings.redis_url),
+                   artifacts=artifacts)
 
     async def start(self) -> None:
         if self.store is not None:  # first: example_cache.server_search = 'on' without it fails start-up fast
@@ -341,6 +398,8 @@ class Pipeline:
             import transformers  # noqa: F401
             from transformers import AutoConfig, AutoTokenizer  # noqa: F401
         await self.pools.start()
+        if self.traffic_log is not None:
+            self._background(self._expire_traffic_log())
         for alias, replicas in self.pools.health().items():
             for name, ok in replicas.items():
                 if not ok:
@@ -361,6 +420,15 @@ class Pipeline:
         with contextlib.suppress(Exception):
             await self.budgets.close()
         self.decision_log.close()
+        if self.traffic_log is not None:
+            self.traffic_log.close()
+
+    async def _expire_traffic_log(self) -> None:
+        """Enforce the traffic log's retention on a quiet log too (writes enforce it as well)."""
+        period = min(60.0, self.traffic_log.max_age_s / 20)
+        while True:
+            await asyncio.sleep(period)
+            self.traffic_log.enforce_retention()
 
     def _scrape_values(self) -> dict[str, Any]:
         failures: dict[str, int] = {}
@@ -457,8 +525,12 @@ class Pipeline:
         return execution
 
     async def _decide_and_start(self, job: Job, admission: Admission, trace: Trace, requested: str) -> Execution:
-        """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta."""
-        text, guard_text = self._routing_text(job)
+        """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta. The serving
+        artifacts are read once, here: a reload while this request runs does not change its guard, router or
+        cascade rule."""
+        arts = self.artifacts
+        guard = arts.guard
+        text, guard_text = self._routing_text(job, guard)
         session_key, session = None, None
         if job.session_id is not None and requested == "auto":  # the session's tier and examples (sessions.py)
             from gateway.sessions import SessionKey
@@ -467,13 +539,13 @@ class Pipeline:
             session = await self.sessions.get(session_key)
         # [2] guard
         forced_pool = None
-        if self.guard is None:
+        if guard is None:
             trace.guard = "off"
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
             span = trace.spans and trace.spans.start("guard")
-            verdict = self.guard.classify(guard_text)
+            verdict = guard.classify(guard_text)
             trace.guard = verdict.label
             if span:
                 trace.spans.end(span, guard=verdict.label)
@@ -494,7 +566,7 @@ class Pipeline:
         elif requested != "auto":
             trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
         else:
-            decision = self.policy.decide(text, job.hint)
+            decision = arts.policy.decide(text, job.hint)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
             trace.scores, trace.tolerance = decision.scores, decision.tolerance
@@ -543,10 +615,10 @@ class Pipeline:
                     trace.reason = f"good examples found (similarity {trace.example_similarity:.3f} >= {keep_at})"
         # [5-7] pool → backend → cascade
         request = self._generation_request(job, trace.pool, messages)
-        cascade = self._cascade_applies(trace)
+        cascade = self._cascade_applies(trace, arts.cascade_rule)
         try:
             if cascade:
-                first, rest = await self._cascade(job, request, trace)
+                first, rest = await self._cascade(job, request, trace, arts.cascade_rule)
             else:
                 first, rest = await self._start(self._timed(trace.pool, request, job.stream, trace), trace)
         except BackendError as e:
@@ -574,7 +646,7 @@ class Pipeline:
         if state.tier or state.examples:
             await self.sessions.put(key, state)
 
-    def _routing_text(self, job: Job) -> tuple[str, str]:
+    def _routing_text(self, job: Job, guard: GuardComponent | None) -> tuple[str, str]:
         """(the text router and cache read, the text the guard reads): one ``RequestText`` per request,
         cut to ``guard.max_context_chars`` and to the guard artifact's own budget."""
         max_chars = self.settings.guard.max_context_chars
@@ -583,7 +655,7 @@ class Pipeline:
 
             turns = RequestText.of(job.messages)
             text = turns.text(max_chars)
-            return text, (turns.text(self.guard.max_chars) if self.guard is not None else text)
+            return text, (turns.text(guard.max_chars) if guard is not None else text)
         if isinstance(job.prompt, str):
             return job.prompt[-max_chars:], job.prompt[-max_chars:]
         return "", ""
@@ -631,8 +703,8 @@ class Pipeline:
                                  f"{job.response_format.get('type')!r} (supports_json_mode is false).",
                                  code="response_format_not_supported", param="response_format")
 
-    def _cascade_applies(self, trace: Trace) -> bool:
-        if self.cascade_rule is None or trace.pool != self.settings.routing.slm_pool or trace.is_kept_on_slm:
+    def _cascade_applies(self, trace: Trace, rule: CascadeRule | None) -> bool:
+        if rule is None or trace.pool != self.settings.routing.slm_pool or trace.is_kept_on_slm:
             return False
         if trace.route == "slm_then_escalate":
             return True
@@ -698,8 +770,8 @@ class Pipeline:
     async def _collect(self, alias: str, request: GenerationRequest, trace: Trace) -> list[Delta]:
         return [d async for d in self._timed(alias, request, False, trace)]
 
-    async def _cascade(self, job: Job, request: GenerationRequest,
-                       trace: Trace) -> tuple[Delta | None, AsyncIterator[Delta]]:
+    async def _cascade(self, job: Job, request: GenerationRequest, trace: Trace,
+                       rule: CascadeRule) -> tuple[Delta | None, AsyncIterator[Delta]]:
         """Produce the SLM answer, judge it (``CascadeRule.judge``), then replay it or start the LLM's."""
         slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
         judged = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
@@ -713,7 +785,7 @@ class Pipeline:
         if not escalate:
             trace.judged = True
             self.metrics.cascade_judged.inc()
-            unsure = self.cascade_rule.judge(deltas, job.tools)
+            unsure = rule.judge(deltas, job.tools)
             escalate, reason = unsure is not None, unsure or ""
         if self.store is not None and trace.example_ids:
             trace.judged = True
@@ -774,10 +846,13 @@ class Pipeline:
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
         """Count one finished request (metrics), write its decision-log record and end its spans: exactly once
         per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
-        verdict and router score from the Trace ``run`` left in the scope state, when it got that far."""
+        verdict and router score from the Trace ``run`` left in the scope state, when it got that far. An
+        answered ``auto`` request of a key or namespace named in ``traffic_log`` may also be recorded."""
         latency_s = time.perf_counter() - t_start
         self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
                                     overhead_s=overhead_s)
+        if self.traffic_log is not None and execution is not None and status == 200:
+            self._record_traffic(execution, scope)
         state = (scope or {}).get("state") or {}
         entry: dict[str, Any] = {
             "request_id": state.get("request_id"),
@@ -805,6 +880,23 @@ class Pipeline:
         self.decision_log.write(entry)
         if trace is not None and trace.spans is not None:
             trace.spans.finish(status, entry)
+
+    def _record_traffic(self, execution: Execution, scope: dict[str, Any] | None) -> None:
+        """One traffic-log line (``switchyard label --from-log`` reads it): ``ts``, ``request_id``, ``key``,
+        ``namespace``, ``endpoint``, ``route``, ``pool``, ``score``, ``threshold``, ``escalated`` and
+        ``prompt`` — the request text the router read. Only ``auto`` requests are recorded: they are the ones
+        a router decides, and the labeller's own calls (pools named explicitly) never loop back."""
+        trace, admission = execution.trace, execution.admission
+        if trace.route not in _AUTO_ROUTES or not execution.request_text:
+            return
+        if admission.key_name not in self._recorded_keys and admission.namespace not in self._recorded_namespaces:
+            return
+        entry = {"request_id": ((scope or {}).get("state") or {}).get("request_id"), "key": admission.key_name,
+                 "namespace": admission.namespace, "endpoint": (scope or {}).get("path"), "route": trace.route,
+                 "pool": trace.pool, "score": trace.score, "threshold": trace.threshold,
+                 "escalated": trace.escalated, "prompt": execution.request_text}
+        if self.traffic_log.write(entry):
+            self.metrics.traffic_logged.inc()
 
 
 def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -181,8 +181,8 @@ class ApiKey(_Frozen):
     tokens_per_minute: int | None = Field(None, ge=1)
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
-    admin: bool = Field(False, description="may read the /ui dashboard's data and see replica addresses in /readyz "
-                        "(credentials are never shown)")
+    admin: bool = Field(False, description="may call POST /admin/reload, read the /ui dashboard's data and see "
+                        "replica addresses in /readyz (credentials are never shown)")
     max_budget_usd: float | None = Field(None, ge=0, description="spend cap per budget_window; over it → 429 "
                                          "budget_exceeded before any backend call; None = no cap")
     budget_window: str = Field("1d", pattern=r"^[1-9][0-9]*[smhd]$", description="30m, 12h, 1d, 30d, ... "
@@ -234,6 +234,28 @@ class DecisionLogSettings(_Frozen):
     sample: float = Field(1.0, ge=0, le=1, description="share of requests logged")
 
 
+class TrafficLogSettings(_Frozen):
+    """Prompts of sampled ``auto`` requests, recorded for ``switchyard label --from-log`` (the traffic loop).
+    Off unless ``path`` is set and keys or namespaces are named: nothing is recorded by default."""
+
+    path: str | None = Field(None, description="a JSONL file to append to; None = no prompts are recorded")
+    sample: float = Field(1.0, ge=0, le=1, description="share of the named keys' / namespaces' auto requests recorded")
+    keys: list[str] = Field(default_factory=list, description="api_keys[].name whose requests are recorded")
+    namespaces: list[str] = Field(default_factory=list, description="namespaces whose requests are recorded "
+                                  "('default' on an open gateway)")
+    max_bytes: int = Field(100_000_000, ge=4096, description="the log and its one rotated file hold at most this")
+    retention_days: float = Field(30.0, gt=0, description="no recorded line is kept longer than this")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrafficLogSettings:
+        if self.path is not None and not (self.keys or self.namespaces):
+            raise ValueError("traffic_log.path is set but no keys or namespaces are named: prompts are recorded "
+                             "only for the api_keys[].name / namespaces listed in traffic_log.keys / namespaces")
+        if self.path == "stdout":
+            raise ValueError("traffic_log.path must be a file (its retention rotates it), not stdout")
+        return self
+
+
 class Settings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -248,6 +270,7 @@ class Settings(_Frozen):
     sessions: SessionSettings = SessionSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     decision_log: DecisionLogSettings = DecisionLogSettings()
+    traffic_log: TrafficLogSettings = TrafficLogSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
@@ -292,6 +315,11 @@ class Settings(_Frozen):
         if self.example_cache.enabled and self.example_cache.backend == "redis":
             if not (self.example_cache.redis_url or self.redis_url):
                 raise ValueError("example_cache.backend = 'redis' needs redis_url (or example_cache.redis_url)")
+        key_names = {k.name for k in self.api_keys}
+        for name in self.traffic_log.keys:
+            if name not in key_names:
+                raise ValueError(f"traffic_log.keys names {name!r}, which is not an api_keys[].name; "
+                                 f"those are: {sorted(key_names)}")
         if self.example_cache.server_search == "on" and self.example_cache.backend != "redis":
             raise ValueError("example_cache.server_search = 'on' needs example_cache.backend = 'redis'")
         return self

@@ -162,20 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--kind", default="tfidf_source_ridge",
-                   help="tfidf_source_ridge (per-source ridge heads; = tfidf_ridge for one source) | tfidf_ridge "
-                        "| tfidf_lr | ensemble | minilm_mlp | knn | length | random | always_strong "
+    p.add_argument("--kind", default=None,
+                   help="tfidf_source_ridge (default; per-source ridge heads; = tfidf_ridge for one source) | "
+                        "tfidf_ridge | tfidf_lr | ensemble | minilm_mlp | knn | length | random | always_strong "
                         "| nmodel (rows with model_scores)")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of ids hashed into the eval split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="share of ids hashed into the eval split (default 0.2; with --init: the artifact's)")
+    p.add_argument("--seed", type=int, default=None, help="default 0 (with --init: the artifact's)")
     p.add_argument("--exclude-source", action="append", default=[], help="drop a source from training")
-    p.add_argument("--strong-share", type=float, default=0.5, help="initial calibration target")
+    p.add_argument("--strong-share", type=float, default=None,
+                   help="initial calibration target (default 0.5; with --init: the artifact's)")
     p.add_argument("--slm-price", type=float, help="SLM USD per 1k requests (stored for --max-cost)")
     p.add_argument("--llm-price", type=float, help="LLM USD per 1k requests (stored for --max-cost)")
     p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
                    help="nmodel: a model's USD per 1k requests (repeatable; stored for eval and --max-cost)")
     p.add_argument("--alpha", type=float, help="nmodel: ridge regularisation of the per-model heads (default 3; "
                                                "chosen on validation folds: BENCHMARKS.md)")
+    p.add_argument("--init", metavar="ARTIFACT",
+                   help="update this router: refit its kind on its own training rows + --data (labelled traffic)")
+    p.add_argument("--init-data", action="append", metavar="FILE",
+                   help="with --init: the artifact's training rows (default: the files it records)")
+    p.add_argument("--promote-if-better", action="store_true",
+                   help="with --init: write --out only if the update's APGR on the held-out new rows is no worse "
+                        "than the --init artifact's (exit 1 and keep it otherwise)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --promote-if-better: the APGR the update may lose and still pass (default 0)")
+    _json_flag(p)
 
     ev = sub.add_parser("eval", help="evaluate a guard or router artifact")
     evsub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
@@ -224,9 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
 
     p = _add(sub, "label", "training.label:label", "routing labels from your prompts by running both models")
-    p.add_argument("--prompts", required=True, help="JSONL {prompt[, answer][, id]}")
-    p.add_argument("--slm", required=True, help="model name/path or http(s) base URL")
-    p.add_argument("--llm", required=True, help="model name/path or http(s) base URL")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompts", help="JSONL {prompt[, answer][, id][, source]}")
+    g.add_argument("--from-log", action="append", metavar="FILE",
+                   help="the gateway's traffic_log file (its rotated FILE.1 is read too; repeatable)")
+    p.add_argument("--slm", help="model name/path or http(s) base URL (a gateway's /v1#POOL reaches a pool)")
+    p.add_argument("--llm", help="model name/path or http(s) base URL")
+    p.add_argument("--judge", help="model name/path or http(s) base URL that judges SLM answers disagreeing "
+                                   "with the LLM's when there is no reference (default: token-F1 agreement)")
+    p.add_argument("--references", help="JSONL {id|prompt, answer} or {id|prompt, strong_score, weak_score} "
+                                        "(recorded outcomes are taken as labels)")
+    p.add_argument("--source", help="--from-log: the rows' source (default: each request's namespace)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--limit", type=int)

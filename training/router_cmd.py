@@ -45,6 +45,15 @@ def _prices(args: argparse.Namespace, stored: dict | None = None) -> dict[str, f
 
 
 def train_router(args: argparse.Namespace) -> int:
+    if getattr(args, "init", None):
+        return _update_router(args)
+    for flag in ("init_data", "promote_if_better"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')} is for updating a router: add --init ARTIFACT")
+    args.kind = args.kind or "tfidf_source_ridge"
+    args.eval_fraction = 0.2 if args.eval_fraction is None else args.eval_fraction
+    args.strong_share = 0.5 if args.strong_share is None else args.strong_share
+    args.seed = 0 if args.seed is None else args.seed
     rows = load_routing_rows(args.data)
     if args.kind == "nmodel" or not any(r.is_pairwise for r in rows):
         return _train_nmodel(args, rows)
@@ -69,6 +78,9 @@ def train_router(args: argparse.Namespace) -> int:
     print(f"trained {cfg.kind} router on {td['num_fit_rows']} rows ({td['sources']}), "
           f"calibrated on {td['num_calibration_rows']}; threshold {router.threshold:.4f} "
           f"for strong share {cfg.strong_share:g} → {out}")
+    if getattr(args, "json", False):
+        print(json.dumps({"kind": cfg.kind, "out": str(out), "threshold": router.threshold,
+                          "num_fit_rows": td["num_fit_rows"], "sources": td["sources"]}))
     return 0
 
 
@@ -87,6 +99,92 @@ def model_prices(args: argparse.Namespace, models: list[str], stored: dict | Non
             raise ValueError(f"--price {item!r}: {name!r} is not a model of this router; its models: {models}")
         prices[name] = usd
     return prices
+
+
+def _update_router(args: argparse.Namespace) -> int:
+    """``train router --init A``: refit A's kind on A's training rows + the new rows; with
+    ``--promote-if-better`` write ``--out`` only when the gate passes (exit 1 otherwise)."""
+    from routers.router import Router
+    from training.router_update import (
+        TrainingFile,
+        gate_precheck,
+        held_out_rows,
+        load_training_files,
+        promotion_gate,
+        training_files,
+    )
+
+    serving = Router.load(args.init)
+    if getattr(serving, "is_nmodel", False):
+        raise ValueError(f"--init {args.init} is an nmodel router: --init updates two-pool routers; retrain an "
+                         "nmodel router with `switchyard train router --kind nmodel` on old + new rows")
+    td = serving.meta.get("training_data") or {}
+    pct = int(td.get("split", {}).get("eval_percent", 20))
+    if args.price or args.alpha is not None:
+        raise ValueError("--price and --alpha are for --kind nmodel; an update keeps the artifact's prices "
+                         "(--slm-price/--llm-price override them)")
+    if args.kind is not None and args.kind != serving.kind:
+        raise ValueError(f"--kind {args.kind} differs from the --init artifact's kind {serving.kind}: an update "
+                         "keeps the kind (train a new router without --init to change it)")
+    if args.eval_fraction is not None and eval_percent_of(args.eval_fraction) != pct:
+        raise ValueError(f"--eval-fraction {args.eval_fraction:g} differs from the --init artifact's split "
+                         f"({pct} %): an update keeps the split, so its eval rows stay unseen")
+    if args.init_data:
+        old_files = [TrainingFile(f, tuple(td.get("excluded_sources") or ())) for f in args.init_data]
+    else:
+        old_files = training_files(serving.meta)
+        if not old_files:
+            raise ValueError(f"--init {args.init}: the artifact does not record its training data; pass "
+                             "--init-data FILE")
+    old_rows = load_training_files(old_files)
+    new_rows = [r for r in load_routing_rows(args.data, require="pairwise") if r.source not in args.exclude_source]
+    if not new_rows:
+        raise ValueError(f"{args.data}: no rows left after --exclude-source")
+    held = held_out_rows(new_rows, pct)
+    early = gate_precheck(held, args.tolerance)
+    if args.promote_if_better and early is not None:
+        print(f"gate: not passed: {early.reason}")
+        print(f"not promoted (nothing fitted): {args.out} is unchanged; the serving artifact {args.init} stays")
+        if getattr(args, "json", False):
+            print(json.dumps({"init": str(args.init), "kind": serving.kind, "out": str(args.out),
+                              "num_new_rows": len(new_rows), "gate": early.as_dict(), "promote_if_better": True,
+                              "written": False}))
+        return 1
+    stored_share = (serving.meta.get("calibration") or {}).get("target_share")
+    share = args.strong_share if args.strong_share is not None else stored_share if stored_share is not None else 0.5
+    cfg = TrainConfig(kind=serving.kind, seed=args.seed if args.seed is not None else int(td.get("seed", 0)),
+                      eval_fraction=pct / 100, strong_share=float(share),
+                      prices=_prices(args, serving.meta.get("prices")))
+    candidate = fit_router(old_rows + new_rows, cfg)
+    files = [*old_files, TrainingFile(os.path.abspath(args.data), tuple(args.exclude_source))]
+    ctd = candidate.meta["training_data"]
+    ctd["file"], ctd["files"] = files[0].path, [f.as_dict() for f in files]
+    ctd["excluded_sources"] = list(td.get("excluded_sources") or ())
+    ctd["update"] = {"init": str(args.init), "method": "refit from scratch on the init artifact's training rows "
+                     "+ the new rows' training split (same kind, split and seed)",
+                     "num_old_rows": len(old_rows), "num_new_rows": len(new_rows),
+                     "num_new_heldout_rows": len(held)}
+    candidate.meta["cascade"] = serving.meta.get("cascade")
+    gate = promotion_gate(serving, candidate, held, args.tolerance)
+    candidate.meta["promotion"] = {**gate.as_dict(), "serving": str(args.init)}
+    report = {"init": str(args.init), "kind": serving.kind, "out": str(args.out), "num_old_rows": len(old_rows),
+              "num_new_rows": len(new_rows), "num_new_train_rows": len(new_rows) - len(held),
+              "gate": gate.as_dict(), "promote_if_better": bool(args.promote_if_better)}
+    print(f"updated {serving.kind} router {args.init}: refit on {ctd['num_fit_rows']} rows "
+          f"({len(old_rows)} of its own data before the split, {len(new_rows) - len(held)} new training rows); "
+          f"{len(held)} new rows held out")
+    print(f"gate: {'passed' if gate.passed else 'not passed'}: {gate.reason}")
+    write = gate.passed or not args.promote_if_better
+    if write:
+        out = candidate.save(args.out)
+        print(f"threshold {candidate.threshold:.4f} for strong share {cfg.strong_share:g} → {out}"
+              + ("" if gate.passed else " (written without --promote-if-better)"))
+    else:
+        print(f"not promoted: {args.out} is unchanged; the serving artifact {args.init} stays")
+    report["written"] = write
+    if getattr(args, "json", False):
+        print(json.dumps(report))
+    return 0 if write else 1
 
 
 def _train_nmodel(args: argparse.Namespace, rows: list[RoutingRow]) -> int:
