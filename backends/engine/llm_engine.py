@@ -24,6 +24,10 @@ program_id=...)`` — with ``EngineArgs.kv_retain_s`` a finished session's KV st
 retention expiry and program waits; tests pass a controllable one. The model is a local HF folder; bundled names are resolved outside the
 engine (``backends.models.resolve_model_path``).
 
+Speculative decoding (``EngineArgs.speculation = "ngram"``, ``speculation.py``): a decoding sequence may be
+scheduled with drafts; the step then commits its accepted drafts and one more token, each through
+``_postprocess`` (stop conditions, logprobs, grammar), and gives back the blocks that held only rejected drafts.
+
 Not thread-safe: one thread drives it (AsyncEngine does so for asyncio callers).
 """
 

@@ -140,7 +140,8 @@ class ModelRunner:
                 for j, token in enumerate(s.draft_token_ids):
                     accepted = matcher.accept_token(token)
                     assert accepted, "a draft the grammar refuses was scheduled (speculation.grammar_prefix)"
-                    matcher.fill_next_token_bitmask(bitmask, row + j + 1)
+                    if not matcher.is_terminated():  # else the draft ends the sequence: its next row is unused
+                        matcher.fill_next_token_bitmask(bitmask, row + j + 1)
                 if s.draft_token_ids:
                     matcher.rollback(len(s.draft_token_ids))
             row += 1 + len(s.draft_token_ids)

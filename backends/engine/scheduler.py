@@ -46,7 +46,8 @@ class ScheduledSeq:
 
 @dataclass
 class ScheduledBatch:
-    """What the model runner computes in one step: decodes (1 token) first, then prefill chunks."""
+    """What the model runner computes in one step: decodes (1 token) first, then prefill chunks (and the
+    1 + k token chunks of sequences verifying k speculative drafts)."""
 
     decodes: list[ScheduledSeq] = field(default_factory=list)
     prefills: list[ScheduledSeq] = field(default_factory=list)

@@ -329,3 +329,22 @@ def test_engine_args_validate_speculation():
         EngineArgs(ngram_min=5, ngram_max=3)
     with pytest.raises(ValueError, match="num_draft_tokens"):
         EngineArgs(num_draft_tokens=0)
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_greedy_identical(bundled_model_dir):
+    """The real model repeating a JSON document it was given: speculation drafts most of it, same tokens."""
+    folder = bundled_model_dir("smollm2-135m")
+    doc = json.dumps({"tool": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 3}})
+    options = dict(num_kv_blocks=64, block_size=16, max_model_len=512, num_threads=None)
+    plain = tiny_engine(folder, **options)
+    chat = plain.tokenizer.apply_chat_template([{"role": "user", "content": f"Repeat this JSON exactly:\n{doc}"}],
+                                               add_generation_prompt=True, tokenize=False)
+    prompt = plain.tokenizer(chat, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    [off] = plain.generate([prompt], params)
+    engine = tiny_engine(folder, speculation="ngram", **options)
+    [on] = engine.generate([prompt], params)
+    assert on.token_ids == off.token_ids and on.text == off.text
+    assert engine.stats().num_accepted_tokens_total > 0
+    assert_no_leaks(engine)
