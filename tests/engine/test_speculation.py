@@ -239,7 +239,8 @@ def test_sampled_distribution_unchanged(tiny_model_dir):
     """Many seeded samples (top_k 3: a tiny vocabulary of at most 27 outcomes) of the first 3 tokens after a
     prompt that ends in the model's own greedy continuation (so drafts are proposed at tokens 2-4 and often
     accepted), with speculation off and on: a chi-square contingency test cannot tell the two apart (fixed
-    seeds: a fixed p-value, far from the threshold)."""
+    seeds: a fixed p-value, 0.62 when written, far from the threshold). The test has power: with the classic
+    bug of resampling a rejected position from p without removing the draft, the same run gives p = 3e-7."""
     folder = tiny_model_dir("llama")
     [prompt] = repetitive_prompts(1, seed=7)
     prompt = prompt + tiny_engine(folder).generate([prompt], SamplingParams(temperature=0, max_tokens=24,
@@ -348,3 +349,25 @@ def test_bundled_smollm2_greedy_identical(bundled_model_dir):
     assert on.token_ids == off.token_ids and on.text == off.text
     assert engine.stats().num_accepted_tokens_total > 0
     assert_no_leaks(engine)
+
+
+def test_the_gateway_turns_the_speculation_stats_into_prometheus_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import EngineMetrics
+    from tests.gateway.test_metrics_naming import _check_naming
+
+    registry = CollectorRegistry()
+    logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
+    base = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1, num_kv_blocks=64)
+    logger.record(base, IterationStats(num_generation_tokens=4, num_draft_tokens=4, num_accepted_tokens=3))
+    logger.record(base, IterationStats(num_generation_tokens=1, num_draft_tokens=2, num_accepted_tokens=0))
+    logger.record(base, IterationStats(num_generation_tokens=1))
+    text = generate_latest(registry).decode()
+    _check_naming(text)
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.labels.get("replica") == "slm/0"}
+    assert values["switchyard_spec_decode_num_draft_tokens_total"] == 6
+    assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 3
+    assert values["switchyard_generation_tokens_total"] == 6
