@@ -371,3 +371,71 @@ def test_the_gateway_turns_the_speculation_stats_into_prometheus_metrics():
     assert values["switchyard_spec_decode_num_draft_tokens_total"] == 6
     assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 3
     assert values["switchyard_generation_tokens_total"] == 6
+
+
+async def test_local_backend_streams_multi_token_steps(tiny_model_dir):
+    """Through the gateway's Backend: a step that commits several tokens is one delta with all of them; the
+    streamed text, ids, logprobs and usage equal speculation off."""
+    from backends.base import GenerationRequest
+    from backends.local import LocalBackend
+
+    content = "ab ab ab ab ab ab ab ab ab ab ab ab"
+    results = {}
+    for spec in ("none", "ngram"):
+        backend = LocalBackend("slm/0", str(tiny_model_dir("llama")),
+                               EngineArgs(num_kv_blocks=128, block_size=4, max_model_len=256, num_threads=1,
+                                          device="cpu", speculation=spec))
+        await backend.load()
+        try:
+            request = GenerationRequest(request_id="r1", model="slm", messages=[{"role": "user", "content": content}],
+                                        sampling=SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                                logprobs=1))
+            deltas = [d async for d in backend.generate(request)]
+        finally:
+            await backend.close()
+        results[spec] = ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
+                         [round(lp.logprob, 3) for d in deltas for lp in d.logprobs], deltas[-1].usage.completion_tokens,
+                         max(len(d.token_ids) for d in deltas))
+    (text0, ids0, lps0, usage0, _), (text1, ids1, lps1, usage1, widest) = results["none"], results["ngram"]
+    assert (text1, ids1, usage1) == (text0, ids0, usage0) and usage0 == 40
+    assert lps1 == pytest.approx(lps0, abs=2e-3)
+    assert widest > 1, "no delta carried several tokens: the test proves nothing"
+
+
+def test_scheduler_gives_drafts_spare_blocks_only_and_never_preempts_for_them():
+    """Drafts take a block only when one stays free for each running sequence after them; a rejected
+    draft's block is given back by ``trim``."""
+    from backends.engine.block_manager import BlockManager
+    from backends.engine.scheduler import Scheduler
+
+    class Fixed:
+        def propose(self, seq, limit):
+            return [9, 9, 9, 9][:limit]
+
+    def decoding(num_seqs: int, num_blocks: int):
+        bm = BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=False)
+        sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, proposer=Fixed(), max_model_len=64)
+        seqs = [Sequence(seq_id=i, request_id=f"r{i}", prompt_token_ids=[1, 2, 3, 4, 5], params=GREEDY, arrival=i)
+                for i in range(num_seqs)]
+        for seq in seqs:
+            sched.add(seq)
+        for item in sched.schedule().scheduled:  # prefill: 2 blocks each
+            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.token_ids.append(7)  # 6 tokens, 5 computed: the next step decodes position 5
+        return bm, sched, seqs
+
+    bm, sched, (a, b) = decoding(2, 6)  # 2 blocks spare
+    batch = sched.schedule()  # 1 + 4 tokens at positions 5..9 need a 3rd block each: a leaves one for b
+    assert [(s.seq.seq_id, s.num_new_tokens, s.draft_token_ids) for s in batch.scheduled] == [
+        (0, 5, [9, 9, 9, 9]), (1, 5, [9, 9, 9, 9])]
+    assert not batch.preempted and bm.num_free_blocks == 0
+    for seq in (a, b):  # every draft rejected: the last token's KV counts, the target's token is appended
+        seq.num_computed_tokens += 1
+        seq.token_ids.append(8)
+        assert bm.trim(seq) == 1
+    assert len(a.block_table) == len(b.block_table) == 2 and bm.num_free_blocks == 2
+
+    bm, sched, (a, b, c) = decoding(3, 8)  # 2 blocks spare for 3 sequences
+    batch = sched.schedule()
+    assert [(s.seq.seq_id, len(s.draft_token_ids)) for s in batch.scheduled] == [(0, 0), (1, 4), (2, 4)]
+    assert not batch.preempted and bm.num_free_blocks == 0
