@@ -2,7 +2,8 @@
 
     python -m bench.speculation [--model smollm2-135m] [--max-tokens 128] [--repeats 3] [--json]
 
-Each workload is one chat prompt, greedy; off and on alternate (best of ``--repeats`` each, so a loaded machine
+Each workload is one chat prompt, greedy (``--concurrency 8``: eight copies at once, output tok/s of the
+batch with prefill included); off and on alternate (best of ``--repeats`` each, so a loaded machine
 hurts both alike). Decode tokens/s = (output tokens - 1) / (time from the first token to the last). Prints
 the acceptance rate and checks that both runs produced the same tokens.
 """
@@ -55,20 +56,39 @@ def run(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[list[int
     return seq.output_token_ids, (len(seq.output_token_ids) - first_count) / elapsed if elapsed > 0 else 0.0
 
 
+def run_batch(engine: LLMEngine, prompt: list[int], max_tokens: int, concurrency: int) -> tuple[list[list[int]], float]:
+    """``concurrency`` copies of the request at once (prefix cache off in the engine, so each prefills its
+    own prompt): output tokens/s over the whole batch, prefill included."""
+    seqs = []
+    start = time.perf_counter()
+    for _ in range(concurrency):
+        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
+        seqs.append(engine.requests[rid][0])
+    while engine.has_unfinished_requests():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    return [s.output_token_ids for s in seqs], sum(s.num_output_tokens for s in seqs) / elapsed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="> 1: that many copies at once, output tok/s of the batch (prefill included)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     path = resolve_model_path(a.model)
-    engines = {spec: LLMEngine(path, EngineArgs(speculation=spec, num_threads=a.threads, num_kv_blocks=256))
+    engines = {spec: LLMEngine(path, EngineArgs(speculation=spec, num_threads=a.threads, num_kv_blocks=256,
+                                                enable_prefix_caching=a.concurrency == 1))
                for spec in ("none", "ngram")}
     tok = engines["none"].tokenizer
     results = {}
-    for name, text in WORKLOADS.items():
+    for name in a.workloads.split(","):
+        text = WORKLOADS[name]
         chat = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
         prompt = tok(chat, add_special_tokens=False)["input_ids"]
         best = {"none": 0.0, "ngram": 0.0}
@@ -77,7 +97,11 @@ def main() -> None:
         drafted0, accepted0 = e.stats().num_draft_tokens_total, e.stats().num_accepted_tokens_total
         for _ in range(a.repeats):
             for spec, engine in engines.items():
-                tokens, rate = run(engine, prompt, a.max_tokens)
+                if a.concurrency > 1:
+                    batch, rate = run_batch(engine, prompt, a.max_tokens, a.concurrency)
+                    tokens = batch[0] if all(t == batch[0] for t in batch) else batch
+                else:
+                    tokens, rate = run(engine, prompt, a.max_tokens)
                 outputs[spec] = tokens
                 best[spec] = max(best[spec], rate)
         s = e.stats()
@@ -91,9 +115,11 @@ def main() -> None:
               f"x{results[name]['speedup']}  acceptance {results[name]['acceptance']}  "
               f"tokens {len(outputs['none'])}  identical {results[name]['identical']}", flush=True)
     load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs, threads {a.threads}")
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs, threads {a.threads}, "
+          f"concurrency {a.concurrency}")
     if a.json:
-        print(json.dumps({"model": a.model, "max_tokens": a.max_tokens, "load": load, "workloads": results}))
+        print(json.dumps({"model": a.model, "max_tokens": a.max_tokens, "concurrency": a.concurrency, "load": load,
+                          "workloads": results}))
 
 
 if __name__ == "__main__":
