@@ -50,6 +50,8 @@ def engine_args_of(args: argparse.Namespace) -> EngineArgs:
         kv_retain_s=getattr(args, "kv_retain_s", 0.0), kv_retain_max_share=getattr(args, "kv_retain_max_share", 0.25),
         program_scheduling=getattr(args, "program_scheduling", False),
         program_max_wait_s=getattr(args, "program_max_wait_s", 5.0),
+        speculation=getattr(args, "speculation", "none"), num_draft_tokens=getattr(args, "num_draft_tokens", 4),
+        ngram_min=getattr(args, "ngram_min", 2), ngram_max=getattr(args, "ngram_max", 4),
     )
 
 

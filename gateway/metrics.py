@@ -37,6 +37,8 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
   kv_retained_blocks                         gauge, KV blocks pinned for agent sessions paused on a tool
   kv_retained_hits_total                     prompt tokens a session's next request found in its retained blocks
   kv_retained_evicted_blocks_total           pinned blocks let go early because memory was short
+  spec_decode_num_draft_tokens_total         speculative draft tokens verified (n-gram speculation)
+  spec_decode_num_accepted_tokens_total      of those, accepted (acceptance rate = accepted / draft)
 """
 
 from __future__ import annotations
@@ -200,6 +202,10 @@ class EngineMetrics:
                                      "found in the KV blocks it retained", labels, registry=r)
         self.retained_evicted = Counter("switchyard_kv_retained_evicted_blocks", "pinned KV blocks let go "
                                         "before expiry because memory was short", labels, registry=r)
+        self.draft_tokens = Counter("switchyard_spec_decode_num_draft_tokens", "speculative draft tokens "
+                                    "verified", labels, registry=r)
+        self.accepted_tokens = Counter("switchyard_spec_decode_num_accepted_tokens", "speculative draft tokens "
+                                       "accepted", labels, registry=r)
 
     def stat_logger(self, pool: str, replica: str, model_name: str) -> EngineStatLogger:
         """The recorder of one replica (a ``backends.engine.stats.StatLogger``)."""
@@ -222,6 +228,8 @@ class EngineStatLogger:
                                                       m.generation_tokens.labels(*labels))
         self.retained_blocks, self.retained_hits, self.retained_evicted = (
             m.retained_blocks.labels(*labels), m.retained_hits.labels(*labels), m.retained_evicted.labels(*labels))
+        self.draft_tokens, self.accepted_tokens = (m.draft_tokens.labels(*labels),
+                                                   m.accepted_tokens.labels(*labels))
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         s, it = scheduler_stats, iteration_stats
@@ -242,6 +250,9 @@ class EngineStatLogger:
             self.prompt_tokens.inc(it.num_prompt_tokens)
         if it.num_generation_tokens:
             self.generation_tokens.inc(it.num_generation_tokens)
+        if it.num_draft_tokens:
+            self.draft_tokens.inc(it.num_draft_tokens)
+            self.accepted_tokens.inc(it.num_accepted_tokens)
         for value in it.time_to_first_tokens_s:
             self.ttft.observe(value)
         for value in it.inter_token_latencies_s:

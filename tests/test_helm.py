@@ -350,7 +350,8 @@ EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_l
                        "max_num_batched_tokens": 333, "block_size": 32, "num_kv_blocks": 500,
                        "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3,
                        "device": "cpu", "kv_retain_s": 30.0, "kv_retain_max_share": 0.5, "program_scheduling": True,
-                       "program_max_wait_s": 2.5}
+                       "program_max_wait_s": 2.5, "speculation": "ngram", "num_draft_tokens": 6, "ngram_min": 1,
+                       "ngram_max": 5}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
                      "chat_template": "plain_turns", "tool_call_parser": "llama3_json", "affinity_prefix_chars": 128}

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="admit a continuing program's request ahead of a new program's (program FCFS)")
     p.add_argument("--program-max-wait-s", type=float, default=5.0,
                    help="a request waiting longer than this goes first (starvation bound of --program-scheduling)")
+    p.add_argument("--speculation", default="none", choices=["none", "ngram"],
+                   help="speculative decoding: 'ngram' drafts tokens from the request's own text (prompt lookup)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="most draft tokens per step (--speculation ngram)")
+    p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix n-gram looked up (--speculation ngram)")
+    p.add_argument("--ngram-max", type=int, default=4, help="longest suffix n-gram looked up (--speculation ngram)")
 
     # --- models --------------------------------------------------------------------------------
     p = sub.add_parser("models", help="the bundled model catalogue")

@@ -254,6 +254,17 @@ class BlockManager:
             else:
                 self.free_block_ids.append(block_id)
 
+    def trim(self, seq: Sequence) -> int:
+        """Release the blocks past ``seq.num_computed_tokens`` (those that held only rejected speculative
+        drafts; never hashed, since ``commit`` hashes computed tokens only). Returns how many were released."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        extra = seq.block_table[keep:]
+        for block_id in reversed(extra):
+            assert self.blocks[block_id].block_hash is None, f"block {block_id} past the computed tokens is hashed"
+            self._unref(block_id)
+        del seq.block_table[keep:]
+        return len(extra)
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references (tail first, so a prefix's tail is evicted before its head)."""
         for block_id in reversed(seq.block_table):

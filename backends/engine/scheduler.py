@@ -26,22 +26,28 @@ from dataclasses import dataclass, field
 
 from backends.engine.block_manager import BlockManager
 from backends.engine.sequence import Sequence, SequenceStatus
+from backends.engine.speculation import NgramProposer
 
 
 @dataclass
 class ScheduledSeq:
+    """``num_new_tokens`` positions of ``seq`` computed this step; with ``draft_token_ids`` (speculation) the
+    chunk is the last committed token followed by the drafts (``num_new_tokens`` = 1 + len(drafts))."""
+
     seq: Sequence
     num_new_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def is_sampling(self) -> bool:
         """True when this chunk reaches the sequence's last token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
 
 
 @dataclass
 class ScheduledBatch:
-    """What the model runner computes in one step: decodes (1 token) first, then prefill chunks."""
+    """What the model runner computes in one step: decodes (1 token) first, then prefill chunks (and the
+    1 + k token chunks of sequences verifying k speculative drafts)."""
 
     decodes: list[ScheduledSeq] = field(default_factory=list)
     prefills: list[ScheduledSeq] = field(default_factory=list)
@@ -63,7 +69,8 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, *,
                  program_scheduling: bool = False, program_window_s: float = 0.0, program_max_wait_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, proposer: NgramProposer | None = None,
+                 max_model_len: int | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if program_window_s < 0 or program_max_wait_s <= 0:
@@ -75,6 +82,8 @@ class Scheduler:
         self.program_window_s = program_window_s
         self.program_max_wait_s = program_max_wait_s
         self.clock = clock
+        self.proposer = proposer  # speculation: drafts for decoding sequences (None = off)
+        self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.num_preemptions = 0
@@ -160,6 +169,12 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert num_new > 0, f"running seq {seq.seq_id} has nothing to compute"
+            drafts = self._drafts(seq, budget, num_others=len(self.running) - i - 1) if num_new == 1 else []
+            if drafts and self.block_manager.allocate(seq, 1 + len(drafts)) is not None:
+                self._add_to_batch(batch, ScheduledSeq(seq, 1 + len(drafts), drafts))
+                budget -= 1 + len(drafts)
+                i += 1
+                continue  # drafts that do not fit are dropped rather than preempting anyone for them
             while self.block_manager.allocate(seq, num_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -196,9 +211,27 @@ class Scheduler:
             budget -= num_new
         return batch
 
+    def _drafts(self, seq: Sequence, budget: int, num_others: int) -> list[int]:
+        """Speculative drafts for a decoding ``seq`` within the step's token budget, the sequence's
+        remaining ``max_tokens`` (the step commits at most drafts + 1) and the model's context. Drafts only
+        take blocks that leave one free block for each of the ``num_others`` running sequences after it, so
+        speculation never preempts anyone."""
+        if self.proposer is None:
+            return []
+        limit = min(budget - 1, seq.params.max_tokens - seq.num_output_tokens - 1)
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len - seq.num_tokens - 1)
+        drafts = self.proposer.propose(seq, limit) if limit > 0 else []
+        if drafts:
+            bm = self.block_manager
+            need = bm.blocks_needed(seq.num_computed_tokens + 1 + len(drafts)) - len(seq.block_table)
+            if bm.num_free_blocks - need < num_others:
+                return []
+        return drafts
+
     @staticmethod
     def _add_to_batch(batch: ScheduledBatch, item: ScheduledSeq) -> None:
-        if item.num_new_tokens == 1:
+        if item.num_new_tokens == 1 and not item.draft_token_ids:
             batch.decodes.append(item)
         else:
             batch.prefills.append(item)

@@ -57,6 +57,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     grammar: Any = None  # xgrammar GrammarMatcher when params.structured is set; advanced on each committed token
+    draft_state: Any = None  # speculation.DraftState once an n-gram proposer has looked at it
     arrival_time: float = 0.0  # the engine's clock (time.monotonic by default) when added
     first_scheduled_time: float = 0.0  # the engine's clock at the first step that scheduled it; 0 = not yet
     last_token_time: float = 0.0

@@ -51,14 +51,16 @@ class FinishedRequestStats:
 
 @dataclass
 class IterationStats:
-    """What one step produced: token counts, the first-token and inter-token latencies it observed, and
-    the choices it finished."""
+    """What one step produced: token counts, the first-token and inter-token latencies it observed, the
+    choices it finished, and (speculation) the draft tokens it verified and accepted."""
 
     num_prompt_tokens: int = 0  # prompts of requests whose first choice got its first token in this step
     num_generation_tokens: int = 0
     time_to_first_tokens_s: list[float] = field(default_factory=list)
     inter_token_latencies_s: list[float] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+    num_draft_tokens: int = 0  # speculation: draft tokens verified in this step
+    num_accepted_tokens: int = 0  # of those, accepted
 
 
 class StatLogger(Protocol):
