@@ -29,10 +29,10 @@ class ModelRunner:
         if config.args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.args.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
-        if config.args.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
+        if config.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
             from backends.engine.layers.quantization import quantize_for_engine
 
-            quantize_for_engine(self.model, config.args.quantization)  # lm_head in int8 under both
+            quantize_for_engine(self.model, config.quantization)  # lm_head in int8 under both
         self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
         self.num_blocks = config.args.num_kv_blocks or self._blocks_for_memory()
