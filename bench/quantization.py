@@ -42,7 +42,8 @@ Tolerance (``TOLERANCE``; fixed before the first run, per model, against the fp3
 The default for a model is the fastest format (batch-1 decode tokens/s) within tolerance, else fp32.
 
 ``switchyard bench quantization --data DIR [--prompts 200] [--max-tokens 32] [--models a,b] [--threads 2]
-[--quick] [--json]``; ``DIR`` holds ``guard/`` and ``routing/`` as in /work/shared/data.
+[--quick] [--json]``; ``DIR`` holds ``guard/`` and ``routing/`` as in /work/shared/data. ``--speed-only``
+(no ``--data``) re-measures only the decode speed, e.g. when the shared machine is quieter.
 """
 
 from __future__ import annotations
@@ -382,7 +383,8 @@ def sliding_window_nll(model, ids: list[int], window: int, stride: int, softcap:
 # ----------------------------------------------------------------------------- the run
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="switchyard bench quantization", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder holding guard/ and routing/ (e.g. /work/shared/data)")
+    p.add_argument("--data", type=Path, help="folder holding guard/ and routing/ (e.g. /work/shared/data); required "
+                   "unless --speed-only")
     p.add_argument("--prompts", type=int, default=None, help="chat prompts for greedy agreement (default 200)")
     p.add_argument("--max-tokens", type=int, default=None, help="greedy tokens per answer (default 32)")
     p.add_argument("--models", default="smollm2-135m,gemma3-270m",
@@ -397,6 +399,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=32, help="engine batch for the agreement answers")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="prompt sample seed")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only batch-1 decode and the roofline (re-measure on a quieter machine); no quality, no verdict")
     p.add_argument("--quick", action="store_true", help="smoke sizes: 8 prompts x 8 tokens, 256 held-out tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     opts = p.parse_args(argv)
@@ -417,6 +421,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opts.formats = ["fp32", *dict.fromkeys(f for f in formats if f != "fp32")]
     if not opts.models:
         raise ValueError("--models: name at least one model")
+    if opts.data is None and not opts.speed_only:
+        raise ValueError("--data is required (a folder holding guard/ and routing/) unless --speed-only")
     if opts.prompts < 2 or opts.max_tokens < 1 or opts.decode_tokens < 2 or opts.threads < 1:
         raise ValueError("--prompts must be >= 2, --max-tokens and --threads >= 1, --decode-tokens >= 2")
     if not 0 < opts.ppl_stride <= opts.ppl_window or opts.ppl_tokens < 2:
@@ -439,9 +445,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(opts.threads)
     load_before = os.getloadavg()
-    prompts = load_prompts(opts.data, opts.prompts, opts.seed)
-    text = heldout_text(opts.data)
-    rules = cascade_rules()
+    quality = not opts.speed_only
+    prompts = load_prompts(opts.data, opts.prompts, opts.seed) if quality else []
+    text = heldout_text(opts.data) if quality else ""
+    rules = cascade_rules() if quality else {}
     bandwidth = measure_bandwidth(opts.bandwidth_bytes)
     say(f"[bandwidth] read {bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s "
         f"({opts.threads} threads, {opts.bandwidth_bytes >> 20} MiB)")
@@ -451,6 +458,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         outputs: dict[str, list[list[int]]] = {}
         for label in opts.formats:
             variant = VARIANTS[label]
+            if not quality:
+                rows[label] = {"format": label, "dtype": variant.dtype, "quantization": variant.quantization}
+                continue
             say(f"[{name}] {label}: answers and perplexity ...")
             gen = answers(name, variant, prompts, opts)
             outputs[label] = gen["outputs"]
@@ -476,12 +486,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                                                                  row["weight_bytes_per_token"])
             row["share_of_roofline"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
             row["speed_vs_fp32"] = row["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
-            row["perplexity_vs_fp32"] = row["perplexity"] / fp32["perplexity"]
             row["bytes_vs_fp32"] = row["weight_bytes_per_token"] / fp32["weight_bytes_per_token"]
+            if not quality:
+                continue
+            row["perplexity_vs_fp32"] = row["perplexity"] / fp32["perplexity"]
             if VARIANTS[row["format"]].is_candidate:
                 row["failures"] = TOLERANCE.failures(row, fp32, bf16, judge_escalation=mi == 0)
                 row["within_tolerance"] = not row["failures"]
-        m["default"] = choose_default(rows)
+        m["default"] = choose_default(rows) if quality else None
     load_after = os.getloadavg()
     return {
         "benchmark": "quantization", "models": models, "bandwidth": bandwidth, "threads": opts.threads,
@@ -489,6 +501,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         "ppl": {"tokens": opts.ppl_tokens, "window": opts.ppl_window, "stride": opts.ppl_stride,
                 "text": "MT-Bench turns (routing_bench.jsonl, source mtbench)"},
         "decode_tokens": opts.decode_tokens, "speed_rounds": opts.speed_rounds, "quick": opts.quick,
+        "speed_only": opts.speed_only,
         "tolerance": asdict(TOLERANCE), "cascade_rules": {k: r.as_dict() for k, r in rules.items()},
         "load_average": [round(load_before[0], 2), round(load_after[0], 2)], "cpus": os.cpu_count(),
     }
@@ -504,15 +517,29 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
     bw = report["bandwidth"]
     ppl = report["ppl"]
     k = report["agreement_tokens"]
-    print(f"switchyard bench quantization — {report['num_prompts']} chat prompts, greedy, max_tokens "
-          f"{report['max_tokens']}; perplexity on {ppl['text']}, {ppl['tokens']} tokens, window {ppl['window']} / "
-          f"stride {ppl['stride']}; {report['threads']} threads")
+    if report["speed_only"]:
+        print(f"switchyard bench quantization --speed-only — batch-1 decode; {report['threads']} threads")
+    else:
+        print(f"switchyard bench quantization — {report['num_prompts']} chat prompts, greedy, max_tokens "
+              f"{report['max_tokens']}; perplexity on {ppl['text']}, {ppl['tokens']} tokens, window {ppl['window']} / "
+              f"stride {ppl['stride']}; {report['threads']} threads")
     print(f"memory read bandwidth (measured, x.sum() over {bw['bytes'] >> 20} MiB): best {bw['best_read_gb_s']:.1f} GB/s "
           f"(at start {bw['read_gb_s']:.1f}, per speed round {', '.join(f'{x:.1f}' for x in bw.get('rounds_gb_s', []))}); "
           f"copy {bw['copy_gb_s']:.1f} GB/s; load average {report['load_average'][0]} → {report['load_average'][1]} "
           f"on {report['cpus']} CPUs")
     print(f"batch-1 decode: best of {report['speed_rounds']} alternating rounds of {report['decode_tokens']} tokens; "
           f"roofline = best read bandwidth / weight bytes read per token")
+    width = max(14, *(len(name) + 1 for name in report["models"]))
+    if report["speed_only"]:
+        print(f"\n{'model':{width}s}{'format':>7s}{'tok/s':>8s}{'roofline':>9s}{'of roof':>8s}{'×fp32':>7s}{'MB/tok':>8s}"
+              f"{'×fp32':>7s}  rounds (tok/s)")
+        for name, m in report["models"].items():
+            for label, r in m["rows"].items():
+                print(f"{name:{width}s}{label:>7s}{r['decode_tokens_per_s']:8.1f}{r['roofline_tokens_per_s']:9.1f}"
+                      f"{r['share_of_roofline']:8.2f}{r['speed_vs_fp32']:7.2f}{r['weight_bytes_per_token'] / 1e6:8.1f}"
+                      f"{r['bytes_vs_fp32']:7.3f}  {', '.join(f'{x:.1f}' for x in r['decode_rounds'])}")
+        _print_tail(report, opts)
+        return
     t = report["tolerance"]
     print(f"tolerance vs fp32: perplexity ≤ +{t['max_ppl_increase']:.0%}; first-{k}-token agreement ≥ bf16's − "
           f"{t['agreement_slack'] * 100:.0f} points; SLM escalation share within ±{t['max_escalation_change'] * 100:.0f}"
@@ -520,7 +547,6 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
     rules = report["cascade_rules"]
     print(f"escalation rules: default config {rules['escalated_default_config']}, DEFAULT_RULE "
           f"{rules['escalated_default_rule']}")
-    width = max(14, *(len(name) + 1 for name in report["models"]))
     head = (f"{'model':{width}s}{'format':>7s}{'first-' + str(k):>9s}{'exact':>7s}{'prefix':>8s}{'ppl':>9s}{'×fp32':>7s}"
             f"{'esc cfg':>9s}{'esc rule':>9s}{'tok/s':>8s}{'roofline':>9s}{'of roof':>8s}{'×fp32':>7s}{'MB/tok':>8s}"
             f"{'×fp32':>7s}  verdict")
@@ -538,6 +564,10 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
           ", ".join(f"{name} → {m['default']}" for name, m in report["models"].items()))
     print(f"(escalation counts for the SLM only: {next(iter(report['models']))}; 'esc cfg' = the embedded default's "
           f"rule, 'esc rule' = DEFAULT_RULE)")
+    _print_tail(report, opts)
+
+
+def _print_tail(report: dict[str, Any], opts: argparse.Namespace) -> None:
     if max(report["load_average"]) > report["threads"] + 0.5:
         print(f"note: measured while other jobs ran (load average up to {max(report['load_average'])}): "
               f"tokens/s are noisy")

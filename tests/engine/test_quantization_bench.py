@@ -160,6 +160,9 @@ def test_bench_args(capsys):
         parse_args(["--data", "/d", "--formats", "fp8"])
     assert cli_main(["bench", "quantization", "--data", "/d", "--formats", "fp8"]) == 2
     assert "--formats: unknown ['fp8']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--data is required"):
+        parse_args([])
+    assert parse_args(["--speed-only"]).data is None
 
 
 def test_quick_run_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
@@ -182,3 +185,8 @@ def test_quick_run_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "within_tolerance" in rows["int4"] and "within_tolerance" not in rows["bf16"]
     assert report["models"][str(folder)]["default"] in ("none", "int8", "int4")
     assert "chosen default" in out and "memory read bandwidth (measured" in out
+    assert cli_main(["bench", "quantization", "--quick", "--json", "--speed-only", "--models", str(folder),
+                     "--formats", "int8", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = report["models"][str(folder)]["rows"]
+    assert list(rows) == ["fp32", "int8"] and "perplexity" not in rows["int8"] and rows["int8"]["speed_vs_fp32"] > 0
