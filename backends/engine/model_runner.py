@@ -29,15 +29,10 @@ class ModelRunner:
         if config.args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.args.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
-        if config.args.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
-            from backends.engine.layers.quantization import Int8Linear, quantize_model
+        if config.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
+            from backends.engine.layers.quantization import quantize_for_engine
 
-            quantize_model(self.model, config.args.quantization)
-            # lm_head in int8 too (per-row scales, also under int4): left in fp32 it was the largest matrix
-            # read per token (tied 49k x 576 in smollm2, ~1/3 of int8 decode time at c=1) and the largest
-            # GEMM at batch 32; tests/engine/test_quantization.py checks greedy agreement with fp32
-            if type(self.model.lm_head) is torch.nn.Linear:
-                self.model.lm_head = Int8Linear.from_linear(self.model.lm_head)
+            quantize_for_engine(self.model, config.quantization)  # lm_head in int8 under both
         self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
         self.num_blocks = config.args.num_kv_blocks or self._blocks_for_memory()
