@@ -288,6 +288,13 @@ class SystemRun:
     def post_pause(self) -> list[TurnResult]:
         return [t for t in self.turns if t.turn > 0]
 
+    def context_hit_rate(self, shared_len: int) -> float:
+        """Of the post-pause turns' own context (their prompt beyond the shared system prompt), the share
+        found cached: what retention is for (the shared prompt hits on every system after its first use)."""
+        post = [t for t in self.post_pause() if t.num_cached_tokens is not None]
+        total = sum(t.num_prompt_tokens - shared_len for t in post)
+        return sum(max(0, t.num_cached_tokens - shared_len) for t in post) / total if total else 0.0
+
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
@@ -513,6 +520,7 @@ def load_trace(opts: argparse.Namespace, vocab_size: int) -> Trace:
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
+    import httpx
     import torch
 
     from backends.models import resolve_model_path
@@ -530,9 +538,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     if not opts.skip_llamacpp:
         try:
             runs.append(asyncio.run(llama(opts, trace, sample)))
-        except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as e:
-            notes.append(f"llama.cpp skipped: {e}")
-            say(f"[llama.cpp] skipped: {e}")
+        except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError, httpx.HTTPError) as e:
+            notes.append(f"llama.cpp failed, not reported: {type(e).__name__}: {e}")
+            say(f"[llama.cpp] failed: {type(e).__name__}: {e}")
     busy = [r for r in runs if max(r.load) > opts.threads + 0.5]
     if busy:
         notes.append(f"measured while other jobs ran (1-minute load average up to {max(max(r.load) for r in busy):.1f} "
@@ -576,6 +584,7 @@ def report(opts: argparse.Namespace, trace: Trace, runs: list[SystemRun], notes:
             if r.recompute_ms else None,
             "speedup_vs_recompute_p50": round(_p50(speedups), 2) if speedups else None,
             "prefix_hit_rate": round(r.prefix_hit_rate, 4), "prefix_hit_tokens": r.prefix_hit_tokens,
+            "context_hit_rate_after_pause": round(r.context_hit_rate(spec.system_len), 4),
             "prefix_query_tokens": r.prefix_query_tokens, "wall_s": round(r.wall_s, 2),
             "load_before_after": [round(x, 2) for x in r.load], **r.extra,
             "turns": [asdict(t) for t in r.turns],
@@ -635,14 +644,14 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
           f"need {e['working_set_tokens']}); retention on = kv_retain_s {e['kv_retain_s']}, max share "
           f"{e['kv_retain_max_share']}, program scheduling")
     head = (f"\n{'system':36s}{'mean JCT s':>11s}{'TTFT p50':>10s}{'recompute':>11s}{'speedup':>9s}"
-            f"{'prefix hit':>11s}{'wall s':>8s}{'load':>12s}")
-    print(head + f"\n{'':36s}{'':>11s}{'(pause) ms':>10s}{'p50 ms':>11s}{'p50':>9s}{'rate':>11s}")
+            f"{'prefix hit':>11s}{'context':>9s}{'wall s':>8s}{'load':>12s}")
+    print(head + f"\n{'':36s}{'':>11s}{'(pause) ms':>10s}{'p50 ms':>11s}{'p50':>9s}{'rate':>11s}{'hit (1)':>9s}")
     for name, s in rep["systems"].items():
         rec = s["recompute_ms_p50"]
         sp = s["speedup_vs_recompute_p50"]
         print(f"{name:36s}{s['mean_jct_s']:11.2f}{s['ttft_after_pause_ms_p50']:10.1f}"
               f"{(f'{rec:.1f}' if rec is not None else '-'):>11s}{(f'{sp:.1f}x' if sp is not None else '-'):>9s}"
-              f"{s['prefix_hit_rate']:11.1%}{s['wall_s']:8.1f}"
+              f"{s['prefix_hit_rate']:11.1%}{s['context_hit_rate_after_pause']:9.1%}{s['wall_s']:8.1f}"
               f"{'{:.1f} → {:.1f}'.format(*s['load_before_after']):>12s}")
     for name, s in rep["systems"].items():
         if "preemptions" in s:
@@ -651,6 +660,7 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
                   f"blocks dropped for memory; {s['preemptions']} preemptions")
         elif "slots" in s:
             print(f"{name}: timings.cache_n {s['prefix_hit_tokens']} of {s['prefix_query_tokens']} prompt tokens")
+    print(f"(1) post-pause turns: share of their prompt beyond the {t['system_len']}-token system prompt found cached")
     print()
     for name, value in rep["ratios"].items():
         print(f"ratio {name:60s}{(f'{value:.2f}x' if value is not None else '-'):>10s}")
