@@ -22,6 +22,8 @@ What it measures (model ``smollm2-135m`` by default; the same chat prompts for e
   engine: every repeat changes a description field) and cached (the same text again, a cache hit), plus the
   one-off tokenizer-vocabulary setup of the engine's first grammar.
 
+Each concurrency level runs (a), (b), (b=) and (c) back to back, round by round (llama-server is started
+first and idles while the engine runs), so a drift in the machine's load hits all rows of a level alike.
 Threads: every system runs with ``--threads`` (2) threads, one at a time, after a warm-up (which compiles
 the event schema, so the timed rows use the cached grammar, as a server does after a schema's first request;
 llama-server converts the schema on every request). llama-server comes from ``.bench/llamacpp`` (built once
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -386,7 +389,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     from backends.engine.sampling_params import SamplingParams
     from backends.engine.structured_output import StructuredOutput
-    from backends.models import CATALOG, prepare, source_gguf
+    from backends.models import prepare
 
     torch.set_num_threads(opts.threads)
     prepare(opts.model)
@@ -407,47 +410,55 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     spec = StructuredOutput.json_schema(EVENT_SCHEMA)
     constrained = SamplingParams(temperature=0, max_tokens=opts.max_tokens, structured=spec)
     free = SamplingParams(temperature=0, max_tokens=opts.max_tokens)
-    warm = [chat_prompt_ids(tokenizer, m) for m in conversations_for(1, 99)]
-    ours_generate(engine, warm, [constrained])  # warm-up; compiles EVENT_SCHEMA (now cached)
-    ours_generate(engine, warm, [free])
-    prompt_lens: list[int] = []
-
-    for c in opts.concurrency:
-        totals: dict[str, list] = {k: [0, 0.0, [], []] for k in ("a", "b", "b=")}  # tokens, wall, texts, reasons
-        for r in range(rounds_for(c)):
-            prompts = [chat_prompt_ids(tokenizer, m) for m in conversations_for(c, r)]
-            prompt_lens += [len(p) for p in prompts]
-            wall, ids, texts, reasons = ours_generate(engine, prompts, [constrained] * len(prompts))
-            _add(totals["a"], ids, wall, texts, reasons)
-            lengths = [len(x) for x in ids]
-            wall, ids, texts, reasons = ours_generate(engine, prompts, [free] * len(prompts))
-            _add(totals["b"], ids, wall, texts, reasons)
-            matched = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
-            wall, ids, texts, reasons = ours_generate(engine, prompts, matched)
-            _add(totals["b="], ids, wall, texts, reasons)
-        n = c * rounds_for(c)
-        for key, label in (("a", "(a) switchyard constrained"), ("b", "(b) switchyard unconstrained"),
-                           ("b=", "(b=) switchyard free, (a)'s lengths")):
-            tokens, wall, texts, reasons = totals[key]
-            parsed, valid = check_outputs(texts, EVENT_SCHEMA)
-            rows.append(_row(label, c, n, tokens, wall, parsed, valid, reasons.count("stop")))
-    del engine
-
+    warm = conversations_for(1, 99)
+    ours_generate(engine, [chat_prompt_ids(tokenizer, m) for m in warm], [constrained])  # compiles EVENT_SCHEMA
+    ours_generate(engine, [chat_prompt_ids(tokenizer, m) for m in warm], [free])
+    prompts = {(c, r): [chat_prompt_ids(tokenizer, m) for m in conversations_for(c, r)]
+               for c in opts.concurrency for r in range(rounds_for(c))}
+    prompt_lens = [len(p) for ps in prompts.values() for p in ps]
     llama_prompt_lens: list[int] = []
-    if not opts.skip_llamacpp:
-        if opts.model not in CATALOG:
-            notes.append("llama.cpp skipped: --model is not a bundled model with a GGUF source")
-        else:
-            try:
-                rows += _llama_rows(opts, source_gguf(opts.model), conversations_for, max(prompt_lens),
-                                    llama_prompt_lens)
-            except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as e:
+
+    with contextlib.ExitStack() as stack:
+        # llama-server runs beside the engine (idle while we measure) so each concurrency level measures
+        # every system within a minute or two: the machine's load drifts more slowly than that
+        server, llama_label = _start_llama(opts, stack, max(prompt_lens), notes)
+        if server is not None:
+            try:  # warm-up; a server that rejects the schema answers 400 here
+                llama_generate(server.base_url, warm, opts.max_tokens, EVENT_SCHEMA)
+            except RuntimeError as e:
                 notes.append(f"llama.cpp skipped: {e}")
                 say(f"[llama.cpp] skipped: {e}")
-        if llama_prompt_lens and sorted(llama_prompt_lens) != sorted(prompt_lens):
-            notes.append(f"llama-server's prompts are {statistics.mean(llama_prompt_lens):.1f} tokens on average "
-                         f"(its chat template), ours {statistics.mean(prompt_lens):.1f}")
+                server = None
+        for c in opts.concurrency:
+            totals: dict[str, list] = {k: [0, 0.0, [], []] for k in ("a", "b", "b=", "c")}  # tokens, wall, texts, reasons
+            for r in range(rounds_for(c)):
+                wall, ids, texts, reasons = ours_generate(engine, prompts[c, r], [constrained] * c)
+                _add(totals["a"], [len(x) for x in ids], wall, texts, reasons)
+                lengths = [len(x) for x in ids]
+                wall, ids, texts, reasons = ours_generate(engine, prompts[c, r], [free] * c)
+                _add(totals["b"], [len(x) for x in ids], wall, texts, reasons)
+                matched = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+                wall, ids, texts, reasons = ours_generate(engine, prompts[c, r], matched)
+                _add(totals["b="], [len(x) for x in ids], wall, texts, reasons)
+                if server is not None:
+                    wall, counts, texts, reasons, plens = llama_generate(server.base_url, conversations_for(c, r),
+                                                                         opts.max_tokens, EVENT_SCHEMA)
+                    _add(totals["c"], counts, wall, texts, reasons)
+                    llama_prompt_lens += plens
+            n = c * rounds_for(c)
+            labels = [("a", "(a) switchyard constrained"), ("b", "(b) switchyard unconstrained"),
+                      ("b=", "(b=) switchyard free, (a)'s lengths")]
+            if server is not None:
+                labels.append(("c", llama_label))
+            for key, label in labels:
+                tokens, wall, texts, reasons = totals[key]
+                parsed, valid = check_outputs(texts, EVENT_SCHEMA)
+                rows.append(_row(label, c, n, tokens, wall, parsed, valid, reasons.count("stop")))
+    del engine
 
+    if llama_prompt_lens and sorted(llama_prompt_lens) != sorted(prompt_lens):
+        notes.append(f"llama-server's prompts are {statistics.mean(llama_prompt_lens):.1f} tokens on average "
+                     f"(its chat template), ours {statistics.mean(prompt_lens):.1f}")
     load_after = os.getloadavg()
     if max(load_before[0], load_after[0]) > opts.threads + 0.5:
         notes.append(f"measured while other jobs ran (load average {load_before[0]:.1f} → {load_after[0]:.1f} "
@@ -455,8 +466,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     return _report(opts, rows, setup_ms, compiles, prompt_lens, load_before, load_after, notes)
 
 
-def _add(total: list, ids: list[list[int]], wall: float, texts: list[str], reasons: list[str]) -> None:
-    total[0] += sum(len(x) for x in ids)
+def _add(total: list, counts: list[int], wall: float, texts: list[str], reasons: list[str]) -> None:
+    total[0] += sum(counts)
     total[1] += wall
     total[2] += texts
     total[3] += reasons
@@ -469,27 +480,30 @@ def _row(label: str, c: int, n: int, tokens: int, wall: float, parsed: int, vali
     return row
 
 
-def _llama_rows(opts, gguf: Path, conversations_for, max_prompt_len: int, prompt_lens_out: list[int]) -> list[Row]:
-    binary = opts.llama_server or ensure_llama_server(opts.bench_dir)
-    slots = max(opts.concurrency)
-    ctx_per_slot = max_prompt_len + opts.max_tokens + 64
-    log = opts.bench_dir.resolve() / "llama-server-structured.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    say(f"[llama.cpp] {binary.name} on {gguf.name}, {slots} slots x {ctx_per_slot} ctx, {opts.threads} threads")
-    rows = []
-    label = f"(c) llama.cpp constrained ({gguf.name.split('.')[-2]})"
-    with LlamaServer(binary, gguf, opts.threads, slots, ctx_per_slot, log) as server:
-        llama_generate(server.base_url, conversations_for(1, 99), opts.max_tokens, EVENT_SCHEMA)  # warm-up
-        for c in opts.concurrency:
-            tokens, wall, texts, reasons = 0, 0.0, [], []
-            for r in range(rounds_for(c)):
-                w, counts, t, fr, plens = llama_generate(server.base_url, conversations_for(c, r), opts.max_tokens,
-                                                         EVENT_SCHEMA)
-                tokens, wall, texts, reasons = tokens + sum(counts), wall + w, texts + t, reasons + fr
-                prompt_lens_out += plens
-            parsed, valid = check_outputs(texts, EVENT_SCHEMA)
-            rows.append(_row(label, c, c * rounds_for(c), tokens, wall, parsed, valid, reasons.count("stop")))
-    return rows
+def _start_llama(opts, stack: contextlib.ExitStack, max_prompt_len: int,
+                 notes: list[str]) -> tuple[LlamaServer | None, str]:
+    """(a started llama-server, stopped when ``stack`` closes; its row label), or None with the reason in ``notes``."""
+    from backends.models import CATALOG, source_gguf
+
+    if opts.skip_llamacpp:
+        return None, ""
+    if opts.model not in CATALOG:
+        notes.append("llama.cpp skipped: --model is not a bundled model with a GGUF source")
+        return None, ""
+    try:
+        binary = opts.llama_server or ensure_llama_server(opts.bench_dir)
+        gguf = source_gguf(opts.model)
+        slots = max(opts.concurrency)
+        ctx_per_slot = max_prompt_len + opts.max_tokens + 64
+        log = opts.bench_dir.resolve() / "llama-server-structured.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        say(f"[llama.cpp] {binary.name} on {gguf.name}, {slots} slots x {ctx_per_slot} ctx, {opts.threads} threads")
+        server = stack.enter_context(LlamaServer(binary, gguf, opts.threads, slots, ctx_per_slot, log))
+        return server, f"(c) llama.cpp constrained ({gguf.name.split('.')[-2]})"
+    except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as e:
+        notes.append(f"llama.cpp skipped: {e}")
+        say(f"[llama.cpp] skipped: {e}")
+        return None, ""
 
 
 def _report(opts, rows: list[Row], setup_ms: float, compiles: list[CompileTimes], prompt_lens: list[int],
