@@ -28,12 +28,16 @@ The systems (``--threads`` each, 2 by default, one at a time, each after a warm-
    ``/completion`` requests with ``cache_prompt`` and ``return_tokens`` (its answer ids feed the next turn).
 
 Reported per system: mean job completion time (a program's arrival → its last token), time to first token of
-the turns after a pause (request sent → first token; p50 and mean), the prefix-hit rate (ours: prompt tokens
-found in the prefix cache over prompt tokens looked up, from the engine's stat logger; llama-server: the sum of
-``timings.cache_n`` over the sum of ``cache_n + prompt_n``), and TTFT against a full recompute of the same
-contexts: ``--recompute-samples`` post-pause contexts (spread over the context lengths) are re-sent one at a
-time on an idle system with their first token changed (nothing can hit; llama-server also gets
-``cache_prompt: false``), ``max_tokens`` 1. Ratios: on vs off, on vs llama-server.
+the turns after a pause (request sent → first token, in the trace, under the other programs' load; p50), the
+prefix-hit rate (ours: prompt tokens found in the prefix cache over prompt tokens looked up, from the engine's
+stat logger; llama-server: the sum of ``timings.cache_n`` over the sum of ``cache_n + prompt_n``) and the same
+for the post-pause turns' own context only (beyond the shared system prompt, which every system caches). Against
+a full recompute: ``--recompute-samples`` post-pause turns (spread over the context lengths) are re-sent after
+the trace, one at a time on the idle system, ``max_tokens`` 1: *recompute* = the context with its first token
+changed (nothing can hit; llama-server also gets ``cache_prompt: false``), *resume* = the previous turn's context
++ answer sent first, then this turn's (both with another first token): a turn whose context survived its
+pause, without competition. Ratios: on vs off, on vs llama-server, the trace's TTFT and the isolated resume vs
+the isolated recompute (the switchyard runs share one isolated measurement: same engine, idle).
 
 ``switchyard bench agents [--quick] [--json] [--skip-llamacpp] [--programs 8] [--turns 6] [--seed 0]
 [--trace FILE | --trace-out FILE] [--threads 2] [--model smollm2-135m] ...`` (``--help`` lists all).
@@ -258,6 +262,33 @@ async def replay(trace: Trace, send: Send) -> tuple[list[TurnResult], list[list[
     return results, answers, time.perf_counter() - start
 
 
+SendOne = Callable[[str, list[int], bool, int | None], Awaitable[Reply]]  # (request id, prompt, cache, slot)
+
+
+async def isolated_ttfts(trace: Trace, answers: list[list[list[int]]], sample: list[tuple[int, int]],
+                         send_one: SendOne) -> tuple[dict[str, float], dict[str, float]]:
+    """On an idle system, one request at a time, ``max_tokens`` 1, for each sampled turn (program, k):
+    * recompute: its context with the first token changed, so nothing of it can be cached;
+    * resume: the previous turn's context + answer sent first (cached, as a retained turn would be), then
+      this turn's context (= that + the tool result), both with another first token, so only the first
+      request's blocks can hit — a turn after a pause whose context survived it.
+    Returns (recompute ms, resume ms), keyed "p3/t4". ``send_one(request_id, prompt, cache, slot)``."""
+    recompute, resume = {}, {}
+    vocab = trace.spec.vocab_size
+    for j, (p, k) in enumerate(sample):
+        key = f"p{p}/t{k}"
+        full = trace.context(p, k, answers[p])
+        sent = time.perf_counter()
+        reply = await send_one(f"recompute-{j}", perturbed(full, 2 * j, vocab), False, None)
+        recompute[key] = (reply.first_token_at - sent) * 1e3
+        before = trace.context(p, k - 1, answers[p]) + answers[p][k - 1]
+        await send_one(f"resume-{j}-before", perturbed(before, 2 * j + 1, vocab), True, j)
+        sent = time.perf_counter()
+        reply = await send_one(f"resume-{j}", perturbed(full, 2 * j + 1, vocab), True, j)
+        resume[key] = (reply.first_token_at - sent) * 1e3
+    return recompute, resume
+
+
 def perturbed(prompt: list[int], index: int, vocab_size: int) -> list[int]:
     """The prompt with its first token replaced by one that depends on ``index``: the same work, no prefix hit
     (and no hit on another perturbed prompt)."""
@@ -275,7 +306,8 @@ class SystemRun:
     wall_s: float
     prefix_hit_tokens: int
     prefix_query_tokens: int
-    recompute_ms: dict[str, float] = field(default_factory=dict)  # "p3/t4" → TTFT of the perturbed context
+    recompute_ms: dict[str, float] = field(default_factory=dict)  # "p3/t4" → isolated_ttfts
+    resume_ms: dict[str, float] = field(default_factory=dict)
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before / after
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -318,7 +350,7 @@ class _PrefixCounter:
         self.preemptions += scheduler_stats.num_preemptions
 
 
-def engine_args(opts: argparse.Namespace, trace: Trace, retention: bool):
+def engine_args(opts: argparse.Namespace, trace: Trace, retention: bool, program_scheduling: bool):
     from backends.engine.args import EngineArgs
 
     return EngineArgs(
@@ -326,20 +358,20 @@ def engine_args(opts: argparse.Namespace, trace: Trace, retention: bool):
         block_size=BLOCK_SIZE, num_kv_blocks=kv_blocks_for(trace, opts.kv_fit, opts.max_model_len), enable_prefix_caching=True,
         num_threads=opts.threads, device="cpu",
         kv_retain_s=opts.kv_retain_s if retention else 0.0, kv_retain_max_share=opts.kv_retain_max_share,
-        program_scheduling=retention,
+        program_scheduling=program_scheduling,
     )
 
 
-async def ours(opts: argparse.Namespace, trace: Trace, retention: bool, label: str,
+async def ours(opts: argparse.Namespace, trace: Trace, retention: bool, program_scheduling: bool, label: str,
                recompute: list[tuple[int, int]] | None = None) -> SystemRun:
-    """Replay on a fresh engine; with ``recompute``, then time those contexts, perturbed, one at a time."""
+    """Replay on a fresh engine; with ``recompute`` (sampled turns), then ``isolated_ttfts`` on them."""
     from backends.engine.async_engine import AsyncEngine
     from backends.engine.llm_engine import LLMEngine
     from backends.engine.sampling_params import SamplingParams
     from backends.models import resolve_model_path
 
     counter = _PrefixCounter()
-    args = engine_args(opts, trace, retention)
+    args = engine_args(opts, trace, retention, program_scheduling)
     say(f"[{label}] loading {opts.model}: {args.num_kv_blocks} KV blocks x {BLOCK_SIZE} tokens, kv_retain_s="
         f"{args.kv_retain_s}, kv_retain_max_share={args.kv_retain_max_share}, program_scheduling="
         f"{args.program_scheduling}")
@@ -374,11 +406,11 @@ async def ours(opts: argparse.Namespace, trace: Trace, retention: bool, label: s
                                "retained_evicted_blocks": counter.retained_evicted_blocks,
                                "preemptions": counter.preemptions})
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-        for j, (p, k) in enumerate(recompute or []):
-            prompt = perturbed(trace.context(p, k, answers[p]), j, trace.spec.vocab_size)
-            sent = time.perf_counter()
-            reply = await run_one(f"recompute-{j}", prompt, one, None)
-            run.recompute_ms[f"p{p}/t{k}"] = (reply.first_token_at - sent) * 1e3
+
+        async def send_one(request_id: str, prompt: list[int], cache: bool, slot: int | None) -> Reply:
+            return await run_one(request_id, prompt, one, None)  # prefix caching keeps an idle engine's blocks
+
+        run.recompute_ms, run.resume_ms = await isolated_ttfts(trace, answers, recompute or [], send_one)
     finally:
         await aengine.shutdown()
     say(_summary(run))
@@ -422,7 +454,11 @@ async def llama(opts: argparse.Namespace, trace: Trace, recompute: list[tuple[in
     say(f"[llama.cpp] {binary.name} on {gguf.name}, {slots} slots x {ctx_per_slot} ctx, {opts.threads} threads")
     with LlamaServer(binary, gguf, opts.threads, slots, ctx_per_slot, log) as server:
         url = server.base_url
-        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=64)) as c:
+        # a fresh connection per request: this llama-server dropped requests sent on a reused connection
+        # after a streamed response (RemoteProtocolError on the 5th request of one connection); loopback
+        # connects cost well under a millisecond
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as c:
             warm = make_prompts(1, 64, trace.spec.vocab_size, seed=7)[0]
             await _llama_turn(c, url, warm, 4, None)
 
@@ -439,11 +475,11 @@ async def llama(opts: argparse.Namespace, trace: Trace, recompute: list[tuple[in
             run = SystemRun(label, turns, {p.program_id: p.arrival_s for p in trace.programs}, wall, hits,
                             hits + sum(t.num_computed_tokens for t in turns), load=(load_before, load_after),
                             extra={"slots": slots, "ctx_per_slot": ctx_per_slot})
-            for j, (p, k) in enumerate(recompute):
-                prompt = perturbed(trace.context(p, k, answers[p]), j, trace.spec.vocab_size)
-                sent = time.perf_counter()
-                reply = await _llama_turn(c, url, prompt, 1, None, cache_prompt=False)
-                run.recompute_ms[f"p{p}/t{k}"] = (reply.first_token_at - sent) * 1e3
+
+            async def send_one(request_id: str, prompt: list[int], cache: bool, slot: int | None) -> Reply:
+                return await _llama_turn(c, url, prompt, 1, None if slot is None else slot % slots, cache)
+
+            run.recompute_ms, run.resume_ms = await isolated_ttfts(trace, answers, recompute, send_one)
     say(_summary(run))
     return run
 
@@ -473,6 +509,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--recompute-samples", type=int, default=None, help="contexts re-sent cold (default 8; --quick 3)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--skip-llamacpp", action="store_true", help="do not build/run llama-server")
+    p.add_argument("--ablation", action="store_true",
+                   help="also run switchyard with retention on and program scheduling off")
     p.add_argument("--llama-server", type=Path, default=None, help="use this llama-server binary (no build)")
     p.add_argument("--bench-dir", type=Path, default=Path(".bench"), help="where peers are built (git-ignored)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -531,10 +569,15 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     trace = load_trace(opts, vocab)
     sample = recompute_sample(trace, opts.recompute_samples)
     notes: list[str] = []
-    runs = [asyncio.run(ours(opts, trace, False, "switchyard, retention off", sample)),
-            asyncio.run(ours(opts, trace, True, "switchyard, retention on"))]
-    runs[1].recompute_ms = dict(runs[0].recompute_ms)  # same engine, same contexts: one cold measurement
-    runs[1].extra["recompute_from"] = runs[0].system
+    runs = [asyncio.run(ours(opts, trace, False, False, "switchyard, retention off", sample)),
+            asyncio.run(ours(opts, trace, True, True, "switchyard, retention on"))]
+    if opts.ablation:  # program scheduling's window is kv_retain_s: without retention it has no pauses to bridge
+        runs.append(asyncio.run(ours(opts, trace, True, False, "switchyard, retention only")))
+    # same engine, same contexts: the isolated TTFTs are measured once (idle, prefix caching holds the resumed
+    # context with or without retention)
+    for r in runs[1:]:
+        r.recompute_ms, r.resume_ms = dict(runs[0].recompute_ms), dict(runs[0].resume_ms)
+        r.extra["isolated_ttfts_from"] = runs[0].system
     if not opts.skip_llamacpp:
         try:
             runs.append(asyncio.run(llama(opts, trace, sample)))
@@ -583,6 +626,10 @@ def report(opts: argparse.Namespace, trace: Trace, runs: list[SystemRun], notes:
             "sampled_ttft_after_pause_ms_p50": round(_p50([by_turn[k] for k in r.recompute_ms if k in by_turn]), 2)
             if r.recompute_ms else None,
             "speedup_vs_recompute_p50": round(_p50(speedups), 2) if speedups else None,
+            "resume_ms": {k: round(v, 2) for k, v in r.resume_ms.items()},
+            "resume_ms_p50": round(_p50(list(r.resume_ms.values())), 2) if r.resume_ms else None,
+            "isolated_speedup_p50": round(_p50([r.recompute_ms[k] / v for k, v in r.resume_ms.items() if v]), 2)
+            if r.resume_ms else None,
             "prefix_hit_rate": round(r.prefix_hit_rate, 4), "prefix_hit_tokens": r.prefix_hit_tokens,
             "context_hit_rate_after_pause": round(r.context_hit_rate(spec.system_len), 4),
             "prefix_query_tokens": r.prefix_query_tokens, "wall_s": round(r.wall_s, 2),
@@ -590,23 +637,36 @@ def report(opts: argparse.Namespace, trace: Trace, runs: list[SystemRun], notes:
             "turns": [asdict(t) for t in r.turns],
         }
     off, on = runs[0].system, runs[1].system
-    peer = runs[2].system if len(runs) > 2 else None
+    peer = next((r.system for r in runs if r.system.startswith("llama.cpp")), None)
     ratios: dict[str, float | None] = {
         "mean_jct off / on": _ratio(systems[off]["mean_jct_s"], systems[on]["mean_jct_s"]),
         "ttft_after_pause p50 off / on": _ratio(systems[off]["ttft_after_pause_ms_p50"],
                                                 systems[on]["ttft_after_pause_ms_p50"]),
         "ttft_after_pause recompute / on (p50 per sampled turn)": systems[on]["speedup_vs_recompute_p50"],
+        "isolated: recompute / resume, switchyard (p50 per sampled turn)": systems[on]["isolated_speedup_p50"],
     }
+    for r in runs[2:]:
+        if r.system.startswith("switchyard"):
+            ratios[f"mean_jct off / {r.system.removeprefix('switchyard, ')}"] = _ratio(
+                systems[off]["mean_jct_s"], systems[r.system]["mean_jct_s"])
     targets = {"mean JCT >= 1.5x better than retention off": _met(ratios["mean_jct off / on"], 1.5),
-               "TTFT after a pause >= 5x faster than a recompute": _met(ratios[
-                   "ttft_after_pause recompute / on (p50 per sampled turn)"], 5.0)}
+               "TTFT after a pause >= 5x faster than a recompute (in the trace)": _met(ratios[
+                   "ttft_after_pause recompute / on (p50 per sampled turn)"], 5.0),
+               "TTFT after a pause >= 5x faster than a recompute (isolated)": _met(ratios[
+                   "isolated: recompute / resume, switchyard (p50 per sampled turn)"], 5.0)}
     if peer:
         ratios["mean_jct llama.cpp / on"] = _ratio(systems[peer]["mean_jct_s"], systems[on]["mean_jct_s"])
         ratios["ttft_after_pause p50 llama.cpp / on"] = _ratio(systems[peer]["ttft_after_pause_ms_p50"],
                                                                systems[on]["ttft_after_pause_ms_p50"])
         ratios["ttft_after_pause recompute / llama.cpp (p50 per sampled turn)"] = systems[peer]["speedup_vs_recompute_p50"]
+        ratios["isolated: recompute / resume, llama.cpp (p50 per sampled turn)"] = systems[peer]["isolated_speedup_p50"]
+        ratios["isolated resume p50 llama.cpp / switchyard"] = _ratio(systems[peer]["resume_ms_p50"] or float("nan"),
+                                                                      systems[on]["resume_ms_p50"] or float("nan"))
         targets["mean JCT better than llama-server"] = _met(ratios["mean_jct llama.cpp / on"], 1.0, strict=True)
-        targets["TTFT after a pause no slower than llama-server"] = _met(ratios["ttft_after_pause p50 llama.cpp / on"], 1.0)
+        targets["TTFT after a pause no slower than llama-server (in the trace)"] = _met(
+            ratios["ttft_after_pause p50 llama.cpp / on"], 1.0)
+        targets["TTFT after a pause no slower than llama-server (isolated)"] = _met(
+            ratios["isolated resume p50 llama.cpp / switchyard"], 1.0)
     contexts = [trace.context_len(p, k) for p in range(len(trace.programs)) for k in range(spec.num_turns)]
     return {
         "benchmark": "agents", "model": opts.model, "threads": opts.threads, "quantization": opts.quantization,
@@ -643,16 +703,26 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
           f"tokens (system prompt + {e['kv_fit']:.0%} of the private working set; all programs' last contexts "
           f"need {e['working_set_tokens']}); retention on = kv_retain_s {e['kv_retain_s']}, max share "
           f"{e['kv_retain_max_share']}, program scheduling")
-    head = (f"\n{'system':36s}{'mean JCT s':>11s}{'TTFT p50':>10s}{'recompute':>11s}{'speedup':>9s}"
-            f"{'prefix hit':>11s}{'context':>9s}{'wall s':>8s}{'load':>12s}")
-    print(head + f"\n{'':36s}{'':>11s}{'(pause) ms':>10s}{'p50 ms':>11s}{'p50':>9s}{'rate':>11s}{'hit (1)':>9s}")
+    widths = (34, 8, 10, 11, 11, 11, 11, 12, 8, 9, 7, 12)
+    heads = (("", "system"), ("mean", "JCT s"), ("TTFT p50", "pause ms"), ("TTFT p50", "sample ms"),
+             ("recompute", "/TTFT (2)"), ("isolated", "recomp ms"), ("isolated", "resume ms"),
+             ("recompute", "/resume (3)"), ("prefix", "hits"), ("context", "hits (1)"), ("wall", "s"),
+             ("load", "1-min"))
+    for line in (0, 1):
+        print(("\n" if line == 0 else "") + "".join(
+            f"{h[line]:{'<' if i == 0 else '>'}{w}s}" for i, (h, w) in enumerate(zip(heads, widths, strict=True))))
+
+    def cell(value: float | None, fmt: str, width: int) -> str:
+        return f"{(format(value, fmt) if value is not None else '-'):>{width}s}"
+
     for name, s in rep["systems"].items():
-        rec = s["recompute_ms_p50"]
-        sp = s["speedup_vs_recompute_p50"]
-        print(f"{name:36s}{s['mean_jct_s']:11.2f}{s['ttft_after_pause_ms_p50']:10.1f}"
-              f"{(f'{rec:.1f}' if rec is not None else '-'):>11s}{(f'{sp:.1f}x' if sp is not None else '-'):>9s}"
-              f"{s['prefix_hit_rate']:11.1%}{s['context_hit_rate_after_pause']:9.1%}{s['wall_s']:8.1f}"
-              f"{'{:.1f} → {:.1f}'.format(*s['load_before_after']):>12s}")
+        cells = [f"{name:34s}", cell(s["mean_jct_s"], ".1f", 8), cell(s["ttft_after_pause_ms_p50"], ".0f", 10),
+                 cell(s["sampled_ttft_after_pause_ms_p50"], ".0f", 11), cell(s["speedup_vs_recompute_p50"], ".2f", 11),
+                 cell(s["recompute_ms_p50"], ".0f", 11), cell(s["resume_ms_p50"], ".0f", 11),
+                 cell(s["isolated_speedup_p50"], ".2f", 12), f"{s['prefix_hit_rate']:8.1%}",
+                 f"{s['context_hit_rate_after_pause']:9.1%}", cell(s["wall_s"], ".0f", 7),
+                 f"{'{:.1f} → {:.1f}'.format(*s['load_before_after']):>12s}"]
+        print("".join(cells))
     for name, s in rep["systems"].items():
         if "preemptions" in s:
             print(f"{name}: {s['prefix_hit_tokens']} of {s['prefix_query_tokens']} prompt tokens hit, "
@@ -661,6 +731,10 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
         elif "slots" in s:
             print(f"{name}: timings.cache_n {s['prefix_hit_tokens']} of {s['prefix_query_tokens']} prompt tokens")
     print(f"(1) post-pause turns: share of their prompt beyond the {t['system_len']}-token system prompt found cached")
+    print("(2) the sampled post-pause turns (spread over the context lengths): their TTFT in the trace, and the p50 "
+          "over them of\n    (isolated recompute of the same context / that TTFT)")
+    print("(3) the same contexts on the idle system, one at a time: recompute (nothing cached) / resume (the previous "
+          "turn + answer cached)")
     print()
     for name, value in rep["ratios"].items():
         print(f"ratio {name:60s}{(f'{value:.2f}x' if value is not None else '-'):>10s}")
