@@ -219,11 +219,17 @@ class GuardComponent(Protocol):
 
     def classify(self, text: str) -> Any: ...  # → routers.guard.GuardVerdict
 
+    def classify_batch(self, texts: list[str]) -> list[Any]: ...  # classify of each, in one call
+
 
 class PolicyComponent(Protocol):
     """What the pipeline asks of the route policy (``routers.policy.RoutePolicy``)."""
 
-    def decide(self, text: str, hint: Any = None) -> Any: ...  # → routers.policy.RouteDecision
+    router: Any  # routers.router.Router | None: its ``score_batch`` is batched across requests
+
+    def needs_score(self, hint: Any = None) -> bool: ...
+
+    def decide(self, text: str, hint: Any = None, score: float | None = None) -> Any: ...  # → RouteDecision
 
 
 class PoolsComponent(Protocol):
@@ -265,6 +271,8 @@ class Pipeline:
         self.cascade_rule = cascade_rule
         self.store = store
         self._limiter_ping = limiter_ping
+        self.guard_batcher: Any = None  # routers.batcher.Batcher over guard.classify_batch (start(), when on)
+        self.router_batcher: Any = None  # ... over the router's score_batch
         self._tasks: set[asyncio.Task] = set()
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         from gateway.accounting import Accounting
@@ -319,7 +327,23 @@ class Pipeline:
                    policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping,
                    budgets=Budgets(settings.redis_url))
 
+    def start_batchers(self) -> None:
+        """The guard's and the router's batchers (``classifiers.batching``): each runs its artifact in a
+        worker thread over the requests waiting for it, so the event loop never runs a classifier."""
+        cfg = self.settings.classifiers
+        if not cfg.batching or self.guard_batcher is not None or self.router_batcher is not None:
+            return
+        from routers.batcher import Batcher
+
+        opts = {"max_batch": cfg.max_batch, "max_wait_s": cfg.max_wait_ms / 1000}
+        if self.guard is not None:
+            self.guard_batcher = Batcher(self.guard.classify_batch, name="guard", **opts)
+        router = getattr(self.policy, "router", None)
+        if router is not None:
+            self.router_batcher = Batcher(router.score_batch, name="router", **opts)
+
     async def start(self) -> None:
+        self.start_batchers()
         if self.store is not None:  # first: example_cache.server_search = 'on' without it fails start-up fast
             await self.store.start()
         if any(p.kind == "local" for p in self.settings.pools):
@@ -337,6 +361,9 @@ class Pipeline:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for batcher in (self.guard_batcher, self.router_batcher):
+            if batcher is not None:  # queued requests are answered first; nothing new is accepted
+                await asyncio.to_thread(batcher.close, 10.0)
         await self.pools.close()
         if self.store is not None:
             with contextlib.suppress(Exception):
@@ -445,7 +472,10 @@ class Pipeline:
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
-            verdict = self.guard.classify(guard_text)
+            if self.guard_batcher is not None:
+                verdict = await self.guard_batcher.run(guard_text)
+            else:
+                verdict = self.guard.classify(guard_text)
             trace.guard = verdict.label
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
@@ -463,7 +493,10 @@ class Pipeline:
         elif requested != "auto":
             trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
         else:
-            decision = self.policy.decide(text, job.hint)
+            score = None  # the router runs only here: never for a request the guard's verdict ended
+            if self.router_batcher is not None and self.policy.needs_score(job.hint):
+                score = float(await self.router_batcher.run(text))
+            decision = self.policy.decide(text, job.hint, score=score)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
             llm = self.settings.routing.llm_pool

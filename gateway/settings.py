@@ -122,6 +122,16 @@ class GuardSettings(_Frozen):
     max_context_chars: int = Field(2000, ge=1)
 
 
+class ClassifierSettings(_Frozen):
+    """How the guard and the router run (routers/batcher.py): off the event loop, micro-batched."""
+
+    batching: bool = Field(True, description="run each classifier artifact in its own worker thread over the "
+                           "requests waiting for it (false: on the event loop, one request at a time)")
+    max_batch: int = Field(32, ge=1, description="most requests one classifier call scores together")
+    max_wait_ms: float = Field(0.2, ge=0, le=100, description="under load, how long a batch may wait to fill "
+                               "(a request that finds its classifier idle never waits)")
+
+
 class CascadeSettings(_Frozen):
     mode: Literal["off", "slm_then_escalate"] = "slm_then_escalate"
     # buffer: produce the whole SLM answer before sending anything (no wasted tokens to the client).
@@ -228,6 +238,7 @@ class Settings(_Frozen):
     pools: list[PoolConfig] = Field(min_length=1)
     routing: RoutingSettings = RoutingSettings()
     guard: GuardSettings = GuardSettings()
+    classifiers: ClassifierSettings = ClassifierSettings()
     example_cache: ExampleCacheSettings = ExampleCacheSettings()
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()

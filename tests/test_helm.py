@@ -30,6 +30,7 @@ from backends.engine.args import EngineArgs
 from gateway.settings import (
     ApiKey,
     CascadeSettings,
+    ClassifierSettings,
     ExampleCacheSettings,
     GuardSettings,
     Limits,
@@ -545,7 +546,7 @@ def test_schema_mirrors_the_settings_models():
     for key in config:
         node = node[key]
     assert set(node["properties"]) <= set(Settings.model_fields)
-    for name, model in [("routing", RoutingSettings), ("guard", GuardSettings),
+    for name, model in [("routing", RoutingSettings), ("guard", GuardSettings), ("classifiers", ClassifierSettings),
                         ("example_cache", ExampleCacheSettings), ("limits", Limits)]:
         assert set(node["properties"][name]["properties"]) <= set(model.model_fields), name
         assert node["properties"][name]["additionalProperties"] is False
@@ -558,10 +559,10 @@ def test_schema_mirrors_the_settings_models():
     # values.schema.json (a warning, so a new Settings field never breaks CI by itself).
     chart_managed = {"host", "port", "pools", "redis_url", "api_keys", "routing.router_artifact",
                      "guard.artifact", "example_cache.redis_url"}
-    exposed = {f"{name}.{field}" for name in ("routing", "guard", "example_cache", "limits")
+    exposed = {f"{name}.{field}" for name in ("routing", "guard", "classifiers", "example_cache", "limits")
                for field in node["properties"][name]["properties"]} | set(node["properties"])
-    models = {"routing": RoutingSettings, "guard": GuardSettings, "example_cache": ExampleCacheSettings,
-              "limits": Limits}
+    models = {"routing": RoutingSettings, "guard": GuardSettings, "classifiers": ClassifierSettings,
+              "example_cache": ExampleCacheSettings, "limits": Limits}
     fields = set(Settings.model_fields) | {f"{n}.{f}" for n, m in models.items() for f in m.model_fields}
     not_exposed = sorted(fields - exposed - chart_managed)
     if not_exposed:
