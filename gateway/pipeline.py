@@ -393,8 +393,10 @@ class Pipeline:
         healthy = {alias: sum(1 for ok in replicas.values() if ok) for alias, replicas in self.pools.health().items()}
         pool_events = {alias: {k.removeprefix("num_"): v for k, v in vars(st).items()}
                        for alias, st in self.pools.stats().items()}
+        batchers = {b.name: (b.num_batches, b.num_items) for b in (self.guard_batcher, self.router_batcher)
+                    if b is not None}
         return {"redis_failures": failures, "healthy_replicas": healthy, "example_cache": values_cache,
-                "pool_events": pool_events}
+                "pool_events": pool_events, "classifier_batches": batchers}
 
     async def readiness(self) -> dict[str, Any]:
         """{"ready", "status", "pools": {alias: {replica: bool}}, "redis": bool | None}.

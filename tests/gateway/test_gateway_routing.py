@@ -213,6 +213,10 @@ def test_the_event_loop_serves_while_the_guard_runs(live_server, guard_dir, rout
     r = held["r"]
     assert r.headers["x-switchyard-route"] == "llm" and r.headers["x-switchyard-guard"] in ("domain", "ood")
     assert gated[0].batches[0] == ["please integral theorem proof now"]
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'switchyard_classifier_requests_total{classifier="guard"} 1.0' in metrics  # the exempt one skipped it
+    assert 'switchyard_classifier_requests_total{classifier="router"} 2.0' in metrics
+    assert 'switchyard_classifier_batches_total{classifier="router"}' in metrics
 
 
 def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refused_requests(
