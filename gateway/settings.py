@@ -247,6 +247,9 @@ class Settings(_Frozen):
     shutdown: ShutdownSettings = ShutdownSettings()
     decision_log: DecisionLogSettings = DecisionLogSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(1, ge=1, le=64, description="gateway processes on one port, each with its own event loop, "
+                         "guard and router (rate limits, budgets, sessions and stored responses are shared "
+                         "across them only through redis_url)")
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
     opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans/metrics/logs (needs an "
@@ -282,6 +285,11 @@ class Settings(_Frozen):
         if self.example_cache.enabled and self.example_cache.backend == "redis":
             if not (self.example_cache.redis_url or self.redis_url):
                 raise ValueError("example_cache.backend = 'redis' needs redis_url (or example_cache.redis_url)")
+        local = [p.name for p in self.pools if p.kind == "local"]
+        if self.workers > 1 and local:
+            raise ValueError(f"workers = {self.workers} needs remote pools only: each worker process would load "
+                             f"its own copy of local pools {local} (serve them with `switchyard engine serve` and "
+                             "point remote pools at them)")
         if self.example_cache.server_search == "on" and self.example_cache.backend != "redis":
             raise ValueError("example_cache.server_search = 'on' needs example_cache.backend = 'redis'")
         return self
