@@ -273,6 +273,7 @@ class Pipeline:
         self._limiter_ping = limiter_ping
         self.guard_batcher: Any = None  # routers.batcher.Batcher over guard.classify_batch (start(), when on)
         self.router_batcher: Any = None  # ... over the router's score_batch
+        self.num_deciding = 0  # requests between admission and their first Delta (in _decide_and_start)
         self._tasks: set[asyncio.Task] = set()
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         from gateway.accounting import Accounting
@@ -450,11 +451,14 @@ class Pipeline:
         if admission.max_budget_usd is not None:
             reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
                                                         job.sampling.max_tokens * job.n)
+        self.num_deciding += 1
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
         except BaseException:
             self.accounting.release(reservation, trace.cost_usd)  # nothing was answered
             raise
+        finally:
+            self.num_deciding -= 1
         execution.reservation = reservation
         return execution
 
@@ -474,10 +478,10 @@ class Pipeline:
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
-            if self.guard_batcher is not None:
-                verdict = await self.guard_batcher.run(guard_text)
-            else:
+            if self._on_loop(self.guard_batcher):
                 verdict = self.guard.classify(guard_text)
+            else:
+                verdict = await self.guard_batcher.run(guard_text)
             trace.guard = verdict.label
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
@@ -496,7 +500,7 @@ class Pipeline:
             trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
         else:
             score = None  # the router runs only here: never for a request the guard's verdict ended
-            if self.router_batcher is not None and self.policy.needs_score(job.hint):
+            if not self._on_loop(self.router_batcher) and self.policy.needs_score(job.hint):
                 score = float(await self.router_batcher.run(text))
             decision = self.policy.decide(text, job.hint, score=score)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
@@ -554,6 +558,15 @@ class Pipeline:
             self._background(self._remember_session(session_key, session, trace))
         model_name = self._pool_cfg(trace.pool).model
         return Execution(self, job, admission, trace, model_name, first, rest, text)
+
+    def _on_loop(self, batcher: Any) -> bool:
+        """Whether a classifier runs here on the event loop rather than in its batcher's thread: without a
+        batcher (classifiers.batching off), or — with classifiers.inline_when_alone — when this request is
+        the only one deciding and the batcher is idle: there is nothing to batch it with, and a thread hop
+        would only add its wake-ups (BENCHMARKS.md "Classifiers at gateway speed")."""
+        if batcher is None:
+            return True
+        return self.settings.classifiers.inline_when_alone and self.num_deciding == 1 and batcher.is_idle
 
     async def _remember_session(self, key: Any, state: Any, trace: Trace) -> None:
         """After an ``auto`` turn of a session: the tier moves up when the LLM answered (routed or escalated),

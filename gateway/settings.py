@@ -130,6 +130,9 @@ class ClassifierSettings(_Frozen):
     max_batch: int = Field(32, ge=1, description="most requests one classifier call scores together")
     max_wait_ms: float = Field(0.2, ge=0, le=100, description="under load, how long a batch may wait to fill "
                                "(a request that finds its classifier idle never waits)")
+    inline_when_alone: bool = Field(True, description="a request alone between admission and its first token, "
+                                    "whose classifier is idle, runs it on the event loop: nothing to batch with, "
+                                    "no thread hop")
 
 
 class CascadeSettings(_Frozen):

@@ -55,6 +55,7 @@ class Batcher(Generic[T, R]):
         self._queue: deque[tuple[T, Future]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._running = False  # a batch is being scored
         self.num_batches = 0  # batches run (read without the lock: a statistic)
         self.num_items = 0  # requests scored in them
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
@@ -89,6 +90,11 @@ class Batcher(Generic[T, R]):
     def is_closed(self) -> bool:
         return self._closed
 
+    @property
+    def is_idle(self) -> bool:
+        """Nothing queued and no batch running (read without the lock: a hint, stale by the time it is used)."""
+        return not self._queue and not self._running
+
     # -- the worker -------------------------------------------------------------------------------------
     def _take(self, under_load: bool) -> list[tuple[T, Future]] | None:
         """The next batch (None: closed and drained). Waits for company only ``under_load``."""
@@ -116,7 +122,11 @@ class Batcher(Generic[T, R]):
                 return
             batch = [(item, fut) for item, fut in taken if fut.set_running_or_notify_cancel()]
             if batch:
-                self._run(batch)
+                self._running = True
+                try:
+                    self._run(batch)
+                finally:
+                    self._running = False
             under_load = True  # requests that came while this batch ran may wait a little for company
 
     def _run(self, batch: list[tuple[T, Future]]) -> None:

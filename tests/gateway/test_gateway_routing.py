@@ -178,9 +178,9 @@ def _pipeline_with(factory, **swap):
 
 
 def test_the_event_loop_serves_while_the_guard_runs(live_server, guard_dir, router_dir):
-    """With classifiers.batching (the default) the guard runs in its batcher's thread: while it is held
-    inside a batch, the gateway still answers /healthz and an exempt key's request, then the held request
-    completes with its own verdict and route."""
+    """With classifiers.batching (the default) the guard runs in its batcher's thread (here for a lone
+    request too: inline_when_alone off): while it is held inside a batch, the gateway still answers
+    /healthz and an exempt key's request, then the held request completes with its own verdict and route."""
     import threading
 
     import httpx
@@ -188,7 +188,7 @@ def test_the_event_loop_serves_while_the_guard_runs(live_server, guard_dir, rout
     keys = [{"name": "app", "sha256": hash_api_key("sk-app")},
             {"name": "ops", "sha256": hash_api_key("sk-ops"), "guard_exempt": True}]
     settings = fake_settings(api_keys=keys, guard={"artifact": str(guard_dir), "ood": {"action": "allow"}},
-                             routing=_routing(router_dir))
+                             routing=_routing(router_dir), classifiers={"inline_when_alone": False})
     gated: list[_GatedGuard] = []
     wrap = {"guard": lambda g: gated.append(_GatedGuard(g)) or gated[-1]}
     server = live_server(create_app(settings, pipeline_factory=_pipeline_with(FakeFactory(), **wrap)))
@@ -221,8 +221,8 @@ def test_the_event_loop_serves_while_the_guard_runs(live_server, guard_dir, rout
 
 def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refused_requests(
         live_server, guard_dir, router_dir):
-    """The same requests through a gateway with classifiers.batching on and one with it off: the same
-    verdict, route and pool, scores within float rounding; the router scores only requests the guard let through (a refused
+    """The same requests through a gateway with classifiers.batching on (every request through the
+    batchers) and one with it off: the same verdict, route and pool, scores within float rounding; the router scores only requests the guard let through (a refused
     one never reaches it)."""
     texts = ["My landlord has a problem with the lease, what should I do?", "please integral theorem proof now",
              "Der Hund schläft unter dem großen Baum im Garten.", "How do I handle tax and loan?",
@@ -247,7 +247,8 @@ def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refuse
     answers = {}
     for batching in (True, False):
         settings = fake_settings(guard={"artifact": str(guard_dir), "ood": {"action": "refuse"}},
-                                 routing=_routing(router_dir), classifiers={"batching": batching})
+                                 routing=_routing(router_dir),
+                                 classifiers={"batching": batching, "inline_when_alone": False})
         wrap = {"policy": counted} if batching else {}
         server = live_server(create_app(settings, pipeline_factory=_pipeline_with(FakeFactory(), **wrap)))
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
@@ -265,3 +266,38 @@ def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refuse
     refused = [t for t, a in zip(texts, answers[True], strict=True) if a[1] == "policy"]
     assert refused, "some texts are refused by the guard"
     assert sorted(seen) == sorted(t for t in texts if t not in refused)
+
+
+def test_a_lone_request_classifies_on_the_loop_and_company_goes_to_the_batcher(live_server, guard_dir, router_dir):
+    """classifiers.inline_when_alone (default): a request alone between admission and its first token,
+    with its classifier idle, runs guard and router on the loop (no thread hop: the batchers score
+    nothing); with another request deciding, or a batch running, it goes to the batcher."""
+    import httpx
+
+    from gateway.pipeline import Pipeline
+
+    settings = fake_settings(guard={"artifact": str(guard_dir), "ood": {"action": "allow"}}, routing=_routing(router_dir))
+    server = live_server(create_app(settings, backend_factory=FakeFactory()))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    for text in ("please integral theorem proof now", "My landlord has a problem with the lease, what should I do?"):
+        r = client.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": text}])
+        assert r.headers["x-switchyard-route"] in ("slm", "llm")
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'switchyard_classifier_requests_total{classifier="guard"} 0.0' in metrics
+    assert 'switchyard_classifier_requests_total{classifier="router"} 0.0' in metrics
+
+    class Stub:
+        is_idle = True
+
+    pipeline = Pipeline.build(settings, backend_factory=FakeFactory())
+    stub = Stub()
+    assert pipeline._on_loop(None)  # batching off
+    pipeline.num_deciding = 1
+    assert pipeline._on_loop(stub)
+    stub.is_idle = False  # a batch is running or queued: join it
+    assert not pipeline._on_loop(stub)
+    stub.is_idle, pipeline.num_deciding = True, 2  # another request is deciding: batch with it
+    assert not pipeline._on_loop(stub)
+    off = Pipeline.build(fake_settings(classifiers={"inline_when_alone": False}), backend_factory=FakeFactory())
+    off.num_deciding = 1
+    assert not off._on_loop(stub)
