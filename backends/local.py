@@ -294,7 +294,9 @@ class LocalBackend:
         cached = 0
         open_choices = params.n
         started = False
-        stream = self.engine.stream(engine_id, prompt, params, priority=request.priority)
+        stream = self.engine.stream(engine_id, prompt, params, priority=request.priority,
+                                    session_id=request.session_id,
+                                    program_id=request.program_id or request.session_id)
         try:
             async with contextlib.aclosing(stream):
                 async for out in stream:

@@ -92,7 +92,7 @@ class Pool:
         eject_after_failures: int = 3,
         eject_cooldown_s: float = 10.0,
         health_interval_s: float = 5.0,
-        affinity_prefix_chars: int = 256,
+        affinity_prefix_chars: int | None = None,
         affinity_load_factor: float = 2.0,
         affinity_slack_tokens: int = 2048,
         backoff_base_s: float = 0.02,
@@ -113,7 +113,9 @@ class Pool:
         self.eject_after_failures = eject_after_failures
         self.eject_cooldown_s = eject_cooldown_s
         self.health_interval_s = health_interval_s
-        self.affinity_prefix_chars = getattr(settings, "affinity_prefix_chars", affinity_prefix_chars)
+        # the argument (tests, benchmarks) over the pool's setting over the default
+        self.affinity_prefix_chars = (affinity_prefix_chars if affinity_prefix_chars is not None
+                                      else getattr(settings, "affinity_prefix_chars", 256))
         self.affinity_load_factor = affinity_load_factor
         self.affinity_slack_tokens = affinity_slack_tokens
         self.backoff_base_s = backoff_base_s

@@ -24,6 +24,8 @@ about 6+ minutes on 2 cores; see /work/shared/PEERS.md), or pass ``--llama-serve
 ``switchyard bench engine [--quick] [--json] [--skip-llamacpp] [--skip-hf] [--quantization none|int8|int4|none,int8,...]
 [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128] [--prefix-len 1024] [--threads 2]``
 
+``switchyard bench engine --structured ...`` measures JSON-Schema-constrained decoding instead (bench/structured.py).
+
 The load average is printed with the results: numbers taken while other jobs run are noisy.
 """
 
@@ -34,6 +36,7 @@ import asyncio
 import functools
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -104,6 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llama-server", type=Path, default=None, help="use this llama-server binary (no build)")
     p.add_argument("--bench-dir", type=Path, default=Path(".bench"), help="where peers are built (git-ignored)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--structured", action="store_true",
+                   help="measure JSON-Schema-constrained decoding instead (its own options: --structured --help)")
     opts = p.parse_args(argv)
     quick = opts.quick
     opts.concurrency = [int(c) for c in (opts.concurrency or ("1,4" if quick else "1,8,32")).split(",")]
@@ -227,8 +232,12 @@ def ensure_llama_server(bench_dir: Path) -> Path:
     build = root / "build"
     log = (root / "build.log").open("a")
     nice = ["nice", "-n", "10"]
+    # -march=native switches on ggml's AMX kernels where the CPU reports AMX; on this machine's VMs the server
+    # then dies with SIGILL (tilezero in tinygemm_kernel_amx) at its first matmul, so AMX stays off (AVX-512 on)
+    no_amx = [f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for lang in ("C", "CXX")]
     subprocess.run([*nice, "cmake", "-S", str(cmake_lists.parent), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"],
+                    "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    *(no_amx if platform.machine() in ("x86_64", "AMD64") else [])],
                    check=True, stdout=log, stderr=subprocess.STDOUT)
     subprocess.run([*nice, "cmake", "--build", str(build), "--target", "llama-server", "-j2"],
                    check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -479,7 +488,12 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    opts = parse_args(list(getattr(args, "bench_args", None) or []))
+    argv = list(getattr(args, "bench_args", None) or [])
+    if "--structured" in argv:  # constrained decoding: its own rows and options (bench/structured.py)
+        from bench import structured
+
+        return structured.main(argv)
+    opts = parse_args(argv)
     report = run(opts)
     _print(report, opts)
     return 0

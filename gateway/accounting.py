@@ -18,7 +18,9 @@ from gateway.errors import RateLimited
 
 class Accounting:
     def __init__(self, settings: Any, metrics: Any, admitter: Any, budgets: Any,
-                 background: Callable[[Any], None]) -> None:
+                 background: Callable[[Any], None], auto_pools: list[str] | None = None) -> None:
+        """``auto_pools``: the pools an N-model router chooses among (``auto`` then reserves the dearest
+        pool's cost, hint pools included; None = the two-pool SLM + LLM worst case)."""
         self.settings = settings
         self.metrics = metrics
         self.admitter = admitter
@@ -26,15 +28,22 @@ class Accounting:
         self._background = background  # runs a coroutine after the answer (token counters, settlements)
         self._llm_price = settings.pool(settings.routing.llm_pool).price
         self._pools = {p.name for p in settings.pools}
+        self._auto_pools = auto_pools
 
     async def reserve(self, admission: Any, requested: str, num_prompt_tokens: int, num_output_tokens: int) -> Any:
-        """Reserve the worst case against the key's budget (SLM + LLM for ``auto``); a Reservation, None when
-        the key has no budget; 429 ``budget_exceeded`` when it would pass it."""
+        """Reserve the worst case against the key's budget (SLM + LLM for ``auto``, the dearest pool for
+        ``auto`` over an N-model router); a Reservation, None when the key has no budget; 429
+        ``budget_exceeded`` when it would pass it."""
         if admission.max_budget_usd is None or admission.key_name is None:
             return None
         routing = self.settings.routing
-        pools = [routing.slm_pool, routing.llm_pool] if requested == "auto" else [requested]
-        worst = sum(self.settings.pool(p).price.cost_usd(num_prompt_tokens, num_output_tokens) for p in pools)
+        if requested != "auto":
+            pools, combine = [requested], sum
+        elif self._auto_pools:  # N pools: one pool answers (no escalation), hints may pick slm/llm
+            pools, combine = [routing.slm_pool, routing.llm_pool, *self._auto_pools], max
+        else:  # the SLM's answer, then the LLM's when it escalates
+            pools, combine = [routing.slm_pool, routing.llm_pool], sum
+        worst = combine(self.settings.pool(p).price.cost_usd(num_prompt_tokens, num_output_tokens) for p in pools)
         reservation = await self.budgets.reserve(admission.key_name, admission.budget_window, worst,
                                                  admission.max_budget_usd)
         if reservation is None:
@@ -53,6 +62,7 @@ class Accounting:
     def charge(self, outcome: Any) -> None:
         """Book a finished answer (``Outcome``): adds its cost to ``outcome.trace.cost_usd``."""
         trace, usage = outcome.trace, outcome.usage
+        always = 0.0
         if trace.pool in self._pools:
             trace.cost_usd += self.settings.pool(trace.pool).price.cost_usd(usage.prompt_tokens,
                                                                              usage.completion_tokens)
@@ -65,6 +75,7 @@ class Accounting:
         key = outcome.admission.key_name
         if key is not None:  # an open gateway has no keys to account to
             self.metrics.child(self.metrics.key_spend, key).inc(trace.cost_usd)
+            self.metrics.child(self.metrics.key_always_llm_cost, key).inc(always)
             self.metrics.child(self.metrics.key_tokens, key, "prompt").inc(usage.prompt_tokens)
             self.metrics.child(self.metrics.key_tokens, key, "completion").inc(usage.completion_tokens)
         if outcome.reservation is not None:

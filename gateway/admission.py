@@ -270,6 +270,16 @@ class Admitter:
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         return key
 
+    def require_admin(self, presented_key: str | None) -> None:
+        """Admin-only reads (the ``/ui`` dashboard's data): returns when the gateway is open or the key has
+        ``admin: true``; 401 when the key is missing or wrong, 403 for a key without ``admin``."""
+        if self.is_open:
+            return
+        key = self._authenticate(presented_key)
+        if not key.admin:
+            raise PermissionDenied(f"API key {key.name!r} is not an admin key (api_keys[].admin: true).",
+                                   code="admin_required")
+
     async def admit(self, presented_key: str | None, pool: str) -> Admission:
         """``pool``: the resolved model (``auto`` or a pool name, ``Settings.resolve_model``)."""
         if self.is_open:

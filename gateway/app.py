@@ -2,6 +2,7 @@
 
 The lifespan builds the ``Pipeline`` once (pools, guard, router policy, cascade rule, example store,
 admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
+SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Pipeline.reload``).
 Every error leaves in OpenAI's envelope through ``gateway.edge.error_response``: pydantic validation
 errors are 400 ``invalid_request_error`` (not FastAPI's 422), unknown paths 404 (a trailing slash too:
 never a redirect), a client that left 499, anything unexpected 500.
@@ -9,8 +10,10 @@ never a redirect), a client that left 499, anything unexpected 500.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,9 +44,16 @@ def create_app_from_env() -> FastAPI:
 
 
 def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,
-               backend_factory: Any = None, resolver: Any = None) -> FastAPI:
+               backend_factory: Any = None, resolver: Any = None, tracer_provider: Any = None) -> FastAPI:
     """The gateway app. ``pipeline_factory`` / ``backend_factory`` / ``resolver`` replace the real pipeline /
-    replicas / DNS resolver (tests); by default ``Pipeline.build(settings)`` makes everything from the settings."""
+    replicas / DNS resolver (tests); by default ``Pipeline.build(settings)`` makes everything from the settings.
+    ``tracer_provider``: where spans go when ``opentelemetry`` is on (default: gateway/tracing.py's choice).
+    Raises ConfigError when ``opentelemetry`` is on and the ``otel`` extra is not installed."""
+    tracing = None
+    if settings.opentelemetry:
+        from gateway.tracing import Tracing
+
+        tracing = Tracing.from_settings(settings, tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,24 +73,40 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         from gateway.embeddings import Embeddings
 
         app.state.embeddings = Embeddings(settings)
+        from gateway.dashboard import Dashboard
+
+        app.state.dashboard = Dashboard(pipeline.metrics, pipeline.decision_log)
+        app.state.dashboard.start()
+        pipeline.tracing = tracing
         # Everything built so far (modules, models, artifacts) lives as long as the process: move it out
         # of the cyclic GC's reach, or every young-generation collection walks it (≈40% of the CPU a
         # request costs, measured with fake replicas).
         gc.collect()
         gc.freeze()
         app.state.pipeline = pipeline
+        sighup = _reload_on_sighup(pipeline)
         try:
             yield
         finally:
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             app.state.pipeline = None
             await pipeline.close()
             await app.state.response_store.close()
             await app.state.embeddings.close()
+            await app.state.dashboard.close()
+            if tracing is not None:
+                tracing.close()
             gc.unfreeze()
 
     # FastAPI's native OpenTelemetry checks for a configured provider on every request (~3% of a routed
-    # request's CPU); it runs only when the deployment asks for it.
-    telemetry = None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False}
+    # request's CPU); it runs only when the deployment asks for it, with our provider (its HTTP span is the
+    # parent of switchyard.request) and without exporters of its own (they would export every span twice).
+    # /ui is left out: a `?key=` there must not become a span attribute.
+    telemetry: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
+    if tracing is not None:
+        telemetry = {"tracer_provider": tracing.provider, "auto_configure": False,
+                     "exclude": lambda scope: scope.get("path", "").startswith("/ui")}
     # redirect_slashes off: "/v1/chat/completions/" is a 404, never a redirect built from the Host header.
     app = FastAPI(title="switchyard", version=__version__, lifespan=lifespan, telemetry=telemetry,
                   redirect_slashes=False,
@@ -114,9 +140,9 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(request.scope, exc)
 
-    from gateway.routes import chat, completions, embeddings, health, messages, models, responses
+    from gateway.routes import admin, chat, completions, embeddings, health, messages, models, responses, ui
 
-    for module in (chat, completions, responses, messages, embeddings, models, health):
+    for module in (chat, completions, responses, messages, embeddings, models, health, ui, admin):
         app.include_router(module.router)
     app.add_middleware(FastLane)
     app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
@@ -124,6 +150,18 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
                        max_header_bytes=settings.limits.max_header_bytes)
     app.openapi = lambda: _openapi_schema(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def _reload_on_sighup(pipeline: Any) -> bool:
+    """SIGHUP reloads the artifacts (``Pipeline.reload``; the outcome is logged). Only where the loop can
+    take signals (the main thread, as ``switchyard serve`` runs); False elsewhere (a server in a test thread)."""
+    if not hasattr(signal, "SIGHUP"):
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, pipeline.reload_in_background)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 class FastLane:
@@ -200,7 +238,7 @@ async def _fast_completion(request: Request, path: str) -> Response:
 def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """FastAPI's schema with what this deployment enforces beyond the wire types, so that the schema and
     the server agree: the configured limits on ``n`` and ``max_tokens``, top_logprobs ⇒ logprobs, and the
-    bearer key on /v1/ when keys are configured."""
+    bearer key on /v1/ (and /ui/data, an admin key) when keys are configured."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -225,7 +263,7 @@ def _openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer", "description": "a configured API key (also accepted: api-key header)"}
         for path, operations in schema.get("paths", {}).items():
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path == "/ui/data":
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     app.openapi_schema = schema

@@ -47,6 +47,11 @@ def engine_args_of(args: argparse.Namespace) -> EngineArgs:
         block_size=args.block_size, num_kv_blocks=getattr(args, "num_kv_blocks", None),
         kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=getattr(args, "num_threads", None), device=getattr(args, "device", "auto"),
+        kv_retain_s=getattr(args, "kv_retain_s", 0.0), kv_retain_max_share=getattr(args, "kv_retain_max_share", 0.25),
+        program_scheduling=getattr(args, "program_scheduling", False),
+        program_max_wait_s=getattr(args, "program_max_wait_s", 5.0),
+        speculation=getattr(args, "speculation", "none"), num_draft_tokens=getattr(args, "num_draft_tokens", 4),
+        ngram_min=getattr(args, "ngram_min", 2), ngram_max=getattr(args, "ngram_max", 4),
     )
 
 

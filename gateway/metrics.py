@@ -8,6 +8,9 @@ Names (all prefixed ``switchyard_``):
   cost_usd_total{model}                      what the answered requests cost at the configured prices
   always_llm_cost_usd_total                  what the same tokens would have cost on the LLM pool
   saved_vs_always_llm_usd (gauge)            the difference (can be negative if escalations waste tokens)
+  key_spend_usd_total{key}                   cost of answered requests per API key name (never the key)
+  key_always_llm_cost_usd_total{key}         what the same key's tokens would have cost on the LLM pool
+  key_tokens_total{key,kind}                 kind = prompt | completion
   guard_verdicts_total{label}                domain | ood | unsafe
   cascade_judged_total / cascade_escalations_total
   example_cache_lookups_total{result}        hit | miss
@@ -15,6 +18,8 @@ Names (all prefixed ``switchyard_``):
   redis_failures_total{component}            rate_limiter | example_cache (read at scrape time)
   example_cache_events_total{event}          the example store's own counters (lookups, timeouts, evicted, ...)
   rate_limited_total
+  artifact_reloads_total{result}             ok | failed (SIGHUP or POST /admin/reload)
+  traffic_log_lines_total                    prompts recorded by the traffic log (opt-in)
   pool_healthy_replicas{pool}                read at scrape time
   pool_events_total{pool,event}              requests | failures | retries | failovers | ejections | no_replica
   classifier_batches_total{classifier}       guard | router: calls of the batch entry point (read at scrape time)
@@ -31,6 +36,11 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
   num_requests_running / num_requests_waiting gauges
   prefix_cache_queries_total / prefix_cache_hits_total   prompt tokens looked up / found in the prefix cache
   num_preemptions_total, prompt_tokens_total, generation_tokens_total
+  kv_retained_blocks                         gauge, KV blocks pinned for agent sessions paused on a tool
+  kv_retained_hits_total                     prompt tokens a session's next request found in its retained blocks
+  kv_retained_evicted_blocks_total           pinned blocks let go early because memory was short
+  spec_decode_num_draft_tokens_total         speculative draft tokens verified (n-gram speculation)
+  spec_decode_num_accepted_tokens_total      of those, accepted (acceptance rate = accepted / draft)
 """
 
 from __future__ import annotations
@@ -120,9 +130,15 @@ class Metrics:
                                      registry=r)
         self.cache_admits = Counter("switchyard_example_cache_admits", "LLM answers admitted", registry=r)
         self.rate_limited = Counter("switchyard_rate_limited", "requests refused by rate limits", registry=r)
+        self.artifact_reloads = Counter("switchyard_artifact_reloads", "artifact reloads (SIGHUP or POST "
+                                        "/admin/reload)", ["result"], registry=r)
+        self.traffic_logged = Counter("switchyard_traffic_log_lines", "prompts recorded by the traffic log",
+                                      registry=r)
         self.budget_exceeded = Counter("switchyard_budget_exceeded", "requests refused by key budgets", registry=r)
         self.key_spend = Counter("switchyard_key_spend_usd", "cost of answered requests per API key name",
                                  ["key"], registry=r)
+        self.key_always_llm_cost = Counter("switchyard_key_always_llm_cost_usd", "cost per API key name if every "
+                                           "request went to the LLM", ["key"], registry=r)
         self.key_tokens = Counter("switchyard_key_tokens", "tokens per API key name", ["key", "kind"], registry=r)
         self.degraded = Gauge("switchyard_degraded", "1 while Redis is unreachable and the gateway serves without "
                               "it (limiter and example cache fail open), as of the last /readyz", registry=r)
@@ -191,6 +207,16 @@ class EngineMetrics:
                                      registry=r)
         self.generation_tokens = Counter("switchyard_generation_tokens", "tokens generated (engine)", labels,
                                          registry=r)
+        self.retained_blocks = Gauge("switchyard_kv_retained_blocks", "KV blocks pinned for paused agent "
+                                     "sessions", labels, registry=r)
+        self.retained_hits = Counter("switchyard_kv_retained_hits", "prompt tokens a session's next request "
+                                     "found in the KV blocks it retained", labels, registry=r)
+        self.retained_evicted = Counter("switchyard_kv_retained_evicted_blocks", "pinned KV blocks let go "
+                                        "before expiry because memory was short", labels, registry=r)
+        self.draft_tokens = Counter("switchyard_spec_decode_num_draft_tokens", "speculative draft tokens "
+                                    "verified", labels, registry=r)
+        self.accepted_tokens = Counter("switchyard_spec_decode_num_accepted_tokens", "speculative draft tokens "
+                                       "accepted", labels, registry=r)
 
     def stat_logger(self, pool: str, replica: str, model_name: str) -> EngineStatLogger:
         """The recorder of one replica (a ``backends.engine.stats.StatLogger``)."""
@@ -211,6 +237,10 @@ class EngineStatLogger:
         self.preemptions = m.preemptions.labels(*labels)
         self.prompt_tokens, self.generation_tokens = (m.prompt_tokens.labels(*labels),
                                                       m.generation_tokens.labels(*labels))
+        self.retained_blocks, self.retained_hits, self.retained_evicted = (
+            m.retained_blocks.labels(*labels), m.retained_hits.labels(*labels), m.retained_evicted.labels(*labels))
+        self.draft_tokens, self.accepted_tokens = (m.draft_tokens.labels(*labels),
+                                                   m.accepted_tokens.labels(*labels))
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         s, it = scheduler_stats, iteration_stats
@@ -222,10 +252,18 @@ class EngineStatLogger:
             self.prefix_hits.inc(s.prefix_cache_hits)
         if s.num_preemptions:
             self.preemptions.inc(s.num_preemptions)
+        self.retained_blocks.set(s.num_retained_blocks)
+        if s.retained_hits:
+            self.retained_hits.inc(s.retained_hits)
+        if s.num_retained_evicted_blocks:
+            self.retained_evicted.inc(s.num_retained_evicted_blocks)
         if it.num_prompt_tokens:
             self.prompt_tokens.inc(it.num_prompt_tokens)
         if it.num_generation_tokens:
             self.generation_tokens.inc(it.num_generation_tokens)
+        if it.num_draft_tokens:
+            self.draft_tokens.inc(it.num_draft_tokens)
+            self.accepted_tokens.inc(it.num_accepted_tokens)
         for value in it.time_to_first_tokens_s:
             self.ttft.observe(value)
         for value in it.inter_token_latencies_s:

@@ -1,13 +1,15 @@
 """The request path, short and literal (DESIGN.md):
 
     model → admission → budget → guard → policy → example cache → pool → backend → cascade → (stream)
-          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log
+          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log, spans
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
 error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
 *before* any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose
 normal end hands an ``Outcome`` to ``finish`` (``gateway/accounting.py`` books it; the example cache learns).
-Components are reached through the small Protocols below (a fake of each serves the tests).
+Components are reached through the small Protocols below (a fake of each serves the tests). With
+``opentelemetry: true`` each stage opens and ends a span through ``trace.spans`` (``gateway/tracing.py``);
+otherwise each hook is one ``None`` check.
 
 Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
 ``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
@@ -43,6 +45,7 @@ from gateway.metrics import Metrics
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.artifacts import ServingArtifacts
     from gateway.cascade import CascadeRule
     from gateway.example_cache.types import ExampleStore
     from gateway.sessions import SessionStore
@@ -51,6 +54,7 @@ log = logging.getLogger("switchyard.pipeline")
 
 # Cascade judge needs token logprobs from the SLM even when the caller did not ask for them.
 _CASCADE_ROUTES = ("slm", "slm_then_escalate")
+_AUTO_ROUTES = frozenset({"slm", "slm_then_escalate", "llm", "session"})  # decided for model "auto"
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Job:
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
     session_id: str | None = None  # the agent session (gateway/sessions.py session_of)
     program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
+    state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its Trace there for ``record``
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -93,10 +98,13 @@ class Trace:
     guard: str = "off"
     score: float | None = None
     threshold: float | None = None
+    scores: dict[str, float] | None = None  # N-model router: predicted score per pool alias
+    tolerance: float | None = None  # N-model router: the quality tolerance of the choice
     reason: str = ""
     escalated: bool = False
     judged: bool = False  # the cascade judged an SLM answer
     namespace: str = "default"
+    key_name: str | None = None  # the admitted key's name (None: open gateway, or not admitted yet)
     num_examples: int = 0
     example_ids: list[str] = field(default_factory=list)
     query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
@@ -106,10 +114,12 @@ class Trace:
     backend_wait_s: float = 0.0
     overhead_s: float | None = None
     cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
+    spans: Any = field(default=None, repr=False)  # gateway.tracing.RequestSpans when `opentelemetry: true`
 
     def info(self) -> dict[str, Any]:
         return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
-                "threshold": self.threshold, "escalated": self.escalated, "num_examples": self.num_examples,
+                "threshold": self.threshold, "scores": self.scores, "tolerance": self.tolerance,
+                "escalated": self.escalated, "num_examples": self.num_examples,
                 "example_similarity": self.example_similarity,
                 "overhead_ms": round((self.overhead_s or 0.0) * 1000, 3), "cost_usd": round(self.cost_usd, 10),
                 "reason": self.reason}
@@ -119,6 +129,8 @@ class Trace:
              "x-switchyard-overhead-ms": f"{(self.overhead_s or 0.0) * 1000:.3f}"}
         if with_cost:
             h["x-switchyard-cost-usd"] = f"{self.cost_usd:.10f}"
+        if self.scores is not None:
+            h["x-switchyard-scores"] = ",".join(f"{alias}={score:.4f}" for alias, score in self.scores.items())
         return h
 
 
@@ -155,6 +167,11 @@ class Execution:
         self._num_deltas = 0
         self._done = False
         self.reservation: Any = None  # gateway.budget.Reservation, settled by finish()
+
+    @property
+    def request_text(self) -> str:
+        """What guard / router / cache read of this request (``routers.text.RequestText``)."""
+        return self._text
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
@@ -252,36 +269,105 @@ class Pipeline:
     def __init__(self, settings: Settings, pools: PoolsComponent, *, admitter: Admitter, metrics: Metrics,
                  policy: PolicyComponent, guard: GuardComponent | None = None, cascade_rule: CascadeRule | None = None,
                  store: ExampleStore | None = None, limiter_ping: Callable[[], Awaitable[bool]] | None = None,
-                 budgets: Budgets | None = None, sessions: SessionStore | None = None) -> None:
+                 budgets: Budgets | None = None, sessions: SessionStore | None = None,
+                 artifacts: ServingArtifacts | None = None) -> None:
         from gateway.sessions import build_session_store
 
         self.settings = settings
         self.sessions = sessions if sessions is not None else build_session_store(settings)
         self.budgets = budgets or Budgets(None)
-        self.decision_log: Any = None  # gateway.decision_log.DecisionLog when settings.decision_log.path is set
-        if settings.decision_log.path:
-            from gateway.decision_log import DecisionLog
+        from gateway.decision_log import DecisionLog
 
-            self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
+        # the latest records always (the /ui dashboard); lines too when decision_log.path is set
+        self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
+        self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
+        self.traffic_log: Any = None  # the same writer, recording prompts (settings.traffic_log; opt-in)
+        traffic = settings.traffic_log
+        if traffic.path:
+            self.traffic_log = DecisionLog(traffic.path, traffic.sample, keep=0, max_bytes=traffic.max_bytes,
+                                           max_age_s=traffic.retention_days * 86400.0, file_mode=0o600)
+        self._recorded_keys = frozenset(traffic.keys)
+        self._recorded_namespaces = frozenset(traffic.namespaces)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
-        self.policy = policy
-        self.guard = guard
-        self.cascade_rule = cascade_rule
+        from gateway.artifacts import ServingArtifacts
+
+        # One snapshot, replaced whole by reload(); each request reads it once (see gateway/artifacts.py).
+        self.artifacts = artifacts or ServingArtifacts(guard=guard, policy=policy, cascade_rule=cascade_rule)
+        self._reload_lock = asyncio.Lock()
         self.store = store
         self._limiter_ping = limiter_ping
-        self.guard_batcher: Any = None  # routers.batcher.Batcher over guard.classify_batch (start(), when on)
-        self.router_batcher: Any = None  # ... over the router's score_batch
+        self.guard_batcher: Any = None  # routers.batcher.Batcher: (guard, text) → classify_batch (start(), when on)
+        self.router_batcher: Any = None  # ... (router, text) → score_batch
         self.num_deciding = 0  # requests between admission and their first Delta (in _decide_and_start)
         self._tasks: set[asyncio.Task] = set()
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         from gateway.accounting import Accounting
 
-        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background)
+        nmodel_pools = getattr(policy, "pools", None)  # an N-model router's {model: (pool, cost)}
+        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background,
+                                     auto_pools=[alias for alias, _ in nmodel_pools.values()] if nmodel_pools else None)
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
+    # The serving guard / policy / cascade rule: views of the current snapshot (a request uses the snapshot it
+    # started with). Setting one (tests) replaces the snapshot with a copy that differs in it.
+
+    @property
+    def guard(self) -> GuardComponent | None:
+        return self.artifacts.guard
+
+    @guard.setter
+    def guard(self, value: GuardComponent | None) -> None:
+        self.artifacts = replace(self.artifacts, guard=value)
+
+    @property
+    def policy(self) -> PolicyComponent:
+        return self.artifacts.policy
+
+    @policy.setter
+    def policy(self, value: PolicyComponent) -> None:
+        self.artifacts = replace(self.artifacts, policy=value)
+
+    @property
+    def cascade_rule(self) -> CascadeRule | None:
+        return self.artifacts.cascade_rule
+
+    @cascade_rule.setter
+    def cascade_rule(self, value: CascadeRule | None) -> None:
+        self.artifacts = replace(self.artifacts, cascade_rule=value)
+
     # ------------------------------------------------------------------------------ lifecycle
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the configured guard and router artifacts again (in a worker thread) and serve them from now
+        on; requests already deciding or answering keep the snapshot they took. A load that fails keeps the
+        old snapshot, logs why, and says so: ``{"reloaded": False, "error": ..., "serving": ...}``; success is
+        ``{"reloaded": True, "serving": ..., "previous": ...}``. Reloads run one at a time (SIGHUP and
+        ``POST /admin/reload`` share this)."""
+        from gateway.artifacts import auto_pools, load_artifacts
+
+        async with self._reload_lock:
+            old = self.artifacts
+            try:
+                new = await asyncio.to_thread(load_artifacts, self.settings)
+                if auto_pools(new.policy) != auto_pools(old.policy):
+                    raise ValueError(f"the router now chooses among pools {auto_pools(new.policy)} instead of "
+                                     f"{auto_pools(old.policy)}: restart the gateway to serve it")
+            except Exception as e:  # noqa: BLE001 - any failure keeps the old artifacts serving
+                error = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+                log.error("artifact reload failed, still serving the previous artifacts: %s", error)
+                self.metrics.child(self.metrics.artifact_reloads, "failed").inc()
+                return {"reloaded": False, "error": error, "serving": old.describe()}
+            self.artifacts = new  # one assignment: the swap
+            self.metrics.child(self.metrics.artifact_reloads, "ok").inc()
+            serving = new.describe()
+            log.info("artifacts reloaded: router %s, guard %s", serving["router"], serving["guard"])
+            return {"reloaded": True, "serving": serving, "previous": old.describe()}
+
+    def reload_in_background(self) -> None:
+        """``reload()`` as a task (a signal handler cannot await); its outcome is logged."""
+        self._background(self.reload())
 
     @classmethod
     def build(cls, settings: Settings, *, backend_factory: Any = None, metrics: Metrics | None = None,
@@ -293,29 +379,13 @@ class Pipeline:
         from backends.pool import PoolSet
         from gateway import cascade as _cascade  # noqa: F401
         from gateway.admission import InProcessRateLimiter, RedisRateLimiter
-        from gateway.cascade import resolve_rule
-        from routers.policy import RoutePolicy
+        from gateway.artifacts import load_artifacts
 
         metrics = metrics or Metrics()
         pools = PoolSet.from_settings(settings, backend_factory=backend_factory,
                                       stat_logger_factory=metrics.engine.stat_logger, resolver=resolver)
         limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else InProcessRateLimiter()
-        guard = None
-        if settings.guard.artifact:
-            from routers.guard import Guard
-
-            guard = Guard.load(settings.guard.artifact)
-        router = None
-        if settings.routing.router_artifact:
-            from routers.router import Router
-
-            router = Router.load(settings.routing.router_artifact)
-        policy = RoutePolicy(settings.routing, router)
-        cascade = settings.routing.cascade
-        rule = None
-        if cascade.mode != "off":
-            artifact_cascade = (router.meta.get("cascade") or None) if router is not None else None
-            rule = resolve_rule(cascade.min_mean_logprob, cascade.min_token_logprob, artifact_cascade)
+        artifacts = load_artifacts(settings)  # ConfigError when the router's pools don't fit the settings
         store = None
         if settings.example_cache.enabled and settings.example_cache.top_k > 0:
             from gateway.example_cache import build_example_store
@@ -325,23 +395,22 @@ class Pipeline:
         from gateway.budget import Budgets
 
         return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics,
-                   policy=policy, guard=guard, cascade_rule=rule, store=store, limiter_ping=ping,
-                   budgets=Budgets(settings.redis_url))
+                   policy=artifacts.policy, store=store, limiter_ping=ping, budgets=Budgets(settings.redis_url),
+                   artifacts=artifacts)
 
     def start_batchers(self) -> None:
-        """The guard's and the router's batchers (``classifiers.batching``): each runs its artifact in a
-        worker thread over the requests waiting for it, so the event loop never runs a classifier."""
+        """The guard's and the router's batchers (``classifiers.batching``): each runs in a worker thread
+        over the requests waiting for it. An item is (the request's guard or router, its text): a request
+        keeps the artifacts of the snapshot it started with, so one batch may hold two snapshots' requests
+        after a reload, and each artifact scores its own (``per_owner``)."""
         cfg = self.settings.classifiers
         if not cfg.batching or self.guard_batcher is not None or self.router_batcher is not None:
             return
-        from routers.batcher import Batcher
+        from routers.batcher import Batcher, per_owner
 
         opts = {"max_batch": cfg.max_batch, "max_wait_s": cfg.max_wait_ms / 1000}
-        if self.guard is not None:
-            self.guard_batcher = Batcher(self.guard.classify_batch, name="guard", **opts)
-        router = getattr(self.policy, "router", None)
-        if router is not None:
-            self.router_batcher = Batcher(router.score_batch, name="router", **opts)
+        self.guard_batcher = Batcher(per_owner("classify_batch"), name="guard", **opts)
+        self.router_batcher = Batcher(per_owner("score_batch"), name="router", **opts)
 
     async def start(self) -> None:
         self.start_batchers()
@@ -353,6 +422,8 @@ class Pipeline:
             import transformers  # noqa: F401
             from transformers import AutoConfig, AutoTokenizer  # noqa: F401
         await self.pools.start()
+        if self.traffic_log is not None:
+            self._background(self._expire_traffic_log())
         for alias, replicas in self.pools.health().items():
             for name, ok in replicas.items():
                 if not ok:
@@ -375,8 +446,16 @@ class Pipeline:
             await self.sessions.close()
         with contextlib.suppress(Exception):
             await self.budgets.close()
-        if self.decision_log is not None:
-            self.decision_log.close()
+        self.decision_log.close()
+        if self.traffic_log is not None:
+            self.traffic_log.close()
+
+    async def _expire_traffic_log(self) -> None:
+        """Enforce the traffic log's retention on a quiet log too (writes enforce it as well)."""
+        period = min(60.0, self.traffic_log.max_age_s / 20)
+        while True:
+            await asyncio.sleep(period)
+            self.traffic_log.enforce_retention()
 
     def _scrape_values(self) -> dict[str, Any]:
         failures: dict[str, int] = {}
@@ -439,10 +518,23 @@ class Pipeline:
 
     async def run(self, job: Job, api_key: str | None) -> Execution:
         trace = Trace()
+        if job.state is not None:
+            job.state["trace"] = trace  # what was decided, for record() when the request fails on the way
+        if self.tracing is not None:
+            trace.spans = self.tracing.begin(job)  # gateway/tracing.py: ended by record()
+        try:
+            return await self._run(job, api_key, trace)
+        except BaseException as e:
+            if trace.spans is not None:
+                trace.spans.error(e)
+            raise
+
+    async def _run(self, job: Job, api_key: str | None, trace: Trace) -> Execution:
         # [1] the model, resolved once; admission of the resolved pool (the key was checked at the edge)
+        span = trace.spans and trace.spans.start("admission")
         requested = self.resolve_model(job.model)
         admission = await self.admitter.admit(api_key, requested)
-        trace.namespace = admission.namespace
+        trace.namespace, trace.key_name = admission.namespace, admission.key_name
         if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
@@ -451,6 +543,8 @@ class Pipeline:
         if admission.max_budget_usd is not None:
             reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
                                                         job.sampling.max_tokens * job.n)
+        if span:
+            trace.spans.end(span, key=admission.key_name, model=requested)
         self.num_deciding += 1
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
@@ -463,8 +557,12 @@ class Pipeline:
         return execution
 
     async def _decide_and_start(self, job: Job, admission: Admission, trace: Trace, requested: str) -> Execution:
-        """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta."""
-        text, guard_text = self._routing_text(job)
+        """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta. The serving
+        artifacts are read once, here: a reload while this request runs does not change its guard, router or
+        cascade rule."""
+        arts = self.artifacts
+        guard = arts.guard
+        text, guard_text = self._routing_text(job, guard)
         session_key, session = None, None
         if job.session_id is not None and requested == "auto":  # the session's tier and examples (sessions.py)
             from gateway.sessions import SessionKey
@@ -473,16 +571,19 @@ class Pipeline:
             session = await self.sessions.get(session_key)
         # [2] guard
         forced_pool = None
-        if self.guard is None:
+        if guard is None:
             trace.guard = "off"
         elif admission.guard_exempt:
             trace.guard = "exempt"
         else:
+            span = trace.spans and trace.spans.start("guard")
             if self._on_loop(self.guard_batcher):
-                verdict = self.guard.classify(guard_text)
-            else:
-                verdict = await self.guard_batcher.run(guard_text)
+                verdict = guard.classify(guard_text)
+            else:  # this request's guard (its snapshot's), batched with others'
+                verdict = await self.guard_batcher.run((guard, guard_text))
             trace.guard = verdict.label
+            if span:
+                trace.spans.end(span, guard=verdict.label)
             self.metrics.child(self.metrics.guard, verdict.label).inc()
             if verdict.label != "domain":
                 policy = self.settings.guard.ood if verdict.label == "ood" else self.settings.guard.unsafe
@@ -494,23 +595,27 @@ class Pipeline:
                 if policy.action == "route":
                     forced_pool = policy.pool
         # [3] policy
+        span = trace.spans and trace.spans.start("routing")
         if forced_pool is not None:
             trace.route, trace.pool, trace.reason = "guard", forced_pool, f"guard verdict {trace.guard}"
         elif requested != "auto":
             trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
         else:
             score = None  # the router runs only here: never for a request the guard's verdict ended
-            if not self._on_loop(self.router_batcher) and self.policy.needs_score(job.hint):
-                score = float(await self.router_batcher.run(text))
-            decision = self.policy.decide(text, job.hint, score=score)
+            if not self._on_loop(self.router_batcher) and arts.policy.needs_score(job.hint):
+                score = float(await self.router_batcher.run((arts.policy.router, text)))
+            decision = arts.policy.decide(text, job.hint, score=score)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
+            trace.scores, trace.tolerance = decision.scores, decision.tolerance
             llm = self.settings.routing.llm_pool
             if session is not None and self.settings.sessions.hold_tier and session.holds_llm and trace.pool != llm:
                 trace.route, trace.pool = "session", llm
                 trace.reason = "the session's tier holds: an earlier turn was answered by the LLM"
             self._route_for_capabilities(job, trace)
         self._check_capabilities(job, trace.pool)
+        if span:
+            trace.spans.end(span, route=trace.route, pool=trace.pool, score=trace.score, threshold=trace.threshold)
         # [4] example cache (only the SLM gets examples)
         messages = job.messages
         kept = session is not None and self.settings.sessions.keep_examples and bool(session.examples)
@@ -522,6 +627,7 @@ class Pipeline:
             messages = _with_examples(job.messages or [], session.examples)
         elif (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
                 and trace.pool == self.settings.routing.slm_pool and text):
+            span = trace.spans and trace.spans.start("cache")
             try:
                 trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
                 examples = [] if trace.query_embedding is None else await self.store.lookup(
@@ -531,6 +637,8 @@ class Pipeline:
                 log.warning("example cache lookup failed: %r", e)
                 self.metrics.child(self.metrics.cache_lookups, "error").inc()
                 examples = []
+            if span:
+                trace.spans.end(span, num_examples=len(examples))
             if examples:
                 from gateway.example_cache import format_examples
 
@@ -545,10 +653,10 @@ class Pipeline:
                     trace.reason = f"good examples found (similarity {trace.example_similarity:.3f} >= {keep_at})"
         # [5-7] pool → backend → cascade
         request = self._generation_request(job, trace.pool, messages)
-        cascade = self._cascade_applies(trace)
+        cascade = self._cascade_applies(trace, arts.cascade_rule)
         try:
             if cascade:
-                first, rest = await self._cascade(job, request, trace)
+                first, rest = await self._cascade(job, request, trace, arts.cascade_rule)
             else:
                 first, rest = await self._start(self._timed(trace.pool, request, job.stream, trace), trace)
         except BackendError as e:
@@ -585,7 +693,7 @@ class Pipeline:
         if state.tier or state.examples:
             await self.sessions.put(key, state)
 
-    def _routing_text(self, job: Job) -> tuple[str, str]:
+    def _routing_text(self, job: Job, guard: GuardComponent | None) -> tuple[str, str]:
         """(the text router and cache read, the text the guard reads): one ``RequestText`` per request,
         cut to ``guard.max_context_chars`` and to the guard artifact's own budget."""
         max_chars = self.settings.guard.max_context_chars
@@ -594,7 +702,7 @@ class Pipeline:
 
             turns = RequestText.of(job.messages)
             text = turns.text(max_chars)
-            return text, (turns.text(self.guard.max_chars) if self.guard is not None else text)
+            return text, (turns.text(guard.max_chars) if guard is not None else text)
         if isinstance(job.prompt, str):
             return job.prompt[-max_chars:], job.prompt[-max_chars:]
         return "", ""
@@ -642,8 +750,8 @@ class Pipeline:
                                  f"{job.response_format.get('type')!r} (supports_json_mode is false).",
                                  code="response_format_not_supported", param="response_format")
 
-    def _cascade_applies(self, trace: Trace) -> bool:
-        if self.cascade_rule is None or trace.pool != self.settings.routing.slm_pool or trace.is_kept_on_slm:
+    def _cascade_applies(self, trace: Trace, rule: CascadeRule | None) -> bool:
+        if rule is None or trace.pool != self.settings.routing.slm_pool or trace.is_kept_on_slm:
             return False
         if trace.route == "slm_then_escalate":
             return True
@@ -674,6 +782,8 @@ class Pipeline:
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
         """The pool's Delta stream; time spent waiting on it is added to ``trace.backend_wait_s``."""
         agen = self.pools.get(alias).generate(request, stream=stream)
+        if trace.spans is not None:
+            agen = trace.spans.backend(agen, alias, request.model)
         try:
             while True:
                 t = time.perf_counter()
@@ -707,8 +817,8 @@ class Pipeline:
     async def _collect(self, alias: str, request: GenerationRequest, trace: Trace) -> list[Delta]:
         return [d async for d in self._timed(alias, request, False, trace)]
 
-    async def _cascade(self, job: Job, request: GenerationRequest,
-                       trace: Trace) -> tuple[Delta | None, AsyncIterator[Delta]]:
+    async def _cascade(self, job: Job, request: GenerationRequest, trace: Trace,
+                       rule: CascadeRule) -> tuple[Delta | None, AsyncIterator[Delta]]:
         """Produce the SLM answer, judge it (``CascadeRule.judge``), then replay it or start the LLM's."""
         slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
         judged = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
@@ -722,7 +832,7 @@ class Pipeline:
         if not escalate:
             trace.judged = True
             self.metrics.cascade_judged.inc()
-            unsure = self.cascade_rule.judge(deltas, job.tools)
+            unsure = rule.judge(deltas, job.tools)
             escalate, reason = unsure is not None, unsure or ""
         if self.store is not None and trace.example_ids:
             trace.judged = True
@@ -781,25 +891,59 @@ class Pipeline:
 
     def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None,
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
-        """Count one finished request (metrics) and write its decision-log line: exactly once per request."""
+        """Count one finished request (metrics), write its decision-log record and end its spans: exactly once
+        per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
+        verdict and router score from the Trace ``run`` left in the scope state, when it got that far. An
+        answered ``auto`` request of a key or namespace named in ``traffic_log`` may also be recorded."""
         latency_s = time.perf_counter() - t_start
         self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
                                     overhead_s=overhead_s)
-        if self.decision_log is None:
-            return
+        if self.traffic_log is not None and execution is not None and status == 200:
+            self._record_traffic(execution, scope)
+        state = (scope or {}).get("state") or {}
         entry: dict[str, Any] = {
-            "request_id": ((scope or {}).get("state") or {}).get("request_id"),
+            "request_id": state.get("request_id"),
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
             "latency_ms": round(latency_s * 1000, 3),
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
         if execution is not None:
             trace, usage = execution.trace, execution.usage
+            if trace.scores is not None:
+                entry["scores"] = trace.scores
             entry.update(key=execution.admission.key_name, score=trace.score, threshold=trace.threshold,
                          guard=trace.guard, escalated=trace.escalated, num_examples=trace.num_examples,
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
                          cost_usd=round(trace.cost_usd, 10))
+        else:
+            trace = state.get("trace")
+            if trace is not None:  # refused on the way (guard, limits, budget, backend): what was decided
+                if trace.key_name is not None:
+                    entry["key"] = trace.key_name
+                if trace.guard != "off":
+                    entry["guard"] = trace.guard
+                if trace.score is not None:
+                    entry.update(score=trace.score, threshold=trace.threshold)
         self.decision_log.write(entry)
+        if trace is not None and trace.spans is not None:
+            trace.spans.finish(status, entry)
+
+    def _record_traffic(self, execution: Execution, scope: dict[str, Any] | None) -> None:
+        """One traffic-log line (``switchyard label --from-log`` reads it): ``ts``, ``request_id``, ``key``,
+        ``namespace``, ``endpoint``, ``route``, ``pool``, ``score``, ``threshold``, ``escalated`` and
+        ``prompt`` — the request text the router read. Only ``auto`` requests are recorded: they are the ones
+        a router decides, and the labeller's own calls (pools named explicitly) never loop back."""
+        trace, admission = execution.trace, execution.admission
+        if trace.route not in _AUTO_ROUTES or not execution.request_text:
+            return
+        if admission.key_name not in self._recorded_keys and admission.namespace not in self._recorded_namespaces:
+            return
+        entry = {"request_id": ((scope or {}).get("state") or {}).get("request_id"), "key": admission.key_name,
+                 "namespace": admission.namespace, "endpoint": (scope or {}).get("path"), "route": trace.route,
+                 "pool": trace.pool, "score": trace.score, "threshold": trace.threshold,
+                 "escalated": trace.escalated, "prompt": execution.request_text}
+        if self.traffic_log.write(entry):
+            self.metrics.traffic_logged.inc()
 
 
 def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

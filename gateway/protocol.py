@@ -356,7 +356,11 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)"))
+        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)",
+              json_schema_extra={"anyOf": [  # keys other than token ids are refused: say so in the schema
+                  {"type": "object", "additionalProperties": False, "patternProperties": {
+                      "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}}},
+                  {"type": "null"}]}))
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat-template variables "
                                                         "(vLLM's; e.g. enable_thinking)")
     tools: list[ChatTool] | None = None
@@ -426,13 +430,20 @@ class CompletionRequest(_Sampling):
 class SwitchyardInfo(BaseModel):
     """What the gateway decided for this request (also in the x-switchyard-* headers)."""
 
-    route: str = Field(description="slm | slm_then_escalate | llm | session | explicit | guard | policy")
+    route: str = Field(description="slm | slm_then_escalate | llm | pool (an N-model router chose the pool) | "
+                                   "session | explicit | guard | policy")
     model: str = Field(description="the pool alias that produced the answer")
     guard: str = Field(description="domain | ood | unsafe | off | exempt")
-    score: float | None = Field(None, description="router P(SLM good enough), when a router ran")
+    score: float | None = Field(None, description="two-pool router: P(SLM good enough), when it ran")
     threshold: float | None = None
+    scores: dict[str, float] | None = Field(None, description="N-model router: predicted answer quality per pool "
+                                            "alias (also the x-switchyard-scores header), when it ran")
+    tolerance: float | None = Field(None, description="N-model router: the cheapest pool predicted within this "
+                                    "of the best predicted quality was chosen")
     escalated: bool = False
     num_examples: int = Field(0, description="example-cache entries given to the SLM")
+    example_similarity: float | None = Field(None, description="cosine similarity of the best example given "
+                                             "to the SLM (None: none)")
     overhead_ms: float = Field(description="gateway time not spent waiting on backends")
     cost_usd: float
     reason: str = ""

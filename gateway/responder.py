@@ -78,7 +78,7 @@ def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> 
     """The routing hint (``routers.policy.parse_hint``): body ``switchyard`` field or x-switchyard-* headers."""
     from routers.policy import parse_hint
 
-    body_value = body.switchyard.model_dump(exclude_none=True) if body.switchyard else None
+    body_value = body.switchyard.model_dump(exclude_none=True, exclude={"session_id"}) if body.switchyard else None
     try:
         return parse_hint(body_value, request.headers)
     except ValueError as e:
@@ -111,7 +111,7 @@ def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: 
                logit_bias=body.logit_bias, chat_template_kwargs=body.chat_template_kwargs,
                user=body.user, hint=_hint(body, request), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
-               traceparent=state.get("traceparent"), session_id=session_id, program_id=program_id)
+               traceparent=state.get("traceparent"), state=state, session_id=session_id, program_id=program_id)
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
@@ -121,7 +121,7 @@ def completion_job(body: CompletionRequest, request: Request, default_max_tokens
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
                hint=_hint(body, request), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
-               traceparent=state.get("traceparent"), session_id=session_id, program_id=program_id)
+               traceparent=state.get("traceparent"), state=state, session_id=session_id, program_id=program_id)
 
 
 async def complete(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:

@@ -49,6 +49,12 @@ class Price(_Frozen):
     def cost_usd(self, num_prompt_tokens: int, num_completion_tokens: int) -> float:
         return (num_prompt_tokens * self.input_per_1m + num_completion_tokens * self.output_per_1m) / 1e6
 
+    @property
+    def blended_per_1m(self) -> float:
+        """USD per 1M tokens at 3 prompt tokens per completion token (the usual 3:1 blend): how an N-model
+        router ranks pools by cost."""
+        return (3 * self.input_per_1m + self.output_per_1m) / 4
+
 
 class PoolConfig(_Frozen):
     """One model pool: replicas of the embedded engine (``local``) or remote OpenAI-compatible servers."""
@@ -151,6 +157,12 @@ class RoutingSettings(_Frozen):
     threshold: float | None = Field(None, description="override the artifact's calibrated threshold")
     escalate_band: float = Field(0.1, ge=0, le=1, description="scores this close above threshold cascade")
     cascade: CascadeSettings = CascadeSettings()
+    pools: dict[str, str] = Field(default_factory=dict, description="nmodel router artifact: {model name in "
+                                  "the artifact: pool alias}; a model not listed goes to the pool named after it, "
+                                  "else to the pool serving it (pools[].model)")
+    quality_tolerance: float | None = Field(None, ge=0, description="nmodel router artifact: auto picks the "
+                                            "cheapest pool predicted within this of the best predicted score; "
+                                            "None = the artifact's calibrated tolerance")
 
 
 class ExampleCacheSettings(_Frozen):
@@ -182,7 +194,8 @@ class ApiKey(_Frozen):
     tokens_per_minute: int | None = Field(None, ge=1)
     guard_exempt: bool = False
     namespace: str | None = Field(None, description="example-cache namespace; None = key name")
-    admin: bool = Field(False, description="may see replica addresses in /readyz (credentials are never shown)")
+    admin: bool = Field(False, description="may call POST /admin/reload, read the /ui dashboard's data and see "
+                        "replica addresses in /readyz (credentials are never shown)")
     max_budget_usd: float | None = Field(None, ge=0, description="spend cap per budget_window; over it → 429 "
                                          "budget_exceeded before any backend call; None = no cap")
     budget_window: str = Field("1d", pattern=r"^[1-9][0-9]*[smhd]$", description="30m, 12h, 1d, 30d, ... "
@@ -234,6 +247,28 @@ class DecisionLogSettings(_Frozen):
     sample: float = Field(1.0, ge=0, le=1, description="share of requests logged")
 
 
+class TrafficLogSettings(_Frozen):
+    """Prompts of sampled ``auto`` requests, recorded for ``switchyard label --from-log`` (the traffic loop).
+    Off unless ``path`` is set and keys or namespaces are named: nothing is recorded by default."""
+
+    path: str | None = Field(None, description="a JSONL file to append to; None = no prompts are recorded")
+    sample: float = Field(1.0, ge=0, le=1, description="share of the named keys' / namespaces' auto requests recorded")
+    keys: list[str] = Field(default_factory=list, description="api_keys[].name whose requests are recorded")
+    namespaces: list[str] = Field(default_factory=list, description="namespaces whose requests are recorded "
+                                  "('default' on an open gateway)")
+    max_bytes: int = Field(100_000_000, ge=4096, description="the log and its one rotated file hold at most this")
+    retention_days: float = Field(30.0, gt=0, description="no recorded line is kept longer than this")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrafficLogSettings:
+        if self.path is not None and not (self.keys or self.namespaces):
+            raise ValueError("traffic_log.path is set but no keys or namespaces are named: prompts are recorded "
+                             "only for the api_keys[].name / namespaces listed in traffic_log.keys / namespaces")
+        if self.path == "stdout":
+            raise ValueError("traffic_log.path must be a file (its retention rotates it), not stdout")
+        return self
+
+
 class Settings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -249,14 +284,16 @@ class Settings(_Frozen):
     sessions: SessionSettings = SessionSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     decision_log: DecisionLogSettings = DecisionLogSettings()
+    traffic_log: TrafficLogSettings = TrafficLogSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: int = Field(1, ge=1, le=64, description="gateway processes on one port, each with its own event loop, "
                          "guard and router (rate limits, budgets, sessions and stored responses are shared "
                          "across them only through redis_url)")
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
-    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans/metrics/logs (needs an "
-                                                   "OTel provider); off saves its per-request check")
+    opentelemetry: bool = Field(False, description="OpenTelemetry spans of the request path (gateway/tracing.py) and "
+                                "FastAPI's HTTP spans, exported over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT); needs "
+                                "the otel extra; off costs nothing per request")
 
     @field_validator("redis_url")
     @classmethod
@@ -277,6 +314,13 @@ class Settings(_Frozen):
         for key, ref in (("routing.slm_pool", self.routing.slm_pool), ("routing.llm_pool", self.routing.llm_pool)):
             if ref not in generate:
                 raise ValueError(f"{key} = {ref!r} is not a pool with task 'generate'; those are: {generate}")
+        for model, ref in self.routing.pools.items():
+            if ref not in generate:
+                raise ValueError(f"routing.pools.{model} = {ref!r} is not a pool with task 'generate'; "
+                                 f"those are: {generate}")
+        if self.routing.pools and self.routing.router_artifact is None:
+            raise ValueError("routing.pools maps an nmodel router artifact's models to pools: set "
+                             "routing.router_artifact")
         for pool in self.pools:
             if pool.fallback is not None and pool.fallback not in names:
                 raise ValueError(f"pools[{pool.name}].fallback = {pool.fallback!r} is not a pool; pools: {names}")
@@ -288,6 +332,11 @@ class Settings(_Frozen):
         if self.example_cache.enabled and self.example_cache.backend == "redis":
             if not (self.example_cache.redis_url or self.redis_url):
                 raise ValueError("example_cache.backend = 'redis' needs redis_url (or example_cache.redis_url)")
+        key_names = {k.name for k in self.api_keys}
+        for name in self.traffic_log.keys:
+            if name not in key_names:
+                raise ValueError(f"traffic_log.keys names {name!r}, which is not an api_keys[].name; "
+                                 f"those are: {sorted(key_names)}")
         local = [p.name for p in self.pools if p.kind == "local"]
         if self.workers > 1 and local:
             raise ValueError(f"workers = {self.workers} needs remote pools only: each worker process would load "
@@ -319,6 +368,43 @@ class Settings(_Frozen):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def router_pools(self, kind: str, models: list[str]) -> dict[str, tuple[str, float]] | None:
+        """The one place a router artifact's model names become pools. For an ``nmodel`` artifact (``kind``,
+        its ``models``): ``{model: (pool alias, cost)}`` — ``routing.pools[model]``, else the pool named
+        ``model``, else the pool serving it (``pools[].model``); cost = the pool's ``price.blended_per_1m``.
+        None for a two-pool artifact. ConfigError (one line naming the key) when the routing settings do not
+        fit the artifact at ``routing.router_artifact``."""
+        routing, where = self.routing, f"routing.router_artifact {self.routing.router_artifact!r}"
+        if kind != "nmodel":
+            for key, value in (("routing.pools", routing.pools or None),
+                               ("routing.quality_tolerance", routing.quality_tolerance)):
+                if value is not None:
+                    raise ConfigError(f"{key} is for an nmodel router artifact; {where} is a two-pool "
+                                      f"({kind}) router")
+            return None
+        if routing.threshold is not None:
+            raise ConfigError(f"routing.threshold is for a two-pool router; {where} is an nmodel router "
+                              "(set routing.quality_tolerance)")
+        unknown = sorted(set(routing.pools) - set(models))
+        if unknown:
+            raise ConfigError(f"routing.pools names {unknown}, not models of {where}; its models: {models}")
+        out, unmapped = {}, []
+        for model in models:
+            alias = routing.pools.get(model) or self.resolve_model(model)
+            if alias is None or alias == "auto" or self.pool(alias).task != "generate":
+                unmapped.append(model)
+            else:
+                out[model] = (alias, self.pool(alias).price.blended_per_1m)
+        if unmapped:
+            raise ConfigError(f"{where} routes among models that match no generate pool: {unmapped}; map each "
+                              "in routing.pools: {model: pool}, or name a pool (or its model) after it")
+        aliases = [alias for alias, _ in out.values()]
+        shared = sorted({a for a in aliases if aliases.count(a) > 1})
+        if shared:
+            raise ConfigError(f"{where}: each of its models needs its own pool; {shared} serve several "
+                              "(routing.pools)")
+        return out
 
 
 def hash_api_key(key: str) -> str:

@@ -148,6 +148,28 @@ class Batcher(Generic[T, R]):
             fut.set_result(result)
 
 
+def per_owner(method: str) -> Callable[[list[tuple[Any, Any]]], list[Any]]:
+    """A batch function over (owner, item) pairs: ``owner.<method>(items)`` once per distinct owner (by
+    identity, in order of first appearance), each result back in its pair's position. The gateway's items
+    are (the request's guard or router, its text): requests that started before and after an artifact
+    reload share one batcher, and each artifact scores its own."""
+
+    def run(pairs: list[tuple[Any, Any]]) -> list[Any]:
+        out: list[Any] = [None] * len(pairs)
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for i, (owner, _) in enumerate(pairs):
+            groups.setdefault(id(owner), (owner, []))[1].append(i)
+        for owner, positions in groups.values():
+            results = getattr(owner, method)([pairs[i][1] for i in positions])
+            if len(results) != len(positions):
+                raise ValueError(f"{method} returned {len(results)} results for {len(positions)} items")
+            for i, result in zip(positions, results, strict=True):
+                out[i] = result
+        return out
+
+    return run
+
+
 def batch_sizes(batcher: Batcher) -> dict[str, Any]:
     """{"batches", "items", "mean_batch"}: how much batching happened (for logs and benchmarks)."""
     n = batcher.num_batches

@@ -13,6 +13,11 @@ model names, once, before admission). Precedence (first match wins):
    when the cascade is off.
 3. **router**: ``score < threshold`` → ``llm``; ``threshold <= score < threshold + escalate_band`` →
    ``slm_then_escalate`` (``slm`` when the cascade is off); else ``slm``.
+3'. **N-model router** (an ``nmodel`` artifact, its models mapped to pools by the gateway): route ``pool``
+   to the cheapest pool whose predicted score is within ``tolerance`` of the best predicted score
+   (``routing.quality_tolerance``, else the artifact's calibrated ``tolerance``; ties on cost go to the
+   better predicted). Quality hints keep their meaning (low → ``slm_pool``, high → ``llm_pool``);
+   ``max_strong_share`` is a two-pool notion and is ignored (the reason says so). No cascade.
 
 Hints reach the gateway two ways (the body wins when both are given):
 
@@ -29,21 +34,25 @@ from typing import Any, Literal
 
 import numpy as np
 
+from routers.scorers import choose_model
+
 QUALITY_LEVELS = ("low", "medium", "high")
 HINT_BODY_FIELD = "switchyard"
 HINT_HEADER = "x-switchyard-quality"
 SHARE_HEADER = "x-switchyard-max-strong-share"
 
-Route = Literal["slm", "slm_then_escalate", "llm"]
+Route = Literal["slm", "slm_then_escalate", "llm", "pool"]
 
 
 @dataclass(frozen=True)
 class RouteDecision:
     route: Route
     pool: str
-    score: float | None  # P(SLM good enough), None when no router ran
+    score: float | None  # P(SLM good enough), None when no two-pool router ran
     threshold: float | None
     reason: str
+    scores: dict[str, float] | None = None  # N-model router: predicted score per pool alias
+    tolerance: float | None = None  # N-model router: the tolerance the choice used
 
 
 @dataclass(frozen=True)
@@ -112,11 +121,25 @@ def threshold_for_share(share_table: list[list[float]] | None, share: float, def
 
 class RoutePolicy:
     """Builds RouteDecisions for ``model: "auto"``. Construct once (create_app/lifespan); ``decide`` is pure
-    and thread-safe."""
+    and thread-safe.
 
-    def __init__(self, routing, router=None) -> None:  # gateway.settings.RoutingSettings, routers.router.Router
+    ``pools`` (N-model routers only, given by the gateway): ``{artifact model: (pool alias, cost)}`` for
+    every model of the router; cost is any scale where lower = cheaper (the gateway uses the pool's price).
+    """
+
+    def __init__(self, routing, router=None,  # gateway.settings.RoutingSettings, routers.router.Router
+                 pools: Mapping[str, tuple[str, float]] | None = None) -> None:
         self.routing = routing
         self.router = router
+        self.pools = dict(pools) if pools is not None else None
+        assert self.pools is not None or not getattr(router, "is_nmodel", False), \
+            "an nmodel router needs pools: {model: (pool, cost)} (gateway.settings.Settings.router_pools)"
+        if self.pools is not None:
+            assert router is not None and set(self.pools) == set(router.models), \
+                "an N-model policy maps every model of its router to a pool"
+            self.costs = {m: float(cost) for m, (_, cost) in self.pools.items()}
+            tol = routing.quality_tolerance
+            self.tolerance = float(router.tolerance if tol is None else tol)
         self.cascade_on = routing.cascade.mode != "off"
         if routing.threshold is not None:
             self.threshold: float | None = float(routing.threshold)
@@ -128,9 +151,10 @@ class RoutePolicy:
         self.share_table: list[list[float]] | None = cal.get("share_table")
 
     def needs_score(self, hint: RouteHint | None = None) -> bool:
-        """Whether ``decide`` with this hint reads the router's score (a caller that scores texts in
-        batches passes it in as ``score``)."""
-        return self.router is not None and (hint is None or hint.quality not in ("low", "high"))
+        """Whether ``decide`` with this hint reads the two-pool router's score (a caller that scores texts
+        in batches passes it in as ``score``). An N-model router's prediction is made inside ``decide``."""
+        return (self.router is not None and self.pools is None
+                and (hint is None or hint.quality not in ("low", "high")))
 
     def decide(self, text: str, hint: RouteHint | None = None, score: float | None = None) -> RouteDecision:
         """The route of ``text``; ``score``: the router's score of ``text`` when the caller has it already
@@ -141,6 +165,10 @@ class RoutePolicy:
             return RouteDecision("slm", slm, None, None, "hint quality=low")
         if hint is not None and hint.quality == "high":
             return RouteDecision("llm", llm, None, None, "hint quality=high")
+        if self.pools is not None:
+            ignored = (f"; max_strong_share={hint.max_strong_share:g} ignored (two-pool routing only)"
+                       if hint is not None and hint.max_strong_share is not None else "")
+            return self._choose_pool(text, ignored)
         if hint is not None and hint.max_strong_share is not None:
             if self.router is None:
                 route: Route = "slm_then_escalate" if self.cascade_on and hint.max_strong_share > 0 else "slm"
@@ -161,3 +189,14 @@ class RoutePolicy:
             return RouteDecision("slm_then_escalate", slm, score, threshold,
                                  f"score {score:.3f} within {self.routing.escalate_band:g} of threshold")
         return RouteDecision("slm", slm, score, threshold, f"score {score:.3f} >= threshold {threshold:.3f}")
+
+    def _choose_pool(self, text: str, note: str = "") -> RouteDecision:
+        """The N-model rule: cheapest pool predicted within the tolerance of the best."""
+        predicted = self.router.predict(text)
+        choice = choose_model(predicted, self.costs, self.tolerance)
+        scores = {self.pools[m][0]: round(p, 4) for m, p in predicted.items()}
+        alias = self.pools[choice.model][0]
+        gap = choice.best_predicted - predicted[choice.model]
+        reason = (f"cheapest pool predicted within {self.tolerance:g} of the best "
+                  f"({predicted[choice.model]:.3f} vs {choice.best_predicted:.3f}, gap {gap:.3f}){note}")
+        return RouteDecision("pool", alias, None, None, reason, scores=scores, tolerance=self.tolerance)

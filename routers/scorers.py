@@ -695,10 +695,26 @@ class NModelScorer:
         return obj
 
 
+def choose_indices(pred: np.ndarray, prices: np.ndarray, tolerance: float) -> np.ndarray:
+    """The serving rule on many rows: per row of ``pred`` ``[n, k]`` (predicted score of each of k models),
+    the index of the cheapest model (``prices[k]``) whose predicted score is at least the row's best minus
+    ``tolerance``; ties on price go to the better predicted model, then to the lower index. A tolerance of
+    ``inf`` always picks a cheapest model."""
+    pred = np.asarray(pred, dtype=np.float64)
+    prices = np.asarray(prices, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape[1] != len(prices) or pred.shape[1] == 0:
+        raise ValueError(f"choose_indices needs pred [n, k] and k prices; got {pred.shape} and {len(prices)}")
+    ok = pred >= pred.max(axis=1, keepdims=True) - tolerance
+    cost = np.where(ok, prices[None, :], np.inf)
+    cheapest = ok & (cost == cost.min(axis=1, keepdims=True))
+    return np.where(cheapest, pred, -np.inf).argmax(axis=1)
+
+
 def choose_model(predicted: dict[str, float], prices: dict[str, float], tolerance: float) -> ModelChoice:
+    """``choose_indices`` for one text's ``{model: predicted score}``; a model without a price costs inf."""
     if not predicted:
         raise ValueError("choose_model needs at least one model")
-    best = max(predicted.values())
-    ok = [m for m, p in predicted.items() if p >= best - tolerance]
-    pick = min(ok, key=lambda m: (prices.get(m, math.inf), -predicted[m], m))
-    return ModelChoice(model=pick, predicted=predicted, best_predicted=best)
+    models = sorted(predicted)
+    pred = np.asarray([[predicted[m] for m in models]])
+    i = int(choose_indices(pred, np.asarray([prices.get(m, math.inf) for m in models]), tolerance)[0])
+    return ModelChoice(model=models[i], predicted=predicted, best_predicted=max(predicted.values()))

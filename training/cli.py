@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--kv-retain-s", type=float, default=0.0,
+                   help="seconds a finished agent session's KV blocks stay pinned for its next turn (0 = off)")
+    p.add_argument("--kv-retain-max-share", type=float, default=0.25,
+                   help="at most this share of the KV blocks is pinned for paused sessions")
+    p.add_argument("--program-scheduling", action="store_true",
+                   help="admit a continuing program's request ahead of a new program's (program FCFS)")
+    p.add_argument("--program-max-wait-s", type=float, default=5.0,
+                   help="a request waiting longer than this goes first (starvation bound of --program-scheduling)")
+    p.add_argument("--speculation", default="none", choices=["none", "ngram"],
+                   help="speculative decoding: 'ngram' drafts tokens from the request's own text (prompt lookup)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="most draft tokens per step (--speculation ngram)")
+    p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix n-gram looked up (--speculation ngram)")
+    p.add_argument("--ngram-max", type=int, default=4, help="longest suffix n-gram looked up (--speculation ngram)")
 
     # --- models --------------------------------------------------------------------------------
     p = sub.add_parser("models", help="the bundled model catalogue")
@@ -154,16 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--kind", default="tfidf_source_ridge",
-                   help="tfidf_source_ridge (per-source ridge heads; = tfidf_ridge for one source) | tfidf_ridge "
-                        "| tfidf_lr | ensemble | minilm_mlp | knn | length | random | always_strong "
+    p.add_argument("--kind", default=None,
+                   help="tfidf_source_ridge (default; per-source ridge heads; = tfidf_ridge for one source) | "
+                        "tfidf_ridge | tfidf_lr | ensemble | minilm_mlp | knn | length | random | always_strong "
                         "| nmodel (rows with model_scores)")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of ids hashed into the eval split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="share of ids hashed into the eval split (default 0.2; with --init: the artifact's)")
+    p.add_argument("--seed", type=int, default=None, help="default 0 (with --init: the artifact's)")
     p.add_argument("--exclude-source", action="append", default=[], help="drop a source from training")
-    p.add_argument("--strong-share", type=float, default=0.5, help="initial calibration target")
+    p.add_argument("--strong-share", type=float, default=None,
+                   help="initial calibration target (default 0.5; with --init: the artifact's)")
     p.add_argument("--slm-price", type=float, help="SLM USD per 1k requests (stored for --max-cost)")
     p.add_argument("--llm-price", type=float, help="LLM USD per 1k requests (stored for --max-cost)")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
+                   help="nmodel: a model's USD per 1k requests (repeatable; stored for eval and --max-cost)")
+    p.add_argument("--alpha", type=float, help="nmodel: ridge regularisation of the per-model heads (default 3; "
+                                               "chosen on validation folds: BENCHMARKS.md)")
+    p.add_argument("--init", metavar="ARTIFACT",
+                   help="update this router: refit its kind on its own training rows + --data (labelled traffic)")
+    p.add_argument("--init-data", action="append", metavar="FILE",
+                   help="with --init: the artifact's training rows (default: the files it records)")
+    p.add_argument("--promote-if-better", action="store_true",
+                   help="with --init: write --out only if the update's APGR on the held-out new rows is no worse "
+                        "than the --init artifact's (exit 1 and keep it otherwise)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --promote-if-better: the APGR the update may lose and still pass (default 0)")
+    _json_flag(p)
 
     ev = sub.add_parser("eval", help="evaluate a guard or router artifact")
     evsub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
@@ -189,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-data", help="with --all-rows --baselines: the router's training data (default: "
                                            "the file its artifact records)")
     p.add_argument("--source", action="append", default=[], help="evaluate only rows of this source (repeatable)")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
+                   help="nmodel: override a model's USD per 1k requests (repeatable)")
+    p.add_argument("--tolerance", action="append", type=float, default=[],
+                   help="nmodel: also report the router at this quality tolerance (repeatable)")
     _json_flag(p)
 
     p = _add(sub, "calibrate", "training.router_cmd:calibrate", "set the router threshold to a cost target")
@@ -196,18 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--strong-share", type=float, help="share of traffic sent to the strong model (0..1)")
-    g.add_argument("--max-cost", type=float, help="USD per 1k requests, from the artifact's prices")
+    g.add_argument("--max-cost", type=float, help="USD per 1k requests, from the artifact's prices (an nmodel "
+                                                  "router: sets its quality tolerance)")
     p.add_argument("--slm-price", type=float, help="override the artifact's SLM USD per 1k requests")
     p.add_argument("--llm-price", type=float, help="override the artifact's LLM USD per 1k requests")
+    p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
+                   help="nmodel: override a model's USD per 1k requests (repeatable)")
     p.add_argument("--all-rows", action="store_true", help="use every row (data never seen in training)")
     p.add_argument("--escalate-share", type=float,
                    help="also calibrate the cascade so this share of SLM answers escalates (rows from `label`)")
     _json_flag(p)
 
     p = _add(sub, "label", "training.label:label", "routing labels from your prompts by running both models")
-    p.add_argument("--prompts", required=True, help="JSONL {prompt[, answer][, id]}")
-    p.add_argument("--slm", required=True, help="model name/path or http(s) base URL")
-    p.add_argument("--llm", required=True, help="model name/path or http(s) base URL")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompts", help="JSONL {prompt[, answer][, id][, source]}")
+    g.add_argument("--from-log", action="append", metavar="FILE",
+                   help="the gateway's traffic_log file (its rotated FILE.1 is read too; repeatable)")
+    p.add_argument("--slm", help="model name/path or http(s) base URL (a gateway's /v1#POOL reaches a pool)")
+    p.add_argument("--llm", help="model name/path or http(s) base URL")
+    p.add_argument("--judge", help="model name/path or http(s) base URL that judges SLM answers disagreeing "
+                                   "with the LLM's when there is no reference (default: token-F1 agreement)")
+    p.add_argument("--references", help="JSONL {id|prompt, answer} or {id|prompt, strong_score, weak_score} "
+                                        "(recorded outcomes are taken as labels)")
+    p.add_argument("--source", help="--from-log: the rows' source (default: each request's namespace)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--limit", type=int)
@@ -247,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("gateway", "gateway overhead vs LiteLLM proxy"),
         ("cache", "example retrieval latency and quality"),
         ("instructions", "CPU instructions per gateway request (callgrind; load-independent)"),
+        ("quantization", "int8 / int4 vs fp32 per bundled model: greedy agreement, perplexity, escalation, tok/s"),
+        ("agents", "agent trace (tool pauses): KV retention and program scheduling off/on vs llama.cpp"),
     ):
         p = _add(bsub, name, f"bench.{name}:main", helptext)
         p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")

@@ -5,18 +5,29 @@ Each model is a bundled name / HF folder (run in-process by the embedded engine,
 ``#model-id`` to pick the served model, else the first one ``/v1/models`` lists; the key comes from
 ``OPENAI_API_KEY``, default ``"none"``).
 
-Scoring (``score_answer``):
+Prompts come from ``--prompts`` (JSONL ``{prompt[, answer][, id][, source]}``) or from the gateway's
+traffic log (``--from-log FILE``, repeatable; its rotated ``FILE.1`` is read too when it exists): one row per
+distinct recorded prompt, ``id`` = the request's ``request_id``, ``source`` = its namespace (``--source``
+overrides). ``--references FILE`` attaches what is known about a prompt, matched by ``id`` and else by
+prompt text: an ``answer`` (scored as below), or recorded ``strong_score`` / ``weak_score`` outcomes, which
+are taken as the label without running the models (``score_type: "reference_scores"``).
+
+Scoring (``label_row``), first rule that applies:
 
 - with a reference ``answer``: numeric match when the reference is a number (the last number in the
   answer, commas ignored, |a-b| <= 1e-6·max(1,|b|)); multiple-choice letter match when the reference is
   one of A–J; otherwise normalised exact match (or the reference contained in the answer). Both models
-  get 0/1 scores.
-- without a reference: the LLM answer is the reference; ``strong_score = 1`` and ``weak_score`` is the
-  token-F1 agreement of the SLM answer with it (in [0, 1]).
+  get 0/1 scores (``reference_match``).
+- without one the LLM answer is the reference and ``strong_score = 1``: answers that agree exactly (after
+  normalisation) give ``weak_score = 1`` (``agreement_with_llm``);
+- otherwise, with ``--judge MODEL|URL``, the judge model says whether the SLM answer is correct and as good as
+  the LLM's: ``weak_score`` 1 or 0 (``judge``; an answer without yes/no falls through to the next rule);
+- otherwise ``weak_score`` is the token-F1 agreement of the SLM answer with the LLM's, in [0, 1]
+  (``agreement_with_llm``).
 
 Output rows: ``{"id", "source", "prompt", "strong_score", "weak_score", "score_type", "slm_answer",
-"llm_answer", "slm_mean_logprob", "slm_min_logprob"}`` — the routing format ``train router`` reads; the
-SLM log-probabilities let the cascade threshold be calibrated on the same rows.
+"llm_answer", "slm_mean_logprob", "slm_min_logprob"}`` (+ ``judge_answer``) — the routing format ``train
+router`` reads; the SLM log-probabilities let the cascade threshold be calibrated on the same rows.
 """
 
 from __future__ import annotations
@@ -26,10 +37,10 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training.data import PromptRow, load_prompt_rows
+from training.data import PromptRow, load_prompt_rows, read_records
 
 _NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _WORD_RE = re.compile(r"\w+")
@@ -97,9 +108,44 @@ def agreement(answer: str, reference: str) -> float:
     return 2 * p * q / (p + q)
 
 
-def label_row(row: PromptRow, slm: Answer, llm: Answer) -> dict:
+JUDGE_PROMPT = """You compare two answers to the same request.
+
+Request:
+{prompt}
+
+Answer A (reference):
+{llm}
+
+Answer B:
+{slm}
+
+Is answer B correct and at least as good as answer A? Reply with one word: yes or no."""
+_VERDICT_RE = re.compile(r"\b(yes|no)\b")
+
+
+def judge_prompt(prompt: str, slm: str, llm: str) -> str:
+    return JUDGE_PROMPT.format(prompt=prompt, slm=slm, llm=llm)
+
+
+def judge_verdict(text: str) -> float | None:
+    """1.0 for a judge answer whose first yes/no is yes, 0.0 for no, None when it has neither."""
+    m = _VERDICT_RE.search(text.lower())
+    return None if m is None else float(m.group(1) == "yes")
+
+
+def needs_judge(row: PromptRow, slm: Answer, llm: Answer) -> bool:
+    """Rows the judge decides: no reference answer, and answers that do not agree exactly."""
+    return row.answer is None and normalize(slm.text) != normalize(llm.text)
+
+
+def label_row(row: PromptRow, slm: Answer, llm: Answer, judge: Answer | None = None) -> dict:
+    verdict = judge_verdict(judge.text) if judge is not None else None
     if row.answer is not None:
         strong, weak, kind = score_answer(llm.text, row.answer), score_answer(slm.text, row.answer), "reference_match"
+    elif not needs_judge(row, slm, llm):
+        strong, weak, kind = 1.0, 1.0, "agreement_with_llm"
+    elif verdict is not None:
+        strong, weak, kind = 1.0, verdict, "judge"
     else:
         strong, weak, kind = 1.0, agreement(slm.text, llm.text), "agreement_with_llm"
     out = {
@@ -112,10 +158,106 @@ def label_row(row: PromptRow, slm: Answer, llm: Answer) -> dict:
         "slm_answer": slm.text,
         "llm_answer": llm.text,
     }
+    if judge is not None:
+        out["judge_answer"] = judge.text
     if slm.logprobs:
         out["slm_mean_logprob"] = sum(slm.logprobs) / len(slm.logprobs)
         out["slm_min_logprob"] = min(slm.logprobs)
     return out
+
+
+def reference_scores_row(row: PromptRow, ref: Reference) -> dict:
+    return {"id": row.row_id, "source": row.source, "prompt": row.prompt, "strong_score": ref.strong_score,
+            "weak_score": ref.weak_score, "score_type": "reference_scores"}
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs: the traffic log and references
+# --------------------------------------------------------------------------------------------------
+
+
+def log_files(paths: list[str]) -> list[str]:
+    """``paths`` with each one's rotated ``FILE.1`` (older lines) read first, when it exists and is not listed."""
+    out: list[str] = []
+    for path in paths:
+        rotated = path + ".1"
+        if os.path.isfile(rotated) and rotated not in paths and rotated not in out:
+            out.append(rotated)
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def load_log_rows(paths: list[str], source: str | None = None) -> tuple[list[PromptRow], int]:
+    """(one row per distinct recorded prompt, oldest first; number of lines skipped as repeats) from the
+    traffic-log files ``paths`` and their rotated ``.1`` files. A line is a ``traffic_log`` line: ``prompt``,
+    ``request_id``, ``namespace``; a malformed one raises ValueError naming it."""
+    rows: list[PromptRow] = []
+    seen: set[str] = set()
+    num_repeats = 0
+    for path in log_files(paths):
+        for where, obj in read_records(path):
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            prompt = obj.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}: missing or empty 'prompt' (is this a traffic_log file?)")
+            if prompt in seen:
+                num_repeats += 1
+                continue
+            seen.add(prompt)
+            rid = obj.get("request_id")
+            rows.append(PromptRow(prompt=prompt, row_id=None if rid is None else str(rid),
+                                  source=source or str(obj.get("namespace") or "default"), answer=None))
+    if not rows:
+        raise ValueError(f"{', '.join(paths)}: no recorded prompts")
+    return rows, num_repeats
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What is known about a prompt: a reference ``answer``, or both models' recorded scores."""
+
+    answer: str | None = None
+    strong_score: float | None = None
+    weak_score: float | None = None
+
+    @property
+    def has_scores(self) -> bool:
+        return self.strong_score is not None and self.weak_score is not None
+
+
+class References:
+    """``--references FILE``: rows ``{"id" | "prompt", "answer"}`` or ``{"id" | "prompt", "strong_score",
+    "weak_score"}`` (a routing-rows file qualifies). ``of(row)`` matches by id, else by the stripped prompt."""
+
+    def __init__(self, path: str) -> None:
+        self.by_id: dict[str, Reference] = {}
+        self.by_prompt: dict[str, Reference] = {}
+        for where, obj in read_records(path):
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            answer = obj.get("answer")
+            strong, weak = obj.get("strong_score"), obj.get("weak_score")
+            scores = [v for v in (strong, weak) if v is not None]
+            if any(isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1 for v in scores):
+                raise ValueError(f"{where}: 'strong_score' / 'weak_score' must be numbers in [0, 1]")
+            if answer is None and len(scores) != 2:
+                raise ValueError(f"{where}: a reference needs 'answer', or 'strong_score' and 'weak_score'")
+            ref = Reference(answer=None if answer is None else str(answer),
+                            strong_score=None if strong is None else float(strong),
+                            weak_score=None if weak is None else float(weak))
+            if obj.get("id") is not None:
+                self.by_id[str(obj["id"])] = ref
+            if isinstance(obj.get("prompt"), str):
+                self.by_prompt[obj["prompt"].strip()] = ref
+            if obj.get("id") is None and not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{where}: a reference needs 'id' or 'prompt' to match on")
+
+    def of(self, row: PromptRow) -> Reference | None:
+        if row.row_id is not None and row.row_id in self.by_id:
+            return self.by_id[row.row_id]
+        return self.by_prompt.get(row.prompt.strip())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,31 +347,67 @@ def make_answerer(spec: str):
 BATCH = 16
 
 
+JUDGE_MAX_TOKENS = 8
+
+
 def label(args: argparse.Namespace) -> int:
-    rows = load_prompt_rows(args.prompts)
+    from_log = getattr(args, "from_log", None)
+    num_repeats = 0
+    if from_log:
+        rows, num_repeats = load_log_rows(from_log, getattr(args, "source", None))
+    else:
+        if getattr(args, "source", None):
+            raise ValueError("--source names the rows of --from-log; --prompts rows carry their own 'source'")
+        rows = load_prompt_rows(args.prompts)
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         rows = rows[: args.limit]
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    refs = References(args.references) if getattr(args, "references", None) else None
+    recorded: dict[int, Reference] = {}
+    for i, row in enumerate(rows):
+        ref = refs.of(row) if refs is not None else None
+        if ref is not None and ref.has_scores:
+            recorded[i] = ref
+        elif ref is not None and ref.answer is not None and row.answer is None:
+            rows[i] = replace(row, answer=ref.answer)
+    to_run = [i for i in range(len(rows)) if i not in recorded]
+    if to_run and not (args.slm and args.llm):
+        raise ValueError(f"{len(to_run)} of {len(rows)} prompts have no recorded scores in --references: give "
+                         "--slm and --llm to run both models on them")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    slm, llm = make_answerer(args.slm), make_answerer(args.llm)
-    labelled = []
+    labelled: dict[int, dict] = {i: reference_scores_row(rows[i], ref) for i, ref in recorded.items()}
+    if to_run:
+        slm, llm = make_answerer(args.slm), make_answerer(args.llm)
+        judge = make_answerer(args.judge) if getattr(args, "judge", None) else None
+        for start in range(0, len(to_run), BATCH):
+            idx = to_run[start:start + BATCH]
+            batch = [rows[i] for i in idx]
+            prompts = [r.prompt for r in batch]
+            answers = list(zip(slm.answer(prompts, args.max_tokens), llm.answer(prompts, args.max_tokens),
+                               strict=True))
+            verdicts: dict[int, Answer] = {}
+            if judge is not None:
+                judged = [k for k, (row, (a, b)) in enumerate(zip(batch, answers, strict=True)) if needs_judge(row, a, b)]
+                if judged:
+                    asks = [judge_prompt(batch[k].prompt, answers[k][0].text, answers[k][1].text) for k in judged]
+                    verdicts = dict(zip(judged, judge.answer(asks, JUDGE_MAX_TOKENS), strict=True))
+            for k, (i, row) in enumerate(zip(idx, batch, strict=True)):
+                labelled[i] = label_row(row, *answers[k], verdicts.get(k))
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for start in range(0, len(rows), BATCH):
-            batch = rows[start:start + BATCH]
-            prompts = [r.prompt for r in batch]
-            for row, a, b in zip(batch, slm.answer(prompts, args.max_tokens), llm.answer(prompts, args.max_tokens),
-                                 strict=True):
-                rec = label_row(row, a, b)
-                labelled.append(rec)
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        for i in range(len(rows)):
+            f.write(json.dumps(labelled[i], ensure_ascii=False) + "\n")
     tmp.replace(out)
-    n = len(labelled)
-    weak_ok = sum(r["weak_score"] >= r["strong_score"] for r in labelled)
-    print(f"labelled {n} prompts → {out}: strong mean {sum(r['strong_score'] for r in labelled) / n:.3f}, "
-          f"weak mean {sum(r['weak_score'] for r in labelled) / n:.3f}, weak good enough on {weak_ok}/{n}")
+    recs = list(labelled.values())
+    n = len(recs)
+    weak_ok = sum(r["weak_score"] >= r["strong_score"] for r in recs)
+    kinds = Counter(r["score_type"] for r in recs)
+    repeats = f" ({num_repeats} repeated prompts skipped)" if num_repeats else ""
+    print(f"labelled {n} prompts{repeats} → {out}: strong mean {sum(r['strong_score'] for r in recs) / n:.3f}, "
+          f"weak mean {sum(r['weak_score'] for r in recs) / n:.3f}, weak good enough on {weak_ok}/{n}; "
+          f"by {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}")
     return 0

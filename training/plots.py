@@ -1,4 +1,4 @@
-"""Cost-quality curves (strong-call share vs quality) beside random routing and the oracle."""
+"""Cost-quality curves (strong-call share vs quality) beside random routing and the oracle; N-model hulls."""
 
 from __future__ import annotations
 
@@ -35,6 +35,35 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_cost_quality(hulls: dict[str, np.ndarray], singles: dict[str, tuple[float, float]], path: str | Path,
+                      title: str = "N-model router: quality vs cost") -> Path:
+    """Non-decreasing convex hulls ``{system: [[cost, quality], ...]}`` and single models ``{name: (cost,
+    quality)}`` (``training.cost_quality``) → PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    c_max = max(c for c, _ in singles.values())
+    for name, h in hulls.items():
+        xs, ys = list(h[:, 0]) + [c_max], list(h[:, 1]) + [h[-1, 1]]
+        ax.plot(xs, ys, marker=".", label=name)
+    for name, (c, q) in singles.items():
+        ax.plot([c], [q], "kx")
+        ax.annotate(name.rsplit("/", 1)[-1], (c, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("cost per 1k requests")
+    ax.set_ylabel("quality (mean score)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

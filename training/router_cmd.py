@@ -45,9 +45,20 @@ def _prices(args: argparse.Namespace, stored: dict | None = None) -> dict[str, f
 
 
 def train_router(args: argparse.Namespace) -> int:
+    if getattr(args, "init", None):
+        return _update_router(args)
+    for flag in ("init_data", "promote_if_better"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')} is for updating a router: add --init ARTIFACT")
+    args.kind = args.kind or "tfidf_source_ridge"
+    args.eval_fraction = 0.2 if args.eval_fraction is None else args.eval_fraction
+    args.strong_share = 0.5 if args.strong_share is None else args.strong_share
+    args.seed = 0 if args.seed is None else args.seed
     rows = load_routing_rows(args.data)
     if args.kind == "nmodel" or not any(r.is_pairwise for r in rows):
         return _train_nmodel(args, rows)
+    if args.price or args.alpha is not None:
+        raise ValueError("--price and --alpha are for --kind nmodel (two-pool routers: --slm-price/--llm-price)")
     cfg = TrainConfig(
         kind=args.kind,
         seed=args.seed,
@@ -67,16 +78,124 @@ def train_router(args: argparse.Namespace) -> int:
     print(f"trained {cfg.kind} router on {td['num_fit_rows']} rows ({td['sources']}), "
           f"calibrated on {td['num_calibration_rows']}; threshold {router.threshold:.4f} "
           f"for strong share {cfg.strong_share:g} → {out}")
+    if getattr(args, "json", False):
+        print(json.dumps({"kind": cfg.kind, "out": str(out), "threshold": router.threshold,
+                          "num_fit_rows": td["num_fit_rows"], "sources": td["sources"]}))
     return 0
 
 
+def model_prices(args: argparse.Namespace, models: list[str], stored: dict | None = None) -> dict[str, float]:
+    """N-model prices (USD per 1k requests): the artifact's, overridden by ``--price NAME=USD``."""
+    prices = {m: float(v) for m, v in (stored or {}).items() if m in models}
+    for item in getattr(args, "price", None) or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            usd = float(value)
+        except ValueError:
+            usd = -1.0
+        if not sep or not name or usd < 0:
+            raise ValueError(f"--price {item!r}: give MODEL=USD_PER_1K_REQUESTS, e.g. --price {models[0]}=0.2")
+        if name not in models:
+            raise ValueError(f"--price {item!r}: {name!r} is not a model of this router; its models: {models}")
+        prices[name] = usd
+    return prices
+
+
+def _update_router(args: argparse.Namespace) -> int:
+    """``train router --init A``: refit A's kind on A's training rows + the new rows; with
+    ``--promote-if-better`` write ``--out`` only when the gate passes (exit 1 otherwise)."""
+    from routers.router import Router
+    from training.router_update import (
+        TrainingFile,
+        gate_precheck,
+        held_out_rows,
+        load_training_files,
+        promotion_gate,
+        training_files,
+    )
+
+    serving = Router.load(args.init)
+    if getattr(serving, "is_nmodel", False):
+        raise ValueError(f"--init {args.init} is an nmodel router: --init updates two-pool routers; retrain an "
+                         "nmodel router with `switchyard train router --kind nmodel` on old + new rows")
+    td = serving.meta.get("training_data") or {}
+    pct = int(td.get("split", {}).get("eval_percent", 20))
+    if args.price or args.alpha is not None:
+        raise ValueError("--price and --alpha are for --kind nmodel; an update keeps the artifact's prices "
+                         "(--slm-price/--llm-price override them)")
+    if args.kind is not None and args.kind != serving.kind:
+        raise ValueError(f"--kind {args.kind} differs from the --init artifact's kind {serving.kind}: an update "
+                         "keeps the kind (train a new router without --init to change it)")
+    if args.eval_fraction is not None and eval_percent_of(args.eval_fraction) != pct:
+        raise ValueError(f"--eval-fraction {args.eval_fraction:g} differs from the --init artifact's split "
+                         f"({pct} %): an update keeps the split, so its eval rows stay unseen")
+    if args.init_data:
+        old_files = [TrainingFile(f, tuple(td.get("excluded_sources") or ())) for f in args.init_data]
+    else:
+        old_files = training_files(serving.meta)
+        if not old_files:
+            raise ValueError(f"--init {args.init}: the artifact does not record its training data; pass "
+                             "--init-data FILE")
+    old_rows = load_training_files(old_files)
+    new_rows = [r for r in load_routing_rows(args.data, require="pairwise") if r.source not in args.exclude_source]
+    if not new_rows:
+        raise ValueError(f"{args.data}: no rows left after --exclude-source")
+    held = held_out_rows(new_rows, pct)
+    early = gate_precheck(held, args.tolerance)
+    if args.promote_if_better and early is not None:
+        print(f"gate: not passed: {early.reason}")
+        print(f"not promoted (nothing fitted): {args.out} is unchanged; the serving artifact {args.init} stays")
+        if getattr(args, "json", False):
+            print(json.dumps({"init": str(args.init), "kind": serving.kind, "out": str(args.out),
+                              "num_new_rows": len(new_rows), "gate": early.as_dict(), "promote_if_better": True,
+                              "written": False}))
+        return 1
+    stored_share = (serving.meta.get("calibration") or {}).get("target_share")
+    share = args.strong_share if args.strong_share is not None else stored_share if stored_share is not None else 0.5
+    cfg = TrainConfig(kind=serving.kind, seed=args.seed if args.seed is not None else int(td.get("seed", 0)),
+                      eval_fraction=pct / 100, strong_share=float(share),
+                      prices=_prices(args, serving.meta.get("prices")))
+    candidate = fit_router(old_rows + new_rows, cfg)
+    files = [*old_files, TrainingFile(os.path.abspath(args.data), tuple(args.exclude_source))]
+    ctd = candidate.meta["training_data"]
+    ctd["file"], ctd["files"] = files[0].path, [f.as_dict() for f in files]
+    ctd["excluded_sources"] = list(td.get("excluded_sources") or ())
+    ctd["update"] = {"init": str(args.init), "method": "refit from scratch on the init artifact's training rows "
+                     "+ the new rows' training split (same kind, split and seed)",
+                     "num_old_rows": len(old_rows), "num_new_rows": len(new_rows),
+                     "num_new_heldout_rows": len(held)}
+    candidate.meta["cascade"] = serving.meta.get("cascade")
+    gate = promotion_gate(serving, candidate, held, args.tolerance)
+    candidate.meta["promotion"] = {**gate.as_dict(), "serving": str(args.init)}
+    report = {"init": str(args.init), "kind": serving.kind, "out": str(args.out), "num_old_rows": len(old_rows),
+              "num_new_rows": len(new_rows), "num_new_train_rows": len(new_rows) - len(held),
+              "gate": gate.as_dict(), "promote_if_better": bool(args.promote_if_better)}
+    print(f"updated {serving.kind} router {args.init}: refit on {ctd['num_fit_rows']} rows "
+          f"({len(old_rows)} of its own data before the split, {len(new_rows) - len(held)} new training rows); "
+          f"{len(held)} new rows held out")
+    print(f"gate: {'passed' if gate.passed else 'not passed'}: {gate.reason}")
+    write = gate.passed or not args.promote_if_better
+    if write:
+        out = candidate.save(args.out)
+        print(f"threshold {candidate.threshold:.4f} for strong share {cfg.strong_share:g} → {out}"
+              + ("" if gate.passed else " (written without --promote-if-better)"))
+    else:
+        print(f"not promoted: {args.out} is unchanged; the serving artifact {args.init} stays")
+    report["written"] = write
+    if getattr(args, "json", False):
+        print(json.dumps(report))
+    return 0 if write else 1
+
+
 def _train_nmodel(args: argparse.Namespace, rows: list[RoutingRow]) -> int:
-    from routers.artifact import Artifact
     from routers.features import HashedTfidf
-    from routers.scorers import ROUTER_KIND, NModelScorer
+    from routers.router import DEFAULT_TOLERANCE, Router
+    from routers.scorers import NModelScorer
 
     pct = eval_percent_of(args.eval_fraction)
     train = [r for r in rows if not is_eval_row(r, pct) and r.source not in args.exclude_source]
+    if not train:
+        raise ValueError("no training rows left after the eval split and --exclude-source")
     models = sorted({m for r in train for m in r.model_scores})
     for r in train:
         if set(r.model_scores) != set(models):
@@ -85,18 +204,18 @@ def _train_nmodel(args: argparse.Namespace, rows: list[RoutingRow]) -> int:
     texts = [r.prompt for r in train]
     scores = np.asarray([[r.model_scores[m] for m in models] for r in train], dtype=np.float64)
     tfidf = HashedTfidf(n_features=2**18).fit(texts)
-    nm = NModelScorer(models).fit(texts, scores, tfidf)
-    meta, arrays = nm.state()
-    art = Artifact(kind=ROUTER_KIND, meta={
+    nm = NModelScorer(models, alpha=args.alpha if args.alpha is not None else 3.0).fit(texts, scores, tfidf)
+    router = Router(nm, nm.feats, {
         "description": "switchyard N-model router: predicted score per model; cheapest within tolerance",
-        "scorer": meta,
-        "prices": _prices(args),
+        "prices": model_prices(args, models),
+        "tolerance": DEFAULT_TOLERANCE,
         "training_data": {"file": str(args.data), "num_fit_rows": len(train),
                           "sources": dict(Counter(r.source for r in train)),
                           "split": {"eval_percent": pct}},
-    }, arrays=arrays)
-    art.save(args.out)
-    print(f"trained N-model router ({len(models)} models) on {len(train)} rows → {args.out}")
+    })
+    router.save(args.out)
+    print(f"trained N-model router ({len(models)} models, alpha {nm.alpha:g}) on {len(train)} rows; "
+          f"tolerance {router.tolerance:g} until `switchyard calibrate --max-cost` → {args.out}")
     return 0
 
 
@@ -130,6 +249,8 @@ def eval_router(args: argparse.Namespace) -> int:
     art = artifact.load(args.model, kind="router")
     if art.meta.get("scorer", {}).get("kind") == "nmodel":
         return _eval_nmodel(args, art)
+    if getattr(args, "price", None) or getattr(args, "tolerance", None):
+        raise ValueError("--price and --tolerance are for an nmodel router")
     router = Router.load(args.model)
     rows = load_routing_rows(args.data, require="pairwise")
     held = _eval_rows(rows, router.meta, args.all_rows)
@@ -239,33 +360,105 @@ def _print_report(report: dict, systems: list[str]) -> None:
 
 
 def _eval_nmodel(args: argparse.Namespace, art) -> int:
-    from routers.scorers import NModelScorer, choose_model
+    """Quality vs cost on held-out rows (``training.cost_quality``): every single model, the zero router
+    ("random"), the oracle and the router's tolerance sweep, each with its non-decreasing convex hull and
+    AIQ; the router at its artifact's tolerance and at each ``--tolerance``; where its hull stands against
+    the best single model."""
+    from routers.router import Router
+    from routers.scorers import choose_indices
+    from training import cost_quality as cq
 
-    nm = NModelScorer.from_state(art.meta["scorer"], art.arrays)
+    router = Router.from_artifact(art)
+    models = router.models
     rows = load_routing_rows(args.data, require="models")
     held = _eval_rows(rows, art.meta, args.all_rows)
-    pred = nm.predict_batch([r.prompt for r in held])
-    prices = art.meta.get("prices") or {}
-    if not prices:  # no prices: assume the listed order is cheapest first
-        prices = {m: float(i + 1) for i, m in enumerate(nm.models)}
-    true = np.asarray([[r.model_scores[m] for m in nm.models] for r in held])
-    report: dict = {"model": str(args.model), "kind": "nmodel", "num_eval_rows": len(held), "models": nm.models,
-                    "single_model_quality": {m: round(float(true[:, j].mean()), 4) for j, m in enumerate(nm.models)},
-                    "oracle_quality": round(float(true.max(axis=1).mean()), 4), "tolerances": {}}
-    print(f"N-model router on {len(held)} held-out rows")
-    for m, q in report["single_model_quality"].items():
-        print(f"  always {m:<48} quality {q:.4f}  price {prices.get(m, 0):g}")
-    print(f"  oracle (best per row)                                   quality {report['oracle_quality']:.4f}")
-    for tol in (0.0, 0.02, 0.05, 0.1):
-        picks = [choose_model(dict(zip(nm.models, p, strict=True)), prices, tol).model for p in pred]
-        q = float(np.mean([true[i, nm.models.index(m)] for i, m in enumerate(picks)]))
-        cost = float(np.mean([prices.get(m, 0.0) for m in picks]))
-        report["tolerances"][str(tol)] = {"quality": round(q, 4), "mean_price": round(cost, 4),
-                                         "picks": dict(Counter(picks))}
-        print(f"  router tolerance {tol:<5g} quality {q:.4f}  mean price {cost:.3f}")
+    if getattr(args, "source", None):
+        held = [r for r in held if r.source in args.source]
+        if not held:
+            raise ValueError(f"no eval rows with source in {args.source}")
+    missing = [r.split_key for r in held if not set(models) <= set(r.model_scores)]
+    if missing:
+        raise ValueError(f"{len(missing)} eval rows lack scores of this router's models {models} "
+                         f"(first: {missing[0][:60]!r})")
+    given = model_prices(args, models, art.meta.get("prices"))
+    if not given:  # no prices anywhere: the listed (name) order, cheapest first
+        price_source, given = "rank in name order (no prices given)", {m: float(i + 1) for i, m in enumerate(models)}
+    elif set(given) != set(models):
+        raise ValueError(f"prices name {sorted(given)} but the router's models are {models}: price every model "
+                         "(--price MODEL=USD, USD per 1k requests)")
+    else:
+        price_source = "--price / artifact"
+    prices = np.asarray([given[m] for m in models], dtype=np.float64)
+    pred = router.predict_batch([r.prompt for r in held])
+    true = np.asarray([[r.model_scores[m] for m in models] for r in held], dtype=np.float64)
+    c_min, c_max = float(prices.min()), float(prices.max())
+
+    singles = cq.single_points(true, prices)
+    systems = {"router": cq.router_points(pred, true, prices), "oracle": cq.oracle_points(true, prices),
+               "random": singles}  # random = RouterBench's zero router: random mixes of single models
+    hulls = {name: cq.hull(pts) for name, pts in systems.items()}
+    best = int(np.argmax([p.quality for p in singles]))
+    b = singles[best]
+    rh = hulls["router"]
+    match = cq.cost_to_reach(rh, b.quality)
+    uniform = cq.point(np.random.default_rng(0).integers(0, len(models), len(held)), true, prices)
+    report: dict = {
+        "model": str(args.model), "kind": "nmodel", "num_eval_rows": len(held), "models": models,
+        "prices_per_1k": given, "price_source": price_source, "cost_range_per_1k": [c_min, c_max],
+        "single_models": {m: {"cost_per_1k": round(p.cost, 6), "quality": round(p.quality, 4)}
+                          for m, p in zip(models, singles, strict=True)},
+        "best_single": models[best],
+        "aiq": {name: round(cq.aiq(h, c_min, c_max), 4) for name, h in hulls.items()},
+        "hulls": {name: [[round(c, 6), round(q, 4)] for c, q in h] for name, h in hulls.items()},
+        "uniform_random": {"cost_per_1k": round(uniform.cost, 6), "quality": round(uniform.quality, 4)},
+        "oracle_quality": round(float(true.max(axis=1).mean()), 4),
+        "router_vs_best_single": {
+            "best_single_cost_per_1k": round(b.cost, 6), "best_single_quality": round(b.quality, 4),
+            "router_quality_at_that_cost": round(cq.quality_at(rh, b.cost), 4),
+            "router_cost_to_match_its_quality": None if match is None else round(match, 6)},
+        "artifact_tolerance": router.tolerance, "tolerances": {},
+    }
+    tolerances = sorted({0.0, 0.02, 0.05, 0.1, router.tolerance, *(getattr(args, "tolerance", None) or [])})
+    for tol in tolerances:
+        picks = choose_indices(pred, prices, tol)
+        pt = cq.point(picks, true, prices, tol)
+        report["tolerances"][f"{tol:g}"] = {
+            "quality": round(pt.quality, 4), "cost_per_1k": round(pt.cost, 6),
+            "picks": {models[j]: int(n) for j, n in sorted(Counter(picks.tolist()).items())}}
+    _print_nmodel_report(report)
+    if args.plot:
+        from training.plots import plot_cost_quality
+
+        plot_cost_quality(hulls, {m: (p.cost, p.quality) for m, p in zip(models, singles, strict=True)},
+                          args.plot, title=f"N-model router on {len(held)} held-out rows")
+        print(f"plot → {args.plot}")
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def _print_nmodel_report(report: dict) -> None:
+    print(f"N-model router on {report['num_eval_rows']} held-out rows; prices (USD per 1k requests): "
+          f"{report['price_source']}")
+    print(f"{'system':<54} {'cost/1k':>13} {'quality':>8} {'AIQ':>7}")
+    for m, e in sorted(report["single_models"].items(), key=lambda kv: (kv[1]["cost_per_1k"], kv[0])):
+        print(f"{'always ' + m:<54} {e['cost_per_1k']:>13.4g} {e['quality']:>8.4f}")
+    u = report["uniform_random"]
+    print(f"{'uniform random model per request':<54} {u['cost_per_1k']:>13.4g} {u['quality']:>8.4f}")
+    labels = {"random": "random (zero router: mixes of single models), hull", "router": "router (tolerance sweep), hull",
+              "oracle": "oracle (best model per row at each price weight), hull"}
+    for name, label in labels.items():
+        h = report["hulls"][name]
+        span = f"{h[0][0]:.4g}–{h[-1][0]:.4g}"
+        print(f"{label:<54} {span:>13} {h[-1][1]:>8.4f} {report['aiq'][name]:>7.4f}")
+    for tol, e in report["tolerances"].items():
+        mark = "  (artifact)" if tol == f"{report['artifact_tolerance']:g}" else ""
+        print(f"{'router, tolerance ' + tol + mark:<54} {e['cost_per_1k']:>13.4g} {e['quality']:>8.4f}")
+    v = report["router_vs_best_single"]
+    match = v["router_cost_to_match_its_quality"]
+    print(f"best single model {report['best_single']}: quality {v['best_single_quality']:.4f} at "
+          f"{v['best_single_cost_per_1k']:.4g}; router hull at that cost {v['router_quality_at_that_cost']:.4f}; "
+          f"its quality reached at cost {'never' if match is None else format(match, '.4g')}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +472,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
     _single_thread()
     router = Router.load(args.model)
+    if router.is_nmodel:
+        return _calibrate_nmodel(args, router)
+    if getattr(args, "price", None):
+        raise ValueError("--price is for an nmodel router; this one has two pools: --slm-price/--llm-price")
     rows = load_routing_rows(args.data)
     held = _eval_rows(rows, router.meta, getattr(args, "all_rows", False))
     cal = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 0]
@@ -324,6 +521,40 @@ def calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     return 0
 
+
+def _calibrate_nmodel(args: argparse.Namespace, router: Router) -> int:
+    """The quality tolerance for ``--max-cost`` (USD per 1k requests at the artifact's / ``--price`` prices):
+    set on the even id-hash buckets of the eval split, measured on the odd ones (prompts only)."""
+    from routers import artifact
+    from training.calibrate import tolerance_for_cost
+
+    if args.max_cost is None:
+        raise ValueError("an nmodel router is calibrated to a cost budget: --max-cost USD_PER_1K_REQUESTS")
+    if getattr(args, "escalate_share", None) is not None:
+        raise ValueError("--escalate-share calibrates the two-pool cascade; an nmodel router has none")
+    models = router.models
+    prices = model_prices(args, models, router.meta.get("prices"))
+    if set(prices) != set(models):
+        raise ValueError(f"--max-cost needs a price for every model; missing {sorted(set(models) - set(prices))} "
+                         "(--price MODEL=USD, USD per 1k requests, here or at train time)")
+    rows = load_routing_rows(args.data)
+    held = _eval_rows(rows, router.meta, getattr(args, "all_rows", False))
+    cal = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 0]
+    test = [r for r in held if eval_bucket(r.split_key + "#cal") % 2 == 1]
+    if not cal or not test:
+        raise ValueError(f"calibration needs at least 2 held-out rows; got {len(held)}")
+    c = tolerance_for_cost(router.predict_batch([r.prompt for r in cal]),
+                           router.predict_batch([r.prompt for r in test]),
+                           np.asarray([prices[m] for m in models], dtype=np.float64), float(args.max_cost))
+    result = c.as_dict()
+    calibration = {"rule": "cost_budget", **result, "data": str(args.data)}
+    artifact.update_meta(args.model, tolerance=c.tolerance, calibration=calibration, prices=prices)
+    print(f"tolerance {c.tolerance:.6g} for at most {c.max_cost_per_1k:g} USD per 1k requests: expected "
+          f"{c.expected_cost_per_1k:.6g} on the {c.num_calibration_rows} rows that set it, "
+          f"{c.realised_cost_per_1k:.6g} on {c.num_heldout_rows} held-out rows")
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
 
 def _fit_cascade(data: str, meta: dict, all_rows: bool, escalate_share: float):

@@ -17,6 +17,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+Speculation = Literal["none", "ngram"]
+SPECULATIONS: tuple[str, ...] = ("none", "ngram")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,23 @@ class EngineArgs:
     ``num_kv_blocks`` None = size the KV cache from ``kv_cache_memory_gb``; ``num_threads`` None = torch's
     choice; ``quantization`` is weight-only (CPU packed-int kernels); ``device`` "auto" = CUDA when
     available, else CPU.
+
+    Agent sessions (requests that carry a session id / program id):
+      * ``kv_retain_s`` > 0: when a session's request finishes, the full KV blocks of its prompt + output
+        stay pinned (not LRU-evicted) for that many seconds, so the session's next turn hits them after a
+        tool pause; released on expiry, when the session's next request is admitted, or when memory is
+        short (``block_manager.py`` says which session is dropped). 0 = off. Pinning needs prefix caching:
+        with ``enable_prefix_caching`` off nothing is retained.
+      * ``kv_retain_max_share``: at most this share of the KV blocks is pinned at once (0 < share <= 1).
+      * ``program_scheduling``: a waiting request whose program has a request running, or finished within
+        the last ``kv_retain_s``, is admitted ahead of a new program's request (Continuum's program FCFS;
+        within the same priority only). ``program_max_wait_s`` bounds starvation: a request that has
+        waited longer goes first, in arrival order.
+
+    Speculative decoding (``speculation.py``): ``speculation`` "ngram" drafts up to ``num_draft_tokens``
+    tokens per step from the longest suffix n-gram (``ngram_max`` >= n >= ``ngram_min`` tokens) that occurred
+    earlier in the sequence's own prompt + output, and verifies them in the same forward pass; greedy output
+    is unchanged and sampled output keeps its distribution. "none" (the default) = off.
     """
 
     # Read by pydantic when a settings model nests this dataclass: unknown keys are errors. A plain dict,
@@ -43,6 +62,14 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     device: Device = "auto"
+    kv_retain_s: float = 0.0
+    kv_retain_max_share: float = 0.25
+    program_scheduling: bool = False
+    program_max_wait_s: float = 5.0
+    speculation: Speculation = "none"
+    num_draft_tokens: int = 4
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -62,3 +89,16 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1 (or null), got {value}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not self.kv_retain_s >= 0:
+            raise ValueError(f"kv_retain_s must be >= 0 (0 = off), got {self.kv_retain_s}")
+        if not 0 < self.kv_retain_max_share <= 1:
+            raise ValueError(f"kv_retain_max_share must be in (0, 1], got {self.kv_retain_max_share}")
+        if self.speculation not in SPECULATIONS:
+            raise ValueError(f"speculation must be one of {', '.join(SPECULATIONS)}; got {self.speculation!r}")
+        for name in ("num_draft_tokens", "ngram_min", "ngram_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min must be <= ngram_max, got {self.ngram_min} > {self.ngram_max}")
+        if not self.program_max_wait_s > 0:
+            raise ValueError(f"program_max_wait_s must be > 0, got {self.program_max_wait_s}")

@@ -42,7 +42,9 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    priority: int
+    priority: int = 0
+    session_id: str | None = None
+    program_id: str | None = None
 
 
 @dataclass
@@ -109,8 +111,10 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Deltas for every choice until all ``params.n`` choices finished."""
+                     priority: int = 0, session_id: str | None = None,
+                     program_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas for every choice until all ``params.n`` choices finished. ``session_id`` / ``program_id``:
+        as ``LLMEngine.add_request`` (KV retention, program-aware scheduling)."""
         if self.error is not None or self._thread is None:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         if len(prompt_token_ids) >= self.engine.max_model_len:
@@ -124,7 +128,7 @@ class AsyncEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         stream = _Stream(asyncio.get_running_loop(), params.n)
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, session_id, program_id))
         finished = False
         try:
             while True:
@@ -150,7 +154,8 @@ class AsyncEngine:
     def _apply(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Add):
             try:
-                self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.priority)
+                self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.priority,
+                                        session_id=cmd.session_id, program_id=cmd.program_id)
             except Exception as exc:  # bad input found by the engine: the caller sees it
                 stream = self._streams.get(cmd.request_id)
                 if stream is not None:
@@ -163,8 +168,12 @@ class AsyncEngine:
             while not self._stopping:
                 idle = not self.engine.has_unfinished_requests()
                 stalled = not idle and self.engine.last_step_num_tokens == 0  # defensive: never spin hot
+                timeout = 0.01 if stalled else None
+                expiry = self.engine.block_manager.next_expiry()
+                if idle and expiry is not None:  # wake up to let retained KV expire (the step releases it)
+                    timeout = min(max(expiry - self.engine.clock(), 0.01), 1.0)
                 try:
-                    cmd = self._commands.get(block=idle or stalled, timeout=0.01 if stalled else None)
+                    cmd = self._commands.get(block=idle or stalled, timeout=timeout)
                     while True:
                         if cmd is None:
                             break

@@ -1,16 +1,40 @@
-"""Paged KV block accounting: fixed-size blocks, ref counts, hash-chained prefix caching, LRU eviction.
+"""Paged KV block accounting: fixed-size blocks, ref counts, hash-chained prefix caching, LRU eviction,
+and blocks pinned for agent sessions paused on a tool call.
 
 A block is in exactly one of three states:
-  * referenced (ref_count > 0) by one or more sequences' block tables;
+  * referenced (ref_count > 0) by one or more sequences' block tables and/or session retentions;
   * cached: unreferenced but holding a full block whose hash is registered — reusable by a later prefix
     match, evicted least-recently-freed first when a new block is needed;
   * free: unreferenced, no content worth keeping.
 ``allocate`` returns None when the request doesn't fit; the scheduler decides what to do.
+
+Retention (``retain_s`` > 0, prefix caching on): when a session's request finishes, ``retain`` pins the
+hashed full blocks of its computed tokens (prompt + output except the last sampled token, which was never
+fed) — each pin is one reference, so LRU cannot evict them while the agent's tool runs. A retention ends
+  * on expiry (``release_expired``: ``retain_s`` after it was pinned);
+  * when the session's next request is admitted (``release``, after that request referenced the blocks
+    its prefix match found — turn k+1's prompt extends turn k's, so it hits them);
+  * when memory is short: ``allocate`` drops retentions before it answers None, and ``retain`` drops them
+    to stay under the cap (``retain_max_share`` of the pool's blocks). Released blocks become ordinary
+    cached blocks (tail first), still matchable until LRU evicts them.
+
+Which retention is dropped when memory is short — InferCept's waste comparison, kept simple: keeping
+retention r wastes ``reclaimable(r) × expected_pause(r)`` block-seconds (its blocks nobody else
+references, idle until the session returns); dropping it wastes the recompute of its ``num_tokens``
+context tokens when it does. The dropped one is the one whose recompute is cheapest per block-second kept:
+smallest ``num_tokens / (reclaimable(r) × expected_pause(r))``. Tool latencies are heavy-tailed, so a pause
+that has lasted t is expected to last about t more: ``expected_pause(r) = now − pinned_at``; once the
+session's next request is queued (``session_returned``) the pause is over and the retention is dropped
+last. Among private contexts of any size this is LRU (the oldest pause goes first); a retention whose
+blocks are mostly shared with others (a common system prompt) frees little and is kept. Ties: oldest first.
+Admission always wins: a retention is dropped rather than a request kept waiting or preempted.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from backends.engine.sequence import Sequence
@@ -24,18 +48,42 @@ class Block:
     token_ids: tuple[int, ...] = ()
 
 
+@dataclass
+class Retention:
+    """The blocks one paused session keeps: its context's leading full blocks (one pin each)."""
+
+    session_id: str
+    block_ids: list[int]
+    num_tokens: int  # tokens the blocks hold (= len(block_ids) × block_size)
+    pinned_at: float
+    expires_at: float
+    is_returned: bool = False  # the session's next request is queued: about to be hit
+
+
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     """Hash of a full block given the hash of the block before it (None for the first)."""
     return hash((parent_hash, token_ids))
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 retain_s: float = 0.0, retain_max_share: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        if not retain_s >= 0 or not 0 < retain_max_share <= 1:
+            raise ValueError(f"retain_s must be >= 0 and retain_max_share in (0, 1], got {retain_s}, "
+                             f"{retain_max_share}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.retain_s = retain_s
+        self.max_retained_blocks = int(retain_max_share * num_blocks)
+        self.clock = clock
+        self.retentions: OrderedDict[str, Retention] = OrderedDict()  # by session, oldest pin first
+        self.num_pins: dict[int, int] = {}  # block id → retentions pinning it (the pinned blocks)
+        self.num_retained_hits = 0  # prompt tokens a session's next request found in the blocks it retained
+        self.num_retained_evicted_blocks = 0  # blocks whose pin was dropped because memory was short
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.cached_block_ids: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
@@ -52,6 +100,19 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_retained_blocks(self) -> int:
+        """Distinct blocks pinned by paused sessions (also counted in ``num_used_blocks``)."""
+        return len(self.num_pins)
+
+    @property
+    def is_retaining(self) -> bool:
+        return self.retain_s > 0 and self.enable_prefix_caching
+
+    def next_expiry(self) -> float | None:
+        """Clock time at which the oldest retention expires; None when nothing is retained."""
+        return next(iter(self.retentions.values())).expires_at if self.retentions else None
 
     @property
     def usage(self) -> float:
@@ -101,10 +162,11 @@ class BlockManager:
         num_computed = len(shared) * self.block_size if shared else seq.num_computed_tokens
         num_held = len(shared) if shared else len(seq.block_table)
         need = self.blocks_needed(num_computed + num_new_tokens) - num_held
-        # shared blocks sitting in the cached (evictable) set stop being available once referenced
-        num_shared_cached = sum(1 for b in shared if self.blocks[b].ref_count == 0)
-        if need > self.num_free_blocks - num_shared_cached:
-            return None
+        if need > self._num_available(shared):
+            if need > self._num_available(shared) + self._num_reclaimable(set(shared)):
+                return None  # even dropping every retention would not make room: change nothing
+            while need > self._num_available(shared):
+                self._drop_retention(exclude=set(shared))
         for block_id in shared:
             self._ref(block_id)
         if shared:
@@ -115,6 +177,35 @@ class BlockManager:
         new_ids = [self._take_block() for _ in range(max(need, 0))]
         seq.block_table.extend(new_ids)
         return new_ids
+
+    def _num_available(self, shared: list[int]) -> int:
+        # shared blocks sitting in the cached (evictable) set stop being available once referenced
+        return self.num_free_blocks - sum(1 for b in shared if self.blocks[b].ref_count == 0)
+
+    def _reclaimable(self, retention: Retention, exclude: set[int]) -> int:
+        """Blocks that dropping ``retention`` would make available (held by pins only, not in ``exclude``)."""
+        return sum(1 for b in retention.block_ids
+                   if b not in exclude and self.blocks[b].ref_count == self.num_pins[b])
+
+    def _num_reclaimable(self, exclude: set[int]) -> int:
+        """Blocks that dropping every retention would make available."""
+        return sum(1 for b, pins in self.num_pins.items() if b not in exclude and self.blocks[b].ref_count == pins)
+
+    def _drop_retention(self, exclude: set[int], keep: str | None = None) -> None:
+        """Drop the retention that wastes least when dropped (the module docstring's rule); blocks in
+        ``exclude`` are about to be referenced and free nothing; ``keep`` is never dropped."""
+        now = self.clock()
+
+        def cost(r: Retention) -> tuple[float, float]:
+            pause = 0.0 if r.is_returned else max(now - r.pinned_at, 1e-9)
+            held = self._reclaimable(r, exclude) * pause  # block-seconds the retention will keep idle
+            return (r.num_tokens / held if held > 0 else float("inf"), r.pinned_at)
+
+        candidates = [r for r in self.retentions.values() if r.session_id != keep]
+        assert candidates, "no retention left to drop"
+        victim = min(candidates, key=cost)
+        self.num_retained_evicted_blocks += len(victim.block_ids)
+        self._unpin(victim.session_id)
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -153,20 +244,103 @@ class BlockManager:
                 block.block_hash, block.token_ids = h, tokens
                 self.hash_to_block_id[h] = block.block_id
 
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double free of block {block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.block_hash is not None:
+                self.cached_block_ids[block_id] = None
+            else:
+                self.free_block_ids.append(block_id)
+
+    def trim(self, seq: Sequence) -> int:
+        """Release the blocks past ``seq.num_computed_tokens`` (those that held only rejected speculative
+        drafts; never hashed, since ``commit`` hashes computed tokens only). Returns how many were released."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        extra = seq.block_table[keep:]
+        for block_id in reversed(extra):
+            assert self.blocks[block_id].block_hash is None, f"block {block_id} past the computed tokens is hashed"
+            self._unref(block_id)
+        del seq.block_table[keep:]
+        return len(extra)
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references (tail first, so a prefix's tail is evicted before its head)."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            assert block.ref_count > 0, f"double free of block {block_id}"
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.block_hash is not None:
-                    self.cached_block_ids[block_id] = None
-                else:
-                    self.free_block_ids.append(block_id)
+            self._unref(block_id)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    # ------------------------------------------------------------------ retention across tool pauses
+    def retain(self, session_id: str, seq: Sequence) -> int:
+        """Pin the hashed full blocks of ``seq``'s computed tokens for ``session_id`` (call before ``free``),
+        replacing the session's previous retention. Only the leading blocks that fit the cap are pinned;
+        other sessions' retentions are dropped to stay under it. Returns the number of blocks pinned
+        (0 when retention is off or nothing is hashed)."""
+        if not self.is_retaining or self.max_retained_blocks == 0:
+            return 0
+        block_ids: list[int] = []
+        for i, h in enumerate(seq.block_hashes[:self.max_retained_blocks]):
+            block_id = self.hash_to_block_id.get(h)  # the block a later prefix match will find
+            expected = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            if block_id is None or self.blocks[block_id].token_ids != expected:
+                break
+            block_ids.append(block_id)
+        for block_id in block_ids:  # reference the new blocks before the old retention lets go of them
+            self._ref(block_id)
+            self.num_pins[block_id] = self.num_pins.get(block_id, 0) + 1
+        self._unpin(session_id)
+        if not block_ids:
+            return 0
+        now = self.clock()
+        self.retentions[session_id] = Retention(session_id, block_ids, len(block_ids) * self.block_size, now,
+                                                now + self.retain_s)
+        while self.num_retained_blocks > self.max_retained_blocks:
+            self._drop_retention(exclude=set(), keep=session_id)
+        return len(block_ids)
+
+    def session_returned(self, session_id: str | None) -> None:
+        """The session's next request is queued: keep its retention until that request is admitted (it is
+        dropped only when nothing else can make room)."""
+        retention = self.retentions.get(session_id) if session_id is not None else None
+        if retention is not None:
+            retention.is_returned = True
+
+    def release(self, session_id: str | None, hit_block_ids: list[int] | None = None) -> None:
+        """The session's next request was admitted with ``hit_block_ids`` from its prefix match: count the
+        ones it had retained as hits, then let the retention go (the request references what it uses)."""
+        retention = self.retentions.get(session_id) if session_id is not None else None
+        if retention is None:
+            return
+        kept = set(retention.block_ids)
+        self.num_retained_hits += sum(self.block_size for b in hit_block_ids or [] if b in kept)
+        self._unpin(session_id)
+
+    def release_expired(self) -> int:
+        """Let go of every retention whose time is up; returns the number of blocks unpinned."""
+        now = self.clock()
+        num_unpinned = 0
+        while self.retentions:
+            retention = next(iter(self.retentions.values()))
+            if retention.expires_at > now:
+                break
+            num_unpinned += len(retention.block_ids)
+            self._unpin(retention.session_id)
+        return num_unpinned
+
+    def _unpin(self, session_id: str) -> None:
+        retention = self.retentions.pop(session_id, None)
+        if retention is None:
+            return
+        for block_id in reversed(retention.block_ids):  # tail first, as ``free``
+            pins = self.num_pins[block_id] - 1
+            if pins:
+                self.num_pins[block_id] = pins
+            else:
+                del self.num_pins[block_id]
+            self._unref(block_id)
 
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.num_prefix_queries += num_prompt_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,34 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_quantization(quantization: str, device: torch.device, device_is_explicit: bool) -> str:
+    """The weight format the engine applies. int8 / int4 are CPU formats (torch's packed CPU kernels): on CUDA
+    they are a ValueError when the device was chosen explicitly (the two options contradict each other), and
+    with ``device: auto`` they are not applied ("none", a warning; the GPU serves ``dtype`` weights), so a
+    config written for CPU — the embedded default — still starts on a machine with a GPU."""
+    if quantization == "none" or device.type == "cpu":
+        return quantization
+    if device_is_explicit:
+        raise ValueError(f"quantization {quantization!r} is weight-only on CPU (torch's packed CPU kernels); "
+                         f"device is {device.type}: set quantization to none, or device to cpu")
+    logging.getLogger(__name__).warning(
+        "quantization %r is a CPU weight format and device auto chose %s: the model runs unquantized there "
+        "(set device: cpu to keep it)", quantization, device.type)
+    return "none"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """``args`` plus what follows from the model and the device: ``max_model_len`` is capped by the model's
-    ``max_position_embeddings``; ``dtype`` is resolved ("auto")."""
+    ``max_position_embeddings``; ``dtype`` is resolved ("auto"); ``quantization`` is the weight format applied
+    (``resolve_quantization``: CPU formats are not applied on CUDA under ``device: auto``)."""
 
     model_path: Path
     hf_config: Any  # transformers PretrainedConfig
     device: torch.device
     dtype: torch.dtype
     max_model_len: int
+    quantization: str
     args: EngineArgs
 
     @classmethod
@@ -46,6 +65,7 @@ class EngineConfig:
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise ValueError(f"model {str(model_path)!r} is not a model folder (no config.json)")
+        device_is_explicit = device is not None or args.device != "auto"
         if device is None and args.device != "auto":
             device = args.device
         dev = torch.device(device) if device is not None else torch.device(
@@ -61,4 +81,5 @@ class EngineConfig:
                 f"max_model_len ({max_model_len}) tokens"
             )
         return cls(model_path=path, hf_config=hf_config, device=dev, dtype=resolve_dtype(args.dtype, dev),
-                   max_model_len=max_model_len, args=args)
+                   max_model_len=max_model_len, quantization=resolve_quantization(args.quantization, dev,
+                                                                                  device_is_explicit), args=args)

@@ -16,9 +16,17 @@ Usage::
             ...
     engine.stats()                         # EngineStats: running/waiting, KV usage, prefix hit rate, totals
 
-``stat_loggers`` receive SchedulerStats / IterationStats after every step that ran
-(backends/engine/stats.py). The model is a local HF folder; bundled names are resolved outside the
+``stat_loggers`` receive SchedulerStats / IterationStats after every step that ran a batch or released
+retained KV blocks (backends/engine/stats.py). Agent sessions: ``add_request(..., session_id=...,
+program_id=...)`` — with ``EngineArgs.kv_retain_s`` a finished session's KV stays pinned for its next turn
+(block_manager.py), with ``program_scheduling`` a continuing program is admitted first (scheduler.py).
+``clock`` (default ``time.monotonic``) is the engine's only time source: arrival and latency times,
+retention expiry and program waits; tests pass a controllable one. The model is a local HF folder; bundled names are resolved outside the
 engine (``backends.models.resolve_model_path``).
+
+Speculative decoding (``EngineArgs.speculation = "ngram"``, ``speculation.py``): a decoding sequence may be
+scheduled with drafts; the step then commits its accepted drafts and one more token, each through
+``_postprocess`` (stop conditions, logprobs, grammar), and gives back the blocks that held only rejected drafts.
 
 Not thread-safe: one thread drives it (AsyncEngine does so for asyncio callers).
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +51,7 @@ from backends.engine.model_runner import ModelRunner
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.scheduler import Scheduler
 from backends.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
+from backends.engine.speculation import NgramProposer
 from backends.engine.stats import FinishedRequestStats, IterationStats, SchedulerStats, StatLogger
 from backends.engine.structured_output import GrammarCompiler, StructuredOutput
 
@@ -107,22 +117,35 @@ class EngineStats:
     num_prompt_tokens_total: int
     num_generation_tokens_total: int
     num_requests_finished: int = 0
+    num_retained_blocks: int = 0  # blocks pinned now for paused sessions
+    num_retained_sessions: int = 0
+    num_retained_hits_total: int = 0  # prompt tokens of a session's next request found in its retained blocks
+    num_retained_evicted_blocks_total: int = 0  # pinned blocks let go early because memory was short
+    num_draft_tokens_total: int = 0  # speculation: draft tokens proposed and verified
+    num_accepted_tokens_total: int = 0  # of those, accepted (committed as the target model's own tokens)
     extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:
     def __init__(self, model: str | Path, args: EngineArgs | EngineConfig | None = None, *,
                  device: str | torch.device | None = None, tokenizer=None,
-                 stat_loggers: SequenceOf[StatLogger] = ()) -> None:
+                 stat_loggers: SequenceOf[StatLogger] = (), clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(args, EngineConfig):
             self.config = args
         else:
             self.config = EngineConfig.from_args(model, args, device)
-        cfg = self.config
+        cfg, a = self.config, self.config.args
+        self.clock = clock
         self.model_runner = ModelRunner(cfg)
-        self.block_manager = BlockManager(self.model_runner.num_blocks, cfg.args.block_size,
-                                          cfg.args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.args.max_num_seqs, cfg.args.max_num_batched_tokens)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, a.block_size, a.enable_prefix_caching,
+                                          retain_s=a.kv_retain_s, retain_max_share=a.kv_retain_max_share,
+                                          clock=clock)
+        self.proposer = (NgramProposer(a.num_draft_tokens, a.ngram_min, a.ngram_max)
+                         if a.speculation == "ngram" else None)
+        self.scheduler = Scheduler(self.block_manager, a.max_num_seqs, a.max_num_batched_tokens,
+                                   program_scheduling=a.program_scheduling, program_window_s=a.kv_retain_s,
+                                   program_max_wait_s=a.program_max_wait_s, clock=clock, proposer=self.proposer,
+                                   max_model_len=cfg.max_model_len)
         self.stat_loggers = list(stat_loggers)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -141,6 +164,10 @@ class LLMEngine:
         self._num_prefix_queries_logged = 0
         self._num_prefix_hits_logged = 0
         self._num_preemptions_logged = 0
+        self._num_retained_hits_logged = 0
+        self._num_retained_evicted_logged = 0
+        self._num_draft_tokens_total = 0  # speculation: draft tokens verified / accepted since start
+        self._num_accepted_tokens_total = 0
         self._grammar_compiler: GrammarCompiler | None = None
 
     def _eos_ids(self) -> set[int]:
@@ -179,8 +206,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0) -> str:
-        """Queue a request (``params.n`` choices). Raises ContextLengthError / ValueError on bad input."""
+                    priority: int = 0, session_id: str | None = None, program_id: str | None = None) -> str:
+        """Queue a request (``params.n`` choices). Raises ContextLengthError / ValueError on bad input.
+
+        ``session_id``: the agent session the request belongs to (its KV is retained after it finishes when
+        ``kv_retain_s`` > 0; its next request releases and reuses it). ``program_id``: the job it belongs to
+        (program-aware scheduling); None = none, the engine does not default it to the session."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -197,13 +228,13 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         compiled = self.compile_grammar(params.structured) if params.structured is not None else None
         arrival = next(self._arrivals)
-        now = time.monotonic()
+        now = self.clock()
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(
                 seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=prompt, params=params,
                 index=index, priority=priority, arrival=arrival, parent=seqs[0] if seqs else None,
-                arrival_time=now,
+                session_id=session_id, program_id=program_id, arrival_time=now,
             )
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.config.device).manual_seed(params.seed + index)
@@ -231,30 +262,56 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the deltas of every choice that produced tokens or finished."""
+        num_retained = self.block_manager.num_retained_blocks
         batch = self.scheduler.schedule()
         self.last_step_num_tokens = batch.num_tokens
         if batch.is_empty:
+            if self.stat_loggers and self.block_manager.num_retained_blocks != num_retained:
+                self._log_stats(IterationStats())  # retention expired while idle: the gauge follows
             return []
-        scheduled_at = time.monotonic()
+        scheduled_at = self.clock()
         for item in batch.scheduled:
             if not item.seq.first_scheduled_time:
                 item.seq.first_scheduled_time = scheduled_at
-        sampled, result = self.model_runner.run(batch)
+        committed = self.model_runner.run(batch)
         for item in batch.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
             self.block_manager.commit(item.seq)
         outputs = []
         iteration = IterationStats() if self.stat_loggers else None
-        if result is not None:
-            self._num_generation_tokens_total += len(sampled)
-            for i, item in enumerate(sampled):
+        for item, result in committed:
+            seq, out = item.seq, None
+            for i, token_id in enumerate(result.token_ids):
+                if i > 0:  # the token before this one was an accepted draft: its KV (computed this step) is valid
+                    seq.num_computed_tokens += 1
+                    self.block_manager.commit(seq)
                 lp = None
                 if result.logprobs[i] is not None:
-                    lp = TokenLogprobs(result.token_ids[i], result.logprobs[i], result.top_logprobs[i] or [])
-                outputs.append(self._postprocess(item.seq, result.token_ids[i], lp, iteration))
+                    lp = TokenLogprobs(token_id, result.logprobs[i], result.top_logprobs[i] or [])
+                delta = self._postprocess(seq, token_id, lp, iteration)
+                self._num_generation_tokens_total += 1
+                out = delta if out is None else _merge(out, delta)
+                if delta.finished:
+                    break  # the rest of the accepted drafts are discarded
+            if item.draft_token_ids:
+                self._speculated(item, len(result.token_ids) - 1, iteration)
+            outputs.append(out)
         if iteration is not None:
             self._log_stats(iteration)
         return outputs
+
+    def _speculated(self, item, num_accepted: int, iteration: IterationStats | None) -> None:
+        """Bookkeeping after a verification: counters, the proposer's adaptive k, and the blocks that held
+        only rejected drafts (a finished sequence has already freed all of its blocks)."""
+        num_drafts = len(item.draft_token_ids)
+        self._num_draft_tokens_total += num_drafts
+        self._num_accepted_tokens_total += num_accepted
+        if iteration is not None:
+            iteration.num_draft_tokens += num_drafts
+            iteration.num_accepted_tokens += num_accepted
+        self.proposer.update(item.seq, num_drafts, num_accepted)
+        if not item.seq.is_finished:
+            self.block_manager.trim(item.seq)
 
     def _log_stats(self, iteration: IterationStats) -> None:
         bm = self.block_manager
@@ -264,7 +321,12 @@ class LLMEngine:
             prefix_cache_queries=bm.num_prefix_queries - self._num_prefix_queries_logged,
             prefix_cache_hits=bm.num_prefix_hits - self._num_prefix_hits_logged,
             num_preemptions=self.scheduler.num_preemptions - self._num_preemptions_logged,
+            num_retained_blocks=bm.num_retained_blocks,
+            retained_hits=bm.num_retained_hits - self._num_retained_hits_logged,
+            num_retained_evicted_blocks=bm.num_retained_evicted_blocks - self._num_retained_evicted_logged,
         )
+        self._num_retained_hits_logged = bm.num_retained_hits
+        self._num_retained_evicted_logged = bm.num_retained_evicted_blocks
         self._num_prefix_queries_logged = bm.num_prefix_queries
         self._num_prefix_hits_logged = bm.num_prefix_hits
         self._num_preemptions_logged = self.scheduler.num_preemptions
@@ -274,7 +336,7 @@ class LLMEngine:
     def _postprocess(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None,
                      iteration: IterationStats | None) -> RequestOutput:
         seq.token_ids.append(token_id)
-        now = time.monotonic()
+        now = self.clock()
         if iteration is not None:
             iteration.num_generation_tokens += 1
             if seq.num_output_tokens == 1:
@@ -352,8 +414,22 @@ class LLMEngine:
             prefix_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generation_tokens_total=self._num_generation_tokens_total,
-            num_requests_finished=self._num_finished,
+            num_requests_finished=self._num_finished, num_retained_blocks=bm.num_retained_blocks,
+            num_retained_sessions=len(bm.retentions), num_retained_hits_total=bm.num_retained_hits,
+            num_retained_evicted_blocks_total=bm.num_retained_evicted_blocks,
+            num_draft_tokens_total=self._num_draft_tokens_total,
+            num_accepted_tokens_total=self._num_accepted_tokens_total,
         )
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One choice's deltas of one step (speculation commits several tokens): ``a`` then ``b``."""
+    return RequestOutput(
+        request_id=a.request_id, index=a.index, new_token_ids=a.new_token_ids + b.new_token_ids,
+        new_text=a.new_text + b.new_text, new_logprobs=a.new_logprobs + b.new_logprobs, finished=b.finished,
+        finish_reason=b.finish_reason, num_prompt_tokens=b.num_prompt_tokens, num_cached_tokens=b.num_cached_tokens,
+        num_output_tokens=b.num_output_tokens,
+    )
 
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestResult", "CompletionOutput", "EngineStats", "ContextLengthError",

@@ -7,7 +7,7 @@ import torch
 
 from backends.engine.config import EngineConfig
 from backends.engine.layers.attention import AttentionMetadata, PrefillChunk, decode_slots
-from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample
+from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample, verify
 from backends.engine.loader import load_model
 from backends.engine.scheduler import ScheduledBatch, ScheduledSeq
 
@@ -29,15 +29,10 @@ class ModelRunner:
         if config.args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.args.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
-        if config.args.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
-            from backends.engine.layers.quantization import Int8Linear, quantize_model
+        if config.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
+            from backends.engine.layers.quantization import quantize_for_engine
 
-            quantize_model(self.model, config.args.quantization)
-            # lm_head in int8 too (per-row scales, also under int4): left in fp32 it was the largest matrix
-            # read per token (tied 49k x 576 in smollm2, ~1/3 of int8 decode time at c=1) and the largest
-            # GEMM at batch 32; tests/engine/test_quantization.py checks greedy agreement with fp32
-            if type(self.model.lm_head) is torch.nn.Linear:
-                self.model.lm_head = Int8Linear.from_linear(self.model.lm_head)
+            quantize_for_engine(self.model, config.quantization)  # lm_head in int8 under both
         self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
         self.num_blocks = config.args.num_kv_blocks or self._blocks_for_memory()
@@ -96,7 +91,8 @@ class ModelRunner:
             seq, start, num = p.seq, p.seq.num_computed_tokens, p.num_new_tokens
             row = len(input_ids)
             table = torch.tensor(seq.block_table, dtype=torch.int32)
-            input_ids.extend(seq.token_ids[start:start + num])
+            num_drafts = len(p.draft_token_ids)
+            input_ids.extend(seq.token_ids[start:start + num - num_drafts] + p.draft_token_ids)
             positions.extend(range(start, start + num))
             slots.append(self._slots(table, start, num))
             chunk = PrefillChunk(row, num, start, table.to(self.device))
@@ -104,7 +100,7 @@ class ModelRunner:
                 chunk.slots = self._slots(table, 0, start + num).to(self.device)
             prefills.append(chunk)
             if p.is_sampling:
-                sample_rows.append(row + num - 1)
+                sample_rows.extend(range(row + num - 1 - num_drafts, row + num))  # drafts: every position
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(dev),
@@ -123,31 +119,60 @@ class ModelRunner:
 
     def _token_bitmask(self, sampling: list[ScheduledSeq]) -> torch.Tensor | None:
         """The grammar mask of each sampling row (all ones for unconstrained rows), or None when no row has
-        a grammar. Filled on the CPU before the forward pass, so on a GPU it overlaps the model's work."""
+        a grammar. A sequence with drafts has one row per position: its matcher advanced over the drafts
+        before that position (then rolled back). Filled on the CPU before the forward pass, so on a GPU it
+        overlaps the model's work."""
         if not any(s.seq.grammar is not None for s in sampling):
             return None
         vocab = self.config.hf_config.vocab_size
-        bitmask = torch.full((len(sampling), (vocab + 31) // 32), -1, dtype=torch.int32)
-        for row, s in enumerate(sampling):
-            if s.seq.grammar is not None:
-                s.seq.grammar.fill_next_token_bitmask(bitmask, row)
+        num_rows = sum(1 + len(s.draft_token_ids) for s in sampling)
+        bitmask = torch.full((num_rows, (vocab + 31) // 32), -1, dtype=torch.int32)
+        row = 0
+        for s in sampling:
+            matcher = s.seq.grammar
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(bitmask, row)
+                for j, token in enumerate(s.draft_token_ids):
+                    accepted = matcher.accept_token(token)
+                    assert accepted, "a draft the grammar refuses was scheduled (speculation.grammar_prefix)"
+                    if not matcher.is_terminated():  # else the draft ends the sequence: its next row is unused
+                        matcher.fill_next_token_bitmask(bitmask, row + j + 1)
+                if s.draft_token_ids:
+                    matcher.rollback(len(s.draft_token_ids))
+            row += 1 + len(s.draft_token_ids)
         return bitmask
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
-        """Compute the batch's tokens; sample one token for each sequence whose chunk reached its end."""
+    def run(self, batch: ScheduledBatch) -> list[tuple[ScheduledSeq, SamplerOutput]]:
+        """Compute the batch's tokens; for each sequence whose chunk reached its end, the tokens it commits:
+        one sampled token, or with drafts the accepted drafts and one more (``sampler.verify``)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         sampling = [s for s in batch.scheduled if s.is_sampling]
         bitmask = self._token_bitmask(sampling)
         hidden = self.model(input_ids, positions, meta)
         if not sampling:
-            return [], None
+            return []
         logits = self.model.compute_logits(hidden[sample_rows])
+        if not any(s.draft_token_ids for s in sampling):
+            inp = SamplerInput(
+                params=[s.seq.params for s in sampling],
+                token_ids=[s.seq.token_ids for s in sampling],
+                num_prompt_tokens=[s.seq.num_prompt_tokens for s in sampling],
+                generators=[s.seq.generator for s in sampling],
+                token_bitmask=bitmask,
+            )
+            out = sample(logits, inp)
+            return [(s, SamplerOutput([out.token_ids[i]], [out.logprobs[i]], [out.top_logprobs[i]]))
+                    for i, s in enumerate(sampling)]
+        # one sampler row per verified position (penalties see the drafts before it)
+        rows = [(s, s.seq.token_ids + s.draft_token_ids[:j]) for s in sampling
+                for j in range(len(s.draft_token_ids) + 1)]
         inp = SamplerInput(
-            params=[s.seq.params for s in sampling],
-            token_ids=[s.seq.token_ids for s in sampling],
-            num_prompt_tokens=[s.seq.num_prompt_tokens for s in sampling],
-            generators=[s.seq.generator for s in sampling],
+            params=[s.seq.params for s, _ in rows],
+            token_ids=[tokens for _, tokens in rows],
+            num_prompt_tokens=[s.seq.num_prompt_tokens for s, _ in rows],
+            generators=[s.seq.generator for s, _ in rows],
             token_bitmask=bitmask,
         )
-        return sampling, sample(logits, inp)
+        outs = verify(logits, inp, [s.draft_token_ids for s in sampling])
+        return list(zip(sampling, outs, strict=True))

@@ -32,6 +32,8 @@ class Sequence:
 
     ``seq_id`` is the engine's int id; ``request_id`` the caller's str id (shared by the ``n`` choices,
     told apart by ``index``). ``parent`` is set for choices 1..n-1: they share the parent's prompt blocks.
+    ``session_id`` (an agent session: its KV is retained across tool pauses) and ``program_id`` (a job of
+    one or more sessions: program-aware scheduling) are None for a lone request.
     """
 
     seq_id: int
@@ -42,6 +44,8 @@ class Sequence:
     priority: int = 0
     arrival: int = 0
     parent: Sequence | None = None
+    session_id: str | None = None
+    program_id: str | None = None
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first scheduling)
@@ -53,8 +57,9 @@ class Sequence:
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     grammar: Any = None  # xgrammar GrammarMatcher when params.structured is set; advanced on each committed token
-    arrival_time: float = 0.0  # time.monotonic() when added
-    first_scheduled_time: float = 0.0  # time.monotonic() of the first step that scheduled it; 0 = not yet
+    draft_state: Any = None  # speculation.DraftState once an n-gram proposer has looked at it
+    arrival_time: float = 0.0  # the engine's clock (time.monotonic by default) when added
+    first_scheduled_time: float = 0.0  # the engine's clock at the first step that scheduled it; 0 = not yet
     last_token_time: float = 0.0
     # incremental detokenization state (owned by the engine's detokenizer)
     output_text: str = ""

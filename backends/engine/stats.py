@@ -6,7 +6,9 @@ imports a metrics library: whoever registers a logger (``backends/local.py`` →
 registry) turns these numbers into metrics. Loggers run on the engine's thread, between steps: they must
 be quick and must not raise.
 
-All times are seconds of ``time.monotonic()``; latencies are per choice (one sequence).
+All times are seconds of the engine's clock (``time.monotonic()`` unless a test injects one); latencies are
+per choice (one sequence). A step that ran nothing but let retained KV blocks expire reports too (an empty
+IterationStats), so a pinned-blocks gauge follows expiry.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from typing import Protocol
 @dataclass(frozen=True)
 class SchedulerStats:
     """The engine's state after a step. ``prefix_cache_*`` count prompt tokens looked up / found in the
-    prefix cache during this step (deltas, as vLLM's counters); ``num_preemptions`` likewise."""
+    prefix cache during this step (deltas, as vLLM's counters); ``num_preemptions`` likewise.
+
+    KV retention across tool pauses: ``num_retained_blocks`` = blocks pinned for paused sessions now;
+    ``retained_hits`` = prompt tokens of sessions' next requests found in the blocks they retained (delta);
+    ``num_retained_evicted_blocks`` = pinned blocks let go early because memory was short (delta)."""
 
     num_running_reqs: int
     num_waiting_reqs: int
@@ -27,6 +33,9 @@ class SchedulerStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    num_retained_blocks: int = 0
+    retained_hits: int = 0
+    num_retained_evicted_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,14 +51,16 @@ class FinishedRequestStats:
 
 @dataclass
 class IterationStats:
-    """What one step produced: token counts, the first-token and inter-token latencies it observed, and
-    the choices it finished."""
+    """What one step produced: token counts, the first-token and inter-token latencies it observed, the
+    choices it finished, and (speculation) the draft tokens it verified and accepted."""
 
     num_prompt_tokens: int = 0  # prompts of requests whose first choice got its first token in this step
     num_generation_tokens: int = 0
     time_to_first_tokens_s: list[float] = field(default_factory=list)
     inter_token_latencies_s: list[float] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+    num_draft_tokens: int = 0  # speculation: draft tokens verified in this step
+    num_accepted_tokens: int = 0  # of those, accepted
 
 
 class StatLogger(Protocol):

@@ -39,11 +39,13 @@ def hf_logprobs(folder: Path, tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def tiny_engine(folder: Path, stat_loggers=(), **options) -> LLMEngine:
+def tiny_engine(folder: Path, stat_loggers=(), clock=None, **options) -> LLMEngine:
+    """A CPU engine with small defaults; ``clock`` (optional) replaces time.monotonic as the engine's clock."""
     defaults = dict(num_kv_blocks=128, block_size=4, max_model_len=256, max_num_batched_tokens=64,
                     max_num_seqs=64, num_threads=1)
     defaults.update(options)
-    return LLMEngine(str(folder), EngineArgs(**defaults), device="cpu", stat_loggers=stat_loggers)
+    extra = {"clock": clock} if clock is not None else {}
+    return LLMEngine(str(folder), EngineArgs(**defaults), device="cpu", stat_loggers=stat_loggers, **extra)
 
 
 def prompts(num: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

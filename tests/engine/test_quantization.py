@@ -133,3 +133,25 @@ def test_engine_quantization_option_mostly_matches_fp32(tiny_model_dir, method):
     # int4 on random tiny weights drifts sooner than int8; greedy paths diverge after a first flip
     assert identical >= (5 if method == "int8" else 2), identical
     assert first_equal >= 6, first_equal
+
+
+def test_quantization_is_a_cpu_format_resolved_against_the_device(tiny_model_dir, monkeypatch, caplog):
+    """int8/int4 run on CPU; on CUDA an explicit device is a clear error, and device auto (a config written for
+    CPU, like the embedded default, on a machine with a GPU) runs unquantized with a warning."""
+    from backends.engine.args import EngineArgs
+    from backends.engine.config import EngineConfig
+
+    folder = tiny_model_dir("llama")
+    assert EngineConfig.from_args(folder, EngineArgs(quantization="int4"), device="cpu").quantization == "int4"
+    assert EngineConfig.from_args(folder, EngineArgs(quantization="none", device="cuda")).quantization == "none"
+    with pytest.raises(ValueError, match="quantization 'int8' is weight-only on CPU"):
+        EngineConfig.from_args(folder, EngineArgs(quantization="int8", device="cuda"))
+    with pytest.raises(ValueError, match="set quantization to none, or device to cpu"):
+        EngineConfig.from_args(folder, EngineArgs(quantization="int8"), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        config = EngineConfig.from_args(folder, EngineArgs(quantization="int4"))
+    assert config.device.type == "cuda" and config.quantization == "none" and config.dtype == torch.bfloat16
+    assert "CPU weight format" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert EngineConfig.from_args(folder, EngineArgs(quantization="int4")).quantization == "int4"

@@ -1,7 +1,7 @@
 """Fakes and builders shared by gateway tests (real Pool, real uvicorn, real openai client).
 
 ``FakeBackend`` / ``FakeFactory`` / ``fake_settings`` / ``fake_app``: deterministic in-process backends,
-their config and the gateway app over them;
+their config and the gateway app over them; ``FakeGuard``: a guard without an artifact ("bomb" → unsafe);
 ``bow_embed`` / ``cache_settings``: an embedder and example-cache settings for the example-cache tests;
 ``wait_until`` / ``wait_until_async``: wait on a condition (never on a fixed time);
 ``fake_local_real_remote`` / ``remote_cloud_app``: fake replicas for local pools, the real OpenAIUpstream for
@@ -125,6 +125,19 @@ class FakeBackend:
             self.num_active -= 1
             if not finished:
                 self.num_aborted += 1
+
+
+class FakeGuard:
+    """A guard (``pipeline.guard``) that says ``unsafe`` for texts with "bomb" and ``domain`` otherwise."""
+
+    max_chars = 1000
+
+    def classify(self, text: str):
+        from routers.guard.verdict import GuardVerdict
+
+        unsafe = "bomb" in text
+        return GuardVerdict(label="unsafe" if unsafe else "domain", domain=None if unsafe else "general",
+                            confidence=1.0, scores={})
 
 
 class FakeFactory:

@@ -71,3 +71,40 @@ def test_new_settings_refuse_bad_values_naming_the_key(extra, key):
     with pytest.raises(ConfigError) as info:
         settings_from_dict({"pools": TWO_POOLS, **extra})
     assert key in str(info.value) and "\n" not in str(info.value).strip()
+
+
+def test_router_pools_map_an_nmodel_artifact_to_pools():
+    from gateway.settings import ConfigError, settings_from_dict
+
+    pools = [{"name": "slm", "model": "org/tiny-7b", "price": {"input_per_1m": 1, "output_per_1m": 5}},
+             {"name": "llm", "model": "big", "price": {"input_per_1m": 10, "output_per_1m": 30}},
+             {"name": "mid", "model": "m", "price": {"input_per_1m": 4, "output_per_1m": 8}},
+             {"name": "emb", "model": "minilm", "task": "embed"}]
+
+    def settings(**routing):
+        return settings_from_dict({"pools": pools, "routing": {"router_artifact": "/a", **routing}})
+
+    # explicit routing.pools, then a pool named after the model, then the pool serving it; cost = 3:1 blend
+    got = settings(pools={"medium": "mid"}).router_pools("nmodel", ["big", "medium", "org/tiny-7b"])
+    assert got == {"big": ("llm", 15.0), "medium": ("mid", 5.0), "org/tiny-7b": ("slm", 2.0)}
+    assert settings().router_pools("tfidf_ridge", []) is None
+
+    def error(s, kind="nmodel", models=("big", "medium", "org/tiny-7b")):
+        with pytest.raises(ConfigError) as e:
+            s.router_pools(kind, list(models))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "match no generate pool: ['medium']" in error(settings())
+    assert "'minilm'" in error(settings(), models=("big", "minilm"))  # an embed pool does not generate
+    assert "routing.pools names ['nope']" in error(settings(pools={"nope": "mid", "medium": "mid"}))
+    assert "['mid'] serve several" in error(settings(pools={"medium": "mid", "big": "mid"}))
+    assert "routing.pools is for an nmodel router artifact" in error(settings(pools={"a": "mid"}), "tfidf_ridge", [])
+    assert "routing.quality_tolerance is for an nmodel" in error(settings(quality_tolerance=0.1), "knn", [])
+    assert "routing.threshold is for a two-pool router" in error(settings(threshold=0.4, pools={"medium": "mid"}))
+    with pytest.raises(ConfigError, match="routing.pools.medium = 'emb' is not a pool with task 'generate'"):
+        settings(pools={"medium": "emb"})
+    with pytest.raises(ConfigError, match="set routing.router_artifact"):
+        settings_from_dict({"pools": pools, "routing": {"pools": {"medium": "mid"}}})
+    with pytest.raises(ConfigError, match="routing.quality_tolerance"):
+        settings(quality_tolerance=-0.1)

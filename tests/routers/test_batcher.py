@@ -10,7 +10,7 @@ from concurrent.futures import CancelledError
 
 import pytest
 
-from routers.batcher import Batcher, BatchError, batch_sizes
+from routers.batcher import Batcher, BatchError, batch_sizes, per_owner
 
 HANG = 30.0  # seconds before a test gives up on a thread that never answers
 
@@ -187,3 +187,23 @@ def test_bad_options_are_value_errors():
         Batcher(lambda x: x, name="x", max_batch=0)
     with pytest.raises(ValueError, match="max_wait_s"):
         Batcher(lambda x: x, name="x", max_wait_s=-1)
+
+
+def test_per_owner_scores_each_owners_items_with_it_in_place():
+    """Items of two artifacts (a reload between requests) in one batch: each owner's batch method sees only
+    its own items, once, and every result lands at its item's position."""
+    class Owner:
+        def __init__(self, tag: str) -> None:
+            self.tag, self.calls = tag, []
+
+        def score_batch(self, texts):
+            self.calls.append(list(texts))
+            return [f"{self.tag}:{t}" for t in texts]
+
+    old, new = Owner("old"), Owner("new")
+    fn = per_owner("score_batch")
+    assert fn([(old, "a"), (new, "b"), (old, "c"), (new, "d")]) == ["old:a", "new:b", "old:c", "new:d"]
+    assert old.calls == [["a", "c"]] and new.calls == [["b", "d"]]
+    b = Batcher(fn, name="owners")
+    assert b.submit((new, "x")).result(HANG) == "new:x"
+    b.close(HANG)

@@ -67,3 +67,45 @@ def test_parse_hint_body_and_header():
             parse_hint(bad)
     with pytest.raises(ValueError, match="x-switchyard-max-strong-share"):
         parse_hint(None, {"x-switchyard-max-strong-share": "lots"})
+
+
+class FakeNModelRouter:
+    models = ["m-big", "m-mid", "m-tiny"]
+    tolerance = 0.05
+    threshold = 0.5
+    meta: dict = {}
+
+    def __init__(self, predicted):
+        self.predicted = predicted
+
+    def predict(self, text):
+        return dict(self.predicted)
+
+
+POOLS = {"m-tiny": ("tiny", 1.0), "m-mid": ("mid", 5.0), "m-big": ("big", 20.0)}
+
+
+def nmodel_policy(predicted, **routing):
+    routing = {"slm_pool": "tiny", "llm_pool": "big", **routing}
+    return RoutePolicy(RoutingSettings(**routing), router=FakeNModelRouter(predicted), pools=POOLS)
+
+
+def test_nmodel_picks_the_cheapest_pool_within_the_tolerance():
+    pred = {"m-tiny": 0.70, "m-mid": 0.86, "m-big": 0.90}
+    d = nmodel_policy(pred).decide("x")  # the artifact's tolerance 0.05: mid (0.86 >= 0.85) beats big on cost
+    assert (d.route, d.pool, d.tolerance) == ("pool", "mid", 0.05)
+    assert d.scores == {"tiny": 0.7, "mid": 0.86, "big": 0.9} and d.score is None and d.threshold is None
+    assert "within 0.05" in d.reason
+    assert nmodel_policy(pred, quality_tolerance=0.0).decide("x").pool == "big"  # the setting wins
+    assert nmodel_policy(pred, quality_tolerance=0.2).decide("x").pool == "tiny"
+    tie = nmodel_policy({"m-tiny": 0.5, "m-mid": 0.5, "m-big": 0.5}, quality_tolerance=0.0)
+    assert tie.decide("x").pool == "tiny"  # equal predictions: the cheaper pool
+
+
+def test_nmodel_hints():
+    p = nmodel_policy({"m-tiny": 0.70, "m-mid": 0.86, "m-big": 0.90})
+    assert (p.decide("x", RouteHint(quality="low")).pool, p.decide("x", RouteHint(quality="high")).pool) == (
+        "tiny", "big")
+    assert p.decide("x", RouteHint(quality="medium")).pool == "mid"
+    d = p.decide("x", RouteHint(max_strong_share=0.1))
+    assert d.pool == "mid" and "max_strong_share=0.1 ignored" in d.reason

@@ -50,3 +50,46 @@ def test_knn_with_real_minilm_round_trip(tmp_path):
     (tmp_path / "k" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="ships no encoder graph.*switchyard artifact add-encoder"):
         Router.load(tmp_path / "k")
+
+
+def _nmodel_router(alpha=0.3):
+    from routers.features import HashedTfidf
+    from routers.scorers import NModelScorer
+
+    rows = routing_rows(400, seed=3)
+    texts = [r.prompt for r in rows]
+    scores = np.asarray([[r.weak_score, r.strong_score] for r in rows], dtype=np.float64)
+    nm = NModelScorer(["big", "small"], alpha=alpha).fit(texts, scores[:, ::-1], HashedTfidf(n_features=2**14).fit(texts))
+    return nm, texts
+
+
+def test_nmodel_artifact_loads_and_serves(tmp_path):
+    """An nmodel artifact is a Router too: predict per model, the tolerance, the first layout still loads."""
+    nm, texts = _nmodel_router()
+    meta, arrays = nm.state()  # the layout `train router --kind nmodel` wrote before Router served it
+    artifact.Artifact(kind="router", meta={"scorer": meta, "prices": {"small": 1, "big": 5}}, arrays=arrays).save(
+        tmp_path / "old")
+    old = Router.load(tmp_path / "old")
+    assert old.is_nmodel and old.kind == "nmodel" and old.models == ["big", "small"]
+    assert old.tolerance == 0.02  # DEFAULT_TOLERANCE until calibrated
+    assert old.predict(texts[0]) == pytest.approx(nm.predict(texts[0]))
+    assert np.allclose(old.predict_batch(texts[:5]), nm.predict_batch(texts[:5]))
+    old.tolerance = 0.07
+    old.save(tmp_path / "new")
+    new = Router.load(tmp_path / "new")
+    assert new.tolerance == 0.07 and new.meta["prices"] == {"small": 1, "big": 5}
+    assert new.predict(texts[1]) == pytest.approx(nm.predict(texts[1]))
+    with pytest.raises(ValueError, match="use predict"):
+        new.score("x")
+    manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    del manifest["meta"]["scorer"]["models"]
+    (tmp_path / "new" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="malformed"):
+        Router.load(tmp_path / "new")
+
+
+def test_two_pool_router_refuses_predict(trained):
+    router, _ = trained
+    assert not router.is_nmodel and router.models == []
+    with pytest.raises(ValueError, match="use score"):
+        router.predict("x")

@@ -112,16 +112,41 @@ def test_missing_file_and_bad_kind(tmp_path, capsys):
 @pytest.mark.slow
 def test_nmodel_train_and_eval(tmp_path, capsys):
     rows = []
-    for r in synth_rows(600, seed=3):
+    for r in synth_rows(600, seed=3, noise=0.0):
         hard = r["weak_score"] < r["strong_score"]
         rows.append({"id": r["id"], "prompt": r["prompt"],
                      "model_scores": {"small": 0.2 if hard else 0.9, "big": 0.9}})
     f = write_jsonl(tmp_path / "n.jsonl", rows)
-    assert main(["train", "router", "--data", str(f), "--out", str(tmp_path / "nm"), "--kind", "nmodel"]) == 0
+    nm = str(tmp_path / "nm")
+    assert main(["train", "router", "--data", str(f), "--out", nm, "--kind", "nmodel", "--price", "small=1",
+                 "--price", "big=4"]) == 0
     capsys.readouterr()
-    assert main(["eval", "router", "--model", str(tmp_path / "nm"), "--data", str(f), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "router", "--model", nm, "--data", str(f), "--json", "--tolerance", "0.3"]) == 0
+    rep = _last_json(capsys)
     assert rep["kind"] == "nmodel" and rep["oracle_quality"] >= rep["tolerances"]["0.05"]["quality"]
+    assert rep["prices_per_1k"] == {"small": 1.0, "big": 4.0} and rep["cost_range_per_1k"] == [1.0, 4.0]
+    assert rep["single_models"]["big"] == {"cost_per_1k": 4.0, "quality": 0.9} and rep["best_single"] == "big"
+    # hard prompts are learnable: the router's hull is far above random mixes and reaches "big"'s quality cheaper
+    assert rep["aiq"]["random"] + 0.05 < rep["aiq"]["router"] <= rep["aiq"]["oracle"] + 1e-9
+    vs = rep["router_vs_best_single"]
+    assert vs["router_cost_to_match_its_quality"] < 3.0 and vs["router_quality_at_that_cost"] >= 0.89
+    assert set(rep["tolerances"]) == {"0", "0.02", "0.05", "0.1", "0.3"}
+    # calibrate: a budget per 1k requests sets the tolerance; a smaller budget, a larger tolerance
+    tolerances = []
+    for budget in ("3.5", "2"):
+        assert main(["calibrate", "--model", nm, "--data", str(f), "--max-cost", budget, "--json"]) == 0
+        cal = _last_json(capsys)
+        assert cal["expected_cost_per_1k"] <= float(budget)
+        tolerances.append(Router.load(nm).tolerance)
+        assert tolerances[-1] == pytest.approx(cal["tolerance"], abs=1e-6)
+        assert Router.load(nm).meta["calibration"]["rule"] == "cost_budget"
+    assert tolerances[1] > tolerances[0]
+    for args, message in ((["--strong-share", "0.3"], "calibrated to a cost budget: --max-cost"),
+                          (["--max-cost", "0.5"], "below the cheapest model's cost"),
+                          (["--max-cost", "2", "--price", "huge=1"], "'huge' is not a model of this router")):
+        assert main(["calibrate", "--model", nm, "--data", str(f), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.slow

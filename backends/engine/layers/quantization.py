@@ -11,7 +11,8 @@ scalar loop for fp32, so on CPU the layer casts activations to ``compute_dtype``
 the kernel and casts the result back to the input dtype. Weights move 4x (int8) / ~7x (int4) fewer bytes
 than fp32. Embeddings are never quantized; ``lm_head`` is left alone by default (it is tied to the
 embedding in small models and its argmax decides every greedy token) — pass ``include_lm_head=True`` to
-quantize it too.
+quantize it too. ``quantize_for_engine`` is what the engine applies under ``EngineArgs.quantization``:
+``quantize_model`` plus lm_head in int8 (per-row scales), under int4 as well.
 
 The replaced modules own their packed weights; the original fp32 weights are released (unless still
 referenced elsewhere, e.g. a tied embedding).
@@ -144,3 +145,19 @@ def quantize_model(
             new = Int4Linear.from_linear(child, compute_dtype=compute_dtype)
         setattr(parent, child_name, new)
     return len(targets)
+
+
+def quantize_for_engine(model: nn.Module, method: str) -> int:
+    """What the engine does to its model under ``EngineArgs.quantization`` = ``method``: ``quantize_model``,
+    then lm_head in int8 as well (per-row scales, under int4 too) unless it is already replaced; returns how
+    many layers were replaced. Benchmarks that need the engine's numerics in an HF model (perplexity) call
+    this too, so both quantize the same way."""
+    count = quantize_model(model, method, compute_dtype=torch.bfloat16)
+    # lm_head in int8 too: left in fp32 it was the largest matrix read per token (tied 49k x 576 in smollm2,
+    # ~1/3 of int8 decode time at c=1) and the largest GEMM at batch 32; tests/engine/test_quantization.py
+    # checks greedy agreement with fp32
+    lm_head = getattr(model, "lm_head", None)
+    if type(lm_head) is nn.Linear:
+        model.lm_head = Int8Linear.from_linear(lm_head)
+        count += 1
+    return count

@@ -78,37 +78,98 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def _processed(logits: torch.Tensor, inp: SamplerInput) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The target distribution of each row: ``logits`` masked by the grammar and penalised (greedy rows take
+    its argmax), and for sampled rows the probabilities after temperature, top-k, top-p and min-p."""
+    if inp.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, inp.token_bitmask)
+    if all(p.is_greedy and not p.has_penalties for p in inp.params):
+        return logits, [None] * logits.shape[0]
+    logits = _apply_penalties(logits.clone(), inp)
+    probs = [None if p.is_greedy else torch.softmax(_filter(logits[i] / p.temperature, p), dim=-1)
+             for i, p in enumerate(inp.params)]
+    return logits, probs
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from ``probs`` (exponential race: argmax of p / Exp(1) noise is a sample of p)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return int((probs / noise).argmax())
+
+
+def _logprobs(raw_logprobs: torch.Tensor | None, inp: SamplerInput, rows: list[int], tokens: list[int],
+              out: SamplerOutput) -> None:
+    for row, token in zip(rows, tokens, strict=True):
+        p = inp.params[row]
+        if raw_logprobs is None or p.logprobs is None:
+            out.logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.logprobs.append(float(raw_logprobs[row, token]))
+        if p.logprobs > 0:
+            vals, ids = torch.topk(raw_logprobs[row], p.logprobs)
+            out.top_logprobs.append(list(zip(ids.tolist(), vals.tolist(), strict=True)))
+        else:
+            out.top_logprobs.append([])
+
+
 def sample(logits: torch.Tensor, inp: SamplerInput) -> SamplerOutput:
     """``logits`` [B, V] float32 (one row per sampling sequence) → one token per row."""
     num_rows = logits.shape[0]
     want_logprobs = any(p.logprobs is not None for p in inp.params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    if inp.token_bitmask is not None:
-        logits = apply_token_bitmask(logits, inp.token_bitmask)
-    if all(p.is_greedy and not p.has_penalties for p in inp.params):
-        tokens = logits.argmax(dim=-1).tolist()
-    else:
-        logits = _apply_penalties(logits.clone(), inp)
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
-        for i, p in enumerate(inp.params):
-            if p.is_greedy:
-                tokens.append(greedy[i])
+    logits, probs = _processed(logits, inp)
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = [greedy[i] if probs[i] is None else _draw(probs[i], inp.generators[i]) for i in range(num_rows)]
+    out = SamplerOutput([], [], [])
+    out.token_ids = tokens
+    _logprobs(raw_logprobs, inp, list(range(num_rows)), tokens, out)
+    return out
+
+
+def verify(logits: torch.Tensor, inp: SamplerInput, drafts: list[list[int]]) -> list[SamplerOutput]:
+    """Speculative verification. ``drafts[s]`` are sequence s's draft tokens; ``logits`` has 1 + len(drafts[s])
+    consecutive rows per sequence (its last committed token's position, then each draft's), and ``inp`` one
+    row per position (token_ids there = the sequence's tokens plus the drafts before that position; the
+    grammar mask of that position). Returns the tokens each sequence commits (>= 1).
+
+    Greedy: drafts are accepted while each equals the argmax at its position; the argmax of the first
+    mismatching position (or the position after the last draft) is appended. Sampling (standard speculative
+    sampling with a point-mass draft): draft d at a position with target distribution p is accepted with
+    probability p(d); on rejection a token is drawn from p with d removed and renormalised, which leaves the
+    committed tokens distributed exactly as p."""
+    want_logprobs = any(p.logprobs is not None for p in inp.params)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    logits, probs = _processed(logits, inp)
+    greedy = logits.argmax(dim=-1).tolist()
+    outputs = []
+    row = 0
+    for draft in drafts:
+        rows, tokens = [], []
+        for j in range(len(draft) + 1):
+            r = row + j
+            rows.append(r)
+            if probs[r] is None:
+                tokens.append(greedy[r])
+                if j == len(draft) or greedy[r] != draft[j]:
+                    break
                 continue
-            row = _filter(logits[i] / p.temperature, p)
-            probs = torch.softmax(row, dim=-1)
-            noise = torch.empty_like(probs).exponential_(1.0, generator=inp.generators[i])
-            tokens.append(int((probs / noise).argmax()))
-    logprobs: list[float | None] = [None] * num_rows
-    tops: list[list[tuple[int, float]] | None] = [None] * num_rows
-    if raw_logprobs is not None:
-        for i, p in enumerate(inp.params):
-            if p.logprobs is None:
+            generator = inp.generators[r]
+            if j == len(draft):
+                tokens.append(_draw(probs[r], generator))
+                break
+            d = draft[j]
+            u = float(torch.rand((), generator=generator, device=probs[r].device))
+            if u < float(probs[r][d]):
+                tokens.append(d)
                 continue
-            logprobs[i] = float(raw_logprobs[i, tokens[i]])
-            if p.logprobs > 0:
-                vals, ids = torch.topk(raw_logprobs[i], p.logprobs)
-                tops[i] = list(zip(ids.tolist(), vals.tolist(), strict=True))
-            else:
-                tops[i] = []
-    return SamplerOutput(tokens, logprobs, tops)
+            residual = probs[r].clone()
+            residual[d] = 0.0
+            tokens.append(_draw(residual, generator))
+            break
+        out = SamplerOutput([], [], [])
+        out.token_ids = tokens
+        _logprobs(raw_logprobs, inp, rows, tokens, out)
+        outputs.append(out)
+        row += len(draft) + 1
+    return outputs

@@ -150,6 +150,11 @@ content of an existing ConfigMap found by lookup. A change here rolls the gatewa
 */}}
 {{- define "switchyard.artifactsChecksum" -}}
 {{- $parts := list }}
+{{- $deployed := list }}
+{{- range .Values.pools }}{{ if eq .mode "deployment" }}{{ $deployed = append $deployed .name }}{{ end }}{{ end }}
+{{- if and .Values.networkPolicy.enabled .Values.gateway.serviceMonitor.enabled $deployed (not .Values.networkPolicy.metricsFrom) }}
+{{- fail "networkPolicy.metricsFrom: with networkPolicy and gateway.serviceMonitor on, name the peers (your Prometheus) that may scrape the deployment pools' /metrics, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]" }}
+{{- end }}
 {{- range $name := list "router" "guard" }}
 {{- $a := index $.Values.artifacts $name }}
 {{- $parts = append $parts (printf "%s:%s:%s" $name $a.source $a.checksum) }}
@@ -177,7 +182,7 @@ Gateway engine options → `switchyard engine serve` flags (every EngineOptions 
 engine's default). Call with the engine dict.
 */}}
 {{- define "switchyard.engineArgs" -}}
-{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" }}
+{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" "kv_retain_s" "--kv-retain-s" "kv_retain_max_share" "--kv-retain-max-share" "program_max_wait_s" "--program-max-wait-s" "speculation" "--speculation" "num_draft_tokens" "--num-draft-tokens" "ngram_min" "--ngram-min" "ngram_max" "--ngram-max" }}
 {{- range $k := keys $flags | sortAlpha }}
 {{- if and (hasKey $ $k) (not (kindIs "invalid" (index $ $k))) }}
 - {{ index $flags $k | quote }}
@@ -186,6 +191,9 @@ engine's default). Call with the engine dict.
 {{- end }}
 {{- if and (hasKey . "enable_prefix_caching") (not .enable_prefix_caching) }}
 - "--no-prefix-caching"
+{{- end }}
+{{- if .program_scheduling }}
+- "--program-scheduling"
 {{- end }}
 {{- end }}
 
@@ -333,6 +341,11 @@ Checks the schema cannot express; a failed one stops the render with a message n
 {{- $cache := .Values.gateway.config.example_cache | default dict }}
 {{- if and (eq ($cache.backend | default "") "redis") (not (include "switchyard.redisUrl" .)) }}
 {{- fail "gateway.config.example_cache.backend = redis needs Redis: set redis.enabled or redis.external.url" }}
+{{- end }}
+{{- $deployed := list }}
+{{- range .Values.pools }}{{ if eq .mode "deployment" }}{{ $deployed = append $deployed .name }}{{ end }}{{ end }}
+{{- if and .Values.networkPolicy.enabled .Values.gateway.serviceMonitor.enabled $deployed (not .Values.networkPolicy.metricsFrom) }}
+{{- fail "networkPolicy.metricsFrom: with networkPolicy and gateway.serviceMonitor on, name the peers (your Prometheus) that may scrape the deployment pools' /metrics, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]" }}
 {{- end }}
 {{- range $name := list "router" "guard" }}
 {{- $a := index $.Values.artifacts $name }}
