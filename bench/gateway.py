@@ -17,8 +17,13 @@ latency, at p50 and p99 (percentile minus percentile). The gateway's own ``x-swi
 header is reported beside it.
 
 ``switchyard bench gateway [--quick] [--rates 100,500] [--duration 10] [--modes nonstream,stream]
-[--no-litellm] [--guard-artifact DIR --router-artifact DIR] [--json]``
-(``switchyard bench gateway -- --help`` lists every option).
+[--no-litellm] [--guard DIR --router DIR] [--prompts F.jsonl[,F2.jsonl] [--num-prompts 2000]]
+[--workers N] [--no-batching] [--json]`` (``switchyard bench gateway -- --help`` lists every option).
+
+``--prompts``: JSONL rows with ``text`` (the guard's data files), ``prompt`` (routing rows) or ``messages``;
+``--num-prompts`` of them are drawn (seed 0) and sent round-robin, each as one chat request. Without it, 256
+synthetic prompts. For every mode the report names the knee: the highest rate whose overhead p99 is at
+most 10 ms (``--knee-ms``).
 """
 
 from __future__ import annotations
@@ -119,7 +124,37 @@ def train_artifacts(folder: Path, log: Path) -> tuple[str | None, str | None, st
     return out["guard"], out["router"], "; ".join(notes)
 
 
-def gateway_config(upstream: str, guard: str | None, router: str | None) -> dict[str, Any]:
+def read_prompts(files: list[str], num: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Chat messages of ``num`` rows drawn (``seed``) from JSONL files whose rows carry ``text``, ``prompt``
+    or ``messages``; all rows, in file order, when there are no more than ``num``."""
+    rows = []
+    for f in files:
+        for i, line in enumerate(Path(f).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if isinstance(row.get("messages"), list):
+                rows.append(row["messages"])
+            elif isinstance(row.get("text") or row.get("prompt"), str):
+                rows.append([{"role": "user", "content": row.get("text") or row["prompt"]}])
+            else:
+                raise ValueError(f"{f}:{i}: a prompt row needs 'text', 'prompt' or 'messages'")
+    if not rows:
+        raise ValueError(f"--prompts: no rows in {', '.join(files)}")
+    return rows if len(rows) <= num else random.Random(seed).sample(rows, num)
+
+
+def knee(cells: list[dict[str, Any]], mode: str, target: str, limit_ms: float) -> float | None:
+    """The highest rate of ``mode`` whose ``target`` overhead p99 is at most ``limit_ms`` with no errors
+    (None: none is)."""
+    ok = [c["rate"] for c in cells if c["mode"] == mode and f"{target}_overhead" in c
+          and c[f"{target}_overhead"]["ms_p99"] is not None and c[f"{target}_overhead"]["ms_p99"] <= limit_ms
+          and not c[target]["num_errors"]]
+    return max(ok) if ok else None
+
+
+def gateway_config(upstream: str, guard: str | None, router: str | None, workers: int = 1,
+                   batching: bool = True) -> dict[str, Any]:
     pools = [
         {"name": "slm", "kind": "remote", "model": MODEL, "urls": [upstream], "max_retries": 2,
          "price": {"input_per_1m": 0.02, "output_per_1m": 0.04}},
@@ -130,7 +165,9 @@ def gateway_config(upstream: str, guard: str | None, router: str | None) -> dict
         "host": "127.0.0.1", "pools": pools, "log_level": "warning",
         "routing": {"slm_pool": "slm", "llm_pool": "llm", "router_artifact": router, "cascade": {"mode": "off"}},
         "guard": {"artifact": guard, "ood": {"action": "allow"}, "unsafe": {"action": "allow"}},
+        "classifiers": {"batching": batching},
         "example_cache": {"enabled": False},
+        "workers": workers,
     }
 
 
@@ -280,8 +317,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2)")
     p.add_argument("--num-tokens", type=int, default=16, help="tokens the fake upstream answers with")
     p.add_argument("--request-timeout", type=float, default=30.0)
-    p.add_argument("--guard-artifact", help="guard artifact folder (default: train one at start)")
-    p.add_argument("--router-artifact", help="router artifact folder (default: train one at start)")
+    p.add_argument("--guard", "--guard-artifact", dest="guard_artifact",
+                   help="guard artifact folder (default: train a small widemlp one at start)")
+    p.add_argument("--router", "--router-artifact", dest="router_artifact",
+                   help="router artifact folder (default: train a small tfidf_ridge one at start)")
+    p.add_argument("--prompts", help="comma-separated JSONL files of prompts (rows with text, prompt or messages)")
+    p.add_argument("--num-prompts", type=int, default=2000, help="prompts drawn from --prompts (seed 0)")
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes (config workers)")
+    p.add_argument("--no-batching", action="store_true", help="classifiers.batching false (one at a time, on the loop)")
+    p.add_argument("--knee-ms", type=float, default=10.0, help="the knee: highest rate with overhead p99 <= this")
     p.add_argument("--no-routing", action="store_true", help="no guard / router (pure proxy path)")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer")
     p.add_argument("--litellm-venv", default=str(DEFAULT_LITELLM_VENV))
@@ -329,13 +373,15 @@ def say(msg: str) -> None:
 
 
 def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
+    load_start = os.getloadavg()[0]
     up_port, gw_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}/v1"
     proc = procs.start("upstream", [sys.executable, "-m", "bench.fake_upstream", "--port", str(up_port),
                                     "--num-tokens", str(opts.num_tokens), "--model", MODEL])
     wait_http(f"{upstream}/models", proc, 30)
 
-    guard, router, routing_note = opts.guard_artifact, opts.router_artifact, "artifacts given by flags"
+    guard, router = opts.guard_artifact, opts.router_artifact
+    routing_note = f"guard {guard or 'none'}, router {router or 'none'} (given)"
     if opts.no_routing:
         guard = router = None
         routing_note = "routing off (--no-routing)"
@@ -345,7 +391,8 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
     config = work / "gateway.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(gateway_config(upstream, guard, router), sort_keys=False))
+    config.write_text(yaml.safe_dump(gateway_config(upstream, guard, router, opts.workers, not opts.no_batching),
+                                     sort_keys=False))
     proc = procs.start("gateway", [sys.executable, "-m", "gateway", "--config", str(config), "--port", str(gw_port)])
     try:
         wait_http(f"http://127.0.0.1:{gw_port}/healthz", proc, 120)
@@ -371,13 +418,18 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
             litellm_note = f"failed to start: {e}"
             say(f"LiteLLM: {litellm_note}\n{procs.log_tail('litellm')}")
 
-    prompts = [text for text, _, _ in synthetic_prompts(256, seed=7)]
+    if opts.prompts:
+        chats = read_prompts(opts.prompts.split(","), opts.num_prompts)
+        prompts_note = f"{len(chats)} prompts from {opts.prompts}"
+    else:
+        chats = [[{"role": "user", "content": text}] for text, _, _ in synthetic_prompts(256, seed=7)]
+        prompts_note = "256 synthetic prompts"
     bodies = work / "bodies.jsonl"
     with bodies.open("w") as f:
-        for text in prompts:
-            f.write(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
-                                "max_tokens": opts.num_tokens, "temperature": 0}) + "\n")
-    first = {"model": "auto", "messages": [{"role": "user", "content": prompts[0]}], "max_tokens": 4}
+        for messages in chats:
+            f.write(json.dumps({"model": MODEL, "messages": messages, "max_tokens": opts.num_tokens,
+                                "temperature": 0}) + "\n")
+    first = {"model": "auto", "messages": chats[0], "max_tokens": 4}
     headers = {name: probe(url, dict(first, model=model), opts.api_key) for name, (url, model) in targets.items()}
 
     cells = []
@@ -400,7 +452,11 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
                 if name != "direct":
                     cell[f"{name}_overhead"] = _overhead(cell[name], cell["direct"])
             cells.append(cell)
+    knees = {mode: {name: knee(cells, mode, name, opts.knee_ms) for name in targets if name != "direct"}
+             for mode in opts.modes}
     return {"bench": "gateway", "cells": cells, "routing": routing_note, "litellm": litellm_note,
+            "prompts": prompts_note, "workers": opts.workers, "batching": not opts.no_batching,
+            "knee_ms": opts.knee_ms, "knees": knees, "load_avg_start": load_start,
             "probe_headers": headers.get("switchyard", {}), "duration_s": opts.duration, "warmup_s": opts.warmup,
             "num_tokens": opts.num_tokens, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
 
@@ -421,8 +477,10 @@ def _fmt(x: float | None, width: int = 9) -> str:
 def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
     print(f"gateway overhead = latency through the proxy − direct upstream latency (ms); open-loop load, "
           f"{report['duration_s']:g} s per cell after {report['warmup_s']:g} s warm-up; fake upstream answers "
-          f"{report['num_tokens']} tokens; routing: {report['routing']}; LiteLLM: {report['litellm']}; "
-          f"load avg {report['load_avg_1m']:.1f} on {report['cpu_count']} cores")
+          f"{report['num_tokens']} tokens; routing: {report['routing']}; {report['prompts']}; gateway workers "
+          f"{report['workers']}, classifier batching {'on' if report['batching'] else 'off'}; LiteLLM: "
+          f"{report['litellm']}; load avg {report['load_avg_start']:.1f} at start, {report['load_avg_1m']:.1f} at "
+          f"end, on {report['cpu_count']} cores")
     print(f"switchyard headers on a probe: {report['probe_headers']}")
     has_ll = any("litellm" in c for c in report["cells"])
     cols = ["mode", "rps", "direct p50", "direct p99", "ours p50", "ours p99", "hdr p50", "ours cpu"]
@@ -450,5 +508,8 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
           "load-independent: 1000/cpu ≈ requests/s one core sustains); hdr = the gateway's own x-switchyard-overhead-ms; "
           "p99 ratio = LiteLLM's p99 overhead / ours (higher = better for switchyard); errors = failed "
           "requests in the measured window (ours/LiteLLM)")
+    for mode, by_target in report["knees"].items():
+        said = ", ".join(f"{name} {'none' if rate is None else f'{rate:g} rps'}" for name, rate in by_target.items())
+        print(f"knee ({mode}: highest rate with overhead p99 <= {report['knee_ms']:g} ms, no errors): {said}")
     if opts.json:
         print(json.dumps(report))

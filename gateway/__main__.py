@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("switchyard")
@@ -12,7 +13,7 @@ log = logging.getLogger("switchyard")
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import SETTINGS_ENV, create_app
     from gateway.settings import load_settings
 
     settings = load_settings(args.config)
@@ -20,11 +21,17 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     settings = settings.model_copy(update={"host": host, "port": port})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
     loop = "uvloop" if sys.platform != "win32" else "auto"
-    uvicorn.run(app, host=host, port=port, loop=loop, http="httptools", log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=settings.drain_seconds(),
-                timeout_keep_alive=settings.keep_alive_s)
+    opts = {"host": host, "port": port, "loop": loop, "http": "httptools", "log_level": settings.log_level,
+            "access_log": False, "timeout_graceful_shutdown": settings.drain_seconds(),
+            "timeout_keep_alive": settings.keep_alive_s}
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **opts)
+        return 0
+    # N processes share the listening socket; each builds its own app (loop, guard, router, pools) from
+    # the settings validated here, handed over in the environment.
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=settings.workers, **opts)
     return 0
 
 

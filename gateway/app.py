@@ -32,6 +32,15 @@ from gateway.settings import Settings
 log = logging.getLogger("switchyard")
 
 PipelineFactory = Callable[[Settings], Any]  # settings -> Pipeline (tests inject fakes through it)
+SETTINGS_ENV = "SWITCHYARD_SETTINGS_JSON"  # `serve` with workers > 1: the validated settings, for each worker
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of one worker process of ``switchyard serve`` with ``workers`` > 1 (uvicorn's factory): the
+    settings the parent validated, read from ``$SWITCHYARD_SETTINGS_JSON``."""
+    import os
+
+    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))
 
 
 def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,

@@ -22,6 +22,8 @@ Names (all prefixed ``switchyard_``):
   traffic_log_lines_total                    prompts recorded by the traffic log (opt-in)
   pool_healthy_replicas{pool}                read at scrape time
   pool_events_total{pool,event}              requests | failures | retries | failovers | ejections | no_replica
+  classifier_batches_total{classifier}       guard | router: calls of the batch entry point (read at scrape time)
+  classifier_requests_total{classifier}      requests they scored (requests / batches = mean batch size)
 
 The embedded engine of each local replica (vLLM's metric names behind the ``switchyard_`` prefix; labels
 ``pool``, ``replica``, ``model_name``), recorded from the numbers the engine reports after every step
@@ -88,6 +90,15 @@ class _Callbacks:
             for event, n in events.items():
                 pool_events.add_metric([pool, event], float(n))
         yield pool_events
+        batches = CounterMetricFamily("switchyard_classifier_batches", "batch calls of each classifier's "
+                                      "batcher (classifiers.batching)", labels=["classifier"])
+        scored = CounterMetricFamily("switchyard_classifier_requests", "requests scored by each classifier's "
+                                     "batcher", labels=["classifier"])
+        for name, (num_batches, num_items) in values.get("classifier_batches", {}).items():
+            batches.add_metric([name], float(num_batches))
+            scored.add_metric([name], float(num_items))
+        yield batches
+        yield scored
         cache = CounterMetricFamily("switchyard_example_cache_events", "example-store counters (store.stats)",
                                     labels=["event"])
         for event, n in values.get("example_cache", {}).items():

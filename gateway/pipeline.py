@@ -236,11 +236,17 @@ class GuardComponent(Protocol):
 
     def classify(self, text: str) -> Any: ...  # → routers.guard.GuardVerdict
 
+    def classify_batch(self, texts: list[str]) -> list[Any]: ...  # classify of each, in one call
+
 
 class PolicyComponent(Protocol):
     """What the pipeline asks of the route policy (``routers.policy.RoutePolicy``)."""
 
-    def decide(self, text: str, hint: Any = None) -> Any: ...  # → routers.policy.RouteDecision
+    router: Any  # routers.router.Router | None: its ``score_batch`` is batched across requests
+
+    def needs_score(self, hint: Any = None) -> bool: ...
+
+    def decide(self, text: str, hint: Any = None, score: float | None = None) -> Any: ...  # → RouteDecision
 
 
 class PoolsComponent(Protocol):
@@ -292,6 +298,9 @@ class Pipeline:
         self._reload_lock = asyncio.Lock()
         self.store = store
         self._limiter_ping = limiter_ping
+        self.guard_batcher: Any = None  # routers.batcher.Batcher: (guard, text) → classify_batch (start(), when on)
+        self.router_batcher: Any = None  # ... (router, text) → score_batch
+        self.num_deciding = 0  # requests between admission and their first Delta (in _decide_and_start)
         self._tasks: set[asyncio.Task] = set()
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         from gateway.accounting import Accounting
@@ -389,7 +398,22 @@ class Pipeline:
                    policy=artifacts.policy, store=store, limiter_ping=ping, budgets=Budgets(settings.redis_url),
                    artifacts=artifacts)
 
+    def start_batchers(self) -> None:
+        """The guard's and the router's batchers (``classifiers.batching``): each runs in a worker thread
+        over the requests waiting for it. An item is (the request's guard or router, its text): a request
+        keeps the artifacts of the snapshot it started with, so one batch may hold two snapshots' requests
+        after a reload, and each artifact scores its own (``per_owner``)."""
+        cfg = self.settings.classifiers
+        if not cfg.batching or self.guard_batcher is not None or self.router_batcher is not None:
+            return
+        from routers.batcher import Batcher, per_owner
+
+        opts = {"max_batch": cfg.max_batch, "max_wait_s": cfg.max_wait_ms / 1000}
+        self.guard_batcher = Batcher(per_owner("classify_batch"), name="guard", **opts)
+        self.router_batcher = Batcher(per_owner("score_batch"), name="router", **opts)
+
     async def start(self) -> None:
+        self.start_batchers()
         if self.store is not None:  # first: example_cache.server_search = 'on' without it fails start-up fast
             await self.store.start()
         if any(p.kind == "local" for p in self.settings.pools):
@@ -409,6 +433,9 @@ class Pipeline:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for batcher in (self.guard_batcher, self.router_batcher):
+            if batcher is not None:  # queued requests are answered first; nothing new is accepted
+                await asyncio.to_thread(batcher.close, 10.0)
         await self.pools.close()
         if self.store is not None:
             with contextlib.suppress(Exception):
@@ -446,8 +473,10 @@ class Pipeline:
         healthy = {alias: sum(1 for ok in replicas.values() if ok) for alias, replicas in self.pools.health().items()}
         pool_events = {alias: {k.removeprefix("num_"): v for k, v in vars(st).items()}
                        for alias, st in self.pools.stats().items()}
+        batchers = {b.name: (b.num_batches, b.num_items) for b in (self.guard_batcher, self.router_batcher)
+                    if b is not None}
         return {"redis_failures": failures, "healthy_replicas": healthy, "example_cache": values_cache,
-                "pool_events": pool_events}
+                "pool_events": pool_events, "classifier_batches": batchers}
 
     async def readiness(self) -> dict[str, Any]:
         """{"ready", "status", "pools": {alias: {replica: bool}}, "redis": bool | None}.
@@ -516,11 +545,14 @@ class Pipeline:
                                                         job.sampling.max_tokens * job.n)
         if span:
             trace.spans.end(span, key=admission.key_name, model=requested)
+        self.num_deciding += 1
         try:
             execution = await self._decide_and_start(job, admission, trace, requested)
         except BaseException:
             self.accounting.release(reservation, trace.cost_usd)  # nothing was answered
             raise
+        finally:
+            self.num_deciding -= 1
         execution.reservation = reservation
         return execution
 
@@ -545,7 +577,10 @@ class Pipeline:
             trace.guard = "exempt"
         else:
             span = trace.spans and trace.spans.start("guard")
-            verdict = guard.classify(guard_text)
+            if self._on_loop(self.guard_batcher):
+                verdict = guard.classify(guard_text)
+            else:  # this request's guard (its snapshot's), batched with others'
+                verdict = await self.guard_batcher.run((guard, guard_text))
             trace.guard = verdict.label
             if span:
                 trace.spans.end(span, guard=verdict.label)
@@ -566,7 +601,10 @@ class Pipeline:
         elif requested != "auto":
             trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
         else:
-            decision = arts.policy.decide(text, job.hint)
+            score = None  # the router runs only here: never for a request the guard's verdict ended
+            if not self._on_loop(self.router_batcher) and arts.policy.needs_score(job.hint):
+                score = float(await self.router_batcher.run((arts.policy.router, text)))
+            decision = arts.policy.decide(text, job.hint, score=score)
             trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
             trace.score, trace.threshold = decision.score, decision.threshold
             trace.scores, trace.tolerance = decision.scores, decision.tolerance
@@ -628,6 +666,15 @@ class Pipeline:
             self._background(self._remember_session(session_key, session, trace))
         model_name = self._pool_cfg(trace.pool).model
         return Execution(self, job, admission, trace, model_name, first, rest, text)
+
+    def _on_loop(self, batcher: Any) -> bool:
+        """Whether a classifier runs here on the event loop rather than in its batcher's thread: without a
+        batcher (classifiers.batching off), or — with classifiers.inline_when_alone — when this request is
+        the only one deciding and the batcher is idle: there is nothing to batch it with, and a thread hop
+        would only add its wake-ups (BENCHMARKS.md "Classifiers at gateway speed")."""
+        if batcher is None:
+            return True
+        return self.settings.classifiers.inline_when_alone and self.num_deciding == 1 and batcher.is_idle
 
     async def _remember_session(self, key: Any, state: Any, trace: Trace) -> None:
         """After an ``auto`` turn of a session: the tier moves up when the LLM answered (routed or escalated),

@@ -128,6 +128,19 @@ class GuardSettings(_Frozen):
     max_context_chars: int = Field(2000, ge=1)
 
 
+class ClassifierSettings(_Frozen):
+    """How the guard and the router run (routers/batcher.py): off the event loop, micro-batched."""
+
+    batching: bool = Field(True, description="run each classifier artifact in its own worker thread over the "
+                           "requests waiting for it (false: on the event loop, one request at a time)")
+    max_batch: int = Field(32, ge=1, description="most requests one classifier call scores together")
+    max_wait_ms: float = Field(0.2, ge=0, le=100, description="under load, how long a batch may wait to fill "
+                               "(a request that finds its classifier idle never waits)")
+    inline_when_alone: bool = Field(True, description="a request alone between admission and its first token, "
+                                    "whose classifier is idle, runs it on the event loop: nothing to batch with, "
+                                    "no thread hop")
+
+
 class CascadeSettings(_Frozen):
     mode: Literal["off", "slm_then_escalate"] = "slm_then_escalate"
     # buffer: produce the whole SLM answer before sending anything (no wasted tokens to the client).
@@ -263,6 +276,7 @@ class Settings(_Frozen):
     pools: list[PoolConfig] = Field(min_length=1)
     routing: RoutingSettings = RoutingSettings()
     guard: GuardSettings = GuardSettings()
+    classifiers: ClassifierSettings = ClassifierSettings()
     example_cache: ExampleCacheSettings = ExampleCacheSettings()
     api_keys: list[ApiKey] = Field(default_factory=list)
     limits: Limits = Limits()
@@ -272,6 +286,9 @@ class Settings(_Frozen):
     decision_log: DecisionLogSettings = DecisionLogSettings()
     traffic_log: TrafficLogSettings = TrafficLogSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(1, ge=1, le=64, description="gateway processes on one port, each with its own event loop, "
+                         "guard and router (rate limits, budgets, sessions and stored responses are shared "
+                         "across them only through redis_url)")
     keep_alive_s: float = Field(75.0, gt=0, description="idle seconds before a client connection is closed; keep "
                                                         "it above any load balancer's idle timeout (ALB: 60 s)")
     opentelemetry: bool = Field(False, description="OpenTelemetry spans of the request path (gateway/tracing.py) and "
@@ -320,6 +337,11 @@ class Settings(_Frozen):
             if name not in key_names:
                 raise ValueError(f"traffic_log.keys names {name!r}, which is not an api_keys[].name; "
                                  f"those are: {sorted(key_names)}")
+        local = [p.name for p in self.pools if p.kind == "local"]
+        if self.workers > 1 and local:
+            raise ValueError(f"workers = {self.workers} needs remote pools only: each worker process would load "
+                             f"its own copy of local pools {local} (serve them with `switchyard engine serve` and "
+                             "point remote pools at them)")
         if self.example_cache.server_search == "on" and self.example_cache.backend != "redis":
             raise ValueError("example_cache.server_search = 'on' needs example_cache.backend = 'redis'")
         return self

@@ -33,7 +33,31 @@ _WORD_SEED = np.uint64(0x5157A5D1)
 _CHAR_SEED = np.uint64(0xC4A2B00F)
 
 
-_last_counts = threading.local()  # HashedTfidf._counts' one-entry memo, per thread
+class _CountsMemo:
+    """``HashedTfidf._counts``' memo: the last ``capacity`` texts' counts, shared by every thread.
+
+    The guard and the router featurize the same request text with the same hashing settings; with the
+    gateway's batchers they do so in two worker threads, a batch of texts each, one after the other. A
+    small first-in-first-out memo keyed on (text, settings) lets the second featurizer reuse the first's
+    work for every text of a batch (a one-entry memo per thread would miss them all). A text's counts are
+    a pure function of the key, so a hit can never give one request another's features."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: dict[tuple, _Counts] = {}  # insertion order = age
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> _Counts | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple, counts: _Counts) -> None:
+        with self._lock:
+            self._entries[key] = counts
+            while len(self._entries) > self.capacity:
+                del self._entries[next(iter(self._entries))]
+
+
+_counts_memo = _CountsMemo(capacity=64)  # two batches of 32 texts; at most ~15 MB (2,000-character texts)
 
 
 @dataclass(frozen=True)
@@ -154,15 +178,14 @@ class HashedTfidf:
     def _counts(self, text: str) -> _Counts:
         """Everything about one text's row but the IDF (see ``_Counts``).
 
-        The guard and the router featurize the same text back to back with the same hashing settings, so
-        the last result is kept per thread and reused when the next call asks for the same text and
-        settings (a one-entry memo: it never helps one request with another's text). Its arrays are
-        read-only.
+        The guard and the router featurize the same text with the same hashing settings, so recent
+        results are kept (``_CountsMemo``) and reused when a call asks for the same text and settings.
+        Its arrays are read-only.
         """
         key = (text, self.n_features, self.word_ngrams, self.char_ngrams, self.sublinear_tf)
-        last = getattr(_last_counts, "value", None)
-        if last is not None and last[0] == key:
-            return last[1]
+        hit = _counts_memo.get(key)
+        if hit is not None:
+            return hit
         parts = []
         for ids in self._parts(text):
             if len(ids):
@@ -176,7 +199,7 @@ class HashedTfidf:
         for arr in (cols, inv, *(x for part in parts for x in part)):
             if arr is not None:
                 arr.flags.writeable = False
-        _last_counts.value = (key, counts)
+        _counts_memo.put(key, counts)
         return counts
 
     def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:

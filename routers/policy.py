@@ -150,7 +150,15 @@ class RoutePolicy:
         cal = (router.meta.get("calibration") or {}) if router is not None else {}
         self.share_table: list[list[float]] | None = cal.get("share_table")
 
-    def decide(self, text: str, hint: RouteHint | None = None) -> RouteDecision:
+    def needs_score(self, hint: RouteHint | None = None) -> bool:
+        """Whether ``decide`` with this hint reads the two-pool router's score (a caller that scores texts
+        in batches passes it in as ``score``). An N-model router's prediction is made inside ``decide``."""
+        return (self.router is not None and self.pools is None
+                and (hint is None or hint.quality not in ("low", "high")))
+
+    def decide(self, text: str, hint: RouteHint | None = None, score: float | None = None) -> RouteDecision:
+        """The route of ``text``; ``score``: the router's score of ``text`` when the caller has it already
+        (None: ``decide`` asks the router when it needs one)."""
         slm, llm = self.routing.slm_pool, self.routing.llm_pool
         threshold = self.threshold
         if hint is not None and hint.quality == "low":
@@ -174,7 +182,7 @@ class RoutePolicy:
                                      "no router artifact: cascade on SLM confidence")
             return RouteDecision("slm", slm, None, None, "no router artifact, cascade off")
         assert threshold is not None, "a router always has a threshold"
-        score = float(self.router.score(text))
+        score = float(self.router.score(text) if score is None else score)
         if score < threshold:
             return RouteDecision("llm", llm, score, threshold, f"score {score:.3f} < threshold {threshold:.3f}")
         if score < threshold + self.routing.escalate_band and self.cascade_on:

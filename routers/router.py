@@ -126,6 +126,10 @@ class Router:
         return self._pairwise("score").score_one(text, self.feats)
 
     def score_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """``score`` of each text (float64 [n]), vectorised over the texts; one text is ``score`` itself
+        (its single-text path is cheaper than a batch of one)."""
+        if len(texts) == 1:
+            return np.asarray([self.score(texts[0])], dtype=np.float64)
         return self._pairwise("score_batch").score_batch(list(texts), self.feats)
 
     def predict(self, text: str) -> dict[str, float]:

@@ -30,6 +30,7 @@ from backends.engine.args import EngineArgs
 from gateway.settings import (
     ApiKey,
     CascadeSettings,
+    ClassifierSettings,
     ExampleCacheSettings,
     GuardSettings,
     Limits,
@@ -572,6 +573,7 @@ def test_lint_fails_on_a_bad_value():
         # values a pool's mode would drop: said, not ignored
         ((), (0, {"mode": "external", "urls": ["http://x/v1"]}), "pools[slm]: engine options are for modes"),
         ((), (0, {"mode": "inProcess", "gpu": 1}), "pools[slm]: gpu is for mode deployment"),
+        (("gateway.workers=2",), (0, {"mode": "inProcess", "engine": {}}), "gateway.workers > 1 needs pools without"),
         # pools Prometheus could not scrape through the NetworkPolicy
         (("gateway.serviceMonitor.enabled=true", "networkPolicy.enabled=true"), None, "networkPolicy.metricsFrom:"),
     ],
@@ -598,7 +600,7 @@ def test_schema_mirrors_the_settings_models():
     for key in config:
         node = node[key]
     assert set(node["properties"]) <= set(Settings.model_fields)
-    for name, model in [("routing", RoutingSettings), ("guard", GuardSettings),
+    for name, model in [("routing", RoutingSettings), ("guard", GuardSettings), ("classifiers", ClassifierSettings),
                         ("example_cache", ExampleCacheSettings), ("limits", Limits)]:
         assert set(node["properties"][name]["properties"]) <= set(model.model_fields), name
         assert node["properties"][name]["additionalProperties"] is False
@@ -610,11 +612,11 @@ def test_schema_mirrors_the_settings_models():
     # Settings fields the chart neither sets itself nor lets users set: a new gateway option to add to
     # values.schema.json (a warning, so a new Settings field never breaks CI by itself).
     chart_managed = {"host", "port", "pools", "redis_url", "api_keys", "routing.router_artifact",
-                     "guard.artifact", "example_cache.redis_url"}
-    exposed = {f"{name}.{field}" for name in ("routing", "guard", "example_cache", "limits")
+                     "guard.artifact", "example_cache.redis_url", "workers"}
+    exposed = {f"{name}.{field}" for name in ("routing", "guard", "classifiers", "example_cache", "limits")
                for field in node["properties"][name]["properties"]} | set(node["properties"])
-    models = {"routing": RoutingSettings, "guard": GuardSettings, "example_cache": ExampleCacheSettings,
-              "limits": Limits}
+    models = {"routing": RoutingSettings, "guard": GuardSettings, "classifiers": ClassifierSettings,
+              "example_cache": ExampleCacheSettings, "limits": Limits}
     fields = set(Settings.model_fields) | {f"{n}.{f}" for n, m in models.items() for f in m.model_fields}
     not_exposed = sorted(fields - exposed - chart_managed)
     if not_exposed:
@@ -958,3 +960,20 @@ def test_deployment_pools_are_headless_and_discovered_per_pod():
             service = one(docs, "Service", f"{fullname()}-pool-{pool.name}")
             assert service["spec"]["clusterIP"] == "None" and pool.discovery == "dns"
     assert any(p.discovery == "dns" for p in config.pools)
+
+
+@pytest.mark.parametrize(("sets", "pools", "workers"), [
+    ((), None, None),  # the default request, 500m: one worker (the config leaves `workers` out)
+    (("gateway.resources.requests.cpu=2",), None, 2),
+    (("gateway.resources.requests.cpu=1500m",), None, 2),
+    (("gateway.resources.requests.cpu=2", "gateway.workers=3"), None, 3),
+    (("gateway.resources.requests.cpu=4",), (0, {"mode": "inProcess", "engine": {}}), None),  # would load it 4x
+])
+def test_gateway_workers_follow_the_cpu_request(sets, pools, workers, tmp_path):
+    """gateway.workers null: one worker process per requested CPU (rounded up), one with inProcess pools;
+    the rendered config loads in the real settings model."""
+    docs = render(sets=sets, extra_values=pools_with(pools[0], **pools[1]) if pools else "")
+    config = gateway_config(docs)
+    assert config.get("workers") == workers
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert load_settings(tmp_path / "c.yaml", environ={}).workers == (workers or 1)

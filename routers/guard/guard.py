@@ -22,7 +22,7 @@ from routers.guard.embedding import EmbeddingHead, EncoderMissing
 from routers.guard.kinds import Member, family, guard_kind
 from routers.guard.rule import EarlyAccept, OODRule
 from routers.guard.verdict import OOD, RESERVED_LABELS, UNSAFE, GuardBatch, GuardVerdict
-from routers.guard.widemlp import WideMLP
+from routers.guard.widemlp import TfidfRows, WideMLP
 
 # meta["guard_format"]: 1 (absent) = the first release; 2 adds per-class OOD percentiles, extra widemlp
 # seeds (members widemlp_1, ...) and "energy"/"maha" evidence; 3 the optional early accept
@@ -72,6 +72,13 @@ def share_featurizers(members: dict[str, Member]) -> None:
 
 
 Outputs = dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]  # member name → (probs, components)
+
+
+def subset_cache(cache: dict, rows: list[int]) -> dict:
+    """A members' per-call cache (``WideMLP.rows`` / ``tfknn``: TF-IDF rows and arrays with one entry per
+    text) for the texts at positions ``rows``, in that order."""
+    idx = np.asarray(rows, dtype=np.int64)
+    return {key: value.take(idx) if isinstance(value, TfidfRows) else value[idx] for key, value in cache.items()}
 
 
 @dataclass
@@ -150,7 +157,68 @@ class Guard:
         if early is not None:
             return early
         batch = self._score([text], outs, cache, self.rule.threshold)
-        p, pct, label = batch.probs[0], float(batch.id_percentile[0]), batch.labels[0]
+        return self._verdict(batch.probs[0], float(batch.id_percentile[0]), batch.labels[0])
+
+    def classify_batch(self, texts: Sequence[str]) -> list[GuardVerdict]:
+        """``classify`` of many texts in one pass (the gateway's batcher calls it): per text the same label
+        as ``classify`` and, up to float rounding, the same confidence and scores. Each stage of the early
+        exit runs once over the texts still undecided, so a text settled early skips the costlier members
+        here too; the members' evidence is computed for those texts together (one kNN matrix product for
+        all of them; MiniLM still encodes one text at a time)."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"classify_batch expects str texts, got {type(t).__name__}")
+        if len(texts) == 1:  # a lone request (the batcher's common case at low load): exactly classify
+            return [self.classify(texts[0])]
+        cut = [t[: self.max_chars] for t in texts]
+        verdicts: list[GuardVerdict | None] = [None] * len(cut)
+        todo = list(range(len(cut)))  # rows without a verdict yet
+        outs: Outputs = {}
+        cache: dict = {}
+        if self.can_exit_early and cut:
+            wide = self.members["widemlp"]
+            tfknn = wide.tfknn(wide.rows(cut, cache), cache)
+            todo = self._settle(todo, {"widemlp.tfknn": tfknn}, verdicts)
+            if todo and any(isinstance(m, EmbeddingHead) for m in self.members.values()):
+                cut, cache = [cut[i] for i in todo], subset_cache(cache, todo)
+                outs["widemlp"] = wide.evidence(cut, self.evidence_wanted("widemlp"), cache)
+                named = named_evidence("widemlp", outs["widemlp"][1])
+                left = self._settle(list(range(len(todo))), named, verdicts, index=todo,
+                                    wide_probs=outs["widemlp"][0])
+                keep = np.asarray(left, dtype=np.int64)
+                outs = {"widemlp": (outs["widemlp"][0][keep], {k: v[keep] for k, v in outs["widemlp"][1].items()})}
+                cut, cache, todo = [cut[j] for j in left], subset_cache(cache, left), [todo[j] for j in left]
+            elif todo:
+                cut, cache = [cut[i] for i in todo], subset_cache(cache, todo)
+        if todo:
+            batch = self._score(cut, outs, cache, self.rule.threshold)
+            for j, i in enumerate(todo):
+                verdicts[i] = self._verdict(batch.probs[j], float(batch.id_percentile[j]), batch.labels[j])
+        assert all(v is not None for v in verdicts), "every text gets a verdict"
+        return verdicts  # type: ignore[return-value]
+
+    def _settle(self, rows: list[int], evidence: dict[str, np.ndarray], verdicts: list[GuardVerdict | None],
+                index: list[int] | None = None, wide_probs: np.ndarray | None = None) -> list[int]:
+        """One early-exit stage over ``rows`` (positions in ``evidence``; ``index`` maps them to positions in
+        ``verdicts``): the sure ``ood`` rejection, then (given ``wide_probs``) the early accept — as
+        ``_early_exit`` decides one text. Returns the rows still undecided."""
+        left = []
+        accepts = (self.early_accept.accepts(evidence) if wide_probs is not None and self.early_accept is not None
+                   else None)
+        for r in rows:
+            i = r if index is None else index[r]
+            sure, pct = self.rule.rejects_for_sure({k: v[r:r + 1] for k, v in evidence.items()})
+            if sure:
+                verdicts[i] = self._early_ood(pct)
+            elif accepts is not None and accepts[r]:
+                verdicts[i] = self._early_domain(wide_probs[r])
+            else:
+                left.append(r)
+        return left
+
+    def _verdict(self, p: np.ndarray, pct: float, label: str) -> GuardVerdict:
+        """The verdict of a text every member scored: class probabilities ``p``, in-domain percentile ``pct``
+        and its ``score_batch`` label."""
         scores = {c: float(v) for c, v in zip(self.classes, p, strict=True)}
         scores["id_percentile"] = pct
         if label == OOD:

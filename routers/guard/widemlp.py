@@ -37,6 +37,17 @@ class TfidfRows:
     def num_rows(self) -> int:
         return len(self.indptr) - 1
 
+    def take(self, rows: np.ndarray) -> TfidfRows:
+        """The rows at positions ``rows`` (int array), in that order."""
+        lengths = np.diff(self.indptr)[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        pieces = [slice(self.indptr[r], self.indptr[r + 1]) for r in rows]
+        if not pieces:
+            return TfidfRows(self.indices[:0], self.data[:0], indptr)
+        return TfidfRows(np.concatenate([self.indices[p] for p in pieces]),
+                         np.concatenate([self.data[p] for p in pieces]), indptr)
+
     @classmethod
     def of(cls, featurizer: HashedTfidf, texts: Sequence[str]) -> TfidfRows:
         rows = [featurizer.transform_one(t) for t in texts]

@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 
 from bench.fake_upstream import FakeBehavior, FakeUpstream
-from bench.gateway import gateway_config, litellm_config, parse_args, synthetic_prompts, write_training_data
+from bench.gateway import (
+    gateway_config,
+    knee,
+    litellm_config,
+    parse_args,
+    read_prompts,
+    synthetic_prompts,
+    write_training_data,
+)
 from bench.loadgen import percentile, run_load
 from gateway.settings import settings_from_dict
 from training.cli import main as cli_main
@@ -20,6 +28,8 @@ def test_gateway_config_is_valid_settings(tmp_path):
     assert settings.routing.cascade.mode == "off" and not settings.example_cache.enabled
     assert settings.guard.ood.action == "allow" and settings.routing.router_artifact == str(tmp_path / "r")
     settings_from_dict(gateway_config("http://127.0.0.1:9/v1", None, None))
+    two = settings_from_dict(gateway_config("http://127.0.0.1:9/v1", None, None, workers=2, batching=False))
+    assert two.workers == 2 and not two.classifiers.batching and settings.classifiers.batching
     assert "api_base: http://127.0.0.1:9/v1" in litellm_config("http://127.0.0.1:9/v1")
 
 
@@ -27,6 +37,32 @@ def test_synthetic_training_data(tmp_path):
     assert synthetic_prompts(5, seed=1) == synthetic_prompts(5, seed=1)
     files = write_training_data(tmp_path)
     assert sum(1 for _ in files["guard_train"].open()) == 450 and sum(1 for _ in files["routing"].open()) == 400
+
+
+def test_prompts_from_guard_routing_and_chat_rows(tmp_path):
+    import json
+
+    (tmp_path / "g.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": "law"}) for i in range(5)))
+    (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": "p", "strong_score": 1, "weak_score": 0}) + "\n\n"
+                                      + json.dumps({"messages": [{"role": "user", "content": "m"}]}))
+    both = read_prompts([str(tmp_path / "g.jsonl"), str(tmp_path / "r.jsonl")], 100)
+    assert [m[-1]["content"] for m in both] == ["t0", "t1", "t2", "t3", "t4", "p", "m"]
+    drawn = read_prompts([str(tmp_path / "g.jsonl")], 3)
+    assert len(drawn) == 3 and drawn == read_prompts([str(tmp_path / "g.jsonl")], 3)  # seeded
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"label": "x"}))
+    with pytest.raises(ValueError, match="bad.jsonl:1: a prompt row needs"):
+        read_prompts([str(tmp_path / "bad.jsonl")], 3)
+
+
+def test_knee_is_the_highest_rate_within_the_p99_limit_without_errors():
+    def cell(rate, p99, errors=0):
+        return {"mode": "nonstream", "rate": rate, "switchyard": {"num_errors": errors},
+                "switchyard_overhead": {"ms_p99": p99}}
+
+    cells = [cell(100, 2.0), cell(200, 9.9), cell(300, 4.0, errors=1), cell(500, 30.0)]
+    assert knee(cells, "nonstream", "switchyard", 10.0) == 200
+    assert knee(cells, "nonstream", "switchyard", 1.0) is None
+    assert knee(cells, "stream", "switchyard", 10.0) is None
 
 
 def test_percentile_is_nearest_rank():
@@ -59,6 +95,9 @@ def test_bench_args():
     quick = parse_args(["--quick", "--rates", "100", "--modes", "stream"])
     assert (quick.duration, quick.warmup, quick.rates, quick.modes) == (2.0, 0.5, [100.0], ["stream"])
     assert parse_args([]).duration == 10.0
+    named = parse_args(["--guard", "g", "--router", "r", "--prompts", "a.jsonl,b.jsonl", "--workers", "2"])
+    assert (named.guard_artifact, named.router_artifact, named.prompts, named.workers) == ("g", "r", "a.jsonl,b.jsonl", 2)
+    assert parse_args(["--guard-artifact", "g"]).guard_artifact == "g" and not named.no_batching
     with pytest.raises(ValueError):
         parse_args(["--modes", "bogus"])
     with pytest.raises(ValueError):

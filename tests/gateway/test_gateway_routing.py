@@ -140,3 +140,164 @@ def test_guard_reject_and_route_actions(live_server, guard_dir):
     routed = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "How do I handle poison and weapon?"}])
     assert routed.headers["x-switchyard-route"] == "guard" and routed.headers["x-switchyard-model"] == "llm"
+
+
+class _GatedGuard:
+    """The real guard behind a gate: its batch entry point waits until the test opens it, and records
+    every batch it scored."""
+
+    def __init__(self, guard) -> None:
+        import threading
+
+        self.guard = guard
+        self.max_chars = guard.max_chars
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def classify(self, text):
+        return self.guard.classify(text)
+
+    def classify_batch(self, texts):
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        self.batches.append(list(texts))
+        return self.guard.classify_batch(texts)
+
+
+def _pipeline_with(factory, **swap):
+    from gateway.pipeline import Pipeline
+
+    def build(settings):
+        pipeline = Pipeline.build(settings, backend_factory=factory)
+        for name, wrap in swap.items():
+            setattr(pipeline, name, wrap(getattr(pipeline, name)))
+        return pipeline
+
+    return build
+
+
+def test_the_event_loop_serves_while_the_guard_runs(live_server, guard_dir, router_dir):
+    """With classifiers.batching (the default) the guard runs in its batcher's thread (here for a lone
+    request too: inline_when_alone off): while it is held inside a batch, the gateway still answers
+    /healthz and an exempt key's request, then the held request completes with its own verdict and route."""
+    import threading
+
+    import httpx
+
+    keys = [{"name": "app", "sha256": hash_api_key("sk-app")},
+            {"name": "ops", "sha256": hash_api_key("sk-ops"), "guard_exempt": True}]
+    settings = fake_settings(api_keys=keys, guard={"artifact": str(guard_dir), "ood": {"action": "allow"}},
+                             routing=_routing(router_dir), classifiers={"inline_when_alone": False})
+    gated: list[_GatedGuard] = []
+    wrap = {"guard": lambda g: gated.append(_GatedGuard(g)) or gated[-1]}
+    server = live_server(create_app(settings, pipeline_factory=_pipeline_with(FakeFactory(), **wrap)))
+    app = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-app", max_retries=0)
+    ops = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-ops", max_retries=0)
+    held: dict = {}
+
+    def ask() -> None:
+        held["r"] = app.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "please integral theorem proof now"}])
+
+    t = threading.Thread(target=ask)
+    t.start()
+    assert gated[0].entered.wait(30)  # the request is inside the guard, which is held
+    assert httpx.get(server.base_url + "/healthz").status_code == 200
+    other = ops.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "please hello coffee friend now"}])
+    assert other.headers["x-switchyard-guard"] == "exempt" and other.headers["x-switchyard-route"] == "slm"
+    assert "r" not in held and t.is_alive()
+    gated[0].gate.set()
+    t.join(30)
+    r = held["r"]
+    assert r.headers["x-switchyard-route"] == "llm" and r.headers["x-switchyard-guard"] in ("domain", "ood")
+    assert gated[0].batches[0] == ["please integral theorem proof now"]
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'switchyard_classifier_requests_total{classifier="guard"} 1.0' in metrics  # the exempt one skipped it
+    assert 'switchyard_classifier_requests_total{classifier="router"} 2.0' in metrics
+    assert 'switchyard_classifier_batches_total{classifier="router"}' in metrics
+
+
+def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refused_requests(
+        live_server, guard_dir, router_dir):
+    """The same requests through a gateway with classifiers.batching on (every request through the
+    batchers) and one with it off: the same verdict, route and pool, scores within float rounding; the router scores only requests the guard let through (a refused
+    one never reaches it)."""
+    texts = ["My landlord has a problem with the lease, what should I do?", "please integral theorem proof now",
+             "Der Hund schläft unter dem großen Baum im Garten.", "How do I handle tax and loan?",
+             "please hello coffee friend now", "Mañana vamos a la playa con mis amigos."]
+    seen: list[str] = []
+
+    class CountingRouter:
+        def __init__(self, router) -> None:
+            self.router = router
+
+        def __getattr__(self, name):
+            return getattr(self.router, name)
+
+        def score_batch(self, batch):
+            seen.extend(batch)
+            return self.router.score_batch(batch)
+
+    def counted(policy):
+        policy.router = CountingRouter(policy.router)
+        return policy
+
+    answers = {}
+    for batching in (True, False):
+        settings = fake_settings(guard={"artifact": str(guard_dir), "ood": {"action": "refuse"}},
+                                 routing=_routing(router_dir),
+                                 classifiers={"batching": batching, "inline_when_alone": False})
+        wrap = {"policy": counted} if batching else {}
+        server = live_server(create_app(settings, pipeline_factory=_pipeline_with(FakeFactory(), **wrap)))
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        answers[batching] = []
+        for text in texts:
+            r = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": text}])
+            info = r.parse().model_extra["switchyard"]
+            answers[batching].append((r.headers["x-switchyard-guard"], r.headers["x-switchyard-route"],
+                                      r.headers["x-switchyard-model"], info["score"], info["threshold"]))
+    assert [a[:3] for a in answers[True]] == [a[:3] for a in answers[False]]
+    for (*_, score, threshold), (*_, score0, threshold0) in zip(answers[True], answers[False], strict=True):
+        assert threshold == threshold0 and (score is None) == (score0 is None)
+        assert score is None or abs(score - score0) < 1e-6  # the batch path's float rounding
+    refused = [t for t, a in zip(texts, answers[True], strict=True) if a[1] == "policy"]
+    assert refused, "some texts are refused by the guard"
+    assert sorted(seen) == sorted(t for t in texts if t not in refused)
+
+
+def test_a_lone_request_classifies_on_the_loop_and_company_goes_to_the_batcher(live_server, guard_dir, router_dir):
+    """classifiers.inline_when_alone (default): a request alone between admission and its first token,
+    with its classifier idle, runs guard and router on the loop (no thread hop: the batchers score
+    nothing); with another request deciding, or a batch running, it goes to the batcher."""
+    import httpx
+
+    from gateway.pipeline import Pipeline
+
+    settings = fake_settings(guard={"artifact": str(guard_dir), "ood": {"action": "allow"}}, routing=_routing(router_dir))
+    server = live_server(create_app(settings, backend_factory=FakeFactory()))
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    for text in ("please integral theorem proof now", "My landlord has a problem with the lease, what should I do?"):
+        r = client.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": text}])
+        assert r.headers["x-switchyard-route"] in ("slm", "llm")
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'switchyard_classifier_requests_total{classifier="guard"} 0.0' in metrics
+    assert 'switchyard_classifier_requests_total{classifier="router"} 0.0' in metrics
+
+    class Stub:
+        is_idle = True
+
+    pipeline = Pipeline.build(settings, backend_factory=FakeFactory())
+    stub = Stub()
+    assert pipeline._on_loop(None)  # batching off
+    pipeline.num_deciding = 1
+    assert pipeline._on_loop(stub)
+    stub.is_idle = False  # a batch is running or queued: join it
+    assert not pipeline._on_loop(stub)
+    stub.is_idle, pipeline.num_deciding = True, 2  # another request is deciding: batch with it
+    assert not pipeline._on_loop(stub)
+    off = Pipeline.build(fake_settings(classifiers={"inline_when_alone": False}), backend_factory=FakeFactory())
+    off.num_deciding = 1
+    assert not off._on_loop(stub)

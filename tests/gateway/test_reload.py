@@ -154,12 +154,17 @@ def test_in_flight_request_finishes_on_the_artifacts_it_started_with(live_server
 
 
 @pytest.mark.slow
-def test_reload_under_concurrent_load_fails_no_request(live_server, tmp_path, artifacts):
+@pytest.mark.parametrize("inline_when_alone", [True, False])
+def test_reload_under_concurrent_load_fails_no_request(live_server, tmp_path, artifacts, inline_when_alone):
+    """Reloads while four clients send requests: none fails, each is routed by the old or the new router
+    (with inline_when_alone off every request goes through the router's batcher, whose batches may hold
+    both snapshots' requests)."""
     serving = tmp_path / "router"
     install(artifacts["a"], serving)
     old_threshold = artifact.load(artifacts["a"]).meta["threshold"]
-    server = live_server(create_app(fake_settings(api_keys=KEYS, routing=_routing(serving)),
-                                    backend_factory=FakeFactory()))
+    settings = fake_settings(api_keys=KEYS, routing=_routing(serving),
+                             classifiers={"inline_when_alone": inline_when_alone})
+    server = live_server(create_app(settings, backend_factory=FakeFactory()))
     base = server.base_url
     stop = threading.Event()
     outcomes: list[tuple[int, float | None]] = []

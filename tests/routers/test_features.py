@@ -34,8 +34,8 @@ def test_transform_one_matches_transform_row():
 
 
 def test_back_to_back_featurizers_share_counts_but_not_idf():
-    """The guard and the router featurize one text in a row: the second reuses the first's counts (a
-    per-thread one-entry memo) yet applies its own IDF, and a different config or text is never reused."""
+    """The guard and the router featurize one text in a row: the second reuses the first's counts (the
+    shared memo of recent texts) yet applies its own IDF, and a different config or text is never reused."""
     a = HashedTfidf(n_features=2**12).fit(["loan rate bank", "court judge law", "loan loan"])
     b = HashedTfidf(n_features=2**12).fit(["doctor nurse", "loan approval", "judge"])
     c = HashedTfidf(n_features=2**10)
@@ -92,3 +92,29 @@ def test_bad_construction_raises():
         HashedTfidf(n_features=1000)
     with pytest.raises(ValueError):
         HashedTfidf(word_ngrams=(2, 1))
+
+
+def test_counts_are_shared_across_threads_for_a_batch_and_the_memo_stays_bounded():
+    """The guard's and the router's batchers featurize the same batch of texts in two threads, one after
+    the other: the second thread reuses every text's counts; the memo keeps at most its capacity."""
+    import threading
+
+    from routers.features import _counts_memo
+
+    guard_side = HashedTfidf(n_features=2**12).fit(TEXTS)
+    router_side = HashedTfidf(n_features=2**12).fit(["other", "idf", "entirely"])
+    batch = [f"question {i} about the loan and the court" for i in range(32)]
+    first: list = []
+    second: list = []
+    t = threading.Thread(target=lambda: first.extend(guard_side._counts(x) for x in batch))
+    t.start()
+    t.join()
+    t = threading.Thread(target=lambda: second.extend(router_side._counts(x) for x in batch))
+    t.start()
+    t.join()
+    assert all(a is b for a, b in zip(first, second, strict=True))
+    for i in range(3 * _counts_memo.capacity):
+        guard_side.transform_one(f"filler text number {i}")
+    assert len(_counts_memo._entries) == _counts_memo.capacity
+    assert guard_side._counts(batch[0]) is not first[0]  # evicted long ago: computed again, equal
+    assert np.array_equal(guard_side._counts(batch[0]).cols, first[0].cols)

@@ -272,13 +272,37 @@ Service URLs, artifact paths, default routing pools and example-cache backend.
 {{- $_ := set $cfg "example_cache" $cache }}
 {{- if not $cfg.guard }}{{ $_ := unset $cfg "guard" }}{{ end }}
 {{- if not $cfg.limits }}{{ $_ := unset $cfg "limits" }}{{ end }}
+{{- $workers := int (include "switchyard.gatewayWorkers" .) }}
+{{- if gt $workers 1 }}{{ $_ := set $cfg "workers" $workers }}{{ end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+Gateway worker processes per pod: gateway.workers, or (null) one per requested CPU, rounded up — 1 with
+inProcess pools (every worker would load them) or without a CPU request.
+*/}}
+{{- define "switchyard.gatewayWorkers" -}}
+{{- if not (kindIs "invalid" .Values.gateway.workers) }}{{ int .Values.gateway.workers }}
+{{- else }}
+{{- $inProcess := false }}
+{{- range .Values.pools }}{{ if eq .mode "inProcess" }}{{ $inProcess = true }}{{ end }}{{ end }}
+{{- $cpu := toString (dig "requests" "cpu" "" (.Values.gateway.resources | default dict)) }}
+{{- if or $inProcess (eq $cpu "") }}1
+{{- else if hasSuffix "m" $cpu }}{{ max 1 (int (ceil (divf (float64 (trimSuffix "m" $cpu)) 1000.0))) }}
+{{- else }}{{ max 1 (int (ceil (float64 $cpu))) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
 Checks the schema cannot express; a failed one stops the render with a message naming the value.
 */}}
 {{- define "switchyard.validate" -}}
+{{- if gt (int (include "switchyard.gatewayWorkers" .)) 1 }}
+{{- range .Values.pools }}{{ if eq .mode "inProcess" }}
+{{- fail (printf "gateway.workers > 1 needs pools without mode inProcess: every worker would load pools[%s] itself" .name) }}
+{{- end }}{{ end }}
+{{- end }}
 {{- $names := list }}
 {{- range .Values.pools }}
 {{- if has .name $names }}
