@@ -549,13 +549,13 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
         print(f"\n{'ratio (tokens/s)':42s}" + "".join(f"{'c=' + c:>10s}" for c in cs))
         for name, row in report["ratios"].items():
             print(f"{name:42s}" + "".join(f"{(str(row[c]) + 'x') if c in row else '':>10s}" for c in cs))
-    print(f"\n{'outputs: JSON / schema-valid / ended by EOS':42s}" + "".join(f"{'c=' + c:>14s}" for c in cs))
+    print(f"\n{'outputs: JSON / schema-valid / ended by EOS':42s}" + "".join(f"{'c=' + c:>16s}" for c in cs))
     for system in report["tokens_per_s"]:
         cells = []
         for c in cs:
             o = report["outputs"].get(f"{system} c={c}")
             cells.append(f"{o['json']}/{o['valid']}/{o['eos']} of {o['requests']}" if o else "")
-        print(f"{system:42s}" + "".join(f"{x:>14s}" for x in cells))
+        print(f"{system:42s}" + "".join(f"{x:>16s}" for x in cells))
     comp = report["compile"]
     print(f"\ngrammar compile (engine.compile_grammar): cold {comp['cold_ms_mean']:.1f} ms, cached "
           f"{comp['cached_us_mean']:.1f} µs (means over {len(comp['per_schema'])} schemas); the engine's first "
