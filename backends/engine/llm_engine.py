@@ -314,6 +314,7 @@ class LLMEngine:
         self._num_draft_tokens_total += num_drafts
         self._num_accepted_tokens_total += num_accepted
         if iteration is not None:
+            iteration.num_drafts += 1
             iteration.num_draft_tokens += num_drafts
             iteration.num_accepted_tokens += num_accepted
         if item.seq.draft_state.is_shared:

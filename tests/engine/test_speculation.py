@@ -427,6 +427,7 @@ def test_stats_report_drafted_and_accepted_tokens(tiny_model_dir):
     engine.generate(repetitive_prompts(3, seed=9), GREEDY)
     stats = engine.stats()
     assert sum(it.num_draft_tokens for _, it in records) == stats.num_draft_tokens_total > 0
+    assert 0 < sum(it.num_drafts for _, it in records) <= sum(it.num_draft_tokens for _, it in records)
     assert sum(it.num_accepted_tokens for _, it in records) == stats.num_accepted_tokens_total > 0
     assert sum(it.num_generation_tokens for _, it in records) == 3 * 40
 
@@ -500,13 +501,16 @@ def test_the_gateway_turns_the_speculation_stats_into_prometheus_metrics():
     registry = CollectorRegistry()
     logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
     base = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1, num_kv_blocks=64)
-    logger.record(base, IterationStats(num_generation_tokens=4, num_draft_tokens=4, num_accepted_tokens=3))
-    logger.record(base, IterationStats(num_generation_tokens=1, num_draft_tokens=2, num_accepted_tokens=0))
+    logger.record(base, IterationStats(num_generation_tokens=4, num_drafts=1, num_draft_tokens=4,
+                                       num_accepted_tokens=3))
+    logger.record(base, IterationStats(num_generation_tokens=1, num_drafts=1, num_draft_tokens=2,
+                                       num_accepted_tokens=0))
     logger.record(base, IterationStats(num_generation_tokens=1))
     text = generate_latest(registry).decode()
     _check_naming(text)
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
               if s.labels.get("replica") == "slm/0"}
+    assert values["switchyard_spec_decode_num_drafts_total"] == 2
     assert values["switchyard_spec_decode_num_draft_tokens_total"] == 6
     assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 3
     assert values["switchyard_generation_tokens_total"] == 6
