@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("instructions", "CPU instructions per gateway request (callgrind; load-independent)"),
         ("quantization", "int8 / int4 vs fp32 per bundled model: greedy agreement, perplexity, escalation, tok/s"),
         ("agents", "agent trace (tool pauses): KV retention and program scheduling off/on vs llama.cpp"),
+        ("speculation", "n-gram speculation off/on (own text, shared table) vs llama-server plain and ngram-mod"),
     ):
         p = _add(bsub, name, f"bench.{name}:main", helptext)
         p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
