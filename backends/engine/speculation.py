@@ -23,7 +23,6 @@ the grammar allows there.
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -67,10 +66,9 @@ class DraftState:
     num_shared_accepted: int = 0
 
 
-@dataclass(slots=True)
-class _Entry:
-    next_token_ids: tuple[int, ...]
-    count: int  # uses: insertions of the n-gram plus lookups that found it (halved by each eviction sweep)
+# A table entry: (uses, next token ids) — uses = insertions of the n-gram plus lookups that found it, halved by
+# each eviction sweep. A plain tuple of ints: the garbage collector stops tracking it.
+_Entry = tuple[int, tuple[int, ...]]
 
 
 class SharedDraftTable:
@@ -78,10 +76,10 @@ class SharedDraftTable:
 
     Bounded: at most ``max_entries`` n-grams per namespace and ``max_namespaces`` namespaces. When an ``add``
     leaves a namespace over its cap, one sweep evicts the least frequently used n-grams (fewest uses, then
-    least recently inserted) down to ``max_entries - max_entries // 16`` and halves the survivors' counts
-    (rounding up), so n-grams that were popular long ago give way to current ones. The least recently used
-    namespace is dropped when a new one would exceed ``max_namespaces``. Not thread-safe (the engine's thread
-    owns it).
+    least recently inserted) down to ``max_entries - max_entries // 4`` and halves the survivors' counts
+    (rounding up), so n-grams that were popular long ago give way to current ones; a sweep costs O(entries)
+    and comes once per ``max_entries // 4`` new n-grams. The least recently used namespace is dropped when a
+    new one would exceed ``max_namespaces``. Not thread-safe (the engine's thread owns it).
     """
 
     def __init__(self, min_n: int, max_n: int, num_next_tokens: int, max_entries: int,
@@ -114,7 +112,7 @@ class SharedDraftTable:
             for n in range(self.min_n, min(self.max_n, p) + 1):
                 key = tuple(tokens[p - n:p])
                 entry = space.pop(key, None)  # re-inserted last: insertion order = recency
-                space[key] = _Entry(next_ids, entry.count + 1 if entry is not None else 1)
+                space[key] = (entry[0] + 1 if entry is not None else 1, next_ids)
         if len(space) > self.max_entries:
             self._evict(space)
 
@@ -126,10 +124,11 @@ class SharedDraftTable:
             return []
         self._spaces.move_to_end(namespace)
         for n in range(min(self.max_n, len(token_ids)), self.min_n - 1, -1):
-            entry = space.get(tuple(token_ids[-n:]))
+            key = tuple(token_ids[-n:])
+            entry = space.get(key)
             if entry is not None:
-                entry.count += 1
-                return list(entry.next_token_ids[:k])
+                space[key] = (entry[0] + 1, entry[1])  # an update in place: the insertion order stays
+                return list(entry[1][:k])
         return []
 
     def num_entries(self, namespace: str) -> int:
@@ -142,12 +141,18 @@ class SharedDraftTable:
         return list(self._spaces)
 
     def _evict(self, space: dict[tuple[int, ...], _Entry]) -> None:
-        num_evict = len(space) - self.max_entries + self.max_entries // 16
-        victims = heapq.nsmallest(num_evict, enumerate(space.items()), key=lambda item: (item[1][1].count, item[0]))
-        for _, (key, _) in victims:
-            del space[key]
-        for entry in space.values():
-            entry.count = (entry.count + 1) // 2
+        num_evict = len(space) - self.max_entries + self.max_entries // 4  # rare sweeps: O(entries) each
+        by_count: dict[int, list[tuple[int, ...]]] = {}
+        for key, (count, _) in space.items():  # insertion order: least recently inserted first within a count
+            by_count.setdefault(count, []).append(key)
+        for count in sorted(by_count):
+            for key in by_count[count][:num_evict]:
+                del space[key]
+            num_evict -= len(by_count[count])
+            if num_evict <= 0:
+                break
+        for key, (count, next_ids) in space.items():
+            space[key] = ((count + 1) // 2, next_ids)
 
 
 class NgramProposer:

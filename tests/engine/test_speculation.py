@@ -101,16 +101,18 @@ def test_shared_table_maps_output_ngrams_to_what_followed_them():
 
 def test_shared_table_is_bounded_and_evicts_the_least_frequently_used():
     table = SharedDraftTable(min_n=1, max_n=1, num_next_tokens=1, max_entries=4)
-    table.add("ns", [1], [2, 3, 4])  # 1→2, 2→3, 3→4 (count 1 each)
-    assert table.lookup("ns", [2], k=1) == [3] and table.lookup("ns", [2], k=1) == [3]  # 2 used twice more
-    assert table.lookup("ns", [3], k=1) == [4]  # 3 once more
-    table.add("ns", [4], [5, 6])  # 4→5, 5→6: 5 entries > 4: the least used, oldest first, goes: 1
-    assert table.num_entries("ns") == 4
-    assert table.lookup("ns", [1], k=1) == []
-    # survivors' counts were halved (rounding up): 2: 3→2, 3: 2→1, 4: 1→1, 5: 1→1
-    table.add("ns", [6], [7])  # 6→7 (count 1): over the cap, the oldest count-1 entry goes: 3
-    assert table.lookup("ns", [3], k=1) == []
-    assert [table.lookup("ns", [t], k=1) for t in (2, 4, 5, 6)] == [[3], [5], [6], [7]]
+    table.add("ns", [1], [2, 3, 4])  # 1→2, 2→3, 3→4 (one use each)
+    assert table.lookup("ns", [2], k=1) == [3] and table.lookup("ns", [2], k=1) == [3]  # 2: three uses
+    assert table.lookup("ns", [3], k=1) == [4]  # 3: two uses
+    table.add("ns", [4], [5, 6])  # 4→5, 5→6: 5 entries > 4: a sweep down to 4 - 4 // 4 = 3 entries
+    assert table.num_entries("ns") == 3
+    assert table.lookup("ns", [1], k=1) == [] and table.lookup("ns", [4], k=1) == []  # fewest uses, oldest first
+    # the survivors' uses were halved (rounding up): 2: 3 → 2, 3: 2 → 1, 5: 1 → 1
+    table.add("ns", [6], [7])
+    table.add("ns", [7], [8])  # 5 entries again: of those used once (3, 5, 6, 7), the two oldest go
+    assert table.num_entries("ns") == 3
+    assert table.lookup("ns", [3], k=1) == [] and table.lookup("ns", [5], k=1) == []
+    assert [table.lookup("ns", [t], k=1) for t in (2, 6, 7)] == [[3], [7], [8]]
     for i in range(100):  # a long stream never holds more than the cap
         table.add("ns", [i], [1000 + i, 2000 + i])
         assert table.num_entries("ns") <= 4
