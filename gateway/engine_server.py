@@ -65,10 +65,11 @@ def speculation_of(flag: str) -> SpeculationConfig:
         values = json.loads(flag)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--speculation: not a JSON object ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError("--speculation: not a JSON object")
     known = {f.name for f in dataclasses.fields(SpeculationConfig)}
-    if not isinstance(values, dict) or set(values) - known:
-        raise ValueError(f"--speculation: unknown keys {sorted(set(values) - known)}; known: {sorted(known)}"
-                         if isinstance(values, dict) else "--speculation: not a JSON object")
+    if set(values) - known:
+        raise ValueError(f"--speculation: unknown keys {sorted(set(values) - known)}; known: {sorted(known)}")
     return SpeculationConfig(**values)
 
 

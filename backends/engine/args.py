@@ -54,10 +54,6 @@ class SpeculationConfig:
         if self.min_n > self.max_n:
             raise ValueError(f"speculation.min_n must be <= speculation.max_n, got {self.min_n} > {self.max_n}")
 
-    @property
-    def is_enabled(self) -> bool:
-        return self.method != "none"
-
 
 @dataclass(frozen=True)
 class EngineArgs:

@@ -4,9 +4,10 @@ For a decoding sequence, the proposer finds the longest suffix n-gram of its tok
 ``min_n``) that occurred earlier in its prompt + output (the most recent such occurrence) and proposes the
 up-to-k tokens that followed it. When its own text has no match and the engine keeps a ``SharedDraftTable``
 (``SpeculationConfig.shared_context``), the proposal comes from the n-grams of recent outputs of finished
-requests in the sequence's namespace (longest n first): agents of one tenant repeat each other's tool calls. The scheduler gives a sequence with drafts a chunk of 1 + k tokens starting
-at its last committed token; the sampler (``layers/sampler.py`` ``verify``) scores every position in the same
-forward pass and commits the accepted drafts plus one token of the target model, so each step commits >= 1.
+requests in the sequence's namespace (longest n first): agents of one tenant repeat each other's tool calls.
+The scheduler gives a sequence with drafts a chunk of 1 + k tokens starting at its last committed token; the
+sampler (``layers/sampler.py`` ``verify``) scores every position in the same forward pass and commits the
+accepted drafts plus one token of the target model, so each step commits >= 1.
 
 Adaptive k, per sequence (``DraftState``): after a verification that accepted ``a`` of ``k`` drafts, the next
 proposal has up to ``a + 1`` drafts when some were rejected, ``k + 1`` when all were accepted (capped by
@@ -105,7 +106,7 @@ class SharedDraftTable:
             if len(self._spaces) > self.max_namespaces:
                 self._spaces.popitem(last=False)
         self._spaces.move_to_end(namespace)
-        tail = list(context_token_ids[-self.max_n:]) if self.max_n else []
+        tail = list(context_token_ids[-self.max_n:])
         tokens = tail + list(output_token_ids)
         for p in range(len(tail), len(tokens)):
             next_ids = tuple(tokens[p:p + self.num_next_tokens])

@@ -435,7 +435,7 @@ def test_stats_report_drafted_and_accepted_tokens(tiny_model_dir):
 
 
 def test_engine_args_validate_speculation():
-    assert EngineArgs().speculation == SpeculationConfig(method="none") and not EngineArgs().speculation.is_enabled
+    assert EngineArgs().speculation == SpeculationConfig(method="none", shared_context=False)
     for bad, key in ((dict(method="eagle"), "speculation.method must be one of none, ngram"),
                      (dict(min_n=5, max_n=3), "speculation.min_n must be <= speculation.max_n"),
                      (dict(num_draft_tokens=0), "speculation.num_draft_tokens must be >= 1"),
