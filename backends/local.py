@@ -296,7 +296,8 @@ class LocalBackend:
         started = False
         stream = self.engine.stream(engine_id, prompt, params, priority=request.priority,
                                     session_id=request.session_id,
-                                    program_id=request.program_id or request.session_id)
+                                    program_id=request.program_id or request.session_id,
+                                    namespace=request.namespace)
         try:
             async with contextlib.aclosing(stream):
                 async for out in stream:

@@ -40,6 +40,7 @@ class GenerationRequest:
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     session_id: str | None = None  # an agent session (x-session-id, prompt_cache_key, ...): placement and KV retention
     program_id: str | None = None  # a multi-agent job (x-program-id; defaults to the session): engine scheduling
+    namespace: str | None = None  # the tenant (API key's namespace): local engines share speculative drafts within it
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

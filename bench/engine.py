@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,13 +255,15 @@ def free_port() -> int:
 
 
 class LlamaServer:
-    """``llama-server`` on loopback for the duration of a ``with`` block."""
+    """``llama-server`` on loopback for the duration of a ``with`` block (``extra_args``: more server flags,
+    e.g. ``--spec-type ngram-mod``)."""
 
-    def __init__(self, binary: Path, gguf: Path, threads: int, slots: int, ctx_per_slot: int, log: Path) -> None:
+    def __init__(self, binary: Path, gguf: Path, threads: int, slots: int, ctx_per_slot: int, log: Path,
+                 extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
-                    "-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(self.port)]
+                    "-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         self.log = log
         self.proc: subprocess.Popen | None = None
 
@@ -290,10 +293,28 @@ class LlamaServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-async def _llama_stream(client, url: str, prompt: list[int], max_tokens: int) -> tuple[float | None, float, int]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+@dataclass
+class LlamaStream:
+    """One streamed llama-server completion: perf_counter times of the first and last text chunks, the
+    completion tokens (the usage chunk's count, else the number of chunks), the text, and the server's
+    ``timings`` object when a chunk carried one (speculation: ``draft_n``, ``draft_n_accepted``)."""
+
+    first: float | None
+    last: float
+    num_tokens: int
+    text: str
+    timings: dict[str, Any] | None
+
+
+async def llama_stream(client, url: str, prompt: list[int], max_tokens: int, *, ignore_eos: bool = True,
+                       timings: bool = False) -> LlamaStream:
+    """Greedy ``/v1/completions`` of the token ids ``prompt``, streamed, prompt cache on; ``timings``: ask for
+    the server's timings in the chunks (``timings_per_token``; the last chunk's are the request's)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos, "stream": True,
             "stream_options": {"include_usage": True}, "cache_prompt": True}
-    first, last, num_tokens, num_chunks = None, 0.0, 0, 0
+    if timings:
+        body["timings_per_token"] = True
+    first, last, num_tokens, num_chunks, pieces, server_timings = None, 0.0, 0, 0, [], None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -305,9 +326,11 @@ async def _llama_stream(client, url: str, prompt: list[int], max_tokens: int) ->
                 first = first or now
                 last = now
                 num_chunks += 1
+                pieces.append(chunk["choices"][0]["text"])
             if chunk.get("usage"):
                 num_tokens = chunk["usage"].get("completion_tokens", num_tokens)
-    return first, last, num_tokens or num_chunks  # usage chunk if the server sends one
+            server_timings = chunk.get("timings", server_timings)
+    return LlamaStream(first, last, num_tokens or num_chunks, "".join(pieces), server_timings)
 
 
 def llama_throughput(url: str, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
@@ -316,12 +339,12 @@ def llama_throughput(url: str, prompts: list[list[int]], output_len: int) -> tup
     async def run() -> tuple[float, float]:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=64)) as c:
             start = time.perf_counter()
-            results = await asyncio.gather(*(_llama_stream(c, url, p, output_len) for p in prompts))
-        counts = {n for _, _, n in results}
+            results = await asyncio.gather(*(llama_stream(c, url, p, output_len) for p in prompts))
+        counts = {r.num_tokens for r in results}
         if counts != {output_len}:
             raise RuntimeError(f"llama-server produced {sorted(counts)} tokens per request, not {output_len}")
-        last = max(r[1] for r in results)
-        all_first = max(r[0] or last for r in results)
+        last = max(r.last for r in results)
+        all_first = max(r.first or last for r in results)
         return last - start, last - all_first
 
     return asyncio.run(run())

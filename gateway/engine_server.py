@@ -9,12 +9,14 @@ are therefore exactly the gateway's; ``model: "auto"`` also reaches the one pool
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import re
 import sys
 from pathlib import Path
 
-from backends.engine.args import EngineArgs
+from backends.engine.args import EngineArgs, SpeculationConfig
 from gateway.settings import Settings, settings_from_dict
 
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -50,9 +52,25 @@ def engine_args_of(args: argparse.Namespace) -> EngineArgs:
         kv_retain_s=getattr(args, "kv_retain_s", 0.0), kv_retain_max_share=getattr(args, "kv_retain_max_share", 0.25),
         program_scheduling=getattr(args, "program_scheduling", False),
         program_max_wait_s=getattr(args, "program_max_wait_s", 5.0),
-        speculation=getattr(args, "speculation", "none"), num_draft_tokens=getattr(args, "num_draft_tokens", 4),
-        ngram_min=getattr(args, "ngram_min", 2), ngram_max=getattr(args, "ngram_max", 4),
+        speculation=speculation_of(getattr(args, "speculation", "none")),
     )
+
+
+def speculation_of(flag: str) -> SpeculationConfig:
+    """``--speculation``: a method name (``none``, ``ngram``: the other keys at their defaults) or a JSON object
+    of ``SpeculationConfig`` keys (what the chart passes). Raises ValueError (one line) for bad values."""
+    if not flag.lstrip().startswith("{"):
+        return SpeculationConfig(method=flag)  # type: ignore[arg-type] - validated by SpeculationConfig
+    try:
+        values = json.loads(flag)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--speculation: not a JSON object ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError("--speculation: not a JSON object")
+    known = {f.name for f in dataclasses.fields(SpeculationConfig)}
+    if set(values) - known:
+        raise ValueError(f"--speculation: unknown keys {sorted(set(values) - known)}; known: {sorted(known)}")
+    return SpeculationConfig(**values)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -39,8 +39,10 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
   kv_retained_blocks                         gauge, KV blocks pinned for agent sessions paused on a tool
   kv_retained_hits_total                     prompt tokens a session's next request found in its retained blocks
   kv_retained_evicted_blocks_total           pinned blocks let go early because memory was short
-  spec_decode_num_draft_tokens_total         speculative draft tokens verified (n-gram speculation)
-  spec_decode_num_accepted_tokens_total      of those, accepted (acceptance rate = accepted / draft)
+  spec_decode_num_drafts_total               speculative drafts verified (one per sequence and step that drafted)
+  spec_decode_num_draft_tokens_total         their tokens (n-gram speculation)
+  spec_decode_num_accepted_tokens_total      of those, accepted (acceptance rate = accepted / draft tokens;
+                                             mean acceptance length = 1 + accepted / drafts, as vLLM's)
 """
 
 from __future__ import annotations
@@ -213,6 +215,8 @@ class EngineMetrics:
                                      "found in the KV blocks it retained", labels, registry=r)
         self.retained_evicted = Counter("switchyard_kv_retained_evicted_blocks", "pinned KV blocks let go "
                                         "before expiry because memory was short", labels, registry=r)
+        self.drafts = Counter("switchyard_spec_decode_num_drafts", "speculative drafts verified (sequences x steps)",
+                              labels, registry=r)
         self.draft_tokens = Counter("switchyard_spec_decode_num_draft_tokens", "speculative draft tokens "
                                     "verified", labels, registry=r)
         self.accepted_tokens = Counter("switchyard_spec_decode_num_accepted_tokens", "speculative draft tokens "
@@ -239,8 +243,8 @@ class EngineStatLogger:
                                                       m.generation_tokens.labels(*labels))
         self.retained_blocks, self.retained_hits, self.retained_evicted = (
             m.retained_blocks.labels(*labels), m.retained_hits.labels(*labels), m.retained_evicted.labels(*labels))
-        self.draft_tokens, self.accepted_tokens = (m.draft_tokens.labels(*labels),
-                                                   m.accepted_tokens.labels(*labels))
+        self.drafts, self.draft_tokens, self.accepted_tokens = (
+            m.drafts.labels(*labels), m.draft_tokens.labels(*labels), m.accepted_tokens.labels(*labels))
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         s, it = scheduler_stats, iteration_stats
@@ -262,6 +266,7 @@ class EngineStatLogger:
         if it.num_generation_tokens:
             self.generation_tokens.inc(it.num_generation_tokens)
         if it.num_draft_tokens:
+            self.drafts.inc(it.num_drafts)
             self.draft_tokens.inc(it.num_draft_tokens)
             self.accepted_tokens.inc(it.num_accepted_tokens)
         for value in it.time_to_first_tokens_s:

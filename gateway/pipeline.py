@@ -652,7 +652,7 @@ class Pipeline:
                     trace.route, trace.is_kept_on_slm = "slm", True
                     trace.reason = f"good examples found (similarity {trace.example_similarity:.3f} >= {keep_at})"
         # [5-7] pool → backend → cascade
-        request = self._generation_request(job, trace.pool, messages)
+        request = self._generation_request(job, trace.pool, messages, trace.namespace)
         cascade = self._cascade_applies(trace, arts.cascade_rule)
         try:
             if cascade:
@@ -757,7 +757,8 @@ class Pipeline:
             return True
         return trace.route == "slm" and self.settings.routing.cascade.stream_mode == "buffer"
 
-    def _generation_request(self, job: Job, alias: str, messages: list[dict[str, Any]] | None) -> GenerationRequest:
+    def _generation_request(self, job: Job, alias: str, messages: list[dict[str, Any]] | None,
+                            namespace: str) -> GenerationRequest:
         deadline = time.monotonic() + self.settings.limits.request_timeout_s
         return GenerationRequest(
             request_id=job.request_id, model=self._pool_cfg(alias).model,
@@ -767,7 +768,7 @@ class Pipeline:
             parallel_tool_calls=job.parallel_tool_calls,
             trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
             logit_bias=job.logit_bias, chat_template_kwargs=job.chat_template_kwargs,
-            session_id=job.session_id, program_id=job.program_id,
+            session_id=job.session_id, program_id=job.program_id, namespace=namespace,
         )
 
     def _trace_headers(self, job: Job, alias: str) -> dict[str, str]:
@@ -847,7 +848,7 @@ class Pipeline:
         self.metrics.escalations.inc()
         trace.escalated, trace.pool, trace.reason = True, llm, reason
         self._check_capabilities(job, llm)
-        llm_request = self._generation_request(job, llm, job.messages)
+        llm_request = self._generation_request(job, llm, job.messages, trace.namespace)
         llm_request.deadline = request.deadline
         return await self._start(self._timed(llm, llm_request, job.stream, trace), trace)
 

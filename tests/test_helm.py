@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.engine.args import EngineArgs
+from backends.engine.args import EngineArgs, SpeculationConfig
 from gateway.settings import (
     ApiKey,
     CascadeSettings,
@@ -351,8 +351,9 @@ EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_l
                        "max_num_batched_tokens": 333, "block_size": 32, "num_kv_blocks": 500,
                        "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3,
                        "device": "cpu", "kv_retain_s": 30.0, "kv_retain_max_share": 0.5, "program_scheduling": True,
-                       "program_max_wait_s": 2.5, "speculation": "ngram", "num_draft_tokens": 6, "ngram_min": 1,
-                       "ngram_max": 5}
+                       "program_max_wait_s": 2.5,
+                       "speculation": {"method": "ngram", "num_draft_tokens": 6, "min_n": 1, "max_n": 5,
+                                       "shared_context": True, "shared_max_entries": 999}}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
                      "chat_template": "plain_turns", "tool_call_parser": "llama3_json", "affinity_prefix_chars": 128}
@@ -361,12 +362,14 @@ EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "time
 def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
     """A deployment pool's engine options become `engine serve` flags that build the same EngineArgs (its
     chat_template a flag too); an inProcess pool's reach the gateway config; pool config keys reach both."""
-    from backends.engine.args import EngineArgs
     from gateway.engine_server import engine_args_of
     from training.cli import build_parser
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(EVERY_ENGINE_OPTION) == _props(schema, "engine")
+    assert set(EVERY_ENGINE_OPTION["speculation"]) == _props(schema, "engine", ("speculation",))
+    expected = EngineArgs(**{**EVERY_ENGINE_OPTION,
+                             "speculation": SpeculationConfig(**EVERY_ENGINE_OPTION["speculation"])})
     assert set(EVERY_POOL_CONFIG) | {"fallback"} == _props(schema, "poolConfig")
     pools = [{"name": name, "mode": mode, "model": "smollm2-135m", "engine": EVERY_ENGINE_OPTION,
               "config": {**EVERY_POOL_CONFIG, "fallback": other}}
@@ -378,9 +381,9 @@ def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
 
     (engine,) = pod_spec(one(docs, "Deployment", f"{fullname()}-pool-slm"))["containers"]
     args = build_parser().parse_args(engine["command"][1:] + engine["args"])
-    assert engine_args_of(args) == EngineArgs(**EVERY_ENGINE_OPTION)
+    assert engine_args_of(args) == expected
     assert args.chat_template == "plain_turns" and args.tool_call_parser == "llama3_json"
-    assert in_process.engine == EngineArgs(**EVERY_ENGINE_OPTION)
+    assert in_process.engine == expected
     assert in_process.chat_template == "plain_turns" and in_process.tool_call_parser == "llama3_json"
     for pool in (deployed, in_process):
         assert pool.price.model_dump() == EVERY_POOL_CONFIG["price"]
@@ -607,6 +610,7 @@ def test_schema_mirrors_the_settings_models():
     assert set(node["properties"]["routing"]["properties"]["cascade"]["properties"]) <= set(CascadeSettings.model_fields)
     assert _props(schema, "verdictPolicy") <= set(VerdictPolicy.model_fields)
     assert _props(schema, "engine") == {f.name for f in dataclasses.fields(EngineArgs)}
+    assert _props(schema, "engine", ("speculation",)) == {f.name for f in dataclasses.fields(SpeculationConfig)}
     assert _props(schema, "poolConfig") <= set(PoolConfig.model_fields)
     assert _props(schema, "apiKey") - {"key"} <= set(ApiKey.model_fields)
     # Settings fields the chart neither sets itself nor lets users set: a new gateway option to add to

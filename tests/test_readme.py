@@ -87,8 +87,11 @@ def test_reference_table_covers_every_setting():
 
     def leaves(model: type, prefix: str) -> set[str]:
         out = set()
-        if dataclasses.is_dataclass(model):  # EngineArgs: the engine's own frozen dataclass
-            return {prefix + f.name for f in dataclasses.fields(model)}
+        if dataclasses.is_dataclass(model):  # EngineArgs (and its SpeculationConfig): the engine's frozen dataclasses
+            for f in dataclasses.fields(model):
+                nested = dataclasses.is_dataclass(f.default_factory)  # a nested config (MISSING: a plain field)
+                out |= leaves(f.default_factory, prefix + f.name + ".") if nested else {prefix + f.name}
+            return out
         for name, field in model.model_fields.items():
             sub = item_model(field.annotation)
             if sub is None and dataclasses.is_dataclass(field.annotation):

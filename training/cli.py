@@ -89,11 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="admit a continuing program's request ahead of a new program's (program FCFS)")
     p.add_argument("--program-max-wait-s", type=float, default=5.0,
                    help="a request waiting longer than this goes first (starvation bound of --program-scheduling)")
-    p.add_argument("--speculation", default="none", choices=["none", "ngram"],
-                   help="speculative decoding: 'ngram' drafts tokens from the request's own text (prompt lookup)")
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="most draft tokens per step (--speculation ngram)")
-    p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix n-gram looked up (--speculation ngram)")
-    p.add_argument("--ngram-max", type=int, default=4, help="longest suffix n-gram looked up (--speculation ngram)")
+    p.add_argument("--speculation", default="none",
+                   help="speculative decoding: 'none', 'ngram' (drafts from the request's own text), or a JSON object "
+                        "of the pool setting's keys, e.g. '{\"method\": \"ngram\", \"num_draft_tokens\": 4, "
+                        "\"min_n\": 2, \"max_n\": 4, \"shared_context\": true}'")
 
     # --- models --------------------------------------------------------------------------------
     p = sub.add_parser("models", help="the bundled model catalogue")
@@ -293,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("instructions", "CPU instructions per gateway request (callgrind; load-independent)"),
         ("quantization", "int8 / int4 vs fp32 per bundled model: greedy agreement, perplexity, escalation, tok/s"),
         ("agents", "agent trace (tool pauses): KV retention and program scheduling off/on vs llama.cpp"),
+        ("speculation", "n-gram speculation off/on (own text, shared table) vs llama-server plain and ngram-mod"),
     ):
         p = _add(bsub, name, f"bench.{name}:main", helptext)
         p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")

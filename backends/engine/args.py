@@ -8,7 +8,7 @@ resolves it against a model folder and a device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -17,8 +17,42 @@ Device = Literal["auto", "cpu", "cuda"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-Speculation = Literal["none", "ngram"]
-SPECULATIONS: tuple[str, ...] = ("none", "ngram")
+SpeculationMethod = Literal["none", "ngram"]
+SPECULATION_METHODS: tuple[str, ...] = ("none", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Speculative decoding of one engine (``speculation.py``); ``EngineArgs.speculation``, ``speculation:`` of a
+    pool's ``engine`` settings. Invalid values raise ValueError naming the key; afterwards read-only.
+
+    ``method`` "ngram" drafts up to ``num_draft_tokens`` tokens per step from the longest suffix n-gram
+    (``max_n`` >= n >= ``min_n`` tokens) of a sequence that occurred earlier in its own prompt + output, and,
+    with ``shared_context``, when its own text has none, from a table of the n-grams of recent outputs of
+    requests in the same namespace (``add_request(..., namespace=)``; at most ``shared_max_entries`` n-grams
+    per namespace, least frequently used evicted). "none" (the default) = off. Drafts never change greedy
+    output; sampled output keeps its distribution.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - not a field (no annotation)
+
+    method: SpeculationMethod = "none"
+    num_draft_tokens: int = 4
+    min_n: int = 2
+    max_n: int = 4
+    shared_context: bool = False
+    shared_max_entries: int = 32768
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATION_METHODS:
+            raise ValueError(f"speculation.method must be one of {', '.join(SPECULATION_METHODS)}; "
+                             f"got {self.method!r}")
+        for name in ("num_draft_tokens", "min_n", "max_n", "shared_max_entries"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"speculation.{name} must be >= 1, got {value}")
+        if self.min_n > self.max_n:
+            raise ValueError(f"speculation.min_n must be <= speculation.max_n, got {self.min_n} > {self.max_n}")
 
 
 @dataclass(frozen=True)
@@ -41,10 +75,7 @@ class EngineArgs:
         within the same priority only). ``program_max_wait_s`` bounds starvation: a request that has
         waited longer goes first, in arrival order.
 
-    Speculative decoding (``speculation.py``): ``speculation`` "ngram" drafts up to ``num_draft_tokens``
-    tokens per step from the longest suffix n-gram (``ngram_max`` >= n >= ``ngram_min`` tokens) that occurred
-    earlier in the sequence's own prompt + output, and verifies them in the same forward pass; greedy output
-    is unchanged and sampled output keeps its distribution. "none" (the default) = off.
+    Speculative decoding: ``speculation`` (a ``SpeculationConfig``; off by default).
     """
 
     # Read by pydantic when a settings model nests this dataclass: unknown keys are errors. A plain dict,
@@ -66,10 +97,7 @@ class EngineArgs:
     kv_retain_max_share: float = 0.25
     program_scheduling: bool = False
     program_max_wait_s: float = 5.0
-    speculation: Speculation = "none"
-    num_draft_tokens: int = 4
-    ngram_min: int = 2
-    ngram_max: int = 4
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -93,12 +121,7 @@ class EngineArgs:
             raise ValueError(f"kv_retain_s must be >= 0 (0 = off), got {self.kv_retain_s}")
         if not 0 < self.kv_retain_max_share <= 1:
             raise ValueError(f"kv_retain_max_share must be in (0, 1], got {self.kv_retain_max_share}")
-        if self.speculation not in SPECULATIONS:
-            raise ValueError(f"speculation must be one of {', '.join(SPECULATIONS)}; got {self.speculation!r}")
-        for name in ("num_draft_tokens", "ngram_min", "ngram_max"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.ngram_min > self.ngram_max:
-            raise ValueError(f"ngram_min must be <= ngram_max, got {self.ngram_min} > {self.ngram_max}")
+        if not isinstance(self.speculation, SpeculationConfig):
+            raise ValueError(f"speculation must be a SpeculationConfig, got {type(self.speculation).__name__}")
         if not self.program_max_wait_s > 0:
             raise ValueError(f"program_max_wait_s must be > 0, got {self.program_max_wait_s}")

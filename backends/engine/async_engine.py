@@ -45,6 +45,7 @@ class _Add:
     priority: int = 0
     session_id: str | None = None
     program_id: str | None = None
+    namespace: str | None = None
 
 
 @dataclass
@@ -112,9 +113,9 @@ class AsyncEngine:
     # ------------------------------------------------------------------ requests
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, session_id: str | None = None,
-                     program_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Deltas for every choice until all ``params.n`` choices finished. ``session_id`` / ``program_id``:
-        as ``LLMEngine.add_request`` (KV retention, program-aware scheduling)."""
+                     program_id: str | None = None, namespace: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas for every choice until all ``params.n`` choices finished. ``session_id`` / ``program_id`` /
+        ``namespace``: as ``LLMEngine.add_request`` (KV retention, program-aware scheduling, shared drafts)."""
         if self.error is not None or self._thread is None:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         if len(prompt_token_ids) >= self.engine.max_model_len:
@@ -128,7 +129,8 @@ class AsyncEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         stream = _Stream(asyncio.get_running_loop(), params.n)
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, session_id, program_id))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, session_id, program_id,
+                                 namespace))
         finished = False
         try:
             while True:
@@ -155,7 +157,8 @@ class AsyncEngine:
         if isinstance(cmd, _Add):
             try:
                 self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.priority,
-                                        session_id=cmd.session_id, program_id=cmd.program_id)
+                                        session_id=cmd.session_id, program_id=cmd.program_id,
+                                        namespace=cmd.namespace)
             except Exception as exc:  # bad input found by the engine: the caller sees it
                 stream = self._streams.get(cmd.request_id)
                 if stream is not None:

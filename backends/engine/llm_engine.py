@@ -24,9 +24,11 @@ program_id=...)`` — with ``EngineArgs.kv_retain_s`` a finished session's KV st
 retention expiry and program waits; tests pass a controllable one. The model is a local HF folder; bundled names are resolved outside the
 engine (``backends.models.resolve_model_path``).
 
-Speculative decoding (``EngineArgs.speculation = "ngram"``, ``speculation.py``): a decoding sequence may be
+Speculative decoding (``EngineArgs.speculation``, ``speculation.py``): a decoding sequence may be
 scheduled with drafts; the step then commits its accepted drafts and one more token, each through
 ``_postprocess`` (stop conditions, logprobs, grammar), and gives back the blocks that held only rejected drafts.
+With ``shared_context``, a finished sequence's output feeds the draft table of its request's ``namespace``
+(``add_request(..., namespace=)``), from which later requests of that namespace draft.
 
 Not thread-safe: one thread drives it (AsyncEngine does so for asyncio callers).
 """
@@ -123,6 +125,8 @@ class EngineStats:
     num_retained_evicted_blocks_total: int = 0  # pinned blocks let go early because memory was short
     num_draft_tokens_total: int = 0  # speculation: draft tokens proposed and verified
     num_accepted_tokens_total: int = 0  # of those, accepted (committed as the target model's own tokens)
+    num_shared_draft_tokens_total: int = 0  # of the drafted / accepted ones, those from the shared draft table
+    num_shared_accepted_tokens_total: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -140,8 +144,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.model_runner.num_blocks, a.block_size, a.enable_prefix_caching,
                                           retain_s=a.kv_retain_s, retain_max_share=a.kv_retain_max_share,
                                           clock=clock)
-        self.proposer = (NgramProposer(a.num_draft_tokens, a.ngram_min, a.ngram_max)
-                         if a.speculation == "ngram" else None)
+        self.proposer = NgramProposer.from_config(a.speculation)
         self.scheduler = Scheduler(self.block_manager, a.max_num_seqs, a.max_num_batched_tokens,
                                    program_scheduling=a.program_scheduling, program_window_s=a.kv_retain_s,
                                    program_max_wait_s=a.program_max_wait_s, clock=clock, proposer=self.proposer,
@@ -168,6 +171,8 @@ class LLMEngine:
         self._num_retained_evicted_logged = 0
         self._num_draft_tokens_total = 0  # speculation: draft tokens verified / accepted since start
         self._num_accepted_tokens_total = 0
+        self._num_shared_draft_tokens_total = 0
+        self._num_shared_accepted_tokens_total = 0
         self._grammar_compiler: GrammarCompiler | None = None
 
     def _eos_ids(self) -> set[int]:
@@ -206,12 +211,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0, session_id: str | None = None, program_id: str | None = None) -> str:
+                    priority: int = 0, session_id: str | None = None, program_id: str | None = None,
+                    namespace: str | None = None) -> str:
         """Queue a request (``params.n`` choices). Raises ContextLengthError / ValueError on bad input.
 
         ``session_id``: the agent session the request belongs to (its KV is retained after it finishes when
         ``kv_retain_s`` > 0; its next request releases and reuses it). ``program_id``: the job it belongs to
-        (program-aware scheduling); None = none, the engine does not default it to the session."""
+        (program-aware scheduling); None = none, the engine does not default it to the session. ``namespace``:
+        the tenant whose requests share speculative drafts (``SpeculationConfig.shared_context``); None = none."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -234,7 +241,7 @@ class LLMEngine:
             seq = Sequence(
                 seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=prompt, params=params,
                 index=index, priority=priority, arrival=arrival, parent=seqs[0] if seqs else None,
-                session_id=session_id, program_id=program_id, arrival_time=now,
+                session_id=session_id, program_id=program_id, namespace=namespace, arrival_time=now,
             )
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.config.device).manual_seed(params.seed + index)
@@ -307,8 +314,12 @@ class LLMEngine:
         self._num_draft_tokens_total += num_drafts
         self._num_accepted_tokens_total += num_accepted
         if iteration is not None:
+            iteration.num_drafts += 1
             iteration.num_draft_tokens += num_drafts
             iteration.num_accepted_tokens += num_accepted
+        if item.seq.draft_state.is_shared:
+            self._num_shared_draft_tokens_total += num_drafts
+            self._num_shared_accepted_tokens_total += num_accepted
         self.proposer.update(item.seq, num_drafts, num_accepted)
         if not item.seq.is_finished:
             self.block_manager.trim(item.seq)
@@ -369,6 +380,8 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._num_finished += 1
+            if self.proposer is not None:
+                self.proposer.record(seq)
             if iteration is not None:
                 iteration.finished_requests.append(FinishedRequestStats(
                     finish_reason=reason, e2e_latency_s=now - seq.arrival_time,
@@ -419,6 +432,8 @@ class LLMEngine:
             num_retained_evicted_blocks_total=bm.num_retained_evicted_blocks,
             num_draft_tokens_total=self._num_draft_tokens_total,
             num_accepted_tokens_total=self._num_accepted_tokens_total,
+            num_shared_draft_tokens_total=self._num_shared_draft_tokens_total,
+            num_shared_accepted_tokens_total=self._num_shared_accepted_tokens_total,
         )
 
 

@@ -33,7 +33,8 @@ class Sequence:
     ``seq_id`` is the engine's int id; ``request_id`` the caller's str id (shared by the ``n`` choices,
     told apart by ``index``). ``parent`` is set for choices 1..n-1: they share the parent's prompt blocks.
     ``session_id`` (an agent session: its KV is retained across tool pauses) and ``program_id`` (a job of
-    one or more sessions: program-aware scheduling) are None for a lone request.
+    one or more sessions: program-aware scheduling) are None for a lone request. ``namespace`` (the tenant)
+    scopes the speculative drafts shared between requests; None = shares none.
     """
 
     seq_id: int
@@ -46,6 +47,7 @@ class Sequence:
     parent: Sequence | None = None
     session_id: str | None = None
     program_id: str | None = None
+    namespace: str | None = None
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first scheduling)

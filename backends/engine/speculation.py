@@ -1,10 +1,13 @@
-"""N-gram speculation (prompt lookup, vLLM's ``ngram`` method): draft tokens a sequence's own text predicts.
+"""N-gram speculation (prompt lookup, vLLM's ``ngram`` method, plus a shared table of recent outputs).
 
 For a decoding sequence, the proposer finds the longest suffix n-gram of its tokens (n from ``max_n`` down to
 ``min_n``) that occurred earlier in its prompt + output (the most recent such occurrence) and proposes the
-up-to-k tokens that followed it. The scheduler gives a sequence with drafts a chunk of 1 + k tokens starting
-at its last committed token; the sampler (``layers/sampler.py`` ``verify``) scores every position in the same
-forward pass and commits the accepted drafts plus one token of the target model, so each step commits >= 1.
+up-to-k tokens that followed it. When its own text has no match and the engine keeps a ``SharedDraftTable``
+(``SpeculationConfig.shared_context``), the proposal comes from the n-grams of recent outputs of finished
+requests in the sequence's namespace (longest n first): agents of one tenant repeat each other's tool calls.
+The scheduler gives a sequence with drafts a chunk of 1 + k tokens starting at its last committed token; the
+sampler (``layers/sampler.py`` ``verify``) scores every position in the same forward pass and commits the
+accepted drafts plus one token of the target model, so each step commits >= 1.
 
 Adaptive k, per sequence (``DraftState``): after a verification that accepted ``a`` of ``k`` drafts, the next
 proposal has up to ``a + 1`` drafts when some were rejected, ``k + 1`` when all were accepted (capped by
@@ -21,13 +24,17 @@ the grammar allows there.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from backends.engine.args import SpeculationConfig
+
 MIN_ACCEPTANCE = 0.1  # drafting stops for a sequence whose acceptance-rate average falls below this
 EMA_WEIGHT = 0.2
+MAX_NAMESPACES = 64  # a shared draft table keeps this many namespaces at most (least recently used dropped)
 
 
 def ngram_lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
@@ -55,16 +62,121 @@ class DraftState:
     enabled: bool = True
     num_drafted: int = 0
     num_accepted: int = 0
+    is_shared: bool = False  # the pending proposal came from the shared table
+    num_shared_drafted: int = 0  # of num_drafted / num_accepted, those from the shared table
+    num_shared_accepted: int = 0
+
+
+# A table entry: (uses, next token ids) — uses = insertions of the n-gram plus lookups that found it, halved by
+# each eviction sweep. A plain tuple of ints: the garbage collector stops tracking it.
+_Entry = tuple[int, tuple[int, ...]]
+
+
+class SharedDraftTable:
+    """Per-namespace n-gram → the tokens that followed it in the most recent output that had it.
+
+    Bounded: at most ``max_entries`` n-grams per namespace and ``max_namespaces`` namespaces. When an ``add``
+    leaves a namespace over its cap, one sweep evicts the least frequently used n-grams (fewest uses, then
+    least recently inserted) down to ``max_entries - max_entries // 4`` and halves the survivors' counts
+    (rounding up), so n-grams that were popular long ago give way to current ones; a sweep costs O(entries)
+    and comes once per ``max_entries // 4`` new n-grams. The least recently used namespace is dropped when a
+    new one would exceed ``max_namespaces``. Not thread-safe (the engine's thread owns it).
+    """
+
+    def __init__(self, min_n: int, max_n: int, num_next_tokens: int, max_entries: int,
+                 max_namespaces: int = MAX_NAMESPACES) -> None:
+        if not 1 <= min_n <= max_n or num_next_tokens < 1 or max_entries < 1 or max_namespaces < 1:
+            raise ValueError(f"need 1 <= min_n <= max_n and num_next_tokens, max_entries, max_namespaces >= 1; got "
+                             f"{min_n}, {max_n}, {num_next_tokens}, {max_entries}, {max_namespaces}")
+        self.min_n, self.max_n = min_n, max_n
+        self.num_next_tokens = num_next_tokens
+        self.max_entries = max_entries
+        self.max_namespaces = max_namespaces
+        self._spaces: OrderedDict[str, dict[tuple[int, ...], _Entry]] = OrderedDict()
+
+    def add(self, namespace: str, context_token_ids: list[int], output_token_ids: list[int]) -> None:
+        """Record the n-grams of one output: every n-gram that ends in ``output_token_ids`` or in the last
+        ``max_n`` tokens of ``context_token_ids`` (its prompt) and is followed by an output token, mapped to
+        the (up to ``num_next_tokens``) output tokens that followed it."""
+        if not output_token_ids:
+            return
+        space = self._spaces.get(namespace)
+        if space is None:
+            space = self._spaces[namespace] = {}
+            if len(self._spaces) > self.max_namespaces:
+                self._spaces.popitem(last=False)
+        self._spaces.move_to_end(namespace)
+        tail = list(context_token_ids[-self.max_n:])
+        tokens = tail + list(output_token_ids)
+        for p in range(len(tail), len(tokens)):
+            next_ids = tuple(tokens[p:p + self.num_next_tokens])
+            for n in range(self.min_n, min(self.max_n, p) + 1):
+                key = tuple(tokens[p - n:p])
+                entry = space.pop(key, None)  # re-inserted last: insertion order = recency
+                space[key] = (entry[0] + 1 if entry is not None else 1, next_ids)
+        if len(space) > self.max_entries:
+            self._evict(space)
+
+    def lookup(self, namespace: str, token_ids: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the longest suffix n-gram of ``token_ids`` found in the namespace's
+        table ([] when none); a hit counts as a use."""
+        space = self._spaces.get(namespace)
+        if space is None or k < 1:
+            return []
+        self._spaces.move_to_end(namespace)
+        for n in range(min(self.max_n, len(token_ids)), self.min_n - 1, -1):
+            key = tuple(token_ids[-n:])
+            entry = space.get(key)
+            if entry is not None:
+                space[key] = (entry[0] + 1, entry[1])  # an update in place: the insertion order stays
+                return list(entry[1][:k])
+        return []
+
+    def num_entries(self, namespace: str) -> int:
+        space = self._spaces.get(namespace)
+        return 0 if space is None else len(space)
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Namespaces held, least recently used first."""
+        return list(self._spaces)
+
+    def _evict(self, space: dict[tuple[int, ...], _Entry]) -> None:
+        num_evict = len(space) - self.max_entries + self.max_entries // 4  # rare sweeps: O(entries) each
+        by_count: dict[int, list[tuple[int, ...]]] = {}
+        for key, (count, _) in space.items():  # insertion order: least recently inserted first within a count
+            by_count.setdefault(count, []).append(key)
+        for count in sorted(by_count):
+            for key in by_count[count][:num_evict]:
+                del space[key]
+            num_evict -= len(by_count[count])
+            if num_evict <= 0:
+                break
+        for key, (count, next_ids) in space.items():
+            space[key] = ((count + 1) // 2, next_ids)
 
 
 class NgramProposer:
-    def __init__(self, num_draft_tokens: int, min_n: int, max_n: int) -> None:
+    """Drafts for decoding sequences: their own text first, then (when given) the shared table of their
+    namespace; ``record`` feeds a finished sequence's output to that table."""
+
+    def __init__(self, num_draft_tokens: int, min_n: int, max_n: int, shared: SharedDraftTable | None = None) -> None:
         if num_draft_tokens < 1 or not 1 <= min_n <= max_n:
             raise ValueError(f"need num_draft_tokens >= 1 and 1 <= min_n <= max_n, got {num_draft_tokens}, "
                              f"{min_n}, {max_n}")
         self.num_draft_tokens = num_draft_tokens
         self.min_n = min_n
         self.max_n = max_n
+        self.shared = shared
+
+    @classmethod
+    def from_config(cls, config: SpeculationConfig) -> NgramProposer | None:
+        """The proposer a ``SpeculationConfig`` describes; None when speculation is off."""
+        if config.method != "ngram":
+            return None
+        shared = (SharedDraftTable(config.min_n, config.max_n, config.num_draft_tokens, config.shared_max_entries)
+                  if config.shared_context else None)
+        return cls(config.num_draft_tokens, config.min_n, config.max_n, shared)
 
     def propose(self, seq, limit: int) -> list[int]:
         """Drafts for ``seq`` (a sequence about to decode its next token), at most ``limit`` of them."""
@@ -73,7 +185,12 @@ class NgramProposer:
             state = seq.draft_state = DraftState(self.num_draft_tokens)
         if not state.enabled or limit < 1:
             return []
-        drafts = ngram_lookup(seq.token_ids, self.min_n, self.max_n, min(state.k, limit))
+        k = min(state.k, limit)
+        drafts = ngram_lookup(seq.token_ids, self.min_n, self.max_n, k)
+        state.is_shared = False
+        if not drafts and self.shared is not None and seq.namespace is not None:
+            drafts = self.shared.lookup(seq.namespace, seq.token_ids, k)
+            state.is_shared = bool(drafts)
         if drafts and seq.grammar is not None:
             drafts = grammar_prefix(seq.grammar, drafts)
         return drafts
@@ -85,6 +202,9 @@ class NgramProposer:
             return
         state.num_drafted += num_drafted
         state.num_accepted += num_accepted
+        if state.is_shared:
+            state.num_shared_drafted += num_drafted
+            state.num_shared_accepted += num_accepted
         state.acceptance = (1 - EMA_WEIGHT) * state.acceptance + EMA_WEIGHT * num_accepted / num_drafted
         if num_accepted == num_drafted:
             state.k = min(self.num_draft_tokens, num_drafted + 1)
@@ -92,6 +212,12 @@ class NgramProposer:
             state.k = min(self.num_draft_tokens, num_accepted + 1)
         if state.acceptance < MIN_ACCEPTANCE:
             state.enabled = False
+
+
+    def record(self, seq) -> None:
+        """A finished sequence: its output joins its namespace's shared table (when there is one)."""
+        if self.shared is not None and seq.namespace is not None:
+            self.shared.add(seq.namespace, seq.prompt_token_ids, seq.output_token_ids)
 
 
 def grammar_prefix(matcher, drafts: list[int]) -> list[int]:

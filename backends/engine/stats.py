@@ -59,6 +59,7 @@ class IterationStats:
     time_to_first_tokens_s: list[float] = field(default_factory=list)
     inter_token_latencies_s: list[float] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+    num_drafts: int = 0  # speculation: sequences that verified drafts in this step (one draft each)
     num_draft_tokens: int = 0  # speculation: draft tokens verified in this step
     num_accepted_tokens: int = 0  # of those, accepted
 

@@ -10,17 +10,18 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from backends.engine.args import EngineArgs
+from backends.engine.args import EngineArgs, SpeculationConfig
 from backends.engine.layers.sampler import SamplerInput, verify
 from backends.engine.llm_engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.sequence import Sequence
-from backends.engine.speculation import DraftState, NgramProposer, ngram_lookup
+from backends.engine.speculation import DraftState, NgramProposer, SharedDraftTable, ngram_lookup
 from backends.engine.stats import IterationStats, SchedulerStats
 from backends.engine.structured_output import StructuredOutput
 from tests.engine.helpers import prompts, tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+NGRAM = SpeculationConfig(method="ngram")
 
 
 def repetitive_prompts(num: int, seed: int = 0) -> list[list[int]]:
@@ -36,7 +37,7 @@ def repetitive_prompts(num: int, seed: int = 0) -> list[list[int]]:
 def run_both(folder, batch, params, **options):
     """Results with speculation off and on (same engine options), and the speculative engine."""
     off = tiny_engine(folder, **options).generate(batch, params)
-    engine = tiny_engine(folder, speculation="ngram", **options)
+    engine = tiny_engine(folder, speculation=NGRAM, **options)
     on = engine.generate(batch, params)
     return off, on, engine
 
@@ -77,6 +78,115 @@ def test_adaptive_k_and_turning_off():
         proposer.update(seq, 3, 0)
     assert not state.enabled and proposer.propose(seq, limit=10) == []  # acceptance stayed low: off
     assert isinstance(state, DraftState) and state.num_drafted == 4 + 2 + 36 and state.num_accepted == 3
+
+
+# ----------------------------------------------------------------------------------------------- shared table
+
+
+def test_shared_table_maps_output_ngrams_to_what_followed_them():
+    table = SharedDraftTable(min_n=2, max_n=3, num_next_tokens=3, max_entries=100)
+    table.add("a", [7, 8, 9], [1, 2, 3, 4, 5])  # keys end in the prompt's last max_n tokens or the output
+    assert table.lookup("a", [0, 8, 9], k=4) == [1, 2, 3]  # "8 9" (the prompt's tail) → the output's start
+    assert table.lookup("a", [6, 2, 3], k=4) == [4, 5]  # "2 3": up to the end of the output
+    assert table.lookup("a", [1, 2, 3], k=1) == [4]
+    assert table.lookup("a", [9, 5], k=4) == []  # "9 5" never occurred; "5" ends the output: nothing followed
+    assert table.lookup("b", [8, 9], k=4) == []  # another namespace sees nothing
+    table.add("a", [0], [2, 3, 9])  # a more recent output with "2 3": its continuation wins
+    assert table.lookup("a", [6, 2, 3], k=4) == [9]
+    assert table.lookup("a", [1, 2, 3], k=4) == [4, 5]  # the longer n-gram "1 2 3" still points at the first
+    # every n-gram (n = 2, 3) followed by an output token, once: 10 from the first output, 2 new from the second
+    assert table.num_entries("a") == len({(8, 9), (7, 8, 9), (9, 1), (8, 9, 1), (1, 2), (9, 1, 2), (2, 3),
+                                          (1, 2, 3), (3, 4), (2, 3, 4), (0, 2), (0, 2, 3)})
+
+
+def test_shared_table_is_bounded_and_evicts_the_least_frequently_used():
+    table = SharedDraftTable(min_n=1, max_n=1, num_next_tokens=1, max_entries=4)
+    table.add("ns", [1], [2, 3, 4])  # 1→2, 2→3, 3→4 (one use each)
+    assert table.lookup("ns", [2], k=1) == [3] and table.lookup("ns", [2], k=1) == [3]  # 2: three uses
+    assert table.lookup("ns", [3], k=1) == [4]  # 3: two uses
+    table.add("ns", [4], [5, 6])  # 4→5, 5→6: 5 entries > 4: a sweep down to 4 - 4 // 4 = 3 entries
+    assert table.num_entries("ns") == 3
+    assert table.lookup("ns", [1], k=1) == [] and table.lookup("ns", [4], k=1) == []  # fewest uses, oldest first
+    # the survivors' uses were halved (rounding up): 2: 3 → 2, 3: 2 → 1, 5: 1 → 1
+    table.add("ns", [6], [7])
+    table.add("ns", [7], [8])  # 5 entries again: of those used once (3, 5, 6, 7), the two oldest go
+    assert table.num_entries("ns") == 3
+    assert table.lookup("ns", [3], k=1) == [] and table.lookup("ns", [5], k=1) == []
+    assert [table.lookup("ns", [t], k=1) for t in (2, 6, 7)] == [[3], [7], [8]]
+    for i in range(100):  # a long stream never holds more than the cap
+        table.add("ns", [i], [1000 + i, 2000 + i])
+        assert table.num_entries("ns") <= 4
+
+
+def test_shared_table_drops_the_least_recently_used_namespace():
+    table = SharedDraftTable(min_n=1, max_n=2, num_next_tokens=2, max_entries=8, max_namespaces=2)
+    table.add("a", [1], [2])
+    table.add("b", [1], [3])
+    assert table.lookup("a", [1], k=1) == [2]  # a is now the most recently used
+    table.add("c", [1], [4])
+    assert table.namespaces == ["a", "c"]
+    assert table.lookup("b", [1], k=1) == []
+
+
+def test_proposer_drafts_from_its_own_text_first_then_the_shared_table():
+    table = SharedDraftTable(min_n=1, max_n=3, num_next_tokens=4, max_entries=100)
+    proposer = NgramProposer(num_draft_tokens=4, min_n=1, max_n=3, shared=table)
+    table.add("ns", [9], [5, 6, 7, 8])
+    own = Sequence(seq_id=0, request_id="r", prompt_token_ids=[5, 1, 5], params=GREEDY, namespace="ns")
+    assert proposer.propose(own, limit=10) == [1, 5]  # "5" occurred in its own text: that wins
+    assert not own.draft_state.is_shared
+    fresh = Sequence(seq_id=1, request_id="s", prompt_token_ids=[4, 3, 5], params=GREEDY, namespace="ns")
+    assert proposer.propose(fresh, limit=10) == [6, 7, 8]
+    assert fresh.draft_state.is_shared
+    proposer.update(fresh, 3, 2)
+    assert (fresh.draft_state.num_shared_drafted, fresh.draft_state.num_shared_accepted) == (3, 2)
+    other = Sequence(seq_id=2, request_id="t", prompt_token_ids=[4, 3, 5], params=GREEDY, namespace="other")
+    anonymous = Sequence(seq_id=3, request_id="u", prompt_token_ids=[4, 3, 5], params=GREEDY)
+    assert proposer.propose(other, limit=10) == [] and proposer.propose(anonymous, limit=10) == []
+    fresh.token_ids += [6, 7, 8, 2]
+    proposer.record(fresh)  # a finished sequence's output joins its namespace's table
+    assert table.lookup("ns", [7, 8], k=4) == [2]
+    proposer.record(anonymous)  # no namespace: nothing recorded
+    assert table.namespaces == ["ns"]
+
+
+def test_engine_shares_drafts_within_a_namespace_only(tiny_model_dir):
+    """Two requests in one namespace, the second repeating the first's output (same prompt, greedy): the second
+    accepts drafts from the shared table; a request of another namespace gets none from it; every output
+    equals speculation off, token for token."""
+    folder = tiny_model_dir("llama")
+    [prompt] = prompts(1, [23], seed=11)  # random tokens: the prompt itself predicts little
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    [plain] = tiny_engine(folder).generate([prompt], params)
+    engine = tiny_engine(folder, speculation=SpeculationConfig(method="ngram", shared_context=True))
+
+    def run(namespace):
+        rid = engine.add_request(prompt, params, namespace=namespace)
+        [seq] = engine.requests[rid]
+        while engine.has_unfinished_requests():
+            engine.step()
+        return seq
+
+    first = run("team-a")
+    assert first.draft_state is None or first.draft_state.num_shared_drafted == 0  # the table was empty
+    second = run("team-a")
+    assert second.draft_state.num_shared_accepted > 0, "no draft came from the shared table"
+    stats = engine.stats()
+    assert stats.num_shared_accepted_tokens_total == second.draft_state.num_shared_accepted
+    assert stats.num_shared_draft_tokens_total == second.draft_state.num_shared_drafted
+    third = run("team-b")
+    assert third.draft_state is None or third.draft_state.num_shared_drafted == 0
+    assert engine.stats().num_shared_draft_tokens_total == stats.num_shared_draft_tokens_total
+    for seq in (first, second, third):
+        assert seq.output_token_ids == plain.token_ids
+    assert engine.proposer.shared.namespaces == ["team-a", "team-b"]
+    assert_no_leaks(engine)
+
+
+def test_shared_table_off_by_default(tiny_model_dir):
+    engine = tiny_engine(tiny_model_dir("llama"), speculation=NGRAM)
+    assert engine.proposer.shared is None
+    assert tiny_engine(tiny_model_dir("llama")).proposer is None
 
 
 # ----------------------------------------------------------------------------------------------- accept rule
@@ -130,7 +240,7 @@ def test_greedy_identical_alone(arch, tiny_model_dir):
     folder = tiny_model_dir(arch)
     batch = repetitive_prompts(4, seed=1)
     off = [tiny_engine(folder).generate([p], GREEDY)[0] for p in batch]
-    engine = tiny_engine(folder, speculation="ngram")
+    engine = tiny_engine(folder, speculation=NGRAM)
     on = [engine.generate([p], GREEDY)[0] for p in batch]
     assert [r.token_ids for r in on] == [r.token_ids for r in off]
     assert [r.text for r in on] == [r.text for r in off]
@@ -160,7 +270,7 @@ def test_greedy_identical_in_mixed_batches(arch, tiny_model_dir):
         return [seqs[rid].output_token_ids for rid in first + late]
 
     off = run(tiny_engine(folder, max_num_batched_tokens=24))
-    engine = tiny_engine(folder, max_num_batched_tokens=24, speculation="ngram")
+    engine = tiny_engine(folder, max_num_batched_tokens=24, speculation=NGRAM)
     on = run(engine)
     assert on == off
     assert [len(t) for t in on] == [40, 1, 25, 33, 2, 40, 30, 12, 40]
@@ -173,7 +283,7 @@ def test_greedy_identical_with_prefix_hits(tiny_model_dir):
     [shared] = repetitive_prompts(1, seed=4)
     shared = (shared * 3)[:24]
     first, second = shared + [7, 8, 9], shared + [10, 11]
-    engine = tiny_engine(folder, speculation="ngram")
+    engine = tiny_engine(folder, speculation=NGRAM)
     plain = tiny_engine(folder)
     for prompt in (first, second, first):
         [on] = engine.generate([prompt], GREEDY)
@@ -248,7 +358,8 @@ def test_sampled_distribution_unchanged(tiny_model_dir):
     counts: dict[str, dict[tuple[int, ...], int]] = {"none": {}, "ngram": {}}
     engines = {}
     for spec in counts:
-        engine = engines[spec] = tiny_engine(folder, speculation=spec, max_num_seqs=256, num_kv_blocks=2048)
+        engine = engines[spec] = tiny_engine(folder, speculation=SpeculationConfig(method=spec), max_num_seqs=256,
+                                             num_kv_blocks=2048)
         for round_ in range(6):
             seed = 1000 * round_ + (0 if spec == "none" else 500)
             p = SamplingParams(temperature=1.0, top_k=3, max_tokens=4, ignore_eos=True, n=200, seed=seed)
@@ -275,7 +386,7 @@ def test_no_leaked_blocks_with_64_concurrent_speculative_requests(tiny_model_dir
     batch = repetitive_prompts(64, seed=8)
     params = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=8 + i % 23, ignore_eos=True)
               for i in range(64)]
-    engine = tiny_engine(folder, speculation="ngram", num_kv_blocks=160, max_num_batched_tokens=128)
+    engine = tiny_engine(folder, speculation=NGRAM, num_kv_blocks=160, max_num_batched_tokens=128)
     results = engine.generate(batch, params)
     assert [len(r.token_ids) for r in results] == [8 + i % 23 for i in range(64)]
     stats = engine.stats()
@@ -291,7 +402,7 @@ def test_structured_output_with_speculation_is_schema_valid(tiny_model_dir):
     spec = StructuredOutput.json_schema(schema)
     options = dict(num_kv_blocks=256, block_size=16, device="cpu", num_threads=1)
     plain = LLMEngine(folder, EngineArgs(**options))
-    engine = LLMEngine(folder, EngineArgs(speculation="ngram", ngram_min=1, **options))
+    engine = LLMEngine(folder, EngineArgs(speculation=SpeculationConfig(method="ngram", min_n=1), **options))
     prompt = plain.tokenizer('{"items":["ab","ab","ab","ab","ab"]} {"items":["ab","ab"')["input_ids"]
     greedy = SamplingParams(temperature=0, max_tokens=200, structured=spec)
     [a] = plain.generate([prompt], greedy)
@@ -314,22 +425,53 @@ def test_stats_report_drafted_and_accepted_tokens(tiny_model_dir):
         def record(self, s, it):
             records.append((s, it))
 
-    engine = tiny_engine(tiny_model_dir("llama"), stat_loggers=[Logger()], speculation="ngram")
+    engine = tiny_engine(tiny_model_dir("llama"), stat_loggers=[Logger()], speculation=NGRAM)
     engine.generate(repetitive_prompts(3, seed=9), GREEDY)
     stats = engine.stats()
     assert sum(it.num_draft_tokens for _, it in records) == stats.num_draft_tokens_total > 0
+    assert 0 < sum(it.num_drafts for _, it in records) <= sum(it.num_draft_tokens for _, it in records)
     assert sum(it.num_accepted_tokens for _, it in records) == stats.num_accepted_tokens_total > 0
     assert sum(it.num_generation_tokens for _, it in records) == 3 * 40
 
 
 def test_engine_args_validate_speculation():
-    assert EngineArgs().speculation == "none"
-    with pytest.raises(ValueError, match="speculation"):
-        EngineArgs(speculation="eagle")
-    with pytest.raises(ValueError, match="ngram_min"):
-        EngineArgs(ngram_min=5, ngram_max=3)
-    with pytest.raises(ValueError, match="num_draft_tokens"):
-        EngineArgs(num_draft_tokens=0)
+    assert EngineArgs().speculation == SpeculationConfig(method="none", shared_context=False)
+    for bad, key in ((dict(method="eagle"), "speculation.method must be one of none, ngram"),
+                     (dict(min_n=5, max_n=3), "speculation.min_n must be <= speculation.max_n"),
+                     (dict(num_draft_tokens=0), "speculation.num_draft_tokens must be >= 1"),
+                     (dict(shared_max_entries=0), "speculation.shared_max_entries must be >= 1")):
+        with pytest.raises(ValueError, match=key):
+            SpeculationConfig(**bad)
+    with pytest.raises(ValueError, match="speculation must be a SpeculationConfig"):
+        EngineArgs(speculation="ngram")
+
+
+def test_speculation_settings_nest_in_a_pool_and_in_the_engine_serve_flag():
+    """The pool setting `engine.speculation: {...}` and `engine serve --speculation` build the same
+    SpeculationConfig; a bad value is one line naming the key."""
+    from gateway.engine_server import speculation_of
+    from gateway.settings import ConfigError, settings_from_dict
+
+    def pool_engine(speculation):
+        return settings_from_dict({"pools": [{"name": "slm", "model": "smollm2-135m",
+                                              "engine": {"speculation": speculation}},
+                                             {"name": "llm", "model": "gemma3-270m"}]}).pool("slm").engine
+
+    want = SpeculationConfig(method="ngram", num_draft_tokens=6, min_n=1, max_n=3, shared_context=True)
+    values = {"method": "ngram", "num_draft_tokens": 6, "min_n": 1, "max_n": 3, "shared_context": True}
+    assert pool_engine(values).speculation == want
+    assert speculation_of(json.dumps(values)) == want
+    assert speculation_of("ngram") == SpeculationConfig(method="ngram")
+    assert speculation_of("none") == SpeculationConfig()
+    with pytest.raises(ConfigError, match=r"pools\.0\.engine\.speculation.*speculation\.min_n must be <= ") as info:
+        pool_engine({"method": "ngram", "min_n": 5})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"pools\.0\.engine\.speculation\.ngram_min = 1: Unexpected"):
+        pool_engine({"method": "ngram", "ngram_min": 1})
+    with pytest.raises(ValueError, match=r"unknown keys \['k'\]"):
+        speculation_of('{"method": "ngram", "k": 3}')
+    with pytest.raises(ValueError, match="speculation.method must be one of"):
+        speculation_of("eagle")
 
 
 @pytest.mark.slow
@@ -344,7 +486,7 @@ def test_bundled_smollm2_greedy_identical(bundled_model_dir):
     prompt = plain.tokenizer(chat, add_special_tokens=False)["input_ids"]
     params = SamplingParams(temperature=0, max_tokens=48)
     [off] = plain.generate([prompt], params)
-    engine = tiny_engine(folder, speculation="ngram", **options)
+    engine = tiny_engine(folder, speculation=NGRAM, **options)
     [on] = engine.generate([prompt], params)
     assert on.token_ids == off.token_ids and on.text == off.text
     assert engine.stats().num_accepted_tokens_total > 0
@@ -361,13 +503,16 @@ def test_the_gateway_turns_the_speculation_stats_into_prometheus_metrics():
     registry = CollectorRegistry()
     logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
     base = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1, num_kv_blocks=64)
-    logger.record(base, IterationStats(num_generation_tokens=4, num_draft_tokens=4, num_accepted_tokens=3))
-    logger.record(base, IterationStats(num_generation_tokens=1, num_draft_tokens=2, num_accepted_tokens=0))
+    logger.record(base, IterationStats(num_generation_tokens=4, num_drafts=1, num_draft_tokens=4,
+                                       num_accepted_tokens=3))
+    logger.record(base, IterationStats(num_generation_tokens=1, num_drafts=1, num_draft_tokens=2,
+                                       num_accepted_tokens=0))
     logger.record(base, IterationStats(num_generation_tokens=1))
     text = generate_latest(registry).decode()
     _check_naming(text)
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
               if s.labels.get("replica") == "slm/0"}
+    assert values["switchyard_spec_decode_num_drafts_total"] == 2
     assert values["switchyard_spec_decode_num_draft_tokens_total"] == 6
     assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 3
     assert values["switchyard_generation_tokens_total"] == 6
@@ -384,7 +529,7 @@ async def test_local_backend_streams_multi_token_steps(tiny_model_dir):
     for spec in ("none", "ngram"):
         backend = LocalBackend("slm/0", str(tiny_model_dir("llama")),
                                EngineArgs(num_kv_blocks=128, block_size=4, max_model_len=256, num_threads=1,
-                                          device="cpu", speculation=spec))
+                                          device="cpu", speculation=SpeculationConfig(method=spec)))
         await backend.load()
         try:
             request = GenerationRequest(request_id="r1", model="slm", messages=[{"role": "user", "content": content}],
@@ -439,3 +584,28 @@ def test_scheduler_gives_drafts_spare_blocks_only_and_never_preempts_for_them():
     batch = sched.schedule()
     assert [(s.seq.seq_id, len(s.draft_token_ids)) for s in batch.scheduled] == [(0, 0), (1, 4), (2, 4)]
     assert not batch.preempted and bm.num_free_blocks == 0
+
+
+async def test_local_backend_passes_the_requests_namespace_to_the_shared_table(tiny_model_dir):
+    from backends.base import GenerationRequest
+    from backends.local import LocalBackend
+
+    backend = LocalBackend("slm/0", str(tiny_model_dir("llama")),
+                           EngineArgs(num_kv_blocks=128, block_size=4, max_model_len=256, num_threads=1, device="cpu",
+                                      speculation=SpeculationConfig(method="ngram", shared_context=True)))
+    await backend.load()
+    try:
+        outputs = []
+        for i, namespace in enumerate(("team-a", "team-a", "team-b")):
+            request = GenerationRequest(request_id=f"r{i}", model="slm", namespace=namespace,
+                                        messages=[{"role": "user", "content": "Name three rivers of Europe."}],
+                                        sampling=SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            outputs.append([t for d in [d async for d in backend.generate(request)] for t in d.token_ids])
+            if i == 1:
+                shared = backend.llm_engine.stats().num_shared_accepted_tokens_total
+        assert shared > 0
+        assert backend.llm_engine.stats().num_shared_accepted_tokens_total == shared  # team-b saw none of it
+        assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 24
+        assert backend.llm_engine.proposer.shared.namespaces == ["team-a", "team-b"]  # each output joins its own
+    finally:
+        await backend.close()

@@ -174,3 +174,23 @@ def test_bad_session_fields_are_400(live_server, body):
     with pytest.raises(openai.BadRequestError):
         _client(server).chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
                                                 extra_body=body)
+
+
+def test_the_keys_namespace_reaches_the_pool(live_server):
+    """Each request carries its API key's namespace to the backend (a local engine shares speculative drafts
+    within it); an open gateway's requests carry the default namespace."""
+    from gateway.admission import OPEN_NAMESPACE
+    from gateway.settings import hash_api_key
+
+    keys = [{"name": "a", "sha256": hash_api_key("sk-a"), "namespace": "team-a"},
+            {"name": "b", "sha256": hash_api_key("sk-b")}]
+    factory = FakeFactory()
+    server = live_server(fake_app(fake_settings(api_keys=keys), factory))
+    for key in ("sk-a", "sk-b"):
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="slm", messages=[{"role": "user", "content": "hi"}])
+    assert [r.namespace for b in factory.backends["slm"] for r in b.requests] == ["team-a", "b"]
+    open_factory = FakeFactory()
+    _client(live_server(fake_app(fake_settings(), open_factory))).chat.completions.create(
+        model="slm", messages=[{"role": "user", "content": "hi"}])
+    assert [r.namespace for b in open_factory.backends["slm"] for r in b.requests] == [OPEN_NAMESPACE]

@@ -179,10 +179,10 @@ content of an existing ConfigMap found by lookup. A change here rolls the gatewa
 
 {{/*
 Gateway engine options → `switchyard engine serve` flags (every EngineOptions key has one; null = the
-engine's default). Call with the engine dict.
+engine's default; the nested speculation object travels as one JSON flag). Call with the engine dict.
 */}}
 {{- define "switchyard.engineArgs" -}}
-{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" "kv_retain_s" "--kv-retain-s" "kv_retain_max_share" "--kv-retain-max-share" "program_max_wait_s" "--program-max-wait-s" "speculation" "--speculation" "num_draft_tokens" "--num-draft-tokens" "ngram_min" "--ngram-min" "ngram_max" "--ngram-max" }}
+{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" "kv_retain_s" "--kv-retain-s" "kv_retain_max_share" "--kv-retain-max-share" "program_max_wait_s" "--program-max-wait-s" }}
 {{- range $k := keys $flags | sortAlpha }}
 {{- if and (hasKey $ $k) (not (kindIs "invalid" (index $ $k))) }}
 - {{ index $flags $k | quote }}
@@ -194,6 +194,10 @@ engine's default). Call with the engine dict.
 {{- end }}
 {{- if .program_scheduling }}
 - "--program-scheduling"
+{{- end }}
+{{- if .speculation }}
+- "--speculation"
+- {{ toJson .speculation | quote }}
 {{- end }}
 {{- end }}
 
