@@ -215,8 +215,8 @@ class OpenAIUpstream:
             body["response_format"] = request.response_format
         if request.user is not None:
             body["user"] = request.user
-        if request.logit_bias:
-            body["logit_bias"] = request.logit_bias
+        if s.logit_bias:
+            body["logit_bias"] = {str(token_id): bias for token_id, bias in s.logit_bias}
         if request.chat_template_kwargs and is_chat:
             body["chat_template_kwargs"] = request.chat_template_kwargs
         return ("/chat/completions" if is_chat else "/completions"), body

@@ -36,7 +36,6 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the request must finish
     priority: int = 0  # lower runs first (engine scheduler)
     trace_headers: dict[str, str] = field(default_factory=dict)  # x-request-id, traceparent: sent to remote pools
-    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias; remote pools only
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     session_id: str | None = None  # an agent session (x-session-id, prompt_cache_key, ...): placement and KV retention
     program_id: str | None = None  # a multi-agent job (x-program-id; defaults to the session): engine scheduling

@@ -74,7 +74,6 @@ class Job:
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
     priority: int = 0  # engine scheduling, lower first (vLLM's extra ``priority``)
-    logit_bias: dict[str, float] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     correlation_id: str | None = None  # the x-request-id the edge accepted or made
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
@@ -766,7 +765,7 @@ class Pipeline:
             response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
             parallel_tool_calls=job.parallel_tool_calls,
             trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
-            logit_bias=job.logit_bias, chat_template_kwargs=job.chat_template_kwargs,
+            chat_template_kwargs=job.chat_template_kwargs,
             session_id=job.session_id, program_id=job.program_id,
         )
 

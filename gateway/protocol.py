@@ -292,6 +292,12 @@ class _Sampling(_Request):
     max_tokens: Int(1, 1_000_000) | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, description="token id → bias in [-100, 100], added to that token's logit",
+              json_schema_extra={"anyOf": [  # keys other than token ids are refused: say so in the schema
+                  {"type": "object", "additionalProperties": False, "patternProperties": {
+                      "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}}},
+                  {"type": "null"}]}))
     seed: Int(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | None = None
     user: str | None = Field(None, max_length=256)
     prompt_cache_key: str | None = Field(None, max_length=256, description="OpenAI's cache key: also the "
@@ -337,6 +343,7 @@ class _Sampling(_Request):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=self.num_logprobs(),
             ignore_eos=bool(self.ignore_eos),
+            logit_bias=tuple(sorted((int(t), float(b)) for t, b in (self.logit_bias or {}).items())),
         )
 
 
@@ -355,12 +362,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)",
-              json_schema_extra={"anyOf": [  # keys other than token ids are refused: say so in the schema
-                  {"type": "object", "additionalProperties": False, "patternProperties": {
-                      "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}}},
-                  {"type": "null"}]}))
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat-template variables "
                                                         "(vLLM's; e.g. enable_thinking)")
     tools: list[ChatTool] | None = None
