@@ -267,6 +267,10 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.has_images:
+            raise BackendError(f"{self.name}: the embedded engine is text-only; image input needs a remote pool "
+                               "with supports_vision", retryable=False, status_code=400,
+                               code="image_input_not_supported", param="messages")
         if self.engine is None or not self.engine.is_running:
             raise BackendError(f"{self.name}: engine not running", retryable=True, status_code=503)
         prompt = self.prompt_token_ids(request)

@@ -122,6 +122,28 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = _WIRE
+    url: str = Field(min_length=1, description="an http(s) URL or a data: URL (base64)")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image in a message; only pools that declare ``supports_vision`` take it (others answer 400)."""
+
+    model_config = _WIRE
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+def image_part(url: str, detail: str | None = None) -> dict[str, Any]:
+    """One chat ``image_url`` part as backends see it (what the Responses and Messages images become)."""
+    return {"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}}
+
+
 class CalledFunction(BaseModel):
     model_config = _WIRE
     name: str
@@ -143,7 +165,7 @@ class ChatMessage(BaseModel):
         "if": {"properties": {"role": {"const": "tool"}}},
         "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}}})
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -152,8 +174,12 @@ class ChatMessage(BaseModel):
         return content_text(self.content)
 
     def to_backend(self) -> dict[str, Any]:
-        """The message as backends see it: content flattened to one string."""
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        """The message as backends see it: content flattened to one string, or — when it has images — the
+        list of text and ``image_url`` parts, in order."""
+        has_images = isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
+        content = ([p.model_dump(exclude_none=True) for p in self.content] if has_images  # type: ignore[union-attr]
+                   else self.text())
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls is not None:
@@ -582,16 +608,41 @@ class InputText(BaseModel):
     text: str
 
 
+class InputImage(BaseModel):
+    """An image by URL (http(s) or data:); ``file_id`` (the Files API) is not served."""
+
+    model_config = _WIRE
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, min_length=1)
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> InputImage:
+        if self.image_url is None:
+            raise ValueError("input_image needs image_url (file_id is not supported)")
+        return self
+
+
 class InputMessage(BaseModel):
     """A message item; ``type`` may be left out (the SDK's "easy input message")."""
 
     model_config = _WIRE
     type: Literal["message"] | None = None
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputText]
+    content: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, InputText))
+
+    def chat_content(self) -> str | list[dict[str, Any]]:
+        """The chat message content: the text, or — when there are images — text and image_url parts."""
+        if isinstance(self.content, str) or not any(isinstance(p, InputImage) for p in self.content):
+            return self.text()
+        return [{"type": "text", "text": p.text} if isinstance(p, InputText) else image_part(p.image_url, p.detail)
+                for p in self.content]
 
 
 class FunctionCallItem(BaseModel):
@@ -717,7 +768,7 @@ class ResponsesRequest(_Request):
         out: list[dict[str, Any]] = []
         for item in self.input:
             if isinstance(item, InputMessage):
-                out.append({"role": item.role, "content": item.text()})
+                out.append({"role": item.role, "content": item.chat_content()})
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
