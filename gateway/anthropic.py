@@ -13,6 +13,8 @@ Translation (Anthropic → OpenAI chat):
   * ``tools[].input_schema`` (checked as a JSON Schema) → ``function.parameters``; ``tool_choice`` auto /
     any / tool / none → auto / required / the named function / none, its ``disable_parallel_tool_use`` →
     the opposite ``parallel_tool_calls``; ``stop_sequences`` → ``stop``; ``metadata.user_id`` → ``user``.
+  * an assistant turn's ``thinking`` / ``redacted_thinking`` blocks (an earlier answer's reasoning, sent back)
+    are dropped;
   * a user turn's ``image`` blocks (base64 or url source) → chat ``image_url`` parts (base64 as a data: URL),
     in order with its text; only pools with ``supports_vision`` take them.
     Other block kinds (document, ...) are a 400 naming the tag.
@@ -89,10 +91,26 @@ class UserMessage(BaseModel):
     content: str | list[Annotated[TextBlock | ImageBlock | ToolResultBlock, Field(discriminator="type")]]
 
 
+class ThinkingBlock(BaseModel):
+    """A thinking block of an earlier answer, sent back: accepted and dropped (pools get no reasoning history)."""
+
+    model_config = _WIRE
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(BaseModel):
+    model_config = _WIRE
+    type: Literal["redacted_thinking"]
+    data: str
+
+
 class AssistantMessage(BaseModel):
     model_config = _WIRE
     role: Literal["assistant"]
-    content: str | list[Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]]
+    content: str | list[Annotated[TextBlock | ToolUseBlock | ThinkingBlock | RedactedThinkingBlock,
+                                  Field(discriminator="type")]]
 
 
 Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role")]
@@ -203,6 +221,8 @@ def _chat_messages(m: UserMessage | AssistantMessage) -> list[dict[str, Any]]:
         elif isinstance(block, ToolUseBlock):
             tool_calls.append({"id": block.id, "type": "function", "function": {
                 "name": block.name, "arguments": json.dumps(block.input, separators=(",", ":"))}})
+        elif isinstance(block, ThinkingBlock | RedactedThinkingBlock):
+            continue
         else:
             results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
     out = list(results)

@@ -609,19 +609,13 @@ class InputText(BaseModel):
 
 
 class InputImage(BaseModel):
-    """An image by URL (http(s) or data:); ``file_id`` (the Files API) is not served."""
+    """An image by URL (http(s) or data:); ``file_id`` (the Files API) is not served: ``image_url`` is required."""
 
     model_config = _WIRE
     type: Literal["input_image"]
-    image_url: str | None = Field(None, min_length=1)
-    file_id: str | None = None
+    image_url: str = Field(min_length=1, description="an http(s) URL or a data: URL (base64); file_id is not "
+                           "supported")
     detail: Literal["auto", "low", "high"] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> InputImage:
-        if self.image_url is None:
-            raise ValueError("input_image needs image_url (file_id is not supported)")
-        return self
 
 
 class InputMessage(BaseModel):
@@ -664,14 +658,23 @@ class FunctionCallOutputItem(BaseModel):
     status: str | None = None
 
 
+class ReasoningItem(BaseModel):
+    """A reasoning item of an earlier response, sent back (the Agents SDK does): accepted and dropped, as the
+    stored conversation drops it (pools get no reasoning history)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["reasoning"]
+    id: str | None = None
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("function_call", "function_call_output") else "message"
+    return kind if kind in ("function_call", "function_call_output", "reasoning") else "message"
 
 
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind)]
 
 
@@ -776,7 +779,7 @@ class ResponsesRequest(_Request):
                     out[-1]["tool_calls"].append(call)
                 else:
                     out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            else:
+            elif isinstance(item, FunctionCallOutputItem):
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         return out
 

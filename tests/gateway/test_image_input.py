@@ -82,7 +82,7 @@ def test_pools_without_vision_answer_400_in_each_api_shape(live_server):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model="cloud", input=[{"role": "user", "content": [
             {"type": "input_image", "file_id": "file-1"}]}])
-    assert "file_id is not supported" in info.value.body["message"]
+    assert "input_image.image_url: Field required" in info.value.body["message"]
     claude = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as info:
         claude.messages.create(model="slm", max_tokens=8, messages=[{"role": "user", "content": [
