@@ -764,7 +764,7 @@ class Pipeline:
             vision = [p.name for p in self.settings.pools if p.serves_images and p.task == "generate"]
             hint = (f"pools that take images: {', '.join(vision)}" if vision
                     else "no pool takes images: set supports_vision on a remote pool that serves a vision model")
-            raise InvalidRequest(f"Pool {alias!r} does not accept image input ({hint}).",
+            raise InvalidRequest(f"Pool {alias!r} does not accept image input in {job.input_param} ({hint}).",
                                  code="image_input_not_supported", param=job.input_param)
         if job.tools and not cfg.serves_tools:
             raise InvalidRequest(f"Pool {alias!r} does not support tools / tool_choice "

@@ -74,7 +74,7 @@ def test_pools_without_vision_answer_400_in_each_api_shape(live_server):
             client.chat.completions.create(model=model, messages=[{"role": "user", "content": CHAT_PARTS}])
         error = info.value.body
         assert error["code"] == "image_input_not_supported" and error["param"] == "messages"
-        assert f"Pool {model!r} does not accept image input (pools that take images: cloud)" in error["message"]
+        assert f"Pool {model!r} does not accept image input in messages (pools that take images: cloud)" in error["message"]
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model="slm", input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": URL}]}])
@@ -88,7 +88,7 @@ def test_pools_without_vision_answer_400_in_each_api_shape(live_server):
         claude.messages.create(model="slm", max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "url", "url": URL}}]}])
     assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "invalid_request_error"
-    assert "does not accept image input" in info.value.body["error"]["message"]
+    assert "does not accept image input in messages" in info.value.body["error"]["message"]
     bad = httpx.post(server.base_url + "/v1/chat/completions", json={"model": "cloud", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]})
     assert bad.status_code == 400 and "image_url" in bad.json()["error"]["message"]
