@@ -169,6 +169,14 @@ def test_engine_logit_bias_forces_and_bans_tokens(tiny_model_dir):
         SamplingParams(**greedy, logit_bias=((forced_id, 100.0),)),
         SamplingParams(**greedy), SamplingParams(**greedy, logit_bias=((first, -100.0),))])
     assert [r.token_ids for r in batch] == [forced.token_ids, free.token_ids, banned.token_ids]
+    # speculative verification applies the same bias: forced drafts are accepted, the banned token never is
+    speculative = tiny_engine(folder, speculation="ngram")
+    long = dict(greedy, max_tokens=12)
+    for bias in (((forced_id, 100.0),), ((first, -100.0),)):
+        [plain] = engine.generate([prompt], SamplingParams(**long, logit_bias=bias))
+        [drafted] = speculative.generate([prompt], SamplingParams(**long, logit_bias=bias))
+        assert drafted.token_ids == plain.token_ids
+    assert speculative.stats().num_accepted_tokens_total > 0
     vocab = engine.config.hf_config.vocab_size
     with pytest.raises(SamplingParamsError, match=r"logit_bias token ids must be in \[0, "):
         engine.add_request(prompt, SamplingParams(**greedy, logit_bias=((vocab, 1.0),)))
