@@ -239,8 +239,7 @@ def _estimate_prompt_tokens(job: Job) -> int:
     if job.prompt is not None:
         return (len(job.prompt) + 3) // 4
     messages = job.messages or ()
-    chars = sum(len(str(m.get("content") or "")) if isinstance(m.get("content"), str | None)
-                else len(content_text(m["content"])) for m in messages)
+    chars = sum(len(content_text(m.get("content"))) for m in messages)  # text parts: an image's URL is not text
     return (chars + 3) // 4 + 4 * len(messages) + IMAGE_TOKENS_ESTIMATE * job.num_images
 
 
