@@ -267,9 +267,10 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if request.logit_bias:
-            raise BackendError("logit_bias is not supported by the embedded engine (remote pools pass it on)",
-                               retryable=False, status_code=400, code="logit_bias_not_supported")
+        if request.has_images:
+            raise BackendError(f"{self.name}: the embedded engine is text-only; image input needs a remote pool "
+                               "with supports_vision", retryable=False, status_code=400,
+                               code="image_input_not_supported", param="messages")
         if self.engine is None or not self.engine.is_running:
             raise BackendError(f"{self.name}: engine not running", retryable=True, status_code=503)
         prompt = self.prompt_token_ids(request)
@@ -329,4 +330,4 @@ class LocalBackend:
                                after_first_token=started) from exc
         except ValueError as exc:  # the engine rejected the input (e.g. a token id outside the vocabulary)
             raise BackendError(str(exc), retryable=False, status_code=400, code="invalid_parameter",
-                               after_first_token=started) from exc
+                               param=getattr(exc, "param", None), after_first_token=started) from exc

@@ -70,6 +70,7 @@ class OpenAIUpstream:
         connect_timeout_s: float = 2.0,
         supports_tools: bool = False,
         supports_json_mode: bool = False,
+        supports_vision: bool = False,
         max_connections: int = 1024,
         health_timeout_s: float | None = None,
         client: Literal["auto", "httpx", "lean"] = "auto",
@@ -92,6 +93,7 @@ class OpenAIUpstream:
         self.connect_timeout_s = connect_timeout_s
         self.supports_tools = supports_tools
         self.supports_json_mode = supports_json_mode
+        self.supports_vision = supports_vision
         self.max_connections = max_connections
         self.health_timeout_s = health_timeout_s or max(connect_timeout_s, 1.0)
         self._client: httpx.AsyncClient | None = None
@@ -163,6 +165,9 @@ class OpenAIUpstream:
         if request.tools and not self.supports_tools:
             raise BackendError(f"model pool replica {self.name} does not support tools", retryable=False,
                                status_code=400, code="tools_not_supported")
+        if not self.supports_vision and request.has_images:
+            raise BackendError(f"model pool replica {self.name} does not accept image input", retryable=False,
+                               status_code=400, code="image_input_not_supported", param="messages")
         rf_type = (request.response_format or {}).get("type", "text")
         if rf_type != "text" and not self.supports_json_mode:
             raise BackendError(f"model pool replica {self.name} does not support response_format {rf_type!r}",
@@ -215,8 +220,8 @@ class OpenAIUpstream:
             body["response_format"] = request.response_format
         if request.user is not None:
             body["user"] = request.user
-        if request.logit_bias:
-            body["logit_bias"] = request.logit_bias
+        if s.logit_bias:
+            body["logit_bias"] = {str(token_id): bias for token_id, bias in s.logit_bias}
         if request.chat_template_kwargs and is_chat:
             body["chat_template_kwargs"] = request.chat_template_kwargs
         return ("/chat/completions" if is_chat else "/completions"), body

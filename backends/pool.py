@@ -480,7 +480,7 @@ def remote_backend(cfg: Any, url: str, environ: Mapping[str, str] | None = None)
             raise ValueError(f"pool {cfg.name!r}: env var {cfg.api_key_env} (api_key_env) is not set")
     return OpenAIUpstream(display_url(url), url, cfg.model, api_key, timeout_s=cfg.timeout_s,
                           connect_timeout_s=cfg.connect_timeout_s, supports_tools=cfg.supports_tools,
-                          supports_json_mode=cfg.supports_json_mode)
+                          supports_json_mode=cfg.supports_json_mode, supports_vision=cfg.supports_vision)
 
 
 def _rendezvous(key: bytes, name: str) -> int:

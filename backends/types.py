@@ -15,6 +15,13 @@ from backends.engine.sampling_params import SamplingParams, SamplingParamsError
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "abort"]
 
 
+def num_image_parts(messages: list[dict[str, Any]] | None) -> int:
+    """Image parts (OpenAI ``{"type": "image_url", ...}``) in chat messages; a message's content is a string
+    or a list of parts. Only pools that take images (remote ``supports_vision``) may get a request with any."""
+    return sum(1 for m in messages or () if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+
+
 @dataclass
 class GenerationRequest:
     """One request to one backend. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set.
@@ -36,7 +43,6 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the request must finish
     priority: int = 0  # lower runs first (engine scheduler)
     trace_headers: dict[str, str] = field(default_factory=dict)  # x-request-id, traceparent: sent to remote pools
-    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias; remote pools only
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     session_id: str | None = None  # an agent session (x-session-id, prompt_cache_key, ...): placement and KV retention
     program_id: str | None = None  # a multi-agent job (x-program-id; defaults to the session): engine scheduling
@@ -49,6 +55,10 @@ class GenerationRequest:
     @property
     def n(self) -> int:
         return self.sampling.n
+
+    @property
+    def has_images(self) -> bool:
+        return num_image_parts(self.messages) > 0
 
 
 @dataclass(frozen=True)
@@ -86,4 +96,4 @@ class Delta:
 
 
 __all__ = ["Delta", "FinishReason", "GenerationRequest", "SamplingParams", "SamplingParamsError", "TokenLogprob",
-           "Usage"]
+           "Usage", "num_image_parts"]

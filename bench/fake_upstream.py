@@ -20,6 +20,8 @@ Failure modes for tests (``FakeUpstream.behavior``, changeable while it serves):
   * ``hang``           — accepts the request and never answers (until the client goes away);
   * ``die_mid_stream`` — streams ``die_after_tokens`` tokens, then drops the connection without a
     terminating chunk (non-stream requests: the connection drops before the body).
+With ``reasoning_text`` set, a chat answer carries it as vLLM's reasoning parsers send it: whole, as
+``message.reasoning_content``; streamed, as ``delta.reasoning_content`` pieces (one per word) before the content.
 A refused connection is simply a port nothing listens on (``tests.conftest.free_port()``).
 
 CLI (a separate process for the benchmark):
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -53,6 +56,7 @@ class FakeBehavior:
     tool_arguments: str = "{}"  # the arguments (JSON text) of every tool call
     num_tool_calls: int = 1
     argument_piece_chars: int = 4
+    reasoning_text: str = ""  # chat answers' reasoning_content ("" = none)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -225,6 +229,8 @@ class _Answer:
                 message: dict[str, Any] = {"role": "assistant", "content": None if self.tools else "".join(tokens)}
                 if self.tools:
                     message["tool_calls"] = self.tool_calls()
+                if self.up.behavior.reasoning_text:
+                    message["reasoning_content"] = self.up.behavior.reasoning_text
                 choices.append({"index": idx, "message": message, "logprobs": self._chat_logprobs(tokens),
                                 "finish_reason": self.finish_reason()})
             else:
@@ -262,6 +268,10 @@ class _Answer:
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(self.n)]
             await send({"type": "http.response.body", "body": self._chunk(first), "more_body": True})
+            for piece in re.findall(r"\S+\s*", b.reasoning_text):
+                chunk = [{"index": i, "delta": {"reasoning_content": piece}, "logprobs": None, "finish_reason": None}
+                         for i in range(self.n)]
+                await send({"type": "http.response.body", "body": self._chunk(chunk), "more_body": True})
         if self.tools:
             for i in range(self.n):
                 for piece in self.tool_call_pieces():

@@ -14,11 +14,15 @@ What runs (each a separate process on loopback):
 For every mode (non-stream, stream) and rate, the same load goes direct to the upstream, through
 switchyard and through LiteLLM, minutes apart at most. Overhead = latency through the proxy − direct
 latency, at p50 and p99 (percentile minus percentile). The gateway's own ``x-switchyard-overhead-ms``
-header is reported beside it.
+header is reported beside it. Besides chat completions, the same prompts go through switchyard's Responses
+API (``/v1/responses``) and Anthropic Messages (``/v1/messages``) endpoints (``--apis``), each its own row:
+their overhead is measured against the same direct chat-completions latency of the cell, since the gateway
+translates them into one upstream chat request. LiteLLM is measured on chat completions only.
 
 ``switchyard bench gateway [--quick] [--rates 100,500] [--duration 10] [--modes nonstream,stream]
-[--no-litellm] [--guard DIR --router DIR] [--prompts F.jsonl[,F2.jsonl] [--num-prompts 2000]]
-[--workers N] [--no-batching] [--json]`` (``switchyard bench gateway -- --help`` lists every option).
+[--apis chat,responses,messages] [--no-litellm] [--guard DIR --router DIR] [--prompts F.jsonl[,F2.jsonl]
+[--num-prompts 2000]] [--workers N] [--no-batching] [--json]`` (``switchyard bench gateway -- --help`` lists
+every option).
 
 ``--prompts``: JSONL rows with ``text`` (the guard's data files), ``prompt`` (routing rows) or ``messages``;
 ``--num-prompts`` of them are drawn (seed 0) and sent round-robin, each as one chat request. Without it, 256
@@ -49,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LITELLM_SPEC = "litellm[proxy]==1.108.7"
 DEFAULT_LITELLM_VENV = ROOT / ".bench" / "litellm-venv"
 MODEL = "fake-model"
+# switchyard's endpoint for each API the load generator speaks (bench/loadgen.py APIS)
+API_PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
 
 _DOMAINS = {
     "law": ["contract", "tenant lease", "copyright claim", "court appeal", "employment dispute", "will and estate",
@@ -267,22 +273,29 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not up after {timeout_s:.0f}s")
 
 
-def probe(url: str, body: dict[str, Any], api_key: str) -> dict[str, str]:
-    """One request; returns the interesting response headers. Raises on a non-200."""
+def probe(url: str, body: dict[str, Any], api_key: str, api: str = "chat") -> dict[str, str]:
+    """One request (``body`` a chat body, sent as ``api`` speaks); returns the interesting response headers.
+    Raises on a non-200."""
     import httpx
 
-    r = httpx.post(url, json=body, timeout=30, headers={"Authorization": f"Bearer {api_key}"})
+    from bench.loadgen import api_body
+
+    r = httpx.post(url, json=api_body(api, body, stream=False), timeout=30,
+                   headers={"Authorization": f"Bearer {api_key}"})
     if r.status_code != 200:
         raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
     return {k: v for k, v in r.headers.items() if k.startswith("x-switchyard")}
 
 
-def settle(url: str, model: str, api_key: str, timeout_s: float = 90.0) -> float:
-    """Wait until ``url`` answers one small request within 0.5 s (a proxy still draining the backlog of a
-    saturating cell would otherwise charge it to the next cell). Returns the seconds waited."""
+def settle(url: str, model: str, api_key: str, api: str = "chat", timeout_s: float = 90.0) -> float:
+    """Wait until ``url`` (speaking ``api``) answers one small request within 0.5 s (a proxy still draining the
+    backlog of a saturating cell would otherwise charge it to the next cell). Returns the seconds waited."""
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": "What is a contract?"}], "max_tokens": 4}
+    from bench.loadgen import api_body
+
+    body = api_body(api, {"model": model, "messages": [{"role": "user", "content": "What is a contract?"}],
+                          "max_tokens": 4}, stream=False)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         start = time.monotonic()
@@ -295,10 +308,10 @@ def settle(url: str, model: str, api_key: str, timeout_s: float = 90.0) -> float
 
 
 def run_loadgen(url: str, bodies: Path, rate: float, opts: argparse.Namespace, stream: bool,
-                model: str) -> dict[str, Any]:
+                model: str, api: str = "chat") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--bodies", str(bodies), "--rate", str(rate),
            "--duration", str(opts.duration), "--warmup", str(opts.warmup), "--model", model,
-           "--timeout", str(opts.request_timeout), "--api-key", opts.api_key]
+           "--timeout", str(opts.request_timeout), "--api-key", opts.api_key, "--api", api]
     if stream:
         cmd.append("--stream")
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -313,6 +326,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short cells (2 s + 0.5 s warm-up): a smoke run")
     p.add_argument("--rates", default="100,500", help="comma-separated requests/s (default 100,500)")
     p.add_argument("--modes", default="nonstream,stream", help="nonstream,stream")
+    p.add_argument("--apis", default="chat,responses,messages",
+                   help="switchyard endpoints measured: chat, responses, messages (default all three)")
     p.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 10)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2)")
     p.add_argument("--num-tokens", type=int, default=16, help="tokens the fake upstream answers with")
@@ -337,6 +352,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in opts.modes if m not in ("nonstream", "stream")]
     if bad or not opts.modes:
         raise ValueError(f"--modes: unknown {bad}; valid: nonstream, stream")
+    opts.apis = [a.strip() for a in opts.apis.split(",") if a.strip()]
+    bad = [a for a in opts.apis if a not in API_PATHS]
+    if bad or not opts.apis:
+        raise ValueError(f"--apis: unknown {bad}; valid: {', '.join(API_PATHS)}")
     if not opts.rates or any(r <= 0 for r in opts.rates):
         raise ValueError("--rates must be positive numbers")
     opts.api_key = "sk-bench-" + secrets.token_hex(16)  # LiteLLM's master key; the others ignore it
@@ -399,8 +418,9 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
     except (RuntimeError, TimeoutError) as e:
         raise RuntimeError(f"gateway did not start: {e}\n{procs.log_tail('gateway')}") from None
 
-    targets = {"direct": (f"{upstream}/chat/completions", MODEL),
-               "switchyard": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", "auto")}
+    targets = {"direct": (f"{upstream}/chat/completions", MODEL, "chat")}
+    targets.update({target_name(api): (f"http://127.0.0.1:{gw_port}{API_PATHS[api]}", "auto", api)
+                    for api in opts.apis})
     litellm_note = "skipped (--no-litellm)"
     if not opts.no_litellm:
         exe = ensure_litellm(Path(opts.litellm_venv))
@@ -412,7 +432,7 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
         say("waiting for LiteLLM's proxy (first start takes ~20 s)...")
         try:
             wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", proc, 240)
-            targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", MODEL)
+            targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", MODEL, "chat")
             litellm_note = f"{LITELLM_SPEC}, 1 worker"
         except (RuntimeError, TimeoutError) as e:
             litellm_note = f"failed to start: {e}"
@@ -430,19 +450,21 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
             f.write(json.dumps({"model": MODEL, "messages": messages, "max_tokens": opts.num_tokens,
                                 "temperature": 0}) + "\n")
     first = {"model": "auto", "messages": chats[0], "max_tokens": 4}
-    headers = {name: probe(url, dict(first, model=model), opts.api_key) for name, (url, model) in targets.items()}
+    headers = {name: probe(url, dict(first, model=model), opts.api_key, api)
+               for name, (url, model, api) in targets.items()}
 
     cells = []
     for mode in opts.modes:
         for rate in opts.rates:
             cell: dict[str, Any] = {"mode": mode, "rate": rate}
-            for name, (url, model) in targets.items():
-                waited = max(settle(u, m, opts.api_key) for u, m in targets.values())
+            for name, (url, model, api) in targets.items():
+                waited = max(settle(u, m, opts.api_key, a) for u, m, a in targets.values())
                 say(f"{mode} @ {rate:g} rps → {name}" + (f" (waited {waited:g} s for every target to drain)"
                                                          if waited >= 1 else ""))
-                server = procs.procs["upstream" if name == "direct" else ("gateway" if name == "switchyard" else name)]
+                server = procs.procs["upstream" if name == "direct" else
+                                     ("gateway" if name.startswith("switchyard") else name)]
                 cpu0 = group_cpu_s(server.pid)
-                cell[name] = run_loadgen(url, bodies, rate, opts, mode == "stream", model)
+                cell[name] = run_loadgen(url, bodies, rate, opts, mode == "stream", model, api)
                 cell[name]["settle_wait_s"] = waited
                 num_done = cell[name]["num_ok"] + cell[name]["num_errors"]
                 cpu = group_cpu_s(server.pid) - cpu0  # includes warm-up requests: divide by all sent
@@ -457,8 +479,13 @@ def _run(opts: argparse.Namespace, work: Path, procs: Procs) -> dict[str, Any]:
     return {"bench": "gateway", "cells": cells, "routing": routing_note, "litellm": litellm_note,
             "prompts": prompts_note, "workers": opts.workers, "batching": not opts.no_batching,
             "knee_ms": opts.knee_ms, "knees": knees, "load_avg_start": load_start,
-            "probe_headers": headers.get("switchyard", {}), "duration_s": opts.duration, "warmup_s": opts.warmup,
+            "probe_headers": headers.get(target_name(opts.apis[0]), {}), "apis": opts.apis, "duration_s": opts.duration, "warmup_s": opts.warmup,
             "num_tokens": opts.num_tokens, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+
+
+def target_name(api: str) -> str:
+    """The report's name for switchyard's ``api`` endpoint: ``switchyard`` (chat), ``switchyard_responses``, ..."""
+    return "switchyard" if api == "chat" else f"switchyard_{api}"
 
 
 def _overhead(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, float | None]:
@@ -483,31 +510,36 @@ def _print(report: dict[str, Any], opts: argparse.Namespace) -> None:
           f"end, on {report['cpu_count']} cores")
     print(f"switchyard headers on a probe: {report['probe_headers']}")
     has_ll = any("litellm" in c for c in report["cells"])
-    cols = ["mode", "rps", "direct p50", "direct p99", "ours p50", "ours p99", "hdr p50", "ours cpu"]
+    cols = ["api", "mode", "rps", "direct p50", "direct p99", "ours p50", "ours p99", "hdr p50", "ours cpu"]
     if has_ll:
         cols += ["LiteLLM p50", "LiteLLM p99", "p99 ratio", "LiteLLM cpu"]
     cols += ["errors"]
     print("  ".join(f"{c:>11}" for c in cols))
     for c in report["cells"]:
-        d, ours, o = c["direct"], c["switchyard"], c["switchyard_overhead"]
-        row = [f"{c['mode']:>11}", f"{c['rate']:>11g}", _fmt(d["latency_ms_p50"], 11), _fmt(d["latency_ms_p99"], 11),
-               _fmt(o["ms_p50"], 11), _fmt(o["ms_p99"], 11), _fmt(ours["reported_overhead_ms_p50"], 11),
-               _fmt(ours.get("server_cpu_ms_per_request"), 11)]
-        errors = f"{ours['num_errors']}"
-        if has_ll and "litellm" in c:
-            lo = c["litellm_overhead"]
-            ratio = None
-            if lo["ms_p99"] is not None and o["ms_p99"] is not None:
-                ratio = lo["ms_p99"] / max(o["ms_p99"], 0.01)
-                c["p99_overhead_ratio_litellm_over_ours"] = round(ratio, 2)
-            row += [_fmt(lo["ms_p50"], 11), _fmt(lo["ms_p99"], 11), _fmt(ratio, 11),
-                    _fmt(c["litellm"].get("server_cpu_ms_per_request"), 11)]
-            errors += f"/{c['litellm']['num_errors']}"
-        print("  ".join(row + [f"{errors:>11}"]))
+        for api in report.get("apis", ["chat"]):
+            name = target_name(api)
+            d, ours, o = c["direct"], c[name], c[f"{name}_overhead"]
+            row = [f"{api:>11}", f"{c['mode']:>11}", f"{c['rate']:>11g}", _fmt(d["latency_ms_p50"], 11),
+                   _fmt(d["latency_ms_p99"], 11), _fmt(o["ms_p50"], 11), _fmt(o["ms_p99"], 11),
+                   _fmt(ours["reported_overhead_ms_p50"], 11), _fmt(ours.get("server_cpu_ms_per_request"), 11)]
+            errors = f"{ours['num_errors']}"
+            if has_ll and api == "chat" and "litellm" in c:
+                lo = c["litellm_overhead"]
+                ratio = None
+                if lo["ms_p99"] is not None and o["ms_p99"] is not None:
+                    ratio = lo["ms_p99"] / max(o["ms_p99"], 0.01)
+                    c["p99_overhead_ratio_litellm_over_ours"] = round(ratio, 2)
+                row += [_fmt(lo["ms_p50"], 11), _fmt(lo["ms_p99"], 11), _fmt(ratio, 11),
+                        _fmt(c["litellm"].get("server_cpu_ms_per_request"), 11)]
+                errors += f"/{c['litellm']['num_errors']}"
+            elif has_ll:
+                row += [_fmt(None, 11)] * 4
+            print("  ".join(row + [f"{errors:>11}"]))
     print("ours / LiteLLM = overhead over direct (ms); cpu = the proxy process's CPU ms per request (user+sys, "
           "load-independent: 1000/cpu ≈ requests/s one core sustains); hdr = the gateway's own x-switchyard-overhead-ms; "
           "p99 ratio = LiteLLM's p99 overhead / ours (higher = better for switchyard); errors = failed "
-          "requests in the measured window (ours/LiteLLM)")
+          "requests in the measured window (ours/LiteLLM); responses / messages rows: switchyard's /v1/responses and "
+          "/v1/messages against the same direct chat latency (LiteLLM measured on chat only)")
     for mode, by_target in report["knees"].items():
         said = ", ".join(f"{name} {'none' if rate is None else f'{rate:g} rps'}" for name, rate in by_target.items())
         print(f"knee ({mode}: highest rate with overhead p99 <= {report['knee_ms']:g} ms, no errors): {said}")

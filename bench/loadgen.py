@@ -5,8 +5,14 @@ latency is measured from the scheduled time, so a server that falls behind is ch
 builds (no coordinated omission). It speaks minimal HTTP/1.1 over keep-alive connections (content-length
 and chunked bodies) so that the client's own cost stays small and equal for every target.
 
+It speaks three APIs (``--api``): ``chat`` (``/v1/chat/completions``), ``responses`` (``/v1/responses``) and
+``messages`` (Anthropic's ``/v1/messages``). The bodies file holds chat bodies either way; ``api_body``
+translates each one once, before the load starts, and ``is_complete`` says whether an answer is a whole
+one in that API's shape (stream: its last event arrived).
+
 ``python -m bench.loadgen --url http://127.0.0.1:8000/v1/chat/completions --bodies F.jsonl --rate 100
---duration 5 [--warmup 1] [--stream] [--model NAME] [--json]`` prints one JSON object (``LoadResult``).
+--duration 5 [--warmup 1] [--stream] [--api chat|responses|messages] [--model NAME] [--json]`` prints one
+JSON object (``LoadResult``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
+
+APIS = ("chat", "responses", "messages")
 
 
 @dataclass
@@ -25,6 +34,7 @@ class LoadResult:
     """Latencies in milliseconds over the measured window (warm-up excluded)."""
 
     url: str
+    api: str  # chat | responses | messages
     rate: float
     stream: bool
     num_sent: int
@@ -39,6 +49,43 @@ class LoadResult:
     reported_overhead_ms_p50: float | None  # x-switchyard-overhead-ms, when the server sends it
     reported_overhead_ms_p99: float | None
     errors: list[str] = field(default_factory=list)  # up to 5 distinct messages
+
+
+def api_body(api: str, chat: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    """The chat body ``chat`` (model, messages, max_tokens, sampling fields) as ``api`` sends it, streamed or
+    not: Responses takes the messages as ``input`` and ``max_output_tokens``; Messages takes the system
+    messages as ``system`` and requires ``max_tokens``. Raises ValueError for an unknown api."""
+    if api not in APIS:
+        raise ValueError(f"unknown api {api!r}; valid: {', '.join(APIS)}")
+    body = dict(chat, stream=stream)
+    if api == "chat":
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+    messages = body.pop("messages")
+    max_tokens = body.pop("max_tokens", None) or body.pop("max_completion_tokens", None) or 16
+    if api == "responses":
+        return dict(body, input=messages, max_output_tokens=max_tokens)
+    system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))
+    body.update(max_tokens=max_tokens, messages=[m for m in messages if m["role"] not in ("system", "developer")])
+    if system:
+        body["system"] = system
+    return body
+
+
+def is_complete(api: str, body: bytes, *, stream: bool) -> bool:
+    """Whether ``body`` (a 200's) is a whole answer of ``api``: non-stream, the answer object; stream, the
+    API's last event (chat ``[DONE]``, Responses ``response.completed`` / ``.incomplete``, Messages
+    ``message_stop``)."""
+    if not stream:
+        return {"chat": b'"choices"', "responses": b'"output"', "messages": b'"stop_reason"'}[api] in body
+    end = body.rstrip()
+    if api == "chat":
+        return end.endswith(b"data: [DONE]")
+    if api == "messages":
+        return end.endswith(b'data: {"type":"message_stop"}')
+    last = end[end.rfind(b"event: "):].split(b"\n", 1)[0]
+    return last in (b"event: response.completed", b"event: response.incomplete")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -125,18 +172,15 @@ class _Client:
 
 async def run_load(url: str, bodies: list[dict], *, rate: float, duration_s: float, warmup_s: float = 1.0,
                    stream: bool = False, model: str | None = None, timeout_s: float = 30.0,
-                   max_connections: int = 2000, api_key: str = "sk-bench") -> LoadResult:
-    """Send ``rate`` requests/s for ``warmup_s + duration_s``; measure the last ``duration_s``."""
+                   max_connections: int = 2000, api_key: str = "sk-bench", api: str = "chat") -> LoadResult:
+    """Send ``rate`` requests/s for ``warmup_s + duration_s``; measure the last ``duration_s``. ``bodies``
+    are chat bodies, sent as ``api`` speaks (``api_body``)."""
     if rate <= 0 or duration_s <= 0:
         raise ValueError("rate and duration must be > 0")
     client = _Client(url, max_connections, api_key)
     payloads = []
     for b in bodies:
-        b = dict(b, stream=stream)
-        if model is not None:
-            b["model"] = model
-        if stream:
-            b["stream_options"] = {"include_usage": True}
+        b = api_body(api, dict(b, model=model) if model is not None else b, stream=stream)
         payloads.append(client.request_bytes(json.dumps(b).encode()))
     latencies: list[float] = []
     ttfbs: list[float] = []
@@ -147,7 +191,7 @@ async def run_load(url: str, bodies: list[dict], *, rate: float, duration_s: flo
     async def one(payload: bytes, scheduled: float, measured: bool) -> None:
         try:
             status, headers, first_byte, body = await asyncio.wait_for(client.post(payload), timeout_s)
-            ok = status == 200 and (body.rstrip().endswith(b"data: [DONE]") if stream else b'"choices"' in body)
+            ok = status == 200 and is_complete(api, body, stream=stream)
             error = None if ok else f"HTTP {status}: {body[:160]!r}"
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"[:200]
@@ -179,7 +223,7 @@ async def run_load(url: str, bodies: list[dict], *, rate: float, duration_s: flo
     client.close()
     ok = len(latencies)
     return LoadResult(
-        url=url, rate=rate, stream=stream, num_sent=num_measured, num_ok=ok, num_errors=num_measured - ok,
+        url=url, api=api, rate=rate, stream=stream, num_sent=num_measured, num_ok=ok, num_errors=num_measured - ok,
         achieved_rps=round(ok / elapsed, 1) if elapsed > 0 else 0.0,
         latency_ms_p50=_r(percentile(latencies, 50)), latency_ms_p90=_r(percentile(latencies, 90)),
         latency_ms_p99=_r(percentile(latencies, 99)),
@@ -201,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--api", default="chat", choices=APIS, help="the API the URL speaks (bodies are chat bodies)")
     p.add_argument("--model", help="override each body's model")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--api-key", default="sk-bench", help="sent as 'Authorization: Bearer KEY'")
@@ -214,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         run_loop = asyncio.run
     result = run_loop(run_load(args.url, bodies, rate=args.rate, duration_s=args.duration,
                                   warmup_s=args.warmup, stream=args.stream, model=args.model,
-                                  timeout_s=args.timeout, api_key=args.api_key))
+                                  timeout_s=args.timeout, api_key=args.api_key, api=args.api))
     print(json.dumps(asdict(result)))
 
 

@@ -13,7 +13,11 @@ Translation (Anthropic → OpenAI chat):
   * ``tools[].input_schema`` (checked as a JSON Schema) → ``function.parameters``; ``tool_choice`` auto /
     any / tool / none → auto / required / the named function / none, its ``disable_parallel_tool_use`` →
     the opposite ``parallel_tool_calls``; ``stop_sequences`` → ``stop``; ``metadata.user_id`` → ``user``.
-    Other block kinds (image, document, thinking) are a 400 naming the tag (no vision pools yet).
+  * an assistant turn's ``thinking`` / ``redacted_thinking`` blocks (an earlier answer's reasoning, sent back)
+    are dropped;
+  * a user turn's ``image`` blocks (base64 or url source) → chat ``image_url`` parts (base64 as a data: URL),
+    in order with its text; only pools with ``supports_vision`` take them.
+    Other block kinds (document, ...) are a 400 naming the tag.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.protocol import ChatCompletionRequest, Int, SwitchyardOptions, ToolName, check_json_schema
+from gateway.protocol import (
+    ChatCompletionRequest,
+    Int,
+    SwitchyardOptions,
+    ToolName,
+    check_json_schema,
+    image_part,
+)
 from gateway.protocol import TextPart as TextBlock  # the same {type: text, text} block
 
 _WIRE = ConfigDict(extra="ignore", strict=True)
@@ -49,16 +60,57 @@ class ToolResultBlock(BaseModel):
         return f"Error: {body}" if self.is_error else body
 
 
+class Base64Source(BaseModel):
+    model_config = _WIRE
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str = Field(min_length=1)
+
+
+class URLSource(BaseModel):
+    model_config = _WIRE
+    type: Literal["url"]
+    url: str = Field(min_length=1)
+
+
+class ImageBlock(BaseModel):
+    """An image; only pools that declare ``supports_vision`` take it (others answer 400)."""
+
+    model_config = _WIRE
+    type: Literal["image"]
+    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+
+    def url(self) -> str:
+        src = self.source
+        return src.url if isinstance(src, URLSource) else f"data:{src.media_type};base64,{src.data}"
+
+
 class UserMessage(BaseModel):
     model_config = _WIRE
     role: Literal["user"]
-    content: str | list[Annotated[TextBlock | ToolResultBlock, Field(discriminator="type")]]
+    content: str | list[Annotated[TextBlock | ImageBlock | ToolResultBlock, Field(discriminator="type")]]
+
+
+class ThinkingBlock(BaseModel):
+    """A thinking block of an earlier answer, sent back: accepted and dropped (pools get no reasoning history)."""
+
+    model_config = _WIRE
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(BaseModel):
+    model_config = _WIRE
+    type: Literal["redacted_thinking"]
+    data: str
 
 
 class AssistantMessage(BaseModel):
     model_config = _WIRE
     role: Literal["assistant"]
-    content: str | list[Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]]
+    content: str | list[Annotated[TextBlock | ToolUseBlock | ThinkingBlock | RedactedThinkingBlock,
+                                  Field(discriminator="type")]]
 
 
 Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role")]
@@ -157,14 +209,20 @@ def _chat_messages(m: UserMessage | AssistantMessage) -> list[dict[str, Any]]:
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts in order: the content when there are images
     tool_calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     for block in m.content:
         if isinstance(block, TextBlock):
             texts.append(block.text)
+            parts.append({"type": "text", "text": block.text})
+        elif isinstance(block, ImageBlock):
+            parts.append(image_part(block.url()))
         elif isinstance(block, ToolUseBlock):
             tool_calls.append({"id": block.id, "type": "function", "function": {
                 "name": block.name, "arguments": json.dumps(block.input, separators=(",", ":"))}})
+        elif isinstance(block, ThinkingBlock | RedactedThinkingBlock):
+            continue
         else:
             results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
     out = list(results)
@@ -173,6 +231,8 @@ def _chat_messages(m: UserMessage | AssistantMessage) -> list[dict[str, Any]]:
         if tool_calls:
             message["tool_calls"] = tool_calls
         out.append(message)
+    elif len(parts) > len(texts):
+        out.append({"role": "user", "content": parts})
     elif texts or not results:
         out.append({"role": "user", "content": "".join(texts)})
     return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from backends.base import BackendError, Delta, GenerationRequest, SamplingParams, Usage
+from backends.types import num_image_parts
 from gateway.admission import Admission, Admitter
 from gateway.budget import Budgets
 from gateway.errors import (
@@ -43,6 +45,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from routers.text import content_text
 
 if TYPE_CHECKING:
     from gateway.artifacts import ServingArtifacts
@@ -55,6 +58,7 @@ log = logging.getLogger("switchyard.pipeline")
 # Cascade judge needs token logprobs from the SLM even when the caller did not ask for them.
 _CASCADE_ROUTES = ("slm", "slm_then_escalate")
 _AUTO_ROUTES = frozenset({"slm", "slm_then_escalate", "llm", "session"})  # decided for model "auto"
+IMAGE_TOKENS_ESTIMATE = 765  # prompt tokens one image counts for in the prompt-length limit (OpenAI: 1024², high)
 
 
 @dataclass
@@ -74,12 +78,12 @@ class Job:
     user: str | None = None
     hint: Any = None  # routers.policy.RouteHint | None (body ``switchyard`` field or x-switchyard-* header)
     priority: int = 0  # engine scheduling, lower first (vLLM's extra ``priority``)
-    logit_bias: dict[str, float] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     correlation_id: str | None = None  # the x-request-id the edge accepted or made
     traceparent: str | None = None  # the client's W3C traceparent, if it sent one
     session_id: str | None = None  # the agent session (gateway/sessions.py session_of)
     program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
+    input_param: str = "messages"  # the request field holding the messages, as the endpoint names it (400 params)
     state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its Trace there for ``record``
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_start: float = field(default_factory=time.perf_counter)
@@ -87,6 +91,15 @@ class Job:
     @property
     def n(self) -> int:
         return self.sampling.n
+
+    @functools.cached_property
+    def num_images(self) -> int:
+        """Image parts (``image_url``) in the messages: only pools that serve images may take the request."""
+        return num_image_parts(self.messages)
+
+    @property
+    def has_images(self) -> bool:
+        return self.num_images > 0
 
 
 @dataclass
@@ -225,8 +238,9 @@ def _estimate_prompt_tokens(job: Job) -> int:
         return len(job.prompt)
     if job.prompt is not None:
         return (len(job.prompt) + 3) // 4
-    chars = sum(len(str(m.get("content") or "")) for m in job.messages or ())
-    return (chars + 3) // 4 + 4 * len(job.messages or ())
+    messages = job.messages or ()
+    chars = sum(len(content_text(m.get("content"))) for m in messages)  # text parts: an image's URL is not text
+    return (chars + 3) // 4 + 4 * len(messages) + IMAGE_TOKENS_ESTIMATE * job.num_images
 
 
 class GuardComponent(Protocol):
@@ -718,17 +732,18 @@ class Pipeline:
         num = _estimate_prompt_tokens(job)
         if num > limits.max_prompt_tokens:
             raise InvalidRequest(f"The prompt is about {num} tokens, above the limit of {limits.max_prompt_tokens}.",
-                                 code="context_length_exceeded", param="messages" if job.messages else "prompt")
+                                 code="context_length_exceeded", param=job.input_param if job.messages else "prompt")
 
     def _route_for_capabilities(self, job: Job, trace: Trace) -> None:
-        """An auto-routed request that needs tools or JSON mode goes to the LLM pool when only it can serve them
-        (local pools always can)."""
-        if not (job.tools or self._wants_json(job)):
+        """An auto-routed request that needs tools, JSON mode or images goes to the LLM pool when only it can
+        serve them (local pools always serve tools and JSON mode, never images); when the LLM pool cannot
+        either, ``_check_capabilities`` answers 400."""
+        if not (job.tools or self._wants_json(job) or job.has_images):
             return
         llm = self.settings.routing.llm_pool
         if trace.pool != llm and not self._can_serve(job, trace.pool) and self._can_serve(job, llm):
             trace.route, trace.pool = "llm", llm
-            trace.reason = "tools / response_format need the LLM pool"
+            trace.reason = "tools / response_format / images need the LLM pool"
 
     @staticmethod
     def _wants_json(job: Job) -> bool:
@@ -738,10 +753,18 @@ class Pipeline:
         cfg = self._pool_cfg(alias)
         if job.tools and not cfg.serves_tools:
             return False
+        if job.has_images and not cfg.serves_images:
+            return False
         return not (self._wants_json(job) and not cfg.serves_json)
 
     def _check_capabilities(self, job: Job, alias: str) -> None:
         cfg = self._pool_cfg(alias)
+        if job.has_images and not cfg.serves_images:
+            vision = [p.name for p in self.settings.pools if p.serves_images and p.task == "generate"]
+            hint = (f"pools that take images: {', '.join(vision)}" if vision
+                    else "no pool takes images: set supports_vision on a remote pool that serves a vision model")
+            raise InvalidRequest(f"Pool {alias!r} does not accept image input in {job.input_param} ({hint}).",
+                                 code="image_input_not_supported", param=job.input_param)
         if job.tools and not cfg.serves_tools:
             raise InvalidRequest(f"Pool {alias!r} does not support tools / tool_choice "
                                  f"(set supports_tools on a remote pool).", code="tools_not_supported", param="tools")
@@ -767,7 +790,7 @@ class Pipeline:
             response_format=job.response_format, user=job.user, deadline=deadline, priority=job.priority,
             parallel_tool_calls=job.parallel_tool_calls,
             trace_headers=self._trace_headers(job, alias) if job.correlation_id is not None else {},
-            logit_bias=job.logit_bias, chat_template_kwargs=job.chat_template_kwargs,
+            chat_template_kwargs=job.chat_template_kwargs,
             session_id=job.session_id, program_id=job.program_id, namespace=namespace,
         )
 

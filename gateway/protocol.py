@@ -122,6 +122,28 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = _WIRE
+    url: str = Field(min_length=1, description="an http(s) URL or a data: URL (base64)")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image in a message; only pools that declare ``supports_vision`` take it (others answer 400)."""
+
+    model_config = _WIRE
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+def image_part(url: str, detail: str | None = None) -> dict[str, Any]:
+    """One chat ``image_url`` part as backends see it (what the Responses and Messages images become)."""
+    return {"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}}
+
+
 class CalledFunction(BaseModel):
     model_config = _WIRE
     name: str
@@ -143,7 +165,7 @@ class ChatMessage(BaseModel):
         "if": {"properties": {"role": {"const": "tool"}}},
         "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}}})
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -152,8 +174,12 @@ class ChatMessage(BaseModel):
         return content_text(self.content)
 
     def to_backend(self) -> dict[str, Any]:
-        """The message as backends see it: content flattened to one string."""
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        """The message as backends see it: content flattened to one string, or — when it has images — the
+        list of text and ``image_url`` parts, in order."""
+        has_images = isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
+        content = ([p.model_dump(exclude_none=True) for p in self.content] if has_images  # type: ignore[union-attr]
+                   else self.text())
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls is not None:
@@ -292,6 +318,12 @@ class _Sampling(_Request):
     max_tokens: Int(1, 1_000_000) | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, description="token id → bias in [-100, 100], added to that token's logit",
+              json_schema_extra={"anyOf": [  # keys other than token ids are refused: say so in the schema
+                  {"type": "object", "additionalProperties": False, "patternProperties": {
+                      "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}}},
+                  {"type": "null"}]}))
     seed: Int(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | None = None
     user: str | None = Field(None, max_length=256)
     prompt_cache_key: str | None = Field(None, max_length=256, description="OpenAI's cache key: also the "
@@ -337,6 +369,7 @@ class _Sampling(_Request):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=self.num_logprobs(),
             ignore_eos=bool(self.ignore_eos),
+            logit_bias=tuple(sorted((int(t), float(b)) for t, b in (self.logit_bias or {}).items())),
         )
 
 
@@ -355,12 +388,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: Int(0, 20) | None = None
     response_format: ResponseFormat | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, description="token id → bias in [-100, 100]; remote pools (the embedded engine answers 400)",
-              json_schema_extra={"anyOf": [  # keys other than token ids are refused: say so in the schema
-                  {"type": "object", "additionalProperties": False, "patternProperties": {
-                      "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}}},
-                  {"type": "null"}]}))
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat-template variables "
                                                         "(vLLM's; e.g. enable_thinking)")
     tools: list[ChatTool] | None = None
@@ -581,16 +608,35 @@ class InputText(BaseModel):
     text: str
 
 
+class InputImage(BaseModel):
+    """An image by URL (http(s) or data:); ``file_id`` (the Files API) is not served: ``image_url`` is required."""
+
+    model_config = _WIRE
+    type: Literal["input_image"]
+    image_url: str = Field(min_length=1, description="an http(s) URL or a data: URL (base64); file_id is not "
+                           "supported")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class InputMessage(BaseModel):
     """A message item; ``type`` may be left out (the SDK's "easy input message")."""
 
     model_config = _WIRE
     type: Literal["message"] | None = None
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputText]
+    content: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, InputText))
+
+    def chat_content(self) -> str | list[dict[str, Any]]:
+        """The chat message content: the text, or — when there are images — text and image_url parts."""
+        if isinstance(self.content, str) or not any(isinstance(p, InputImage) for p in self.content):
+            return self.text()
+        return [{"type": "text", "text": p.text} if isinstance(p, InputText) else image_part(p.image_url, p.detail)
+                for p in self.content]
 
 
 class FunctionCallItem(BaseModel):
@@ -612,14 +658,23 @@ class FunctionCallOutputItem(BaseModel):
     status: str | None = None
 
 
+class ReasoningItem(BaseModel):
+    """A reasoning item of an earlier response, sent back (the Agents SDK does): accepted and dropped, as the
+    stored conversation drops it (pools get no reasoning history)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["reasoning"]
+    id: str | None = None
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("function_call", "function_call_output") else "message"
+    return kind if kind in ("function_call", "function_call_output", "reasoning") else "message"
 
 
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind)]
 
 
@@ -716,7 +771,7 @@ class ResponsesRequest(_Request):
         out: list[dict[str, Any]] = []
         for item in self.input:
             if isinstance(item, InputMessage):
-                out.append({"role": item.role, "content": item.text()})
+                out.append({"role": item.role, "content": item.chat_content()})
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
@@ -724,7 +779,7 @@ class ResponsesRequest(_Request):
                     out[-1]["tool_calls"].append(call)
                 else:
                     out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            else:
+            elif isinstance(item, FunctionCallOutputItem):
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         return out
 

@@ -108,7 +108,7 @@ def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: 
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream),
                tools=body.tools_for_backend(), tool_choice=body.tool_choice_for_backend(),
                parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format_for_backend(),
-               logit_bias=body.logit_bias, chat_template_kwargs=body.chat_template_kwargs,
+               chat_template_kwargs=body.chat_template_kwargs,
                user=body.user, hint=_hint(body, request), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
                traceparent=state.get("traceparent"), state=state, session_id=session_id, program_id=program_id)

@@ -80,6 +80,9 @@ class PoolConfig(_Frozen):
     discovery_interval_s: float = Field(10.0, gt=0, description="remote, discovery dns: seconds between resolutions")
     supports_json_mode: bool = Field(False, description="remote: the upstream honours response_format json_object/"
                                      "json_schema (local pools always do: constrained decoding)")
+    supports_vision: bool = Field(False, description="remote: the upstream takes image parts (chat image_url, "
+                                  "Responses input_image, Anthropic image); local pools never do (the embedded "
+                                  "engine is text-only): there it is ignored")
     affinity_prefix_chars: int = Field(256, ge=0, description="requests without a session whose first this many "
                                        "characters after the leading system messages agree go to the same replica "
                                        "(0 = off)")
@@ -98,6 +101,11 @@ class PoolConfig(_Frozen):
     def serves_json(self) -> bool:
         """Whether ``response_format`` json_object / json_schema is honoured here."""
         return self.kind == "local" or self.supports_json_mode
+
+    @property
+    def serves_images(self) -> bool:
+        """Whether requests with image parts may go here (a remote pool that declares ``supports_vision``)."""
+        return self.kind == "remote" and self.supports_vision
 
     @model_validator(mode="after")
     def _check_kind(self) -> PoolConfig:

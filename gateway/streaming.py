@@ -265,16 +265,23 @@ def _json_object(arguments: str) -> dict[str, Any]:
 class MessagesShaper:
     """Deltas → Anthropic Messages: one ``message`` object, or the event sequence ``message_start``,
     (``content_block_start``, ``content_block_delta``…, ``content_block_stop``) per block, ``message_delta``
-    with ``stop_reason`` and usage, ``message_stop``. Choice 0 only (Messages has no ``n``)."""
+    with ``stop_reason`` and usage, ``message_stop``. Choice 0 only (Messages has no ``n``).
+
+    An upstream's reasoning (``Delta.reasoning``) is a ``thinking`` block (streamed: ``content_block_start``
+    of type thinking, ``thinking_delta``…, then one ``signature_delta`` before ``content_block_stop``). Its
+    ``signature`` is always empty: the text comes from an open model, not from Anthropic, and there is
+    nothing to sign; thinking blocks sent back in a later request are accepted and dropped."""
 
     def __init__(self, *, message_id: str, model: str) -> None:
         self.message_id = message_id
         self.model = model
         self.text: list[str] = []
+        self.thinking: list[str] = []
         self.tools = ToolCalls()
         self.finish_reason: str | None = None
         self._started = False
-        self._open: tuple[str, int] | None = None  # ("text", block index) | ("tool", call position)
+        # ("text" | "thinking", block index) | ("tool", call position)
+        self._open: tuple[str, int] | None = None
         self._num_blocks = 0
         self._block_of_call: dict[int, int] = {}
 
@@ -295,6 +302,8 @@ class MessagesShaper:
     def add(self, delta: Delta) -> None:
         if delta.index != 0:
             return
+        if delta.reasoning:
+            self.thinking.append(delta.reasoning)
         if delta.text:
             self.text.append(delta.text)
         if delta.tool_calls:
@@ -304,6 +313,8 @@ class MessagesShaper:
 
     def body(self, usage: Usage, info: dict[str, Any]) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
+        if self.thinking:
+            content.append({"type": "thinking", "thinking": "".join(self.thinking), "signature": ""})
         if self.text or not self.tools.calls:
             content.append({"type": "text", "text": "".join(self.text)})
         for call in self.tools.whole():
@@ -323,21 +334,35 @@ class MessagesShaper:
     def _close_block(self) -> bytes:
         if self._open is None:
             return b""
-        index = self._open[1] if self._open[0] == "text" else self._block_of_call[self._open[1]]
+        kind, index = self._open
+        index = self._block_of_call[index] if kind == "tool" else index
         self._open = None
-        return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+        out = b""
+        if kind == "thinking":
+            out = sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                    "delta": {"type": "signature_delta", "signature": ""}})
+        return out + sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def _open_block(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close_block()
+        self._open = (kind, self._num_blocks)
+        self._num_blocks += 1
+        return out + sse_event("content_block_start", {"type": "content_block_start", "index": self._open[1],
+                                                       "content_block": block})
 
     def frames(self, delta: Delta) -> bytes:
         out = self._start()
         if delta.index != 0 or self.finish_reason is not None:
             return out
+        if delta.reasoning:
+            if self._open is None or self._open[0] != "thinking":
+                out += self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.thinking.append(delta.reasoning)
+            out += sse_event("content_block_delta", {"type": "content_block_delta", "index": self._open[1],
+                                                     "delta": {"type": "thinking_delta", "thinking": delta.reasoning}})
         if delta.text:
             if self._open is None or self._open[0] != "text":
-                out += self._close_block()
-                self._open = ("text", self._num_blocks)
-                self._num_blocks += 1
-                out += sse_event("content_block_start", {"type": "content_block_start", "index": self._open[1],
-                                                         "content_block": {"type": "text", "text": ""}})
+                out += self._open_block("text", {"type": "text", "text": ""})
             self.text.append(delta.text)
             out += sse_event("content_block_delta", {"type": "content_block_delta", "index": self._open[1],
                                                      "delta": {"type": "text_delta", "text": delta.text}})
@@ -363,10 +388,8 @@ class MessagesShaper:
         from gateway.anthropic import STOP_REASONS
 
         out = self._start()
-        if self._num_blocks == 0:  # an empty answer still has one (empty) text block
-            out += sse_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                     "content_block": {"type": "text", "text": ""}})
-            self._open, self._num_blocks = ("text", 0), 1
+        if not self.text and not self.tools.calls:  # an answer without text or calls has one (empty) text block
+            out += self._open_block("text", {"type": "text", "text": ""})
         out += self._close_block()
         usage_out = {"input_tokens": usage.prompt_tokens if usage else 0,
                      "output_tokens": usage.completion_tokens if usage else 0}
@@ -384,10 +407,16 @@ class MessagesShaper:
 
 class ResponsesShaper:
     """Deltas → the Responses API: one ``response`` object, or its event stream (``response.created``,
-    ``response.in_progress``, per output item ``response.output_item.added`` … ``.done`` with the text or
-    function-call argument deltas between, then ``response.completed`` or ``response.incomplete``).
-    Every event carries ``sequence_number``. Choice 0 only (Responses has no ``n``). The shaper keeps the
-    whole answer either way, for the stored conversation (``output_messages``)."""
+    ``response.in_progress``, per output item ``response.output_item.added`` … ``.done`` with the text,
+    reasoning text or function-call argument deltas between, then ``response.completed`` or
+    ``response.incomplete``). Every event carries ``sequence_number``. Choice 0 only (Responses has no ``n``).
+    The shaper keeps the whole answer either way, for the stored conversation (``output_messages``).
+
+    An upstream's reasoning (``Delta.reasoning``) is a ``reasoning`` output item whose ``content`` is one
+    ``reasoning_text`` part and whose ``summary`` is empty (the raw text of an open model, as vLLM serves it;
+    no summary is made up); streamed as ``response.content_part.added`` with a ``reasoning_text`` part,
+    ``response.reasoning_text.delta``…, ``response.reasoning_text.done``, ``response.content_part.done``. It is
+    not kept in the stored conversation."""
 
     def __init__(self, *, response_id: str, model: str, created_at: int, echo: dict[str, Any]) -> None:
         self.response_id = response_id
@@ -395,16 +424,22 @@ class ResponsesShaper:
         self.created_at = created_at
         self.echo = echo  # request fields a response object repeats (instructions, tools, ...)
         self.text: list[str] = []
+        self.reasoning: list[str] = []
         self.tools = ToolCalls()
         self.finish_reason: str | None = None
         self._seq = 0
         self._started = False
-        self._items: list[tuple[str, int]] = []  # output order: ("message", 0) | ("call", call position)
+        # output order: ("reasoning", 0) | ("message", 0) | ("call", call position)
+        self._items: list[tuple[str, int]] = []
         self._open: int | None = None  # output index of the item being streamed
 
     @property
     def _message_id(self) -> str:
         return "msg_" + self.response_id.removeprefix("resp_")
+
+    @property
+    def _reasoning_id(self) -> str:
+        return "rs_" + self.response_id.removeprefix("resp_")
 
     def _call_id(self, position: int) -> str:
         return f"fc_{self.response_id.removeprefix('resp_')}_{position}"
@@ -415,6 +450,10 @@ class ResponsesShaper:
             text = "".join(self.text) if done else ""
             content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if done else []
             return {"id": self._message_id, "type": "message", "status": status, "role": "assistant",
+                    "content": content}
+        if kind == "reasoning":
+            content = [{"type": "reasoning_text", "text": "".join(self.reasoning)}] if done else []
+            return {"id": self._reasoning_id, "type": "reasoning", "status": status, "summary": [],
                     "content": content}
         call = self.tools.whole()[position]
         return {"id": self._call_id(position), "type": "function_call", "status": status,
@@ -452,6 +491,10 @@ class ResponsesShaper:
     def add(self, delta: Delta) -> None:
         if delta.index != 0:
             return
+        if delta.reasoning:
+            if not self.reasoning:
+                self._items.append(("reasoning", 0))
+            self.reasoning.append(delta.reasoning)
         if delta.text:
             if not self.text:
                 self._items.append(("message", 0))
@@ -463,7 +506,7 @@ class ResponsesShaper:
             self.finish_reason = delta.finish_reason
 
     def body(self, usage: Usage, info: dict[str, Any]) -> dict[str, Any]:
-        if not self._items:
+        if not any(kind != "reasoning" for kind, _ in self._items):  # an empty answer is one empty message
             self._items.append(("message", 0))
         return self._response(self._status(), usage, info)
 
@@ -490,6 +533,9 @@ class ResponsesShaper:
         if kind == "message":
             out += self._event("response.content_part.added", item_id=self._message_id, output_index=self._open,
                                content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+        elif kind == "reasoning":
+            out += self._event("response.content_part.added", item_id=self._reasoning_id, output_index=self._open,
+                               content_index=0, part={"type": "reasoning_text", "text": ""})
         return out
 
     def _close_item(self) -> bytes:
@@ -504,6 +550,12 @@ class ResponsesShaper:
                               text=text, logprobs=[])
             out += self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                content_index=0, part={"type": "output_text", "text": text, "annotations": []})
+        elif kind == "reasoning":
+            part = item["content"][0]
+            out = self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                              text=part["text"])
+            out += self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                               content_index=0, part=part)
         else:
             out = self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                               name=item["name"], arguments=item["arguments"])
@@ -513,6 +565,13 @@ class ResponsesShaper:
         out = self._start()
         if delta.index != 0 or self.finish_reason is not None:
             return out
+        if delta.reasoning:
+            if not self.reasoning:
+                out += self._add_item("reasoning", 0)
+            self.reasoning.append(delta.reasoning)
+            if self._open is not None and self._items[self._open][0] == "reasoning":
+                out += self._event("response.reasoning_text.delta", item_id=self._reasoning_id,
+                                   output_index=self._open, content_index=0, delta=delta.reasoning)
         if delta.text:
             if not self.text:
                 out += self._add_item("message", 0)
@@ -533,7 +592,7 @@ class ResponsesShaper:
 
     def closing(self, usage: Usage | None, info: dict[str, Any]) -> bytes:
         out = self._start()
-        if not self._items:  # an empty answer is one empty message
+        if not any(kind != "reasoning" for kind, _ in self._items):  # an empty answer is one empty message
             out += self._add_item("message", 0)
         out += self._close_item()
         status = self._status()

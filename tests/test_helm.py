@@ -356,7 +356,7 @@ EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_l
                                        "shared_context": True, "shared_max_entries": 999}}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
-                     "chat_template": "plain_turns", "tool_call_parser": "llama3_json", "affinity_prefix_chars": 128}
+                     "supports_vision": True, "chat_template": "plain_turns", "tool_call_parser": "llama3_json", "affinity_prefix_chars": 128}
 
 
 def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
@@ -388,7 +388,7 @@ def test_every_pool_and_engine_value_reaches_the_gateway_or_the_engine():
     for pool in (deployed, in_process):
         assert pool.price.model_dump() == EVERY_POOL_CONFIG["price"]
         for key in ("timeout_s", "connect_timeout_s", "max_retries", "supports_tools", "supports_json_mode",
-                    "affinity_prefix_chars"):
+                    "supports_vision", "affinity_prefix_chars"):
             assert getattr(pool, key) == EVERY_POOL_CONFIG[key], key
     assert (deployed.fallback, in_process.fallback) == ("llm", "slm")
 

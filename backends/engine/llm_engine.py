@@ -4,7 +4,7 @@ Usage::
 
     from backends.engine.args import EngineArgs
     from backends.engine.llm_engine import LLMEngine
-    from backends.engine.sampling_params import SamplingParams
+    from backends.engine.sampling_params import SamplingParams, SamplingParamsError
 
     engine = LLMEngine("/path/to/hf-folder", EngineArgs(max_num_seqs=32))
     results = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=16))
@@ -50,7 +50,7 @@ from backends.engine.block_manager import BlockManager
 from backends.engine.config import EngineConfig
 from backends.engine.detokenizer import Detokenizer
 from backends.engine.model_runner import ModelRunner
-from backends.engine.sampling_params import SamplingParams
+from backends.engine.sampling_params import SamplingParams, SamplingParamsError
 from backends.engine.scheduler import Scheduler
 from backends.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 from backends.engine.speculation import NgramProposer
@@ -233,6 +233,9 @@ class LLMEngine:
         vocab = self.config.hf_config.vocab_size
         if max(prompt) >= vocab or min(prompt) < 0:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise SamplingParamsError("logit_bias", f"logit_bias token ids must be in [0, {vocab}); "
+                                                    f"got {params.logit_bias[-1][0]}")
         compiled = self.compile_grammar(params.structured) if params.structured is not None else None
         arrival = next(self._arrivals)
         now = self.clock()

@@ -28,8 +28,11 @@ class SamplingParams:
     ``logprobs``: None = off; k >= 0 = return the sampled token's logprob plus the top-k alternatives
     (chat ``logprobs: true, top_logprobs: k``; completions ``logprobs: k``).
     ``n`` choices share the prompt's KV blocks. ``structured`` constrains every choice to a grammar
-    (JSON Schema, any JSON object, or a structural tag for tool calls). ``top_k`` -1 = off. Construction raises
-    ``SamplingParamsError`` (a ValueError naming the field) for values no backend can honour.
+    (JSON Schema, any JSON object, or a structural tag for tool calls). ``top_k`` -1 = off.
+    ``logit_bias``: (token id, bias) pairs sorted by token id, each bias in [-100, 100] (OpenAI's range), added
+    to that token's logit after the grammar mask and before penalties and temperature; the engine refuses ids
+    outside its vocabulary when the request is added. Construction raises ``SamplingParamsError`` (a ValueError
+    naming the field) for values no backend can honour.
     """
 
     temperature: float = 1.0
@@ -47,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     structured: StructuredOutput | None = None  # a grammar the output must follow (structured_output.py)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -77,6 +81,14 @@ class SamplingParams:
             raise SamplingParamsError("stop", "stop strings must be non-empty")
         if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "stop_token_ids must be >= 0")
+        if self.logit_bias:
+            ids = [t for t, _ in self.logit_bias]
+            if any(t < 0 for t in ids):
+                raise SamplingParamsError("logit_bias", "logit_bias token ids must be >= 0")
+            if ids != sorted(set(ids)):
+                raise SamplingParamsError("logit_bias", "logit_bias must list each token id once, sorted")
+            if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+                raise SamplingParamsError("logit_bias", "logit_bias values must be in [-100, 100]")
 
     @property
     def is_greedy(self) -> bool:

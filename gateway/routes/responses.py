@@ -47,6 +47,7 @@ async def responses(pipeline: Pipeline, body: ResponsesRequest, request: Request
     except ValidationError as e:
         raise invalid_request(list(e.errors())) from None
     job = chat_job(chat, request, pipeline.default_max_tokens)
+    job.input_param = "input"
     response_id = "resp_" + job.request_id
     echo = {"instructions": body.instructions, "previous_response_id": body.previous_response_id,
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backends.engine.layers.sampler import SamplerInput, sample
-from backends.engine.sampling_params import SamplingParams
+from backends.engine.sampling_params import SamplingParams, SamplingParamsError
 from tests.engine.helpers import hf_logprobs, prompts, tiny_engine
 
 
@@ -117,3 +117,66 @@ def test_stop_token_ids_and_eos(tiny_model_dir):
     assert res.token_ids == free.token_ids[: first + 1]
     assert res.outputs[0].finish_reason == "stop"
     assert res.text == engine.tokenizer.decode(free.token_ids[:first], skip_special_tokens=True)
+
+
+def test_logit_bias_is_one_sparse_add_per_row_and_the_grammar_mask_wins():
+    logits = torch.zeros(3, 64)
+    logits[:, 5] = 2.0
+    rows = [SamplingParams(temperature=0, logit_bias=((9, 3.0),)),  # 9 overtakes 5
+            SamplingParams(temperature=0, logit_bias=((5, -100.0),)),  # 5 banned: first of the ties wins
+            SamplingParams(temperature=0)]
+    inp = SamplerInput(rows, [[1]] * 3, [1] * 3, [None] * 3)
+    assert sample(logits.clone(), inp).token_ids == [9, 0, 5]
+    bitmask = torch.full((3, 2), -1, dtype=torch.int32)
+    bitmask[0, 0] = ~(1 << 9)  # row 0's grammar forbids token 9: its +3 cannot revive it
+    inp.token_bitmask = bitmask
+    assert sample(logits.clone(), inp).token_ids == [5, 0, 5]
+
+
+def test_logit_bias_comes_before_penalties_and_leaves_logprobs_raw():
+    logits = torch.zeros(1, 8)
+    logits[0, 2] = 1.0
+    # +0.5 on token 3 (0.5 < 1.0); then token 2, seen twice, loses 2 * 0.3: 3 wins only if the bias came first
+    params = SamplingParams(temperature=0, frequency_penalty=0.3, logit_bias=((3, 0.5),), logprobs=1)
+    out = sample(logits.clone(), _inp(params))
+    assert out.token_ids == [3]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert out.logprobs[0] == pytest.approx(float(raw[3]))  # the model's distribution, before the bias
+    assert out.top_logprobs[0][0][0] == 2
+
+
+def test_logit_bias_validation_names_the_field():
+    for bad in (((3, 101.0),), ((3, -100.5),), ((-1, 1.0),), ((4, 1.0), (3, 1.0)), ((3, 1.0), (3, 2.0))):
+        with pytest.raises(SamplingParamsError) as info:
+            SamplingParams(logit_bias=bad)
+        assert info.value.param == "logit_bias"
+
+
+def test_engine_logit_bias_forces_and_bans_tokens(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    engine = tiny_engine(folder)
+    [prompt] = prompts(1, [8], seed=21)
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    [free] = engine.generate([prompt], SamplingParams(**greedy))
+    forced_id = next(t for t in range(3, 500) if t not in free.token_ids)
+    [forced] = engine.generate([prompt], SamplingParams(**greedy, logit_bias=((forced_id, 100.0),)))
+    assert forced.token_ids == [forced_id] * 6
+    first = free.token_ids[0]
+    [banned] = engine.generate([prompt], SamplingParams(**greedy, logit_bias=((first, -100.0),)))
+    assert first not in banned.token_ids
+    # in one batch, each row keeps its own bias (and a row without one is unchanged)
+    batch = engine.generate([prompt, prompt, prompt], [
+        SamplingParams(**greedy, logit_bias=((forced_id, 100.0),)),
+        SamplingParams(**greedy), SamplingParams(**greedy, logit_bias=((first, -100.0),))])
+    assert [r.token_ids for r in batch] == [forced.token_ids, free.token_ids, banned.token_ids]
+    # speculative verification applies the same bias: forced drafts are accepted, the banned token never is
+    speculative = tiny_engine(folder, speculation="ngram")
+    long = dict(greedy, max_tokens=12)
+    for bias in (((forced_id, 100.0),), ((first, -100.0),)):
+        [plain] = engine.generate([prompt], SamplingParams(**long, logit_bias=bias))
+        [drafted] = speculative.generate([prompt], SamplingParams(**long, logit_bias=bias))
+        assert drafted.token_ids == plain.token_ids
+    assert speculative.stats().num_accepted_tokens_total > 0
+    vocab = engine.config.hf_config.vocab_size
+    with pytest.raises(SamplingParamsError, match=r"logit_bias token ids must be in \[0, "):
+        engine.add_request(prompt, SamplingParams(**greedy, logit_bias=((vocab, 1.0),)))

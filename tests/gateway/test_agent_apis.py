@@ -196,9 +196,9 @@ def test_messages_errors_are_anthropic_exceptions_in_anthropic_envelope(live_ser
                                                        "message": "Incorrect API key provided."}}
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model="slm", max_tokens=8, messages=[
-            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": "x",
-                                                                      "media_type": "image/png"}}]}])
-    assert "'image'" in e.value.body["error"]["message"]
+            {"role": "user", "content": [{"type": "document", "source": {"type": "text", "data": "x",
+                                                                         "media_type": "text/plain"}}]}])
+    assert "'document'" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="claude-9", max_tokens=8, messages=user)
     with pytest.raises(anthropic.InternalServerError) as e:

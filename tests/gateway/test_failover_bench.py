@@ -17,7 +17,7 @@ from bench.gateway import (
     synthetic_prompts,
     write_training_data,
 )
-from bench.loadgen import percentile, run_load
+from bench.loadgen import APIS, api_body, is_complete, percentile, run_load
 from gateway.settings import settings_from_dict
 from training.cli import main as cli_main
 
@@ -102,6 +102,67 @@ def test_bench_args():
         parse_args(["--modes", "bogus"])
     with pytest.raises(ValueError):
         parse_args(["--rates", "-5"])
+
+
+def test_api_bodies_translate_the_chat_body():
+    chat = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}],
+            "max_tokens": 8, "temperature": 0}
+    assert api_body("chat", chat, stream=True) == dict(chat, stream=True, stream_options={"include_usage": True})
+    assert api_body("responses", chat, stream=False) == {"model": "m", "input": chat["messages"], "max_output_tokens": 8,
+                                                         "temperature": 0, "stream": False}
+    assert api_body("messages", chat, stream=True) == {"model": "m", "system": "Be brief.", "max_tokens": 8,
+                                                       "temperature": 0, "stream": True,
+                                                       "messages": [{"role": "user", "content": "q"}]}
+    with pytest.raises(ValueError, match="unknown api 'grpc'"):
+        api_body("grpc", chat, stream=False)
+    assert parse_args([]).apis == ["chat", "responses", "messages"]
+    assert parse_args(["--apis", "messages"]).apis == ["messages"]
+    with pytest.raises(ValueError, match="--apis: unknown"):
+        parse_args(["--apis", "chat,grpc"])
+
+
+@pytest.fixture
+def bench_gateway(live_server):
+    """The benchmark's own gateway config (remote slm / llm pools, routing off) over a live FakeUpstream."""
+    from gateway.app import create_app
+
+    upstream = FakeUpstream(behavior=FakeBehavior(num_tokens=4))
+    url = live_server(upstream).base_url + "/v1"
+    return live_server(create_app(settings_from_dict(gateway_config(url, None, None)))), upstream
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_loadgen_speaks_each_api_through_the_gateway(bench_gateway, api, stream):
+    from bench.gateway import API_PATHS
+
+    server, upstream = bench_gateway
+    bodies = [{"model": "x", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": f"q{i}"}], "max_tokens": 4} for i in range(3)]
+    result = await run_load(server.base_url + API_PATHS[api], bodies, rate=40, duration_s=0.25, warmup_s=0.05,
+                            stream=stream, model="auto", api=api)
+    assert result.api == api and result.num_sent == 10 and result.num_ok == 10 and result.errors == []
+    assert result.reported_overhead_ms_p50 is not None  # the gateway's x-switchyard-overhead-ms
+    sent = upstream.last_bodies[-1]
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."} and sent["max_tokens"] == 4
+
+
+def test_is_complete_needs_the_last_event_of_its_own_api(bench_gateway):
+    import httpx
+
+    from bench.gateway import API_PATHS
+
+    server, _ = bench_gateway
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "q"}], "max_tokens": 4}
+    answers = {(api, stream): httpx.post(server.base_url + API_PATHS[api], json=api_body(api, chat, stream=stream)).content
+               for api in APIS for stream in (False, True)}
+    for (api, stream), body in answers.items():
+        assert is_complete(api, body, stream=stream), (api, stream)
+        others = [a for a in APIS if a != api]
+        assert not any(is_complete(other, body, stream=stream) for other in others), (api, stream)
+        if stream:  # the stream cut before its last event is not a whole answer
+            cut = body.rstrip()[: body.rstrip().rfind(b"event: " if api != "chat" else b"data: ")]
+            assert not is_complete(api, cut, stream=True), api
 
 
 def test_cli_passes_leading_options_to_the_benchmark(capsys):

@@ -26,13 +26,13 @@ def test_openapi_schema_lists_the_openai_routes(live_server):
 
 def _remote_pool_gateway(live_server, **overrides):
     """A gateway whose pools are remote (a real OpenAIUpstream in front of bench's FakeUpstream) and can do
-    tools and JSON mode: every schema-valid body is then servable."""
+    tools, JSON mode and images: every schema-valid body is then servable."""
     from bench.fake_upstream import FakeUpstream
     from gateway.settings import settings_from_dict
 
     upstream = live_server(FakeUpstream())
     pools = [{"name": name, "kind": "remote", "model": model, "urls": [upstream.base_url + "/v1"],
-              "supports_tools": True, "supports_json_mode": True}
+              "supports_tools": True, "supports_json_mode": True, "supports_vision": True}
              for name, model in (("slm", "fake-slm"), ("llm", "fake-llm"))]
     pools.append({"name": "minilm", "kind": "remote", "task": "embed", "model": "text-embedding-x",
                   "urls": [upstream.base_url + "/v1"]})

@@ -1,5 +1,5 @@
-"""Fields the gateway used to drop: logit_bias and chat_template_kwargs reach remote pools (the embedded
-engine refuses logit_bias with a clear 400); an upstream's reasoning_content reaches the client."""
+"""Fields the gateway used to drop: logit_bias and chat_template_kwargs reach remote pools and the embedded
+engine honours logit_bias; an upstream's reasoning_content reaches the client."""
 
 from __future__ import annotations
 
@@ -53,8 +53,12 @@ def test_reasoning_content_from_an_upstream_reaches_the_client():
 
 
 @pytest.mark.slow
-def test_the_embedded_engine_refuses_logit_bias(live_server, tiny_model_dir):
-    pools = [{"name": "slm", "model": str(tiny_model_dir("llama")), "chat_template": "plain_turns"},
+def test_the_embedded_engine_honours_logit_bias(live_server, tiny_model_dir):
+    from backends.engine.sampling_params import SamplingParams
+    from tests.engine.helpers import prompts, tiny_engine
+
+    folder = tiny_model_dir("llama")
+    pools = [{"name": "slm", "model": str(folder), "chat_template": "plain_turns"},
              {"name": "llm", "model": "fake-llm"}]
 
     def factory(cfg, index):
@@ -62,7 +66,30 @@ def test_the_embedded_engine_refuses_logit_bias(live_server, tiny_model_dir):
 
         return default_backend(cfg, index) if cfg.name == "slm" else FakeFactory()(cfg, index)
 
+    engine = tiny_engine(folder)
+    tok = engine.tokenizer
+    [prompt] = prompts(1, [8], seed=5)
+    greedy = dict(temperature=0, max_tokens=5, ignore_eos=True)
+    [free] = engine.generate([prompt], SamplingParams(**greedy))
+    first = free.token_ids[0]
+    [banned] = engine.generate([prompt], SamplingParams(**greedy, logit_bias=((first, -100.0),)))
+    assert banned.token_ids[0] != first
+    [forced_id] = tok.encode("Hello")
+    assert forced_id not in free.token_ids
+
     server = live_server(create_app(fake_settings(pools=pools), backend_factory=factory))
-    r = httpx.post(server.base_url + "/v1/chat/completions", json={
-        "model": "slm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logit_bias": {"5": 1}})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "logit_bias_not_supported"
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+
+    def complete(**extra):
+        return client.completions.create(model="slm", prompt=prompt, max_tokens=5, temperature=0,
+                                         extra_body={"ignore_eos": True}, **extra).choices[0].text
+
+    assert complete() == tok.decode(free.token_ids)
+    assert complete(logit_bias={str(forced_id): 100}) == "Hello" * 5  # +100: greedy picks it every step
+    assert complete(logit_bias={str(first): -100}) == tok.decode(banned.token_ids)  # -100: never picked
+    chat = client.chat.completions.create(model="slm", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={str(forced_id): 100})
+    assert chat.choices[0].message.content == "Hello" * 3
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(logit_bias={"100000": 1})  # outside the vocabulary
+    assert info.value.body["param"] == "logit_bias" and "logit_bias" in info.value.body["message"]

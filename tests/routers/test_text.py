@@ -47,3 +47,12 @@ def test_each_budget_keeps_the_last_turn_first():
     assert turns.text(2000) == "a" * 900 + "\n" + "b" * 600 == request_text(msgs, 2000)
     assert turns.text(1000) == "b" * 600  # not the first 1,000 characters of the 2,000 window
     assert turns.text(100) == "b" * 100
+
+
+def test_image_parts_are_not_routing_text():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 5000}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is "}, image, {"type": "text", "text": "this?"}]}]
+    assert request_text(messages) == "what is this?"
+    assert request_text([{"role": "user", "content": [image]}]) == ""
+    wire = ChatMessage.model_validate(messages[0])
+    assert wire.text() == "what is this?" and wire.to_backend()["content"] == messages[0]["content"]

@@ -1,9 +1,10 @@
-"""Batched sampling: grammar mask, penalties, temperature (0 = argmax), top-k, top-p, min-p, per-request
-seeds, logprobs.
+"""Batched sampling: grammar mask, logit bias, penalties, temperature (0 = argmax), top-k, top-p, min-p,
+per-request seeds, logprobs.
 
-Logprobs are those of the model's raw distribution (log-softmax of the logits before the grammar mask,
-penalties and temperature), as OpenAI and vLLM report them. The grammar mask (``token_bitmask``, packed as
-xgrammar fills it: token t allowed iff bit t % 32 of word t // 32 is set) comes first, so penalties,
+Logprobs are those of the model's raw distribution (log-softmax of the logits before the grammar mask, logit
+bias, penalties and temperature), as vLLM reports them by default (``logprobs_mode="raw_logprobs"``). The
+grammar mask (``token_bitmask``, packed as xgrammar fills it: token t allowed iff bit t % 32 of word t // 32 is
+set) comes first, so a bias never revives a token the grammar forbids (-inf + bias = -inf), and penalties,
 temperature and the top-k/p filters only ever see tokens the grammar allows.
 """
 
@@ -50,6 +51,24 @@ def _apply_penalties(logits: torch.Tensor, inp: SamplerInput) -> torch.Tensor:
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``logits`` [B, V] plus each row's ``logit_bias`` (one sparse add for the whole batch; a new tensor),
+    or ``logits`` itself when no row has a bias."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for i, p in enumerate(params):
+        for token_id, bias in p.logit_bias:
+            rows.append(i)
+            cols.append(token_id)
+            vals.append(bias)
+    if not rows:
+        return logits
+    dev = logits.device
+    index = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+    return logits.index_put(index, torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+
+
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """top-k, then top-p, then min-p on one row of temperature-scaled logits."""
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
@@ -79,10 +98,11 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
 
 
 def _processed(logits: torch.Tensor, inp: SamplerInput) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """The target distribution of each row: ``logits`` masked by the grammar and penalised (greedy rows take
-    its argmax), and for sampled rows the probabilities after temperature, top-k, top-p and min-p."""
+    """The target distribution of each row: ``logits`` masked by the grammar, biased and penalised (greedy
+    rows take its argmax), and for sampled rows the probabilities after temperature, top-k, top-p and min-p."""
     if inp.token_bitmask is not None:
         logits = apply_token_bitmask(logits, inp.token_bitmask)
+    logits = apply_logit_bias(logits, inp.params)
     if all(p.is_greedy and not p.has_penalties for p in inp.params):
         return logits, [None] * logits.shape[0]
     logits = _apply_penalties(logits.clone(), inp)
