@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backends.engine.args import SpeculationConfig
 from backends.engine.layers.sampler import SamplerInput, sample
 from backends.engine.sampling_params import SamplingParams, SamplingParamsError
 from tests.engine.helpers import hf_logprobs, prompts, tiny_engine
@@ -170,7 +171,7 @@ def test_engine_logit_bias_forces_and_bans_tokens(tiny_model_dir):
         SamplingParams(**greedy), SamplingParams(**greedy, logit_bias=((first, -100.0),))])
     assert [r.token_ids for r in batch] == [forced.token_ids, free.token_ids, banned.token_ids]
     # speculative verification applies the same bias: forced drafts are accepted, the banned token never is
-    speculative = tiny_engine(folder, speculation="ngram")
+    speculative = tiny_engine(folder, speculation=SpeculationConfig(method="ngram"))
     long = dict(greedy, max_tokens=12)
     for bias in (((forced_id, 100.0),), ((first, -100.0),)):
         [plain] = engine.generate([prompt], SamplingParams(**long, logit_bias=bias))
