@@ -39,6 +39,8 @@ Both return P(weak good enough) = 1 − strong win rate, the direction of our sc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -46,7 +48,6 @@ import random
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def resolve_impl(impl: str) -> str:
     return "routellm"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _routellm_on_path():
     """Import RouteLLM from .bench (its similarity_weighted/utils.py builds an OpenAI client at import:
     a dummy key is set for that; nothing calls the API)."""
@@ -258,9 +259,10 @@ def train_mf(train_emb: np.ndarray, rows: Sequence[RoutingRow], impl: str, workd
     np.save(npy, train_emb.astype(np.float32))
     net = MFTrain(dim=hp["dim"], num_models=num_models, num_prompts=len(rows), text_dim=train_emb.shape[1],
                   use_proj=hp["use_proj"], npy_path=str(npy))
-    train_loops(net, PairwiseDataset(shuffled).get_dataloaders(batch_size=hp["batch_size"], shuffle=True),
-                PairwiseDataset(monitor).get_dataloaders(1024, shuffle=False), lr=hp["lr"],
-                weight_decay=hp["weight_decay"], alpha=hp["alpha"], num_epochs=hp["num_epochs"], device="cpu")
+    with contextlib.redirect_stderr(io.StringIO()):  # routellm's train_loops draws a tqdm bar per epoch
+        train_loops(net, PairwiseDataset(shuffled).get_dataloaders(batch_size=hp["batch_size"], shuffle=True),
+                    PairwiseDataset(monitor).get_dataloaders(1024, shuffle=False), lr=hp["lr"],
+                    weight_decay=hp["weight_decay"], alpha=hp["alpha"], num_epochs=hp["num_epochs"], device="cpu")
     with torch.no_grad():
         p = torch.nn.functional.normalize(net.P.weight, p=2, dim=1).numpy()
         proj = net.text_proj.weight.numpy() if hp["use_proj"] else np.eye(hp["dim"], dtype=np.float32)
