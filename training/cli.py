@@ -216,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --all-rows: the router's own training data)")
     p.add_argument("--baseline-data", help="with --all-rows --baselines: the router's training data (default: "
                                            "the file its artifact records)")
+    p.add_argument("--peers", action="store_true",
+                   help="also train RouteLLM's matrix-factorization (routellm_mf) and similarity-weighted ranking "
+                        "(routellm_sw) routers on the rows TF-IDF+LR is fitted on (implies --baselines), with "
+                        "MiniLM prompt embeddings, and evaluate them on the same rows")
+    p.add_argument("--peers-impl", default="auto", metavar="auto|routellm|ours",
+                   help="whose code trains the peers: routellm 0.2.0 installed under .bench/routellm, or "
+                        "training/peers.py's copy of it (default auto: the package when installed)")
+    p.add_argument("--peers-encoder", default="minilm", metavar="minilm|minilm-l3-int8",
+                   help="the peers' prompt embeddings: all-MiniLM-L6-v2 (default) or its first three layers in int8 "
+                        "(the guard's encoder, ~7x less CPU)")
+    p.add_argument("--embedding-cache", help="with --peers: .npz file remembering MiniLM embeddings across runs")
     p.add_argument("--source", action="append", default=[], help="evaluate only rows of this source (repeatable)")
     p.add_argument("--price", action="append", default=[], metavar="MODEL=USD",
                    help="nmodel: override a model's USD per 1k requests (repeatable)")

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -244,10 +245,20 @@ def eval_router(args: argparse.Namespace) -> int:
     from routers.router import Router
 
     _single_thread()
+    peers = getattr(args, "peers", False)
+    if peers:
+        from training.peers import resolve_impl
+
+        args.baselines = True  # the peers are reported beside TF-IDF+LR, fitted on the same rows
+        peers_impl = resolve_impl(args.peers_impl)
+    elif args.peers_impl != "auto" or args.embedding_cache or args.peers_encoder != "minilm":
+        raise ValueError("--peers-impl, --peers-encoder and --embedding-cache are for --peers")
     if args.baseline_data and not (args.baselines and args.all_rows):
         raise ValueError("--baseline-data is for --baselines with --all-rows")
     art = artifact.load(args.model, kind="router")
     if art.meta.get("scorer", {}).get("kind") == "nmodel":
+        if peers:
+            raise ValueError("--peers compares two-model routers; this artifact is an nmodel router")
         return _eval_nmodel(args, art)
     if getattr(args, "price", None) or getattr(args, "tolerance", None):
         raise ValueError("--price and --tolerance are for an nmodel router")
@@ -262,14 +273,27 @@ def eval_router(args: argparse.Namespace) -> int:
     scores = router.score_batch(texts)
     systems: dict[str, np.ndarray] = {router.kind: scores}
     baseline_fit = None
+    peer_info = None
     if args.baselines:
-        baseline, baseline_fit = _fit_baseline(args, router.meta, rows, held)
-        systems["tfidf_lr"] = baseline.score_batch(texts)
+        fit_rows, baseline_fit, cfg = _disjoint_training_rows(args, router.meta, rows, held)
+        systems["tfidf_lr"] = fit_router(fit_rows, cfg).score_batch(texts)
+        if peers:
+            import tempfile
+
+            from training.peers import CachedMiniLM, peer_scores
+
+            with tempfile.TemporaryDirectory(prefix="switchyard-peers-") as work:
+                embed = CachedMiniLM(args.embedding_cache, encoder=args.peers_encoder)
+                run = peer_scores(fit_rows, texts, embed, peers_impl, Path(work))
+            systems.update(run.scores)
+            peer_info = dict(run.info, rows="the rows tfidf_lr is fitted on (baseline_fit)")
     sources = sorted(Counter(r.source for r in held))
     report: dict = {"model": str(args.model), "kind": router.kind, "num_eval_rows": len(held),
                     "threshold": router.threshold, "sources": {}}
     if baseline_fit is not None:
         report["baseline_fit"] = baseline_fit
+    if peer_info is not None:
+        report["peers"] = peer_info
     groups = [(s, [i for i, r in enumerate(held) if r.source == s]) for s in sources]
     if len(sources) > 1:
         groups.append(("all", list(range(len(held)))))
@@ -298,12 +322,13 @@ def eval_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_baseline(args: argparse.Namespace, meta: dict, rows: list[RoutingRow],
-                  held: list[RoutingRow]) -> tuple[Router, dict]:
-    """TF-IDF+LR fitted like the router (its split, its excluded sources) on rows disjoint from ``held``:
-    the training split of ``--data``, or with ``--all-rows`` of the router's own training data (the file
-    its artifact records, or ``--baseline-data``). Rows sharing an id or a prompt with an evaluated row
-    are left out. Returns the baseline and what it was fitted on (``baseline_fit`` in the report)."""
+def _disjoint_training_rows(args: argparse.Namespace, meta: dict, rows: list[RoutingRow],
+                            held: list[RoutingRow]) -> tuple[list[RoutingRow], dict, TrainConfig]:
+    """The rows the baselines and peers are fitted on, like the router (its split, its excluded sources)
+    and disjoint from ``held``: the training split of ``--data``, or with ``--all-rows`` of the router's
+    own training data (the file its artifact records, or ``--baseline-data``). Rows sharing an id or a
+    prompt with an evaluated row are left out. Returns the rows, what they are (``baseline_fit`` in the
+    report) and the TF-IDF+LR config."""
     td = meta.get("training_data", {})
     pct = int(td.get("split", {}).get("eval_percent", 20))
     cfg = TrainConfig(kind="tfidf_lr", eval_fraction=pct / 100,
@@ -327,7 +352,7 @@ def _fit_baseline(args: argparse.Namespace, meta: dict, rows: list[RoutingRow],
     fit = {"file": str(data), "rows": f"training split: sha1(id or prompt) mod 100 >= {pct}",
            "num_rows": len(fit_rows), "num_left_out_as_evaluated": len(train) - len(fit_rows),
            "disjoint_from_eval": True}
-    return fit_router(fit_rows, cfg), fit
+    return fit_rows, fit, cfg
 
 
 def _flat_json(report: dict, kind: str) -> dict:
@@ -344,17 +369,18 @@ def _flat_json(report: dict, kind: str) -> dict:
 
 def _print_report(report: dict, systems: list[str]) -> None:
     print(f"router {report['kind']} on {report['num_eval_rows']} held-out rows; threshold {report['threshold']:.4f}")
-    header = f"{'source':<10} {'system':<12} {'n':>6} {'APGR':>7} {'CPT50':>7} {'CPT80':>7} {'share@t':>8}"
+    header = f"{'source':<10} {'system':<19} {'n':>6} {'APGR':>7} {'CPT50':>7} {'CPT80':>7} {'share@t':>8}"
     print(header)
     for src, entry in report["sources"].items():
         for name in [*systems, "random", "oracle"]:
             m = entry[name]
             share = m["strong_share_at_threshold"]
-            print(f"{src:<10} {name:<12} {m['n']:>6} {m['apgr']:>7.3f} {m['cpt50']:>7.1%} {m['cpt80']:>7.1%} "
+            print(f"{src:<10} {name:<19} {m['n']:>6} {m['apgr']:>7.3f} {m['cpt50']:>7.1%} {m['cpt80']:>7.1%} "
                   f"{'' if share is None else format(share, '.1%'):>8}")
     fit = report.get("baseline_fit")
     if fit is not None:
-        print(f"tfidf_lr baseline fitted on {fit['num_rows']} rows of {fit['file']} ({fit['rows']}), none of them "
+        fitted = "tfidf_lr baseline" + (" and RouteLLM peers" if "peers" in report else "")
+        print(f"{fitted} fitted on {fit['num_rows']} rows of {fit['file']} ({fit['rows']}), none of them "
               f"evaluated ({fit['num_left_out_as_evaluated']} left out for sharing an id or prompt)")
     print(f"router latency per query: p50 {report['latency_ms_p50']:.3f} ms, p99 {report['latency_ms_p99']:.3f} ms")
 
