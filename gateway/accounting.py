@@ -69,7 +69,7 @@ class Accounting:
             self.metrics.record_usage(model=pool, num_prompt_tokens=usage.prompt_tokens,
                                       num_completion_tokens=usage.completion_tokens, cost_usd=meter.cost_usd,
                                       always_llm_cost_usd=always)
-        if usage.total_tokens:
+        if outcome.admission.tokens_per_minute is not None and usage.total_tokens:
             self._background(self.admitter.record_tokens(outcome.admission, usage.total_tokens))
         key = outcome.admission.key_name
         if key is not None:  # an open gateway has no keys to account to
