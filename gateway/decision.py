@@ -87,46 +87,45 @@ class Meter:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What the gateway decided for one request, built once from the steps' results: the ``x-switchyard-*``
-    headers, the ``switchyard`` body field and the decision-log record read it."""
+    headers, the ``switchyard`` body field and the decision-log record read it. ``routing``: the
+    ``RouteDecision`` the request was sent with (its score, threshold, N-model scores); ``pool`` answers it
+    (the LLM when the cascade escalated, ``reason`` then says why)."""
 
-    route: str
+    guard: str  # the GuardAction's label
+    routing: Any  # routers.policy.RouteDecision
+    examples: Examples
     pool: str
-    guard: str
     reason: str
-    score: float | None = None
-    threshold: float | None = None
-    scores: dict[str, float] | None = None  # N-model router: predicted score per pool alias
-    tolerance: float | None = None  # N-model router: the quality tolerance of the choice
     escalated: bool = False
-    num_examples: int = 0
-    example_similarity: float | None = None  # cosine of the best example retrieved (None: none)
 
     @classmethod
-    def of(cls, guard: GuardAction, route: Any, examples: Examples, started: Started) -> Decision:
-        """``route``: the ``RouteDecision`` the request was sent with."""
-        return cls(route=route.route, pool=started.pool, guard=guard.label,
-                   reason=started.reason if started.escalated else route.reason, score=route.score,
-                   threshold=route.threshold, scores=route.scores, tolerance=route.tolerance,
-                   escalated=started.escalated, num_examples=len(examples.ids),
-                   example_similarity=examples.similarity)
+    def of(cls, guard: GuardAction, routing: Any, examples: Examples, started: Started) -> Decision:
+        return cls(guard.label, routing, examples, started.pool,
+                   started.reason if started.escalated else routing.reason, started.escalated)
+
+    @property
+    def route(self) -> str:
+        return self.routing.route
 
     def info(self, meter: Meter) -> dict[str, Any]:
         """The response's ``switchyard`` field."""
-        return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
-                "threshold": self.threshold, "scores": self.scores, "tolerance": self.tolerance,
-                "escalated": self.escalated, "num_examples": self.num_examples,
-                "example_similarity": self.example_similarity,
+        routing = self.routing
+        return {"route": routing.route, "model": self.pool, "guard": self.guard, "score": routing.score,
+                "threshold": routing.threshold, "scores": routing.scores, "tolerance": routing.tolerance,
+                "escalated": self.escalated, "num_examples": len(self.examples.ids),
+                "example_similarity": self.examples.similarity,
                 "overhead_ms": round((meter.overhead_s or 0.0) * 1000, 3), "cost_usd": round(meter.cost_usd, 10),
                 "reason": self.reason}
 
     def headers(self, meter: Meter, *, with_cost: bool) -> dict[str, str]:
         """The ``x-switchyard-*`` headers; the cost only when it is known (not on a stream's headers)."""
-        h = {"x-switchyard-route": self.route, "x-switchyard-model": self.pool, "x-switchyard-guard": self.guard,
-             "x-switchyard-overhead-ms": f"{(meter.overhead_s or 0.0) * 1000:.3f}"}
+        h = {"x-switchyard-route": self.routing.route, "x-switchyard-model": self.pool,
+             "x-switchyard-guard": self.guard, "x-switchyard-overhead-ms": f"{(meter.overhead_s or 0.0) * 1000:.3f}"}
         if with_cost:
             h["x-switchyard-cost-usd"] = f"{meter.cost_usd:.10f}"
-        if self.scores is not None:
-            h["x-switchyard-scores"] = ",".join(f"{alias}={score:.4f}" for alias, score in self.scores.items())
+        scores = self.routing.scores
+        if scores is not None:
+            h["x-switchyard-scores"] = ",".join(f"{alias}={score:.4f}" for alias, score in scores.items())
         return h
 
 

@@ -132,7 +132,6 @@ class Outcome:
     job: Job
     admission: Admission
     decision: Decision
-    examples: Examples
     judged: bool  # the cascade judged the SLM's answer (its examples have had their feedback)
     meter: Meter  # ``Accounting.charge`` adds the answer's cost to ``meter.cost_usd``
     usage: Usage
@@ -147,14 +146,12 @@ class Execution:
     its normal end hands an ``Outcome`` to ``Pipeline.finish``; afterwards ``usage`` and ``meter`` are final."""
 
     def __init__(self, pipeline: Pipeline, job: Job, admission: Admission, decision: Decision, model_name: str,
-                 started: Started, text: str, *, examples: Examples = NO_EXAMPLES, meter: Meter,
-                 spans: Any = None) -> None:
+                 started: Started, text: str, *, meter: Meter, spans: Any = None) -> None:
         self.pipeline = pipeline
         self.job = job
         self.admission = admission
         self.decision = decision
         self.model_name = model_name
-        self.examples = examples
         self.meter = meter
         self.spans = spans  # gateway.tracing.RequestSpans when `opentelemetry: true`; ended by record()
         self.usage: Usage | None = None
@@ -199,7 +196,7 @@ class Execution:
         if self.job.stream is False and meter.overhead_s is not None:
             meter.overhead_s = time.perf_counter() - self.job.t_start - meter.backend_wait_s
         self.pipeline.finish(Outcome(
-            job=self.job, admission=self.admission, decision=self.decision, examples=self.examples,
+            job=self.job, admission=self.admission, decision=self.decision,
             judged=self._judged, meter=meter, usage=self.usage or Usage(0, self._num_deltas),
             finish_reason=self._finish_reason, answer="".join(self._answer), request_text=self._text,
             reservation=self.reservation))
@@ -539,17 +536,8 @@ class Pipeline:
         are read once, here: a reload while this request runs does not change its guard, router or cascade
         rule."""
         arts = self.artifacts
-        # [3] the request text, read by the guard, the router, the example cache and the traffic log (``auto``
-        # requests only): a request to a named pool with no guard and no cache needs none
-        text = guard_text = ""
-        if arts.guard is not None or requested == "auto" or self.store is not None:
-            text, guard_text = self._routing_text(job, arts.guard)
-        session_key, session = None, None
-        if job.session_id is not None and requested == "auto":  # [2] the session's tier and examples
-            from gateway.sessions import SessionKey
-
-            session_key = SessionKey(admission.namespace, job.session_id)
-            session = await self.sessions.get(session_key)
+        session_key, session = await self._session(job, admission, requested)  # [2]
+        text, guard_text = self._routing_text(job, requested, arts.guard)  # [3]
         guard = await self._guard(arts.guard, guard_text, admission, spans)  # [4]
         if job.state is not None:
             job.state["guard"] = guard
@@ -577,9 +565,19 @@ class Pipeline:
         meter.overhead_s = time.perf_counter() - job.t_start - meter.backend_wait_s
         decision = Decision.of(guard, route, examples, started)
         if session_key is not None:
-            self._background(self._remember_session(session_key, session, decision, examples))
+            self._background(self._remember_session(session_key, session, decision))
         return Execution(self, job, admission, decision, self._pool_cfg(started.pool).model, started, text,
-                         examples=examples, meter=meter, spans=spans)
+                         meter=meter, spans=spans)
+
+    async def _session(self, job: Job, admission: Admission, requested: str) -> tuple[Any, Any]:
+        """[2] (its key, its state) for an ``auto`` request of a session: the tier that holds and the examples
+        kept (``gateway/sessions.py``); (None, None) otherwise. The state is None for a new session."""
+        if job.session_id is None or requested != "auto":
+            return None, None
+        from gateway.sessions import SessionKey
+
+        key = SessionKey(admission.namespace, job.session_id)
+        return key, await self.sessions.get(key)
 
     async def _guard(self, guard: GuardComponent | None, text: str, admission: Admission, spans: Any) -> GuardAction:
         """[4] The guard's verdict on the request text and the action the settings give it."""
@@ -676,7 +674,7 @@ class Pipeline:
             return True
         return self.settings.classifiers.inline_when_alone and self.num_deciding == 1 and batcher.is_idle
 
-    async def _remember_session(self, key: Any, state: Any, decision: Decision, examples: Examples) -> None:
+    async def _remember_session(self, key: Any, state: Any, decision: Decision) -> None:
         """After an ``auto`` turn of a session: the tier moves up when the LLM answered (routed or escalated),
         a held tier counts its turns down, the first examples are kept; written only when there is state."""
         from gateway.sessions import SessionState
@@ -688,14 +686,19 @@ class Pipeline:
                 state.tier, state.turns_left = "llm", cfg.hold_turns or -1
             elif state.turns_left > 0:
                 state.turns_left -= 1
+        examples = decision.examples
         if cfg.keep_examples and examples.messages and not state.examples:
             state.examples, state.example_ids = list(examples.messages), list(examples.ids)
         if state.tier or state.examples:
             await self.sessions.put(key, state)
 
-    def _routing_text(self, job: Job, guard: GuardComponent | None) -> tuple[str, str]:
+    def _routing_text(self, job: Job, requested: str, guard: GuardComponent | None) -> tuple[str, str]:
         """[3] (the text router and cache read, the text the guard reads): one ``RequestText`` per request,
-        cut to ``guard.max_context_chars`` and to the guard artifact's own budget."""
+        cut to ``guard.max_context_chars`` and to the guard artifact's own budget. ("", "") for a request to a
+        named pool with no guard and no example cache: nothing would read it (the traffic log records
+        ``auto`` requests only)."""
+        if guard is None and requested != "auto" and self.store is None:
+            return "", ""
         max_chars = self.settings.guard.max_context_chars
         if job.messages is not None:
             from routers.text import RequestText
@@ -847,7 +850,9 @@ class Pipeline:
         finish = "content_filter" if guard.label == "unsafe" else "stop"
         deltas = [Delta(index=i, text=guard.message, finish_reason=finish, is_final=(i == job.n - 1),
                         usage=Usage(0, 0) if i == job.n - 1 else None) for i in range(job.n)]
-        decision = Decision("policy", "policy", guard.label, f"guard verdict {guard.label}: refused")
+        reason = f"guard verdict {guard.label}: refused"
+        decision = Decision(guard.label, RouteDecision("policy", "policy", None, None, reason), NO_EXAMPLES,
+                            "policy", reason)
         return Execution(self, job, admission, decision, "switchyard-policy",
                          Started(deltas[0], _replay(deltas[1:]), "policy"), text, meter=meter, spans=spans)
 
@@ -856,7 +861,7 @@ class Pipeline:
     def finish(self, outcome: Outcome) -> None:
         """[11] Called once per answer that ended normally: accounting, then what the example cache learns."""
         self.accounting.charge(outcome)
-        decision, examples, job = outcome.decision, outcome.examples, outcome.job
+        decision, examples, job = outcome.decision, outcome.decision.examples, outcome.job
         if self.store is None:
             return
         if (job.kind == "chat" and decision.pool == self.settings.routing.llm_pool
@@ -903,10 +908,11 @@ class Pipeline:
         spans = None
         if execution is not None:
             decision, usage, spans = execution.decision, execution.usage, execution.spans
-            if decision.scores is not None:
-                entry["scores"] = decision.scores
-            entry.update(key=execution.admission.key_name, score=decision.score, threshold=decision.threshold,
-                         guard=decision.guard, escalated=decision.escalated, num_examples=decision.num_examples,
+            routing = decision.routing
+            if routing.scores is not None:
+                entry["scores"] = routing.scores
+            entry.update(key=execution.admission.key_name, score=routing.score, threshold=routing.threshold,
+                         guard=decision.guard, escalated=decision.escalated, num_examples=len(decision.examples.ids),
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
                          cost_usd=round(execution.meter.cost_usd, 10))
@@ -935,7 +941,7 @@ class Pipeline:
             return
         entry = {"request_id": ((scope or {}).get("state") or {}).get("request_id"), "key": admission.key_name,
                  "namespace": admission.namespace, "endpoint": (scope or {}).get("path"), "route": decision.route,
-                 "pool": decision.pool, "score": decision.score, "threshold": decision.threshold,
+                 "pool": decision.pool, "score": decision.routing.score, "threshold": decision.routing.threshold,
                  "escalated": decision.escalated, "prompt": execution.request_text}
         if self.traffic_log.write(entry):
             self.metrics.traffic_logged.inc()
