@@ -1,7 +1,8 @@
 """The request path, short and literal (DESIGN.md):
 
-    model → admission → budget → guard → policy → example cache → pool → backend → cascade → (stream)
-          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log, spans
+    [1] model, admission, budget → [2] session → [3] request text → [4] guard → [5] policy → [6] examples
+    → [7-9] pool, backend, cascade → Decision → (stream) → [11] finish(Outcome): accounting, example-cache
+    admit → record: metrics, decision log, spans
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
 error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
