@@ -2,7 +2,7 @@
 
 ``reserve`` runs before a backend is called (the budget's worst-case reservation, ``gateway/budget.py``);
 ``charge`` runs once when an answer ended normally: the cost at the configured prices (the SLM's part of an
-escalated request is already in ``trace.cost_usd``), the "saved vs always-LLM" figure, per-pool and per-key
+escalated request is already in ``meter.cost_usd``), the "saved vs always-LLM" figure, per-pool and per-key
 counters, the key's token rate limit and the budget's settlement. Requests that end otherwise keep their
 reservation (settled by the pipeline when nothing was answered).
 """
@@ -60,26 +60,25 @@ class Accounting:
             self._background(self.budgets.settle(reservation, spent_usd))
 
     def charge(self, outcome: Any) -> None:
-        """Book a finished answer (``Outcome``): adds its cost to ``outcome.trace.cost_usd``."""
-        trace, usage = outcome.trace, outcome.usage
+        """Book a finished answer (``Outcome``): adds its cost to ``outcome.meter.cost_usd``."""
+        meter, pool, usage = outcome.meter, outcome.decision.pool, outcome.usage
         always = 0.0
-        if trace.pool in self._pools:
-            trace.cost_usd += self.settings.pool(trace.pool).price.cost_usd(usage.prompt_tokens,
-                                                                             usage.completion_tokens)
+        if pool in self._pools:
+            meter.cost_usd += self.settings.pool(pool).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
             always = self._llm_price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
-            self.metrics.record_usage(model=trace.pool, num_prompt_tokens=usage.prompt_tokens,
-                                      num_completion_tokens=usage.completion_tokens, cost_usd=trace.cost_usd,
+            self.metrics.record_usage(model=pool, num_prompt_tokens=usage.prompt_tokens,
+                                      num_completion_tokens=usage.completion_tokens, cost_usd=meter.cost_usd,
                                       always_llm_cost_usd=always)
-        if usage.total_tokens:
+        if outcome.admission.tokens_per_minute is not None and usage.total_tokens:
             self._background(self.admitter.record_tokens(outcome.admission, usage.total_tokens))
         key = outcome.admission.key_name
         if key is not None:  # an open gateway has no keys to account to
-            self.metrics.child(self.metrics.key_spend, key).inc(trace.cost_usd)
+            self.metrics.child(self.metrics.key_spend, key).inc(meter.cost_usd)
             self.metrics.child(self.metrics.key_always_llm_cost, key).inc(always)
             self.metrics.child(self.metrics.key_tokens, key, "prompt").inc(usage.prompt_tokens)
             self.metrics.child(self.metrics.key_tokens, key, "completion").inc(usage.completion_tokens)
         if outcome.reservation is not None:
-            self._background(self.budgets.settle(outcome.reservation, trace.cost_usd))
+            self._background(self.budgets.settle(outcome.reservation, meter.cost_usd))
 
 
 __all__ = ["Accounting", "Usage"]

@@ -1,7 +1,7 @@
 """create_app(settings): the FastAPI app.
 
-The lifespan builds the ``Pipeline`` once (pools, guard, router policy, cascade rule, example store,
-admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
+The lifespan builds the ``Pipeline`` once through ``gateway/wiring.py`` (pools, guard, router policy, cascade
+rule, example store, admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
 SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Pipeline.reload``).
 Every error leaves in OpenAI's envelope through ``gateway.edge.error_response``: pydantic validation
 errors are 400 ``invalid_request_error`` (not FastAPI's 422), unknown paths 404 (a trailing slash too:
@@ -46,7 +46,8 @@ def create_app_from_env() -> FastAPI:
 def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None = None,
                backend_factory: Any = None, resolver: Any = None, tracer_provider: Any = None) -> FastAPI:
     """The gateway app. ``pipeline_factory`` / ``backend_factory`` / ``resolver`` replace the real pipeline /
-    replicas / DNS resolver (tests); by default ``Pipeline.build(settings)`` makes everything from the settings.
+    replicas / DNS resolver (tests); by default ``gateway.wiring.build_pipeline(settings)`` makes everything from
+    the settings.
     ``tracer_provider``: where spans go when ``opentelemetry`` is on (default: gateway/tracing.py's choice).
     Raises ConfigError when ``opentelemetry`` is on and the ``otel`` extra is not installed."""
     tracing = None
@@ -57,12 +58,12 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from gateway.pipeline import Pipeline
+        from gateway.wiring import build_pipeline
 
         if pipeline_factory is not None:
             pipeline = pipeline_factory(settings)
         else:
-            pipeline = Pipeline.build(settings, backend_factory=backend_factory, resolver=resolver)
+            pipeline = build_pipeline(settings, backend_factory=backend_factory, resolver=resolver)
         if not settings.api_keys:
             log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
                         settings.host, settings.port)

@@ -1,15 +1,18 @@
 """The request path, short and literal (DESIGN.md):
 
-    model → admission → budget → guard → policy → example cache → pool → backend → cascade → (stream)
-          → finish(Outcome): accounting, example-cache admit → record: metrics, decision log, spans
+    [1] model, admission, budget → [2] session → [3] request text → [4] guard → [5] policy → [6] examples
+    → [7-9] pool, backend, cascade → Decision → (stream) → [11] finish(Outcome): accounting, example-cache
+    admit → record: metrics, decision log, spans
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
 error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
-*before* any byte is sent. It returns an ``Execution``: the decision (``Trace``) and the Delta stream, whose
-normal end hands an ``Outcome`` to ``finish`` (``gateway/accounting.py`` books it; the example cache learns).
-Components are reached through the small Protocols below (a fake of each serves the tests). With
-``opentelemetry: true`` each stage opens and ends a span through ``trace.spans`` (``gateway/tracing.py``);
-otherwise each hook is one ``None`` check.
+*before* any byte is sent. Each step returns its own small type (``gateway/decision.py``: ``GuardAction``,
+``RouteDecision``, ``Examples``, ``Started``); the ``Decision`` the headers, the ``switchyard`` body field and
+the decision log read is built from them once. ``run`` returns an ``Execution``: that decision and the Delta
+stream, whose normal end hands an ``Outcome`` to ``finish`` (``gateway/accounting.py`` books it; the example
+cache learns). Components are built by ``gateway/wiring.py`` and reached through the small Protocols below (a
+fake of each serves the tests). With ``opentelemetry: true`` each stage opens and ends a span through the
+request's ``RequestSpans`` (``gateway/tracing.py``); otherwise each hook is one ``None`` check.
 
 Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
 ``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
@@ -25,9 +28,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -36,6 +39,16 @@ from backends.base import BackendError, Delta, GenerationRequest, SamplingParams
 from backends.types import num_image_parts
 from gateway.admission import Admission, Admitter
 from gateway.budget import Budgets
+from gateway.decision import (
+    GUARD_EXEMPT,
+    GUARD_OFF,
+    NO_EXAMPLES,
+    Decision,
+    Examples,
+    GuardAction,
+    Meter,
+    Started,
+)
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -45,11 +58,13 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from routers.policy import RouteDecision
 from routers.text import content_text
 
 if TYPE_CHECKING:
     from gateway.artifacts import ServingArtifacts
     from gateway.cascade import CascadeRule
+    from gateway.decision_log import DecisionLog
     from gateway.example_cache.types import ExampleStore
     from gateway.sessions import SessionStore
 
@@ -59,6 +74,28 @@ log = logging.getLogger("switchyard.pipeline")
 _CASCADE_ROUTES = ("slm", "slm_then_escalate")
 _AUTO_ROUTES = frozenset({"slm", "slm_then_escalate", "llm", "session"})  # decided for model "auto"
 IMAGE_TOKENS_ESTIMATE = 765  # prompt tokens one image counts for in the prompt-length limit (OpenAI: 1024², high)
+
+
+class _RequestIds:
+    """Job ids (32 hex digits): a random prefix drawn once per process, then a counter — unique across
+    processes and restarts like uuid4, at a fraction of its cost. A forked child draws its own prefix."""
+
+    def __init__(self) -> None:
+        self._prefix = ""
+        self._num = 0
+
+    def __call__(self) -> str:
+        if not self._prefix:
+            self._prefix = secrets.token_hex(8)
+            os.register_at_fork(after_in_child=self._forget)
+        self._num += 1
+        return f"{self._prefix}{self._num:016x}"
+
+    def _forget(self) -> None:
+        self._prefix = ""
+
+
+_REQUEST_IDS = _RequestIds()
 
 
 @dataclass
@@ -84,8 +121,8 @@ class Job:
     session_id: str | None = None  # the agent session (gateway/sessions.py session_of)
     program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
     input_param: str = "messages"  # the request field holding the messages, as the endpoint names it (400 params)
-    state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its Trace there for ``record``
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its steps' results for ``record``
+    request_id: str = field(default_factory=lambda: _REQUEST_IDS())
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -102,58 +139,15 @@ class Job:
         return self.num_images > 0
 
 
-@dataclass
-class Trace:
-    """What the gateway decided and measured for one request (→ x-switchyard-* headers, ``switchyard``)."""
-
-    route: str = "explicit"
-    pool: str = ""
-    guard: str = "off"
-    score: float | None = None
-    threshold: float | None = None
-    scores: dict[str, float] | None = None  # N-model router: predicted score per pool alias
-    tolerance: float | None = None  # N-model router: the quality tolerance of the choice
-    reason: str = ""
-    escalated: bool = False
-    judged: bool = False  # the cascade judged an SLM answer
-    namespace: str = "default"
-    key_name: str | None = None  # the admitted key's name (None: open gateway, or not admitted yet)
-    num_examples: int = 0
-    example_ids: list[str] = field(default_factory=list)
-    query_embedding: Any = field(default=None, repr=False)  # the cache lookup's vector, reused by admit
-    example_similarity: float | None = None  # cosine of the best example retrieved (None: none)
-    is_kept_on_slm: bool = False  # good examples found: no cascade (example_cache.keep_on_slm_similarity)
-    examples: list[dict[str, Any]] = field(default_factory=list, repr=False)  # example messages looked up now
-    backend_wait_s: float = 0.0
-    overhead_s: float | None = None
-    cost_usd: float = 0.0  # finished backend calls so far (the SLM's, when escalated)
-    spans: Any = field(default=None, repr=False)  # gateway.tracing.RequestSpans when `opentelemetry: true`
-
-    def info(self) -> dict[str, Any]:
-        return {"route": self.route, "model": self.pool, "guard": self.guard, "score": self.score,
-                "threshold": self.threshold, "scores": self.scores, "tolerance": self.tolerance,
-                "escalated": self.escalated, "num_examples": self.num_examples,
-                "example_similarity": self.example_similarity,
-                "overhead_ms": round((self.overhead_s or 0.0) * 1000, 3), "cost_usd": round(self.cost_usd, 10),
-                "reason": self.reason}
-
-    def headers(self, *, with_cost: bool) -> dict[str, str]:
-        h = {"x-switchyard-route": self.route, "x-switchyard-model": self.pool, "x-switchyard-guard": self.guard,
-             "x-switchyard-overhead-ms": f"{(self.overhead_s or 0.0) * 1000:.3f}"}
-        if with_cost:
-            h["x-switchyard-cost-usd"] = f"{self.cost_usd:.10f}"
-        if self.scores is not None:
-            h["x-switchyard-scores"] = ",".join(f"{alias}={score:.4f}" for alias, score in self.scores.items())
-        return h
-
-
 @dataclass(slots=True)
 class Outcome:
     """A request whose answer ended normally: what ``Pipeline.finish`` books and learns from."""
 
     job: Job
     admission: Admission
-    trace: Trace
+    decision: Decision
+    judged: bool  # the cascade judged the SLM's answer (its examples have had their feedback)
+    meter: Meter  # ``Accounting.charge`` adds the answer's cost to ``meter.cost_usd``
     usage: Usage
     finish_reason: str | None  # choice 0's
     answer: str  # choice 0's text
@@ -162,29 +156,44 @@ class Outcome:
 
 
 class Execution:
-    """A request past its first Delta. Iterate ``deltas()`` once; afterwards ``usage`` and ``trace`` are final."""
+    """A request past its first Delta: its ``decision`` and its Delta stream. Iterate ``deltas()`` once;
+    its normal end hands an ``Outcome`` to ``Pipeline.finish``; afterwards ``usage`` and ``meter`` are final."""
 
-    def __init__(self, pipeline: Pipeline, job: Job, admission: Admission, trace: Trace, model_name: str,
-                 first: Delta | None, rest: AsyncIterator[Delta] | None, text: str) -> None:
+    def __init__(self, pipeline: Pipeline, job: Job, admission: Admission, decision: Decision, model_name: str,
+                 started: Started, text: str, *, meter: Meter, spans: Any = None) -> None:
         self.pipeline = pipeline
         self.job = job
         self.admission = admission
-        self.trace = trace
+        self.decision = decision
         self.model_name = model_name
+        self.meter = meter
+        self.spans = spans  # gateway.tracing.RequestSpans when `opentelemetry: true`; ended by record()
         self.usage: Usage | None = None
-        self._first = first
-        self._rest = rest
+        self._first = started.first
+        self._rest: AsyncIterator[Delta] | None = started.rest
+        self._judged = started.judged
         self._text = text  # what guard / router / cache saw
         self._answer: list[str] = []
         self._finish_reason: str | None = None
         self._num_deltas = 0
-        self._done = False
         self.reservation: Any = None  # gateway.budget.Reservation, settled by finish()
 
     @property
     def request_text(self) -> str:
         """What guard / router / cache read of this request (``routers.text.RequestText``)."""
         return self._text
+
+    @property
+    def overhead_s(self) -> float | None:
+        return self.meter.overhead_s
+
+    def info(self) -> dict[str, Any]:
+        """The response's ``switchyard`` field."""
+        return self.decision.info(self.meter)
+
+    def headers(self, *, with_cost: bool) -> dict[str, str]:
+        """The ``x-switchyard-*`` response headers (the cost once the answer is complete)."""
+        return self.decision.headers(self.meter, with_cost=with_cost)
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
@@ -195,15 +204,16 @@ class Execution:
                 async for delta in self._rest:
                     self._see(delta)
                     yield delta
-            self._done = True
         finally:
             await self.aclose()
-        if self.job.stream is False and self.trace.overhead_s is not None:
-            self.trace.overhead_s = time.perf_counter() - self.job.t_start - self.trace.backend_wait_s
+        meter = self.meter
+        if self.job.stream is False and meter.overhead_s is not None:
+            meter.overhead_s = time.perf_counter() - self.job.t_start - meter.backend_wait_s
         self.pipeline.finish(Outcome(
-            job=self.job, admission=self.admission, trace=self.trace,
-            usage=self.usage or Usage(0, self._num_deltas), finish_reason=self._finish_reason,
-            answer="".join(self._answer), request_text=self._text, reservation=self.reservation))
+            job=self.job, admission=self.admission, decision=self.decision,
+            judged=self._judged, meter=meter, usage=self.usage or Usage(0, self._num_deltas),
+            finish_reason=self._finish_reason, answer="".join(self._answer), request_text=self._text,
+            reservation=self.reservation))
 
     def _see(self, delta: Delta) -> None:
         self._num_deltas += 1
@@ -278,50 +288,40 @@ class PoolsComponent(Protocol):
 
 
 class Pipeline:
-    """Built once per app (``create_app``'s lifespan). Components are injected; ``build`` makes the real ones."""
+    """Built once per app by ``gateway/wiring.py`` (``build_pipeline``), which makes the real components;
+    the Pipeline only receives them (tests pass fakes through the same constructor)."""
 
-    def __init__(self, settings: Settings, pools: PoolsComponent, *, admitter: Admitter, metrics: Metrics,
-                 policy: PolicyComponent, guard: GuardComponent | None = None, cascade_rule: CascadeRule | None = None,
-                 store: ExampleStore | None = None, limiter_ping: Callable[[], Awaitable[bool]] | None = None,
-                 budgets: Budgets | None = None, sessions: SessionStore | None = None,
-                 artifacts: ServingArtifacts | None = None) -> None:
-        from gateway.sessions import build_session_store
+    def __init__(self, settings: Settings, *, pools: PoolsComponent, admitter: Admitter, metrics: Metrics,
+                 artifacts: ServingArtifacts, sessions: SessionStore, decision_log: DecisionLog,
+                 budgets: Budgets | None = None, store: ExampleStore | None = None,
+                 limiter_ping: Callable[[], Awaitable[bool]] | None = None,
+                 traffic_log: DecisionLog | None = None) -> None:
+        from gateway.accounting import Accounting
+        from gateway.artifacts import auto_pools
 
         self.settings = settings
-        self.sessions = sessions if sessions is not None else build_session_store(settings)
-        self.budgets = budgets or Budgets(None)
-        from gateway.decision_log import DecisionLog
-
-        # the latest records always (the /ui dashboard); lines too when decision_log.path is set
-        self.decision_log = DecisionLog(settings.decision_log.path, settings.decision_log.sample)
-        self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
-        self.traffic_log: Any = None  # the same writer, recording prompts (settings.traffic_log; opt-in)
-        traffic = settings.traffic_log
-        if traffic.path:
-            self.traffic_log = DecisionLog(traffic.path, traffic.sample, keep=0, max_bytes=traffic.max_bytes,
-                                           max_age_s=traffic.retention_days * 86400.0, file_mode=0o600)
-        self._recorded_keys = frozenset(traffic.keys)
-        self._recorded_namespaces = frozenset(traffic.namespaces)
         self.pools = pools
         self.admitter = admitter
         self.metrics = metrics
-        from gateway.artifacts import ServingArtifacts
-
         # One snapshot, replaced whole by reload(); each request reads it once (see gateway/artifacts.py).
-        self.artifacts = artifacts or ServingArtifacts(guard=guard, policy=policy, cascade_rule=cascade_rule)
-        self._reload_lock = asyncio.Lock()
+        self.artifacts = artifacts
+        self.sessions = sessions
+        self.budgets = budgets or Budgets(None)
         self.store = store
+        self.decision_log = decision_log  # the latest records always (the /ui dashboard); lines when configured
+        self.traffic_log = traffic_log  # the same writer, recording prompts (settings.traffic_log; opt-in)
+        self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
+        self._recorded_keys = frozenset(settings.traffic_log.keys)
+        self._recorded_namespaces = frozenset(settings.traffic_log.namespaces)
         self._limiter_ping = limiter_ping
+        self._reload_lock = asyncio.Lock()
         self.guard_batcher: Any = None  # routers.batcher.Batcher: (guard, text) → classify_batch (start(), when on)
         self.router_batcher: Any = None  # ... (router, text) → score_batch
         self.num_deciding = 0  # requests between admission and their first Delta (in _decide_and_start)
         self._tasks: set[asyncio.Task] = set()
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
-        from gateway.accounting import Accounting
-
-        nmodel_pools = getattr(policy, "pools", None)  # an N-model router's {model: (pool, cost)}
         self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background,
-                                     auto_pools=[alias for alias, _ in nmodel_pools.values()] if nmodel_pools else None)
+                                     auto_pools=auto_pools(artifacts.policy))
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
     # The serving guard / policy / cascade rule: views of the current snapshot (a request uses the snapshot it
@@ -382,35 +382,6 @@ class Pipeline:
     def reload_in_background(self) -> None:
         """``reload()`` as a task (a signal handler cannot await); its outcome is logged."""
         self._background(self.reload())
-
-    @classmethod
-    def build(cls, settings: Settings, *, backend_factory: Any = None, metrics: Metrics | None = None,
-              embed: Any = None, resolver: Any = None) -> Pipeline:
-        """The real components from settings. Loads artifacts (fast); pools start in ``start()``.
-        ``backend_factory`` (PoolConfig, index) → Backend and ``embed`` (texts → unit vectors, for the
-        example store) replace the real replicas / MiniLM (tests)."""
-        import routers.features  # noqa: F401 - imported now, not on the first request
-        from backends.pool import PoolSet
-        from gateway import cascade as _cascade  # noqa: F401
-        from gateway.admission import InProcessRateLimiter, RedisRateLimiter
-        from gateway.artifacts import load_artifacts
-
-        metrics = metrics or Metrics()
-        pools = PoolSet.from_settings(settings, backend_factory=backend_factory,
-                                      stat_logger_factory=metrics.engine.stat_logger, resolver=resolver)
-        limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else InProcessRateLimiter()
-        artifacts = load_artifacts(settings)  # ConfigError when the router's pools don't fit the settings
-        store = None
-        if settings.example_cache.enabled and settings.example_cache.top_k > 0:
-            from gateway.example_cache import build_example_store
-
-            store = build_example_store(settings, embed=embed)
-        ping = limiter.ping if isinstance(limiter, RedisRateLimiter) else None
-        from gateway.budget import Budgets
-
-        return cls(settings, pools, admitter=Admitter(settings, limiter), metrics=metrics,
-                   policy=artifacts.policy, store=store, limiter_ping=ping, budgets=Budgets(settings.redis_url),
-                   artifacts=artifacts)
 
     def start_batchers(self) -> None:
         """The guard's and the router's batchers (``classifiers.batching``): each runs in a worker thread
@@ -531,24 +502,26 @@ class Pipeline:
         return alias
 
     async def run(self, job: Job, api_key: str | None) -> Execution:
-        trace = Trace()
+        """Steps [1]-[9] up to the first Delta. What a request got to is left in its scope state
+        (``admission``, ``guard``, ``route``, ``spans``), so that ``record`` can log a request that fails on
+        the way."""
+        spans = self.tracing.begin(job) if self.tracing is not None else None  # ended by record()
         if job.state is not None:
-            job.state["trace"] = trace  # what was decided, for record() when the request fails on the way
-        if self.tracing is not None:
-            trace.spans = self.tracing.begin(job)  # gateway/tracing.py: ended by record()
+            job.state["spans"] = spans
         try:
-            return await self._run(job, api_key, trace)
+            return await self._run(job, api_key, spans)
         except BaseException as e:
-            if trace.spans is not None:
-                trace.spans.error(e)
+            if spans is not None:
+                spans.error(e)
             raise
 
-    async def _run(self, job: Job, api_key: str | None, trace: Trace) -> Execution:
+    async def _run(self, job: Job, api_key: str | None, spans: Any) -> Execution:
         # [1] the model, resolved once; admission of the resolved pool (the key was checked at the edge)
-        span = trace.spans and trace.spans.start("admission")
+        span = spans and spans.start("admission")
         requested = self.resolve_model(job.model)
         admission = await self.admitter.admit(api_key, requested)
-        trace.namespace, trace.key_name = admission.namespace, admission.key_name
+        if job.state is not None:
+            job.state["admission"] = admission
         if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
@@ -558,128 +531,156 @@ class Pipeline:
             reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
                                                         job.sampling.max_tokens * job.n)
         if span:
-            trace.spans.end(span, key=admission.key_name, model=requested)
+            spans.end(span, key=admission.key_name, model=requested)
+        meter = Meter()
         self.num_deciding += 1
         try:
-            execution = await self._decide_and_start(job, admission, trace, requested)
+            execution = await self._decide_and_start(job, admission, requested, meter, spans)
         except BaseException:
-            self.accounting.release(reservation, trace.cost_usd)  # nothing was answered
+            self.accounting.release(reservation, meter.cost_usd)  # nothing was answered
             raise
         finally:
             self.num_deciding -= 1
         execution.reservation = reservation
         return execution
 
-    async def _decide_and_start(self, job: Job, admission: Admission, trace: Trace, requested: str) -> Execution:
-        """Steps [2]-[7]: guard, policy, examples, pool and backend up to the first Delta. The serving
-        artifacts are read once, here: a reload while this request runs does not change its guard, router or
-        cascade rule."""
+    async def _decide_and_start(self, job: Job, admission: Admission, requested: str, meter: Meter,
+                                spans: Any) -> Execution:
+        """Steps [2]-[9]: session, guard, policy, examples, pool and backend up to the first Delta; each step
+        returns its own small type, and the ``Decision`` is built from them at the end. The serving artifacts
+        are read once, here: a reload while this request runs does not change its guard, router or cascade
+        rule."""
         arts = self.artifacts
-        guard = arts.guard
-        text, guard_text = self._routing_text(job, guard)
-        session_key, session = None, None
-        if job.session_id is not None and requested == "auto":  # the session's tier and examples (sessions.py)
-            from gateway.sessions import SessionKey
-
-            session_key = SessionKey(admission.namespace, job.session_id)
-            session = await self.sessions.get(session_key)
-        # [2] guard
-        forced_pool = None
-        if guard is None:
-            trace.guard = "off"
-        elif admission.guard_exempt:
-            trace.guard = "exempt"
-        else:
-            span = trace.spans and trace.spans.start("guard")
-            if self._on_loop(self.guard_batcher):
-                verdict = guard.classify(guard_text)
-            else:  # this request's guard (its snapshot's), batched with others'
-                verdict = await self.guard_batcher.run((guard, guard_text))
-            trace.guard = verdict.label
-            if span:
-                trace.spans.end(span, guard=verdict.label)
-            self.metrics.child(self.metrics.guard, verdict.label).inc()
-            if verdict.label != "domain":
-                policy = self.settings.guard.ood if verdict.label == "ood" else self.settings.guard.unsafe
-                code = "out_of_domain" if verdict.label == "ood" else "unsafe_content"
-                if policy.action == "reject":
-                    raise PolicyRejection(policy.message, code=code)
-                if policy.action == "refuse":
-                    return self._refusal(job, admission, trace, policy.message, text)
-                if policy.action == "route":
-                    forced_pool = policy.pool
-        # [3] policy
-        span = trace.spans and trace.spans.start("routing")
-        if forced_pool is not None:
-            trace.route, trace.pool, trace.reason = "guard", forced_pool, f"guard verdict {trace.guard}"
-        elif requested != "auto":
-            trace.route, trace.pool, trace.reason = "explicit", requested, "model named in the request"
-        else:
-            score = None  # the router runs only here: never for a request the guard's verdict ended
-            if not self._on_loop(self.router_batcher) and arts.policy.needs_score(job.hint):
-                score = float(await self.router_batcher.run((arts.policy.router, text)))
-            decision = arts.policy.decide(text, job.hint, score=score)
-            trace.route, trace.pool, trace.reason = decision.route, decision.pool, decision.reason
-            trace.score, trace.threshold = decision.score, decision.threshold
-            trace.scores, trace.tolerance = decision.scores, decision.tolerance
-            llm = self.settings.routing.llm_pool
-            if session is not None and self.settings.sessions.hold_tier and session.holds_llm and trace.pool != llm:
-                trace.route, trace.pool = "session", llm
-                trace.reason = "the session's tier holds: an earlier turn was answered by the LLM"
-            self._route_for_capabilities(job, trace)
-        self._check_capabilities(job, trace.pool)
-        if span:
-            trace.spans.end(span, route=trace.route, pool=trace.pool, score=trace.score, threshold=trace.threshold)
-        # [4] example cache (only the SLM gets examples)
-        messages = job.messages
-        kept = session is not None and self.settings.sessions.keep_examples and bool(session.examples)
-        if (kept and job.kind == "chat" and trace.route in _CASCADE_ROUTES
-                and trace.pool == self.settings.routing.slm_pool):
-            # the session's first examples again: this turn's prompt extends the last one's (prefix cache)
-            trace.num_examples = len(session.example_ids)
-            trace.example_ids = list(session.example_ids)
-            messages = _with_examples(job.messages or [], session.examples)
-        elif (self.store is not None and job.kind == "chat" and trace.route in _CASCADE_ROUTES
-                and trace.pool == self.settings.routing.slm_pool and text):
-            span = trace.spans and trace.spans.start("cache")
-            try:
-                trace.query_embedding = await self.store.embed(text)  # None: embedding failed (counted)
-                examples = [] if trace.query_embedding is None else await self.store.lookup(
-                    admission.namespace, text, self.settings.example_cache.top_k, embedding=trace.query_embedding)
-                self.metrics.child(self.metrics.cache_lookups, "hit" if examples else "miss").inc()
-            except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never fail the request
-                log.warning("example cache lookup failed: %r", e)
-                self.metrics.child(self.metrics.cache_lookups, "error").inc()
-                examples = []
-            if span:
-                trace.spans.end(span, num_examples=len(examples))
-            if examples:
-                from gateway.example_cache import format_examples
-
-                trace.num_examples = len(examples)
-                trace.example_ids = [e.id for e in examples]
-                trace.example_similarity = examples[0].similarity
-                trace.examples = format_examples(examples)
-                messages = _with_examples(job.messages or [], trace.examples)
-                keep_at = self.settings.example_cache.keep_on_slm_similarity
-                if trace.route == "slm_then_escalate" and keep_at is not None and trace.example_similarity >= keep_at:
-                    trace.route, trace.is_kept_on_slm = "slm", True
-                    trace.reason = f"good examples found (similarity {trace.example_similarity:.3f} >= {keep_at})"
-        # [5-7] pool → backend → cascade
-        request = self._generation_request(job, trace.pool, messages, trace.namespace)
-        cascade = self._cascade_applies(trace, arts.cascade_rule)
+        session_key, session = await self._session(job, admission, requested)  # [2]
+        text, guard_text = self._routing_text(job, requested, arts.guard)  # [3]
+        guard = await self._guard(arts.guard, guard_text, admission, spans)  # [4]
+        if job.state is not None:
+            job.state["guard"] = guard
+        if guard.action == "reject":
+            raise PolicyRejection(guard.message, code="out_of_domain" if guard.label == "ood" else "unsafe_content")
+        if guard.action == "refuse":
+            return self._refusal(job, admission, guard, text, meter, spans)
+        route = await self._route(job, arts.policy, requested, guard, text, session, spans)  # [5]
+        if job.state is not None:
+            job.state["route"] = route
+        examples = await self._examples(job, admission, route, text, session, spans)  # [6]
+        if examples.keeps_on_slm:
+            route = replace(route, route="slm", reason=f"good examples found (similarity "
+                            f"{examples.similarity:.3f} >= {self.settings.example_cache.keep_on_slm_similarity})")
+        messages = _with_examples(job.messages or [], examples.messages) if examples.messages else job.messages
+        request = self._generation_request(job, route.pool, messages, admission.namespace)  # [7-9] pool → backend → cascade
         try:
-            if cascade:
-                first, rest = await self._cascade(job, request, trace, arts.cascade_rule)
+            if self._cascade_applies(route, examples, arts.cascade_rule):
+                started = await self._cascade(job, admission.namespace, request, examples, arts.cascade_rule, meter,
+                                              spans)
             else:
-                first, rest = await self._start(self._timed(trace.pool, request, job.stream, trace), trace)
+                started = await self._start(self._timed(route.pool, request, job.stream, meter, spans), route.pool)
         except BackendError as e:
-            raise from_backend_error(e, trace.pool) from None
-        trace.overhead_s = time.perf_counter() - job.t_start - trace.backend_wait_s
+            raise from_backend_error(e, route.pool) from None
+        meter.overhead_s = time.perf_counter() - job.t_start - meter.backend_wait_s
+        decision = Decision.of(guard, route, examples, started)
         if session_key is not None:
-            self._background(self._remember_session(session_key, session, trace))
-        model_name = self._pool_cfg(trace.pool).model
-        return Execution(self, job, admission, trace, model_name, first, rest, text)
+            self._background(self._remember_session(session_key, session, decision))
+        return Execution(self, job, admission, decision, self._pool_cfg(started.pool).model, started, text,
+                         meter=meter, spans=spans)
+
+    async def _session(self, job: Job, admission: Admission, requested: str) -> tuple[Any, Any]:
+        """[2] (its key, its state) for an ``auto`` request of a session: the tier that holds and the examples
+        kept (``gateway/sessions.py``); (None, None) otherwise. The state is None for a new session."""
+        if job.session_id is None or requested != "auto":
+            return None, None
+        from gateway.sessions import SessionKey
+
+        key = SessionKey(admission.namespace, job.session_id)
+        return key, await self.sessions.get(key)
+
+    async def _guard(self, guard: GuardComponent | None, text: str, admission: Admission, spans: Any) -> GuardAction:
+        """[4] The guard's verdict on the request text and the action the settings give it."""
+        if guard is None:
+            return GUARD_OFF
+        if admission.guard_exempt:
+            return GUARD_EXEMPT
+        span = spans and spans.start("guard")
+        if self._on_loop(self.guard_batcher):
+            label = guard.classify(text).label
+        else:  # this request's guard (its snapshot's), batched with others'
+            label = (await self.guard_batcher.run((guard, text))).label
+        if span:
+            spans.end(span, guard=label)
+        self.metrics.child(self.metrics.guard, label).inc()
+        if label == "domain":
+            return GuardAction(label)
+        policy = self.settings.guard.ood if label == "ood" else self.settings.guard.unsafe
+        if policy.action in ("reject", "refuse"):
+            return GuardAction(label, policy.action, message=policy.message)
+        if policy.action == "route":
+            return GuardAction(label, "route", pool=policy.pool)
+        return GuardAction(label)
+
+    async def _route(self, job: Job, policy: PolicyComponent, requested: str, guard: GuardAction, text: str,
+                     session: Any, spans: Any) -> RouteDecision:
+        """[5] Where the request goes: the guard's pool, the pool it named, or — for ``auto`` — the policy's
+        choice (the router runs only here), held on the LLM by its session, moved to the LLM when only it
+        serves the tools / JSON mode asked for. Raises 400 when the pool cannot serve them."""
+        span = spans and spans.start("routing")
+        if guard.action == "route":
+            route = RouteDecision("guard", guard.pool, None, None, f"guard verdict {guard.label}")
+        elif requested != "auto":
+            route = RouteDecision("explicit", requested, None, None, "model named in the request")
+        else:
+            score = None
+            if not self._on_loop(self.router_batcher) and policy.needs_score(job.hint):
+                score = float(await self.router_batcher.run((policy.router, text)))
+            route = policy.decide(text, job.hint, score=score)
+            llm = self.settings.routing.llm_pool
+            if session is not None and self.settings.sessions.hold_tier and session.holds_llm and route.pool != llm:
+                route = replace(route, route="session", pool=llm,
+                                reason="the session's tier holds: an earlier turn was answered by the LLM")
+            if ((job.tools or self._wants_json(job) or job.has_images) and route.pool != llm
+                    and not self._can_serve(job, route.pool) and self._can_serve(job, llm)):
+                # local pools always serve tools and JSON mode, never images; when the LLM pool cannot serve
+                # them either, _check_capabilities answers 400
+                route = replace(route, route="llm", pool=llm, reason="tools / response_format / images need the LLM pool")
+        self._check_capabilities(job, route.pool)
+        if span:
+            spans.end(span, route=route.route, pool=route.pool, score=route.score, threshold=route.threshold)
+        return route
+
+    async def _examples(self, job: Job, admission: Admission, route: RouteDecision, text: str, session: Any,
+                        spans: Any) -> Examples:
+        """[6] In-context examples for a chat request routed to the SLM: the session's first ones again (this
+        turn's prompt then extends the last one's: prefix cache), else the store's most similar answers. A
+        miss, an embedding failure or a store error is ``NO_EXAMPLES``: the cache never fails a request."""
+        if (job.kind != "chat" or route.route not in _CASCADE_ROUTES
+                or route.pool != self.settings.routing.slm_pool):
+            return NO_EXAMPLES
+        if session is not None and self.settings.sessions.keep_examples and session.examples:
+            return Examples(messages=tuple(session.examples), ids=tuple(session.example_ids))
+        if self.store is None or not text:
+            return NO_EXAMPLES
+        span = spans and spans.start("cache")
+        embedding = found = None
+        try:
+            embedding = await self.store.embed(text)  # None: embedding failed (counted)
+            found = [] if embedding is None else await self.store.lookup(
+                admission.namespace, text, self.settings.example_cache.top_k, embedding=embedding)
+            self.metrics.child(self.metrics.cache_lookups, "hit" if found else "miss").inc()
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never fail the request
+            log.warning("example cache lookup failed: %r", e)
+            self.metrics.child(self.metrics.cache_lookups, "error").inc()
+            found = []
+        if span:
+            spans.end(span, num_examples=len(found))
+        if not found:
+            return Examples(query_embedding=embedding) if embedding is not None else NO_EXAMPLES
+        from gateway.example_cache import format_examples
+
+        keep_at = self.settings.example_cache.keep_on_slm_similarity
+        similarity = found[0].similarity
+        return Examples(messages=tuple(format_examples(found)), ids=tuple(e.id for e in found),
+                        similarity=similarity, query_embedding=embedding,
+                        keeps_on_slm=(route.route == "slm_then_escalate" and keep_at is not None
+                                      and similarity >= keep_at))
 
     def _on_loop(self, batcher: Any) -> bool:
         """Whether a classifier runs here on the event loop rather than in its batcher's thread: without a
@@ -690,26 +691,31 @@ class Pipeline:
             return True
         return self.settings.classifiers.inline_when_alone and self.num_deciding == 1 and batcher.is_idle
 
-    async def _remember_session(self, key: Any, state: Any, trace: Trace) -> None:
+    async def _remember_session(self, key: Any, state: Any, decision: Decision) -> None:
         """After an ``auto`` turn of a session: the tier moves up when the LLM answered (routed or escalated),
         a held tier counts its turns down, the first examples are kept; written only when there is state."""
         from gateway.sessions import SessionState
 
         cfg = self.settings.sessions
         state = state or SessionState()
-        if cfg.hold_tier and trace.pool == self.settings.routing.llm_pool:
-            if trace.route != "session":
+        if cfg.hold_tier and decision.pool == self.settings.routing.llm_pool:
+            if decision.route != "session":
                 state.tier, state.turns_left = "llm", cfg.hold_turns or -1
             elif state.turns_left > 0:
                 state.turns_left -= 1
-        if cfg.keep_examples and trace.examples and not state.examples:
-            state.examples, state.example_ids = trace.examples, list(trace.example_ids)
+        examples = decision.examples
+        if cfg.keep_examples and examples.messages and not state.examples:
+            state.examples, state.example_ids = list(examples.messages), list(examples.ids)
         if state.tier or state.examples:
             await self.sessions.put(key, state)
 
-    def _routing_text(self, job: Job, guard: GuardComponent | None) -> tuple[str, str]:
-        """(the text router and cache read, the text the guard reads): one ``RequestText`` per request,
-        cut to ``guard.max_context_chars`` and to the guard artifact's own budget."""
+    def _routing_text(self, job: Job, requested: str, guard: GuardComponent | None) -> tuple[str, str]:
+        """[3] (the text router and cache read, the text the guard reads): one ``RequestText`` per request,
+        cut to ``guard.max_context_chars`` and to the guard artifact's own budget. ("", "") for a request to a
+        named pool with no guard and no example cache: nothing would read it (the traffic log records
+        ``auto`` requests only)."""
+        if guard is None and requested != "auto" and self.store is None:
+            return "", ""
         max_chars = self.settings.guard.max_context_chars
         if job.messages is not None:
             from routers.text import RequestText
@@ -733,17 +739,6 @@ class Pipeline:
         if num > limits.max_prompt_tokens:
             raise InvalidRequest(f"The prompt is about {num} tokens, above the limit of {limits.max_prompt_tokens}.",
                                  code="context_length_exceeded", param=job.input_param if job.messages else "prompt")
-
-    def _route_for_capabilities(self, job: Job, trace: Trace) -> None:
-        """An auto-routed request that needs tools, JSON mode or images goes to the LLM pool when only it can
-        serve them (local pools always serve tools and JSON mode, never images); when the LLM pool cannot
-        either, ``_check_capabilities`` answers 400."""
-        if not (job.tools or self._wants_json(job) or job.has_images):
-            return
-        llm = self.settings.routing.llm_pool
-        if trace.pool != llm and not self._can_serve(job, trace.pool) and self._can_serve(job, llm):
-            trace.route, trace.pool = "llm", llm
-            trace.reason = "tools / response_format / images need the LLM pool"
 
     @staticmethod
     def _wants_json(job: Job) -> bool:
@@ -773,12 +768,12 @@ class Pipeline:
                                  f"{job.response_format.get('type')!r} (supports_json_mode is false).",
                                  code="response_format_not_supported", param="response_format")
 
-    def _cascade_applies(self, trace: Trace, rule: CascadeRule | None) -> bool:
-        if rule is None or trace.pool != self.settings.routing.slm_pool or trace.is_kept_on_slm:
+    def _cascade_applies(self, route: RouteDecision, examples: Examples, rule: CascadeRule | None) -> bool:
+        if rule is None or route.pool != self.settings.routing.slm_pool or examples.keeps_on_slm:
             return False
-        if trace.route == "slm_then_escalate":
+        if route.route == "slm_then_escalate":
             return True
-        return trace.route == "slm" and self.settings.routing.cascade.stream_mode == "buffer"
+        return route.route == "slm" and self.settings.routing.cascade.stream_mode == "buffer"
 
     def _generation_request(self, job: Job, alias: str, messages: list[dict[str, Any]] | None,
                             namespace: str) -> GenerationRequest:
@@ -803,11 +798,12 @@ class Pipeline:
                            else (secrets.token_hex(16), "01"))
         return {"x-request-id": job.correlation_id, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}
 
-    async def _timed(self, alias: str, request: GenerationRequest, stream: bool, trace: Trace) -> AsyncIterator[Delta]:
-        """The pool's Delta stream; time spent waiting on it is added to ``trace.backend_wait_s``."""
+    async def _timed(self, alias: str, request: GenerationRequest, stream: bool, meter: Meter,
+                     spans: Any) -> AsyncIterator[Delta]:
+        """The pool's Delta stream; time spent waiting on it is added to ``meter.backend_wait_s``."""
         agen = self.pools.get(alias).generate(request, stream=stream)
-        if trace.spans is not None:
-            agen = trace.spans.backend(agen, alias, request.model)
+        if spans is not None:
+            agen = spans.backend(agen, alias, request.model)
         try:
             while True:
                 t = time.perf_counter()
@@ -822,80 +818,85 @@ class Pipeline:
                     raise BackendError(f"backend failed: {type(e).__name__}: {e}", retryable=False,
                                        status_code=502, code="backend_error") from e
                 finally:
-                    trace.backend_wait_s += time.perf_counter() - t
+                    meter.backend_wait_s += time.perf_counter() - t
                 yield delta
         finally:
             await agen.aclose()
 
-    async def _start(self, deltas: AsyncIterator[Delta], trace: Trace) -> tuple[Delta | None, AsyncIterator[Delta]]:
-        """Wait for the first Delta, so failures before it become HTTP errors."""
+    async def _start(self, deltas: AsyncIterator[Delta], pool: str, **cascade: Any) -> Started:
+        """Wait for the first Delta of ``pool``'s answer, so failures before it become HTTP errors.
+        ``cascade``: ``Started``'s escalated / judged / reason."""
         try:
             first = await deltas.__anext__()
         except StopAsyncIteration:
-            return None, deltas
+            first = None
         except BaseException:
             await deltas.aclose()
             raise
-        return first, deltas
+        return Started(first, deltas, pool, **cascade)
 
-    async def _collect(self, alias: str, request: GenerationRequest, trace: Trace) -> list[Delta]:
-        return [d async for d in self._timed(alias, request, False, trace)]
-
-    async def _cascade(self, job: Job, request: GenerationRequest, trace: Trace,
-                       rule: CascadeRule) -> tuple[Delta | None, AsyncIterator[Delta]]:
-        """Produce the SLM answer, judge it (``CascadeRule.judge``), then replay it or start the LLM's."""
+    async def _cascade(self, job: Job, namespace: str, request: GenerationRequest, examples: Examples,
+                       rule: CascadeRule, meter: Meter, spans: Any) -> Started:
+        """[9] Produce the SLM answer, judge it (``CascadeRule.judge``), then replay it or start the LLM's."""
         slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
-        judged = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
-        escalate, reason = False, ""
+        judged_request = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
+        escalate, reason, judged = False, "", False
         try:
-            deltas = await self._collect(slm, judged, trace)
+            deltas = [d async for d in self._timed(slm, judged_request, False, meter, spans)]
         except BackendError as e:
             if e.status_code < 500 and e.code != "no_healthy_replica":
                 raise
             escalate, reason, deltas = True, f"SLM failed ({e.code or e.status_code})", []
         if not escalate:
-            trace.judged = True
+            judged = True
             self.metrics.cascade_judged.inc()
             unsure = rule.judge(deltas, job.tools)
             escalate, reason = unsure is not None, unsure or ""
-        if self.store is not None and trace.example_ids:
-            trace.judged = True
-            self._background(self.store.feedback(trace.namespace, trace.example_ids, escalate))
+        if self.store is not None and examples.ids:
+            judged = True
+            self._background(self.store.feedback(namespace, list(examples.ids), escalate))
         if not escalate:
             if job.sampling.logprobs is None:
                 deltas = _strip_logprobs(deltas)
-            return await self._start(_replay(deltas), trace)
+            return await self._start(_replay(deltas), slm, judged=judged)
         usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
         if usage is not None:
-            trace.cost_usd += self._pool_cfg(slm).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+            meter.cost_usd += self._pool_cfg(slm).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
         self.metrics.escalations.inc()
-        trace.escalated, trace.pool, trace.reason = True, llm, reason
         self._check_capabilities(job, llm)
-        llm_request = self._generation_request(job, llm, job.messages, trace.namespace)
+        llm_request = self._generation_request(job, llm, job.messages, namespace)
         llm_request.deadline = request.deadline
-        return await self._start(self._timed(llm, llm_request, job.stream, trace), trace)
+        return await self._start(self._timed(llm, llm_request, job.stream, meter, spans), llm,
+                                 escalated=True, judged=judged, reason=reason)
 
-    def _refusal(self, job: Job, admission: Admission, trace: Trace, message: str, text: str) -> Execution:
-        trace.route, trace.pool, trace.reason = "policy", "policy", f"guard verdict {trace.guard}: refused"
-        trace.overhead_s = time.perf_counter() - job.t_start
-        finish = "content_filter" if trace.guard == "unsafe" else "stop"
-        deltas = [Delta(index=i, text=message, finish_reason=finish, is_final=(i == job.n - 1),
+    def _refusal(self, job: Job, admission: Admission, guard: GuardAction, text: str, meter: Meter,
+                 spans: Any) -> Execution:
+        """The guard's policy answer (``refuse``), as ``n`` choices of ``guard.message``."""
+        meter.overhead_s = time.perf_counter() - job.t_start
+        finish = "content_filter" if guard.label == "unsafe" else "stop"
+        deltas = [Delta(index=i, text=guard.message, finish_reason=finish, is_final=(i == job.n - 1),
                         usage=Usage(0, 0) if i == job.n - 1 else None) for i in range(job.n)]
-        return Execution(self, job, admission, trace, "switchyard-policy", deltas[0], _replay(deltas[1:]), text)
+        reason = f"guard verdict {guard.label}: refused"
+        decision = Decision(guard.label, RouteDecision("policy", "policy", None, None, reason), NO_EXAMPLES,
+                            "policy", reason)
+        return Execution(self, job, admission, decision, "switchyard-policy",
+                         Started(deltas[0], _replay(deltas[1:]), "policy"), text, meter=meter, spans=spans)
 
     # ------------------------------------------------------------------------------ bookkeeping
 
     def finish(self, outcome: Outcome) -> None:
         """[11] Called once per answer that ended normally: accounting, then what the example cache learns."""
         self.accounting.charge(outcome)
-        trace, job = outcome.trace, outcome.job
-        if (self.store is not None and job.kind == "chat" and trace.pool == self.settings.routing.llm_pool
+        decision, examples, job = outcome.decision, outcome.decision.examples, outcome.job
+        if self.store is None:
+            return
+        if (job.kind == "chat" and decision.pool == self.settings.routing.llm_pool
                 and outcome.finish_reason == "stop" and outcome.request_text
-                and trace.guard in ("domain", "off", "exempt")):
+                and decision.guard in ("domain", "off", "exempt")):
             self._background(self._admit_example(outcome.admission.namespace, outcome.request_text, outcome.answer,
-                                                 trace.pool, trace.query_embedding))
-        if self.store is not None and trace.example_ids and not trace.judged:
-            self._background(self.store.feedback(trace.namespace, trace.example_ids, False))
+                                                 decision.pool, examples.query_embedding))
+        if examples.ids and not outcome.judged:
+            self._background(self.store.feedback(outcome.admission.namespace, list(examples.ids), False))
 
     async def _admit_example(self, namespace: str, text: str, answer: str, pool: str, embedding: Any = None) -> None:
         """Offer an LLM answer to the example store; the metric counts only answers it kept. ``embedding``:
@@ -917,7 +918,7 @@ class Pipeline:
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
         """Count one finished request (metrics), write its decision-log record and end its spans: exactly once
         per request. A request that failed inside ``run`` has no ``execution``: its record takes the guard
-        verdict and router score from the Trace ``run`` left in the scope state, when it got that far. An
+        verdict and router score from the step results ``run`` left in the scope state, when it got that far. An
         answered ``auto`` request of a key or namespace named in ``traffic_log`` may also be recorded."""
         latency_s = time.perf_counter() - t_start
         self.metrics.record_request(route=route, model=model, status=status, latency_s=latency_s,
@@ -930,42 +931,44 @@ class Pipeline:
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
             "latency_ms": round(latency_s * 1000, 3),
             "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
+        spans = None
         if execution is not None:
-            trace, usage = execution.trace, execution.usage
-            if trace.scores is not None:
-                entry["scores"] = trace.scores
-            entry.update(key=execution.admission.key_name, score=trace.score, threshold=trace.threshold,
-                         guard=trace.guard, escalated=trace.escalated, num_examples=trace.num_examples,
+            decision, usage, spans = execution.decision, execution.usage, execution.spans
+            routing = decision.routing
+            if routing.scores is not None:
+                entry["scores"] = routing.scores
+            entry.update(key=execution.admission.key_name, score=routing.score, threshold=routing.threshold,
+                         guard=decision.guard, escalated=decision.escalated, num_examples=len(decision.examples.ids),
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
-                         cost_usd=round(trace.cost_usd, 10))
-        else:
-            trace = state.get("trace")
-            if trace is not None:  # refused on the way (guard, limits, budget, backend): what was decided
-                if trace.key_name is not None:
-                    entry["key"] = trace.key_name
-                if trace.guard != "off":
-                    entry["guard"] = trace.guard
-                if trace.score is not None:
-                    entry.update(score=trace.score, threshold=trace.threshold)
+                         cost_usd=round(execution.meter.cost_usd, 10))
+        elif state:  # refused on the way (guard, limits, budget, backend): what was decided before
+            spans = state.get("spans")
+            admission, guard, route = state.get("admission"), state.get("guard"), state.get("route")
+            if admission is not None and admission.key_name is not None:
+                entry["key"] = admission.key_name
+            if guard is not None and guard.label != "off":
+                entry["guard"] = guard.label
+            if route is not None and route.score is not None:
+                entry.update(score=route.score, threshold=route.threshold)
         self.decision_log.write(entry)
-        if trace is not None and trace.spans is not None:
-            trace.spans.finish(status, entry)
+        if spans is not None:
+            spans.finish(status, entry)
 
     def _record_traffic(self, execution: Execution, scope: dict[str, Any] | None) -> None:
         """One traffic-log line (``switchyard label --from-log`` reads it): ``ts``, ``request_id``, ``key``,
         ``namespace``, ``endpoint``, ``route``, ``pool``, ``score``, ``threshold``, ``escalated`` and
         ``prompt`` — the request text the router read. Only ``auto`` requests are recorded: they are the ones
         a router decides, and the labeller's own calls (pools named explicitly) never loop back."""
-        trace, admission = execution.trace, execution.admission
-        if trace.route not in _AUTO_ROUTES or not execution.request_text:
+        decision, admission = execution.decision, execution.admission
+        if decision.route not in _AUTO_ROUTES or not execution.request_text:
             return
         if admission.key_name not in self._recorded_keys and admission.namespace not in self._recorded_namespaces:
             return
         entry = {"request_id": ((scope or {}).get("state") or {}).get("request_id"), "key": admission.key_name,
-                 "namespace": admission.namespace, "endpoint": (scope or {}).get("path"), "route": trace.route,
-                 "pool": trace.pool, "score": trace.score, "threshold": trace.threshold,
-                 "escalated": trace.escalated, "prompt": execution.request_text}
+                 "namespace": admission.namespace, "endpoint": (scope or {}).get("path"), "route": decision.route,
+                 "pool": decision.pool, "score": decision.routing.score, "threshold": decision.routing.threshold,
+                 "escalated": decision.escalated, "prompt": execution.request_text}
         if self.traffic_log.write(entry):
             self.metrics.traffic_logged.inc()
 
@@ -978,4 +981,4 @@ def _with_examples(messages: list[dict[str, Any]], examples: list[dict[str, Any]
     return [*messages[:i], *examples, *messages[i:]]
 
 
-__all__ = ["Execution", "GatewayError", "Job", "Pipeline", "Trace"]
+__all__ = ["Execution", "GatewayError", "Job", "Outcome", "Pipeline"]

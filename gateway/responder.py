@@ -178,25 +178,25 @@ async def respond(pipeline: Pipeline, job: Job, request: Request, include_usage:
                 top_logprobs=job.sampling.logprobs or 0, include_usage=include_usage, prompt_chars=prompt_chars)
         else:
             shape = shaper(job, execution)
-        trace = execution.trace
+        decision = execution.decision
         if job.stream:  # AbortingStream watches the client itself while it streams
             return AbortingStream(_sse(pipeline, execution, shape, finished, request.scope),
                                   media_type="text/event-stream",
-                                  headers={**trace.headers(with_cost=False), "cache-control": "no-cache"})
+                                  headers={**execution.headers(with_cost=False), "cache-control": "no-cache"})
         try:
             async for delta in execution.deltas():
                 shape.add(delta)
         except BackendError as e:
-            raise from_backend_error(e, trace.pool) from None
+            raise from_backend_error(e, decision.pool) from None
         finally:
             await execution.aclose()
         usage = execution.usage or _zero_usage()
-        body = shape.body(usage, trace.info())
+        body = shape.body(usage, execution.info())
         if finished is not None:
             await finished(shape, usage)
-    pipeline.record(route=trace.route, model=trace.pool, status=200, t_start=job.t_start,
-                    overhead_s=trace.overhead_s, execution=execution, scope=request.scope)
-    return Response(json_bytes(body), media_type="application/json", headers=trace.headers(with_cost=True))
+    pipeline.record(route=decision.route, model=decision.pool, status=200, t_start=job.t_start,
+                    overhead_s=execution.overhead_s, execution=execution, scope=request.scope)
+    return Response(json_bytes(body), media_type="application/json", headers=execution.headers(with_cost=True))
 
 
 def _zero_usage():
@@ -209,19 +209,19 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
                finished: Finished | None, scope: dict[str, Any]) -> AsyncIterator[bytes]:
     """The SSE frames of one stream. Counted once when it ends: 200 when the closing frame was handed
     to the server, the error's status when an error event was, 499 when the client left before."""
-    trace, status = execution.trace, STATUS_CLIENT_GONE
+    decision, status = execution.decision, STATUS_CLIENT_GONE
     try:
         async for delta in execution.deltas():
             frame = shaper.frames(delta)
             if frame:
                 yield frame
-        closing = shaper.closing(execution.usage, trace.info())
+        closing = shaper.closing(execution.usage, execution.info())
         if finished is not None:
             await finished(shaper, execution.usage or _zero_usage())
         status = 200
         yield closing
     except BackendError as e:
-        err = from_backend_error(e, trace.pool)
+        err = from_backend_error(e, decision.pool)
         status = err.status_code
         yield shaper.error_frame(status, err.message, err.code, err.error_type)
     except Exception as e:  # noqa: BLE001 - headers are gone: the error can only travel as an event
@@ -230,10 +230,10 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
         yield shaper.error_frame(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
     finally:
         if status == STATUS_CLIENT_GONE:
-            logging.getLogger("switchyard").info("client left during its stream (%s)", trace.pool)
+            logging.getLogger("switchyard").info("client left during its stream (%s)", decision.pool)
         await execution.aclose()
-        pipeline.record(route=trace.route, model=trace.pool, status=status, t_start=execution.job.t_start,
-                        overhead_s=trace.overhead_s, execution=execution, scope=scope)
+        pipeline.record(route=decision.route, model=decision.pool, status=status, t_start=execution.job.t_start,
+                        overhead_s=execution.overhead_s, execution=execution, scope=scope)
 
 
 async def _cancel_on_disconnect(receive: Any, task: asyncio.Task, gone: asyncio.Event) -> None:

@@ -44,12 +44,12 @@ for name in json.loads(sys.argv[1]):  # not installed, as far as imports can tel
     sys.modules[name] = None
 before = set(sys.modules)
 from gateway.app import create_app
-from gateway.pipeline import Pipeline
+from gateway.wiring import build_pipeline
 from gateway.settings import load_settings
 from routers.embeddings import MiniLMEmbedder
 
 settings = load_settings(sys.argv[2], environ={})
-pipe = Pipeline.build(settings)  # loads both artifacts; pools start later, in start()
+pipe = build_pipeline(settings)  # loads both artifacts; pools start later, in start()
 create_app(settings)
 labels = [pipe.guard.classify(t).label for t in sys.argv[3:]]
 score = pipe.policy.router.score("prove that the integral converges")

@@ -179,10 +179,10 @@ def fake_app(settings, factory: FakeFactory, embed: Callable[[list[str]], np.nda
     """The gateway app over ``factory``'s FakeBackends; the example cache embeds with ``embed`` (default
     ``bow_embed``), never MiniLM."""
     from gateway.app import create_app
-    from gateway.pipeline import Pipeline
+    from gateway.wiring import build_pipeline
 
     embed = embed or bow_embed
-    return create_app(settings, pipeline_factory=lambda s: Pipeline.build(s, backend_factory=factory, embed=embed))
+    return create_app(settings, pipeline_factory=lambda s: build_pipeline(s, backend_factory=factory, embed=embed))
 
 
 # ------------------------------------------------------------------------------ example cache

@@ -135,11 +135,11 @@ def test_the_cost_budget_and_the_tolerance_move_the_mix(live_server, artifacts):
 
 
 def test_unmapped_models_fail_start_up_with_one_line(artifacts):
-    from gateway.pipeline import Pipeline
     from gateway.settings import ConfigError
+    from gateway.wiring import build_pipeline
 
     settings = fake_settings(pools=POOLS, routing={"router_artifact": str(artifacts[0]), "slm_pool": "small",
                                                    "llm_pool": "large"})
     with pytest.raises(ConfigError, match=r"match no generate pool: \['big', 'tiny'\]") as e:
-        Pipeline.build(settings, backend_factory=FakeFactory())
+        build_pipeline(settings, backend_factory=FakeFactory())
     assert "\n" not in str(e.value)

@@ -166,10 +166,10 @@ class _GatedGuard:
 
 
 def _pipeline_with(factory, **swap):
-    from gateway.pipeline import Pipeline
+    from gateway.wiring import build_pipeline
 
     def build(settings):
-        pipeline = Pipeline.build(settings, backend_factory=factory)
+        pipeline = build_pipeline(settings, backend_factory=factory)
         for name, wrap in swap.items():
             setattr(pipeline, name, wrap(getattr(pipeline, name)))
         return pipeline
@@ -274,7 +274,7 @@ def test_a_lone_request_classifies_on_the_loop_and_company_goes_to_the_batcher(l
     nothing); with another request deciding, or a batch running, it goes to the batcher."""
     import httpx
 
-    from gateway.pipeline import Pipeline
+    from gateway.wiring import build_pipeline
 
     settings = fake_settings(guard={"artifact": str(guard_dir), "ood": {"action": "allow"}}, routing=_routing(router_dir))
     server = live_server(create_app(settings, backend_factory=FakeFactory()))
@@ -289,7 +289,7 @@ def test_a_lone_request_classifies_on_the_loop_and_company_goes_to_the_batcher(l
     class Stub:
         is_idle = True
 
-    pipeline = Pipeline.build(settings, backend_factory=FakeFactory())
+    pipeline = build_pipeline(settings, backend_factory=FakeFactory())
     stub = Stub()
     assert pipeline._on_loop(None)  # batching off
     pipeline.num_deciding = 1
@@ -298,6 +298,6 @@ def test_a_lone_request_classifies_on_the_loop_and_company_goes_to_the_batcher(l
     assert not pipeline._on_loop(stub)
     stub.is_idle, pipeline.num_deciding = True, 2  # another request is deciding: batch with it
     assert not pipeline._on_loop(stub)
-    off = Pipeline.build(fake_settings(classifiers={"inline_when_alone": False}), backend_factory=FakeFactory())
+    off = build_pipeline(fake_settings(classifiers={"inline_when_alone": False}), backend_factory=FakeFactory())
     off.num_deciding = 1
     assert not off._on_loop(stub)

@@ -38,12 +38,12 @@ def _memory_provider():
 
 
 def _traced_gateway(live_server, **overrides):
-    from gateway.pipeline import Pipeline
+    from gateway.wiring import build_pipeline
 
     provider, exporter = _memory_provider()
 
     def build(settings):
-        pipeline = Pipeline.build(settings, backend_factory=FakeFactory(), embed=bow_embed)
+        pipeline = build_pipeline(settings, backend_factory=FakeFactory(), embed=bow_embed)
         pipeline.guard = FakeGuard()
         return pipeline
 

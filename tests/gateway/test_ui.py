@@ -26,10 +26,10 @@ KEYS = [{"name": "ops", "sha256": hash_api_key("sk-ops"), "admin": True},
 
 
 def _gateway(live_server, **overrides):
-    from gateway.pipeline import Pipeline
+    from gateway.wiring import build_pipeline
 
     def build(settings):
-        pipeline = Pipeline.build(settings, backend_factory=FakeFactory(), embed=bow_embed)
+        pipeline = build_pipeline(settings, backend_factory=FakeFactory(), embed=bow_embed)
         pipeline.guard = FakeGuard()
         return pipeline
 
