@@ -11,8 +11,8 @@ So concurrent requests cannot overshoot: a budget is passed by at most what esti
 
 Windows are fixed and aligned to the epoch (``1d`` = UTC days). In Redis when ``redis_url`` is set (one Lua
 script checks and reserves atomically, shared by every gateway replica); in process otherwise, and while
-Redis is unreachable (each replica then keeps its own count until Redis answers again: counted in
-``num_failures``).
+Redis is unreachable or slower than its timeout (counted in ``num_failures``): each replica then counts on
+from the window's total it last read from Redis, never from zero, until Redis answers again.
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ class Reservation:
     amount_usd: float
 
 
-# KEYS[1]: the window's counter; ARGV: amount, limit, ttl. Returns 1 when reserved, 0 when over.
+# KEYS[1]: the window's counter; ARGV: amount, limit, ttl. Returns {1, total after} when reserved, {0, total}
+# when over (totals as strings: Lua numbers in replies are truncated to integers).
 _RESERVE = """
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
-if spent + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
-redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+if spent + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, tostring(spent)} end
+local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
+return {1, total}
 """
 
 
@@ -60,7 +61,8 @@ class Budgets:
 
     def __init__(self, redis_url: str | None = None, clock: Any = time.time, timeout_s: float = 0.1) -> None:
         self._clock = clock
-        self._local: dict[str, float] = {}
+        self._local: dict[str, float] = {}  # window key → this process's count (no Redis, or Redis failing)
+        self._seen: dict[str, float] = {}  # window key → the total Redis last answered (where a fallback starts)
         self.num_failures = 0
         self._redis = None
         if redis_url:
@@ -79,27 +81,29 @@ class Budgets:
         window_key, _ = self._window_key(key_name, window)
         if self._redis is not None:
             try:
-                return float(await self._redis.get(window_key) or 0.0)
+                return self._saw(window_key, float(await self._redis.get(window_key) or 0.0))
             except Exception:  # noqa: BLE001 - fall back to this process's count
                 self.num_failures += 1
-        return self._local.get(window_key, 0.0)
+        return self._fallback(window_key)
 
     async def reserve(self, key_name: str, window: str, amount_usd: float, limit_usd: float) -> Reservation | None:
         """Reserve ``amount_usd`` unless the window's spend would pass ``limit_usd`` (then None)."""
         window_key, seconds = self._window_key(key_name, window)
         if self._redis is not None:
             try:
-                ok = await self._script(keys=[window_key], args=[repr(amount_usd), repr(limit_usd), 2 * seconds])
+                ok, total = await self._script(keys=[window_key], args=[repr(amount_usd), repr(limit_usd), 2 * seconds])
+                self._saw(window_key, float(total))
                 return Reservation(key_name, window_key, amount_usd) if int(ok) else None
             except Exception as e:  # noqa: BLE001 - Redis down: this process keeps the count meanwhile
                 self.num_failures += 1
                 log.warning("budgets: Redis unavailable (%s); counting in process", type(e).__name__)
-        spent = self._local.get(window_key, 0.0)
+        spent = self._fallback(window_key)
         if spent + amount_usd > limit_usd:
             return None
         self._local[window_key] = spent + amount_usd
         if len(self._local) > 10_000:  # old windows
             self._local = dict(list(self._local.items())[-5_000:])
+            self._seen = dict(list(self._seen.items())[-5_000:])
         return Reservation(key_name, window_key, amount_usd)
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
@@ -109,11 +113,24 @@ class Budgets:
             return
         if self._redis is not None:
             try:
-                await self._redis.incrbyfloat(reservation.window_key, delta)
+                self._saw(reservation.window_key, float(await self._redis.incrbyfloat(reservation.window_key, delta)))
                 return
             except Exception:  # noqa: BLE001
                 self.num_failures += 1
-        self._local[reservation.window_key] = self._local.get(reservation.window_key, 0.0) + delta
+        self._local[reservation.window_key] = self._fallback(reservation.window_key) + delta
+
+    def _saw(self, window_key: str, total: float) -> float:
+        """Redis answered ``total`` for the window: a later fallback counts on from it."""
+        self._seen[window_key] = total
+        self._local.pop(window_key, None)
+        if len(self._seen) > 10_000:  # old windows
+            self._seen = dict(list(self._seen.items())[-5_000:])
+        return total
+
+    def _fallback(self, window_key: str) -> float:
+        """This process's count for the window: its own since Redis last answered, else what Redis said."""
+        local = self._local.get(window_key)
+        return local if local is not None else self._seen.get(window_key, 0.0)
 
     async def close(self) -> None:
         if self._redis is not None:

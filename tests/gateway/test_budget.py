@@ -39,6 +39,23 @@ async def test_reserve_and_settle_in_process():
     assert await budgets.spent("k", "1h") == 0.0
 
 
+async def test_redis_outage_counts_on_from_the_last_total_redis_answered(redis_server, redis_url):
+    budgets = Budgets(redis_url, timeout_s=0.5)
+    first = await budgets.reserve("k", "1h", 0.4, 1.0)
+    await budgets.settle(first, 0.3)
+    assert await budgets.reserve("k", "1h", 0.5, 1.0) is not None  # 0.8 of 1.0 in Redis
+    redis_server.stop()
+    try:
+        # Redis is gone: this replica's fallback starts at Redis's 0.8, so 0.3 more is refused and 0.2 is not
+        assert await budgets.reserve("k", "1h", 0.3, 1.0) is None
+        assert await budgets.reserve("k", "1h", 0.2, 1.0) is not None
+        assert await budgets.spent("k", "1h") == pytest.approx(1.0)
+        assert budgets.num_failures >= 3
+    finally:
+        redis_server.start()
+        await budgets.close()
+
+
 def test_budget_blocks_with_429_before_any_backend_call(live_server):
     factory = FakeFactory()
     server = live_server(create_app(fake_settings(api_keys=KEYS), backend_factory=factory))
