@@ -632,9 +632,14 @@ def _finish(reason: Any) -> Any:
 def _usage(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
-    details = u.get("prompt_tokens_details") or {}
+    def detail(field: str, key: str) -> int:  # an upstream's optional breakdown; anything malformed counts 0
+        value = u.get(field)
+        count = value.get(key) if isinstance(value, dict) else None
+        return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+
     return Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0),
-                 cached_tokens=int(details.get("cached_tokens") or 0))
+                 cached_tokens=detail("prompt_tokens_details", "cached_tokens"),
+                 reasoning_tokens=detail("completion_tokens_details", "reasoning_tokens"))
 
 
 def _chat_logprobs(lp: Any) -> tuple[TokenLogprob, ...]:

@@ -74,6 +74,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    reasoning_tokens: int = 0  # completion tokens an upstream spent reasoning (its completion_tokens_details)
 
     @property
     def total_tokens(self) -> int:

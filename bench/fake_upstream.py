@@ -173,9 +173,12 @@ class _Answer:
             return "tool_calls"
         return "length" if self.num_tokens >= int(self.request.get("max_tokens") or 1 << 30) else "stop"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         p, c = self.up.behavior.prompt_tokens, self.num_tokens * self.n
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        out: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if self.up.behavior.reasoning_text:  # OpenAI's breakdown: one reasoning token per word here
+            out["completion_tokens_details"] = {"reasoning_tokens": len(self.up.behavior.reasoning_text.split())}
+        return out
 
     def tool_calls(self) -> list[dict[str, Any]]:
         """The whole calls of one choice (OpenAI's ``message.tool_calls``)."""

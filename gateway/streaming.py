@@ -36,6 +36,8 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
                            "total_tokens": usage.total_tokens}
     if usage.cached_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
     return out
 
 
@@ -467,7 +469,7 @@ class ResponsesShaper:
             "error": None, "incomplete_details": None, **self.echo,
             "usage": None if usage is None else {
                 "input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-                "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
                 "total_tokens": usage.total_tokens}}
         if status == "incomplete":
             out["incomplete_details"] = {

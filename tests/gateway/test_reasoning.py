@@ -31,6 +31,9 @@ def test_responses_emit_reasoning_as_a_reasoning_item(remote):
     reasoning = whole.output[0]
     assert reasoning.summary == [] and [(c.type, c.text) for c in reasoning.content] == [("reasoning_text", REASONING)]
     assert reasoning.id.startswith("rs_") and whole.output_text == "tok0 tok1 tok2 "
+    assert whole.usage.output_tokens_details.reasoning_tokens == len(REASONING.split())  # the upstream's count
+    chat = client.chat.completions.create(model="cloud", messages=[{"role": "user", "content": "what is 6 x 7?"}])
+    assert chat.usage.completion_tokens_details.reasoning_tokens == len(REASONING.split())
 
     with client.responses.stream(model="cloud", input="what is 6 x 7?") as stream:
         events = list(stream)
