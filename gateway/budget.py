@@ -103,7 +103,6 @@ class Budgets:
         self._local[window_key] = spent + amount_usd
         if len(self._local) > 10_000:  # old windows
             self._local = dict(list(self._local.items())[-5_000:])
-            self._seen = dict(list(self._seen.items())[-5_000:])
         return Reservation(key_name, window_key, amount_usd)
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:

@@ -85,11 +85,7 @@ def _score(value: Any, where: str, key: str) -> float:
 
 def parse_routing_row(obj: Any, where: str) -> RoutingRow:
     """Validate one decoded row. ``where`` is ``FILE:LINE`` for the error message."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: missing or empty 'prompt'")
+    prompt = record_prompt(obj, where)
     source = obj.get("source") or "default"
     if not isinstance(source, str):
         raise ValueError(f"{where}: 'source' must be a string, got {source!r}")
@@ -189,14 +185,20 @@ class PromptRow:
     answer: str | None
 
 
+def record_prompt(obj: Any, where: str, hint: str = "") -> str:
+    """The non-empty ``prompt`` of one decoded record; ValueError naming ``where`` (and ``hint``) otherwise."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: missing or empty 'prompt'{hint}")
+    return prompt
+
+
 def load_prompt_rows(path: str | Path) -> list[PromptRow]:
     out = []
     for where, obj in read_records(path):
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: missing or empty 'prompt'")
+        prompt = record_prompt(obj, where)
         answer = obj.get("answer")
         if answer is not None and not isinstance(answer, str | int | float):
             raise ValueError(f"{where}: 'answer' must be a string or number, got {type(answer).__name__}")

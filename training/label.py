@@ -40,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training.data import PromptRow, load_prompt_rows, read_records
+from training.data import PromptRow, load_prompt_rows, read_records, record_prompt
 
 _NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _WORD_RE = re.compile(r"\w+")
@@ -197,11 +197,7 @@ def load_log_rows(paths: list[str], source: str | None = None) -> tuple[list[Pro
     num_repeats = 0
     for path in log_files(paths):
         for where, obj in read_records(path):
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            prompt = obj.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{where}: missing or empty 'prompt' (is this a traffic_log file?)")
+            prompt = record_prompt(obj, where, " (is this a traffic_log file?)")
             if prompt in seen:
                 num_repeats += 1
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,11 +36,7 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_cost_quality(hulls: dict[str, np.ndarray], singles: dict[str, tuple[float, float]], path: str | Path,
@@ -64,6 +61,13 @@ def plot_cost_quality(hulls: dict[str, np.ndarray], singles: dict[str, tuple[flo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write ``path`` (PNG at 110 dpi), close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
