@@ -39,8 +39,12 @@ def test_three_pods_become_three_replicas_and_one_leaves_without_a_failed_reques
         ready = httpx.get(gateway.base_url + "/readyz").json()
         assert ready["pools"]["slm"] == {"healthy_replicas": 3, "replicas": 3}
         url = gateway.base_url + "/v1/chat/completions"
-        for i in range(12):  # different prompts spread over the pods
-            httpx.post(url, json={"model": "slm", "messages": [{"role": "user", "content": f"q{i} " * 80}]})
+        async def spread() -> None:  # 30 different prompts at once: rendezvous on the prefix (and the load bound)
+            async with httpx.AsyncClient(timeout=30) as client:  # spread them; a pod is missed with p < 1e-4
+                await asyncio.gather(*(client.post(url, json={
+                    "model": "slm", "messages": [{"role": "user", "content": f"q{i} " * 80}]}) for i in range(30)))
+
+        asyncio.run(spread())
         assert all(app.num_requests > 0 for app in pods.values()), {a: p.num_requests for a, p in pods.items()}
         before = {a: p.num_requests for a, p in pods.items()}
         same = {"model": "slm", "messages": [{"role": "user", "content": "the same long prefix " * 40}]}
