@@ -134,7 +134,7 @@ class Scheduler:
             bs = self.block_manager.block_size
             num_shared = min(seq.num_prompt_tokens // bs, (seq.num_tokens - 1) // bs)  # prompt-only full blocks
             forked = parent.block_table[:num_shared]
-        cached = self.block_manager.match_prefix(seq)
+        cached = self.block_manager.load_from_host(seq, self.block_manager.match_prefix(seq))
         return cached if len(cached) >= len(forked) else forked
 
     def _admission_order(self) -> list[Sequence]:
@@ -199,7 +199,7 @@ class Scheduler:
             if self.block_manager.allocate(seq, num_new, shared) is None:
                 break  # head of the queue doesn't fit: wait for blocks (FCFS, no overtaking)
             if seq.num_preemptions == 0 and seq.parent is None:
-                self.block_manager.record_prefix_lookup(seq.num_prompt_tokens, num_computed)
+                self.block_manager.record_prefix_lookup(seq.num_prompt_tokens, shared)
                 self.block_manager.release(seq.session_id, shared)  # the session is back: its pin ends here
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_computed
