@@ -163,9 +163,10 @@ class BlockManager:
 
     def load_from_host(self, seq: Sequence, matched: list[int]) -> list[int]:
         """Extend ``matched`` (``match_prefix(seq)``) with the blocks that follow it in the host tier: each is
-        copied into a pool block taken from the free or cached ones (never from ``matched``, never by
-        dropping a retention), registered under its hash and left cached (unreferenced) for ``allocate`` to
-        share. Stops at the first block the tier lacks or when the pool has no block to give."""
+        copied into a pool block taken from the free or cached ones (never from ``matched``; when there are
+        none, another session's retention is dropped, as ``allocate`` would do to recompute the block),
+        registered under its hash and left cached (unreferenced) for ``allocate`` to share. Stops at the first
+        block the tier lacks or when the pool has no block to give."""
         host = self.host_cache
         if host is None:
             return matched
@@ -180,9 +181,16 @@ class BlockManager:
             h = chain_hash(parent, tokens)
             if h in self.hash_to_block_id or not host.contains(h, tokens):
                 break
+            while not self.free_block_ids and not self.cached_block_ids and any(
+                    r.session_id != seq.session_id and self._reclaimable(r, set(out))
+                    for r in self.retentions.values()):
+                self._drop_retention(exclude=set(out), keep=seq.session_id)  # as ``allocate`` would for a recompute
             if not self.free_block_ids and not self.cached_block_ids:
                 break
-            block_id = self._take_block()
+            block_id = self._take_block()  # may save an evicted block to the tier, overwriting its oldest entry
+            if not host.contains(h, tokens):  # ... which was this one: give the block back and stop
+                self._unref(block_id)
+                break
             host.load(h, block_id)
             block = self.blocks[block_id]
             block.block_hash, block.token_ids, block.from_host = h, tokens, True
