@@ -18,8 +18,12 @@ The systems (``--threads`` each, 2 by default, one at a time, each after a warm-
 
 1. switchyard, retention off: ``LLMEngine`` driven through ``AsyncEngine`` (``kv_retain_s`` 0, program scheduling
    off; prefix caching on, so a context that survives the LRU during a pause still hits);
-2. switchyard, retention on: ``kv_retain_s`` (30 s), ``kv_retain_max_share`` (0.5), ``program_scheduling``.
-   Both send every request with its session and program id (the program's id) and use the same KV pool:
+2. switchyard, retention on: ``kv_retain_s`` (30 s), ``kv_retain_max_share`` (0.5), ``program_scheduling`` and
+   the host KV tier ``kv_offload_gb`` (``--kv-offload-gb``, 1 GiB: evicted blocks are copied there and copied back
+   on a prefix match; 0 = pinning only, as before). ``--ablation`` adds retention without program scheduling,
+   pinning + scheduling without the host tier, and the host tier alone.
+   Both send every request with its session and program id (the program's id), run at most ``--max-num-seqs``
+   sequences at once (default: one per program) and use the same KV pool:
    ``num_kv_blocks`` = the shared system prompt's blocks + ``--kv-fit`` (0.5) x the sum over programs of their
    private blocks at the last turn (prompt + answer), i.e. the pool holds the working set of about half the
    programs, so without retention the pauses cause evictions;
@@ -358,7 +362,8 @@ def engine_args(opts: argparse.Namespace, trace: Trace, retention: bool, program
     from backends.engine.args import EngineArgs
 
     return EngineArgs(
-        quantization=opts.quantization, max_model_len=opts.max_model_len, max_num_seqs=len(trace.programs),
+        quantization=opts.quantization, max_model_len=opts.max_model_len,
+        max_num_seqs=opts.max_num_seqs or len(trace.programs),
         block_size=BLOCK_SIZE, num_kv_blocks=kv_blocks_for(trace, opts.kv_fit, opts.max_model_len), enable_prefix_caching=True,
         num_threads=opts.threads, device="cpu",
         kv_retain_s=opts.kv_retain_s if retention else 0.0, kv_retain_max_share=opts.kv_retain_max_share,
@@ -507,6 +512,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="switchyard weights")
     p.add_argument("--max-model-len", type=int, default=None, help="switchyard context (default 4096; --quick 512)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="switchyard (both runs): sequences running at once (default: one per program)")
     p.add_argument("--kv-fit", type=float, default=0.5,
                    help="KV pool = shared prompt + this share of the programs' private working set (default 0.5)")
     p.add_argument("--kv-retain-s", type=float, default=30.0, help="retention on: kv_retain_s (default 30)")
@@ -545,8 +552,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         arrival_gap_s=opts.arrival_gap_s if opts.arrival_gap_s is not None else (0.25 if quick else 1.0),
         seed=opts.seed,
     )
-    if opts.threads < 1 or not 0 < opts.kv_fit <= 1 or opts.recompute_samples < 0 or opts.kv_offload_gb < 0:
-        raise ValueError("--threads must be >= 1, --kv-fit in (0, 1], --recompute-samples >= 0, --kv-offload-gb >= 0")
+    if opts.threads < 1 or not 0 < opts.kv_fit <= 1 or opts.recompute_samples < 0 or opts.kv_offload_gb < 0 \
+            or (opts.max_num_seqs is not None and opts.max_num_seqs < 1):
+        raise ValueError("--threads and --max-num-seqs must be >= 1, --kv-fit in (0, 1], --recompute-samples >= 0, "
+                         "--kv-offload-gb >= 0")
     return opts
 
 
@@ -687,6 +696,7 @@ def report(opts: argparse.Namespace, trace: Trace, runs: list[SystemRun], notes:
         "engine": {"max_model_len": opts.max_model_len, "block_size": BLOCK_SIZE, "kv_fit": opts.kv_fit,
                    "num_kv_blocks": kv_blocks_for(trace, opts.kv_fit, opts.max_model_len), "kv_retain_s": opts.kv_retain_s,
                    "kv_retain_max_share": opts.kv_retain_max_share, "kv_offload_gb": opts.kv_offload_gb,
+                   "max_num_seqs": opts.max_num_seqs or len(trace.programs),
                    "working_set_tokens": sum(trace.final_len(i) for i in range(len(trace.programs)))
                    - (len(trace.programs) - 1) * (spec.system_len // BLOCK_SIZE * BLOCK_SIZE)},
         "recompute_sample": [f"p{p}/t{k}" for p, k in recompute_sample(trace, opts.recompute_samples)],
@@ -712,7 +722,8 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
     print(f"switchyard KV pool: {e['num_kv_blocks']} blocks x {e['block_size']} = {e['num_kv_blocks'] * e['block_size']} "
           f"tokens (system prompt + {e['kv_fit']:.0%} of the private working set; all programs' last contexts "
           f"need {e['working_set_tokens']}); retention on = kv_retain_s {e['kv_retain_s']}, max share "
-          f"{e['kv_retain_max_share']}, program scheduling, host KV tier kv_offload_gb {e['kv_offload_gb']}")
+          f"{e['kv_retain_max_share']}, program scheduling, host KV tier kv_offload_gb {e['kv_offload_gb']}; "
+          f"max_num_seqs {e['max_num_seqs']} (both)")
     widths = (34, 8, 10, 11, 11, 11, 11, 12, 8, 9, 7, 12)
     heads = (("", "system"), ("mean", "JCT s"), ("TTFT p50", "pause ms"), ("TTFT p50", "sample ms"),
              ("recompute", "/TTFT (2)"), ("isolated", "recomp ms"), ("isolated", "resume ms"),

@@ -20,7 +20,16 @@ from backends.engine.block_manager import BlockManager, chain_hash
 from backends.engine.host_cache import HostKVCache
 from backends.engine.sampling_params import SamplingParams
 from tests.engine.helpers import prompts, tiny_engine
-from tests.engine.test_kv_retention import Clock, Recorder, _wait_for, assert_consistent, burst, prefill, run_turn, seq
+from tests.engine.test_kv_retention import (
+    Clock,
+    Recorder,
+    _wait_for,
+    assert_consistent,
+    burst,
+    prefill,
+    run_turn,
+    seq,
+)
 
 
 def pool(num_blocks: int, block_size: int = 2) -> torch.Tensor:
