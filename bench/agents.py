@@ -18,8 +18,12 @@ The systems (``--threads`` each, 2 by default, one at a time, each after a warm-
 
 1. switchyard, retention off: ``LLMEngine`` driven through ``AsyncEngine`` (``kv_retain_s`` 0, program scheduling
    off; prefix caching on, so a context that survives the LRU during a pause still hits);
-2. switchyard, retention on: ``kv_retain_s`` (30 s), ``kv_retain_max_share`` (0.5), ``program_scheduling``.
-   Both send every request with its session and program id (the program's id) and use the same KV pool:
+2. switchyard, retention on: ``kv_retain_s`` (30 s), ``kv_retain_max_share`` (0.5), ``program_scheduling`` and
+   the host KV tier ``kv_offload_gb`` (``--kv-offload-gb``, 1 GiB: evicted blocks are copied there and copied back
+   on a prefix match; 0 = pinning only, as before). ``--ablation`` adds retention without program scheduling,
+   pinning + scheduling without the host tier, and the host tier alone.
+   Both send every request with its session and program id (the program's id), run at most ``--max-num-seqs``
+   sequences at once (default: one per program) and use the same KV pool:
    ``num_kv_blocks`` = the shared system prompt's blocks + ``--kv-fit`` (0.5) x the sum over programs of their
    private blocks at the last turn (prompt + answer), i.e. the pool holds the working set of about half the
    programs, so without retention the pauses cause evictions;
@@ -341,6 +345,7 @@ class _PrefixCounter:
 
     def reset(self) -> None:
         self.queries = self.hits = self.retained_hits = self.retained_evicted_blocks = self.preemptions = 0
+        self.offload_hits = self.offload_saved_blocks = 0
 
     def record(self, scheduler_stats, iteration_stats) -> None:
         self.queries += scheduler_stats.prefix_cache_queries
@@ -348,22 +353,26 @@ class _PrefixCounter:
         self.retained_hits += scheduler_stats.retained_hits
         self.retained_evicted_blocks += scheduler_stats.num_retained_evicted_blocks
         self.preemptions += scheduler_stats.num_preemptions
+        self.offload_hits += scheduler_stats.offload_hits
+        self.offload_saved_blocks += scheduler_stats.offload_saved_blocks
 
 
-def engine_args(opts: argparse.Namespace, trace: Trace, retention: bool, program_scheduling: bool):
+def engine_args(opts: argparse.Namespace, trace: Trace, retention: bool, program_scheduling: bool,
+                offload: bool = False):
     from backends.engine.args import EngineArgs
 
     return EngineArgs(
-        quantization=opts.quantization, max_model_len=opts.max_model_len, max_num_seqs=len(trace.programs),
+        quantization=opts.quantization, max_model_len=opts.max_model_len,
+        max_num_seqs=opts.max_num_seqs or len(trace.programs),
         block_size=BLOCK_SIZE, num_kv_blocks=kv_blocks_for(trace, opts.kv_fit, opts.max_model_len), enable_prefix_caching=True,
         num_threads=opts.threads, device="cpu",
         kv_retain_s=opts.kv_retain_s if retention else 0.0, kv_retain_max_share=opts.kv_retain_max_share,
-        program_scheduling=program_scheduling,
+        program_scheduling=program_scheduling, kv_offload_gb=opts.kv_offload_gb if offload else 0.0,
     )
 
 
 async def ours(opts: argparse.Namespace, trace: Trace, retention: bool, program_scheduling: bool, label: str,
-               recompute: list[tuple[int, int]] | None = None) -> SystemRun:
+               recompute: list[tuple[int, int]] | None = None, offload: bool = False) -> SystemRun:
     """Replay on a fresh engine; with ``recompute`` (sampled turns), then ``isolated_ttfts`` on them."""
     from backends.engine.async_engine import AsyncEngine
     from backends.engine.llm_engine import LLMEngine
@@ -371,10 +380,10 @@ async def ours(opts: argparse.Namespace, trace: Trace, retention: bool, program_
     from backends.models import resolve_model_path
 
     counter = _PrefixCounter()
-    args = engine_args(opts, trace, retention, program_scheduling)
+    args = engine_args(opts, trace, retention, program_scheduling, offload)
     say(f"[{label}] loading {opts.model}: {args.num_kv_blocks} KV blocks x {BLOCK_SIZE} tokens, kv_retain_s="
         f"{args.kv_retain_s}, kv_retain_max_share={args.kv_retain_max_share}, program_scheduling="
-        f"{args.program_scheduling}")
+        f"{args.program_scheduling}, kv_offload_gb={args.kv_offload_gb}")
     engine = await asyncio.to_thread(LLMEngine, resolve_model_path(opts.model), args, device="cpu",
                                      stat_loggers=[counter])
     aengine = AsyncEngine(engine)
@@ -404,7 +413,8 @@ async def ours(opts: argparse.Namespace, trace: Trace, retention: bool, program_
                         counter.queries, load=(load_before, load_after),
                         extra={"num_kv_blocks": args.num_kv_blocks, "retained_hit_tokens": counter.retained_hits,
                                "retained_evicted_blocks": counter.retained_evicted_blocks,
-                               "preemptions": counter.preemptions})
+                               "preemptions": counter.preemptions, "offload_hit_tokens": counter.offload_hits,
+                               "offload_saved_blocks": counter.offload_saved_blocks})
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
         async def send_one(request_id: str, prompt: list[int], cache: bool, slot: int | None) -> Reply:
@@ -502,10 +512,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="switchyard weights")
     p.add_argument("--max-model-len", type=int, default=None, help="switchyard context (default 4096; --quick 512)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="switchyard (both runs): sequences running at once (default: one per program)")
     p.add_argument("--kv-fit", type=float, default=0.5,
                    help="KV pool = shared prompt + this share of the programs' private working set (default 0.5)")
     p.add_argument("--kv-retain-s", type=float, default=30.0, help="retention on: kv_retain_s (default 30)")
     p.add_argument("--kv-retain-max-share", type=float, default=0.5, help="kv_retain_max_share (default 0.5)")
+    p.add_argument("--kv-offload-gb", type=float, default=1.0,
+                   help="retention on: kv_offload_gb, the host KV tier (default 1; 0 = pinning only)")
     p.add_argument("--recompute-samples", type=int, default=None, help="contexts re-sent cold (default 8; --quick 3)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--skip-llamacpp", action="store_true", help="do not build/run llama-server")
@@ -538,8 +552,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         arrival_gap_s=opts.arrival_gap_s if opts.arrival_gap_s is not None else (0.25 if quick else 1.0),
         seed=opts.seed,
     )
-    if opts.threads < 1 or not 0 < opts.kv_fit <= 1 or opts.recompute_samples < 0:
-        raise ValueError("--threads must be >= 1, --kv-fit in (0, 1], --recompute-samples >= 0")
+    if opts.threads < 1 or not 0 < opts.kv_fit <= 1 or opts.recompute_samples < 0 or opts.kv_offload_gb < 0 \
+            or (opts.max_num_seqs is not None and opts.max_num_seqs < 1):
+        raise ValueError("--threads and --max-num-seqs must be >= 1, --kv-fit in (0, 1], --recompute-samples >= 0, "
+                         "--kv-offload-gb >= 0")
     return opts
 
 
@@ -570,9 +586,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     sample = recompute_sample(trace, opts.recompute_samples)
     notes: list[str] = []
     runs = [asyncio.run(ours(opts, trace, False, False, "switchyard, retention off", sample)),
-            asyncio.run(ours(opts, trace, True, True, "switchyard, retention on"))]
+            asyncio.run(ours(opts, trace, True, True, "switchyard, retention on", offload=opts.kv_offload_gb > 0))]
     if opts.ablation:  # program scheduling's window is kv_retain_s: without retention it has no pauses to bridge
         runs.append(asyncio.run(ours(opts, trace, True, False, "switchyard, retention only")))
+        if opts.kv_offload_gb > 0:
+            runs.append(asyncio.run(ours(opts, trace, True, True, "switchyard, pin + sched, no host")))
+            runs.append(asyncio.run(ours(opts, trace, False, False, "switchyard, host tier only", offload=True)))
     # same engine, same contexts: the isolated TTFTs are measured once (idle, prefix caching holds the resumed
     # context with or without retention)
     for r in runs[1:]:
@@ -676,7 +695,8 @@ def report(opts: argparse.Namespace, trace: Trace, runs: list[SystemRun], notes:
                                        "arrivals_s": [p.arrival_s for p in trace.programs]},
         "engine": {"max_model_len": opts.max_model_len, "block_size": BLOCK_SIZE, "kv_fit": opts.kv_fit,
                    "num_kv_blocks": kv_blocks_for(trace, opts.kv_fit, opts.max_model_len), "kv_retain_s": opts.kv_retain_s,
-                   "kv_retain_max_share": opts.kv_retain_max_share,
+                   "kv_retain_max_share": opts.kv_retain_max_share, "kv_offload_gb": opts.kv_offload_gb,
+                   "max_num_seqs": opts.max_num_seqs or len(trace.programs),
                    "working_set_tokens": sum(trace.final_len(i) for i in range(len(trace.programs)))
                    - (len(trace.programs) - 1) * (spec.system_len // BLOCK_SIZE * BLOCK_SIZE)},
         "recompute_sample": [f"p{p}/t{k}" for p, k in recompute_sample(trace, opts.recompute_samples)],
@@ -702,7 +722,8 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
     print(f"switchyard KV pool: {e['num_kv_blocks']} blocks x {e['block_size']} = {e['num_kv_blocks'] * e['block_size']} "
           f"tokens (system prompt + {e['kv_fit']:.0%} of the private working set; all programs' last contexts "
           f"need {e['working_set_tokens']}); retention on = kv_retain_s {e['kv_retain_s']}, max share "
-          f"{e['kv_retain_max_share']}, program scheduling")
+          f"{e['kv_retain_max_share']}, program scheduling, host KV tier kv_offload_gb {e['kv_offload_gb']}; "
+          f"max_num_seqs {e['max_num_seqs']} (both)")
     widths = (34, 8, 10, 11, 11, 11, 11, 12, 8, 9, 7, 12)
     heads = (("", "system"), ("mean", "JCT s"), ("TTFT p50", "pause ms"), ("TTFT p50", "sample ms"),
              ("recompute", "/TTFT (2)"), ("isolated", "recomp ms"), ("isolated", "resume ms"),
@@ -726,8 +747,9 @@ def _print(rep: dict[str, Any], opts: argparse.Namespace) -> None:
     for name, s in rep["systems"].items():
         if "preemptions" in s:
             print(f"{name}: {s['prefix_hit_tokens']} of {s['prefix_query_tokens']} prompt tokens hit, "
-                  f"{s['retained_hit_tokens']} of them in retained blocks; {s['retained_evicted_blocks']} pinned "
-                  f"blocks dropped for memory; {s['preemptions']} preemptions")
+                  f"{s['retained_hit_tokens']} of them in retained blocks, {s['offload_hit_tokens']} loaded from the "
+                  f"host tier; {s['retained_evicted_blocks']} pinned blocks dropped for memory, "
+                  f"{s['offload_saved_blocks']} blocks copied to the host tier; {s['preemptions']} preemptions")
         elif "slots" in s:
             print(f"{name}: timings.cache_n {s['prefix_hit_tokens']} of {s['prefix_query_tokens']} prompt tokens")
     print(f"(1) post-pause turns: share of their prompt beyond the {t['system_len']}-token system prompt found cached")

@@ -50,6 +50,7 @@ def engine_args_of(args: argparse.Namespace) -> EngineArgs:
         kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=getattr(args, "num_threads", None), device=getattr(args, "device", "auto"),
         kv_retain_s=getattr(args, "kv_retain_s", 0.0), kv_retain_max_share=getattr(args, "kv_retain_max_share", 0.25),
+        kv_offload_gb=getattr(args, "kv_offload_gb", 0.0),
         program_scheduling=getattr(args, "program_scheduling", False),
         program_max_wait_s=getattr(args, "program_max_wait_s", 5.0),
         speculation=speculation_of(getattr(args, "speculation", "none")),

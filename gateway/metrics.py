@@ -39,6 +39,11 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
   kv_retained_blocks                         gauge, KV blocks pinned for agent sessions paused on a tool
   kv_retained_hits_total                     prompt tokens a session's next request found in its retained blocks
   kv_retained_evicted_blocks_total           pinned blocks let go early because memory was short
+  kv_offload_used_blocks                     gauge, KV blocks held in the host tier (kv_offload_gb)
+  kv_offload_saved_blocks_total              blocks copied to the host tier when LRU evicted them from the pool
+  external_prefix_cache_hits_total           prompt tokens found in blocks loaded back from the host tier (vLLM's
+                                             name for hits served by its KV offloading connector; they are also
+                                             in prefix_cache_hits_total)
   spec_decode_num_drafts_total               speculative drafts verified (one per sequence and step that drafted)
   spec_decode_num_draft_tokens_total         their tokens (n-gram speculation)
   spec_decode_num_accepted_tokens_total      of those, accepted (acceptance rate = accepted / draft tokens;
@@ -215,6 +220,12 @@ class EngineMetrics:
                                      "found in the KV blocks it retained", labels, registry=r)
         self.retained_evicted = Counter("switchyard_kv_retained_evicted_blocks", "pinned KV blocks let go "
                                         "before expiry because memory was short", labels, registry=r)
+        self.offload_blocks = Gauge("switchyard_kv_offload_used_blocks", "KV blocks held in the host tier",
+                                    labels, registry=r)
+        self.offload_saved = Counter("switchyard_kv_offload_saved_blocks", "KV blocks copied to the host tier "
+                                     "when evicted from the pool", labels, registry=r)
+        self.offload_hits = Counter("switchyard_external_prefix_cache_hits", "prompt tokens found in KV blocks "
+                                    "loaded from the host tier", labels, registry=r)
         self.drafts = Counter("switchyard_spec_decode_num_drafts", "speculative drafts verified (sequences x steps)",
                               labels, registry=r)
         self.draft_tokens = Counter("switchyard_spec_decode_num_draft_tokens", "speculative draft tokens "
@@ -243,6 +254,8 @@ class EngineStatLogger:
                                                       m.generation_tokens.labels(*labels))
         self.retained_blocks, self.retained_hits, self.retained_evicted = (
             m.retained_blocks.labels(*labels), m.retained_hits.labels(*labels), m.retained_evicted.labels(*labels))
+        self.offload_blocks, self.offload_saved, self.offload_hits = (
+            m.offload_blocks.labels(*labels), m.offload_saved.labels(*labels), m.offload_hits.labels(*labels))
         self.drafts, self.draft_tokens, self.accepted_tokens = (
             m.drafts.labels(*labels), m.draft_tokens.labels(*labels), m.accepted_tokens.labels(*labels))
 
@@ -261,6 +274,11 @@ class EngineStatLogger:
             self.retained_hits.inc(s.retained_hits)
         if s.num_retained_evicted_blocks:
             self.retained_evicted.inc(s.num_retained_evicted_blocks)
+        self.offload_blocks.set(s.num_offload_blocks)
+        if s.offload_saved_blocks:
+            self.offload_saved.inc(s.offload_saved_blocks)
+        if s.offload_hits:
+            self.offload_hits.inc(s.offload_hits)
         if it.num_prompt_tokens:
             self.prompt_tokens.inc(it.num_prompt_tokens)
         if it.num_generation_tokens:

@@ -350,7 +350,8 @@ def test_engine_options_become_engine_serve_flags():
 EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_len": 4096, "max_num_seqs": 7,
                        "max_num_batched_tokens": 333, "block_size": 32, "num_kv_blocks": 500,
                        "kv_cache_memory_gb": 2.5, "enable_prefix_caching": False, "num_threads": 3,
-                       "device": "cpu", "kv_retain_s": 30.0, "kv_retain_max_share": 0.5, "program_scheduling": True,
+                       "device": "cpu", "kv_retain_s": 30.0, "kv_retain_max_share": 0.5, "kv_offload_gb": 1.5,
+                       "program_scheduling": True,
                        "program_max_wait_s": 2.5,
                        "speculation": {"method": "ngram", "num_draft_tokens": 6, "min_n": 1, "max_n": 5,
                                        "shared_context": True, "shared_max_entries": 999}}

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a finished agent session's KV blocks stay pinned for its next turn (0 = off)")
     p.add_argument("--kv-retain-max-share", type=float, default=0.25,
                    help="at most this share of the KV blocks is pinned for paused sessions")
+    p.add_argument("--kv-offload-gb", type=float, default=0.0,
+                   help="GiB of host memory for a second KV tier: evicted blocks are copied there and copied "
+                        "back by a later prefix match instead of recomputed (0 = off)")
     p.add_argument("--program-scheduling", action="store_true",
                    help="admit a continuing program's request ahead of a new program's (program FCFS)")
     p.add_argument("--program-max-wait-s", type=float, default=5.0,

@@ -70,6 +70,10 @@ class EngineArgs:
         short (``block_manager.py`` says which session is dropped). 0 = off. Pinning needs prefix caching:
         with ``enable_prefix_caching`` off nothing is retained.
       * ``kv_retain_max_share``: at most this share of the KV blocks is pinned at once (0 < share <= 1).
+      * ``kv_offload_gb`` > 0: a second KV tier of that many GiB in host memory (``host_cache.py``): blocks LRU
+        evicts from the pool are copied there and a later prefix match copies them back instead of
+        recomputing them (a paused session's context survives a burst that needs its pool blocks). 0 = off;
+        needs prefix caching. On a CPU engine it is the same RAM as the pool.
       * ``program_scheduling``: a waiting request whose program has a request running, or finished within
         the last ``kv_retain_s``, is admitted ahead of a new program's request (Continuum's program FCFS;
         within the same priority only). ``program_max_wait_s`` bounds starvation: a request that has
@@ -95,6 +99,7 @@ class EngineArgs:
     device: Device = "auto"
     kv_retain_s: float = 0.0
     kv_retain_max_share: float = 0.25
+    kv_offload_gb: float = 0.0
     program_scheduling: bool = False
     program_max_wait_s: float = 5.0
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
@@ -119,6 +124,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not self.kv_retain_s >= 0:
             raise ValueError(f"kv_retain_s must be >= 0 (0 = off), got {self.kv_retain_s}")
+        if not self.kv_offload_gb >= 0:
+            raise ValueError(f"kv_offload_gb must be >= 0 (0 = off), got {self.kv_offload_gb}")
         if not 0 < self.kv_retain_max_share <= 1:
             raise ValueError(f"kv_retain_max_share must be in (0, 1], got {self.kv_retain_max_share}")
         if not isinstance(self.speculation, SpeculationConfig):

@@ -28,6 +28,13 @@ session's next request is queued (``session_returned``) the pause is over and th
 last. Among private contexts of any size this is LRU (the oldest pause goes first); a retention whose
 blocks are mostly shared with others (a common system prompt) frees little and is kept. Ties: oldest first.
 Admission always wins: a retention is dropped rather than a request kept waiting or preempted.
+
+A second tier (``host_cache``, a ``HostKVCache``; optional): a cached block that LRU evicts is copied there
+first, keyed by its hash, and a prefix match that runs past the pool's blocks continues there —
+``load_from_host`` copies the following blocks back into fresh pool blocks, which the request then shares like
+any cached block. With it, InferCept's three choices are all here: a retention keeps (preserves) a paused
+session's blocks in the pool; a dropped or expired one leaves them cached, and when LRU needs them they are
+swapped to the host tier rather than discarded; only what the host tier's own LRU overwrites is recomputed.
 """
 
 from __future__ import annotations
@@ -36,8 +43,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from backends.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from backends.engine.host_cache import HostKVCache
 
 
 @dataclass
@@ -46,6 +57,7 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    from_host: bool = False  # loaded from the host tier and not yet hit by an admitted request
 
 
 @dataclass
@@ -68,7 +80,7 @@ def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  retain_s: float = 0.0, retain_max_share: float = 0.25,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, host_cache: HostKVCache | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         if not retain_s >= 0 or not 0 < retain_max_share <= 1:
@@ -90,6 +102,8 @@ class BlockManager:
         self.hash_to_block_id: dict[int, int] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up
         self.num_prefix_hits = 0  # prompt tokens found
+        self.host_cache = host_cache if enable_prefix_caching else None
+        self.num_host_hits = 0  # prompt tokens of admitted requests found in blocks loaded from the host tier
 
     # ------------------------------------------------------------------ queries
     @property
@@ -146,6 +160,46 @@ class BlockManager:
             matched.append(block_id)
             parent = h
         return matched
+
+    def load_from_host(self, seq: Sequence, matched: list[int]) -> list[int]:
+        """Extend ``matched`` (``match_prefix(seq)``) with the blocks that follow it in the host tier: each is
+        copied into a pool block taken from the free or cached ones (never from ``matched``; when there are
+        none, another session's retention is dropped, as ``allocate`` would do to recompute the block),
+        registered under its hash and left cached (unreferenced) for ``allocate`` to share. Stops at the first
+        block the tier lacks or when the pool has no block to give."""
+        host = self.host_cache
+        if host is None:
+            return matched
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        parent = self.blocks[matched[-1]].block_hash if matched else None
+        out = list(matched)
+        for block_id in out:  # held while loading so that taking a block cannot evict them
+            self._ref(block_id)
+        for i in range(len(matched), max_blocks):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(parent, tokens)
+            if h in self.hash_to_block_id or not host.contains(h, tokens):
+                break
+            while not self.free_block_ids and not self.cached_block_ids and any(
+                    r.session_id != seq.session_id and self._reclaimable(r, set(out))
+                    for r in self.retentions.values()):
+                self._drop_retention(exclude=set(out), keep=seq.session_id)  # as ``allocate`` would for a recompute
+            if not self.free_block_ids and not self.cached_block_ids:
+                break
+            block_id = self._take_block()  # may save an evicted block to the tier, overwriting its oldest entry
+            if not host.contains(h, tokens):  # ... which was this one: give the block back and stop
+                self._unref(block_id)
+                break
+            host.load(h, block_id)
+            block = self.blocks[block_id]
+            block.block_hash, block.token_ids, block.from_host = h, tokens, True
+            self.hash_to_block_id[h] = block_id
+            out.append(block_id)
+            parent = h
+        for block_id in reversed(out):  # tail first, as ``free``
+            self._unref(block_id)
+        return out
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, seq: Sequence, num_new_tokens: int, shared_block_ids: list[int] | None = None) -> list[int] | None:
@@ -220,9 +274,11 @@ class BlockManager:
         else:
             block_id, _ = self.cached_block_ids.popitem(last=False)  # evict the least recently freed
             block = self.blocks[block_id]
+            if self.host_cache is not None and block.block_hash is not None:
+                self.host_cache.save(block.block_hash, block.token_ids, block_id)  # swap, not discard
             if self.hash_to_block_id.get(block.block_hash) == block_id:  # type: ignore[arg-type]
                 del self.hash_to_block_id[block.block_hash]  # type: ignore[arg-type]
-            block.block_hash, block.token_ids = None, ()
+            block.block_hash, block.token_ids, block.from_host = None, (), False
         block = self.blocks[block_id]
         assert block.ref_count == 0, f"block {block_id} handed out while referenced"
         block.ref_count = 1
@@ -342,6 +398,12 @@ class BlockManager:
                 del self.num_pins[block_id]
             self._unref(block_id)
 
-    def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+    def record_prefix_lookup(self, num_prompt_tokens: int, hit_block_ids: list[int]) -> None:
+        """An admitted request looked up ``num_prompt_tokens`` and starts with ``hit_block_ids``; those loaded
+        from the host tier and not hit before count as host hits."""
         self.num_prefix_queries += num_prompt_tokens
-        self.num_prefix_hits += num_hit_tokens
+        self.num_prefix_hits += len(hit_block_ids) * self.block_size
+        for block_id in hit_block_ids:
+            if self.blocks[block_id].from_host:
+                self.blocks[block_id].from_host = False
+                self.num_host_hits += self.block_size

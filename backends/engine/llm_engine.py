@@ -49,6 +49,7 @@ from backends.engine.args import EngineArgs
 from backends.engine.block_manager import BlockManager
 from backends.engine.config import EngineConfig
 from backends.engine.detokenizer import Detokenizer
+from backends.engine.host_cache import HostKVCache
 from backends.engine.model_runner import ModelRunner
 from backends.engine.sampling_params import SamplingParams, SamplingParamsError
 from backends.engine.scheduler import Scheduler
@@ -123,6 +124,9 @@ class EngineStats:
     num_retained_sessions: int = 0
     num_retained_hits_total: int = 0  # prompt tokens of a session's next request found in its retained blocks
     num_retained_evicted_blocks_total: int = 0  # pinned blocks let go early because memory was short
+    num_offload_blocks: int = 0  # KV blocks held in the host tier now (kv_offload_gb)
+    num_offload_saved_blocks_total: int = 0  # blocks copied to the host tier when LRU evicted them from the pool
+    num_offload_hits_total: int = 0  # prompt tokens of admitted requests found in blocks loaded from the host tier
     num_draft_tokens_total: int = 0  # speculation: draft tokens proposed and verified
     num_accepted_tokens_total: int = 0  # of those, accepted (committed as the target model's own tokens)
     num_shared_draft_tokens_total: int = 0  # of the drafted / accepted ones, those from the shared draft table
@@ -141,9 +145,13 @@ class LLMEngine:
         cfg, a = self.config, self.config.args
         self.clock = clock
         self.model_runner = ModelRunner(cfg)
+        host_cache = None
+        if a.kv_offload_gb > 0 and a.enable_prefix_caching:
+            kv = self.model_runner.kv_cache
+            host_cache = HostKVCache(kv, max(1, HostKVCache.num_blocks_for(kv, a.kv_offload_gb)))
         self.block_manager = BlockManager(self.model_runner.num_blocks, a.block_size, a.enable_prefix_caching,
                                           retain_s=a.kv_retain_s, retain_max_share=a.kv_retain_max_share,
-                                          clock=clock)
+                                          clock=clock, host_cache=host_cache)
         self.proposer = NgramProposer.from_config(a.speculation)
         self.scheduler = Scheduler(self.block_manager, a.max_num_seqs, a.max_num_batched_tokens,
                                    program_scheduling=a.program_scheduling, program_window_s=a.kv_retain_s,
@@ -169,6 +177,8 @@ class LLMEngine:
         self._num_preemptions_logged = 0
         self._num_retained_hits_logged = 0
         self._num_retained_evicted_logged = 0
+        self._num_offload_saved_logged = 0
+        self._num_offload_hits_logged = 0
         self._num_draft_tokens_total = 0  # speculation: draft tokens verified / accepted since start
         self._num_accepted_tokens_total = 0
         self._num_shared_draft_tokens_total = 0
@@ -329,6 +339,7 @@ class LLMEngine:
 
     def _log_stats(self, iteration: IterationStats) -> None:
         bm = self.block_manager
+        host = bm.host_cache
         stats = SchedulerStats(
             num_running_reqs=len(self.scheduler.running), num_waiting_reqs=len(self.scheduler.waiting),
             kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks,
@@ -338,7 +349,12 @@ class LLMEngine:
             num_retained_blocks=bm.num_retained_blocks,
             retained_hits=bm.num_retained_hits - self._num_retained_hits_logged,
             num_retained_evicted_blocks=bm.num_retained_evicted_blocks - self._num_retained_evicted_logged,
+            num_offload_blocks=host.num_used_blocks if host else 0,
+            offload_saved_blocks=(host.num_saved_blocks if host else 0) - self._num_offload_saved_logged,
+            offload_hits=bm.num_host_hits - self._num_offload_hits_logged,
         )
+        self._num_offload_saved_logged = host.num_saved_blocks if host else 0
+        self._num_offload_hits_logged = bm.num_host_hits
         self._num_retained_hits_logged = bm.num_retained_hits
         self._num_retained_evicted_logged = bm.num_retained_evicted_blocks
         self._num_prefix_queries_logged = bm.num_prefix_queries
@@ -424,6 +440,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        host = bm.host_cache
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_kv_blocks=bm.num_blocks, num_used_blocks=bm.num_used_blocks, kv_usage=bm.usage,
@@ -433,6 +450,9 @@ class LLMEngine:
             num_requests_finished=self._num_finished, num_retained_blocks=bm.num_retained_blocks,
             num_retained_sessions=len(bm.retentions), num_retained_hits_total=bm.num_retained_hits,
             num_retained_evicted_blocks_total=bm.num_retained_evicted_blocks,
+            num_offload_blocks=host.num_used_blocks if host else 0,
+            num_offload_saved_blocks_total=host.num_saved_blocks if host else 0,
+            num_offload_hits_total=bm.num_host_hits,
             num_draft_tokens_total=self._num_draft_tokens_total,
             num_accepted_tokens_total=self._num_accepted_tokens_total,
             num_shared_draft_tokens_total=self._num_shared_draft_tokens_total,

@@ -13,6 +13,8 @@ one priority the waiting sequences are taken in three classes:
      last ``program_window_s`` (the KV retention time: its context is likely still pinned) — ordered by
      the arrival of its program's first request, then its own arrival;
   2. everything else (a new program's first request, or a request with no program), by arrival.
+Running sequences are kept in the same program order (``_running_key``): an older program's prefill
+chunks take the step's budget first, and a newer program's sequence is preempted first.
 Agent sessions: a finishing choice 0 that carries a session id hands its blocks to the block manager's
 retention before they are freed, and the session's next request lets that retention go once admitted.
 """
@@ -85,7 +87,7 @@ class Scheduler:
         self.proposer = proposer  # speculation: drafts for decoding sequences (None = off)
         self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []  # sorted by sort_key
-        self.running: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by _running_key
         self.num_preemptions = 0
         self.program_arrival: dict[str, int] = {}  # program → arrival of its first request (program FCFS)
         self.program_finished_at: dict[str, float] = {}  # program → clock time its last sequence finished
@@ -134,8 +136,15 @@ class Scheduler:
             bs = self.block_manager.block_size
             num_shared = min(seq.num_prompt_tokens // bs, (seq.num_tokens - 1) // bs)  # prompt-only full blocks
             forked = parent.block_table[:num_shared]
-        cached = self.block_manager.match_prefix(seq)
+        cached = self.block_manager.load_from_host(seq, self.block_manager.match_prefix(seq))
         return cached if len(cached) >= len(forked) else forked
+
+    def _running_key(self, seq: Sequence) -> tuple[int, int, int]:
+        """The order running sequences get the step's token budget (and the reverse of the preemption order):
+        (priority, arrival); with program scheduling, (priority, arrival of the program's first request,
+        arrival), so an older program's prefill chunks go first and a newer program's are preempted first."""
+        program = self.program_arrival.get(seq.program_id) if self.program_scheduling and seq.program_id else None
+        return (seq.priority, seq.arrival if program is None else program, seq.arrival)
 
     def _admission_order(self) -> list[Sequence]:
         """The waiting sequences in the order admission tries them (the module docstring)."""
@@ -199,14 +208,14 @@ class Scheduler:
             if self.block_manager.allocate(seq, num_new, shared) is None:
                 break  # head of the queue doesn't fit: wait for blocks (FCFS, no overtaking)
             if seq.num_preemptions == 0 and seq.parent is None:
-                self.block_manager.record_prefix_lookup(seq.num_prompt_tokens, num_computed)
+                self.block_manager.record_prefix_lookup(seq.num_prompt_tokens, shared)
                 self.block_manager.release(seq.session_id, shared)  # the session is back: its pin ends here
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_computed
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
-            keys = [s.sort_key for s in self.running]
-            self.running.insert(bisect.bisect_right(keys, seq.sort_key), seq)
+            keys = [self._running_key(s) for s in self.running]
+            self.running.insert(bisect.bisect_right(keys, self._running_key(seq)), seq)
             self._add_to_batch(batch, ScheduledSeq(seq, num_new))
             budget -= num_new
         return batch

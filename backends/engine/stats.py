@@ -24,7 +24,10 @@ class SchedulerStats:
 
     KV retention across tool pauses: ``num_retained_blocks`` = blocks pinned for paused sessions now;
     ``retained_hits`` = prompt tokens of sessions' next requests found in the blocks they retained (delta);
-    ``num_retained_evicted_blocks`` = pinned blocks let go early because memory was short (delta)."""
+    ``num_retained_evicted_blocks`` = pinned blocks let go early because memory was short (delta).
+    Host KV tier (``kv_offload_gb``): ``num_offload_blocks`` = blocks held there now; ``offload_saved_blocks`` =
+    blocks copied there from the pool (delta); ``offload_hits`` = prompt tokens of admitted requests found in
+    blocks loaded back from it (delta; also counted in ``prefix_cache_hits``)."""
 
     num_running_reqs: int
     num_waiting_reqs: int
@@ -36,6 +39,9 @@ class SchedulerStats:
     num_retained_blocks: int = 0
     retained_hits: int = 0
     num_retained_evicted_blocks: int = 0
+    num_offload_blocks: int = 0
+    offload_saved_blocks: int = 0
+    offload_hits: int = 0
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ def test_quick_engine_only_run_reports_every_figure(tiny_model_dir, tmp_path):
         assert len(s["turns"]) == 9 and 0 < s["prefix_hit_rate"] <= 1
         assert len(s["recompute_ms"]) == len(s["resume_ms"]) == 2 and s["isolated_speedup_p50"] > 0
     assert on["retained_hit_tokens"] > 0 and off["retained_hit_tokens"] == 0
+    assert off["offload_hit_tokens"] == off["offload_saved_blocks"] == 0  # the host tier is on only in "on"
+    assert rep["engine"]["kv_offload_gb"] == 1.0 and rep["engine"]["max_num_seqs"] == 3
     assert [t["num_prompt_tokens"] for t in on["turns"]] != [] and rep["ratios"]["mean_jct off / on"] > 0
     # the same turns with the same prompt lengths in both runs
     assert sorted((t["program_id"], t["turn"], t["num_prompt_tokens"]) for t in on["turns"]) == \

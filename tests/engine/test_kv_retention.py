@@ -295,6 +295,36 @@ def test_program_fcfs_orders_continuing_programs_by_their_first_arrival_and_off_
     assert order[False] == ["new", "young", "old"]  # arrival order
 
 
+def test_program_scheduling_orders_running_sequences_by_program_so_an_older_programs_prefill_goes_first():
+    order = {}
+    for on in (True, False):
+        clock = Clock()
+        bm = BlockManager(num_blocks=32, block_size=2)
+        sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=12, program_scheduling=on,
+                          program_window_s=10, program_max_wait_s=100, clock=clock)
+        old1 = seq([1, 2], program="old")
+        sched.add(old1)
+        sched.schedule()
+        sched.finish(old1, "stop")
+        young = seq(list(range(10, 30)), program="young")  # a newer program's long prefill, admitted first
+        sched.add(young)
+        batch = sched.schedule()
+        assert [(s.seq.program_id, s.num_new_tokens) for s in batch.scheduled] == [("young", 12)]
+        young.num_computed_tokens = 12
+        old2 = seq(list(range(30, 46)), program="old")  # the old program's next turn
+        sched.add(old2)
+        batch = sched.schedule()  # young finishes its prefill, old2 is admitted with the rest of the budget
+        assert [(s.seq.program_id, s.num_new_tokens) for s in batch.scheduled] == [("young", 8), ("old", 4)]
+        young.num_computed_tokens = 20
+        young.token_ids.append(99)  # young now decodes
+        old2.num_computed_tokens = 4
+        batch = sched.schedule()  # both running: the running order decides who gets the budget first
+        order[on] = ([s.program_id for s in sched.running], [(s.seq.program_id, s.num_new_tokens)
+                                                             for s in batch.scheduled])
+    assert order[True] == (["old", "young"], [("old", 12)])  # the older program's chunk first, the whole budget
+    assert order[False] == (["young", "old"], [("young", 1), ("old", 11)])  # request FCFS
+
+
 # ------------------------------------------------------------------------------------ engine
 
 

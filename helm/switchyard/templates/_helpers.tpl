@@ -182,7 +182,7 @@ Gateway engine options → `switchyard engine serve` flags (every EngineOptions 
 engine's default; the nested speculation object travels as one JSON flag). Call with the engine dict.
 */}}
 {{- define "switchyard.engineArgs" -}}
-{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" "kv_retain_s" "--kv-retain-s" "kv_retain_max_share" "--kv-retain-max-share" "program_max_wait_s" "--program-max-wait-s" }}
+{{- $flags := dict "max_model_len" "--max-model-len" "max_num_seqs" "--max-num-seqs" "max_num_batched_tokens" "--max-num-batched-tokens" "block_size" "--block-size" "num_kv_blocks" "--num-kv-blocks" "kv_cache_memory_gb" "--kv-cache-memory-gb" "dtype" "--dtype" "quantization" "--quantization" "num_threads" "--num-threads" "kv_retain_s" "--kv-retain-s" "kv_retain_max_share" "--kv-retain-max-share" "kv_offload_gb" "--kv-offload-gb" "program_max_wait_s" "--program-max-wait-s" }}
 {{- range $k := keys $flags | sortAlpha }}
 {{- if and (hasKey $ $k) (not (kindIs "invalid" (index $ $k))) }}
 - {{ index $flags $k | quote }}
