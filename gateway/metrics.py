@@ -48,6 +48,8 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
   spec_decode_num_draft_tokens_total         their tokens (n-gram speculation)
   spec_decode_num_accepted_tokens_total      of those, accepted (acceptance rate = accepted / draft tokens;
                                              mean acceptance length = 1 + accepted / drafts, as vLLM's)
+  spec_decode_draft_tokens_by_source_total   the draft tokens again, label source = own (the sequence's prompt
+  spec_decode_accepted_tokens_by_source_total  and output) | shared (the namespace's shared draft table)
 """
 
 from __future__ import annotations
@@ -232,6 +234,12 @@ class EngineMetrics:
                                     "verified", labels, registry=r)
         self.accepted_tokens = Counter("switchyard_spec_decode_num_accepted_tokens", "speculative draft tokens "
                                        "accepted", labels, registry=r)
+        self.draft_tokens_by_source = Counter("switchyard_spec_decode_draft_tokens_by_source", "speculative draft "
+                                              "tokens verified, by where they were drafted from (own | shared)",
+                                              [*labels, "source"], registry=r)
+        self.accepted_tokens_by_source = Counter("switchyard_spec_decode_accepted_tokens_by_source", "speculative "
+                                                 "draft tokens accepted, by where they were drafted from "
+                                                 "(own | shared)", [*labels, "source"], registry=r)
 
     def stat_logger(self, pool: str, replica: str, model_name: str) -> EngineStatLogger:
         """The recorder of one replica (a ``backends.engine.stats.StatLogger``)."""
@@ -258,6 +266,9 @@ class EngineStatLogger:
             m.offload_blocks.labels(*labels), m.offload_saved.labels(*labels), m.offload_hits.labels(*labels))
         self.drafts, self.draft_tokens, self.accepted_tokens = (
             m.drafts.labels(*labels), m.draft_tokens.labels(*labels), m.accepted_tokens.labels(*labels))
+        self.by_source = {source: (m.draft_tokens_by_source.labels(*labels, source),
+                                   m.accepted_tokens_by_source.labels(*labels, source))
+                          for source in ("own", "shared")}
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         s, it = scheduler_stats, iteration_stats
@@ -287,6 +298,12 @@ class EngineStatLogger:
             self.drafts.inc(it.num_drafts)
             self.draft_tokens.inc(it.num_draft_tokens)
             self.accepted_tokens.inc(it.num_accepted_tokens)
+            for source, drafted, accepted in (
+                    ("own", it.num_draft_tokens - it.num_shared_draft_tokens,
+                     it.num_accepted_tokens - it.num_shared_accepted_tokens),
+                    ("shared", it.num_shared_draft_tokens, it.num_shared_accepted_tokens)):
+                self.by_source[source][0].inc(drafted)
+                self.by_source[source][1].inc(accepted)
         for value in it.time_to_first_tokens_s:
             self.ttft.observe(value)
         for value in it.inter_token_latencies_s:

@@ -333,6 +333,9 @@ class LLMEngine:
         if item.seq.draft_state.is_shared:
             self._num_shared_draft_tokens_total += num_drafts
             self._num_shared_accepted_tokens_total += num_accepted
+            if iteration is not None:
+                iteration.num_shared_draft_tokens += num_drafts
+                iteration.num_shared_accepted_tokens += num_accepted
         self.proposer.update(item.seq, num_drafts, num_accepted)
         if not item.seq.is_finished:
             self.block_manager.trim(item.seq)

@@ -143,17 +143,14 @@ class SharedDraftTable:
 
     def _evict(self, space: dict[tuple[int, ...], _Entry]) -> None:
         num_evict = len(space) - self.max_entries + self.max_entries // 4  # rare sweeps: O(entries) each
-        by_count: dict[int, list[tuple[int, ...]]] = {}
-        for key, (count, _) in space.items():  # insertion order: least recently inserted first within a count
-            by_count.setdefault(count, []).append(key)
-        for count in sorted(by_count):
-            for key in by_count[count][:num_evict]:
-                del space[key]
-            num_evict -= len(by_count[count])
-            if num_evict <= 0:
-                break
+        keys = list(space)  # insertion order: least recently inserted first
+        counts = [count for count, _ in space.values()]
+        # a stable sort by count in C keeps the insertion order within a count (fewest uses, then oldest)
+        for i in sorted(range(len(keys)), key=counts.__getitem__)[:num_evict]:
+            del space[keys[i]]
         for key, (count, next_ids) in space.items():
-            space[key] = ((count + 1) // 2, next_ids)
+            if count > 1:  # (1 + 1) // 2 == 1: most entries need no new tuple
+                space[key] = ((count + 1) // 2, next_ids)
 
 
 class NgramProposer:

@@ -68,6 +68,8 @@ class IterationStats:
     num_drafts: int = 0  # speculation: sequences that verified drafts in this step (one draft each)
     num_draft_tokens: int = 0  # speculation: draft tokens verified in this step
     num_accepted_tokens: int = 0  # of those, accepted
+    num_shared_draft_tokens: int = 0  # of num_draft_tokens / num_accepted_tokens, those from the shared draft
+    num_shared_accepted_tokens: int = 0  # table (the rest came from the sequence's own prompt and output)
 
 
 class StatLogger(Protocol):

@@ -158,7 +158,14 @@ def test_engine_shares_drafts_within_a_namespace_only(tiny_model_dir):
     [prompt] = prompts(1, [23], seed=11)  # random tokens: the prompt itself predicts little
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     [plain] = tiny_engine(folder).generate([prompt], params)
-    engine = tiny_engine(folder, speculation=SpeculationConfig(method="ngram", shared_context=True))
+    steps = []  # the per-step split the gateway's by-source counters add up
+
+    class Logger:
+        def record(self, scheduler_stats, iteration_stats):
+            steps.append(iteration_stats)
+
+    engine = tiny_engine(folder, stat_loggers=[Logger()],
+                         speculation=SpeculationConfig(method="ngram", shared_context=True))
 
     def run(namespace):
         rid = engine.add_request(prompt, params, namespace=namespace)
@@ -174,6 +181,9 @@ def test_engine_shares_drafts_within_a_namespace_only(tiny_model_dir):
     stats = engine.stats()
     assert stats.num_shared_accepted_tokens_total == second.draft_state.num_shared_accepted
     assert stats.num_shared_draft_tokens_total == second.draft_state.num_shared_drafted
+    assert sum(it.num_shared_draft_tokens for it in steps) == stats.num_shared_draft_tokens_total
+    assert sum(it.num_shared_accepted_tokens for it in steps) == stats.num_shared_accepted_tokens_total
+    assert sum(it.num_draft_tokens for it in steps) == stats.num_draft_tokens_total
     third = run("team-b")
     assert third.draft_state is None or third.draft_state.num_shared_drafted == 0
     assert engine.stats().num_shared_draft_tokens_total == stats.num_shared_draft_tokens_total
@@ -505,17 +515,23 @@ def test_the_gateway_turns_the_speculation_stats_into_prometheus_metrics():
     base = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1, num_kv_blocks=64)
     logger.record(base, IterationStats(num_generation_tokens=4, num_drafts=1, num_draft_tokens=4,
                                        num_accepted_tokens=3))
-    logger.record(base, IterationStats(num_generation_tokens=1, num_drafts=1, num_draft_tokens=2,
-                                       num_accepted_tokens=0))
+    logger.record(base, IterationStats(num_generation_tokens=1, num_drafts=2, num_draft_tokens=5,
+                                       num_accepted_tokens=1, num_shared_draft_tokens=3, num_shared_accepted_tokens=1))
     logger.record(base, IterationStats(num_generation_tokens=1))
     text = generate_latest(registry).decode()
     _check_naming(text)
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
               if s.labels.get("replica") == "slm/0"}
-    assert values["switchyard_spec_decode_num_drafts_total"] == 2
-    assert values["switchyard_spec_decode_num_draft_tokens_total"] == 6
-    assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 3
+    assert values["switchyard_spec_decode_num_drafts_total"] == 3
+    assert values["switchyard_spec_decode_num_draft_tokens_total"] == 9
+    assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 4
     assert values["switchyard_generation_tokens_total"] == 6
+    by_source = {(s.name, s.labels["source"]): s.value for f in text_string_to_metric_families(text)
+                 for s in f.samples if "source" in s.labels and s.name.endswith("_total")}
+    assert by_source == {("switchyard_spec_decode_draft_tokens_by_source_total", "own"): 6,
+                         ("switchyard_spec_decode_draft_tokens_by_source_total", "shared"): 3,
+                         ("switchyard_spec_decode_accepted_tokens_by_source_total", "own"): 3,
+                         ("switchyard_spec_decode_accepted_tokens_by_source_total", "shared"): 1}
 
 
 async def test_local_backend_streams_multi_token_steps(tiny_model_dir):

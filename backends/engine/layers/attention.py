@@ -170,12 +170,16 @@ class AttentionMetadata:
     _decode_masks: dict = field(default_factory=dict)
     rope_cache: dict = field(default_factory=dict)  # per-step cos/sin, keyed by the rotary module's params
 
-    def decode_mask(self, sliding_window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode_mask(self, sliding_window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Additive [B, 1, 1, L] mask over the gathered positions (SDPA's CPU kernel is faster with a float
-        mask than with a bool one)."""
+        mask than with a bool one); None when it would be all zeros (one sequence, no window cutting its keys:
+        SDPA without a mask gives the same bits)."""
         if sliding_window not in self._decode_masks:
             assert self.decode_slots is not None and self.decode_context_lens is not None
-            max_len = self.decode_slots.shape[1]
+            batch, max_len = self.decode_slots.shape
+            if batch == 1 and (sliding_window is None or max_len <= sliding_window):
+                self._decode_masks[sliding_window] = None
+                return None
             pos = torch.arange(max_len, device=self.decode_slots.device).view(1, -1)
             lens = self.decode_context_lens.long().view(-1, 1)
             allowed = pos < lens

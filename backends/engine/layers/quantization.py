@@ -52,12 +52,10 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        if x.dim() != 2:
+            return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(self.compute_dtype), self.weight_int8, self.scales).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
@@ -97,14 +95,12 @@ class Int4Linear(nn.Module):
         return cls(packed, scales_and_zeros, bias, k, n, group_size, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if x.dim() != 2:
+            return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.weight_int4, self.group_size, self.scales_and_zeros
+            x.to(self.compute_dtype), self.weight_int4, self.group_size, self.scales_and_zeros
         ).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -59,13 +59,15 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        heads = self.qkv_proj(x).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk_heads = self.num_heads + self.num_kv_heads
+        v = heads[:, qk_heads:]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = self.rotary(positions, self.q_norm(heads[:, :self.num_heads]),
+                               self.k_norm(heads[:, self.num_heads:qk_heads]))
+        else:  # q and k heads side by side: one RoPE over both (views of one tensor from here on)
+            qk = self.rotary.apply(positions, heads[:, :qk_heads])
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         out = self.attn(q, k, v, meta)
         return self.o_proj(out.reshape(n, self.q_size))
 
