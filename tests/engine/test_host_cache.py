@@ -237,23 +237,13 @@ def test_engine_args_validate_the_tier_size():
 
 
 def test_the_gateway_turns_the_tier_stats_into_prometheus_metrics():
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
     from backends.engine.stats import IterationStats, SchedulerStats
-    from gateway.metrics import EngineMetrics
-    from tests.gateway.test_metrics_naming import _check_naming
+    from tests.gateway.test_metrics_naming import engine_metrics_text, replica_values
 
-    registry = CollectorRegistry()
-    logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
     base = dict(num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.5, num_kv_blocks=64)
-    logger.record(SchedulerStats(**base, num_offload_blocks=7, offload_saved_blocks=7, offload_hits=16),
-                  IterationStats())
-    logger.record(SchedulerStats(**base, num_offload_blocks=9, offload_saved_blocks=2), IterationStats())
-    text = generate_latest(registry).decode()
-    _check_naming(text)
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-              if s.labels.get("replica") == "slm/0"}
+    values = replica_values(engine_metrics_text(
+        (SchedulerStats(**base, num_offload_blocks=7, offload_saved_blocks=7, offload_hits=16), IterationStats()),
+        (SchedulerStats(**base, num_offload_blocks=9, offload_saved_blocks=2), IterationStats())))
     assert values["switchyard_kv_offload_used_blocks"] == 9
     assert values["switchyard_kv_offload_saved_blocks_total"] == 9
     assert values["switchyard_external_prefix_cache_hits_total"] == 16

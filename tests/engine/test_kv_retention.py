@@ -559,23 +559,14 @@ async def test_local_backend_passes_the_session_and_program_to_the_engine(tiny_m
 
 
 def test_the_gateway_turns_the_retention_stats_into_prometheus_metrics():
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
     from backends.engine.stats import IterationStats, SchedulerStats
-    from gateway.metrics import EngineMetrics
-    from tests.gateway.test_metrics_naming import _check_naming
+    from tests.gateway.test_metrics_naming import engine_metrics_text, replica_values
 
-    registry = CollectorRegistry()
-    logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
     base = dict(num_running_reqs=0, num_waiting_reqs=0, kv_cache_usage=0.5, num_kv_blocks=64)
-    logger.record(SchedulerStats(**base, num_retained_blocks=12, retained_hits=40, num_retained_evicted_blocks=3),
-                  IterationStats())
-    logger.record(SchedulerStats(**base, num_retained_blocks=5, retained_hits=8), IterationStats())
-    text = generate_latest(registry).decode()
-    _check_naming(text)
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-              if s.labels.get("replica") == "slm/0"}
+    values = replica_values(engine_metrics_text(
+        (SchedulerStats(**base, num_retained_blocks=12, retained_hits=40, num_retained_evicted_blocks=3),
+         IterationStats()),
+        (SchedulerStats(**base, num_retained_blocks=5, retained_hits=8), IterationStats())))
     assert values["switchyard_kv_retained_blocks"] == 5
     assert values["switchyard_kv_retained_hits_total"] == 48
     assert values["switchyard_kv_retained_evicted_blocks_total"] == 3

@@ -504,24 +504,17 @@ def test_bundled_smollm2_greedy_identical(bundled_model_dir):
 
 
 def test_the_gateway_turns_the_speculation_stats_into_prometheus_metrics():
-    from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from gateway.metrics import EngineMetrics
-    from tests.gateway.test_metrics_naming import _check_naming
+    from tests.gateway.test_metrics_naming import engine_metrics_text, replica_values
 
-    registry = CollectorRegistry()
-    logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
     base = SchedulerStats(num_running_reqs=1, num_waiting_reqs=0, kv_cache_usage=0.1, num_kv_blocks=64)
-    logger.record(base, IterationStats(num_generation_tokens=4, num_drafts=1, num_draft_tokens=4,
-                                       num_accepted_tokens=3))
-    logger.record(base, IterationStats(num_generation_tokens=1, num_drafts=2, num_draft_tokens=5,
-                                       num_accepted_tokens=1, num_shared_draft_tokens=3, num_shared_accepted_tokens=1))
-    logger.record(base, IterationStats(num_generation_tokens=1))
-    text = generate_latest(registry).decode()
-    _check_naming(text)
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-              if s.labels.get("replica") == "slm/0"}
+    text = engine_metrics_text(
+        (base, IterationStats(num_generation_tokens=4, num_drafts=1, num_draft_tokens=4, num_accepted_tokens=3)),
+        (base, IterationStats(num_generation_tokens=1, num_drafts=2, num_draft_tokens=5, num_accepted_tokens=1,
+                              num_shared_draft_tokens=3, num_shared_accepted_tokens=1)),
+        (base, IterationStats(num_generation_tokens=1)))
+    values = replica_values(text)
     assert values["switchyard_spec_decode_num_drafts_total"] == 3
     assert values["switchyard_spec_decode_num_draft_tokens_total"] == 9
     assert values["switchyard_spec_decode_num_accepted_tokens_total"] == 4

@@ -32,6 +32,28 @@ def _check_naming(text: str) -> None:
             assert not line.split()[2].endswith("_total_total")
 
 
+def engine_metrics_text(*records: tuple) -> str:
+    """The Prometheus text after replica ``slm/0``'s stat logger recorded each (SchedulerStats, IterationStats),
+    its naming checked."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gateway.metrics import EngineMetrics
+
+    registry = CollectorRegistry()
+    logger = EngineMetrics(registry).stat_logger("slm", "slm/0", "tiny")
+    for scheduler_stats, iteration_stats in records:
+        logger.record(scheduler_stats, iteration_stats)
+    text = generate_latest(registry).decode()
+    _check_naming(text)
+    return text
+
+
+def replica_values(text: str, replica: str = "slm/0") -> dict[str, float]:
+    """Sample name → value of one replica's series in a Prometheus text."""
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.labels.get("replica") == replica}
+
+
 def test_gateway_metrics_follow_prometheus_naming_and_cover_the_charts_queries(live_server):
     keys = [{"name": "a", "sha256": hash_api_key("sk-a"), "max_budget_usd": 1.0}]
     server = live_server(create_app(fake_settings(api_keys=keys), backend_factory=FakeFactory()))
