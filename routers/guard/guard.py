@@ -282,6 +282,42 @@ class Guard:
         scores["early_exit"] = 1.0
         return GuardVerdict("domain", domain, scores[domain], scores)
 
+    # -- deployment examples ---------------------------------------------------------------------------
+    def add_examples(self, texts: Sequence[str], labels: Sequence[str], tfidf_max_df: float = 0.05) -> dict[str, int]:
+        """Teach the guard a deployment's own examples without retraining (``switchyard guard add-examples``).
+
+        In-domain examples (``labels`` naming a domain) join every member's kNN reference rows (hidden /
+        MiniLM / TF-IDF), so text of their style finds close neighbours and scores in-domain evidence like
+        the training style does; the dev calibration and the classifier weights are unchanged (the domain a
+        text gets is still the classifier's). ``ood`` examples go to the rule (``OODRule.add_ood``): an
+        OOD-anchored threshold rises until they are rejected, never above the dev threshold of its
+        ``id_recall``. Returns the count added per label; ValueError for a label the guard does not know
+        (``unsafe`` examples need a retrained ``unsafe`` class)."""
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        for lab in labels:
+            if lab not in self.domains and lab != OOD:
+                raise ValueError(f"unknown label {lab!r}: add-examples takes this guard's domains "
+                                 f"({', '.join(self.domains)}) or {OOD!r}")
+        cut = [t[: self.max_chars] for t in texts]
+        in_domain = [t for t, lab in zip(cut, labels, strict=True) if lab != OOD]
+        ood = [t for t, lab in zip(cut, labels, strict=True) if lab == OOD]
+        for m in self.members.values():
+            if isinstance(m, WideMLP):
+                m.add_references(in_domain, tfidf_max_df)
+            else:
+                m.add_references(in_domain)
+        if ood:
+            probs, comps = self.combine({n: m.evidence(ood, self.evidence_wanted(n)) for n, m in self.members.items()})
+            self.rule.add_ood({k: comps[k] for k in self.rule.dev_scores})
+        counts: dict[str, int] = {}
+        for lab in labels:
+            counts[lab] = counts.get(lab, 0) + 1
+        added = self.meta.setdefault("added_examples", {})
+        for lab, n in counts.items():
+            added[lab] = added.get(lab, 0) + n
+        return counts
+
     # -- artifacts ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         arrays: dict[str, np.ndarray] = {}
