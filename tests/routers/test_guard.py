@@ -287,7 +287,7 @@ def test_evidence_components(seeded_guard):
     texts = ["How do I sue my landlord?", "Det regner."]
     wide = seeded_guard.members["widemlp"]
     probs, comps = wide.evidence(texts)
-    assert set(comps) == {"knn", "tfknn"}
+    assert set(comps) == {"knn", "tfknn", "vocab"}  # "centroid" only for a member fitted with centroids
     assert probs.shape == (2, 3) and all(v.shape == (2,) for v in comps.values())
     assert seeded_guard.evidence_wanted("widemlp") == {"knn", "tfknn"}
     _, served = wide.evidence(texts, {"tfknn"})
