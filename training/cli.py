@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TF-IDF kNN over a text's this many top-weighted n-grams (default 0: all)")
     p.add_argument("--centroids", type=int, default=None,
                    help="'centroid' evidence: k-means centroids per domain of the training rows (0: none)")
+    p.add_argument("--semantic-accept", type=float, default=None,
+                   help="ensemble: also accept text the OOD rule rejects when its percentile over MiniLM domain-centroid "
+                        "similarity + TF-IDF kNN alone is at least this (0: off; default 0.25 for ensemble)")
     p.add_argument("--ood-calibration", metavar="FILE",
                    help="OOD rows (never trained on) that anchor the OOD threshold: it drops to just above the "
                         "--ood-reject share of them, never above the dev threshold of --id-recall")

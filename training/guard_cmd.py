@@ -81,6 +81,8 @@ def train_guard(args) -> int:
         raise ValueError(f"--early-accept must be in [0, 1) (0: off), got {args.early_accept}")
     if args.knn_dims is not None and args.knn_dims < 0 or args.tfknn_terms is not None and args.tfknn_terms < 0:
         raise ValueError("--knn-dims and --tfknn-terms must be >= 0 (0: exact search / every n-gram)")
+    if args.semantic_accept is not None and not 0.0 <= args.semantic_accept < 1.0:
+        raise ValueError(f"--semantic-accept must be in [0, 1) (0: off), got {args.semantic_accept}")
     if args.centroids is not None and args.centroids < 0:
         raise ValueError(f"--centroids must be >= 0 (0: none), got {args.centroids}")
     if args.ood_reject is not None and not 0.0 < args.ood_reject <= 1.0:
@@ -94,7 +96,7 @@ def train_guard(args) -> int:
         num_seeds=args.seeds, distill_weight=args.distill_weight, encoder_layers=args.encoder_layers,
         encoder_int8=args.encoder_int8, encoder_max_length=args.encoder_max_length,
         hidden_knn_dims=args.knn_dims, embedding_knn_dims=args.knn_dims, tfknn_terms=args.tfknn_terms,
-        early_accept=args.early_accept, centroids_per_domain=args.centroids,
+        early_accept=args.early_accept, centroids_per_domain=args.centroids, semantic_accept=args.semantic_accept,
         ood_reject=(args.ood_reject or 0.95) if ood_cal else 0.0)
     make, bars = _progress_factory(sys.stderr.isatty() or bool(os.environ.get("SWITCHYARD_PROGRESS")))
     guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make, ood_calibration=ood_cal)
@@ -132,6 +134,8 @@ def train_guard(args) -> int:
             ("early accept", "off" if guard.early_accept is None else
              f"widemlp percentile >= {guard.early_accept.percentile} (dev rows stopping after widemlp: "
              f"{float(np.mean(guard.early_accept.accepts(_wide_dev(guard, dev)))) * 100:.1f}%)"),
+            ("semantic accept", "off" if guard.semantic_accept is None else
+             f"percentile >= {guard.semantic_accept.percentile} over {', '.join(guard.semantic_accept.rule.dev_scores)}"),
             ("dev in-domain kept", f"{dev_kept * 100:.2f}%"), ("seed", str(args.seed)),
             ("train time", f"{elapsed:.1f} s"), ("artifact", str(out))]
     _print_table(["guard", ""], rows)
@@ -373,7 +377,8 @@ def loso_guard(args) -> int:
     ood_val = load_guard_rows(args.ood_val, default_label="ood") if args.ood_val else []
     spec = RuleSpec("defaults", cfg.ood_components or default_components(kind), id_recall=cfg.id_recall,
                     per_class=cfg.per_class_threshold, early_accept=cfg.early_accept,
-                    ood_reject=args.ood_reject or 0.0)
+                    ood_reject=args.ood_reject or 0.0, semantic_accept=cfg.semantic_accept,
+                    semantic_components=cfg.semantic_components)
     overrides = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(FitConfig(), f)}
     embedder = CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None, cfg) \
         if kind != "widemlp" else None

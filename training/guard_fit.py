@@ -13,7 +13,7 @@ import numpy as np
 
 from routers.embeddings import MiniLMEmbedder
 from routers.features import HashedTfidf
-from routers.guard import OOD, UNSAFE, EarlyAccept, Guard, OODRule, guard_kind
+from routers.guard import OOD, UNSAFE, EarlyAccept, Guard, OODRule, SemanticAccept, guard_kind
 from routers.guard.embedding import EmbeddingHead
 from routers.guard.guard import share_featurizers
 from routers.guard.knn import CoarseRanking, domain_centroids, normalize_rows
@@ -69,11 +69,16 @@ class FitConfig:
     embedding_knn_dims: int = 0
     knn_candidates: int = 256
     # "centroid" evidence: this many spherical k-means centroids per domain of the training rows, in the
-    # embedding member's space (and widemlp's hidden space); 0: none (routers.guard.knn.domain_centroids)
+    # embedding member's space (widemlp's hidden space without one); 0: none (routers.guard.knn.domain_centroids)
     centroids_per_domain: int = 0
     # OOD anchor (routers.guard.OODRule.calibrate): with OOD calibration rows, the threshold drops to just
     # above the row at this share of them (rejecting it), never above the dev threshold of id_recall; 0: off
     ood_reject: float = 0.0
+    # a second way in (routers.guard.SemanticAccept): text the OOD rule rejects is accepted when its Fisher
+    # percentile over ``semantic_components`` alone is at least this (0: off); the ensemble's default is in
+    # routers.guard.kinds
+    semantic_accept: float = 0.0
+    semantic_components: tuple[str, ...] = ("embedding.centroid", "widemlp.tfknn")
 
     @classmethod
     def for_kind(cls, kind: str, **overrides) -> FitConfig:
@@ -295,6 +300,13 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
         ood_chosen = {k: cal_comps[k] for k in chosen}
     guard.rule = OODRule.calibrate(chosen, cfg.id_recall, dev_pred, len(guard.domains),
                                    ood_components=ood_chosen, ood_reject=cfg.ood_reject)
+    if cfg.semantic_accept > 0:
+        missing = [c for c in cfg.semantic_components if c not in comps]
+        if missing:
+            raise ValueError(f"the semantic accept needs evidence {missing} (has {sorted(comps)}; "
+                             f"'embedding.centroid' needs an embedding member and centroids)")
+        guard.semantic_accept = SemanticAccept(
+            OODRule.calibrate({c: comps[c] for c in cfg.semantic_components}, cfg.id_recall), cfg.semantic_accept)
     if cfg.early_accept > 0 and cfg.kind == "ensemble" and guard.can_exit_early:
         wide = {k: v for k, v in chosen.items() if k.startswith("widemlp.")}
         guard.early_accept = EarlyAccept(OODRule.calibrate(wide, cfg.id_recall), cfg.early_accept)
@@ -344,7 +356,7 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
         if cfg.centroids_per_domain > 0:
             members["embedding"].centroids = domain_centroids(normalize_rows(embs[ref_mask]), y[ref_mask],
                                                               cfg.centroids_per_domain, cfg.seed)
-    if cfg.centroids_per_domain > 0 and "widemlp" in members:
+    if cfg.centroids_per_domain > 0 and "embedding" not in members:  # an ensemble's are MiniLM's only
         wide = members["widemlp"]
         hid = wide.hidden([t for t, keep in zip(texts, ref_mask, strict=True) if keep])
         wide.centroids = domain_centroids(normalize_rows(hid), y[ref_mask], cfg.centroids_per_domain, cfg.seed)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from routers.embeddings import MiniLMEmbedder
-from routers.guard import EarlyAccept, Guard, OODRule
+from routers.guard import EarlyAccept, Guard, OODRule, SemanticAccept
 from routers.guard.knn import centroid_similarity, domain_centroids, normalize_rows
 from routers.guard.widemlp import WideMLP
 from training.guard_data import GuardRow, load_guard_rows
@@ -228,6 +228,8 @@ class RuleSpec:
     per_class: bool = False  # calibrate a threshold per predicted domain
     early_accept: float = 0.0  # > 0: rows whose widemlp-only percentile reaches it are accepted (EarlyAccept)
     ood_reject: float = 0.0  # > 0: threshold anchored where this share of OOD calibration rows is rejected
+    semantic_accept: float = 0.0  # > 0: rows whose percentile over semantic_components reaches it are kept
+    semantic_components: tuple[str, ...] = ("embedding.centroid", "widemlp.tfknn")
 
 
 RULES = {
@@ -269,10 +271,13 @@ def _pick(comps: dict[str, np.ndarray], wanted: Sequence[str], rows=slice(None))
 
 
 def _kept(rule: OODRule, early: EarlyAccept | None, spec: RuleSpec, comps: dict[str, np.ndarray], pred: np.ndarray,
-          rows=slice(None)) -> np.ndarray:
+          rows=slice(None), semantic: SemanticAccept | None = None) -> np.ndarray:
     """Rows the rule keeps; with ``early``, also those accepted on widemlp's evidence alone (their class is
-    approximated by the ensemble's prediction here, not widemlp's alone)."""
+    approximated by the ensemble's prediction here, not widemlp's alone); with ``semantic``, also those its
+    own percentile accepts."""
     ok = rule.percentile(_pick(comps, spec.components, rows), pred) >= rule.threshold
+    if semantic is not None:
+        ok |= semantic.accepts({k: v[rows] for k, v in comps.items() if k in semantic.rule.dev_scores})
     return ok if early is None else ok | early.accepts({k: v[rows] for k, v in comps.items()})
 
 
@@ -300,19 +305,23 @@ def evaluate_rule(fs: FoldScores, spec: RuleSpec) -> dict[str, Any]:
         if spec.early_accept > 0:  # the serving rule's widemlp components, calibrated on the same half
             wide = [k for k in _pick(fs.dev_comps, spec.components) if k.startswith("widemlp.")]
             early = EarlyAccept(OODRule.calibrate(_pick(fs.dev_comps, wide, cal), spec.id_recall), spec.early_accept)
+        semantic = None
+        if spec.semantic_accept > 0:
+            semantic = SemanticAccept(OODRule.calibrate({c: fs.dev_comps[c][cal] for c in spec.semantic_components},
+                                                        spec.id_recall), spec.semantic_accept)
 
-        ok = _kept(rule, early, spec, fs.dev_comps, dev_pred[ev], ev)
+        ok = _kept(rule, early, spec, fs.dev_comps, dev_pred[ev], ev, semantic)
         id_accs.append(float(np.mean(ok & (dev_pred[ev] == fs.dev_labels[ev]))))
         if fs.shifted_labels is not None:
             s_pred = fs.shifted_probs[:, :n_dom].argmax(axis=1)
-            s_ok = _kept(rule, early, spec, fs.shifted_comps, s_pred)
+            s_ok = _kept(rule, early, spec, fs.shifted_comps, s_pred, semantic=semantic)
             shift_accs.append(float(np.mean(s_ok & (s_pred == fs.shifted_labels))))
             shift_kept.append(float(np.mean(s_ok)))
         for src, comps in fs.ood_comps.items():
             rows = np.flatnonzero(fs.ood_half[src] != first) if ood_cal is not None \
                 else np.arange(len(fs.ood_probs[src]))
             pred = fs.ood_probs[src][rows, :n_dom].argmax(axis=1)
-            rej[src].append(float(np.mean(~_kept(rule, early, spec, comps, pred, rows))))
+            rej[src].append(float(np.mean(~_kept(rule, early, spec, comps, pred, rows, semantic))))
     id_acc = float(np.mean(id_accs))
     per_source = {src: float(np.mean(v)) for src, v in rej.items()}
     ood_acc = float(np.mean(list(per_source.values())))
@@ -504,7 +513,8 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
             protocol = [r for name, r in per_fold.items() if name != OOD_VAL] or list(per_fold.values())
             results.append({
                 "variant": v.name, "rule": spec.name + (f"@{spec.early_accept:g}" if spec.early_accept else "")
-                + (f"/ood{spec.ood_reject:g}" if spec.ood_reject else ""),
+                + (f"/ood{spec.ood_reject:g}" if spec.ood_reject else "")
+                + (f"/sem{spec.semantic_accept:g}:{'+'.join(spec.semantic_components)}" if spec.semantic_accept else ""),
                 "id_recall": spec.id_recall, "per_class": spec.per_class, "early_accept": spec.early_accept,
                 "score": float(np.mean([r["gqr"] for r in protocol])),
                 "id_acc": float(np.mean([r["id_acc"] for r in protocol])),
@@ -538,6 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--loso", action="store_true",
                     help="leave-one-source-out shift protocol: one fold per in-domain source held out as shifted "
                          "in-domain traffic (score = mean over them; OOD = --ood-val's sources)")
+    ap.add_argument("--semantic-accept", type=float, action="append",
+                    help="also score a semantic accept at this percentile (repeatable)")
+    ap.add_argument("--semantic-components", default="embedding.centroid,widemlp.tfknn",
+                    help="comma-separated evidence of the semantic accept (default embedding.centroid,widemlp.tfknn; "
+                         "experiments name centroid counts: embedding.centroid1)")
     ap.add_argument("--ood-reject", type=float, action="append",
                     help="also score thresholds anchored where this share of OOD rows is rejected (one hash half "
                          "of each --ood-val source calibrates, the other is scored; repeatable)")
@@ -555,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              for rec in (args.id_recall or [0.9]) for pc in ((False, True) if args.per_class else (False,))
              for ea in [0.0, *(args.early_accept or [])]]
     rules = [replace(r, ood_reject=orj) for r in rules for orj in [0.0, *(args.ood_reject or [])]]
+    sem = tuple(args.semantic_components.split(","))
+    rules = [replace(r, semantic_accept=sa, semantic_components=sem) for r in rules
+             for sa in [0.0, *(args.semantic_accept or [])]]
     train = load_guard_rows(args.train)
     dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
     base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)

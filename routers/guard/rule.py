@@ -189,3 +189,23 @@ class EarlyAccept:
         rule = OODRule(dev_scores={c: arrays[f"{prefix}dev.{c}"] for c in meta["components"]},
                        dev_combined=arrays[f"{prefix}dev_combined"], id_recall=id_recall)
         return cls(rule, float(meta["percentile"]))
+
+
+@dataclass
+class SemanticAccept(EarlyAccept):
+    """A second way in, for in-domain text of a style the training rows lack: a text the OOD rule rejects
+    is accepted (with the classifier's domain) when its own rule over a few style-robust components — the
+    MiniLM similarity to the domain centroids and the TF-IDF kNN, by default — puts it at or above
+    ``percentile`` of the dev rows. The main rule's hidden-space kNN is what rejects near-domain OOD text
+    and also what rejects a new in-domain style (BENCHMARKS "Guard", leave-one-source-out protocol)."""
+
+    def could_accept(self, partial: dict[str, np.ndarray]) -> bool:
+        """Whether one text whose evidence is known only in part (``partial``, each [1]) could still reach
+        ``percentile``: the unknown components at their most in-domain p-value (``OODRule.rejects_for_sure``
+        for this rule)."""
+        bound = 0.0
+        for name, ref in self.rule.dev_scores.items():
+            rank = np.searchsorted(ref, float(partial[name][0]), side="left") if name in partial else len(ref)
+            bound += math.log((rank + 0.5) / (len(ref) + 1.0))
+        return np.searchsorted(self.rule.dev_combined, bound, side="left") / len(self.rule.dev_combined) \
+            >= self.percentile

@@ -140,3 +140,42 @@ def test_add_examples_ood_rows_and_bad_labels(guard):
         g.add_examples(["football scores"], ["sports"])
     with pytest.raises(ValueError, match="labels"):
         g.add_examples(["a", "b"], ["finance"])
+
+
+def test_semantic_accept_keeps_what_its_own_evidence_vouches_for():
+    """SemanticAccept: a row the main rule rejects is kept when its own rule puts it at or above the
+    percentile; ``could_accept`` bounds a row whose evidence is known in part (unknown = most in-domain)."""
+    from routers.guard import SemanticAccept
+
+    rng = np.random.RandomState(0)
+    dev = {"e.centroid": rng.rand(500), "w.tfknn": rng.rand(500)}
+    sem = SemanticAccept(OODRule.calibrate(dev, 0.9), 0.25)
+    kept = sem.accepts(dev)
+    assert 0.7 <= kept.mean() <= 0.8  # 75 % of the dev rows reach their own 0.25 percentile
+    assert sem.could_accept({"w.tfknn": np.array([0.5])})  # centroid unknown: could still get in
+    assert not sem.could_accept({"w.tfknn": np.array([-1.0]), "e.centroid": np.array([-1.0])})
+    assert sem.accepts({"e.centroid": np.array([2.0]), "w.tfknn": np.array([2.0])})[0]
+
+
+def test_ensemble_semantic_accept_is_exact_in_classify_and_round_trips(tmp_path):
+    """The ensemble's semantic accept (MiniLM domain centroids + TF-IDF kNN): classify's early exits stay
+    exact (its labels are score_batch's), foreign text is still rejected, and the artifact (format 5)
+    round-trips the centroids and the accept."""
+    cfg = FitConfig.for_kind("ensemble", epochs=10, lr=1e-2, hidden=32, max_features=4096, knn_k=3,
+                             hidden_knn_dims=0, embedding_knn_dims=0)
+    assert cfg.semantic_accept == 0.25 and cfg.centroids_per_domain == 1
+    g = fit_guard(make_rows(20, 0), make_rows(8, 1), cfg)
+    assert g.semantic_accept is not None and set(g.semantic_accept.rule.dev_scores) == {"embedding.centroid",
+                                                                                          "widemlp.tfknn"}
+    assert g.members["embedding"].centroids.shape == (3, 384) and g.members["widemlp"].centroids is None
+    assert "centroid" in g.evidence_wanted("embedding")
+    texts = [r.text for r in make_rows(2, 2)] + ticket_texts(4, 5) + FOREIGN[:3]
+    again = Guard.load(g.save(tmp_path / "ens"))
+    assert again.meta["guard_format"] == 5 and again.semantic_accept.percentile == 0.25
+    single = [again.classify(t) for t in texts]
+    assert [v.domain or v.label for v in single] == g.score_batch(texts).labels
+    assert [v.domain or v.label for v in again.classify_batch(texts)] == [v.domain or v.label for v in single]
+    assert all(v.label == "ood" for v in single[-3:])
+    off = Guard.load(tmp_path / "ens")
+    off.semantic_accept = None
+    assert sum(v.label == "domain" for v in map(off.classify, texts)) <= sum(v.label == "domain" for v in single)
