@@ -198,8 +198,8 @@ def test_loso_scores_shifted_rows_and_the_ood_anchor_keeps_more_of_them(tmp_path
     (shifted rows accepted with their domain, OOD rejected); an OOD-anchored threshold (calibrated on one
     hash half of the OOD rows, scored on the other) keeps at least as many shifted rows as the dev quantile
     when the OOD text is far from every domain."""
-    from training.guard_data import GuardRow
     from tests.routers.test_guard import FOREIGN
+    from training.guard_data import GuardRow
 
     train, dev = _sourced(make_rows(30, 0)), _sourced(make_rows(12, 1))
     ood = [GuardRow(t, "ood", "foreign") for t in FOREIGN * 4]
