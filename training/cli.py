@@ -114,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
              "add the MiniLM ONNX graph an older guard/router artifact names (exported here) to the artifact")
     p.add_argument("path", help="artifact folder (rewritten in place)")
 
+    # --- guard -----------------------------------------------------------------------------------
+    p = sub.add_parser("guard", help="guard artifact helpers")
+    gsub = p.add_subparsers(dest="guard_command", metavar="GUARD_COMMAND", required=True)
+    p = _add(gsub, "add-examples", "training.guard_cmd:add_examples",
+             "add a deployment's own in-domain (or ood) examples to a guard artifact without retraining")
+    p.add_argument("artifact", help="guard artifact folder (read, not changed)")
+    p.add_argument("--file", required=True, help="JSONL/CSV rows {text, label}: label = one of the guard's domains "
+                                                 "(joins the kNN references) or 'ood' (joins the OOD anchor)")
+    p.add_argument("--out", required=True, help="artifact folder to write (the updated guard)")
+    _json_flag(p)
+
     # --- keys ----------------------------------------------------------------------------------
     p = sub.add_parser("keys", help="API key helpers")
     ksub = p.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
@@ -136,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--ood-train", help="optional OOD rows used as negatives (reported separately)")
     p.add_argument("--unsafe-train", help="optional unsafe/toxic/jailbreak rows → explicit 'unsafe' verdict")
-    p.add_argument("--kind", default="widemlp", choices=["widemlp", "embedding", "ensemble"],
-                   help="widemlp: fast (serving); embedding/ensemble: MiniLM per query (slower)")
-    p.add_argument("--id-recall", type=float, default=0.9,
-                   help="in-domain dev recall the OOD threshold keeps (0.9: best GQR by training/guard_select.py)")
+    p.add_argument("--kind", default=None, choices=["widemlp", "embedding", "ensemble"],
+                   help="ensemble (default: widemlp + a small MiniLM, the accurate one), widemlp (the fastest), "
+                        "embedding")
+    p.add_argument("--id-recall", type=float, default=None,
+                   help="in-domain dev recall the OOD threshold keeps (default: the kind's, chosen by "
+                        "training/guard_select.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--hidden", type=int, default=256, help="widemlp hidden width")
@@ -165,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: off; default 0.3 for ensemble); the exact early rejection is always on")
     p.add_argument("--tfknn-terms", type=int, default=None,
                    help="TF-IDF kNN over a text's this many top-weighted n-grams (default 0: all)")
+    p.add_argument("--centroids", type=int, default=None,
+                   help="'centroid' evidence: k-means centroids per domain of the training rows (0: none)")
+    p.add_argument("--semantic-accept", type=float, default=None,
+                   help="ensemble: also accept text the OOD rule rejects when its percentile over MiniLM domain-centroid "
+                        "similarity + TF-IDF kNN alone is at least this (0: off; default 0.25 for ensemble)")
+    p.add_argument("--ood-calibration", metavar="FILE",
+                   help="OOD rows (never trained on) that anchor the OOD threshold: it drops to just above the "
+                        "--ood-reject share of them, never above the dev threshold of --id-recall")
+    p.add_argument("--ood-reject", type=float, default=None,
+                   help="with --ood-calibration: share of its rows rejected (default 0.95)")
 
     p = _add(tsub, "router", "training.router_cmd:train_router", "train the SLM/LLM router")
     p.add_argument("--data", required=True, help="routing rows (JSONL/CSV/parquet)")
@@ -199,9 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a guard or router artifact")
     evsub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
     p = _add(evsub, "guard", "training.guard_cmd:eval_guard", "GQR-score, accuracy, OOD rejection, latency")
-    p.add_argument("--model", required=True, help="guard artifact folder")
-    p.add_argument("--test-id", required=True)
-    p.add_argument("--test-ood", required=True)
+    p.add_argument("--model", help="guard artifact folder (required without --loso)")
+    p.add_argument("--test-id", help="in-domain test rows (required without --loso)")
+    p.add_argument("--test-ood", help="OOD test rows (required without --loso)")
+    p.add_argument("--loso", action="store_true",
+                   help="leave-one-source-out shift protocol on --train/--dev instead of a test run: per in-domain "
+                        "source, a guard trained as `train guard` would (same --kind / options) on the other sources, "
+                        "scored on the held-out source's rows (shifted in-domain traffic) and on --ood-val's OOD rows")
+    p.add_argument("--ood-val", help="with --loso: OOD rows of sources the test never uses (default: synthetic "
+                                     "foreign text)")
+    p.add_argument("--kind", default=None, choices=["widemlp", "embedding", "ensemble"],
+                   help="with --loso: the guard kind (default: train guard's)")
+    p.add_argument("--id-recall", type=float, default=None, help="with --loso: as train guard's")
+    p.add_argument("--centroids", type=int, default=None, help="with --loso: as train guard's")
+    p.add_argument("--ood-reject", type=float, default=None,
+                   help="with --loso: anchor the threshold on one hash half of every --ood-val source, score the other")
+    p.add_argument("--cache", help="with --loso: folder for fitted folds (reused across runs)")
+    p.add_argument("--embedding-cache", help="with --loso: .npz file remembering MiniLM embeddings across runs")
     p.add_argument("--train", help="train file for the baselines trained in the same run")
     p.add_argument("--dev", help="dev file for the baselines' thresholds")
     p.add_argument("--plot", help="write the ID-recall vs OOD-rejection curve to this PNG")

@@ -52,9 +52,12 @@ def _one_thread() -> None:
 
 def train_guard(args) -> int:
     from routers.guard import OOD, UNSAFE
+    from routers.guard.kinds import DEFAULT_KIND
     from training.guard_fit import FitConfig, fit_guard
 
-    if not 0.0 < args.id_recall <= 1.0:
+    args.kind = args.kind or DEFAULT_KIND
+
+    if args.id_recall is not None and not 0.0 < args.id_recall <= 1.0:
         raise ValueError(f"--id-recall must be in (0, 1], got {args.id_recall}")
     t0 = time.time()
     train = load_guard_rows(args.train)
@@ -78,15 +81,25 @@ def train_guard(args) -> int:
         raise ValueError(f"--early-accept must be in [0, 1) (0: off), got {args.early_accept}")
     if args.knn_dims is not None and args.knn_dims < 0 or args.tfknn_terms is not None and args.tfknn_terms < 0:
         raise ValueError("--knn-dims and --tfknn-terms must be >= 0 (0: exact search / every n-gram)")
+    if args.semantic_accept is not None and not 0.0 <= args.semantic_accept < 1.0:
+        raise ValueError(f"--semantic-accept must be in [0, 1) (0: off), got {args.semantic_accept}")
+    if args.centroids is not None and args.centroids < 0:
+        raise ValueError(f"--centroids must be >= 0 (0: none), got {args.centroids}")
+    if args.ood_reject is not None and not 0.0 < args.ood_reject <= 1.0:
+        raise ValueError(f"--ood-reject must be in (0, 1], got {args.ood_reject}")
+    if args.ood_reject is not None and not args.ood_calibration:
+        raise ValueError("--ood-reject needs --ood-calibration FILE (the OOD rows it is measured on)")
+    ood_cal = load_guard_rows(args.ood_calibration, default_label=OOD) if args.ood_calibration else []
     cfg = FitConfig.for_kind(
         args.kind, id_recall=args.id_recall, seed=args.seed, epochs=args.epochs, hidden=args.hidden, lr=args.lr,
         per_class_threshold=None if args.threshold is None else args.threshold == "per-class",
         num_seeds=args.seeds, distill_weight=args.distill_weight, encoder_layers=args.encoder_layers,
         encoder_int8=args.encoder_int8, encoder_max_length=args.encoder_max_length,
         hidden_knn_dims=args.knn_dims, embedding_knn_dims=args.knn_dims, tfknn_terms=args.tfknn_terms,
-        early_accept=args.early_accept)
+        early_accept=args.early_accept, centroids_per_domain=args.centroids, semantic_accept=args.semantic_accept,
+        ood_reject=(args.ood_reject or 0.95) if ood_cal else 0.0)
     make, bars = _progress_factory(sys.stderr.isatty() or bool(os.environ.get("SWITCHYARD_PROGRESS")))
-    guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make)
+    guard = fit_guard(train, dev, cfg, ood=ood, unsafe=unsafe, progress=make, ood_calibration=ood_cal)
     for bar in bars:
         bar.close()
     dev_batch = guard.score_batch([r.text for r in dev])
@@ -101,6 +114,8 @@ def train_guard(args) -> int:
             "dev": {"path": str(args.dev), "rows": len(dev)},
             "ood_train": {"path": str(args.ood_train), "rows": len(ood)} if ood else None,
             "unsafe_train": {"path": str(args.unsafe_train), "rows": len(unsafe)} if unsafe else None,
+            "ood_calibration": {"path": str(args.ood_calibration), "rows": len(ood_cal),
+                                "ood_reject": cfg.ood_reject} if ood_cal else None,
             "seed": args.seed,
         },
         "metrics": {"dev_accuracy_no_rejection": dev_acc, "dev_id_kept": dev_kept},
@@ -110,13 +125,17 @@ def train_guard(args) -> int:
     rows = [("kind", guard.kind), ("classes", ", ".join(guard.classes)),
             ("train rows", f"{len(train)} (+{len(ood)} ood, +{len(unsafe)} unsafe)"), ("dev rows", str(len(dev))),
             ("dev accuracy (no rejection)", f"{dev_acc * 100:.2f}%"),
-            ("OOD threshold", f"id_percentile < {guard.rule.threshold:.4f} (id_recall {args.id_recall}, "
-                              f"{'per-class' if cfg.per_class_threshold else 'global'})"),
+            ("OOD threshold", f"id_percentile < {guard.rule.threshold:.4f} (id_recall {cfg.id_recall}, "
+                              f"{'per-class' if cfg.per_class_threshold else 'global'}"
+                              + (f", anchored: {cfg.ood_reject:g} of {len(ood_cal)} OOD rows rejected" if ood_cal
+                                 else "") + ")"),
             ("kNN search", f"{cfg.hidden_knn_dims or 'exact'} dims (hidden), {cfg.embedding_knn_dims or 'exact'} "
                            f"dims (embedding), tfknn terms {cfg.tfknn_terms or 'all'}"),
             ("early accept", "off" if guard.early_accept is None else
              f"widemlp percentile >= {guard.early_accept.percentile} (dev rows stopping after widemlp: "
              f"{float(np.mean(guard.early_accept.accepts(_wide_dev(guard, dev)))) * 100:.1f}%)"),
+            ("semantic accept", "off" if guard.semantic_accept is None else
+             f"percentile >= {guard.semantic_accept.percentile} over {', '.join(guard.semantic_accept.rule.dev_scores)}"),
             ("dev in-domain kept", f"{dev_kept * 100:.2f}%"), ("seed", str(args.seed)),
             ("train time", f"{elapsed:.1f} s"), ("artifact", str(out))]
     _print_table(["guard", ""], rows)
@@ -208,6 +227,11 @@ def _guard_id_score(batch, classes: Sequence[str]) -> np.ndarray:
 def eval_guard(args) -> int:
     from routers.guard import Guard
 
+    if args.loso:
+        return loso_guard(args)
+    missing = [f"--{n.replace('_', '-')}" for n in ("model", "test_id", "test_ood") if not getattr(args, n)]
+    if missing:
+        raise ValueError(f"eval guard needs {', '.join(missing)} (or --loso with --train/--dev)")
     _one_thread()
     guard = Guard.load(args.model)
     domains = guard.domains
@@ -299,3 +323,79 @@ def _print_report(r: dict[str, Any]) -> None:
     conf = r["confusion"]
     cols = list(next(iter(conf.values())))
     _print_table(["true \\ predicted", *cols], [(t, *(row[c] for c in cols)) for t, row in conf.items()])
+
+
+# --------------------------------------------------------------------------------------------------
+# add-examples
+# --------------------------------------------------------------------------------------------------
+
+
+def add_examples(args) -> int:
+    """``switchyard guard add-examples ARTIFACT --file F --out DIR``: ``Guard.add_examples`` on the rows of
+    ``F``, written as a new artifact (the input artifact is not changed)."""
+    from routers.guard import OOD, Guard
+
+    if Path(args.out).resolve() == Path(args.artifact).resolve():
+        raise ValueError("--out must be a new folder, not the artifact itself")
+    guard = Guard.load(args.artifact)
+    rows = load_guard_rows(args.file, allowed_labels={*guard.domains, OOD})
+    before = guard.rule.threshold
+    counts = guard.add_examples([r.text for r in rows], [r.label for r in rows])
+    out = guard.save(args.out)
+    result = {"artifact": str(out), "added": counts, "threshold_before": before,
+              "threshold_after": guard.rule.threshold, "added_total": guard.meta.get("added_examples", {})}
+    _print_table(["add-examples", ""], [("from", str(args.artifact)), ("rows", str(len(rows))),
+                                        ("added", ", ".join(f"{k} {v}" for k, v in counts.items())),
+                                        ("OOD threshold", f"{before:.4f} -> {guard.rule.threshold:.4f}"),
+                                        ("artifact", str(out))])
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# eval --loso
+# --------------------------------------------------------------------------------------------------
+
+
+def loso_guard(args) -> int:
+    """``switchyard eval guard --loso``: the leave-one-source-out shift protocol
+    (``training.guard_select.make_loso_folds``) for the guard ``train guard`` builds with the same options."""
+    from routers.guard.kinds import DEFAULT_KIND
+    from training.guard_fit import FitConfig, default_components
+    from training.guard_select import OOD_VAL, CachedEmbedder, RuleSpec, Variant, select
+
+    if not (args.train and args.dev):
+        raise ValueError("--loso needs --train and --dev (the protocol never reads test files)")
+    if args.ood_reject is not None and not (0.0 < args.ood_reject <= 1.0 and args.ood_val):
+        raise ValueError("--ood-reject must be in (0, 1] and needs --ood-val (the OOD rows it is anchored on)")
+    _one_thread()
+    kind = args.kind or DEFAULT_KIND
+    cfg = FitConfig.for_kind(kind, id_recall=args.id_recall, centroids_per_domain=args.centroids)
+    train = load_guard_rows(args.train)
+    dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
+    ood_val = load_guard_rows(args.ood_val, default_label="ood") if args.ood_val else []
+    spec = RuleSpec("defaults", cfg.ood_components or default_components(kind), id_recall=cfg.id_recall,
+                    per_class=cfg.per_class_threshold, early_accept=cfg.early_accept,
+                    ood_reject=args.ood_reject or 0.0, semantic_accept=cfg.semantic_accept,
+                    semantic_components=cfg.semantic_components)
+    overrides = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(FitConfig(), f)}
+    embedder = CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None, cfg) \
+        if kind != "widemlp" else None
+    res = select(train, dev, [Variant(kind, overrides)], [spec], base=FitConfig(),
+                 cache=Path(args.cache) if args.cache else None, log=lambda m: print(m, file=sys.stderr),
+                 embedder=embedder, ood_val=ood_val, loso=True)[0]
+    folds = {k: v for k, v in res["folds"].items() if k != OOD_VAL}
+    rows = [(name.removeprefix("loso-"), f"{f['shift_acc']:.2f}", f"{f['shift_kept']:.2f}", f"{f['id_acc']:.2f}",
+             f"{f['ood_acc']:.2f}", f"{f['gqr']:.2f}") for name, f in folds.items()]
+    rows.append(("mean", f"{res['shift_acc']:.2f}", f"{res['shift_kept']:.2f}", f"{res['id_acc']:.2f}",
+                 f"{res['ood_acc']:.2f}", f"{res['score']:.2f}"))
+    _print_table(["held-out source", "shifted acc", "shifted kept", "in-style acc", "OOD rejected", "GQR"], rows)
+    out = {"kind": kind, "loso_gqr": res["score"], "shift_acc": res["shift_acc"], "shift_kept": res["shift_kept"],
+           "in_style_acc": res["id_acc"], "ood_acc": res["ood_acc"], "ood_val_gqr": res["ood_val"],
+           "per_source": folds}
+    if res["ood_val"] is not None:
+        print(f"ood-val fold (all sources trained, GQR protocol on --ood-val): {res['ood_val']:.2f}")
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    return 0

@@ -13,10 +13,10 @@ import numpy as np
 
 from routers.embeddings import MiniLMEmbedder
 from routers.features import HashedTfidf
-from routers.guard import OOD, UNSAFE, EarlyAccept, Guard, OODRule, guard_kind
+from routers.guard import OOD, UNSAFE, EarlyAccept, Guard, OODRule, SemanticAccept, guard_kind
 from routers.guard.embedding import EmbeddingHead
 from routers.guard.guard import share_featurizers
-from routers.guard.knn import CoarseRanking, normalize_rows
+from routers.guard.knn import CoarseRanking, domain_centroids, normalize_rows
 from routers.guard.widemlp import WideMLP
 from training.guard_data import GuardRow
 
@@ -68,6 +68,17 @@ class FitConfig:
     hidden_knn_dims: int = 0
     embedding_knn_dims: int = 0
     knn_candidates: int = 256
+    # "centroid" evidence: this many spherical k-means centroids per domain of the training rows, in the
+    # embedding member's space (widemlp's hidden space without one); 0: none (routers.guard.knn.domain_centroids)
+    centroids_per_domain: int = 0
+    # OOD anchor (routers.guard.OODRule.calibrate): with OOD calibration rows, the threshold drops to just
+    # above the row at this share of them (rejecting it), never above the dev threshold of id_recall; 0: off
+    ood_reject: float = 0.0
+    # a second way in (routers.guard.SemanticAccept): text the OOD rule rejects is accepted when its Fisher
+    # percentile over ``semantic_components`` alone is at least this (0: off); the ensemble's default is in
+    # routers.guard.kinds
+    semantic_accept: float = 0.0
+    semantic_components: tuple[str, ...] = ("embedding.centroid", "widemlp.tfknn")
 
     @classmethod
     def for_kind(cls, kind: str, **overrides) -> FitConfig:
@@ -269,9 +280,11 @@ def class_list(train: Sequence[GuardRow], ood: Sequence[GuardRow] = (), unsafe: 
 
 def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig,
               ood: Sequence[GuardRow] = (), unsafe: Sequence[GuardRow] = (),
-              progress: Progress = _no_progress, embedder: MiniLMEmbedder | None = None) -> Guard:
+              progress: Progress = _no_progress, embedder: MiniLMEmbedder | None = None,
+              ood_calibration: Sequence[GuardRow] = ()) -> Guard:
     """Train the members named by ``cfg.kind`` on ``train`` (+ optional extra classes), calibrate the OOD
-    rule on ``dev`` (in-domain rows only) at ``cfg.id_recall``."""
+    rule on ``dev`` (in-domain rows only) at ``cfg.id_recall``; with ``ood_calibration`` rows (never
+    trained on) and ``cfg.ood_reject``, anchor the threshold on them as well."""
     guard = fit_uncalibrated(train, cfg, ood, unsafe, progress, embedder)
     dev_bad = [r for r in dev if r.label not in guard.domains]
     if dev_bad:
@@ -280,7 +293,20 @@ def fit_guard(train: Sequence[GuardRow], dev: Sequence[GuardRow], cfg: FitConfig
     probs, comps = guard.combine({name: m.evidence(dev_texts) for name, m in guard.members.items()})
     dev_pred = guard.predicted_domain(probs) if cfg.per_class_threshold else None
     chosen = select_components(comps, cfg, bool(ood))
-    guard.rule = OODRule.calibrate(chosen, cfg.id_recall, dev_pred, len(guard.domains))
+    ood_chosen = None
+    if ood_calibration and cfg.ood_reject > 0:
+        cal_texts = [r.text[: cfg.max_chars] for r in ood_calibration]
+        _, cal_comps = guard.combine({name: m.evidence(cal_texts) for name, m in guard.members.items()})
+        ood_chosen = {k: cal_comps[k] for k in chosen}
+    guard.rule = OODRule.calibrate(chosen, cfg.id_recall, dev_pred, len(guard.domains),
+                                   ood_components=ood_chosen, ood_reject=cfg.ood_reject)
+    if cfg.semantic_accept > 0:
+        missing = [c for c in cfg.semantic_components if c not in comps]
+        if missing:
+            raise ValueError(f"the semantic accept needs evidence {missing} (has {sorted(comps)}; "
+                             f"'embedding.centroid' needs an embedding member and centroids)")
+        guard.semantic_accept = SemanticAccept(
+            OODRule.calibrate({c: comps[c] for c in cfg.semantic_components}, cfg.id_recall), cfg.semantic_accept)
     if cfg.early_accept > 0 and cfg.kind == "ensemble" and guard.can_exit_early:
         wide = {k: v for k, v in chosen.items() if k.startswith("widemlp.")}
         guard.early_accept = EarlyAccept(OODRule.calibrate(wide, cfg.id_recall), cfg.early_accept)
@@ -327,5 +353,12 @@ def fit_uncalibrated(train: Sequence[GuardRow], cfg: FitConfig, ood: Sequence[Gu
         embedder = embedder or cfg.make_embedder()
         embs = targets if targets is not None else _embed_all(embedder, texts, progress)
         members["embedding"] = fit_embedding(embs, y, len(classes), ref_mask, cfg, embedder, progress)
+        if cfg.centroids_per_domain > 0:
+            members["embedding"].centroids = domain_centroids(normalize_rows(embs[ref_mask]), y[ref_mask],
+                                                              cfg.centroids_per_domain, cfg.seed)
+    if cfg.centroids_per_domain > 0 and "embedding" not in members:  # an ensemble's are MiniLM's only
+        wide = members["widemlp"]
+        hid = wide.hidden([t for t, keep in zip(texts, ref_mask, strict=True) if keep])
+        wide.centroids = domain_centroids(normalize_rows(hid), y[ref_mask], cfg.centroids_per_domain, cfg.seed)
     return Guard(kind=cfg.kind, classes=classes, members=members,
                  rule=OODRule({}, np.zeros(1), cfg.id_recall), max_chars=cfg.max_chars)

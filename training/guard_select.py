@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from routers.embeddings import MiniLMEmbedder
-from routers.guard import EarlyAccept, Guard, OODRule
+from routers.guard import EarlyAccept, Guard, OODRule, SemanticAccept
+from routers.guard.knn import centroid_similarity, domain_centroids, normalize_rows
 from routers.guard.widemlp import WideMLP
 from training.guard_data import GuardRow, load_guard_rows
 from training.guard_fit import FitConfig, fit_uncalibrated, set_search_options
@@ -69,6 +70,7 @@ def foreign_texts(texts: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
 
 
 OOD_VAL = "ood-val"  # the fold of --ood-val: scored apart from the protocol's mean
+EXPERIMENT_CENTROIDS = (1, 4, 16)  # per domain: "centroid1", "centroid4", "centroid16" evidence
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,37 @@ class Fold:
     train: list[GuardRow]
     dev: list[GuardRow]  # in-domain rows of the trained domains (two halves: calibrate / evaluate)
     ood: dict[str, list[str]]  # pseudo-OOD source → texts
+    # leave-one-source-out folds: the held-out in-domain source's rows, which must be accepted (and given
+    # their domain) although no row of their style was trained on or calibrated with
+    shifted: list[GuardRow] = field(default_factory=list)
+
+
+LOSO = "loso-"  # name prefix of the leave-one-source-out folds
+
+
+def make_loso_folds(train: Sequence[GuardRow], dev: Sequence[GuardRow], ood_val: Sequence[GuardRow] = (),
+                    num_foreign: int = 300, seed: int = 0) -> list[Fold]:
+    """The leave-one-source-out shift protocol: one fold per in-domain source ``s`` (of a domain with another
+    source left), named ``loso-<s>``. It trains on the training rows of every other source and calibrates
+    on their dev rows; the held-out source's train + dev rows are shifted in-domain traffic (a style the
+    guard never saw: a forum held out leaves exam questions and search queries), and the OOD rows to reject
+    are ``ood_val``'s sources (real OOD text the test never uses), else the synthetic foreign sources."""
+    sources = sorted({(r.label, r.source) for r in train})
+    if ood_val:
+        ood = {src: [r.text for r in ood_val if r.source == src] for src in sorted({r.source for r in ood_val})}
+    else:
+        pick = np.random.RandomState(seed).choice(len(dev), min(num_foreign, len(dev)), replace=False)
+        ood = foreign_texts([dev[i].text for i in sorted(pick)], seed)
+    folds = []
+    for label, src in sources:
+        if sum(lab == label for lab, _ in sources) < 2:
+            continue  # holding out a domain's only source is leave-one-domain-out, not a shift
+        held = [r for r in [*train, *dev] if r.source == src and r.label == label]
+        folds.append(Fold(f"{LOSO}{src}", [r for r in train if (r.label, r.source) != (label, src)],
+                          [r for r in dev if (r.label, r.source) != (label, src)], ood, shifted=held))
+    if not folds:
+        raise ValueError("leave-one-source-out needs a domain with at least two sources (the 'source' column)")
+    return folds
 
 
 def make_folds(train: Sequence[GuardRow], dev: Sequence[GuardRow], num_foreign: int = 300,
@@ -122,6 +155,10 @@ class FoldScores:
     dev_comps: dict[str, np.ndarray]
     ood_probs: dict[str, np.ndarray]
     ood_comps: dict[str, dict[str, np.ndarray]]
+    ood_half: dict[str, np.ndarray] = field(default_factory=dict)  # per source, bool: row is in half A
+    shifted_labels: np.ndarray | None = None  # leave-one-source-out: the held-out rows' class indices
+    shifted_probs: np.ndarray | None = None
+    shifted_comps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def experiment_evidence(member: WideMLP, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -139,22 +176,46 @@ def experiment_evidence(member: WideMLP, texts: Sequence[str]) -> dict[str, np.n
     return comps
 
 
+def experiment_centroids(guard: Guard, train: Sequence[GuardRow]) -> dict[str, dict[int, np.ndarray]]:
+    """Per member, domain centroids of the training rows for each ``EXPERIMENT_CENTROIDS`` count."""
+    texts = [r.text[: guard.max_chars] for r in train if r.label in guard.domains]
+    y = np.array([guard.classes.index(r.label) for r in train if r.label in guard.domains])
+    out = {}
+    for name, m in guard.members.items():
+        rows = normalize_rows(m.hidden(texts) if isinstance(m, WideMLP) else m.embedder.encode(texts))
+        out[name] = {k: domain_centroids(rows, y, k) for k in EXPERIMENT_CENTROIDS}
+    return out
+
+
 def score_fold(guard: Guard, fold: Fold) -> FoldScores:
+    cents = experiment_centroids(guard, fold.train)
+
     def run(texts):
         texts = [t[: guard.max_chars] for t in texts]
         outs = {}
         for n, m in guard.members.items():  # every evidence kind, the experiments' too
             probs, comps = m.evidence(texts)
-            outs[n] = (probs, {**comps, **experiment_evidence(m, texts)} if isinstance(m, WideMLP) else comps)
+            comps = {**comps, **experiment_evidence(m, texts)} if isinstance(m, WideMLP) else dict(comps)
+            rows = normalize_rows(m.hidden(texts) if isinstance(m, WideMLP) else m.embedder.encode(texts))
+            for k, c in cents[n].items():
+                comps[f"centroid{k}"] = centroid_similarity(rows, c)
+            outs[n] = (probs, comps)
         return guard.combine(outs)
+
+    def halves(texts):
+        return np.array([zlib.crc32(t.encode()) % 2 == 0 for t in texts], dtype=bool)
 
     dp, dc = run([r.text for r in fold.dev])
     ood_p, ood_c = {}, {}
     for src, texts in fold.ood.items():
         ood_p[src], ood_c[src] = run(texts)
-    half = np.array([zlib.crc32(r.text.encode()) % 2 == 0 for r in fold.dev])
-    return FoldScores(guard.classes, np.array([guard.classes.index(r.label) for r in fold.dev]), half,
-                      dp, dc, ood_p, ood_c)
+    fs = FoldScores(guard.classes, np.array([guard.classes.index(r.label) for r in fold.dev]),
+                    halves([r.text for r in fold.dev]), dp, dc, ood_p, ood_c,
+                    ood_half={src: halves(texts) for src, texts in fold.ood.items()})
+    if fold.shifted:
+        fs.shifted_labels = np.array([guard.classes.index(r.label) for r in fold.shifted])
+        fs.shifted_probs, fs.shifted_comps = run([r.text for r in fold.shifted])
+    return fs
 
 
 @dataclass(frozen=True)
@@ -166,6 +227,9 @@ class RuleSpec:
     id_recall: float = 0.9
     per_class: bool = False  # calibrate a threshold per predicted domain
     early_accept: float = 0.0  # > 0: rows whose widemlp-only percentile reaches it are accepted (EarlyAccept)
+    ood_reject: float = 0.0  # > 0: threshold anchored where this share of OOD calibration rows is rejected
+    semantic_accept: float = 0.0  # > 0: rows whose percentile over semantic_components reaches it are kept
+    semantic_components: tuple[str, ...] = ("embedding.centroid", "widemlp.tfknn")
 
 
 RULES = {
@@ -182,6 +246,17 @@ RULES = {
     # ensemble only: the embedding's kNN and widemlp's TF-IDF kNN, without widemlp's hidden-space kNN
     "eknn+tfknn": RuleSpec("eknn+tfknn", ("embedding.knn", "widemlp.tfknn")),
     "msp+eknn+tfknn": RuleSpec("msp+eknn+tfknn", ("msp", "embedding.knn", "widemlp.tfknn")),
+    "knn+tfknn+vocab": RuleSpec("knn+tfknn+vocab", ("knn", "tfknn", "vocab")),
+    # centroid evidence (experiments name the centroid count per domain; serving calls it "centroid")
+    **{f"knn+tfknn+ecent{k}": RuleSpec(f"knn+tfknn+ecent{k}", ("knn", "tfknn", f"embedding.centroid{k}"))
+       for k in EXPERIMENT_CENTROIDS},
+    **{f"eknn+tfknn+ecent{k}": RuleSpec(f"eknn+tfknn+ecent{k}", ("embedding.knn", "widemlp.tfknn",
+                                                                  f"embedding.centroid{k}"))
+       for k in EXPERIMENT_CENTROIDS},
+    **{f"ecent{k}+tfknn": RuleSpec(f"ecent{k}+tfknn", (f"embedding.centroid{k}", "widemlp.tfknn"))
+       for k in EXPERIMENT_CENTROIDS},
+    **{f"cent{k}+tfknn": RuleSpec(f"cent{k}+tfknn", (f"centroid{k}", "widemlp.tfknn")) for k in EXPERIMENT_CENTROIDS},
+    "knn+tfknn+cent4": RuleSpec("knn+tfknn+cent4", ("knn", "tfknn", "centroid4")),
 }
 
 
@@ -196,38 +271,67 @@ def _pick(comps: dict[str, np.ndarray], wanted: Sequence[str], rows=slice(None))
 
 
 def _kept(rule: OODRule, early: EarlyAccept | None, spec: RuleSpec, comps: dict[str, np.ndarray], pred: np.ndarray,
-          rows=slice(None)) -> np.ndarray:
+          rows=slice(None), semantic: SemanticAccept | None = None) -> np.ndarray:
     """Rows the rule keeps; with ``early``, also those accepted on widemlp's evidence alone (their class is
-    approximated by the ensemble's prediction here, not widemlp's alone)."""
+    approximated by the ensemble's prediction here, not widemlp's alone); with ``semantic``, also those its
+    own percentile accepts."""
     ok = rule.percentile(_pick(comps, spec.components, rows), pred) >= rule.threshold
+    if semantic is not None:
+        ok |= semantic.accepts({k: v[rows] for k, v in comps.items() if k in semantic.rule.dev_scores})
     return ok if early is None else ok | early.accepts({k: v[rows] for k, v in comps.items()})
 
 
 def evaluate_rule(fs: FoldScores, spec: RuleSpec) -> dict[str, Any]:
     """Pseudo-GQR of one rule on one fold, averaged over the two calibrate/evaluate halves. The rule is the
-    serving one (``OODRule``), calibrated on one dev half exactly as ``fit_guard`` calibrates on dev."""
+    serving one (``OODRule``), calibrated on one dev half exactly as ``fit_guard`` calibrates on dev; with
+    ``spec.ood_reject`` also on one half of every OOD source (``OODRule.calibrate``'s OOD anchor), and
+    rejection is then counted on the other half only. A leave-one-source-out fold scores the held-out
+    source's rows (``shift_acc``: accepted with their domain) in place of the in-style dev half."""
     n_dom = sum(c not in ("ood", "unsafe") for c in fs.classes)
-    id_accs, rej = [], {src: [] for src in fs.ood_comps}
+    id_accs, shift_accs, shift_kept, rej = [], [], [], {src: [] for src in fs.ood_comps}
     for half in (fs.dev_half, ~fs.dev_half):
         cal, ev = np.flatnonzero(half), np.flatnonzero(~half)
         dev_pred = fs.dev_probs[:, :n_dom].argmax(axis=1)
+        first = half is fs.dev_half  # OOD rows: calibrate on the hash half A in the first pass, B in the second
+        ood_cal = None
+        if spec.ood_reject > 0:
+            keys = list(_pick(fs.dev_comps, spec.components))
+            ood_cal = {k: np.concatenate([c[k][fs.ood_half[src] == first] for src, c in fs.ood_comps.items()])
+                       for k in keys}
         rule = OODRule.calibrate(_pick(fs.dev_comps, spec.components, cal), spec.id_recall,
-                                 dev_pred[cal] if spec.per_class else None, n_dom)
+                                 dev_pred[cal] if spec.per_class else None, n_dom,
+                                 ood_components=ood_cal, ood_reject=spec.ood_reject)
         early = None
         if spec.early_accept > 0:  # the serving rule's widemlp components, calibrated on the same half
             wide = [k for k in _pick(fs.dev_comps, spec.components) if k.startswith("widemlp.")]
             early = EarlyAccept(OODRule.calibrate(_pick(fs.dev_comps, wide, cal), spec.id_recall), spec.early_accept)
+        semantic = None
+        if spec.semantic_accept > 0:
+            semantic = SemanticAccept(OODRule.calibrate({c: fs.dev_comps[c][cal] for c in spec.semantic_components},
+                                                        spec.id_recall), spec.semantic_accept)
 
-        ok = _kept(rule, early, spec, fs.dev_comps, dev_pred[ev], ev)
+        ok = _kept(rule, early, spec, fs.dev_comps, dev_pred[ev], ev, semantic)
         id_accs.append(float(np.mean(ok & (dev_pred[ev] == fs.dev_labels[ev]))))
+        if fs.shifted_labels is not None:
+            s_pred = fs.shifted_probs[:, :n_dom].argmax(axis=1)
+            s_ok = _kept(rule, early, spec, fs.shifted_comps, s_pred, semantic=semantic)
+            shift_accs.append(float(np.mean(s_ok & (s_pred == fs.shifted_labels))))
+            shift_kept.append(float(np.mean(s_ok)))
         for src, comps in fs.ood_comps.items():
-            rej[src].append(float(np.mean(~_kept(rule, early, spec, comps, fs.ood_probs[src][:, :n_dom].argmax(axis=1)))))
+            rows = np.flatnonzero(fs.ood_half[src] != first) if ood_cal is not None \
+                else np.arange(len(fs.ood_probs[src]))
+            pred = fs.ood_probs[src][rows, :n_dom].argmax(axis=1)
+            rej[src].append(float(np.mean(~_kept(rule, early, spec, comps, pred, rows, semantic))))
     id_acc = float(np.mean(id_accs))
     per_source = {src: float(np.mean(v)) for src, v in rej.items()}
     ood_acc = float(np.mean(list(per_source.values())))
-    gqr = 2 * id_acc * ood_acc / (id_acc + ood_acc) if id_acc + ood_acc else 0.0
-    return {"gqr": gqr * 100, "id_acc": id_acc * 100, "ood_acc": ood_acc * 100,
-            "per_source": {k: v * 100 for k, v in per_source.items()}}
+    acc = float(np.mean(shift_accs)) if shift_accs else id_acc  # the ID side of this fold's GQR
+    gqr = 2 * acc * ood_acc / (acc + ood_acc) if acc + ood_acc else 0.0
+    out = {"gqr": gqr * 100, "id_acc": id_acc * 100, "ood_acc": ood_acc * 100,
+           "per_source": {k: v * 100 for k, v in per_source.items()}}
+    if shift_accs:
+        out.update(shift_acc=acc * 100, shift_kept=float(np.mean(shift_kept)) * 100)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,11 +483,15 @@ def _embedder_for(cfg: FitConfig, embedder: MiniLMEmbedder | None) -> MiniLMEmbe
 def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequence[Variant],
            rules: Sequence[RuleSpec], base: FitConfig | None = None, cache: Path | None = None,
            full: bool = True, log=None, embedder: MiniLMEmbedder | None = None,
-           ood_val: Sequence[GuardRow] = (), only_ood_val: bool = False) -> list[dict[str, Any]]:
+           ood_val: Sequence[GuardRow] = (), only_ood_val: bool = False, loso: bool = False) -> list[dict[str, Any]]:
     """Score every (variant, rule) pair; rows sorted best first by mean pseudo-GQR over the protocol's folds,
-    or, with ``ood_val`` rows, by the GQR-score of the ``ood-val`` fold (then the mean)."""
+    or, with ``ood_val`` rows, by the GQR-score of the ``ood-val`` fold (then the mean). ``loso``: the
+    protocol's folds are the leave-one-source-out ones (``make_loso_folds``), scored on shifted in-domain
+    rows against ``ood_val``'s sources."""
     base = base or FitConfig()
     folds = make_folds(train, dev, full=full, ood_val=ood_val)
+    if loso:
+        folds = make_loso_folds(train, dev, ood_val) + [f for f in folds if f.name == OOD_VAL]
     if only_ood_val:
         folds = [f for f in folds if f.name == OOD_VAL]
     fitted: dict = {}  # guards fitted for one variant, reused by variants differing in search options only
@@ -404,12 +512,17 @@ def select(train: Sequence[GuardRow], dev: Sequence[GuardRow], variants: Sequenc
                 continue
             protocol = [r for name, r in per_fold.items() if name != OOD_VAL] or list(per_fold.values())
             results.append({
-                "variant": v.name, "rule": spec.name + (f"@{spec.early_accept:g}" if spec.early_accept else ""),
+                "variant": v.name, "rule": spec.name + (f"@{spec.early_accept:g}" if spec.early_accept else "")
+                + (f"/ood{spec.ood_reject:g}" if spec.ood_reject else "")
+                + (f"/sem{spec.semantic_accept:g}:{'+'.join(spec.semantic_components)}" if spec.semantic_accept else ""),
                 "id_recall": spec.id_recall, "per_class": spec.per_class, "early_accept": spec.early_accept,
                 "score": float(np.mean([r["gqr"] for r in protocol])),
                 "id_acc": float(np.mean([r["id_acc"] for r in protocol])),
                 "ood_acc": float(np.mean([r["ood_acc"] for r in protocol])),
                 "ood_val": per_fold[OOD_VAL]["gqr"] if OOD_VAL in per_fold else None,
+                "shift_acc": float(np.mean([r["shift_acc"] for r in protocol])) if loso else None,
+                "shift_kept": float(np.mean([r["shift_kept"] for r in protocol])) if loso else None,
+                "ood_reject": spec.ood_reject,
                 "folds": per_fold,
             })
     return sorted(results, key=lambda r: (-(r["ood_val"] or 0.0), -r["score"]))
@@ -432,6 +545,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ood-val", help="OOD rows of sources the test never uses (e.g. ood_train.jsonl): the "
                                       "ood-val fold, used for selection only, never for fitting")
     ap.add_argument("--only-ood-val", action="store_true", help="score the ood-val fold alone")
+    ap.add_argument("--loso", action="store_true",
+                    help="leave-one-source-out shift protocol: one fold per in-domain source held out as shifted "
+                         "in-domain traffic (score = mean over them; OOD = --ood-val's sources)")
+    ap.add_argument("--semantic-accept", type=float, action="append",
+                    help="also score a semantic accept at this percentile (repeatable)")
+    ap.add_argument("--semantic-components", default="embedding.centroid,widemlp.tfknn",
+                    help="comma-separated evidence of the semantic accept (default embedding.centroid,widemlp.tfknn; "
+                         "experiments name centroid counts: embedding.centroid1)")
+    ap.add_argument("--ood-reject", type=float, action="append",
+                    help="also score thresholds anchored where this share of OOD rows is rejected (one hash half "
+                         "of each --ood-val source calibrates, the other is scored; repeatable)")
     ap.add_argument("--epochs", type=int, default=None, help="widemlp epochs (default: FitConfig's)")
     ap.add_argument("--hidden", type=int, default=256, help="widemlp hidden width of the base config")
     ap.add_argument("--seed", type=int, default=0)
@@ -445,6 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = [replace(r, id_recall=rec, per_class=pc, early_accept=ea) for r in base_rules
              for rec in (args.id_recall or [0.9]) for pc in ((False, True) if args.per_class else (False,))
              for ea in [0.0, *(args.early_accept or [])]]
+    rules = [replace(r, ood_reject=orj) for r in rules for orj in [0.0, *(args.ood_reject or [])]]
+    sem = tuple(args.semantic_components.split(","))
+    rules = [replace(r, semantic_accept=sa, semantic_components=sem) for r in rules
+             for sa in [0.0, *(args.semantic_accept or [])]]
     train = load_guard_rows(args.train)
     dev = load_guard_rows(args.dev, allowed_labels={r.label for r in train})
     base = FitConfig(epochs=args.epochs, hidden=args.hidden, seed=args.seed)
@@ -452,11 +580,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = select(train, dev, variants, rules, base=base, cache=Path(args.cache) if args.cache else None,
                      full=not args.no_full, log=lambda m: print(m, file=sys.stderr),
                      embedder=CachedEmbedder(Path(args.embedding_cache) if args.embedding_cache else None, base),
-                     ood_val=ood_val, only_ood_val=args.only_ood_val)
+                     ood_val=ood_val, only_ood_val=args.only_ood_val, loso=args.loso)
     folds = list(results[0]["folds"]) if results else []
-    header = ["variant", "rule", "recall", "per-class", "score", "ID acc", "OOD acc", *folds]
+    header = ["variant", "rule", "recall", "per-class", "score", "ID acc", "OOD acc", "shift acc", *folds]
     table = [header] + [[r["variant"], r["rule"], f"{r['id_recall']:.2f}", "yes" if r["per_class"] else "no",
                          f"{r['score']:.2f}", f"{r['id_acc']:.2f}", f"{r['ood_acc']:.2f}",
+                         "-" if r["shift_acc"] is None else f"{r['shift_acc']:.2f}",
                          *(f"{r['folds'][f]['gqr']:.2f}" for f in folds)] for r in results]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:

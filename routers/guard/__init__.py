@@ -20,8 +20,8 @@ Serving: ``Guard.load(path)`` once, then ``classify(text)`` (``guard.py``) → `
 
 from routers.guard.guard import GUARD_FORMAT, Guard, named_evidence, single_thread_blas
 from routers.guard.kinds import GUARD_KINDS, guard_kind
-from routers.guard.rule import EarlyAccept, OODRule
+from routers.guard.rule import EarlyAccept, OODRule, SemanticAccept
 from routers.guard.verdict import OOD, RESERVED_LABELS, UNSAFE, GuardBatch, GuardVerdict
 
 __all__ = ["GUARD_FORMAT", "GUARD_KINDS", "OOD", "RESERVED_LABELS", "UNSAFE", "EarlyAccept", "Guard", "GuardBatch",
-           "GuardVerdict", "OODRule", "guard_kind", "named_evidence", "single_thread_blas"]
+           "GuardVerdict", "OODRule", "SemanticAccept", "guard_kind", "named_evidence", "single_thread_blas"]

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from routers.embeddings import MiniLMEmbedder, embedder_from_files, encoder_files
-from routers.guard.knn import CoarseRanking, knn
+from routers.guard.knn import CoarseRanking, centroid_similarity, knn, normalize_rows
 from routers.guard.widemlp import softmax
 
-EMBEDDING_EVIDENCE = ("knn",)
+EMBEDDING_EVIDENCE = ("knn", "centroid")  # "centroid" only when the member has centroids
 
 
 class EncoderMissing(ValueError):
@@ -31,6 +31,7 @@ class EmbeddingHead:
     reference: np.ndarray  # float32 [n_ref, 384], unit rows
     knn_k: int = 10
     coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
+    centroids: np.ndarray | None = None  # float32 [m, 384] unit domain centroids, for "centroid" evidence
 
     def evidence(self, texts: Sequence[str], wanted: Collection[str] | None = None, cache: dict | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -42,13 +43,27 @@ class EmbeddingHead:
         comps = {}
         if wanted is None or "knn" in wanted:
             comps["knn"] = knn(emb, self.reference, self.knn_k, self.coarse)
+        if (wanted is None or "centroid" in wanted) and self.centroids is not None:
+            comps["centroid"] = centroid_similarity(normalize_rows(emb), self.centroids)
         return softmax(emb @ self.w + self.b), comps
+
+    def add_references(self, texts: Sequence[str]) -> None:
+        """Append ``texts`` (in-domain examples: ``Guard.add_examples``) to the ``knn`` reference rows."""
+        if not texts:
+            return
+        emb = normalize_rows(self.embedder.encode(list(texts)))
+        self.reference = np.ascontiguousarray(np.concatenate([self.reference, emb]), dtype=np.float32)
+        if self.coarse is not None:
+            self.coarse = CoarseRanking.of(self.reference, self.coarse.mean, self.coarse.proj, self.coarse.candidates)
 
     def state(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {f"{prefix}w": self.w, f"{prefix}b": self.b, f"{prefix}reference": self.reference.astype(np.float16)}
         cmeta, carrays = self.coarse.state(prefix) if self.coarse is not None else ({}, {})
         arrays.update(carrays)
-        return {"embedder": "minilm", **self.embedder.spec(), "knn_k": self.knn_k, **cmeta}, arrays
+        if self.centroids is not None:
+            arrays[f"{prefix}centroids"] = self.centroids.astype(np.float32)
+        return {"embedder": "minilm", **self.embedder.spec(), "knn_k": self.knn_k, **cmeta,
+                "num_centroids": 0 if self.centroids is None else len(self.centroids)}, arrays
 
     def files(self, prefix: str) -> dict[str, Path]:
         """The encoder graph and tokenizer the artifact ships (none for a torch-backed embedder)."""
@@ -67,4 +82,5 @@ class EmbeddingHead:
         reference = arrays[f"{prefix}reference"].astype(np.float32)
         return cls(embedder=embedder, w=arrays[f"{prefix}w"].astype(np.float32),
                    b=arrays[f"{prefix}b"].astype(np.float32), reference=reference, knn_k=int(meta["knn_k"]),
-                   coarse=CoarseRanking.from_state(meta, arrays, prefix, reference))
+                   coarse=CoarseRanking.from_state(meta, arrays, prefix, reference),
+                   centroids=arrays[f"{prefix}centroids"].astype(np.float32) if meta.get("num_centroids") else None)

@@ -20,7 +20,7 @@ from routers.artifact import load as load_artifact
 from routers.embeddings import MiniLMEmbedder
 from routers.guard.embedding import EmbeddingHead, EncoderMissing
 from routers.guard.kinds import Member, family, guard_kind
-from routers.guard.rule import EarlyAccept, OODRule
+from routers.guard.rule import EarlyAccept, OODRule, SemanticAccept
 from routers.guard.verdict import OOD, RESERVED_LABELS, UNSAFE, GuardBatch, GuardVerdict
 from routers.guard.widemlp import TfidfRows, WideMLP
 
@@ -28,7 +28,8 @@ from routers.guard.widemlp import TfidfRows, WideMLP
 # seeds (members widemlp_1, ...) and "energy"/"maha" evidence; 3 the optional early accept
 # (``EarlyAccept``); 4 ships the embedding member's exact MiniLM graph and tokenizer (artifact files).
 # Formats 1-3 load unchanged, except that an embedding member needs its graph added (ADD_ENCODER).
-GUARD_FORMAT = 4
+# 5 the OOD anchor (``OODRule.ood_reject``), "centroid" evidence and the semantic accept (``SemanticAccept``).
+GUARD_FORMAT = 5
 ADD_ENCODER = "switchyard artifact add-encoder {path}"
 
 
@@ -90,6 +91,7 @@ class Guard:
     max_chars: int = 2000  # the guard judges a text's first max_chars characters
     meta: dict[str, Any] = field(default_factory=dict)
     early_accept: EarlyAccept | None = None  # used only when ``can_exit_early``
+    semantic_accept: SemanticAccept | None = None  # a second way in for text the OOD rule rejects
 
     @property
     def domains(self) -> list[str]:
@@ -115,7 +117,8 @@ class Guard:
         """The components of ``member_name``'s family that the OOD rule combines (``msp`` is the guard's
         own: it costs nothing)."""
         fam = family(member_name)
-        return frozenset(c.split(".", 1)[1] for c in self.rule.dev_scores if c.split(".", 1)[0] == fam)
+        names = [*self.rule.dev_scores, *(self.semantic_accept.rule.dev_scores if self.semantic_accept else ())]
+        return frozenset(c.split(".", 1)[1] for c in names if c.split(".", 1)[0] == fam)
 
     def predicted_domain(self, probs: np.ndarray) -> np.ndarray:
         """Index of the most probable domain class per row (reserved classes ignored)."""
@@ -135,14 +138,16 @@ class Guard:
         probs, comps = self.combine({name: outs[name] for name in self.members})
         pct = self.rule.percentile(comps, self.predicted_domain(probs))
         labels = []
-        for p, q in zip(probs, pct, strict=True):
+        semantic = self.semantic_accept.accepts(comps) if self.semantic_accept is not None else None
+        for i, (p, q) in enumerate(zip(probs, pct, strict=True)):
             top = self.classes[int(np.argmax(p))]
-            labels.append(top if top in RESERVED_LABELS or q >= threshold else OOD)
+            ok = top in RESERVED_LABELS or q >= threshold or (semantic is not None and bool(semantic[i]))
+            labels.append(top if ok else OOD)
         if self.early_accept is not None and self.can_exit_early:  # what classify decides after widemlp
             wide_probs, wide_comps = outs["widemlp"]
             named = named_evidence("widemlp", wide_comps)
             for i in np.flatnonzero(self.early_accept.accepts(named)):
-                if not self.rule.rejects_for_sure({k: v[i:i + 1] for k, v in named.items()}, threshold)[0]:
+                if not self.rejects_for_sure({k: v[i:i + 1] for k, v in named.items()}, threshold)[0]:
                     labels[i] = self.domains[int(self.predicted_domain(wide_probs[i:i + 1])[0])]
         return GuardBatch(probs=probs, id_percentile=pct, labels=labels)
 
@@ -207,7 +212,7 @@ class Guard:
                    else None)
         for r in rows:
             i = r if index is None else index[r]
-            sure, pct = self.rule.rejects_for_sure({k: v[r:r + 1] for k, v in evidence.items()})
+            sure, pct = self.rejects_for_sure({k: v[r:r + 1] for k, v in evidence.items()})
             if sure:
                 verdicts[i] = self._early_ood(pct)
             elif accepts is not None and accepts[r]:
@@ -244,19 +249,27 @@ class Guard:
         if not self.can_exit_early:
             return None
         wide = self.members["widemlp"]
-        sure, pct = self.rule.rejects_for_sure({"widemlp.tfknn": wide.tfknn(wide.rows([text], cache), cache)})
+        sure, pct = self.rejects_for_sure({"widemlp.tfknn": wide.tfknn(wide.rows([text], cache), cache)})
         if sure:
             return self._early_ood(pct)
         if not any(isinstance(m, EmbeddingHead) for m in self.members.values()):
             return None
         outs["widemlp"] = wide.evidence([text], self.evidence_wanted("widemlp"), cache)
         named = named_evidence("widemlp", outs["widemlp"][1])
-        sure, pct = self.rule.rejects_for_sure(named)
+        sure, pct = self.rejects_for_sure(named)
         if sure:
             return self._early_ood(pct)
         if self.early_accept is not None and self.early_accept.accepts(named)[0]:
             return self._early_domain(outs["widemlp"][0][0])
         return None
+
+    def rejects_for_sure(self, partial: dict[str, np.ndarray], threshold: float | None = None) -> tuple[bool, float]:
+        """``OODRule.rejects_for_sure`` for the guard: also the semantic accept could not take the text in,
+        whatever its unknown evidence turns out to be."""
+        sure, pct = self.rule.rejects_for_sure(partial, threshold)
+        if sure and self.semantic_accept is not None:
+            sure = not self.semantic_accept.could_accept(partial)
+        return sure, pct
 
     @property
     def can_exit_early(self) -> bool:
@@ -282,6 +295,42 @@ class Guard:
         scores["early_exit"] = 1.0
         return GuardVerdict("domain", domain, scores[domain], scores)
 
+    # -- deployment examples ---------------------------------------------------------------------------
+    def add_examples(self, texts: Sequence[str], labels: Sequence[str], tfidf_max_df: float = 0.05) -> dict[str, int]:
+        """Teach the guard a deployment's own examples without retraining (``switchyard guard add-examples``).
+
+        In-domain examples (``labels`` naming a domain) join every member's kNN reference rows (hidden /
+        MiniLM / TF-IDF), so text of their style finds close neighbours and scores in-domain evidence like
+        the training style does; the dev calibration and the classifier weights are unchanged (the domain a
+        text gets is still the classifier's). ``ood`` examples go to the rule (``OODRule.add_ood``): an
+        OOD-anchored threshold rises until they are rejected, never above the dev threshold of its
+        ``id_recall``. Returns the count added per label; ValueError for a label the guard does not know
+        (``unsafe`` examples need a retrained ``unsafe`` class)."""
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        for lab in labels:
+            if lab not in self.domains and lab != OOD:
+                raise ValueError(f"unknown label {lab!r}: add-examples takes this guard's domains "
+                                 f"({', '.join(self.domains)}) or {OOD!r}")
+        cut = [t[: self.max_chars] for t in texts]
+        in_domain = [t for t, lab in zip(cut, labels, strict=True) if lab != OOD]
+        ood = [t for t, lab in zip(cut, labels, strict=True) if lab == OOD]
+        for m in self.members.values():
+            if isinstance(m, WideMLP):
+                m.add_references(in_domain, tfidf_max_df)
+            else:
+                m.add_references(in_domain)
+        if ood:
+            probs, comps = self.combine({n: m.evidence(ood, self.evidence_wanted(n)) for n, m in self.members.items()})
+            self.rule.add_ood({k: comps[k] for k in self.rule.dev_scores})
+        counts: dict[str, int] = {}
+        for lab in labels:
+            counts[lab] = counts.get(lab, 0) + 1
+        added = self.meta.setdefault("added_examples", {})
+        for lab, n in counts.items():
+            added[lab] = added.get(lab, 0) + n
+        return counts
+
     # -- artifacts ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         arrays: dict[str, np.ndarray] = {}
@@ -299,6 +348,10 @@ class Guard:
         if self.early_accept is not None:
             early_meta, early_arrays = self.early_accept.state("early.")
             arrays.update(early_arrays)
+        semantic_meta = None
+        if self.semantic_accept is not None:
+            semantic_meta, semantic_arrays = self.semantic_accept.state("semantic.")
+            arrays.update(semantic_arrays)
         meta = {
             **self.meta,
             "description": f"switchyard guard ({self.kind})",
@@ -307,7 +360,7 @@ class Guard:
             "labels": self.classes,
             "domains": self.domains,
             "members": members_meta,
-            "thresholds": {**rule_meta, "early_accept": early_meta},
+            "thresholds": {**rule_meta, "early_accept": early_meta, "semantic_accept": semantic_meta},
             "max_chars": self.max_chars,
         }
         return Artifact(kind="guard", meta=meta, arrays=arrays, files=files).save(path)
@@ -338,6 +391,8 @@ class Guard:
             rule = OODRule.from_state(th, arrays, "rule.", len(meta["domains"]))
             early = EarlyAccept.from_state(th["early_accept"], arrays, "early.", rule.id_recall) \
                 if th.get("early_accept") else None
+            semantic = SemanticAccept.from_state(th["semantic_accept"], arrays, "semantic.", rule.id_recall) \
+                if th.get("semantic_accept") else None
         except KeyError as e:
             raise ArtifactError(f"guard artifact {str(path)!r} is missing {e}; retrain it") from None
         except EncoderMissing as e:
@@ -346,4 +401,5 @@ class Guard:
         except ValueError as e:
             raise ArtifactError(f"guard artifact {str(path)!r} is malformed: {e}; retrain it") from None
         return cls(kind=kind.name, classes=list(meta["labels"]), members=members, rule=rule,
-                   max_chars=int(meta.get("max_chars", 2000)), meta=meta, early_accept=early)
+                   max_chars=int(meta.get("max_chars", 2000)), meta=meta, early_accept=early,
+                   semantic_accept=semantic)

@@ -79,3 +79,32 @@ def knn(queries: np.ndarray, reference: np.ndarray, k: int, coarse: CoarseRankin
     if coarse is None:
         return exact_knn(queries, reference, k)
     return coarse.knn(queries, reference, k)
+
+
+def centroid_similarity(queries: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """``centroid`` evidence: the largest cosine similarity of each (unit) query row to the (unit) domain
+    centroids. Unlike ``knn`` it does not ask for a close training neighbour, only for the region of the
+    space a domain's texts occupy: in-domain text of a style the training rows lack (customer-service
+    banking questions for a finance guard trained on forum posts) stays close to its domain's centroid."""
+    return (queries @ centroids.T).max(axis=1).astype(np.float32)
+
+
+def domain_centroids(rows: np.ndarray, labels: np.ndarray, per_domain: int, seed: int = 0,
+                     iters: int = 20) -> np.ndarray:
+    """Unit centroids [sum over domains, d] of ``rows`` (unit vectors): ``per_domain`` spherical k-means
+    clusters of each label's rows (fewer for a label with fewer rows; one = the label's mean direction)."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for lab in np.unique(labels):
+        x = rows[labels == lab].astype(np.float32)
+        k = max(1, min(per_domain, len(x)))
+        cent = normalize_rows(x[rng.choice(len(x), k, replace=False)]) if k > 1 else normalize_rows(x.mean(0, keepdims=True))
+        for _ in range(iters if k > 1 else 0):
+            assign = (x @ cent.T).argmax(axis=1)
+            for c in range(k):
+                members = x[assign == c]
+                if len(members):
+                    cent[c] = members.sum(axis=0)
+            cent = normalize_rows(cent)
+        out.append(cent)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

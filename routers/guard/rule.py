@@ -29,11 +29,21 @@ class OODRule:
     id_recall: float
     threshold: float = 0.0
     class_combined: list[np.ndarray] | None = None  # per domain index: sorted combinations of its dev rows
+    ood_reject: float = 0.0  # > 0: the threshold was anchored on OOD rows (``calibrate``)
+    ood_combined: np.ndarray | None = None  # sorted Fisher combinations of those OOD rows
+    ood_examples: np.ndarray | None = None  # Fisher combinations of OOD examples added later (``add_ood``)
 
     @classmethod
     def calibrate(cls, dev_components: dict[str, np.ndarray], id_recall: float,
-                  dev_pred: np.ndarray | None = None, num_domains: int = 0) -> OODRule:
-        """``dev_pred`` (predicted domain index per dev row) + ``num_domains`` make a per-class rule."""
+                  dev_pred: np.ndarray | None = None, num_domains: int = 0,
+                  ood_components: dict[str, np.ndarray] | None = None, ood_reject: float = 0.0) -> OODRule:
+        """``dev_pred`` (predicted domain index per dev row) + ``num_domains`` make a per-class rule.
+
+        OOD anchor (``ood_components`` of OOD calibration rows, ``ood_reject`` > 0): the threshold is the
+        lowest percentile that still rejects ``ood_reject`` of those rows, unless that is above the dev
+        threshold — so ``id_recall`` of the dev rows is a floor on what is kept, and where the OOD text sits
+        far below the dev rows the threshold drops to just above it, keeping in-domain text of a style the
+        dev rows lack (whose evidence is weaker than theirs, but stronger than the OOD text's)."""
         if not 0.0 < id_recall <= 1.0:
             raise ValueError(f"id_recall must be in (0, 1], got {id_recall}")
         sorted_scores = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in dev_components.items()}
@@ -44,7 +54,43 @@ class OODRule:
             dev_pred = np.asarray(dev_pred)
             rule.class_combined = [np.sort(combined[dev_pred == c]) for c in range(num_domains)]
         rule.threshold = rule.threshold_for(id_recall)
+        if ood_components is not None and ood_reject > 0:
+            if not 0.0 < ood_reject <= 1.0:
+                raise ValueError(f"ood_reject must be in (0, 1], got {ood_reject}")
+            combined = rule.fisher(ood_components)
+            if not len(combined):
+                raise ValueError("the OOD anchor needs at least one OOD calibration row")
+            rule.ood_reject, rule.ood_combined = ood_reject, np.sort(combined)
+            rule.threshold = rule.anchored_threshold()
         return rule
+
+    def anchored_threshold(self) -> float:
+        """The OOD-anchored threshold: just above the OOD calibration row at rank ``ood_reject`` (so that
+        share of them is rejected) and above every added OOD example, or the dev threshold of ``id_recall``
+        when that is lower."""
+        floor = self.threshold_for(self.id_recall)
+        if self.ood_combined is None or not len(self.ood_combined) or self.ood_reject <= 0:
+            return floor
+        pct = np.sort(self._global_percentile(self.ood_combined))
+        j = max(0, math.ceil(self.ood_reject * len(pct) - 1e-9) - 1)
+        anchor = float(pct[j]) + 1e-9
+        if self.ood_examples is not None and len(self.ood_examples):
+            anchor = max(anchor, float(self._global_percentile(self.ood_examples).max()) + 1e-9)
+        return min(floor, anchor)
+
+    def add_ood(self, components: dict[str, np.ndarray]) -> None:
+        """OOD examples added after training (``Guard.add_examples``): the threshold rises until every one of
+        them is rejected, but never above the dev threshold of ``id_recall`` (an example more in-domain than
+        that stays accepted). A rule without an OOD anchor already sits at that threshold: unchanged."""
+        new = self.fisher(components)
+        old = self.ood_examples if self.ood_examples is not None else np.zeros(0)
+        self.ood_examples = np.concatenate([old, new])
+        self.threshold = self.anchored_threshold()
+
+    def _global_percentile(self, combined: np.ndarray) -> np.ndarray:
+        """The percentile of Fisher combinations among every dev row (the anchor is one threshold for all
+        domains; a per-class rule compares it with per-domain percentiles)."""
+        return np.searchsorted(self.dev_combined, combined, side="left") / len(self.dev_combined)
 
     def fisher(self, components: dict[str, np.ndarray]) -> np.ndarray:
         total = None
@@ -89,8 +135,12 @@ class OODRule:
         arrays = {f"{prefix}dev_combined": self.dev_combined}
         arrays.update({f"{prefix}dev.{comp}": ref for comp, ref in self.dev_scores.items()})
         arrays.update({f"{prefix}class_combined.{c}": ref for c, ref in enumerate(self.class_combined or [])})
+        if self.ood_combined is not None:
+            arrays[f"{prefix}ood_combined"] = self.ood_combined
+        if self.ood_examples is not None:
+            arrays[f"{prefix}ood_examples"] = self.ood_examples
         return ({"id_recall": self.id_recall, "id_percentile": self.threshold, "components": sorted(self.dev_scores),
-                 "per_class": self.class_combined is not None}, arrays)
+                 "per_class": self.class_combined is not None, "ood_reject": self.ood_reject}, arrays)
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str,
@@ -99,7 +149,8 @@ class OODRule:
                    dev_combined=arrays[f"{prefix}dev_combined"], id_recall=float(meta["id_recall"]),
                    threshold=float(meta["id_percentile"]),
                    class_combined=[arrays[f"{prefix}class_combined.{c}"] for c in range(num_domains)]
-                   if meta.get("per_class") else None)
+                   if meta.get("per_class") else None, ood_reject=float(meta.get("ood_reject", 0.0)),
+                   ood_combined=arrays.get(f"{prefix}ood_combined"), ood_examples=arrays.get(f"{prefix}ood_examples"))
 
     def threshold_for(self, id_recall: float) -> float:
         """Percentile threshold keeping ``id_recall`` of the dev rows; monotone non-increasing in it."""
@@ -138,3 +189,23 @@ class EarlyAccept:
         rule = OODRule(dev_scores={c: arrays[f"{prefix}dev.{c}"] for c in meta["components"]},
                        dev_combined=arrays[f"{prefix}dev_combined"], id_recall=id_recall)
         return cls(rule, float(meta["percentile"]))
+
+
+@dataclass
+class SemanticAccept(EarlyAccept):
+    """A second way in, for in-domain text of a style the training rows lack: a text the OOD rule rejects
+    is accepted (with the classifier's domain) when its own rule over a few style-robust components — the
+    MiniLM similarity to the domain centroids and the TF-IDF kNN, by default — puts it at or above
+    ``percentile`` of the dev rows. The main rule's hidden-space kNN is what rejects near-domain OOD text
+    and also what rejects a new in-domain style (BENCHMARKS "Guard", leave-one-source-out protocol)."""
+
+    def could_accept(self, partial: dict[str, np.ndarray]) -> bool:
+        """Whether one text whose evidence is known only in part (``partial``, each [1]) could still reach
+        ``percentile``: the unknown components at their most in-domain p-value (``OODRule.rejects_for_sure``
+        for this rule)."""
+        bound = 0.0
+        for name, ref in self.rule.dev_scores.items():
+            rank = np.searchsorted(ref, float(partial[name][0]), side="left") if name in partial else len(ref)
+            bound += math.log((rank + 0.5) / (len(ref) + 1.0))
+        return np.searchsorted(self.rule.dev_combined, bound, side="left") / len(self.rule.dev_combined) \
+            >= self.percentile

@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 
 from routers.features import HashedTfidf
-from routers.guard.knn import CoarseRanking, knn, normalize_rows, topk_mean
+from routers.guard.knn import CoarseRanking, centroid_similarity, knn, normalize_rows, topk_mean
 from routers.guard.sparse import sparse_rows_dot, top_terms
 
 # ``msp`` (the largest domain probability) is computed for every member by the guard itself; "energy" and
 # "maha" exist for experiments and live with them (training/guard_select.py experiment_evidence).
-WIDEMLP_EVIDENCE = ("knn", "tfknn")
+# "centroid" (hidden-space domain centroids, when fitted) and "vocab" (the share of a text's TF-IDF weight on
+# n-grams among the training rows' most frequent ones) are computed when a rule names them.
+WIDEMLP_EVIDENCE = ("knn", "tfknn", "centroid", "vocab")
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -83,6 +85,7 @@ class WideMLP:
     precision: np.ndarray | None = None  # float32 [hidden, hidden]
     tfknn_terms: int = 0  # "tfknn" uses a text's this many highest-weighted n-grams (0: all of them)
     coarse: CoarseRanking | None = None  # two-stage "knn" search (None: one exact scan)
+    centroids: np.ndarray | None = None  # float32 [m, hidden] unit domain centroids, for "centroid" evidence
 
     # -- evidence -------------------------------------------------------------------------------------
     def rows(self, texts: Sequence[str], cache: dict | None = None) -> TfidfRows:
@@ -147,7 +150,52 @@ class WideMLP:
             comps["knn"] = knn(normalize_rows(h), self.reference, self.knn_k, self.coarse)
         if "tfknn" in wanted and self.ref_tf is not None:
             comps["tfknn"] = self.tfknn(X, cache)
+        if "centroid" in wanted and self.centroids is not None:
+            comps["centroid"] = centroid_similarity(normalize_rows(h), self.centroids)
+        if "vocab" in wanted:
+            comps["vocab"] = self.vocab(X)
         return softmax(self.logits_of(h)), comps
+
+    def add_references(self, texts: Sequence[str], max_df: float = 0.05) -> None:
+        """Append ``texts`` (in-domain examples a deployment adds: ``Guard.add_examples``) to the ``tfknn``
+        reference rows, when kept (their TF-IDF rows without the buckets the training-time reference dropped
+        as too common, estimated from the featurizer's document frequencies: more than ``max_df`` of the
+        rows, as ``tfidf_reference``), and to the ``knn`` reference rows (their unit hidden vectors) — the
+        latter only for a text no closer to the empty text's hidden vector than 99 % of the reference rows
+        are: the hidden layer maps text whose n-grams it never kept to nearly that one point, where such a
+        reference would vouch for any text of unknown words, foreign ones included."""
+        if not texts:
+            return
+        X = TfidfRows.of(self.featurizer, texts)
+        hid = normalize_rows(self.hidden_of(X))
+        empty = normalize_rows(np.maximum(self.b_in, 0.0)[None, :])[0]  # where text of unknown n-grams lands
+        known = hid @ empty <= np.quantile(self.reference @ empty, 0.99)
+        if known.any():
+            self.reference = np.ascontiguousarray(np.concatenate([self.reference, hid[known]]), dtype=np.float32)
+        if self.coarse is not None:
+            self.coarse = CoarseRanking.of(self.reference, self.coarse.mean, self.coarse.proj, self.coarse.candidates)
+        if self.ref_tf is None:
+            return
+        from scipy.sparse import csr_matrix, hstack
+
+        n_ref, n_docs = self.ref_tf.shape[1], max(self.featurizer.num_docs, 1)
+        df_share = ((1.0 + n_docs) / np.exp(self.featurizer.idf[X.indices].astype(np.float64) - 1.0) - 1.0) / n_docs
+        keep = df_share * n_ref <= max(1, int(max_df * n_ref))
+        row_of = np.repeat(np.arange(X.num_rows), np.diff(X.indptr))
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=X.num_rows))])
+        new = csr_matrix((X.data[keep].astype(np.float32), X.indices[keep], indptr),
+                         shape=(X.num_rows, self.ref_tf.shape[0]))
+        ref = hstack([self.ref_tf, new.T], format="csr", dtype=np.float32)
+        ref.sort_indices()
+        ref.indices, ref.indptr = ref.indices.astype(np.int64), ref.indptr.astype(np.int64)  # sparse_rows_dot's C loops
+        self.ref_tf = ref
+
+    def vocab(self, X: TfidfRows) -> np.ndarray:
+        """``vocab`` evidence [n]: the share of each row's squared TF-IDF weight (rows have unit norm) on
+        kept buckets, the training rows' most frequent n-grams."""
+        w = np.where(self.col_map[X.indices] >= 0, X.data.astype(np.float64) ** 2, 0.0)
+        row_of = np.repeat(np.arange(X.num_rows), np.diff(X.indptr))
+        return np.bincount(row_of, weights=w, minlength=X.num_rows).astype(np.float32)
 
     def logits_of(self, h: np.ndarray) -> np.ndarray:
         return h @ self.w_out + self.b_out
@@ -169,7 +217,9 @@ class WideMLP:
                            f"{prefix}precision": self.precision.astype(np.float32)})
         cmeta, carrays = self.coarse.state(prefix) if self.coarse is not None else ({}, {})
         arrays.update(carrays)
-        return {"type": "widemlp", "featurizer": fmeta, **cmeta,
+        if self.centroids is not None:
+            arrays[f"{prefix}centroids"] = self.centroids.astype(np.float32)
+        return {"type": "widemlp", "num_centroids": 0 if self.centroids is None else len(self.centroids), "featurizer": fmeta, **cmeta,
                 "num_reference_tf": 0 if self.ref_tf is None else int(self.ref_tf.shape[1]),
                 "hidden": int(self.w_in.shape[1]), "knn_k": self.knn_k, "tfknn_terms": self.tfknn_terms,
                 "num_kept_features": int(self.w_in.shape[0]), "mahalanobis": has_maha}, arrays
@@ -191,6 +241,7 @@ class WideMLP:
             precision=arrays[f"{prefix}precision"].astype(np.float32) if meta.get("mahalanobis") else None,
             tfknn_terms=int(meta.get("tfknn_terms", 0)),
             coarse=CoarseRanking.from_state(meta, arrays, prefix, reference),
+            centroids=arrays[f"{prefix}centroids"].astype(np.float32) if meta.get("num_centroids") else None,
         )
 
 

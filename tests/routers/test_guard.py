@@ -271,7 +271,7 @@ def test_seeds_and_per_class_round_trip(seeded_guard, tmp_path):
     assert set(g.rule.dev_scores) == {"widemlp.knn", "widemlp.tfknn"}
     texts = [r.text for r in make_rows(5, 3)] + FOREIGN
     again = Guard.load(g.save(tmp_path / "s"))
-    assert again.meta["guard_format"] == 4 and again.meta["thresholds"]["per_class"] is True
+    assert again.meta["guard_format"] == 5 and again.meta["thresholds"]["per_class"] is True
     assert g.score_batch(texts).labels == again.score_batch(texts).labels
     assert [g.classify(t).label for t in texts] == [again.classify(t).label for t in texts]
     assert all(again.classify(t).label == "ood" for t in FOREIGN)
@@ -287,7 +287,7 @@ def test_evidence_components(seeded_guard):
     texts = ["How do I sue my landlord?", "Det regner."]
     wide = seeded_guard.members["widemlp"]
     probs, comps = wide.evidence(texts)
-    assert set(comps) == {"knn", "tfknn"}
+    assert set(comps) == {"knn", "tfknn", "vocab"}  # "centroid" only for a member fitted with centroids
     assert probs.shape == (2, 3) and all(v.shape == (2,) for v in comps.values())
     assert seeded_guard.evidence_wanted("widemlp") == {"knn", "tfknn"}
     _, served = wide.evidence(texts, {"tfknn"})
@@ -496,7 +496,7 @@ def test_ensemble_early_accept_matches_the_batch_and_round_trips(tmp_path):
     assert all(v.domain in g.domains and 0 < v.confidence <= 1 for v in accepted)
     assert all(v.label == "ood" for v in verdicts[-len(FOREIGN):])
     again = Guard.load(g.save(tmp_path / "ea"))
-    assert again.meta["guard_format"] == 4 and again.early_accept.percentile == 0.4
+    assert again.meta["guard_format"] == 5 and again.early_accept.percentile == 0.4
     assert list(again.members) == ["embedding", "widemlp"]  # the manifest sorts them: classify must not care
     loaded = list(map(again.classify, texts))
     assert [v.label for v in loaded] == [v.label for v in verdicts]

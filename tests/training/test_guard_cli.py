@@ -121,7 +121,8 @@ def test_threshold_and_seed_options(files, model, tmp_path, capsys):
     assert meta["thresholds"]["per_class"] is False and meta["thresholds"]["id_recall"] == 0.9  # the defaults
     out = tmp_path / "per_class"
     code = main(["train", "guard", "--train", str(files["train"]), "--dev", str(files["dev"]), "--out", str(out),
-                 "--epochs", "5", "--lr", "0.01", "--hidden", "16", "--threshold", "per-class", "--seeds", "2"])
+                 "--epochs", "5", "--lr", "0.01", "--hidden", "16", "--threshold", "per-class", "--seeds", "2",
+                 "--kind", "widemlp"])
     assert code == 0
     meta = json.loads((out / "manifest.json").read_text())["meta"]
     assert meta["thresholds"]["per_class"] is True and set(meta["members"]) == {"widemlp", "widemlp_1"}
@@ -189,3 +190,44 @@ def test_add_encoder_ships_the_graph_an_older_artifact_names(tmp_path, capsys):
     wide = fit_guard(make_rows(20, 0), make_rows(8, 1), FitConfig(epochs=10, lr=1e-2, hidden=32, knn_k=3))
     assert main(["artifact", "add-encoder", str(wide.save(tmp_path / "wide"))]) == 0
     assert "uses no MiniLM encoder" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_eval_guard_loso_reports_every_held_out_source(files, tmp_path, capsys):
+    """`eval guard --loso`: per held-out source and the mean, for the guard `train guard` builds with the
+    same options; no test file is read. Without --loso the test files are required (one line)."""
+    src = lambda rows: [{**r, "source": f"{r['label']}_{'ab'[i % 2]}"} for i, r in enumerate(rows)]  # noqa: E731
+    train = write_jsonl(tmp_path / "train.jsonl", src(rows_of(30, 0)))
+    dev = write_jsonl(tmp_path / "dev.jsonl", src(rows_of(10, 1)))
+    code = main(["eval", "guard", "--loso", "--train", str(train), "--dev", str(dev), "--ood-val", str(files["test_ood"]),
+                 "--kind", "widemlp", "--ood-reject", "0.9", "--json"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res["per_source"]) == {f"loso-{d}_{s}" for d in ("finance", "healthcare", "law") for s in "ab"}
+    assert res["kind"] == "widemlp" and 0 <= res["shift_acc"] <= 100 and res["ood_val_gqr"] is not None
+    assert any(line.startswith("mean") for line in out)
+    assert main(["eval", "guard", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--test-id" in err[0]
+
+
+@pytest.mark.slow
+def test_guard_add_examples_cli_writes_a_new_artifact(model, tmp_path, capsys):
+    from routers.guard import Guard
+    from tests.routers.test_guard_shift import ticket_texts
+
+    rows = [{"text": t, "label": "finance"} for t in ticket_texts(20, 3)] + [{"text": TOXIC[0], "label": "ood"}]
+    f = write_jsonl(tmp_path / "examples.jsonl", rows)
+    out = tmp_path / "added"
+    assert main(["guard", "add-examples", str(model), "--file", str(f), "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["added"] == {"finance": 20, "ood": 1} and res["artifact"] == str(out)
+    shifted = ticket_texts(30, 7)
+    after = sum(v.domain == "finance" for v in map(Guard.load(out).classify, shifted))
+    assert after > sum(v.domain == "finance" for v in map(Guard.load(model).classify, shifted))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "football", "label": "sports"}])
+    assert main(["guard", "add-examples", str(model), "--file", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:1" in err[0] and "sports" in err[0]
+    assert main(["guard", "add-examples", str(model), "--file", str(f), "--out", str(model)]) == 2

@@ -162,3 +162,55 @@ def test_rule_with_early_accept_trades_rejection_for_skipped_work(tmp_path):
     assert evaluate_rule(fs, replace(RULES["knn+tfknn"], early_accept=1.01)) == base
     loose = evaluate_rule(fs, replace(RULES["knn+tfknn"], early_accept=1e-6))
     assert loose["id_acc"] > base["id_acc"] and loose["ood_acc"] <= base["ood_acc"]
+
+
+def _sourced(rows):
+    """Two sources per domain: half the rows of each label in source ``<label>_a``, half in ``<label>_b``."""
+    from training.guard_data import GuardRow
+
+    return [GuardRow(r.text, r.label, f"{r.label}_{'ab'[i % 2]}") for i, r in enumerate(rows)]
+
+
+def test_loso_folds_hold_out_one_source_at_a_time():
+    """One fold per source of a domain that keeps another source: its rows are neither trained on nor
+    calibrated with, they are the fold's shifted in-domain rows; OOD = the --ood-val sources."""
+    from training.guard_data import GuardRow
+    from training.guard_select import make_loso_folds
+
+    train, dev = _sourced(make_rows(10, 0)), _sourced(make_rows(4, 1))
+    lone = GuardRow("a question of the only source of its domain", "sports", "only")
+    ood = [GuardRow("Der Hund schläft im Garten.", "ood", "german")]
+    folds = make_loso_folds([*train, lone], dev, ood_val=ood)
+    assert [f.name for f in folds] == [f"loso-{d}_{s}" for d in ("finance", "healthcare", "law") for s in "ab"]
+    for f in folds:
+        held = f.name.removeprefix("loso-")
+        assert held not in {r.source for r in f.train} | {r.source for r in f.dev}
+        assert {r.source for r in f.shifted} == {held} and len(f.shifted) == 7  # 5 train + 2 dev rows
+        assert f.ood == {"german": ["Der Hund schläft im Garten."]}
+    assert make_loso_folds(train, dev)[0].ood.keys() == {"synthetic_cipher", "synthetic_shuffle"}
+    with pytest.raises(ValueError, match="two sources"):
+        make_loso_folds(make_rows(5, 0), make_rows(2, 1))
+
+
+@pytest.mark.slow
+def test_loso_scores_shifted_rows_and_the_ood_anchor_keeps_more_of_them(tmp_path):
+    """select(loso=True): the protocol's score is the mean over held-out sources of the GQR formula on
+    (shifted rows accepted with their domain, OOD rejected); an OOD-anchored threshold (calibrated on one
+    hash half of the OOD rows, scored on the other) keeps at least as many shifted rows as the dev quantile
+    when the OOD text is far from every domain."""
+    from tests.routers.test_guard import FOREIGN
+    from training.guard_data import GuardRow
+
+    train, dev = _sourced(make_rows(30, 0)), _sourced(make_rows(12, 1))
+    ood = [GuardRow(t, "ood", "foreign") for t in FOREIGN * 4]
+    rules = [RULES["knn+tfknn"], replace(RULES["knn+tfknn"], ood_reject=0.9)]
+    res = select(train, dev, [VARIANTS["base"]], rules, base=TINY, ood_val=ood, loso=True, cache=tmp_path)
+    by_rule = {r["rule"]: r for r in res}
+    assert set(by_rule) == {"knn+tfknn", "knn+tfknn/ood0.9"}
+    plain, anchored = by_rule["knn+tfknn"], by_rule["knn+tfknn/ood0.9"]
+    assert len([f for f in plain["folds"] if f.startswith("loso-")]) == 6 and plain["ood_val"] is not None
+    fold = plain["folds"]["loso-finance_a"]
+    assert 0 <= fold["shift_acc"] <= fold["shift_kept"] <= 100
+    assert plain["score"] == pytest.approx(np.mean([f["gqr"] for n, f in plain["folds"].items() if n != "ood-val"]))
+    assert anchored["shift_kept"] >= plain["shift_kept"]
+    assert anchored["folds"]["loso-law_b"]["per_source"]["foreign"] >= 90
