@@ -2,7 +2,8 @@
 
 The lifespan builds the ``Pipeline`` once through ``gateway/wiring.py`` (pools, guard, router policy, cascade
 rule, example store, admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
-SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Pipeline.reload``).
+Its ``gateway/lifecycle.py`` ``Lifecycle`` starts it, answers readiness and reloads, and closes it.
+SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Lifecycle.reload``).
 Every error leaves in OpenAI's envelope through ``gateway.edge.error_response``: pydantic validation
 errors are 400 ``invalid_request_error`` (not FastAPI's 422), unknown paths 404 (a trailing slash too:
 never a redirect), a client that left 499, anything unexpected 500.
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from gateway.lifecycle import Lifecycle
         from gateway.wiring import build_pipeline
 
         if pipeline_factory is not None:
@@ -67,7 +69,8 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         if not settings.api_keys:
             log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
                         settings.host, settings.port)
-        await pipeline.start()
+        lifecycle = Lifecycle(pipeline)
+        await lifecycle.start()
         from gateway.response_store import build_response_store
 
         app.state.response_store = build_response_store(settings)
@@ -84,15 +87,15 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         # request costs, measured with fake replicas).
         gc.collect()
         gc.freeze()
-        app.state.pipeline = pipeline
-        sighup = _reload_on_sighup(pipeline)
+        app.state.pipeline, app.state.lifecycle = pipeline, lifecycle
+        sighup = _reload_on_sighup(lifecycle)
         try:
             yield
         finally:
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            app.state.pipeline = None
-            await pipeline.close()
+            app.state.pipeline = app.state.lifecycle = None
+            await lifecycle.close()
             await app.state.response_store.close()
             await app.state.embeddings.close()
             await app.state.dashboard.close()
@@ -113,7 +116,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
                   redirect_slashes=False,
                   description="OpenAI-compatible LLM gateway: guard, router, cascade, example cache, model pools.")
     app.state.settings = settings
-    app.state.pipeline = None
+    app.state.pipeline = app.state.lifecycle = None
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -153,13 +156,13 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     return app
 
 
-def _reload_on_sighup(pipeline: Any) -> bool:
-    """SIGHUP reloads the artifacts (``Pipeline.reload``; the outcome is logged). Only where the loop can
+def _reload_on_sighup(lifecycle: Any) -> bool:
+    """SIGHUP reloads the artifacts (``Lifecycle.reload``; the outcome is logged). Only where the loop can
     take signals (the main thread, as ``switchyard serve`` runs); False elsewhere (a server in a test thread)."""
     if not hasattr(signal, "SIGHUP"):
         return False
     try:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, pipeline.reload_in_background)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lifecycle.reload_in_background)
     except (ValueError, RuntimeError, NotImplementedError):
         return False
     return True
