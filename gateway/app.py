@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.edge import Edge, error_response
-from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
+from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound, ServiceUnavailable
 from gateway.responder import invalid_request
 from gateway.settings import Settings
 
@@ -149,7 +149,8 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     for module in (chat, completions, responses, messages, embeddings, models, health, ui, admin):
         app.include_router(module.router)
     app.add_middleware(FastLane)
-    app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
+    app.add_middleware(Edge, self_headed=_FAST_ROUTES,  # outermost: key, body, t_start, x-request-id
+                       max_body_bytes=settings.limits.max_body_bytes,
                        body_read_timeout_s=settings.limits.body_read_timeout_s,
                        max_header_bytes=settings.limits.max_header_bytes)
     app.openapi = lambda: _openapi_schema(app, settings)  # type: ignore[method-assign]
@@ -188,9 +189,12 @@ class FastLane:
             return
         request = Request(scope, receive)
         try:
-            response = await _fast_completion(request, scope["path"])
+            response = await _fast_completion(request, scope["path"], receive)
         except Exception as e:  # noqa: BLE001 - the same mapping as the app's exception handlers
             response = error_response(scope, e)
+        request_id = scope["state"].get("request_id") if "state" in scope else None
+        if request_id is not None:  # the Edge leaves x-request-id to these routes (no wrapper per chunk)
+            response.raw_headers.append((b"x-request-id", request_id.encode()))
         await response(scope, receive, send)
 
 
@@ -218,17 +222,29 @@ def _fast_routes() -> dict[str, tuple[Any, Any]]:
             "/v1/messages": (MessagesRequest, messages), "/v1/responses": (ResponsesRequest, responses)}
 
 
-async def _fast_completion(request: Request, path: str) -> Response:
-    from pydantic import ValidationError
+async def _body(receive: Any) -> bytes:
+    """The request body straight from ``receive`` (the edge has buffered it: usually one message)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    from gateway.routes.deps import get_pipeline
+
+async def _fast_completion(request: Request, path: str, receive: Any) -> Response:
+    from pydantic import ValidationError
 
     if not _is_json(request.headers.get("content-type")):
         # As FastAPI's strict content type: a browser can send text/plain cross-site without a preflight,
         # so a body is only read as JSON when it says it is (a gateway on localhost is not a CSRF target).
         raise InvalidRequest("Invalid request: the body must be JSON sent with Content-Type: application/json.")
-    raw = await request.body()
-    pipeline = await get_pipeline(request)
+    raw = await _body(receive)
+    pipeline = request.app.state.pipeline
+    if pipeline is None:
+        raise ServiceUnavailable("The gateway is starting up.", code="starting")
     if not _FAST_HANDLERS:
         _FAST_HANDLERS.update(_fast_routes())
     model, handler = _FAST_HANDLERS[path]

@@ -4,7 +4,9 @@
 
 1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement and
    ``scope["state"]["request_id"]``: the client's ``x-request-id`` or a new one, echoed on every response
-   (and ``traceparent`` when the client sent a valid one; both are forwarded to remote pools);
+   (and ``traceparent`` when the client sent a valid one; both are forwarded to remote pools); the
+   ``self_headed`` POST paths (``FastLane``'s) put the header on their responses themselves, so their
+   stream chunks pass no wrapper;
    refuses headers over ``limits.max_header_bytes`` in all (431, like nginx's header buffers);
 2. on ``/v1/`` paths checks the API key from the headers alone: a missing or wrong key is a 401
    before one byte of the body is read or parsed (an anonymous caller learns nothing about the schema);
@@ -90,8 +92,10 @@ def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
 class Edge:
     """ASGI middleware; see the module docstring. ``authenticate(scope)`` raises the 401 or returns."""
 
-    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float, max_header_bytes: int) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float, max_header_bytes: int,
+                 self_headed: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.self_headed = self_headed  # POST paths whose app adds x-request-id to its responses itself
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout_s = body_read_timeout_s
         self.max_header_bytes = max_header_bytes
@@ -117,7 +121,10 @@ class Edge:
             elif name == b"traceparent" and _TRACEPARENT.fullmatch(value):
                 state["traceparent"] = value.decode()
         state["request_id"] = request_id = request_id or self._new_request_id()
+        app_send = send
         send = _with_request_id(send, request_id)
+        if scope["method"] != "POST" or scope["path"] not in self.self_headed:
+            app_send = send
         try:
             if num_header_bytes > self.max_header_bytes:
                 raise HeadersTooLarge(f"Request headers are larger than {self.max_header_bytes} bytes "
@@ -135,7 +142,7 @@ class Edge:
             if response.status_code != STATUS_CLIENT_GONE:
                 await response(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive) if body is not None else receive, send)
+        await self.app(scope, _replay(body, receive) if body is not None else receive, app_send)
 
     def _new_request_id(self) -> str:
         """Unique across replicas and restarts: a random per-process prefix and a counter (cheaper than uuid4)."""

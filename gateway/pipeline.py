@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -94,6 +95,9 @@ class _RequestIds:
 
 
 _REQUEST_IDS = _RequestIds()
+# Trace and span ids: random, not secret (OpenTelemetry's RandomIdGenerator draws them the same way); all-zero
+# ids are invalid in W3C trace context.
+_random_bits = random.getrandbits
 
 
 @dataclass
@@ -379,10 +383,10 @@ class Pipeline:
         if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
-        self._check_limits(job)
+        num_prompt_tokens = self._check_limits(job)
         reservation = None
         if admission.max_budget_usd is not None:
-            reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
+            reservation = await self.accounting.reserve(admission, requested, num_prompt_tokens,
                                                         job.sampling.max_tokens * job.n)
         if span:
             spans.end(span, key=admission.key_name, model=requested)
@@ -581,7 +585,8 @@ class Pipeline:
             return job.prompt[-max_chars:], job.prompt[-max_chars:]
         return "", ""
 
-    def _check_limits(self, job: Job) -> None:
+    def _check_limits(self, job: Job) -> int:
+        """400 when ``n``, ``max_tokens`` or the estimated prompt length is over its limit; else that estimate."""
         limits = self.settings.limits
         n = job.sampling.n
         if n > limits.max_n:
@@ -593,6 +598,7 @@ class Pipeline:
         if num > limits.max_prompt_tokens:
             raise InvalidRequest(f"The prompt is about {num} tokens, above the limit of {limits.max_prompt_tokens}.",
                                  code="context_length_exceeded", param=job.input_param if job.messages else "prompt")
+        return num
 
     @staticmethod
     def _wants_json(job: Job) -> bool:
@@ -642,8 +648,8 @@ class Pipeline:
         if self._pool_cfg(alias).kind != "remote" or job.correlation_id is None:
             return {}
         trace_id, flags = ((job.traceparent[3:35], job.traceparent[53:55]) if job.traceparent
-                           else (secrets.token_hex(16), "01"))
-        return {"x-request-id": job.correlation_id, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}
+                           else (f"{_random_bits(128) or 1:032x}", "01"))
+        return {"x-request-id": job.correlation_id, "traceparent": f"00-{trace_id}-{_random_bits(64) or 1:016x}-{flags}"}
 
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, meter: Meter,
                      spans: Any) -> AsyncIterator[Delta]:

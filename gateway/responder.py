@@ -236,31 +236,44 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
                         overhead_s=execution.overhead_s, execution=execution, scope=scope)
 
 
-async def _cancel_on_disconnect(receive: Any, task: asyncio.Task, gone: asyncio.Event) -> None:
-    """The one disconnect watcher: wait for ``http.disconnect``, then set ``gone`` and cancel ``task``."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            task.cancel()
-            return
+class _DisconnectWatch:
+    """The one disconnect watcher: a task that waits for ``http.disconnect``, then sets ``gone`` and cancels
+    the task that made the watch (its current work, and with it the backend request)."""
+
+    __slots__ = ("gone", "task", "watcher")
+
+    def __init__(self, receive: Any) -> None:
+        self.task = asyncio.current_task()
+        self.gone = False
+        self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                self.task.cancel()
+                return
 
 
-@contextlib.asynccontextmanager
-async def abort_on_disconnect(request: Request):
-    """Cancel the enclosed work when the client disconnects (the backend request is aborted with it);
-    the disconnect leaves as ``ClientGone``."""
-    task, gone = asyncio.current_task(), asyncio.Event()
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request.receive, task, gone))
-    try:
-        yield
-    except asyncio.CancelledError:
-        if gone.is_set():
-            task.uncancel()
+class abort_on_disconnect:  # noqa: N801 - used as a context manager, named for what it does
+    """``async with abort_on_disconnect(request):`` cancels the enclosed work when the client disconnects
+    (the backend request is aborted with it); the disconnect leaves as ``ClientGone``."""
+
+    __slots__ = ("_receive", "_watch")
+
+    def __init__(self, request: Request) -> None:
+        self._receive = request.receive
+
+    async def __aenter__(self) -> None:
+        self._watch = _DisconnectWatch(self._receive)
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        watch = self._watch
+        watch.watcher.cancel()
+        if exc_type is asyncio.CancelledError and watch.gone:
+            watch.task.uncancel()
             raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
 
 
 class AbortingStream(StreamingResponse):
@@ -268,17 +281,16 @@ class AbortingStream(StreamingResponse):
     also while waiting for the next token, and always closes the iterator when it ends."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        task, gone = asyncio.current_task(), asyncio.Event()
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task, gone))
+        watch = _DisconnectWatch(receive)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not watch.gone:
                 raise
-            task.uncancel()
+            watch.task.uncancel()
         except OSError:
             pass
         finally:
-            watcher.cancel()
+            watch.watcher.cancel()
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
