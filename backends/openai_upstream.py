@@ -338,7 +338,9 @@ class OpenAIUpstream:
             raise BackendError(f"upstream {self.name} answered without choices", retryable=True, code="upstream_error")
         deltas = []
         num_completion = 0
-        for c in choices:
+        usage = _usage(obj.get("usage"))
+        last = len(choices) - 1
+        for i, c in enumerate(choices):
             if is_chat:
                 msg = c.get("message") or {}
                 text = msg.get("content") or ""
@@ -351,10 +353,10 @@ class OpenAIUpstream:
                 text, tool_calls, reasoning = c.get("text") or "", None, ""
                 logprobs = _completion_logprobs(c.get("logprobs"))
             num_completion += len(logprobs) or (1 if text else 0)
+            final = i == last  # the last Delta carries the usage (counted from the choices if none was sent)
             deltas.append(Delta(index=c.get("index", 0), text=text, logprobs=logprobs, reasoning=reasoning,
-                                finish_reason=_finish(c.get("finish_reason")), tool_calls=tool_calls or None))
-        usage = _usage(obj.get("usage")) or Usage(0, num_completion)
-        deltas[-1] = replace(deltas[-1], is_final=True, usage=usage)
+                                finish_reason=_finish(c.get("finish_reason")), tool_calls=tool_calls or None,
+                                is_final=final, usage=(usage or Usage(0, num_completion)) if final else None))
         return deltas
 
 
@@ -413,7 +415,9 @@ class _StreamParser:
             raise BackendError(f"upstream {self.name} ended the stream before every choice finished",
                                retryable=True, code="upstream_incomplete_stream")
         usage = self.usage or Usage(0, self.num_content_chunks)
-        return self.finished[:-1] + [replace(self.finished[-1], is_final=True, usage=usage)]
+        last = self.finished[-1]  # a finish Delta: index and finish_reason only (feed)
+        return [*self.finished[:-1], Delta(index=last.index, finish_reason=last.finish_reason, is_final=True,
+                                           usage=usage)]
 
 
 class UpstreamConnectError(OSError):

@@ -465,7 +465,7 @@ class Pipeline:
             label = (await self.guard_batcher.run((guard, text))).label
         if span:
             spans.end(span, guard=label)
-        self.metrics.child(self.metrics.guard, label).inc()
+        self.metrics.adder(self.metrics.guard, label)(1)
         if label == "domain":
             return GuardAction(label)
         policy = self.settings.guard.ood if label == "ood" else self.settings.guard.unsafe
