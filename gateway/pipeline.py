@@ -124,17 +124,16 @@ class Job:
     program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
     input_param: str = "messages"  # the request field holding the messages, as the endpoint names it (400 params)
     state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its steps' results for ``record``
-    request_id: str = field(default_factory=lambda: _REQUEST_IDS())
+    request_id: str = field(default_factory=_REQUEST_IDS)
     t_start: float = field(default_factory=time.perf_counter)
+    num_images: int = field(init=False)  # image parts (image_url) in the messages: only some pools take them
+
+    def __post_init__(self) -> None:
+        self.num_images = num_image_parts(self.messages)
 
     @property
     def n(self) -> int:
         return self.sampling.n
-
-    @functools.cached_property
-    def num_images(self) -> int:
-        """Image parts (``image_url``) in the messages: only pools that serve images may take the request."""
-        return num_image_parts(self.messages)
 
     @property
     def has_images(self) -> bool:
