@@ -29,6 +29,7 @@ import logging
 import re
 import secrets
 import time
+from itertools import chain
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -111,15 +112,9 @@ class Edge:
             return
         state = scope.setdefault("state", {})
         state["t_start"] = time.perf_counter()
-        num_header_bytes, request_id, content_length = 0, None, None
-        for name, value in scope["headers"]:  # one pass: size, x-request-id, traceparent, content-length
-            num_header_bytes += len(name) + len(value)
-            if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
-                request_id = value.decode()
-            elif name == b"content-length":
-                content_length = value
-            elif name == b"traceparent" and _TRACEPARENT.fullmatch(value):
-                state["traceparent"] = value.decode()
+        num_header_bytes, request_id, content_length, traceparent = _header_facts(scope["headers"])
+        if traceparent is not None:
+            state["traceparent"] = traceparent
         state["request_id"] = request_id = request_id or self._new_request_id()
         app_send = send
         send = _with_request_id(send, request_id)
@@ -192,6 +187,36 @@ class Edge:
                 if now >= deadline and task not in self._timed_out:
                     self._timed_out.add(task)
                     task.cancel()
+
+
+def _valid_request_id(value: bytes | None) -> str | None:
+    if value is not None and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
+        return value.decode()
+    return None
+
+
+def _valid_traceparent(value: bytes | None) -> str | None:
+    return value.decode() if value is not None and _TRACEPARENT.fullmatch(value) else None
+
+
+def _header_facts(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None, bytes | None, str | None]:
+    """(bytes of all names and values, the x-request-id, the content-length, the traceparent): of a repeated
+    header the last valid one. Without repeats (the usual request) the three are dictionary lookups and the
+    size a sum in C; with repeats, one pass in order."""
+    by_name = dict(headers)
+    if len(by_name) == len(headers):
+        return (sum(map(len, chain.from_iterable(headers))), _valid_request_id(by_name.get(b"x-request-id")),
+                by_name.get(b"content-length"), _valid_traceparent(by_name.get(b"traceparent")))
+    num_bytes, request_id, content_length, traceparent = 0, None, None, None
+    for name, value in headers:
+        num_bytes += len(name) + len(value)
+        if name == b"x-request-id":
+            request_id = _valid_request_id(value) or request_id
+        elif name == b"content-length":
+            content_length = value
+        elif name == b"traceparent":
+            traceparent = _valid_traceparent(value) or traceparent
+    return num_bytes, request_id, content_length, traceparent
 
 
 def _with_request_id(send: Any, request_id: str) -> Any:
