@@ -148,6 +148,7 @@ class Metrics:
         self.engine = EngineMetrics(r)
         self._callbacks: _Callbacks | None = None
         self._children: dict[tuple, Any] = {}  # labels() looked up once per label set (and adder / observer)
+        self._per_request: dict[Any, tuple] = {}  # record_request's / record_usage's recorders by labels
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached (prometheus_client validates and locks on every call)."""
@@ -197,18 +198,30 @@ class Metrics:
 
     def record_request(self, *, route: str, model: str, status: int, latency_s: float,
                        overhead_s: float | None) -> None:
-        self.adder(self.requests, route, model, str(status))(1)
-        self.observer(self.latency, route)(latency_s)
+        recorders = self._per_request.get((route, model, status))
+        if recorders is None:
+            recorders = self._per_request[(route, model, status)] = (
+                self.adder(self.requests, route, model, str(status)), self.observer(self.latency, route),
+                self.observer(self.overhead))
+        count, latency, overhead = recorders
+        count(1)
+        latency(latency_s)
         if overhead_s is not None:
-            self.observer(self.overhead)(max(0.0, overhead_s))
+            overhead(max(0.0, overhead_s))
 
     def record_usage(self, *, model: str, num_prompt_tokens: int, num_completion_tokens: int,
                      cost_usd: float, always_llm_cost_usd: float) -> None:
-        self.adder(self.tokens, model, "prompt")(num_prompt_tokens)
-        self.adder(self.tokens, model, "completion")(num_completion_tokens)
-        self.adder(self.cost, model)(cost_usd)
-        self.adder(self.always_llm_cost)(always_llm_cost_usd)
-        self.adder(self.saved)(always_llm_cost_usd - cost_usd)
+        adders = self._per_request.get(model)
+        if adders is None:
+            adders = self._per_request[model] = (
+                self.adder(self.tokens, model, "prompt"), self.adder(self.tokens, model, "completion"),
+                self.adder(self.cost, model), self.adder(self.always_llm_cost), self.adder(self.saved))
+        prompt, completion, cost, always, saved = adders
+        prompt(num_prompt_tokens)
+        completion(num_completion_tokens)
+        cost(cost_usd)
+        always(always_llm_cost_usd)
+        saved(always_llm_cost_usd - cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

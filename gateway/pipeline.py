@@ -741,11 +741,17 @@ class Pipeline:
         if self.traffic_log is not None and execution is not None and status == 200:
             self._record_traffic(execution, scope)
         state = (scope or {}).get("state") or {}
+        shown = execution.meter.shown() if execution is not None else None  # as the switchyard field has them
+        if overhead_s is None:
+            overhead_ms = None
+        elif shown is not None and overhead_s == execution.meter.overhead_s:
+            overhead_ms = shown[0]
+        else:
+            overhead_ms = round(overhead_s * 1000, 3)
         entry: dict[str, Any] = {
             "request_id": state.get("request_id"),
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
-            "latency_ms": round(latency_s * 1000, 3),
-            "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
+            "latency_ms": round(latency_s * 1000, 3), "overhead_ms": overhead_ms}
         spans = None
         if execution is not None:
             decision, usage, spans = execution.decision, execution.usage, execution.spans
@@ -756,7 +762,7 @@ class Pipeline:
                          guard=decision.guard, escalated=decision.escalated, num_examples=len(decision.examples.ids),
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
-                         cost_usd=round(execution.meter.cost_usd, 10))
+                         cost_usd=shown[1])
         elif state:  # refused on the way (guard, limits, budget, backend): what was decided before
             spans = state.get("spans")
             admission, guard, route = state.get("admission"), state.get("guard"), state.get("route")
