@@ -338,7 +338,9 @@ class OpenAIUpstream:
             raise BackendError(f"upstream {self.name} answered without choices", retryable=True, code="upstream_error")
         deltas = []
         num_completion = 0
-        for c in choices:
+        usage = _usage(obj.get("usage"))
+        last = len(choices) - 1
+        for i, c in enumerate(choices):
             if is_chat:
                 msg = c.get("message") or {}
                 text = msg.get("content") or ""
@@ -351,10 +353,10 @@ class OpenAIUpstream:
                 text, tool_calls, reasoning = c.get("text") or "", None, ""
                 logprobs = _completion_logprobs(c.get("logprobs"))
             num_completion += len(logprobs) or (1 if text else 0)
+            final = i == last  # the last Delta carries the usage (counted from the choices if none was sent)
             deltas.append(Delta(index=c.get("index", 0), text=text, logprobs=logprobs, reasoning=reasoning,
-                                finish_reason=_finish(c.get("finish_reason")), tool_calls=tool_calls or None))
-        usage = _usage(obj.get("usage")) or Usage(0, num_completion)
-        deltas[-1] = replace(deltas[-1], is_final=True, usage=usage)
+                                finish_reason=_finish(c.get("finish_reason")), tool_calls=tool_calls or None,
+                                is_final=final, usage=(usage or Usage(0, num_completion)) if final else None))
         return deltas
 
 
@@ -413,7 +415,9 @@ class _StreamParser:
             raise BackendError(f"upstream {self.name} ended the stream before every choice finished",
                                retryable=True, code="upstream_incomplete_stream")
         usage = self.usage or Usage(0, self.num_content_chunks)
-        return self.finished[:-1] + [replace(self.finished[-1], is_final=True, usage=usage)]
+        last = self.finished[-1]  # a finish Delta: index and finish_reason only (feed)
+        return [*self.finished[:-1], Delta(index=last.index, finish_reason=last.finish_reason, is_final=True,
+                                           usage=usage)]
 
 
 class UpstreamConnectError(OSError):
@@ -463,9 +467,47 @@ class Http1Response:
         self.is_reusable = headers.get(b"connection", b"").lower() != b"close"
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        r, touch = self.reader, self.timer.touch
         try:
-            async for data in self._body():
-                yield data
+            if b"content-length" in self.headers:
+                remaining = int(self.headers[b"content-length"])
+                while remaining > 0:
+                    data = await r.read(min(remaining, 65536))
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", remaining)
+                    touch()
+                    remaining -= len(data)
+                    yield data
+            elif self.headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+                while True:
+                    size = int((await r.readuntil(b"\n")).split(b";")[0].strip() or b"x", 16)
+                    if size == 0:
+                        while (await r.readline()) not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        break
+                    data = await r.readexactly(size + 2)
+                    touch()
+                    yield data[:-2]
+            else:  # body until the server closes
+                self.is_reusable = False
+                while data := await r.read(65536):
+                    touch()
+                    yield data
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            if self.timer.fired:
+                raise TimeoutError("no data from the upstream in time") from None
+            if isinstance(e, asyncio.LimitOverrunError):
+                raise ValueError("a chunk-size line of the upstream's response is over 64 KiB") from None
+            raise
+        if self.timer.fired:
+            raise TimeoutError("no data from the upstream in time")
+        self.is_complete = True
+
+    async def aread(self) -> bytes:
+        if b"content-length" not in self.headers:
+            return b"".join([chunk async for chunk in self.aiter_bytes()])
+        try:  # the whole body in one read (no generator on the common path)
+            data = await self.reader.readexactly(int(self.headers[b"content-length"]))
         except (OSError, asyncio.IncompleteReadError, ValueError):
             if self.timer.fired:
                 raise TimeoutError("no data from the upstream in time") from None
@@ -473,36 +515,7 @@ class Http1Response:
         if self.timer.fired:
             raise TimeoutError("no data from the upstream in time")
         self.is_complete = True
-
-    async def _body(self) -> AsyncIterator[bytes]:
-        r, touch = self.reader, self.timer.touch
-        if b"content-length" in self.headers:
-            remaining = int(self.headers[b"content-length"])
-            while remaining > 0:
-                data = await r.read(min(remaining, 65536))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", remaining)
-                touch()
-                remaining -= len(data)
-                yield data
-        elif self.headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-            while True:
-                size = int((await r.readline()).split(b";")[0].strip() or b"x", 16)
-                if size == 0:
-                    while (await r.readline()) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return
-                data = await r.readexactly(size + 2)
-                touch()
-                yield data[:-2]
-        else:  # body until the server closes
-            self.is_reusable = False
-            while data := await r.read(65536):
-                touch()
-                yield data
-
-    async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_bytes()])
+        return data
 
 
 class Http1Pool:
@@ -552,14 +565,19 @@ class Http1Pool:
                 try:
                     writer.write(head + body)
                     await writer.drain()
-                    status_line = await reader.readline()
-                    if not status_line:
-                        raise ConnectionResetError("server closed the connection")
+                    try:  # the status line and the headers in one read
+                        head_lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+                    except asyncio.IncompleteReadError as e:
+                        if not e.partial:
+                            raise ConnectionResetError("server closed the connection") from None
+                        raise ValueError("the upstream closed the connection inside a response head") from None
+                    except asyncio.LimitOverrunError:
+                        raise ValueError("the upstream's response head is over 64 KiB") from None
                     headers: dict[bytes, bytes] = {}
-                    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    for line in head_lines[1:-2]:
                         key, _, value = line.partition(b":")
                         headers[key.strip().lower()] = value.strip()
-                    status = int(status_line.split(None, 2)[1])
+                    status = int(head_lines[0].split(None, 2)[1])
                     break
                 except (ConnectionError, IndexError, ValueError):
                     writer.close()

@@ -345,8 +345,8 @@ class Pool:
             num_got = 0
             # a backend that bounds itself by request.deadline saves a timeout context per Delta here
             deadline = None if getattr(replica.backend, "enforces_deadline", False) else request.deadline
-            async with contextlib.aclosing(agen) as deltas:
-                while (delta := await _next_delta(deltas, deadline, num_got)) is not None:
+            async with contextlib.aclosing(agen if deadline is None else _with_deadline(agen, deadline)) as deltas:
+                async for delta in deltas:
                     num_got += 1
                     if stream:
                         yield delta
@@ -499,19 +499,22 @@ def _after_first_token(e: BackendError) -> BackendError:
     return BackendError(e.message, retryable=False, status_code=e.status_code, code=e.code, after_first_token=True)
 
 
-async def _next_delta(deltas: AsyncIterator[Delta], deadline: float | None, num_yielded: int) -> Delta | None:
-    """The next Delta, or None at the end; past ``deadline`` raise BackendError(504, "deadline_exceeded")."""
-    try:
-        if deadline is None:
-            return await anext(deltas)
-        when = asyncio.get_running_loop().time() + (deadline - time.monotonic())
-        async with asyncio.timeout_at(when):
-            return await anext(deltas)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError:
-        raise BackendError("request deadline passed while generating", retryable=False, status_code=504,
-                           code="deadline_exceeded", after_first_token=num_yielded > 0) from None
+async def _with_deadline(deltas: AsyncIterator[Delta], deadline: float) -> AsyncIterator[Delta]:
+    """``deltas`` (closed at the end); past ``deadline`` raise BackendError(504, "deadline_exceeded")."""
+    num_yielded = 0
+    async with contextlib.aclosing(deltas):
+        while True:
+            try:
+                when = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+                async with asyncio.timeout_at(when):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise BackendError("request deadline passed while generating", retryable=False, status_code=504,
+                                   code="deadline_exceeded", after_first_token=num_yielded > 0) from None
+            num_yielded += 1
+            yield delta
 
 
 __all__ = ["Pool", "PoolSet", "PoolStats", "Replica", "default_backend"]

@@ -2,7 +2,8 @@
 
 The lifespan builds the ``Pipeline`` once through ``gateway/wiring.py`` (pools, guard, router policy, cascade
 rule, example store, admission) and closes it at shutdown; routes reach it through ``gateway.routes.deps.get_pipeline``.
-SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Pipeline.reload``).
+Its ``gateway/lifecycle.py`` ``Lifecycle`` starts it, answers readiness and reloads, and closes it.
+SIGHUP reloads the guard and router artifacts, as ``POST /admin/reload`` does (``Lifecycle.reload``).
 Every error leaves in OpenAI's envelope through ``gateway.edge.error_response``: pydantic validation
 errors are 400 ``invalid_request_error`` (not FastAPI's 422), unknown paths 404 (a trailing slash too:
 never a redirect), a client that left 499, anything unexpected 500.
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.edge import Edge, error_response
-from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound
+from gateway.errors import ClientGone, GatewayError, InvalidRequest, NotFound, ServiceUnavailable
 from gateway.responder import invalid_request
 from gateway.settings import Settings
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from gateway.lifecycle import Lifecycle
         from gateway.wiring import build_pipeline
 
         if pipeline_factory is not None:
@@ -67,7 +69,8 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         if not settings.api_keys:
             log.warning("no api_keys configured: the gateway is OPEN to anyone who can reach %s:%s",
                         settings.host, settings.port)
-        await pipeline.start()
+        lifecycle = Lifecycle(pipeline)
+        await lifecycle.start()
         from gateway.response_store import build_response_store
 
         app.state.response_store = build_response_store(settings)
@@ -84,15 +87,15 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
         # request costs, measured with fake replicas).
         gc.collect()
         gc.freeze()
-        app.state.pipeline = pipeline
-        sighup = _reload_on_sighup(pipeline)
+        app.state.pipeline, app.state.lifecycle = pipeline, lifecycle
+        sighup = _reload_on_sighup(lifecycle)
         try:
             yield
         finally:
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            app.state.pipeline = None
-            await pipeline.close()
+            app.state.pipeline = app.state.lifecycle = None
+            await lifecycle.close()
             await app.state.response_store.close()
             await app.state.embeddings.close()
             await app.state.dashboard.close()
@@ -113,7 +116,7 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
                   redirect_slashes=False,
                   description="OpenAI-compatible LLM gateway: guard, router, cascade, example cache, model pools.")
     app.state.settings = settings
-    app.state.pipeline = None
+    app.state.pipeline = app.state.lifecycle = None
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -146,20 +149,21 @@ def create_app(settings: Settings, *, pipeline_factory: PipelineFactory | None =
     for module in (chat, completions, responses, messages, embeddings, models, health, ui, admin):
         app.include_router(module.router)
     app.add_middleware(FastLane)
-    app.add_middleware(Edge, max_body_bytes=settings.limits.max_body_bytes,  # outermost: key, body, t_start
+    app.add_middleware(Edge, self_headed=_FAST_ROUTES,  # outermost: key, body, t_start, x-request-id
+                       max_body_bytes=settings.limits.max_body_bytes,
                        body_read_timeout_s=settings.limits.body_read_timeout_s,
                        max_header_bytes=settings.limits.max_header_bytes)
     app.openapi = lambda: _openapi_schema(app, settings)  # type: ignore[method-assign]
     return app
 
 
-def _reload_on_sighup(pipeline: Any) -> bool:
-    """SIGHUP reloads the artifacts (``Pipeline.reload``; the outcome is logged). Only where the loop can
+def _reload_on_sighup(lifecycle: Any) -> bool:
+    """SIGHUP reloads the artifacts (``Lifecycle.reload``; the outcome is logged). Only where the loop can
     take signals (the main thread, as ``switchyard serve`` runs); False elsewhere (a server in a test thread)."""
     if not hasattr(signal, "SIGHUP"):
         return False
     try:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, pipeline.reload_in_background)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lifecycle.reload_in_background)
     except (ValueError, RuntimeError, NotImplementedError):
         return False
     return True
@@ -185,9 +189,12 @@ class FastLane:
             return
         request = Request(scope, receive)
         try:
-            response = await _fast_completion(request, scope["path"])
+            response = await _fast_completion(request, scope["path"], receive)
         except Exception as e:  # noqa: BLE001 - the same mapping as the app's exception handlers
             response = error_response(scope, e)
+        request_id = scope["state"].get("request_id") if "state" in scope else None
+        if request_id is not None:  # the Edge leaves x-request-id to these routes (no wrapper per chunk)
+            response.raw_headers.append((b"x-request-id", request_id.encode()))
         await response(scope, receive, send)
 
 
@@ -215,17 +222,29 @@ def _fast_routes() -> dict[str, tuple[Any, Any]]:
             "/v1/messages": (MessagesRequest, messages), "/v1/responses": (ResponsesRequest, responses)}
 
 
-async def _fast_completion(request: Request, path: str) -> Response:
-    from pydantic import ValidationError
+async def _body(receive: Any) -> bytes:
+    """The request body straight from ``receive`` (the edge has buffered it: usually one message)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    from gateway.routes.deps import get_pipeline
+
+async def _fast_completion(request: Request, path: str, receive: Any) -> Response:
+    from pydantic import ValidationError
 
     if not _is_json(request.headers.get("content-type")):
         # As FastAPI's strict content type: a browser can send text/plain cross-site without a preflight,
         # so a body is only read as JSON when it says it is (a gateway on localhost is not a CSRF target).
         raise InvalidRequest("Invalid request: the body must be JSON sent with Content-Type: application/json.")
-    raw = await request.body()
-    pipeline = await get_pipeline(request)
+    raw = await _body(receive)
+    pipeline = request.app.state.pipeline
+    if pipeline is None:
+        raise ServiceUnavailable("The gateway is starting up.", code="starting")
     if not _FAST_HANDLERS:
         _FAST_HANDLERS.update(_fast_routes())
     model, handler = _FAST_HANDLERS[path]

@@ -2,7 +2,7 @@
 
 ``load_artifacts(settings)`` reads the configured artifact folders (CPU and disk: the pipeline calls it in
 a worker thread when it reloads) and returns a ``ServingArtifacts``. The pipeline holds exactly one snapshot
-and replaces it with a single assignment (``Pipeline.reload``): a request takes the snapshot once when its
+and replaces it with a single assignment (``Lifecycle.reload``): a request takes the snapshot once when its
 decision starts and uses that snapshot to the end (guard, router score and threshold, cascade rule), so
 in-flight requests finish on the artifacts they started with while new requests get the new ones.
 A load that fails raises (``ArtifactError`` and friends) and the caller keeps the old snapshot.

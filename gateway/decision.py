@@ -15,7 +15,7 @@ decisions is what the request measures while it runs: ``Meter`` (time waiting on
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from backends.types import Delta
@@ -82,6 +82,16 @@ class Meter:
     backend_wait_s: float = 0.0
     cost_usd: float = 0.0
     overhead_s: float | None = None
+    _shown: tuple[Any, ...] = field(default=(None, None, 0.0, 0.0), init=False, repr=False, compare=False)
+
+    def shown(self) -> tuple[float, float]:
+        """(overhead in ms to 3 decimals, 0 before the first Delta; cost in USD to 10 decimals): what the
+        ``switchyard`` field and the decision log show, rounded once while the two values stay the same."""
+        memo = self._shown
+        if memo[0] != self.overhead_s or memo[1] != self.cost_usd:
+            memo = self._shown = (self.overhead_s, self.cost_usd, round((self.overhead_s or 0.0) * 1000, 3),
+                                  round(self.cost_usd, 10))
+        return memo[2], memo[3]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +120,12 @@ class Decision:
     def info(self, meter: Meter) -> dict[str, Any]:
         """The response's ``switchyard`` field."""
         routing = self.routing
+        overhead_ms, cost_usd = meter.shown()
         return {"route": routing.route, "model": self.pool, "guard": self.guard, "score": routing.score,
                 "threshold": routing.threshold, "scores": routing.scores, "tolerance": routing.tolerance,
                 "escalated": self.escalated, "num_examples": len(self.examples.ids),
                 "example_similarity": self.examples.similarity,
-                "overhead_ms": round((meter.overhead_s or 0.0) * 1000, 3), "cost_usd": round(meter.cost_usd, 10),
-                "reason": self.reason}
+                "overhead_ms": overhead_ms, "cost_usd": cost_usd, "reason": self.reason}
 
     def headers(self, meter: Meter, *, with_cost: bool) -> dict[str, str]:
         """The ``x-switchyard-*`` headers; the cost only when it is known (not on a stream's headers)."""

@@ -4,7 +4,9 @@
 
 1. stamps ``scope["state"]["t_start"]`` (perf_counter) for the overhead measurement and
    ``scope["state"]["request_id"]``: the client's ``x-request-id`` or a new one, echoed on every response
-   (and ``traceparent`` when the client sent a valid one; both are forwarded to remote pools);
+   (and ``traceparent`` when the client sent a valid one; both are forwarded to remote pools); the
+   ``self_headed`` POST paths (``FastLane``'s) put the header on their responses themselves, so their
+   stream chunks pass no wrapper;
    refuses headers over ``limits.max_header_bytes`` in all (431, like nginx's header buffers);
 2. on ``/v1/`` paths checks the API key from the headers alone: a missing or wrong key is a 401
    before one byte of the body is read or parsed (an anonymous caller learns nothing about the schema);
@@ -27,6 +29,7 @@ import logging
 import re
 import secrets
 import time
+from itertools import chain
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -90,8 +93,10 @@ def error_response(scope: dict[str, Any], exc: BaseException) -> Response:
 class Edge:
     """ASGI middleware; see the module docstring. ``authenticate(scope)`` raises the 401 or returns."""
 
-    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float, max_header_bytes: int) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, body_read_timeout_s: float, max_header_bytes: int,
+                 self_headed: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.self_headed = self_headed  # POST paths whose app adds x-request-id to its responses itself
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout_s = body_read_timeout_s
         self.max_header_bytes = max_header_bytes
@@ -107,17 +112,14 @@ class Edge:
             return
         state = scope.setdefault("state", {})
         state["t_start"] = time.perf_counter()
-        num_header_bytes, request_id, content_length = 0, None, None
-        for name, value in scope["headers"]:  # one pass: size, x-request-id, traceparent, content-length
-            num_header_bytes += len(name) + len(value)
-            if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
-                request_id = value.decode()
-            elif name == b"content-length":
-                content_length = value
-            elif name == b"traceparent" and _TRACEPARENT.fullmatch(value):
-                state["traceparent"] = value.decode()
+        num_header_bytes, request_id, content_length, traceparent = _header_facts(scope["headers"])
+        if traceparent is not None:
+            state["traceparent"] = traceparent
         state["request_id"] = request_id = request_id or self._new_request_id()
+        app_send = send
         send = _with_request_id(send, request_id)
+        if scope["method"] != "POST" or scope["path"] not in self.self_headed:
+            app_send = send
         try:
             if num_header_bytes > self.max_header_bytes:
                 raise HeadersTooLarge(f"Request headers are larger than {self.max_header_bytes} bytes "
@@ -135,7 +137,7 @@ class Edge:
             if response.status_code != STATUS_CLIENT_GONE:
                 await response(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive) if body is not None else receive, send)
+        await self.app(scope, _replay(body, receive) if body is not None else receive, app_send)
 
     def _new_request_id(self) -> str:
         """Unique across replicas and restarts: a random per-process prefix and a counter (cheaper than uuid4)."""
@@ -185,6 +187,36 @@ class Edge:
                 if now >= deadline and task not in self._timed_out:
                     self._timed_out.add(task)
                     task.cancel()
+
+
+def _valid_request_id(value: bytes | None) -> str | None:
+    if value is not None and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
+        return value.decode()
+    return None
+
+
+def _valid_traceparent(value: bytes | None) -> str | None:
+    return value.decode() if value is not None and _TRACEPARENT.fullmatch(value) else None
+
+
+def _header_facts(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None, bytes | None, str | None]:
+    """(bytes of all names and values, the x-request-id, the content-length, the traceparent): of a repeated
+    header the last valid one. Without repeats (the usual request) the three are dictionary lookups and the
+    size a sum in C; with repeats, one pass in order."""
+    by_name = dict(headers)
+    if len(by_name) == len(headers):
+        return (sum(map(len, chain.from_iterable(headers))), _valid_request_id(by_name.get(b"x-request-id")),
+                by_name.get(b"content-length"), _valid_traceparent(by_name.get(b"traceparent")))
+    num_bytes, request_id, content_length, traceparent = 0, None, None, None
+    for name, value in headers:
+        num_bytes += len(name) + len(value)
+        if name == b"x-request-id":
+            request_id = _valid_request_id(value) or request_id
+        elif name == b"content-length":
+            content_length = value
+        elif name == b"traceparent":
+            traceparent = _valid_traceparent(value) or traceparent
+    return num_bytes, request_id, content_length, traceparent
 
 
 def _with_request_id(send: Any, request_id: str) -> Any:

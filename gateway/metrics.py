@@ -54,6 +54,7 @@ The embedded engine of each local replica (vLLM's metric names behind the ``swit
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -153,7 +154,8 @@ class Metrics:
                               "it (limiter and example cache fail open), as of the last /readyz", registry=r)
         self.engine = EngineMetrics(r)
         self._callbacks: _Callbacks | None = None
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() looked up once per label set
+        self._children: dict[tuple, Any] = {}  # labels() looked up once per label set (and adder / observer)
+        self._per_request: dict[Any, tuple] = {}  # record_request's / record_usage's recorders by labels
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached (prometheus_client validates and locks on every call)."""
@@ -169,20 +171,64 @@ class Metrics:
             self._callbacks = _Callbacks(read)
             self.registry.register(self._callbacks)
 
+    def adder(self, metric: Any, *labels: str) -> Callable[[float], None]:
+        """``metric.labels(*labels).inc`` for the per-request counters, cached and without the public
+        ``inc``'s per-call checks (that the child is a labelled child, that a Counter's amount is not
+        negative: callers add only counts and costs). It is the value's own locked ``inc``, which the
+        public one ends in (prometheus_client is pinned in pyproject.toml; tests compare both paths)."""
+        key = (id(metric), labels, "inc")
+        add = self._children.get(key)
+        if add is None:
+            child = metric.labels(*labels) if labels else metric
+            child._raise_if_not_observable()
+            add = self._children[key] = child._value.inc
+        return add
+
+    def observer(self, metric: Any, *labels: str) -> Callable[[float], None]:
+        """``metric.labels(*labels).observe`` for a Histogram, cached: the bucket found by bisection, not
+        by the public ``observe``'s loop over the bounds (same bucket: the first bound >= the amount)."""
+        key = (id(metric), labels, "observe")
+        observe = self._children.get(key)
+        if observe is None:
+            child = metric.labels(*labels) if labels else metric
+            child._raise_if_not_observable()
+            bounds, buckets, add_sum = list(child._upper_bounds), child._buckets, child._sum.inc
+
+            def observe(amount: float) -> None:
+                add_sum(amount)
+                i = bisect_left(bounds, amount)
+                if i < len(buckets) and amount <= bounds[i]:  # NaN lands in no bucket, as in observe()
+                    buckets[i].inc(1)
+
+            self._children[key] = observe
+        return observe
+
     def record_request(self, *, route: str, model: str, status: int, latency_s: float,
                        overhead_s: float | None) -> None:
-        self.child(self.requests, route, model, str(status)).inc()
-        self.child(self.latency, route).observe(latency_s)
+        recorders = self._per_request.get((route, model, status))
+        if recorders is None:
+            recorders = self._per_request[(route, model, status)] = (
+                self.adder(self.requests, route, model, str(status)), self.observer(self.latency, route),
+                self.observer(self.overhead))
+        count, latency, overhead = recorders
+        count(1)
+        latency(latency_s)
         if overhead_s is not None:
-            self.overhead.observe(max(0.0, overhead_s))
+            overhead(max(0.0, overhead_s))
 
     def record_usage(self, *, model: str, num_prompt_tokens: int, num_completion_tokens: int,
                      cost_usd: float, always_llm_cost_usd: float) -> None:
-        self.child(self.tokens, model, "prompt").inc(num_prompt_tokens)
-        self.child(self.tokens, model, "completion").inc(num_completion_tokens)
-        self.child(self.cost, model).inc(cost_usd)
-        self.always_llm_cost.inc(always_llm_cost_usd)
-        self.saved.inc(always_llm_cost_usd - cost_usd)
+        adders = self._per_request.get(model)
+        if adders is None:
+            adders = self._per_request[model] = (
+                self.adder(self.tokens, model, "prompt"), self.adder(self.tokens, model, "completion"),
+                self.adder(self.cost, model), self.adder(self.always_llm_cost), self.adder(self.saved))
+        prompt, completion, cost, always, saved = adders
+        prompt(num_prompt_tokens)
+        completion(num_completion_tokens)
+        cost(cost_usd)
+        always(always_llm_cost_usd)
+        saved(always_llm_cost_usd - cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

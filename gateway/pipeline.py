@@ -1,8 +1,8 @@
 """The request path, short and literal (DESIGN.md):
 
     [1] model, admission, budget → [2] session → [3] request text → [4] guard → [5] policy → [6] examples
-    → [7-9] pool, backend, cascade → Decision → (stream) → [11] finish(Outcome): accounting, example-cache
-    admit → record: metrics, decision log, spans
+    → [7-8] pool, backend → [9] cascade (gateway/cascade.py) → Decision → [10] (stream) → [11] finish(Outcome):
+    accounting, example-cache admit → record: metrics, decision log, spans
 
 ``Pipeline.run(job, credentials)`` does everything up to and including the first Delta, so that every
 error a client should see as an HTTP status (403/404/429/400 policy/503/504; 401 is the edge's) is raised
@@ -14,12 +14,8 @@ cache learns). Components are built by ``gateway/wiring.py`` and reached through
 fake of each serves the tests). With ``opentelemetry: true`` each stage opens and ends a span through the
 request's ``RequestSpans`` (``gateway/tracing.py``); otherwise each hook is one ``None`` check.
 
-Cascade (``routing.cascade``): for route ``slm_then_escalate`` — and for route ``slm`` when
-``stream_mode`` is ``buffer`` — the SLM answer is produced in full (with token logprobs), judged by
-``CascadeRule``, and either replayed or replaced by the LLM's answer. With ``stream_when_confident`` a
-route-``slm`` request streams the SLM directly (lowest time to first token, no after-the-fact check).
-The latency trade-off: buffering adds the whole SLM generation time to the time to first token (and the
-LLM's on escalation); streaming directly keeps TTFT at the SLM's but cannot take an answer back.
+Cascade mechanics (which requests are judged, escalation) live in ``gateway/cascade.py``; start-up, reload,
+readiness, scrape values and background work in ``gateway/lifecycle.py``.
 """
 
 from __future__ import annotations
@@ -29,9 +25,10 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -39,6 +36,7 @@ from backends.base import BackendError, Delta, GenerationRequest, SamplingParams
 from backends.types import num_image_parts
 from gateway.admission import Admission, Admitter
 from gateway.budget import Budgets
+from gateway.cascade import Cascade, replay, start
 from gateway.decision import (
     GUARD_EXEMPT,
     GUARD_OFF,
@@ -56,6 +54,7 @@ from gateway.errors import (
     PolicyRejection,
     from_backend_error,
 )
+from gateway.lifecycle import Background
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from routers.policy import RouteDecision
@@ -96,6 +95,9 @@ class _RequestIds:
 
 
 _REQUEST_IDS = _RequestIds()
+# Trace and span ids: random, not secret (OpenTelemetry's RandomIdGenerator draws them the same way); all-zero
+# ids are invalid in W3C trace context.
+_random_bits = random.getrandbits
 
 
 @dataclass
@@ -122,17 +124,16 @@ class Job:
     program_id: str | None = None  # the multi-agent job (x-program-id; defaults to the session)
     input_param: str = "messages"  # the request field holding the messages, as the endpoint names it (400 params)
     state: dict[str, Any] | None = None  # the request's scope state: ``run`` leaves its steps' results for ``record``
-    request_id: str = field(default_factory=lambda: _REQUEST_IDS())
+    request_id: str = field(default_factory=_REQUEST_IDS)
     t_start: float = field(default_factory=time.perf_counter)
+    num_images: int = field(init=False)  # image parts (image_url) in the messages: only some pools take them
+
+    def __post_init__(self) -> None:
+        self.num_images = num_image_parts(self.messages)
 
     @property
     def n(self) -> int:
         return self.sampling.n
-
-    @functools.cached_property
-    def num_images(self) -> int:
-        """Image parts (``image_url``) in the messages: only pools that serve images may take the request."""
-        return num_image_parts(self.messages)
 
     @property
     def has_images(self) -> bool:
@@ -233,15 +234,6 @@ class Execution:
                 await rest.aclose()
 
 
-async def _replay(deltas: list[Delta]) -> AsyncIterator[Delta]:
-    for d in deltas:
-        yield d
-
-
-def _strip_logprobs(deltas: list[Delta]) -> list[Delta]:
-    return [replace(d, logprobs=()) if d.logprobs else d for d in deltas]
-
-
 def _estimate_prompt_tokens(job: Job) -> int:
     """Cheap upper-end estimate for the prompt-length limit: ~4 characters per token."""
     if isinstance(job.prompt, list):
@@ -294,8 +286,7 @@ class Pipeline:
     def __init__(self, settings: Settings, *, pools: PoolsComponent, admitter: Admitter, metrics: Metrics,
                  artifacts: ServingArtifacts, sessions: SessionStore, decision_log: DecisionLog,
                  budgets: Budgets | None = None, store: ExampleStore | None = None,
-                 limiter_ping: Callable[[], Awaitable[bool]] | None = None,
-                 traffic_log: DecisionLog | None = None) -> None:
+                 traffic_log: DecisionLog | None = None, background: Background | None = None) -> None:
         from gateway.accounting import Accounting
         from gateway.artifacts import auto_pools
 
@@ -313,14 +304,13 @@ class Pipeline:
         self.tracing: Any = None  # gateway.tracing.Tracing when `opentelemetry: true` (create_app sets it)
         self._recorded_keys = frozenset(settings.traffic_log.keys)
         self._recorded_namespaces = frozenset(settings.traffic_log.namespaces)
-        self._limiter_ping = limiter_ping
-        self._reload_lock = asyncio.Lock()
-        self.guard_batcher: Any = None  # routers.batcher.Batcher: (guard, text) → classify_batch (start(), when on)
+        self.background = background or Background()  # after-the-answer work; cancelled by Lifecycle.close
+        self.guard_batcher: Any = None  # routers.batcher.Batcher: (guard, text) → classify_batch (Lifecycle, when on)
         self.router_batcher: Any = None  # ... (router, text) → score_batch
         self.num_deciding = 0  # requests between admission and their first Delta (in _decide_and_start)
-        self._tasks: set[asyncio.Task] = set()
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
-        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self._background,
+        self.cascade = Cascade(settings.routing, metrics, self._pool_cfg)
+        self.accounting = Accounting(settings, metrics, admitter, self.budgets, self.background,
                                      auto_pools=auto_pools(artifacts.policy))
         self.default_max_tokens = min(settings.limits.default_max_tokens, settings.limits.max_completion_tokens)
 
@@ -350,139 +340,6 @@ class Pipeline:
     @cascade_rule.setter
     def cascade_rule(self, value: CascadeRule | None) -> None:
         self.artifacts = replace(self.artifacts, cascade_rule=value)
-
-    # ------------------------------------------------------------------------------ lifecycle
-
-    async def reload(self) -> dict[str, Any]:
-        """Read the configured guard and router artifacts again (in a worker thread) and serve them from now
-        on; requests already deciding or answering keep the snapshot they took. A load that fails keeps the
-        old snapshot, logs why, and says so: ``{"reloaded": False, "error": ..., "serving": ...}``; success is
-        ``{"reloaded": True, "serving": ..., "previous": ...}``. Reloads run one at a time (SIGHUP and
-        ``POST /admin/reload`` share this)."""
-        from gateway.artifacts import auto_pools, load_artifacts
-
-        async with self._reload_lock:
-            old = self.artifacts
-            try:
-                new = await asyncio.to_thread(load_artifacts, self.settings)
-                if auto_pools(new.policy) != auto_pools(old.policy):
-                    raise ValueError(f"the router now chooses among pools {auto_pools(new.policy)} instead of "
-                                     f"{auto_pools(old.policy)}: restart the gateway to serve it")
-            except Exception as e:  # noqa: BLE001 - any failure keeps the old artifacts serving
-                error = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
-                log.error("artifact reload failed, still serving the previous artifacts: %s", error)
-                self.metrics.child(self.metrics.artifact_reloads, "failed").inc()
-                return {"reloaded": False, "error": error, "serving": old.describe()}
-            self.artifacts = new  # one assignment: the swap
-            self.metrics.child(self.metrics.artifact_reloads, "ok").inc()
-            serving = new.describe()
-            log.info("artifacts reloaded: router %s, guard %s", serving["router"], serving["guard"])
-            return {"reloaded": True, "serving": serving, "previous": old.describe()}
-
-    def reload_in_background(self) -> None:
-        """``reload()`` as a task (a signal handler cannot await); its outcome is logged."""
-        self._background(self.reload())
-
-    def start_batchers(self) -> None:
-        """The guard's and the router's batchers (``classifiers.batching``): each runs in a worker thread
-        over the requests waiting for it. An item is (the request's guard or router, its text): a request
-        keeps the artifacts of the snapshot it started with, so one batch may hold two snapshots' requests
-        after a reload, and each artifact scores its own (``per_owner``)."""
-        cfg = self.settings.classifiers
-        if not cfg.batching or self.guard_batcher is not None or self.router_batcher is not None:
-            return
-        from routers.batcher import Batcher, per_owner
-
-        opts = {"max_batch": cfg.max_batch, "max_wait_s": cfg.max_wait_ms / 1000}
-        self.guard_batcher = Batcher(per_owner("classify_batch"), name="guard", **opts)
-        self.router_batcher = Batcher(per_owner("score_batch"), name="router", **opts)
-
-    async def start(self) -> None:
-        self.start_batchers()
-        if self.store is not None:  # first: example_cache.server_search = 'on' without it fails start-up fast
-            await self.store.start()
-        if any(p.kind == "local" for p in self.settings.pools):
-            # Local replicas load in worker threads at the same time; importing transformers from two
-            # threads at once can fail ("cannot import name ..."), so import it once here first.
-            import transformers  # noqa: F401
-            from transformers import AutoConfig, AutoTokenizer  # noqa: F401
-        await self.pools.start()
-        if self.traffic_log is not None:
-            self._background(self._expire_traffic_log())
-        for alias, replicas in self.pools.health().items():
-            for name, ok in replicas.items():
-                if not ok:
-                    log.warning("pool %s: replica %s is not available after start-up", alias, name)
-        self.metrics.read_at_scrape(self._scrape_values)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for batcher in (self.guard_batcher, self.router_batcher):
-            if batcher is not None:  # queued requests are answered first; nothing new is accepted
-                await asyncio.to_thread(batcher.close, 10.0)
-        await self.pools.close()
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.close()
-        with contextlib.suppress(Exception):
-            await self.admitter.limiter.close()
-        with contextlib.suppress(Exception):
-            await self.sessions.close()
-        with contextlib.suppress(Exception):
-            await self.budgets.close()
-        self.decision_log.close()
-        if self.traffic_log is not None:
-            self.traffic_log.close()
-
-    async def _expire_traffic_log(self) -> None:
-        """Enforce the traffic log's retention on a quiet log too (writes enforce it as well)."""
-        period = min(60.0, self.traffic_log.max_age_s / 20)
-        while True:
-            await asyncio.sleep(period)
-            self.traffic_log.enforce_retention()
-
-    def _scrape_values(self) -> dict[str, Any]:
-        failures: dict[str, int] = {}
-        limiter = self.admitter.limiter
-        if hasattr(limiter, "num_failures"):
-            failures["rate_limiter"] = limiter.num_failures
-        if self.settings.redis_url:
-            failures["budgets"] = self.budgets.num_failures
-        if self.store is not None:
-            stats = getattr(self.store, "stats", {}) or {}
-            failures["example_cache"] = sum(int(stats.get(k, 0)) for k in ("redis_errors", "timeouts", "admit_failures"))
-            values_cache = {k: v for k, v in stats.items() if isinstance(v, int | float)}
-        else:
-            values_cache = {}
-        healthy = {alias: sum(1 for ok in replicas.values() if ok) for alias, replicas in self.pools.health().items()}
-        pool_events = {alias: {k.removeprefix("num_"): v for k, v in vars(st).items()}
-                       for alias, st in self.pools.stats().items()}
-        batchers = {b.name: (b.num_batches, b.num_items) for b in (self.guard_batcher, self.router_batcher)
-                    if b is not None}
-        return {"redis_failures": failures, "healthy_replicas": healthy, "example_cache": values_cache,
-                "pool_events": pool_events, "classifier_batches": batchers}
-
-    async def readiness(self) -> dict[str, Any]:
-        """{"ready", "status", "pools": {alias: {replica: bool}}, "redis": bool | None}.
-
-        Ready while some traffic can be served: every pool has an available replica. Redis is an
-        optimisation (the limiter and the example cache fail open), so Redis down is ``status: degraded``,
-        still ready; a pool without a replica is ``status: unavailable``, not ready."""
-        pools = self.pools.health()
-        ready = all(any(r.values()) for r in pools.values())
-        redis_ok: bool | None = None
-        checks = []
-        if self._limiter_ping is not None:
-            checks.append(self._limiter_ping())
-        if self.store is not None and self.settings.example_cache.backend == "redis":
-            checks.append(self.store.health())
-        if checks:
-            results = await asyncio.gather(*checks, return_exceptions=True)
-            redis_ok = all(r is True for r in results)
-        status = "unavailable" if not ready else "degraded" if redis_ok is False else "ok"
-        self.metrics.degraded.set(1.0 if status == "degraded" else 0.0)
-        return {"ready": ready, "status": status, "pools": pools, "redis": redis_ok}
 
     def model_ids(self) -> list[str]:
         """The public aliases: every pool, and ``auto`` when there is a choice to route (``auto`` is accepted
@@ -525,10 +382,10 @@ class Pipeline:
         if requested != "auto" and self._pool_cfg(requested).task != "generate":
             raise NotFound(f"Pool {requested!r} serves embeddings (POST /v1/embeddings), not generation.",
                            code="wrong_endpoint", param="model")
-        self._check_limits(job)
+        num_prompt_tokens = self._check_limits(job)
         reservation = None
         if admission.max_budget_usd is not None:
-            reservation = await self.accounting.reserve(admission, requested, _estimate_prompt_tokens(job),
+            reservation = await self.accounting.reserve(admission, requested, num_prompt_tokens,
                                                         job.sampling.max_tokens * job.n)
         if span:
             spans.end(span, key=admission.key_name, model=requested)
@@ -570,17 +427,17 @@ class Pipeline:
         messages = _with_examples(job.messages or [], examples.messages) if examples.messages else job.messages
         request = self._generation_request(job, route.pool, messages, admission.namespace)  # [7-9] pool → backend → cascade
         try:
-            if self._cascade_applies(route, examples, arts.cascade_rule):
+            if self.cascade.applies(route, examples, arts.cascade_rule):  # [9]
                 started = await self._cascade(job, admission.namespace, request, examples, arts.cascade_rule, meter,
                                               spans)
             else:
-                started = await self._start(self._timed(route.pool, request, job.stream, meter, spans), route.pool)
+                started = await start(self._timed(route.pool, request, job.stream, meter, spans), route.pool)
         except BackendError as e:
             raise from_backend_error(e, route.pool) from None
         meter.overhead_s = time.perf_counter() - job.t_start - meter.backend_wait_s
         decision = Decision.of(guard, route, examples, started)
         if session_key is not None:
-            self._background(self._remember_session(session_key, session, decision))
+            self.background(self._remember_session(session_key, session, decision))
         return Execution(self, job, admission, decision, self._pool_cfg(started.pool).model, started, text,
                          meter=meter, spans=spans)
 
@@ -607,7 +464,7 @@ class Pipeline:
             label = (await self.guard_batcher.run((guard, text))).label
         if span:
             spans.end(span, guard=label)
-        self.metrics.child(self.metrics.guard, label).inc()
+        self.metrics.adder(self.metrics.guard, label)(1)
         if label == "domain":
             return GuardAction(label)
         policy = self.settings.guard.ood if label == "ood" else self.settings.guard.unsafe
@@ -727,7 +584,8 @@ class Pipeline:
             return job.prompt[-max_chars:], job.prompt[-max_chars:]
         return "", ""
 
-    def _check_limits(self, job: Job) -> None:
+    def _check_limits(self, job: Job) -> int:
+        """400 when ``n``, ``max_tokens`` or the estimated prompt length is over its limit; else that estimate."""
         limits = self.settings.limits
         n = job.sampling.n
         if n > limits.max_n:
@@ -739,6 +597,7 @@ class Pipeline:
         if num > limits.max_prompt_tokens:
             raise InvalidRequest(f"The prompt is about {num} tokens, above the limit of {limits.max_prompt_tokens}.",
                                  code="context_length_exceeded", param=job.input_param if job.messages else "prompt")
+        return num
 
     @staticmethod
     def _wants_json(job: Job) -> bool:
@@ -768,13 +627,6 @@ class Pipeline:
                                  f"{job.response_format.get('type')!r} (supports_json_mode is false).",
                                  code="response_format_not_supported", param="response_format")
 
-    def _cascade_applies(self, route: RouteDecision, examples: Examples, rule: CascadeRule | None) -> bool:
-        if rule is None or route.pool != self.settings.routing.slm_pool or examples.keeps_on_slm:
-            return False
-        if route.route == "slm_then_escalate":
-            return True
-        return route.route == "slm" and self.settings.routing.cascade.stream_mode == "buffer"
-
     def _generation_request(self, job: Job, alias: str, messages: list[dict[str, Any]] | None,
                             namespace: str) -> GenerationRequest:
         deadline = time.monotonic() + self.settings.limits.request_timeout_s
@@ -795,8 +647,8 @@ class Pipeline:
         if self._pool_cfg(alias).kind != "remote" or job.correlation_id is None:
             return {}
         trace_id, flags = ((job.traceparent[3:35], job.traceparent[53:55]) if job.traceparent
-                           else (secrets.token_hex(16), "01"))
-        return {"x-request-id": job.correlation_id, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}
+                           else (f"{_random_bits(128) or 1:032x}", "01"))
+        return {"x-request-id": job.correlation_id, "traceparent": f"00-{trace_id}-{_random_bits(64) or 1:016x}-{flags}"}
 
     async def _timed(self, alias: str, request: GenerationRequest, stream: bool, meter: Meter,
                      spans: Any) -> AsyncIterator[Delta]:
@@ -823,51 +675,24 @@ class Pipeline:
         finally:
             await agen.aclose()
 
-    async def _start(self, deltas: AsyncIterator[Delta], pool: str, **cascade: Any) -> Started:
-        """Wait for the first Delta of ``pool``'s answer, so failures before it become HTTP errors.
-        ``cascade``: ``Started``'s escalated / judged / reason."""
-        try:
-            first = await deltas.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await deltas.aclose()
-            raise
-        return Started(first, deltas, pool, **cascade)
-
     async def _cascade(self, job: Job, namespace: str, request: GenerationRequest, examples: Examples,
                        rule: CascadeRule, meter: Meter, spans: Any) -> Started:
-        """[9] Produce the SLM answer, judge it (``CascadeRule.judge``), then replay it or start the LLM's."""
-        slm, llm = self.settings.routing.slm_pool, self.settings.routing.llm_pool
-        judged_request = replace(request, sampling=replace(request.sampling, logprobs=request.sampling.logprobs or 0))
-        escalate, reason, judged = False, "", False
-        try:
-            deltas = [d async for d in self._timed(slm, judged_request, False, meter, spans)]
-        except BackendError as e:
-            if e.status_code < 500 and e.code != "no_healthy_replica":
-                raise
-            escalate, reason, deltas = True, f"SLM failed ({e.code or e.status_code})", []
-        if not escalate:
-            judged = True
-            self.metrics.cascade_judged.inc()
-            unsure = rule.judge(deltas, job.tools)
-            escalate, reason = unsure is not None, unsure or ""
-        if self.store is not None and examples.ids:
-            judged = True
-            self._background(self.store.feedback(namespace, list(examples.ids), escalate))
-        if not escalate:
-            if job.sampling.logprobs is None:
-                deltas = _strip_logprobs(deltas)
-            return await self._start(_replay(deltas), slm, judged=judged)
-        usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
-        if usage is not None:
-            meter.cost_usd += self._pool_cfg(slm).price.cost_usd(usage.prompt_tokens, usage.completion_tokens)
-        self.metrics.escalations.inc()
-        self._check_capabilities(job, llm)
-        llm_request = self._generation_request(job, llm, job.messages, namespace)
-        llm_request.deadline = request.deadline
-        return await self._start(self._timed(llm, llm_request, job.stream, meter, spans), llm,
-                                 escalated=True, judged=judged, reason=reason)
+        """[9] The SLM answer judged by ``rule``, then replayed or replaced by the LLM's (``Cascade.run``)."""
+        llm = self.cascade.llm
+
+        def llm_request() -> GenerationRequest:
+            self._check_capabilities(job, llm)
+            return self._generation_request(job, llm, job.messages, namespace)
+
+        def feedback(escalated: bool) -> bool:
+            if self.store is None or not examples.ids:
+                return False
+            self.background(self.store.feedback(namespace, list(examples.ids), escalated))
+            return True
+
+        return await self.cascade.run(rule, request, functools.partial(self._timed, meter=meter, spans=spans),
+                                      tools=job.tools, stream=job.stream, meter=meter, llm_request=llm_request,
+                                      feedback=feedback)
 
     def _refusal(self, job: Job, admission: Admission, guard: GuardAction, text: str, meter: Meter,
                  spans: Any) -> Execution:
@@ -880,7 +705,7 @@ class Pipeline:
         decision = Decision(guard.label, RouteDecision("policy", "policy", None, None, reason), NO_EXAMPLES,
                             "policy", reason)
         return Execution(self, job, admission, decision, "switchyard-policy",
-                         Started(deltas[0], _replay(deltas[1:]), "policy"), text, meter=meter, spans=spans)
+                         Started(deltas[0], replay(deltas[1:]), "policy"), text, meter=meter, spans=spans)
 
     # ------------------------------------------------------------------------------ bookkeeping
 
@@ -893,26 +718,16 @@ class Pipeline:
         if (job.kind == "chat" and decision.pool == self.settings.routing.llm_pool
                 and outcome.finish_reason == "stop" and outcome.request_text
                 and decision.guard in ("domain", "off", "exempt")):
-            self._background(self._admit_example(outcome.admission.namespace, outcome.request_text, outcome.answer,
+            self.background(self._admit_example(outcome.admission.namespace, outcome.request_text, outcome.answer,
                                                  decision.pool, examples.query_embedding))
         if examples.ids and not outcome.judged:
-            self._background(self.store.feedback(outcome.admission.namespace, list(examples.ids), False))
+            self.background(self.store.feedback(outcome.admission.namespace, list(examples.ids), False))
 
     async def _admit_example(self, namespace: str, text: str, answer: str, pool: str, embedding: Any = None) -> None:
         """Offer an LLM answer to the example store; the metric counts only answers it kept. ``embedding``:
         the lookup's vector of the same text (escalated requests), so the text is not embedded twice."""
         if await self.store.admit(namespace, text, answer, pool, "stop", guard_ok=True, embedding=embedding):
             self.metrics.cache_admits.inc()
-
-    def _background(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background task failed: %r", task.exception())
 
     def record(self, *, route: str, model: str, status: int, t_start: float, overhead_s: float | None,
                execution: Execution | None = None, scope: dict[str, Any] | None = None) -> None:
@@ -926,11 +741,17 @@ class Pipeline:
         if self.traffic_log is not None and execution is not None and status == 200:
             self._record_traffic(execution, scope)
         state = (scope or {}).get("state") or {}
+        shown = execution.meter.shown() if execution is not None else None  # as the switchyard field has them
+        if overhead_s is None:
+            overhead_ms = None
+        elif shown is not None and overhead_s == execution.meter.overhead_s:
+            overhead_ms = shown[0]
+        else:
+            overhead_ms = round(overhead_s * 1000, 3)
         entry: dict[str, Any] = {
             "request_id": state.get("request_id"),
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
-            "latency_ms": round(latency_s * 1000, 3),
-            "overhead_ms": None if overhead_s is None else round(overhead_s * 1000, 3)}
+            "latency_ms": round(latency_s * 1000, 3), "overhead_ms": overhead_ms}
         spans = None
         if execution is not None:
             decision, usage, spans = execution.decision, execution.usage, execution.spans
@@ -941,7 +762,7 @@ class Pipeline:
                          guard=decision.guard, escalated=decision.escalated, num_examples=len(decision.examples.ids),
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          completion_tokens=usage.completion_tokens if usage else None,
-                         cost_usd=round(execution.meter.cost_usd, 10))
+                         cost_usd=shown[1])
         elif state:  # refused on the way (guard, limits, budget, backend): what was decided before
             spans = state.get("spans")
             admission, guard, route = state.get("admission"), state.get("guard"), state.get("route")

@@ -74,13 +74,22 @@ def _param_path(loc: Any) -> str:
     return out
 
 
-def _hint(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
+def _headers(request: Request) -> dict[str, str]:
+    """The request's headers by (lowercase) name, the first of a repeated one as starlette's ``Headers.get``
+    gives it: one pass for every lookup of a request (``Headers.get`` scans the list and raises inside for
+    each header that is absent)."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.scope["headers"])}
+
+
+def _hint(body: ChatCompletionRequest | CompletionRequest, headers: dict[str, str]) -> Any:
     """The routing hint (``routers.policy.parse_hint``): body ``switchyard`` field or x-switchyard-* headers."""
-    from routers.policy import parse_hint
+    from routers.policy import HINT_HEADER, SHARE_HEADER, parse_hint
 
     body_value = body.switchyard.model_dump(exclude_none=True, exclude={"session_id"}) if body.switchyard else None
+    if body_value is None and HINT_HEADER not in headers and SHARE_HEADER not in headers:
+        return None  # no hint (parse_hint would scan the headers to say so)
     try:
-        return parse_hint(body_value, request.headers)
+        return parse_hint(body_value, headers)
     except ValueError as e:
         raise InvalidRequest(str(e), param="switchyard") from None
 
@@ -93,33 +102,35 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, default_ma
         raise InvalidRequest(f"Invalid request: {e}", param=getattr(e, "param", None)) from None
 
 
-def _session(body: ChatCompletionRequest | CompletionRequest, request: Request) -> tuple[str | None, str | None]:
+def _session(body: ChatCompletionRequest | CompletionRequest, headers: dict[str, str]) -> tuple[str | None, str | None]:
     """(session id, program id): ``gateway.sessions.session_of``'s precedence."""
     from gateway.sessions import session_of
 
     named = body.switchyard.session_id if body.switchyard else None
-    return session_of(request.headers, named, body.prompt_cache_key, body.user)
+    return session_of(headers, named, body.prompt_cache_key, body.user)
 
 
 def chat_job(body: ChatCompletionRequest, request: Request, default_max_tokens: int) -> Job:
     state = request.scope.get("state") or {}
-    session_id, program_id = _session(body, request)
+    headers = _headers(request)
+    session_id, program_id = _session(body, headers)
     return Job(kind="chat", model=body.model, messages=[m.to_backend() for m in body.messages], prompt=None,
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream),
                tools=body.tools_for_backend(), tool_choice=body.tool_choice_for_backend(),
                parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format_for_backend(),
                chat_template_kwargs=body.chat_template_kwargs,
-               user=body.user, hint=_hint(body, request), priority=body.priority or 0,
+               user=body.user, hint=_hint(body, headers), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
                traceparent=state.get("traceparent"), state=state, session_id=session_id, program_id=program_id)
 
 
 def completion_job(body: CompletionRequest, request: Request, default_max_tokens: int) -> Job:
     state = request.scope.get("state") or {}
-    session_id, program_id = _session(body, request)
+    headers = _headers(request)
+    session_id, program_id = _session(body, headers)
     return Job(kind="completion", model=body.model, messages=None, prompt=body.prompt_value(),
                sampling=_sampling_params(body, default_max_tokens), stream=bool(body.stream), user=body.user,
-               hint=_hint(body, request), priority=body.priority or 0,
+               hint=_hint(body, headers), priority=body.priority or 0,
                t_start=state.get("t_start") or time.perf_counter(), correlation_id=state.get("request_id"),
                traceparent=state.get("traceparent"), state=state, session_id=session_id, program_id=program_id)
 
@@ -236,31 +247,44 @@ async def _sse(pipeline: Pipeline, execution: Execution, shaper: Shaper,
                         overhead_s=execution.overhead_s, execution=execution, scope=scope)
 
 
-async def _cancel_on_disconnect(receive: Any, task: asyncio.Task, gone: asyncio.Event) -> None:
-    """The one disconnect watcher: wait for ``http.disconnect``, then set ``gone`` and cancel ``task``."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            task.cancel()
-            return
+class _DisconnectWatch:
+    """The one disconnect watcher: a task that waits for ``http.disconnect``, then sets ``gone`` and cancels
+    the task that made the watch (its current work, and with it the backend request)."""
+
+    __slots__ = ("gone", "task", "watcher")
+
+    def __init__(self, receive: Any) -> None:
+        self.task = asyncio.current_task()
+        self.gone = False
+        self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                self.task.cancel()
+                return
 
 
-@contextlib.asynccontextmanager
-async def abort_on_disconnect(request: Request):
-    """Cancel the enclosed work when the client disconnects (the backend request is aborted with it);
-    the disconnect leaves as ``ClientGone``."""
-    task, gone = asyncio.current_task(), asyncio.Event()
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request.receive, task, gone))
-    try:
-        yield
-    except asyncio.CancelledError:
-        if gone.is_set():
-            task.uncancel()
+class abort_on_disconnect:  # noqa: N801 - used as a context manager, named for what it does
+    """``async with abort_on_disconnect(request):`` cancels the enclosed work when the client disconnects
+    (the backend request is aborted with it); the disconnect leaves as ``ClientGone``."""
+
+    __slots__ = ("_receive", "_watch")
+
+    def __init__(self, request: Request) -> None:
+        self._receive = request.receive
+
+    async def __aenter__(self) -> None:
+        self._watch = _DisconnectWatch(self._receive)
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        watch = self._watch
+        watch.watcher.cancel()
+        if exc_type is asyncio.CancelledError and watch.gone:
+            watch.task.uncancel()
             raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
 
 
 class AbortingStream(StreamingResponse):
@@ -268,17 +292,16 @@ class AbortingStream(StreamingResponse):
     also while waiting for the next token, and always closes the iterator when it ends."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        task, gone = asyncio.current_task(), asyncio.Event()
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task, gone))
+        watch = _DisconnectWatch(receive)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not watch.gone:
                 raise
-            task.uncancel()
+            watch.task.uncancel()
         except OSError:
             pass
         finally:
-            watcher.cancel()
+            watch.watcher.cancel()
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]

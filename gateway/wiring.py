@@ -14,7 +14,7 @@ from gateway.settings import Settings
 def build_pipeline(settings: Settings, *, backend_factory: Any = None, metrics: Metrics | None = None,
                    embed: Any = None, resolver: Any = None) -> Pipeline:
     """Loads the guard and router artifacts (fast; ``ConfigError`` when the router's pools don't fit the
-    settings); pools start in ``Pipeline.start()``. ``backend_factory`` (PoolConfig, index) → Backend,
+    settings); pools start in ``Lifecycle.start()`` (``gateway/lifecycle.py``). ``backend_factory`` (PoolConfig, index) → Backend,
     ``embed`` (texts → unit vectors, for the example store) and ``resolver`` (DNS) replace the real replicas /
     MiniLM / resolver (tests)."""
     import routers.features  # noqa: F401 - imported now, not on the first request
@@ -42,9 +42,7 @@ def build_pipeline(settings: Settings, *, backend_factory: Any = None, metrics: 
     return Pipeline(settings, pools=pools, admitter=Admitter(settings, limiter), metrics=metrics,
                     artifacts=load_artifacts(settings), sessions=build_session_store(settings),
                     decision_log=DecisionLog(settings.decision_log.path, settings.decision_log.sample),
-                    budgets=Budgets(settings.redis_url), store=store,
-                    limiter_ping=limiter.ping if isinstance(limiter, RedisRateLimiter) else None,
-                    traffic_log=traffic_log)
+                    budgets=Budgets(settings.redis_url), store=store, traffic_log=traffic_log)
 
 
 __all__ = ["build_pipeline"]

@@ -81,7 +81,8 @@ def parse_hint(body_value: Any = None, headers: Mapping[str, str] | None = None)
             return RouteHint(max_strong_share=_share(body_value["max_strong_share"],
                                                      f"{HINT_BODY_FIELD}.max_strong_share"))
     if headers:
-        lower = {k.lower(): v for k, v in headers.items()}
+        # starlette's Headers look names up case-insensitively already; a plain dict is lowered here
+        lower = {k.lower(): v for k, v in headers.items()} if isinstance(headers, dict) else headers
         if HINT_HEADER in lower:
             return RouteHint(quality=_quality(lower[HINT_HEADER].strip().lower(), HINT_HEADER))
         if SHARE_HEADER in lower:

@@ -1,4 +1,4 @@
-"""POST /admin/reload: read the guard and router artifacts again without a restart (``Pipeline.reload``).
+"""POST /admin/reload: read the guard and router artifacts again without a restart (``Lifecycle.reload``).
 
 Only a caller presenting an ``admin`` key may reload (401 without a valid key, 403 with a key that is not
 ``admin``, 403 on an open gateway, which has no admin key: send the process SIGHUP there). In-flight
@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from gateway.errors import PermissionDenied
+from gateway.lifecycle import Lifecycle
 from gateway.pipeline import Pipeline
-from gateway.routes.deps import get_pipeline
+from gateway.routes.deps import get_lifecycle
 
 router = APIRouter()
 
@@ -52,9 +53,9 @@ class ErrorBody(BaseModel):
                         403: {"model": ErrorBody, "description": "not an admin key (or an open gateway)"},
                         500: {"model": ReloadResult, "description": "the new artifacts failed to load; the "
                                                                     "previous ones keep serving"}})
-async def reload(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -> JSONResponse:
-    _require_admin(request, pipeline)
-    result = await pipeline.reload()
+async def reload(request: Request, lifecycle: Lifecycle = Depends(get_lifecycle)) -> JSONResponse:
+    _require_admin(request, lifecycle.pipeline)
+    result = await lifecycle.reload()
     return JSONResponse(result, status_code=200 if result["reloaded"] else 500)
 
 

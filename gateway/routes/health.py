@@ -14,8 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from backends.openai_upstream import display_url
+from gateway.lifecycle import Lifecycle
 from gateway.pipeline import Pipeline
-from gateway.routes.deps import get_pipeline
+from gateway.routes.deps import get_lifecycle, get_pipeline
 
 router = APIRouter()
 
@@ -47,8 +48,9 @@ async def healthz() -> dict[str, Any]:
 @router.get("/readyz", response_model=Readiness, tags=["ops"],
             responses={503: {"model": Readiness, "description": "not ready"}},
             summary="Readiness: every pool has a healthy replica (Redis down is 'degraded', still ready)")
-async def readyz(request: Request, pipeline: Pipeline = Depends(get_pipeline)) -> JSONResponse:
-    state = await pipeline.readiness()
+async def readyz(request: Request, lifecycle: Lifecycle = Depends(get_lifecycle)) -> JSONResponse:
+    pipeline = lifecycle.pipeline
+    state = await lifecycle.readiness()
     pools = state["pools"]
     body: dict[str, Any] = {
         "ready": state["ready"], "status": state["status"], "redis": state["redis"],

@@ -73,3 +73,30 @@ def test_gateway_metrics_follow_prometheus_naming_and_cover_the_charts_queries(l
     dashboard = json.dumps(json.loads((CHART / "dashboards" / "switchyard.json").read_text()))
     queried = set(re.findall(r"switchyard_[a-z_]+", rules + dashboard))
     assert queried and queried <= exposed, sorted(queried - exposed)
+
+
+def test_per_request_adders_and_observers_export_what_the_public_api_does():
+    """Metrics.adder / observer (the per-request path) against prometheus_client's own inc / observe: the
+    same exposition for the same calls, bucket edges, the +Inf bucket, NaN and a negative gauge step included."""
+    from gateway.metrics import Metrics
+
+    public, fast = Metrics(), Metrics()
+    for v in (0.0, 0.0001, 0.004, 0.005, 0.0050001, 0.3, 2.5, 7.0, 1e9, float("nan")):
+        public.child(public.latency, "slm").observe(v)
+        fast.observer(fast.latency, "slm")(v)
+        public.overhead.observe(v)
+        fast.observer(fast.overhead)(v)
+    for amount in (1, 3, 0.25):
+        public.child(public.requests, "slm", "slm", "200").inc(amount)
+        fast.adder(fast.requests, "slm", "slm", "200")(amount)
+        public.always_llm_cost.inc(amount)
+        fast.adder(fast.always_llm_cost)(amount)
+        public.saved.inc(-amount)
+        fast.adder(fast.saved)(-amount)
+
+    def exposition(m: Metrics) -> list[str]:
+        return [line for line in m.render().decode().splitlines() if "_created" not in line]
+
+    assert exposition(fast) == exposition(public)
+    assert any(line.startswith('switchyard_request_latency_seconds_bucket{le="+Inf",route="slm"} 9.0')
+               for line in exposition(fast))

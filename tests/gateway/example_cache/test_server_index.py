@@ -13,6 +13,7 @@ import redis
 
 from gateway.example_cache.server_index import ServerIndex, has_server_search, namespace_tag, parse_hits
 from gateway.example_cache.store_redis import KEY_PREFIX, RedisExampleStore
+from gateway.lifecycle import Lifecycle
 from gateway.settings import ConfigError
 from gateway.wiring import build_pipeline
 from tests.gateway.fakes import FakeFactory, bow_embed, cache_settings, fake_settings
@@ -41,10 +42,10 @@ async def test_detection_on_plain_redis_7(redis_url):
 async def test_on_fails_start_up_with_a_clear_message(redis_url):
     settings = fake_settings(redis_url=redis_url, example_cache={
         "enabled": True, "backend": "redis", "server_search": "on"})
-    pipeline = build_pipeline(settings, backend_factory=FakeFactory(), embed=bow_embed)
+    lifecycle = Lifecycle(build_pipeline(settings, backend_factory=FakeFactory(), embed=bow_embed))
     with pytest.raises(ConfigError, match=r"server_search = .on. but this Redis server has no vector search .no FT"):
-        await pipeline.start()
-    await pipeline.close()
+        await lifecycle.start()
+    await lifecycle.close()
 
 
 async def test_on_with_redis_unreachable_fails_start_up():
