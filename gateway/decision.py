@@ -89,9 +89,16 @@ class Meter:
         ``switchyard`` field and the decision log show, rounded once while the two values stay the same."""
         memo = self._shown
         if memo[0] != self.overhead_s or memo[1] != self.cost_usd:
-            memo = self._shown = (self.overhead_s, self.cost_usd, round((self.overhead_s or 0.0) * 1000, 3),
-                                  round(self.cost_usd, 10))
+            memo = self._shown = (self.overhead_s, self.cost_usd, round_to((self.overhead_s or 0.0) * 1000, 1000),
+                                  round_to(self.cost_usd, 10**10))
         return memo[2], memo[3]
+
+
+def round_to(value: float, scale: int) -> float:
+    """``value`` to ``1/scale`` (``scale`` a power of ten: 1000 = 3 decimals) for display and logs: the nearest
+    double to that decimal, so JSON prints it short. Unlike ``round(value, ndigits)`` no decimal conversion
+    runs (a tie may land one unit apart)."""
+    return round(value * scale) / scale
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from gateway.decision import round_to
+
 RECENT = 200  # records kept in memory for the dashboard
 
 
@@ -94,7 +96,7 @@ class DecisionLog:
         """Keep ``entry`` (stamped with ``ts``) among the recent records; write its line when a path is set
         and the sample draws it. True when a line was written."""
         now = self._clock()
-        record = {"ts": round(now, 3), **entry}
+        record = {"ts": round_to(now, 1000), **entry}
         if self.recent.maxlen:
             self.recent.append(record)
         if self._file is None or (self.sample < 1.0 and self._rng.random() >= self.sample):

@@ -46,6 +46,7 @@ from gateway.decision import (
     GuardAction,
     Meter,
     Started,
+    round_to,
 )
 from gateway.errors import (
     GatewayError,
@@ -747,11 +748,11 @@ class Pipeline:
         elif shown is not None and overhead_s == execution.meter.overhead_s:
             overhead_ms = shown[0]
         else:
-            overhead_ms = round(overhead_s * 1000, 3)
+            overhead_ms = round_to(overhead_s * 1000, 1000)
         entry: dict[str, Any] = {
             "request_id": state.get("request_id"),
             "endpoint": (scope or {}).get("path"), "status": status, "route": route, "pool": model,
-            "latency_ms": round(latency_s * 1000, 3), "overhead_ms": overhead_ms}
+            "latency_ms": round_to(latency_s * 1000, 1000), "overhead_ms": overhead_ms}
         spans = None
         if execution is not None:
             decision, usage, spans = execution.decision, execution.usage, execution.spans
