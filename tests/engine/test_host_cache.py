@@ -9,8 +9,6 @@ gateway's metrics. Time is a controllable clock; nothing here measures wall-cloc
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
@@ -18,7 +16,6 @@ from backends.engine.args import EngineArgs
 from backends.engine.async_engine import AsyncEngine
 from backends.engine.block_manager import BlockManager, chain_hash
 from backends.engine.host_cache import HostKVCache
-from backends.engine.sampling_params import SamplingParams
 from tests.engine.helpers import prompts, tiny_engine
 from tests.engine.test_kv_retention import (
     Clock,
@@ -29,6 +26,7 @@ from tests.engine.test_kv_retention import (
     prefill,
     run_turn,
     seq,
+    two_turn_agents,
 )
 
 
@@ -197,27 +195,11 @@ async def test_64_concurrent_sessions_with_pinning_and_a_small_tier_leak_no_bloc
     bm = engine.block_manager
     host = bm.host_cache
     assert host.num_blocks == 48
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    firsts = prompts(64, [20, 27, 33], seed=11)
-    results = prompts(64, [5], seed=12)
     high_water = []
     aengine = AsyncEngine(engine)
     aengine.start()
     try:
-        async def agent(i: int) -> int:
-            answer = []
-            async for out in aengine.stream(f"s{i}-t1", firsts[i], params, session_id=f"s{i}", program_id=f"s{i}"):
-                answer += out.new_token_ids
-                high_water.append(host.num_used_blocks)
-            await asyncio.sleep(0.001 * (i % 7))
-            cached = 0
-            async for out in aengine.stream(f"s{i}-t2", firsts[i] + answer + results[i], params,
-                                            session_id=f"s{i}", program_id=f"s{i}"):
-                cached = out.num_cached_tokens
-                high_water.append(host.num_used_blocks)
-            return cached
-
-        cached = await asyncio.gather(*(agent(i) for i in range(64)))
+        cached = await two_turn_agents(aengine, lambda: high_water.append(host.num_used_blocks))
         assert sum(cached) > 0 and not engine.requests
         assert host.num_saved_blocks > 48  # the tier filled and overwrote its oldest entries
         assert max(high_water) <= 48 and host.num_used_blocks == 48 == len(host.entries)

@@ -483,6 +483,29 @@ async def _wait_for(cond, timeout=10.0):
         await asyncio.sleep(0.01)
 
 
+async def two_turn_agents(aengine: AsyncEngine, observe=lambda: None) -> list[int]:
+    """64 agents × 2 turns (prompt, answer, a tool pause, a tool result) through ``aengine``; each turn-2
+    request's cached prompt tokens, in agent order. ``observe`` is called after every streamed output."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    firsts = prompts(64, [20, 27, 33], seed=11)
+    results = prompts(64, [5], seed=12)
+
+    async def agent(i: int) -> int:
+        answer = []
+        async for out in aengine.stream(f"s{i}-t1", firsts[i], params, session_id=f"s{i}", program_id=f"s{i}"):
+            answer += out.new_token_ids
+            observe()
+        await asyncio.sleep(0.001 * (i % 7))  # the tool
+        cached = 0
+        async for out in aengine.stream(f"s{i}-t2", firsts[i] + answer + results[i], params,
+                                        session_id=f"s{i}", program_id=f"s{i}"):
+            cached = out.num_cached_tokens
+            observe()
+        return cached
+
+    return await asyncio.gather(*(agent(i) for i in range(64)))
+
+
 async def test_64_concurrent_sessions_leak_no_block(tiny_model_dir):
     """64 agents × 2 turns through AsyncEngine on a pool too small to keep them all (the cap and admission
     drop pins): after every stream ended and retention expired, each block is free or plain-cached."""
@@ -490,24 +513,10 @@ async def test_64_concurrent_sessions_leak_no_block(tiny_model_dir):
     engine = tiny_engine(tiny_model_dir("llama"), clock=clock, num_kv_blocks=160, block_size=4, max_num_seqs=16,
                          max_num_batched_tokens=128, kv_retain_s=30, kv_retain_max_share=0.25,
                          program_scheduling=True)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    firsts = prompts(64, [20, 27, 33], seed=11)
-    results = prompts(64, [5], seed=12)
     aengine = AsyncEngine(engine)
     aengine.start()
     try:
-        async def agent(i: int) -> int:
-            answer = []
-            async for out in aengine.stream(f"s{i}-t1", firsts[i], params, session_id=f"s{i}", program_id=f"s{i}"):
-                answer += out.new_token_ids
-            await asyncio.sleep(0.001 * (i % 7))  # the tool
-            cached = 0
-            async for out in aengine.stream(f"s{i}-t2", firsts[i] + answer + results[i], params,
-                                            session_id=f"s{i}", program_id=f"s{i}"):
-                cached = out.num_cached_tokens
-            return cached
-
-        cached = await asyncio.gather(*(agent(i) for i in range(64)))
+        cached = await two_turn_agents(aengine)
         bm = engine.block_manager
         assert not engine.requests and bm.num_retained_blocks <= bm.max_retained_blocks == 40
         assert bm.num_retained_blocks > 0 and bm.num_retained_evicted_blocks > 0  # the cap dropped some
