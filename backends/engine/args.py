@@ -60,7 +60,7 @@ class EngineArgs:
     """Options of one engine. Invalid values raise ValueError naming the field; afterwards read-only.
 
     ``num_kv_blocks`` None = size the KV cache from ``kv_cache_memory_gb``; ``num_threads`` None = torch's
-    choice; ``quantization`` is weight-only (CPU packed-int kernels); ``device`` "auto" = CUDA when
+    choice; ``quantization`` int8 / int4 weights on CPU (``layers/quantization.py``); ``device`` "auto" = CUDA when
     available, else CPU.
 
     Agent sessions (requests that carry a session id / program id):

@@ -24,14 +24,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_quantization(quantization: str, device: torch.device, device_is_explicit: bool) -> str:
-    """The weight format the engine applies. int8 / int4 are CPU formats (torch's packed CPU kernels): on CUDA
+    """The weight format the engine applies. int8 / int4 are CPU formats (CPU-only kernels): on CUDA
     they are a ValueError when the device was chosen explicitly (the two options contradict each other), and
     with ``device: auto`` they are not applied ("none", a warning; the GPU serves ``dtype`` weights), so a
     config written for CPU — the embedded default — still starts on a machine with a GPU."""
     if quantization == "none" or device.type == "cpu":
         return quantization
     if device_is_explicit:
-        raise ValueError(f"quantization {quantization!r} is weight-only on CPU (torch's packed CPU kernels); "
+        raise ValueError(f"quantization {quantization!r} is a CPU weight format (CPU-only kernels); "
                          f"device is {device.type}: set quantization to none, or device to cpu")
     logging.getLogger(__name__).warning(
         "quantization %r is a CPU weight format and device auto chose %s: the model runs unquantized there "

@@ -3,6 +3,8 @@ samples. Owns the model weights and the paged KV cache tensors."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from backends.engine.config import EngineConfig
@@ -10,6 +12,8 @@ from backends.engine.layers.attention import AttentionMetadata, PrefillChunk, de
 from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample, verify
 from backends.engine.loader import load_model
 from backends.engine.scheduler import ScheduledBatch, ScheduledSeq
+
+log = logging.getLogger(__name__)
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -29,10 +33,14 @@ class ModelRunner:
         if config.args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.args.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
-        if config.quantization != "none":  # weight-only int8 / int4 (CPU decode is memory-bound)
+        if config.quantization != "none":  # int8 / int4 weights (CPU decode is memory-bound)
+            from backends.engine.layers import native
             from backends.engine.layers.quantization import quantize_for_engine
 
             quantize_for_engine(self.model, config.quantization)  # lm_head in int8 under both
+            kernels = native.kernel()
+            log.info("quantization %s: %s", config.quantization,
+                     f"native kernels ({kernels.isa})" if kernels else f"torch's kernels ({native.unavailable_reason()})")
         self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
         self.num_blocks = config.args.num_kv_blocks or self._blocks_for_memory()

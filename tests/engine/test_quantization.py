@@ -31,7 +31,7 @@ def test_int8_linear_close_to_fp32(bias):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=bias)
     x = torch.randn(2, 5, 256)  # 3-d input keeps its leading dims
-    q = Int8Linear.from_linear(lin)
+    q = Int8Linear.from_linear(lin, kernel="torch")  # the native kernel: tests/engine/test_native_kernel.py
     with torch.inference_mode():
         y, yq = F.linear(x, lin.weight, lin.bias), q(x)
     assert yq.shape == y.shape and yq.dtype == torch.float32
@@ -96,13 +96,21 @@ def _hf(folder):
     return model
 
 
-@pytest.mark.parametrize("arch,method,min_teacher_forced,min_identical", [
-    ("llama", "int8", 0.95, 5), ("qwen3", "int8", 0.95, 5), ("gemma3", "int8", 0.95, 5), ("llama", "int4", 0.6, 0),
+# Random tiny weights (hidden size 64) have near-uniform next-token distributions, so these bars only catch a
+# broken layer; the quality gate on real weights is `switchyard bench quantization` and
+# test_real_model_teacher_forced_agreement below. The native kernels also round activations to int8 (per
+# block of 32), which on 64-wide random activations flips a few more near-ties than torch's bf16 casts.
+@pytest.mark.parametrize("arch,method,kernel,min_teacher_forced,min_identical", [
+    ("llama", "int8", "torch", 0.95, 5), ("qwen3", "int8", "torch", 0.95, 5), ("gemma3", "int8", "torch", 0.95, 5),
+    ("llama", "int4", "torch", 0.6, 0),
+    ("llama", "int8", "native", 0.9, 4), ("qwen3", "int8", "native", 0.9, 4), ("gemma3", "int8", "native", 0.9, 1),
+    ("llama", "int4", "native", 0.6, 0),
 ])
-def test_quantized_tiny_model_greedy_tokens_mostly_agree(tiny_model_dir, arch, method, min_teacher_forced, min_identical):
+def test_quantized_tiny_model_greedy_tokens_mostly_agree(tiny_model_dir, arch, method, kernel, min_teacher_forced,
+                                                         min_identical):
     folder = tiny_model_dir(arch)
     ref, quant = _hf(folder), _hf(folder)
-    assert quantize_model(quant, method) > 0
+    assert quantize_model(quant, method, kernel=kernel) > 0
     batch = torch.tensor(prompts(8, [12], seed=1))
     with torch.inference_mode():
         kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
@@ -130,8 +138,9 @@ def test_engine_quantization_option_mostly_matches_fp32(tiny_model_dir, method):
     identical = sum(a.token_ids == b.token_ids for a, b in zip(ref, quant, strict=True))
     first_equal = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(ref, quant, strict=True))
     assert all(len(r.token_ids) == 12 for r in quant)
-    # int4 on random tiny weights drifts sooner than int8; greedy paths diverge after a first flip
-    assert identical >= (5 if method == "int8" else 2), identical
+    # int4 on random tiny weights drifts sooner than int8; greedy paths diverge after a first flip (real
+    # weights: test_real_model_teacher_forced_agreement)
+    assert identical >= (5 if method == "int8" else 1), identical
     assert first_equal >= 6, first_equal
 
 
@@ -144,7 +153,7 @@ def test_quantization_is_a_cpu_format_resolved_against_the_device(tiny_model_dir
     folder = tiny_model_dir("llama")
     assert EngineConfig.from_args(folder, EngineArgs(quantization="int4"), device="cpu").quantization == "int4"
     assert EngineConfig.from_args(folder, EngineArgs(quantization="none", device="cuda")).quantization == "none"
-    with pytest.raises(ValueError, match="quantization 'int8' is weight-only on CPU"):
+    with pytest.raises(ValueError, match="quantization 'int8' is a CPU weight format"):
         EngineConfig.from_args(folder, EngineArgs(quantization="int8", device="cuda"))
     with pytest.raises(ValueError, match="set quantization to none, or device to cpu"):
         EngineConfig.from_args(folder, EngineArgs(quantization="int8"), device="cuda")
@@ -155,3 +164,43 @@ def test_quantization_is_a_cpu_format_resolved_against_the_device(tiny_model_dir
     assert "CPU weight format" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert EngineConfig.from_args(folder, EngineArgs(quantization="int4")).quantization == "int4"
+
+
+TEXT = (
+    "The harbour town wakes before the sun. Fishing boats slip out past the breakwater while the bakery on the "
+    "square pulls its first loaves from the oven, and the smell drifts down to the quay where the night shift "
+    "is stacking crates of ice. By seven the market stalls are open: oranges from the valley, cheese from the "
+    "hill farms, and a man who has sold the same brass compasses for forty years. Tourists arrive on the "
+    "nine o'clock ferry, blinking at the light, and the cafes put out their chairs. In the afternoon the wind "
+    "turns and the harbour empties again; by evening only the gulls and the harbour master remain, writing up "
+    "the day's tides in a ledger that his grandfather started. Ask him about the storm of 1962 and he will "
+    "tell you, at length, how the sea came over the wall and filled the square to the height of a man."
+)
+
+
+def test_real_model_teacher_forced_agreement(bundled_model_dir):
+    """smollm2-135m, quantized as the engine quantizes it (quantize_for_engine: int4 layers, int8 lm_head), fed
+    a fixed English text: its next-token argmax agrees with fp32's at almost every position and its
+    negative log-likelihood stays within 2 %, with either kernel."""
+    import transformers as tf
+
+    from backends.engine.layers.quantization import quantize_for_engine
+
+    folder = bundled_model_dir("smollm2-135m")
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits_ref = ref(ids).logits[0]
+    nll_ref = float(F.cross_entropy(logits_ref[:-1], ids[0, 1:]))
+    for kernel in ("native", "torch"):
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        quantize_model(model, "int4", kernel=kernel)
+        model.lm_head = Int8Linear.from_linear(model.lm_head, kernel=kernel)
+        assert quantize_for_engine(model, "int4") == 0  # nothing left: the same layers the engine quantizes
+        with torch.inference_mode():
+            logits = model(ids).logits[0]
+        agreement = float((logits.argmax(-1) == logits_ref.argmax(-1)).float().mean())
+        nll = float(F.cross_entropy(logits[:-1], ids[0, 1:]))
+        assert agreement >= 0.93, (kernel, agreement)
+        assert nll <= nll_ref * 1.02, (kernel, nll, nll_ref)

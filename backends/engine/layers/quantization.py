@@ -1,21 +1,21 @@
-"""Weight-only quantization of a model's linear layers for CPU decode (memory-bandwidth bound).
+"""Quantized linear layers for CPU decode (memory-bandwidth bound): int8 and int4 weights.
 
 ``quantize_model(model, "int8")`` replaces every ``nn.Linear`` (except ``lm_head`` unless asked) in place
-with ``Int8Linear``: symmetric per-output-channel int8 weights, ``scale[n] = max|W[n, :]| / 127``, run by
-torch's packed int8 matmul ``torch.ops.aten._weight_int8pack_mm(x, w_int8[N, K], scales[N])``.
-``"int4"`` uses ``Int4Linear``: asymmetric 4-bit groups of 32 along K (the GGUF Q4_1 layout in spirit),
-run by ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
+with ``Int8Linear`` (symmetric int8); ``"int4"`` uses ``Int4Linear`` (asymmetric 4-bit groups of 32 along K,
+the GGUF Q4_1 layout). ``quantize_for_engine`` is what the engine applies under ``EngineArgs.quantization``:
+``quantize_model`` plus lm_head in int8, under int4 as well.
 
-Activations: torch's CPU int8 kernel is vectorized for bf16 activations (AVX-512) and falls back to a
-scalar loop for fp32, so on CPU the layer casts activations to ``compute_dtype`` (bf16 by default), runs
-the kernel and casts the result back to the input dtype. Weights move 4x (int8) / ~7x (int4) fewer bytes
-than fp32. Embeddings are never quantized; ``lm_head`` is left alone by default (it is tied to the
-embedding in small models and its argmax decides every greedy token) — pass ``include_lm_head=True`` to
-quantize it too. ``quantize_for_engine`` is what the engine applies under ``EngineArgs.quantization``:
-``quantize_model`` plus lm_head in int8 (per-row scales), under int4 as well.
+Kernels: where the engine's native kernels build (``layers/native.py``, the system C compiler, x86 with
+AVX2), both layers run them: weights with a scale per block of 32 inputs, activations quantized to int8 per
+block of 32, integer dot products (AVX-VNNI where the CPU has it), and a row's result does not depend on the
+rest of its batch or the thread count. Elsewhere torch's packed kernels run: ``_weight_int8pack_mm``
+(a scale per output row) and ``_weight_int4pack_mm_for_cpu``, with activations cast to ``compute_dtype``
+(bf16: torch's CPU kernels are vectorized for it) and back. ``kernel=`` on ``from_linear`` and
+``quantize_model`` picks one explicitly.
 
-The replaced modules own their packed weights; the original fp32 weights are released (unless still
-referenced elsewhere, e.g. a tied embedding).
+Embeddings are never quantized; ``lm_head`` is left alone by ``quantize_model`` by default (it is tied to the
+embedding in small models and its argmax decides every greedy token). The replaced modules own their packed
+weights; the original fp32 weights are released (unless still referenced elsewhere, e.g. a tied embedding).
 """
 
 from __future__ import annotations
@@ -23,54 +23,100 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backends.engine.layers import native
+from backends.engine.layers.native import QuantKernels
+
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ (w_int8 * scales[:, None]).T + bias`` with per-output-channel scales."""
+KERNELS = ("auto", "native", "torch")
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype) -> None:
+
+def _native_kernels(kernel: str) -> QuantKernels | None:
+    """The native kernels for ``kernel`` = auto (where they build) / native (ValueError if they cannot) /
+    torch (None)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"quantized kernel must be auto, native or torch; got {kernel!r}")
+    kernels = native.kernel() if kernel != "torch" else None
+    if kernel == "native" and kernels is None:
+        raise ValueError(f"the native quantized kernels cannot run here: {native.unavailable_reason()}")
+    return kernels
+
+
+class Int8Linear(nn.Module):
+    """Symmetric int8 weights, ``w = q * scale``.
+
+    Two kernels, chosen when the layer is built (``kernel``): the engine's native one (``layers/native.py``:
+    a scale per block of 32 inputs, int8 activations, VNNI/AVX2; K a multiple of 32) where it builds, else
+    torch's ``_weight_int8pack_mm`` (a scale per output row, bf16 activations)."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype, in_features: int, out_features: int,
+                 native_kernels: QuantKernels | None = None) -> None:
         super().__init__()
-        self.in_features = weight_int8.shape[1]
-        self.out_features = weight_int8.shape[0]
+        self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scales", scales.to(compute_dtype))
+        self.native = native_kernels
+        self.register_buffer("weight_int8", weight_int8)  # native: pack_q8's blocks (scales inside)
+        self.register_buffer("scales", None if scales is None else scales.to(compute_dtype))
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
+                    kernel: str = "auto") -> Int8Linear:
+        kernels = _native_kernels(kernel) if linear.in_features % native.GROUP_SIZE == 0 else _native_kernels("torch")
         w = linear.weight.detach().float()
+        n, k = w.shape
+        if kernels is not None:
+            bias = None if linear.bias is None else linear.bias.detach().clone().float()
+            return cls(native.pack_q8(w), None, bias, compute_dtype, k, n, kernels)
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
         w_int8 = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(w_int8, scales, bias, compute_dtype)
+        return cls(w_int8, scales, bias, compute_dtype, k, n)
+
+    @property
+    def kernel(self) -> str:
+        return "native" if self.native is not None else "torch"
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.native is not None:
+            return native.unpack_q8(self.weight_int8, self.out_features)
         return self.weight_int8.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        if self.native is not None:
+            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            y = self.native.q8_linear(x32, self.weight_int8, self.out_features, self.bias)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.to(self.compute_dtype), self.weight_int8, self.scales).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
 class Int4Linear(nn.Module):
-    """4-bit asymmetric groups of ``group_size`` along K: ``w = (q - 8) * scale + zero`` per group."""
+    """4-bit asymmetric groups of ``group_size`` along K.
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int, out_features: int, group_size: int, compute_dtype: torch.dtype) -> None:
+    Two kernels, chosen when the layer is built (``kernel``): the engine's native one (``layers/native.py``:
+    int8 activations, VNNI/AVX2) where it builds, else torch's ``_weight_int4pack_mm_for_cpu`` (bf16
+    activations). Both store ``w = q * d + o`` per
+    group of 32; they differ in the activations' rounding (int8 per block of 32 vs bf16) and in the storage of
+    d and o (fp16 vs bf16)."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, bias: torch.Tensor | None,
+                 in_features: int, out_features: int, group_size: int, compute_dtype: torch.dtype,
+                 native_kernel: QuantKernels | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.compute_dtype = compute_dtype
+        self.native = native_kernel
         self.register_buffer("weight_int4", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype))
+        self.register_buffer("scales_and_zeros", None if scales_and_zeros is None else scales_and_zeros.to(compute_dtype))
         self.register_buffer("bias", bias)
 
     @staticmethod
@@ -79,11 +125,17 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE,
-                    compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+                    compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> Int4Linear:
+        """``kernel``: "auto" (native where it builds, else torch), "native" (ValueError where it cannot run)
+        or "torch"."""
         if not cls.can_quantize(linear, group_size):
             raise ValueError(f"in_features {linear.in_features} is not a multiple of the int4 group size {group_size}")
+        native_kernel = _native_kernels(kernel if group_size == native.GROUP_SIZE else "torch")
         w = linear.weight.detach().float()
         n, k = w.shape
+        bias = None if linear.bias is None else linear.bias.detach().clone().float()
+        if native_kernel is not None:
+            return cls(native.pack_q4(w), None, bias, k, n, group_size, compute_dtype, native_kernel)
         groups = w.reshape(n, k // group_size, group_size)
         w_min, w_max = groups.amin(dim=2), groups.amax(dim=2)
         scales = ((w_max - w_min) / 15.0).clamp(min=1e-10)
@@ -91,12 +143,19 @@ class Int4Linear(nn.Module):
         zeros = w_min + 8.0 * scales  # so that (q - 8) * scale + zero == q * scale + w_min
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k).contiguous(), 1)
         scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=2).contiguous()  # [K/G, N, 2]
-        bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(packed, scales_and_zeros, bias, k, n, group_size, compute_dtype)
+
+    @property
+    def kernel(self) -> str:
+        return "native" if self.native is not None else "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        if self.native is not None:
+            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            y = self.native.q4_linear(x32, self.weight_int4, self.out_features, self.bias)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(self.compute_dtype), self.weight_int4, self.group_size, self.scales_and_zeros
         ).to(x.dtype)
@@ -104,17 +163,18 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, compute_dtype={self.compute_dtype}")
+                f"group_size={self.group_size}, kernel={self.kernel}")
 
 
 def quantize_model(
-    model: nn.Module, method: str, include_lm_head: bool = False, compute_dtype: torch.dtype = torch.bfloat16
+    model: nn.Module, method: str, include_lm_head: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
+    kernel: str = "auto",
 ) -> int:
-    """Replace ``nn.Linear`` modules in place with weight-only quantized ones; returns how many.
+    """Replace ``nn.Linear`` modules in place with quantized ones; returns how many.
 
     ``method``: "int8" or "int4" (int4 skips layers whose in_features is not a multiple of 32).
-    CPU only: the packed kernels are torch's CPU ops. Raises ValueError for an unknown method or a model
-    on another device.
+    ``kernel``: auto / native / torch (see the module doc). CPU only. Raises ValueError for an unknown
+    method or kernel, or a model on another device.
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; valid: {', '.join(METHODS)}")
@@ -122,7 +182,7 @@ def quantize_model(
         raise ValueError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
     for p in model.parameters():
         if p.device.type != "cpu":
-            raise ValueError(f"weight-only {method} uses torch's CPU kernels; the model is on {p.device}")
+            raise ValueError(f"{method} uses CPU kernels; the model is on {p.device}")
         break
     targets = []
     for module in model.modules():
@@ -136,17 +196,17 @@ def quantize_model(
             targets.append((module, child_name, child))
     for parent, child_name, child in targets:
         if method == "int8":
-            new = Int8Linear.from_linear(child, compute_dtype)
+            new = Int8Linear.from_linear(child, compute_dtype, kernel=kernel)
         else:
-            new = Int4Linear.from_linear(child, compute_dtype=compute_dtype)
+            new = Int4Linear.from_linear(child, compute_dtype=compute_dtype, kernel=kernel)
         setattr(parent, child_name, new)
     return len(targets)
 
 
 def quantize_for_engine(model: nn.Module, method: str) -> int:
     """What the engine does to its model under ``EngineArgs.quantization`` = ``method``: ``quantize_model``,
-    then lm_head in int8 as well (per-row scales, under int4 too) unless it is already replaced; returns how
-    many layers were replaced. Benchmarks that need the engine's numerics in an HF model (perplexity) call
+    then lm_head in int8 as well (under int4 too) unless it is already replaced; returns how many layers were
+    replaced. Benchmarks that need the engine's numerics in an HF model (perplexity) call
     this too, so both quantize the same way."""
     count = quantize_model(model, method, compute_dtype=torch.bfloat16)
     # lm_head in int8 too: left in fp32 it was the largest matrix read per token (tied 49k x 576 in smollm2,

@@ -1,0 +1,203 @@
+"""The engine's compiled CPU kernels: ``quant_kernels.c`` (4-bit or 8-bit weights x 8-bit activations, with
+AVX-VNNI, or AVX2 without it), built once per machine with the system C compiler (``-O3 -march=native -fopenmp``), cached
+by source, compiler flags and CPU, and called through ctypes.
+
+``kernel()`` returns the loaded kernels, or None when it cannot run here: no C compiler, a CPU without
+AVX2/FMA/F16C, a failed build, or ``SWITCHYARD_NATIVE_KERNELS=0``. Callers then use torch's own kernels;
+``unavailable_reason()`` says why (logged once by the engine).
+
+The cache lives in ``$SWITCHYARD_HOME/kernels`` (default ``~/.cache/switchyard/kernels``): the same
+variable ``backends.models`` reads, read here because the engine imports nothing outside itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+GROUP_SIZE = 32
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class QuantKernels:
+    """``q4_linear`` / ``q8_linear(x, blocks, out_features, bias)``: ``x`` [M, K] float32 contiguous,
+    ``blocks`` the packed weights (``pack_q4`` / ``pack_q8``) → [M, out_features] float32."""
+
+    def __init__(self, lib: ctypes.CDLL, isa: str) -> None:
+        self.isa = isa
+        self._q4, self._q8 = lib.q4_linear, lib.q8_linear
+        for fn in (self._q4, self._q8):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            fn.restype = ctypes.c_int
+
+    def q4_linear(self, x: torch.Tensor, blocks: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        return self._call(self._q4, x, blocks, out_features, bias)
+
+    def q8_linear(self, x: torch.Tensor, blocks: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        return self._call(self._q8, x, blocks, out_features, bias)
+
+    @staticmethod
+    def _call(fn, x: torch.Tensor, blocks: torch.Tensor, out_features: int,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        m, k = x.shape
+        y = torch.empty(m, out_features, dtype=torch.float32)
+        rc = fn(x.data_ptr(), m, k, blocks.data_ptr(), out_features,
+                None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"in_features {k} is not a multiple of {GROUP_SIZE}")
+        return y
+
+
+TILE = 8  # output rows per tile
+TILE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the order of a tile's scales and offsets (the kernel's reduction order)
+
+
+def pack_q4(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float weights → [ceil(N / 8), K / 32, 160] uint8, the layout ``quant_kernels.c`` reads: per tile of
+    8 output rows and block of 32 inputs, the rows' 4-bit ``q`` (16 bytes a row; byte j holds weight j low and
+    weight j + 16 high), then their fp16 scales ``d`` and fp16 offsets ``o`` (the block's minimum) in
+    ``TILE_ORDER``, so that ``w ≈ q * d + o``. ``q`` is rounded against the fp16 values the kernel reads;
+    rows past N are zeros."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % GROUP_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of the int4 group size {GROUP_SIZE}")
+    padded = -(-n // TILE) * TILE
+    w = torch.cat([w, w.new_zeros(padded - n, k)]) if padded != n else w
+    groups = w.reshape(padded, k // GROUP_SIZE, GROUP_SIZE)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    d = ((hi - lo) / 15.0).to(torch.float16)
+    o = lo.to(torch.float16)
+    d32 = d.float().clamp(min=1e-10)
+    q = torch.round((groups - o.float()[..., None]) / d32[..., None]).clamp(0, 15).to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # [N', G, 16]
+    tiles, g = padded // TILE, k // GROUP_SIZE
+    qs = nibbles.reshape(tiles, TILE, g, 16).permute(0, 2, 1, 3).reshape(tiles, g, TILE * 16)
+    order = list(TILE_ORDER)
+    d_t = d.reshape(tiles, TILE, g).permute(0, 2, 1)[..., order].contiguous().view(torch.uint8)
+    o_t = o.reshape(tiles, TILE, g).permute(0, 2, 1)[..., order].contiguous().view(torch.uint8)
+    return torch.cat([qs, d_t, o_t], dim=2).contiguous()
+
+
+def unpack_q4(blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The float weights ``pack_q4`` encodes: [out_features, K]."""
+    tiles, g, _ = blocks.shape
+    qs = blocks[..., : TILE * 16].reshape(tiles, g, TILE, 16)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=3).float()  # [T, G, 8, 32]
+    inverse = [TILE_ORDER.index(r) for r in range(TILE)]
+    d = blocks[..., TILE * 16: TILE * 18].contiguous().view(torch.float16).float()[..., inverse]
+    o = blocks[..., TILE * 18:].contiguous().view(torch.float16).float()[..., inverse]
+    w = q * d[..., None] + o[..., None]  # [T, G, 8, 32]
+    return w.permute(0, 2, 1, 3).reshape(tiles * TILE, g * GROUP_SIZE)[:out_features]
+
+
+def pack_q8(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float weights → [ceil(N / 8), K / 32, 272] uint8: per tile of 8 output rows and block of 32
+    inputs, the rows' int8 ``q`` (32 bytes a row) then their fp16 scales ``d`` (``max|w| / 127`` of the
+    block) in row order, so that ``w ≈ q * d``; rows past N are zeros."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % GROUP_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of the int8 block size {GROUP_SIZE}")
+    padded = -(-n // TILE) * TILE
+    w = torch.cat([w, w.new_zeros(padded - n, k)]) if padded != n else w
+    groups = w.reshape(padded, k // GROUP_SIZE, GROUP_SIZE)
+    d = (groups.abs().amax(dim=2) / 127.0).to(torch.float16)
+    d32 = d.float().clamp(min=1e-10)
+    q = torch.round(groups / d32[..., None]).clamp(-127, 127).to(torch.int8)
+    tiles, g = padded // TILE, k // GROUP_SIZE
+    qs = q.reshape(tiles, TILE, g, GROUP_SIZE).permute(0, 2, 1, 3).reshape(tiles, g, TILE * GROUP_SIZE)
+    d_t = d.reshape(tiles, TILE, g).permute(0, 2, 1).contiguous().view(torch.uint8)
+    return torch.cat([qs.view(torch.uint8), d_t], dim=2).contiguous()
+
+
+def unpack_q8(blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The float weights ``pack_q8`` encodes: [out_features, K]."""
+    tiles, g, _ = blocks.shape
+    q = blocks[..., : TILE * GROUP_SIZE].contiguous().view(torch.int8).reshape(tiles, g, TILE, GROUP_SIZE).float()
+    d = blocks[..., TILE * GROUP_SIZE:].contiguous().view(torch.float16).float()
+    w = q * d[..., None]
+    return w.permute(0, 2, 1, 3).reshape(tiles * TILE, g * GROUP_SIZE)[:out_features]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("SWITCHYARD_HOME") or Path.home() / ".cache" / "switchyard"
+    return Path(home) / "kernels"
+
+
+def _build() -> tuple[QuantKernels | None, str]:
+    if os.environ.get("SWITCHYARD_NATIVE_KERNELS", "1") == "0":
+        return None, "SWITCHYARD_NATIVE_KERNELS=0"
+    flags = _cpu_flags()
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc/gcc) on PATH"
+    isa = "avx-vnni" if "avx_vnni" in flags or "avx512_vnni" in flags else "avx2"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, *sorted(flags))).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"quant_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode != 0:
+                return None, f"building {SOURCE.name} failed: {proc.stderr.strip().splitlines()[-1:]}"
+            os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"building {SOURCE.name} failed: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        return QuantKernels(ctypes.CDLL(str(target)), isa), ""
+    except OSError as e:
+        return None, f"loading {target.name} failed: {e}"
+
+
+def kernel() -> QuantKernels | None:
+    """The kernels, built on first use (thread-safe); None where it cannot run (``unavailable_reason``)."""
+    with _lock:
+        if "kernel" not in _state:
+            _state["kernel"], _state["reason"] = _build()
+            if _state["kernel"] is None:
+                log.info("native quantized kernels unavailable (%s): int4/int8 layers use torch's", _state["reason"])
+        return _state["kernel"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str:
+    kernel()
+    return str(_state["reason"])

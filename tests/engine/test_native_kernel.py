@@ -1,0 +1,167 @@
+"""The native int4 kernel (backends/engine/layers/quant_kernels.c via native.py): its packing, its arithmetic
+against a float64 reference of the same scheme, the contract that a row's result does not depend on its batch
+or the thread count, the fallback to torch's kernel, and the engine on it (greedy speculation identity)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backends.engine.args import SpeculationConfig
+from backends.engine.layers import native
+from backends.engine.layers.quantization import Int4Linear, Int8Linear, quantize_model
+from backends.engine.sampling_params import SamplingParams
+from tests.engine.helpers import prompts, tiny_engine
+
+
+@pytest.fixture(scope="module")
+def kernel() -> native.QuantKernels:
+    k = native.kernel()
+    assert k is not None, f"the native kernel must build on the test machine: {native.unavailable_reason()}"
+    return k
+
+
+PACK = {4: (native.pack_q4, native.unpack_q4), 8: (native.pack_q8, native.unpack_q8)}
+
+
+def run(kernels: native.QuantKernels, bits: int, *args) -> torch.Tensor:
+    return (kernels.q4_linear if bits == 4 else kernels.q8_linear)(*args)
+
+
+def reference(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' scheme in float64: x quantized per block of 32 to int8 (scale max|x| / 127, round half
+    to even), times the packed weights (unpacked)."""
+    m, k = x.shape
+    xb = x.double().reshape(m, k // 32, 32)
+    dx = xb.abs().amax(dim=2, keepdim=True) / 127.0
+    q = torch.where(dx > 0, torch.round(xb / torch.where(dx > 0, dx, 1.0)), 0.0).clamp(-127, 127)
+    y = (q * dx).reshape(m, k) @ weights.double().t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_round_trip_is_exact_for_representable_weights_and_within_half_a_step_otherwise(bits):
+    pack, unpack = PACK[bits]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(13, 64, generator=g)
+    blocks = pack(w)
+    assert blocks.shape == (2, 2, 160 if bits == 4 else 272) and blocks.dtype == torch.uint8  # 13 rows: 2 tiles
+    back = unpack(blocks, 13)
+    groups = w.reshape(13, 2, 32)
+    step = (groups.amax(2) - groups.amin(2)) / 15 if bits == 4 else groups.abs().amax(2) / 127
+    err = (back - w).abs().reshape(13, 2, 32).amax(2)
+    assert bool((err <= step * 0.5 + 2e-3).all())
+    # weights already on the grid (q * d (+ o) with fp16 d and o) come back exactly
+    assert torch.equal(unpack(pack(back), 13), back)
+    with pytest.raises(ValueError, match="multiple of the int. (group|block) size 32"):
+        pack(torch.randn(8, 40))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n,with_bias", [(1, 64, 8, False), (5, 96, 13, True), (9, 576, 960, False)])
+def test_kernel_matches_the_float64_reference(kernel, bits, m, k, n, with_bias):
+    pack, unpack = PACK[bits]
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, :32] = 0.0  # an all-zero activation block
+    lin = nn.Linear(k, n, bias=with_bias)
+    blocks = pack(lin.weight)
+    bias = lin.bias.detach() if with_bias else None
+    y = run(kernel, bits, x, blocks, n, bias)
+    ref = reference(x, unpack(blocks, n), bias)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(kernel, bits):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(11, 192, generator=g)
+    blocks = PACK[bits][0](torch.randn(40, 192, generator=g))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [run(kernel, bits, x[i:i + 1].contiguous(), blocks, 40, None)[0] for i in range(11)]
+        torch.set_num_threads(2)
+        batched = run(kernel, bits, x, blocks, 40, None)
+        shuffled = run(kernel, bits, x.flip(0).contiguous(), blocks, 40, None).flip(0)
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(11):
+        assert torch.equal(alone[i], batched[i]) and torch.equal(alone[i], shuffled[i])
+
+
+@pytest.mark.parametrize("layer_type,tolerance", [(Int4Linear, 0.08), (Int8Linear, 0.015)])
+def test_native_and_torch_kernels_agree_with_fp32(layer_type, tolerance):
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(128, 48, bias=True)
+    x = torch.randn(6, 3, 128, generator=g)
+    with torch.inference_mode():
+        ref = lin(x)
+        fast, slow = layer_type.from_linear(lin, kernel="native"), layer_type.from_linear(lin, kernel="torch")
+        assert (fast.kernel, slow.kernel) == ("native", "torch")
+        for layer in (fast, slow):
+            y = layer(x)
+            assert y.shape == ref.shape and y.dtype == torch.float32
+            assert float((y - ref).norm() / ref.norm()) <= tolerance
+            assert float((layer(x.bfloat16()).float() - ref).norm() / ref.norm()) <= tolerance + 0.01
+    with pytest.raises(ValueError, match="quantized kernel must be auto, native or torch"):
+        layer_type.from_linear(lin, kernel="gpu")
+
+
+def test_without_the_kernel_int4_falls_back_to_torch_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SWITCHYARD_NATIVE_KERNELS", "0")
+    assert native.kernel() is None and native.unavailable_reason() == "SWITCHYARD_NATIVE_KERNELS=0"
+    assert Int4Linear.from_linear(nn.Linear(64, 16)).kernel == "torch"
+    with pytest.raises(ValueError, match="native quantized kernels cannot run here: SWITCHYARD_NATIVE_KERNELS=0"):
+        Int4Linear.from_linear(nn.Linear(64, 16), kernel="native")
+    # a broken compiler: the build fails with a reason, nothing is cached, torch's kernel serves
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.delenv("SWITCHYARD_NATIVE_KERNELS")
+    monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.kernel() is None
+    assert native.unavailable_reason().startswith("building quant_kernels.c failed")
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_the_kernel_is_built_once_per_machine_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
+    k = native.kernel()
+    assert k is not None and k.isa in ("avx-vnni", "avx2")
+    [built] = (tmp_path / "kernels").glob("quant_kernels-*.so")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.kernel() is not None
+    assert list((tmp_path / "kernels").glob("quant_kernels-*.so")) == [built]
+
+
+@pytest.mark.parametrize("method,layer_type", [("int4", Int4Linear), ("int8", Int8Linear)])
+def test_quantize_model_uses_the_native_kernels_where_they_run(kernel, method, layer_type):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    assert quantize_model(model, method) == 2
+    assert {m.kernel for m in model.modules() if isinstance(m, layer_type)} == {"native"}
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    assert quantize_model(model, method, kernel="torch") == 2
+    assert {m.kernel for m in model.modules() if isinstance(m, layer_type)} == {"torch"}
+
+
+def test_int4_engine_greedy_tokens_identical_alone_batched_and_with_speculation(kernel, tiny_model_dir):
+    """With the native kernel a row's linear outputs do not depend on its batch, so an int4 engine's greedy
+    answer is the same alone, in a batch, and with n-gram speculation's multi-token verify passes."""
+    folder = tiny_model_dir("llama")
+    base = prompts(3, [6, 11, 9], seed=4)
+    batch = [(p * 4)[:24] for p in base]  # repetitive: n-gram drafts get accepted
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = tiny_engine(folder, quantization="int4")
+    layers = [m for m in engine.model_runner.model.modules() if isinstance(m, Int4Linear | Int8Linear)]
+    assert {m.kernel for m in layers} == {"native"} and isinstance(engine.model_runner.model.lm_head, Int8Linear)
+    alone = [engine.generate([p], params)[0].token_ids for p in batch]
+    together = [r.token_ids for r in tiny_engine(folder, quantization="int4").generate(batch, params)]
+    spec = tiny_engine(folder, quantization="int4", speculation=SpeculationConfig(method="ngram"))
+    drafted = [spec.generate([p], params)[0].token_ids for p in batch]
+    assert together == alone
+    assert drafted == alone
+    assert spec.stats().num_accepted_tokens_total > 0
