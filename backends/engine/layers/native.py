@@ -1,6 +1,7 @@
 """The engine's compiled CPU kernels: ``quant_kernels.c`` (4-bit or 8-bit weights x 8-bit activations, with
-AVX-VNNI, or AVX2 without it), built once per machine with the system C compiler (``-O3 -march=native -fopenmp``), cached
-by source, compiler flags and CPU, and called through ctypes.
+AVX-VNNI, or AVX2 without it), built once per machine with the system C compiler (``-O3 -march=native
+-fopenmp``; no FMA contraction, so the C source alone decides every rounding), cached by source, compiler
+flags and CPU, and called through ctypes.
 
 ``kernel()`` returns the loaded kernels, or None when it cannot run here: no C compiler, a CPU without
 AVX2/FMA/F16C, a failed build, or ``SWITCHYARD_NATIVE_KERNELS=0``. Callers then use torch's own kernels;
@@ -27,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 GROUP_SIZE = 32
 
@@ -62,8 +63,10 @@ class QuantKernels:
         y = torch.empty(m, out_features, dtype=torch.float32)
         rc = fn(x.data_ptr(), m, k, blocks.data_ptr(), out_features,
                 None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        if rc != 0:
+        if rc == -1:
             raise ValueError(f"in_features {k} is not a multiple of {GROUP_SIZE}")
+        if rc != 0:
+            raise MemoryError(f"the quantized kernel could not allocate {2 * m * k} bytes of activations")
         return y
 
 

@@ -1,141 +1,188 @@
-/* 4-bit and 8-bit weight x 8-bit activation matrix products for CPU decode (the Q4_1 x Q8 and Q8_0 x Q8 schemes
- * of llama.cpp, written from their description): y[m, n] = sum_k x[m, k] * w[n, k] + bias[n].
+/* 4-bit and 8-bit weight matrix products for CPU decode: y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], with
+ * integer dot products (AVX-VNNI, or AVX2's maddubs where VNNI is missing). The weight formats are llama.cpp's
+ * Q4_1 and Q8_0 in spirit, written from their description.
  *
- * Weights come in tiles of 8 output rows. For each tile and each block g of 32 inputs, 160 bytes: the 8 rows'
- * nibbles (16 bytes a row, rows 0..7; byte j holds weight j in its low and weight j + 16 in its high nibble),
- * then the 8 rows' fp16 scales d, then their fp16 offsets o, both in the row order 0 2 4 6 1 3 5 7 (the order
- * the reduction below produces); w = q * d + o with q in [0, 15]. Rows past N are zero padding.
- * q8_linear's weights: per tile and block, the 8 rows' int8 q (32 bytes a row, rows 0..7), then their fp16
- * scales d in row order; w = q * d, |q| <= 127.
- * Activations: each row of x is quantized here, per block of 32, to int8 with scale dx = max|x| / 127.
- * Per block the integer dot product sum(q * qx) is exact; the float part accumulates
- * d * dx * dot + o * dx * sum(qx).
+ * Weights come in tiles of 8 output rows. q4_linear: for each tile and each block g of 32 inputs, 160 bytes:
+ * the 8 rows' nibbles (16 bytes a row, rows 0..7; byte j holds weight j in its low and weight j + 16 in its high
+ * nibble), then the 8 rows' fp16 scales d, then their fp16 offsets o, both in the row order 0 2 4 6 1 3 5 7 (the
+ * order the reduction below produces); w = q * d + o with q in [0, 15]. q8_linear: per tile and block, the 8
+ * rows' int8 q (32 bytes a row, rows 0..7), then their fp16 scales d in row order; w = q * d, |q| <= 127. Rows
+ * past N are zero padding.
  *
- * Contract: every output element is computed by the same instruction sequence whatever M, the token's place
- * in the batch or the thread count, so a row's result is bit-identical alone and batched. Returns 0, or -1
- * when K is not a multiple of 32. Built by backends/engine/layers/native.py with -march=native.
+ * Activations: each row of x is quantized here per block of 32 in two int8 levels, x ~ s * (q1 + q2 / 256)
+ * with s = max|x| / 127, q1 = round(x / s) and q2 = round((x / s - q1) * 256): the error is at most s / 512,
+ * below a bf16 rounding of the block's larger values. Per block the integer dot products are exact:
+ * sum(w_q * (256 * q1 + q2)) = (sum(w_q * q1) << 8) + sum(w_q * q2); the float part accumulates
+ * d * (s / 256) * dot (+ o * sum of the block's x for q4).
+ *
+ * Contract: every output element is computed by the same instruction sequence whatever M, the token's place in
+ * the batch or the thread count, so a row's result is bit-identical alone and batched. Returns 0, or -1 when K
+ * is not a multiple of 32. Built by backends/engine/layers/native.py with -march=native -ffp-contract=off.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define QK 32
-
 #define TILE 8
-#define TILE_BYTES (TILE * QK / 2 + 2 * TILE * 2)
+#define TILE_BYTES_Q4 (TILE * QK / 2 + 2 * TILE * 2)
 #define TILE_BYTES_Q8 (TILE * QK + TILE * 2)
-#ifndef PREFETCH
-#define PREFETCH 2048 /* bytes ahead of the block being read: weights stream from memory once per token */
-#endif
+#define TB 4          /* tokens sharing one load of each weight block */
+#define PREFETCH 2048 /* bytes ahead of the block being read: weights stream from memory once per step */
 
-/* quantize one row of K floats into int8 blocks; dx[g] = scale, sx[g] = scale * sum of the block's ints */
-static void quantize_row(const float *x, int64_t K, int8_t *q, float *dx, float *sx) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* One row of K floats → q1 at q, q2 at q + K; ds[g] = s / 256 (exact), xs[g] = the block's sum of x as
+ * quantized, ds * sum(256 * q1 + q2). */
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *ds, float *xs) {
     for (int64_t g = 0; g < K / QK; g++) {
         const float *xb = x + g * QK;
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) {
-            float a = fabsf(xb[j]);
-            amax = a > amax ? a : amax;
-        }
-        const float d = amax / 127.0f;
-        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float s = amax / 127.0f;
+        const float inv = s > 0.0f ? 1.0f / s : 0.0f;
         int sum = 0;
         for (int j = 0; j < QK; j++) {
-            int v = (int)nearbyintf(xb[j] * id);
-            v = v > 127 ? 127 : (v < -127 ? -127 : v);
-            q[g * QK + j] = (int8_t)v;
-            sum += v;
+            const float v = xb[j] * inv;
+            const float q1 = fminf(fmaxf(nearbyintf(v), -127.0f), 127.0f);
+            const float q2 = fminf(fmaxf(nearbyintf((v - q1) * 256.0f), -127.0f), 127.0f);
+            q[g * QK + j] = (int8_t)q1;
+            q[K + g * QK + j] = (int8_t)q2;
+            sum += 256 * (int)q1 + (int)q2;
         }
-        dx[g] = d;
-        sx[g] = d * (float)sum;
+        ds[g] = s / 256.0f;
+        xs[g] = ds[g] * (float)sum;
     }
 }
 
 /* a += (u8 w) . (s8 x) in groups of 4 adjacent bytes, into int32 lanes */
-static inline __m256i dot_acc(__m256i a, __m256i w, __m256i x) {
+INLINE __m256i dot_acc(__m256i a, __m256i w, __m256i x) {
 #if defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(a, w, x);
 #elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return _mm256_dpbusd_epi32(a, w, x);
 #else
-    /* u8 (<= 15) x s8 (|x| <= 127): pair sums fit int16 without saturation */
+    /* u8 (<= 127) x s8 (|x| <= 127): pair sums fit int16 without saturation */
     return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 #endif
 }
 
-/* rows r and r + 1 of a tile against one activation block: lanes 0-3 sum to row r, lanes 4-7 to row r + 1.
- * xlo = the block's inputs 0-15 twice, xhi = inputs 16-31 twice. */
-static inline __m256i pair_dot(const uint8_t *qs, __m256i xlo, __m256i xhi) {
+/* (w . q1) << 8 + (w . q2), lane-wise: the two-level activation's exact integer dot product */
+INLINE __m256i dot2(__m256i w_lo, __m256i x1_lo, __m256i x2_lo, __m256i w_hi, __m256i x1_hi, __m256i x2_hi) {
+    const __m256i a = _mm256_slli_epi32(dot_acc(dot_acc(_mm256_setzero_si256(), w_lo, x1_lo), w_hi, x1_hi), 8);
+    return dot_acc(dot_acc(a, w_lo, x2_lo), w_hi, x2_hi);
+}
+
+INLINE void prefetch(const uint8_t *p, int bytes) {
+    for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(p + PREFETCH + i), _MM_HINT_T0);
+}
+
+INLINE __m256i twice(const int8_t *p) { /* 16 bytes in both halves */
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_set_m128i(v, v);
+}
+
+/* One tile of 8 q4 rows for nt tokens (token t: activations at xq + 2 K t, scales at ds / xs + G t); out[t]
+ * in row order. Each token's operations do not depend on nt. */
+INLINE void tile_q4(const uint8_t *tile, int64_t G, int64_t K, const int8_t *xq, const float *ds,
+                    const float *xs, int nt, __m256 *out) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i b = _mm256_loadu_si256((const __m256i *)qs);
-    const __m256i lo = _mm256_and_si256(b, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-    return dot_acc(dot_acc(_mm256_setzero_si256(), lo, xlo), hi, xhi);
-}
-
-/* one tile of 8 output rows for one token: y8 in row order 0..7 */
-static inline __m256 tile_dot(const uint8_t *tile, int64_t G, const int8_t *xq, const float *dx, const float *sx) {
-    __m256 acc = _mm256_setzero_ps();
-    __m256 off = _mm256_setzero_ps();
+    __m256 acc[TB], off[TB];
+    for (int t = 0; t < nt; t++) acc[t] = off[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        const uint8_t *blk = tile + g * TILE_BYTES;
-        _mm_prefetch((const char *)(blk + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(blk + PREFETCH + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(blk + PREFETCH + 128), _MM_HINT_T0);
-        const __m128i x0 = _mm_loadu_si128((const __m128i *)(xq + g * QK));
-        const __m128i x1 = _mm_loadu_si128((const __m128i *)(xq + g * QK + 16));
-        const __m256i xlo = _mm256_set_m128i(x0, x0), xhi = _mm256_set_m128i(x1, x1);
-        const __m256i p01 = pair_dot(blk, xlo, xhi), p23 = pair_dot(blk + 32, xlo, xhi);
-        const __m256i p45 = pair_dot(blk + 64, xlo, xhi), p67 = pair_dot(blk + 96, xlo, xhi);
-        /* -> [r0 r2 r4 r6 | r1 r3 r5 r7] */
-        const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(p01, p23), _mm256_hadd_epi32(p45, p67));
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 128)));
-        const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 144)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(dx[g])), acc);
-        off = _mm256_fmadd_ps(o, _mm256_set1_ps(sx[g]), off);
+        const uint8_t *blk = tile + g * TILE_BYTES_Q4;
+        prefetch(blk, TILE_BYTES_Q4);
+        __m256i lo[4], hi[4];
+        for (int p = 0; p < 4; p++) { /* rows 2p and 2p + 1: lanes 0-3 and 4-7 */
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(blk + 32 * p));
+            lo[p] = _mm256_and_si256(b, mask);
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + TILE * QK / 2)));
+        const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + TILE * QK / 2 + 16)));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x1 = xq + 2 * K * t + g * QK, *x2 = x1 + K;
+            const __m256i x1_lo = twice(x1), x1_hi = twice(x1 + 16), x2_lo = twice(x2), x2_hi = twice(x2 + 16);
+            __m256i pr[4];
+            for (int p = 0; p < 4; p++) pr[p] = dot2(lo[p], x1_lo, x2_lo, hi[p], x1_hi, x2_hi);
+            /* -> [r0 r2 r4 r6 | r1 r3 r5 r7] */
+            const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(pr[0], pr[1]), _mm256_hadd_epi32(pr[2], pr[3]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(ds[G * t + g])), acc[t]);
+            off[t] = _mm256_fmadd_ps(o, _mm256_set1_ps(xs[G * t + g]), off[t]);
+        }
     }
-    return _mm256_permutevar8x32_ps(_mm256_add_ps(acc, off), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    for (int t = 0; t < nt; t++)
+        out[t] = _mm256_permutevar8x32_ps(_mm256_add_ps(acc[t], off[t]), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* one tile of 8 int8 rows for one token: y8 in row order 0..7 */
-static inline __m256 tile_dot_q8(const uint8_t *tile, int64_t G, const int8_t *xq, const float *dx) {
-    __m256 acc = _mm256_setzero_ps();
+/* One tile of 8 q8 rows for nt tokens, as tile_q4 */
+INLINE void tile_q8(const uint8_t *tile, int64_t G, int64_t K, const int8_t *xq, const float *ds, int nt,
+                    __m256 *out) {
+    for (int t = 0; t < nt; t++) out[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *blk = tile + g * TILE_BYTES_Q8;
-        _mm_prefetch((const char *)(blk + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(blk + PREFETCH + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(blk + PREFETCH + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(blk + PREFETCH + 192), _MM_HINT_T0);
-        _mm_prefetch((const char *)(blk + PREFETCH + 256), _MM_HINT_T0);
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + g * QK));
-        __m256i v[TILE];
+        prefetch(blk, TILE_BYTES_Q8);
+        __m256i wv[TILE], aw[TILE];
         for (int r = 0; r < TILE; r++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(blk + r * QK));
-            /* |w| as unsigned times x carrying w's sign: the same products */
-            v[r] = dot_acc(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            wv[r] = _mm256_loadu_si256((const __m256i *)(blk + r * QK));
+            aw[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned; x takes w's sign: the same products */
         }
-        const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-        const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),
-                                              _mm256_permute2x128_si256(h0, h1, 0x31)); /* r0..r7 */
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + TILE * QK)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(dx[g])), acc);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x1 = xq + 2 * K * t + g * QK;
+            const __m256i xv1 = _mm256_loadu_si256((const __m256i *)x1);
+            const __m256i xv2 = _mm256_loadu_si256((const __m256i *)(x1 + K));
+            __m256i v[TILE];
+            for (int r = 0; r < TILE; r++) {
+                const __m256i a = _mm256_slli_epi32(dot_acc(_mm256_setzero_si256(), aw[r], _mm256_sign_epi8(xv1, wv[r])), 8);
+                v[r] = dot_acc(a, aw[r], _mm256_sign_epi8(xv2, wv[r]));
+            }
+            const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+            const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+            const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),
+                                                  _mm256_permute2x128_si256(h0, h1, 0x31)); /* r0..r7 */
+            out[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(ds[G * t + g])), out[t]);
+        }
     }
-    return acc;
+}
+
+/* y[n0 .. n0 + nr) of one token from a tile's 8 results */
+INLINE void store_rows(__m256 v, const float *bias, int64_t n0, int nr, float *yrow) {
+    float out[TILE];
+    if (nr == TILE && bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n0));
+    _mm256_storeu_ps(out, v);
+    for (int r = 0; r < nr; r++) yrow[n0 + r] = out[r] + (nr < TILE && bias ? bias[n0 + r] : 0.0f);
+}
+
+/* tokens [m, m + nt) of one tile; nt is a literal at every call, so each instance is unrolled */
+INLINE void tile_tokens(int bits, const uint8_t *tile, int64_t G, int64_t K, int64_t N, const int8_t *xq,
+                        const float *ds, const float *xs, const float *bias, int64_t n0, int nr, int64_t m, int nt,
+                        float *y) {
+    __m256 v[TB];
+    if (bits == 4)
+        tile_q4(tile, G, K, xq + 2 * K * m, ds + G * m, xs + G * m, nt, v);
+    else
+        tile_q8(tile, G, K, xq + 2 * K * m, ds + G * m, nt, v);
+    for (int t = 0; t < nt; t++) store_rows(v[t], bias, n0, nr, y + (m + t) * N);
 }
 
 static int linear(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                   float *y, int num_threads) {
     if (K % QK != 0) return -1;
     const int64_t G = K / QK;
-    const int64_t tile_stride = G * (bits == 4 ? TILE_BYTES : TILE_BYTES_Q8);
-    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
-    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * G));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)(M * G));
+    const int64_t tile_stride = G * (bits == 4 ? TILE_BYTES_Q4 : TILE_BYTES_Q8);
+    int8_t *xq = (int8_t *)malloc((size_t)(2 * M * K));
+    float *ds = (float *)malloc(sizeof(float) * (size_t)(M * G));
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G));
+    if (!xq || !ds || !xs) {
+        free(xq);
+        free(ds);
+        free(xs);
+        return -2;
+    }
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 8)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, dx + m * G, sx + m * G);
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + 2 * K * m, ds + G * m, xs + G * m);
 
     const int64_t tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -143,18 +190,13 @@ static int linear(int bits, const float *x, int64_t M, int64_t K, const uint8_t 
         const int64_t n0 = t * TILE;
         const int nr = (int)(N - n0 < TILE ? N - n0 : TILE);
         const uint8_t *tile = w + t * tile_stride;
-        for (int64_t m = 0; m < M; m++) {
-            __m256 v = bits == 4 ? tile_dot(tile, G, xq + m * K, dx + m * G, sx + m * G)
-                                 : tile_dot_q8(tile, G, xq + m * K, dx + m * G);
-            float out[TILE];
-            if (nr == TILE && bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n0));
-            _mm256_storeu_ps(out, v);
-            for (int r = 0; r < nr; r++) y[m * N + n0 + r] = out[r] + (nr < TILE && bias ? bias[n0 + r] : 0.0f);
-        }
+        int64_t m = 0;
+        for (; m + TB <= M; m += TB) tile_tokens(bits, tile, G, K, N, xq, ds, xs, bias, n0, nr, m, TB, y);
+        for (; m < M; m++) tile_tokens(bits, tile, G, K, N, xq, ds, xs, bias, n0, nr, m, 1, y);
     }
     free(xq);
-    free(dx);
-    free(sx);
+    free(ds);
+    free(xs);
     return 0;
 }
 
