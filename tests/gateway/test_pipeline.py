@@ -111,3 +111,44 @@ async def test_a_rejected_request_is_logged_with_the_verdict_it_got():
                     scope={"state": job.state})
     record = pipeline.decision_log.latest(1)[0]
     assert (record["status"], record["guard"]) == (400, "unsafe") and "score" not in record
+
+
+def test_the_guard_batcher_scores_routes_in_the_same_hop_only_for_verdicts_that_pass():
+    """``classify_then_score`` (the guard batcher's batch function): a verdict per item from its own guard, one
+    ``classify_batch`` per guard; a route score only for items with a router whose verdict label is in their
+    ``route_labels``, one ``score_batch`` per router, in item order; those routes are counted on the router
+    batcher's statistics."""
+    from gateway.pipeline import GuardWork, classify_then_score
+    from routers.batcher import Batcher, per_owner
+
+    class BatchGuard(FakeGuard):
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def classify_batch(self, texts):
+            self.calls.append(list(texts))
+            return [self.classify(t) for t in texts]
+
+    class Router:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def score_batch(self, texts):
+            self.calls.append(list(texts))
+            return [len(t) / 100 for t in texts]
+
+    guard, r1, r2 = BatchGuard(), Router(), Router()
+    passes = frozenset({"domain"})
+    items = [GuardWork(guard, "hello", r1, "hello there", passes), GuardWork(guard, "a bomb", r1, "a bomb!", passes),
+             GuardWork(guard, "named pool", None, "", passes), GuardWork(guard, "again", r2, "again!!", passes),
+             GuardWork(guard, "a bomb, routed", r2, "x", frozenset({"domain", "unsafe"}))]
+    stats = Batcher(per_owner("score_batch"), name="router")
+    try:
+        out = classify_then_score(items, router_batcher=stats)
+    finally:
+        stats.close()
+    assert [verdict.label for verdict, _ in out] == ["domain", "unsafe", "domain", "domain", "unsafe"]
+    assert [score for _, score in out] == [0.11, None, None, 0.07, 0.01]
+    assert guard.calls == [[item.guard_text for item in items]]
+    assert r1.calls == [["hello there"]] and r2.calls == [["again!!", "x"]]
+    assert (stats.num_batches, stats.num_items) == (1, 3)
