@@ -284,7 +284,9 @@ def classify_then_score(items: list[GuardWork], router_batcher: Any = None) -> l
     each item's guard (``classify_batch`` once per guard: ``per_owner``), then the routes of the items that
     want one from each item's router (``score_batch`` once per router), in the same worker thread: the
     router's featurizer finds the guard's n-gram counts of the same texts in the shared memo. The routes
-    scored here are counted on ``router_batcher``'s statistics (``Batcher.count``)."""
+    scored here are counted on ``router_batcher``'s statistics (``Batcher.count``). A router that raises
+    leaves those scores None: the verdicts stand, and ``_route`` asks for each route again, so only the
+    requests that need one fail (with the router's own error)."""
     from routers.batcher import per_owner
 
     verdicts = per_owner("classify_batch")([(item.guard, item.guard_text) for item in items])
@@ -292,7 +294,11 @@ def classify_then_score(items: list[GuardWork], router_batcher: Any = None) -> l
     wanted = [i for i, (item, verdict) in enumerate(zip(items, verdicts, strict=True))
               if item.router is not None and verdict.label in item.route_labels]
     if wanted:
-        routed = per_owner("score_batch")([(items[i].router, items[i].text) for i in wanted])
+        try:
+            routed = per_owner("score_batch")([(items[i].router, items[i].text) for i in wanted])
+        except Exception as e:  # noqa: BLE001 - the routes are asked for again, per request, in _route
+            log.warning("routing a batch of %d in the guard's batch failed (each is asked again): %r", len(wanted), e)
+            return list(zip(verdicts, scores, strict=True))
         for i, score in zip(wanted, routed, strict=True):
             scores[i] = float(score)
         if router_batcher is not None:

@@ -117,7 +117,8 @@ def test_the_guard_batcher_scores_routes_in_the_same_hop_only_for_verdicts_that_
     """``classify_then_score`` (the guard batcher's batch function): a verdict per item from its own guard, one
     ``classify_batch`` per guard; a route score only for items with a router whose verdict label is in their
     ``route_labels``, one ``score_batch`` per router, in item order; those routes are counted on the router
-    batcher's statistics."""
+    batcher's statistics; a router that raises leaves the verdicts standing and the scores None (``_route``
+    asks again, per request)."""
     from gateway.pipeline import GuardWork, classify_then_score
     from routers.batcher import Batcher, per_owner
 
@@ -152,3 +153,10 @@ def test_the_guard_batcher_scores_routes_in_the_same_hop_only_for_verdicts_that_
     assert guard.calls == [[item.guard_text for item in items]]
     assert r1.calls == [["hello there"]] and r2.calls == [["again!!", "x"]]
     assert (stats.num_batches, stats.num_items) == (1, 3)
+
+    class Broken(Router):
+        def score_batch(self, texts):
+            raise RuntimeError("router down")
+
+    out = classify_then_score([GuardWork(guard, "hello", Broken(), "hello", passes), GuardWork(guard, "named", None)])
+    assert [(verdict.label, score) for verdict, score in out] == [("domain", None), ("domain", None)]
