@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -76,23 +75,18 @@ class Lifecycle:
 
     def start_batchers(self) -> None:
         """The guard's and the router's batchers (``classifiers.batching``): each runs in a worker thread
-        over the requests waiting for it. The guard's scores a request's route too, in the same hop, when
-        its verdict lets the request on (``GuardWork``); the router's scores the routes of requests the
-        guard skipped (no guard, an exempt key, a verdict on the loop). An item carries the request's own
-        guard / router: a request keeps the artifacts of the snapshot it started with, so one batch may hold
-        two snapshots' requests after a reload, and each artifact scores its own (``per_owner``)."""
+        over the requests waiting for it. An item is (the request's guard or router, its text): a request
+        keeps the artifacts of the snapshot it started with, so one batch may hold two snapshots' requests
+        after a reload, and each artifact scores its own (``per_owner``)."""
         p = self.pipeline
         cfg = p.settings.classifiers
         if not cfg.batching or p.guard_batcher is not None or p.router_batcher is not None:
             return
-        from gateway.pipeline import classify_then_score
         from routers.batcher import Batcher, per_owner
 
         opts = {"max_batch": cfg.max_batch, "max_wait_s": cfg.max_wait_ms / 1000}
-        router_batcher = Batcher(per_owner("score_batch"), name="router", **opts)
-        p.guard_batcher = Batcher(functools.partial(classify_then_score, router_batcher=router_batcher),
-                                  name="guard", **opts)
-        p.router_batcher = router_batcher
+        p.guard_batcher = Batcher(per_owner("classify_batch"), name="guard", **opts)
+        p.router_batcher = Batcher(per_owner("score_batch"), name="router", **opts)
 
     async def close(self) -> None:
         """Background work cancelled, batchers drained (queued requests are answered; nothing new is

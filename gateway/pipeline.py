@@ -266,46 +266,6 @@ class PolicyComponent(Protocol):
     def decide(self, text: str, hint: Any = None, score: float | None = None) -> Any: ...  # → RouteDecision
 
 
-@dataclass(frozen=True, slots=True)
-class GuardWork:
-    """One request's item for the guard's batcher: ``guard``'s verdict on ``guard_text`` and, when that
-    verdict's label is in ``route_labels`` (the labels whose action lets the request on to the router),
-    ``router``'s score of ``text`` — both classifiers in one thread hop (``classify_then_score``)."""
-
-    guard: Any  # GuardComponent
-    guard_text: str
-    router: Any = None  # routers.router.Router | None: no route score wanted (named pool, hint, no router)
-    text: str = ""
-    route_labels: frozenset[str] = frozenset()
-
-
-def classify_then_score(items: list[GuardWork], router_batcher: Any = None) -> list[tuple[Any, float | None]]:
-    """The guard batcher's batch function: (verdict, route score or None) per item. The verdicts come from
-    each item's guard (``classify_batch`` once per guard: ``per_owner``), then the routes of the items that
-    want one from each item's router (``score_batch`` once per router), in the same worker thread: the
-    router's featurizer finds the guard's n-gram counts of the same texts in the shared memo. The routes
-    scored here are counted on ``router_batcher``'s statistics (``Batcher.count``). A router that raises
-    leaves those scores None: the verdicts stand, and ``_route`` asks for each route again, so only the
-    requests that need one fail (with the router's own error)."""
-    from routers.batcher import per_owner
-
-    verdicts = per_owner("classify_batch")([(item.guard, item.guard_text) for item in items])
-    scores: list[float | None] = [None] * len(items)
-    wanted = [i for i, (item, verdict) in enumerate(zip(items, verdicts, strict=True))
-              if item.router is not None and verdict.label in item.route_labels]
-    if wanted:
-        try:
-            routed = per_owner("score_batch")([(items[i].router, items[i].text) for i in wanted])
-        except Exception as e:  # noqa: BLE001 - the routes are asked for again, per request, in _route
-            log.warning("routing a batch of %d in the guard's batch failed (each is asked again): %r", len(wanted), e)
-            return list(zip(verdicts, scores, strict=True))
-        for i, score in zip(wanted, routed, strict=True):
-            scores[i] = float(score)
-        if router_batcher is not None:
-            router_batcher.count(len(wanted))
-    return list(zip(verdicts, scores, strict=True))
-
-
 class PoolsComponent(Protocol):
     """What the pipeline asks of the model pools (``backends.pool.PoolSet``)."""
 
@@ -346,8 +306,8 @@ class Pipeline:
         self._recorded_keys = frozenset(settings.traffic_log.keys)
         self._recorded_namespaces = frozenset(settings.traffic_log.namespaces)
         self.background = background or Background()  # after-the-answer work; cancelled by Lifecycle.close
-        self.guard_batcher: Any = None  # routers.batcher.Batcher: GuardWork → classify_then_score (Lifecycle, when on)
-        self.router_batcher: Any = None  # ... (router, text) → score_batch: routes of requests the guard skipped
+        self.guard_batcher: Any = None  # routers.batcher.Batcher: (guard, text) → classify_batch (Lifecycle, when on)
+        self.router_batcher: Any = None  # ... (router, text) → score_batch
         self.num_deciding = 0  # requests between admission and their first Delta (in _decide_and_start)
         self._pool_cfg = {p.name: p for p in settings.pools}.__getitem__  # name → PoolConfig, one lookup
         self.cascade = Cascade(settings.routing, metrics, self._pool_cfg)
@@ -451,15 +411,14 @@ class Pipeline:
         arts = self.artifacts
         session_key, session = await self._session(job, admission, requested)  # [2]
         text, guard_text = self._routing_text(job, requested, arts.guard)  # [3]
-        router = arts.policy.router if requested == "auto" and arts.policy.needs_score(job.hint) else None
-        guard, score = await self._guard(arts.guard, guard_text, admission, spans, router, text)  # [4]
+        guard = await self._guard(arts.guard, guard_text, admission, spans)  # [4]
         if job.state is not None:
             job.state["guard"] = guard
         if guard.action == "reject":
             raise PolicyRejection(guard.message, code="out_of_domain" if guard.label == "ood" else "unsafe_content")
         if guard.action == "refuse":
             return self._refusal(job, admission, guard, text, meter, spans)
-        route = await self._route(job, arts.policy, requested, guard, text, session, spans, score)  # [5]
+        route = await self._route(job, arts.policy, requested, guard, text, session, spans)  # [5]
         if job.state is not None:
             job.state["route"] = route
         examples = await self._examples(job, admission, route, text, session, spans)  # [6]
@@ -493,29 +452,20 @@ class Pipeline:
         key = SessionKey(admission.namespace, job.session_id)
         return key, await self.sessions.get(key)
 
-    async def _guard(self, guard: GuardComponent | None, text: str, admission: Admission, spans: Any,
-                     router: Any = None, route_text: str = "") -> tuple[GuardAction, float | None]:
-        """[4] The guard's verdict on the request text and the action the settings give it; with the guard's
-        batcher, also ``router``'s score of ``route_text`` (None: not wanted, or left to ``_route``) when the
-        verdict lets the request on to the router — one thread hop for both classifiers."""
+    async def _guard(self, guard: GuardComponent | None, text: str, admission: Admission, spans: Any) -> GuardAction:
+        """[4] The guard's verdict on the request text and the action the settings give it."""
         if guard is None:
-            return GUARD_OFF, None
+            return GUARD_OFF
         if admission.guard_exempt:
-            return GUARD_EXEMPT, None
+            return GUARD_EXEMPT
         span = spans and spans.start("guard")
-        score = None
         if self._on_loop(self.guard_batcher):
             label = guard.classify(text).label
         else:  # this request's guard (its snapshot's), batched with others'
-            verdict, score = await self.guard_batcher.run(GuardWork(guard, text, router, route_text, self._route_labels))
-            label = verdict.label
+            label = (await self.guard_batcher.run((guard, text))).label
         if span:
             spans.end(span, guard=label)
         self.metrics.adder(self.metrics.guard, label)(1)
-        return self._guard_action(label), score
-
-    def _guard_action(self, label: str) -> GuardAction:
-        """What the settings do with a guard verdict ``label``."""
         if label == "domain":
             return GuardAction(label)
         policy = self.settings.guard.ood if label == "ood" else self.settings.guard.unsafe
@@ -525,24 +475,19 @@ class Pipeline:
             return GuardAction(label, "route", pool=policy.pool)
         return GuardAction(label)
 
-    @functools.cached_property
-    def _route_labels(self) -> frozenset[str]:
-        """The verdict labels whose action sends an ``auto`` request on to the router (``pass``)."""
-        return frozenset(label for label in ("domain", "ood", "unsafe") if self._guard_action(label).action == "pass")
-
     async def _route(self, job: Job, policy: PolicyComponent, requested: str, guard: GuardAction, text: str,
-                     session: Any, spans: Any, score: float | None = None) -> RouteDecision:
+                     session: Any, spans: Any) -> RouteDecision:
         """[5] Where the request goes: the guard's pool, the pool it named, or — for ``auto`` — the policy's
         choice (the router runs only here), held on the LLM by its session, moved to the LLM when only it
-        serves the tools / JSON mode asked for. Raises 400 when the pool cannot serve them. ``score``: the
-        router's score when the guard's batcher computed it (``_guard``)."""
+        serves the tools / JSON mode asked for. Raises 400 when the pool cannot serve them."""
         span = spans and spans.start("routing")
         if guard.action == "route":
             route = RouteDecision("guard", guard.pool, None, None, f"guard verdict {guard.label}")
         elif requested != "auto":
             route = RouteDecision("explicit", requested, None, None, "model named in the request")
         else:
-            if score is None and not self._on_loop(self.router_batcher) and policy.needs_score(job.hint):
+            score = None
+            if not self._on_loop(self.router_batcher) and policy.needs_score(job.hint):
                 score = float(await self.router_batcher.run((policy.router, text)))
             route = policy.decide(text, job.hint, score=score)
             llm = self.settings.routing.llm_pool

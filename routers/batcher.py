@@ -86,12 +86,6 @@ class Batcher(Generic[T, R]):
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
-    def count(self, num_items: int) -> None:
-        """Record one batch of ``num_items`` scored on this batcher's behalf in another batcher's thread (the
-        gateway's guard batcher scores its requests' routes in the same hop): a statistic only."""
-        self.num_batches += 1
-        self.num_items += num_items
-
     @property
     def is_closed(self) -> bool:
         return self._closed

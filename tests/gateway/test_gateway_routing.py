@@ -223,10 +223,7 @@ def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refuse
         live_server, guard_dir, router_dir):
     """The same requests through a gateway with classifiers.batching on (every request through the
     batchers) and one with it off: the same verdict, route and pool, scores within float rounding; the router scores only requests the guard let through (a refused
-    one never reaches it), in the guard batcher's thread (one hop for both)."""
-    import threading
-
-    threads: set[str] = set()
+    one never reaches it)."""
     texts = ["My landlord has a problem with the lease, what should I do?", "please integral theorem proof now",
              "Der Hund schläft unter dem großen Baum im Garten.", "How do I handle tax and loan?",
              "please hello coffee friend now", "Mañana vamos a la playa con mis amigos."]
@@ -241,7 +238,6 @@ def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refuse
 
         def score_batch(self, batch):
             seen.extend(batch)
-            threads.add(threading.current_thread().name)
             return self.router.score_batch(batch)
 
     def counted(policy):
@@ -270,7 +266,6 @@ def test_batched_and_unbatched_gateways_answer_alike_and_the_router_skips_refuse
     refused = [t for t, a in zip(texts, answers[True], strict=True) if a[1] == "policy"]
     assert refused, "some texts are refused by the guard"
     assert sorted(seen) == sorted(t for t in texts if t not in refused)
-    assert threads == {"batcher-guard"}  # each route scored in its guard verdict's hop, not a second one
 
 
 def test_a_lone_request_classifies_on_the_loop_and_company_goes_to_the_batcher(live_server, guard_dir, router_dir):
