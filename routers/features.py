@@ -114,7 +114,7 @@ def word_ngram_hashes(text: str, ngram_range: tuple[int, int]) -> np.ndarray:
     words = _WORD_RE.findall(text)
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    base = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+    base = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=len(words))  # UTF-8
     out: list[np.ndarray] = []
     h = (_FNV_OFFSET ^ base) * _FNV_PRIME
     mixed = _mix(base) if hi > 1 else base

@@ -1,4 +1,5 @@
-"""The TF-IDF kNN product: one text's TF-IDF row times the reference rows, through scipy's C loops."""
+"""One text's sparse TF-IDF row times a matrix, through scipy's C loops: the TF-IDF kNN product against the
+reference rows (``sparse_rows_dot``) and the wide MLP's input layer (``sparse_row_times``)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def sparse_rows_dot(csr: Any, rows: np.ndarray, weights: np.ndarray, c_loops: bo
     indices, data = np.empty(nnz, dtype=csr.indices.dtype), np.empty(nnz, dtype=np.float32)
     sparsetools.csr_row_index(len(rows), rows, csr.indptr, csr.indices, csr.data, indices, data)
     sparsetools.csc_matvec(n_cols, len(rows), indptr, indices, data, weights, out)
+    return out
+
+
+def sparse_row_times(cols: np.ndarray, vals: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """``vals @ dense[cols]`` (float32 [dense.shape[1]]) for one sparse row: the sums of scipy's ``csr @ dense``
+    for that row (what a batch of rows gets from one sparse product), without gathering ``dense[cols]``
+    into a copy first. ``dense`` is C-contiguous float32 with fewer than 2**31 rows; ``cols`` in range."""
+    out = np.zeros(dense.shape[1], dtype=np.float32)
+    sparsetools = _sparsetools()
+    if sparsetools is None or dense.dtype != np.float32 or not dense.flags.c_contiguous:
+        from scipy.sparse import csr_matrix
+
+        row = csr_matrix((np.asarray(vals, dtype=np.float32), np.asarray(cols, dtype=np.int32), [0, len(cols)]),
+                         shape=(1, dense.shape[0]))
+        return np.asarray(row @ dense, dtype=np.float32)[0]
+    sparsetools.csr_matvecs(1, dense.shape[0], dense.shape[1], np.array([0, len(cols)], dtype=np.int32),
+                            np.asarray(cols, dtype=np.int32), np.asarray(vals, dtype=np.float32), dense.ravel(), out)
     return out
 
 

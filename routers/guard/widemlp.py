@@ -11,7 +11,7 @@ import numpy as np
 
 from routers.features import HashedTfidf
 from routers.guard.knn import CoarseRanking, centroid_similarity, knn, normalize_rows, topk_mean
-from routers.guard.sparse import sparse_rows_dot, top_terms
+from routers.guard.sparse import sparse_row_times, sparse_rows_dot, top_terms
 
 # ``msp`` (the largest domain probability) is computed for every member by the guard itself; "energy" and
 # "maha" exist for experiments and live with them (training/guard_select.py experiment_evidence).
@@ -99,13 +99,13 @@ class WideMLP:
         return cache[key]
 
     def hidden_of(self, X: TfidfRows) -> np.ndarray:
-        """Hidden activations [n, hidden] of TF-IDF rows. One row is a gather of ``w_in``'s kept rows (the
-        serving path: no sparse matrix product), several a sparse product; the two agree to float32
-        rounding."""
+        """Hidden activations [n, hidden] of TF-IDF rows: a sparse product with ``w_in``'s kept rows. One row
+        (the serving path) runs scipy's loop for that row alone (``sparse_row_times``: no sparse matrix
+        built, no copy of the rows it reads), with the same sums a batch's product gives it."""
         rows = self.col_map[X.indices]
         keep = rows >= 0
         if X.num_rows == 1:
-            return np.maximum(X.data[keep] @ self.w_in[rows[keep]] + self.b_in, 0.0)[None, :]
+            return np.maximum(sparse_row_times(rows[keep], X.data[keep], self.w_in) + self.b_in, 0.0)[None, :]
         from scipy.sparse import csr_matrix
 
         kept_per_row = np.zeros(X.num_rows, dtype=np.int64)

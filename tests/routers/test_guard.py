@@ -363,6 +363,23 @@ def test_sparse_rows_dot_c_loops_equal_the_public_product():
         assert np.array_equal(fast, public) and (np.count_nonzero(fast) > 0 or n == 0)
 
 
+def test_one_rows_hidden_layer_is_its_row_of_the_batch_product(guard):
+    """The serving path's hidden layer of one text (``sparse_row_times``: scipy's loop for that row alone)
+    is bit for bit its row of the batch's sparse product, and the fallback (no private C loops) agrees."""
+    from routers.guard.sparse import sparse_row_times
+
+    wide = guard.members["widemlp"]
+    texts = [row.text for row in make_rows(8, 3)] + FOREIGN + ["", "zzzz qqqq"]
+    batch = wide.hidden_of(wide.rows(texts))
+    single = np.concatenate([wide.hidden_of(wide.rows([t])) for t in texts])
+    assert single.dtype == np.float32 and np.array_equal(single, batch) and np.count_nonzero(single) > 0
+    rng = np.random.default_rng(0)
+    dense = rng.random((50, 7), dtype=np.float32)
+    cols, vals = np.array([2, 9, 31]), rng.random(3, dtype=np.float32)
+    fast, fallback = sparse_row_times(cols, vals, dense), sparse_row_times(cols, vals, np.asfortranarray(dense))
+    assert np.allclose(fast, vals @ dense[cols], atol=1e-6) and np.allclose(fallback, fast, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def capped_guard() -> Guard:
     cfg = FitConfig(kind="widemlp", epochs=10, lr=1e-2, hidden=32, max_features=4096, id_recall=0.9, knn_k=3,
