@@ -180,3 +180,24 @@ def test_int4_engine_greedy_tokens_identical_alone_batched_and_with_speculation(
     assert together == alone
     assert drafted == alone
     assert spec.stats().num_accepted_tokens_total > 0
+
+
+def test_the_avx2_path_gives_the_same_bits_as_the_vnni_path(kernel, tmp_path):
+    """A CPU without VNNI runs AVX2's maddubs instead of vpdpbusd: the same integer sums, so the same floats.
+    Built here without VNNI (and without AVX-512) and compared bit for bit with this machine's build."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    target = tmp_path / "avx2.so"
+    flags = [*native.FLAGS, "-mno-avx512f", "-mno-avxvnni"]
+    subprocess.run([cc, *flags, str(native.SOURCE), "-o", str(target), "-lm"], check=True, capture_output=True)
+    avx2 = native.QuantKernels(ctypes.CDLL(str(target)), "avx2")
+    g = torch.Generator().manual_seed(11)
+    for m in (1, 5):
+        x = torch.randn(m, 192, generator=g) * 4
+        w = torch.randn(24, 192, generator=g)
+        for bits in (4, 8):
+            blocks = PACK[bits][0](w)
+            assert torch.equal(run(kernel, bits, x, blocks, 24, None), run(avx2, bits, x, blocks, 24, None))
