@@ -74,31 +74,40 @@ TILE = 8  # output rows per tile
 TILE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the order of a tile's scales and offsets (the kernel's reduction order)
 
 
+def _groups(weight: torch.Tensor, what: str) -> torch.Tensor:
+    """[N, K] → float32 [N', K / 32, 32] with N' = N rounded up to whole tiles (zero rows)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % GROUP_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of the {what} size {GROUP_SIZE}")
+    padded = -(-n // TILE) * TILE
+    w = torch.cat([w, w.new_zeros(padded - n, k)]) if padded != n else w
+    return w.reshape(padded, k // GROUP_SIZE, GROUP_SIZE)
+
+
+def _by_tile(per_row: torch.Tensor) -> torch.Tensor:
+    """[N', G, ...] per row and block → [N' / 8, G, 8 * ...]: each block's 8 rows of a tile side by side."""
+    rows, g = per_row.shape[:2]
+    tiled = per_row.reshape(rows // TILE, TILE, g, -1).permute(0, 2, 1, 3)
+    return tiled.reshape(rows // TILE, g, -1).contiguous() if per_row.dim() == 3 else tiled.squeeze(3).contiguous()
+
+
 def pack_q4(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] float weights → [ceil(N / 8), K / 32, 160] uint8, the layout ``quant_kernels.c`` reads: per tile of
     8 output rows and block of 32 inputs, the rows' 4-bit ``q`` (16 bytes a row; byte j holds weight j low and
     weight j + 16 high), then their fp16 scales ``d`` and fp16 offsets ``o`` (the block's minimum) in
     ``TILE_ORDER``, so that ``w ≈ q * d + o``. ``q`` is rounded against the fp16 values the kernel reads;
     rows past N are zeros."""
-    w = weight.detach().float()
-    n, k = w.shape
-    if k % GROUP_SIZE:
-        raise ValueError(f"in_features {k} is not a multiple of the int4 group size {GROUP_SIZE}")
-    padded = -(-n // TILE) * TILE
-    w = torch.cat([w, w.new_zeros(padded - n, k)]) if padded != n else w
-    groups = w.reshape(padded, k // GROUP_SIZE, GROUP_SIZE)
+    groups = _groups(weight, "int4 group")
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     d = ((hi - lo) / 15.0).to(torch.float16)
     o = lo.to(torch.float16)
     d32 = d.float().clamp(min=1e-10)
     q = torch.round((groups - o.float()[..., None]) / d32[..., None]).clamp(0, 15).to(torch.uint8)
     nibbles = q[..., :16] | (q[..., 16:] << 4)  # [N', G, 16]
-    tiles, g = padded // TILE, k // GROUP_SIZE
-    qs = nibbles.reshape(tiles, TILE, g, 16).permute(0, 2, 1, 3).reshape(tiles, g, TILE * 16)
     order = list(TILE_ORDER)
-    d_t = d.reshape(tiles, TILE, g).permute(0, 2, 1)[..., order].contiguous().view(torch.uint8)
-    o_t = o.reshape(tiles, TILE, g).permute(0, 2, 1)[..., order].contiguous().view(torch.uint8)
-    return torch.cat([qs, d_t, o_t], dim=2).contiguous()
+    return torch.cat([_by_tile(nibbles), _by_tile(d)[..., order].view(torch.uint8),
+                      _by_tile(o)[..., order].view(torch.uint8)], dim=2).contiguous()
 
 
 def unpack_q4(blocks: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -117,20 +126,11 @@ def pack_q8(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] float weights → [ceil(N / 8), K / 32, 272] uint8: per tile of 8 output rows and block of 32
     inputs, the rows' int8 ``q`` (32 bytes a row) then their fp16 scales ``d`` (``max|w| / 127`` of the
     block) in row order, so that ``w ≈ q * d``; rows past N are zeros."""
-    w = weight.detach().float()
-    n, k = w.shape
-    if k % GROUP_SIZE:
-        raise ValueError(f"in_features {k} is not a multiple of the int8 block size {GROUP_SIZE}")
-    padded = -(-n // TILE) * TILE
-    w = torch.cat([w, w.new_zeros(padded - n, k)]) if padded != n else w
-    groups = w.reshape(padded, k // GROUP_SIZE, GROUP_SIZE)
+    groups = _groups(weight, "int8 block")
     d = (groups.abs().amax(dim=2) / 127.0).to(torch.float16)
     d32 = d.float().clamp(min=1e-10)
     q = torch.round(groups / d32[..., None]).clamp(-127, 127).to(torch.int8)
-    tiles, g = padded // TILE, k // GROUP_SIZE
-    qs = q.reshape(tiles, TILE, g, GROUP_SIZE).permute(0, 2, 1, 3).reshape(tiles, g, TILE * GROUP_SIZE)
-    d_t = d.reshape(tiles, TILE, g).permute(0, 2, 1).contiguous().view(torch.uint8)
-    return torch.cat([qs.view(torch.uint8), d_t], dim=2).contiguous()
+    return torch.cat([_by_tile(q.view(torch.uint8)), _by_tile(d).view(torch.uint8)], dim=2).contiguous()
 
 
 def unpack_q8(blocks: torch.Tensor, out_features: int) -> torch.Tensor:
