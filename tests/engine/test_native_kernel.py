@@ -140,6 +140,13 @@ def test_without_the_kernel_int4_falls_back_to_torch_with_a_reason(monkeypatch, 
     assert native.kernel() is None
     assert native.unavailable_reason().startswith("building quant_kernels.c failed")
     assert not list((tmp_path / "kernels").glob("*.so"))
+    # a cache folder that cannot be created (a read-only home): a reason too, not an exception
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.delenv("CC")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SWITCHYARD_HOME", str(blocker))
+    assert native.kernel() is None and native.unavailable_reason().startswith("building quant_kernels.c failed")
 
 
 def test_the_kernel_is_built_once_per_machine_into_the_cache(monkeypatch, tmp_path):

@@ -171,10 +171,11 @@ def _build() -> tuple[QuantKernels | None, str]:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, *sorted(flags))).encode()).hexdigest()[:16]
     target = _cache_dir() / f"quant_kernels-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+        tmp = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache is a reason, not a crash
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
             proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                                   timeout=120)
             if proc.returncode != 0:
@@ -183,7 +184,7 @@ def _build() -> tuple[QuantKernels | None, str]:
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"building {SOURCE.name} failed: {e}"
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     try:
         return QuantKernels(ctypes.CDLL(str(target)), isa), ""
