@@ -193,10 +193,9 @@ def test_the_avx2_path_gives_the_same_bits_as_the_vnni_path(kernel, tmp_path):
     """A CPU without VNNI runs AVX2's maddubs instead of vpdpbusd: the same integer sums, so the same floats.
     Built here without VNNI (and without AVX-512) and compared bit for bit with this machine's build."""
     import ctypes
-    import shutil
     import subprocess
 
-    cc = shutil.which("cc") or shutil.which("gcc")
+    cc = native.compiler()
     target = tmp_path / "avx2.so"
     flags = [*native.FLAGS, "-mno-avx512f", "-mno-avxvnni"]
     subprocess.run([cc, *flags, str(native.SOURCE), "-o", str(target), "-lm"], check=True, capture_output=True)

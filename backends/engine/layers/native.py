@@ -1,5 +1,5 @@
-"""The engine's compiled CPU kernels: ``quant_kernels.c`` (4-bit or 8-bit weights x 8-bit activations, with
-AVX-VNNI, or AVX2 without it), built once per machine with the system C compiler (``-O3 -march=native
+"""The engine's compiled CPU kernels: ``quant_kernels.c`` (4-bit or 8-bit weights x activations in two int8
+levels, with AVX-VNNI, or AVX2 without it), built once per machine with the system C compiler (``-O3 -march=native
 -fopenmp``; no FMA contraction, so the C source alone decides every rounding), cached by source, compiler
 flags and CPU, and called through ctypes.
 
@@ -152,6 +152,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc`` or ``gcc`` on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def _cache_dir() -> Path:
     home = os.environ.get("SWITCHYARD_HOME") or Path.home() / ".cache" / "switchyard"
     return Path(home) / "kernels"
@@ -164,7 +169,7 @@ def _build() -> tuple[QuantKernels | None, str]:
     missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if not cc:
         return None, "no C compiler (cc/gcc) on PATH"
     isa = "avx-vnni" if "avx_vnni" in flags or "avx512_vnni" in flags else "avx2"

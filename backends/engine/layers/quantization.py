@@ -6,9 +6,9 @@ the GGUF Q4_1 layout). ``quantize_for_engine`` is what the engine applies under 
 ``quantize_model`` plus lm_head in int8, under int4 as well.
 
 Kernels: where the engine's native kernels build (``layers/native.py``, the system C compiler, x86 with
-AVX2), both layers run them: weights with a scale per block of 32 inputs, activations quantized to int8 per
-block of 32, integer dot products (AVX-VNNI where the CPU has it), and a row's result does not depend on the
-rest of its batch or the thread count. Elsewhere torch's packed kernels run: ``_weight_int8pack_mm``
+AVX2), both layers run them: weights with a scale per block of 32 inputs, activations quantized per block
+of 32 in two int8 levels (error below a bf16 rounding), integer dot products (AVX-VNNI where the CPU has
+it), and a row's result does not depend on the rest of its batch or the thread count. Elsewhere torch's packed kernels run: ``_weight_int8pack_mm``
 (a scale per output row) and ``_weight_int4pack_mm_for_cpu``, with activations cast to ``compute_dtype``
 (bf16: torch's CPU kernels are vectorized for it) and back. ``kernel=`` on ``from_linear`` and
 ``quantize_model`` picks one explicitly.
@@ -44,6 +44,14 @@ def _native_kernels(kernel: str) -> QuantKernels | None:
     return kernels
 
 
+def _native_forward(fn, x: torch.Tensor, blocks: torch.Tensor, out_features: int,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """A native kernel on 2-d ``x``: it reads float32 rows, so other dtypes go in as float32 and come back."""
+    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    y = fn(x32, blocks, out_features, bias)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """Symmetric int8 weights, ``w = q * scale``.
 
@@ -65,7 +73,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
                     kernel: str = "auto") -> Int8Linear:
-        kernels = _native_kernels(kernel) if linear.in_features % native.GROUP_SIZE == 0 else _native_kernels("torch")
+        kernels = _native_kernels(kernel if linear.in_features % native.GROUP_SIZE == 0 else "torch")
         w = linear.weight.detach().float()
         n, k = w.shape
         if kernels is not None:
@@ -89,9 +97,7 @@ class Int8Linear(nn.Module):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.native is not None:
-            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            y = self.native.q8_linear(x32, self.weight_int8, self.out_features, self.bias)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
+            return _native_forward(self.native.q8_linear, x, self.weight_int8, self.out_features, self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.to(self.compute_dtype), self.weight_int8, self.scales).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -104,9 +110,8 @@ class Int4Linear(nn.Module):
 
     Two kernels, chosen when the layer is built (``kernel``): the engine's native one (``layers/native.py``:
     int8 activations, VNNI/AVX2) where it builds, else torch's ``_weight_int4pack_mm_for_cpu`` (bf16
-    activations). Both store ``w = q * d + o`` per
-    group of 32; they differ in the activations' rounding (int8 per block of 32 vs bf16) and in the storage of
-    d and o (fp16 vs bf16)."""
+    activations). Both store ``w = q * d + o`` per group of 32; they differ in the activations' rounding
+    (two int8 levels per block of 32 vs bf16) and in the storage of d and o (fp16 vs bf16)."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, bias: torch.Tensor | None,
                  in_features: int, out_features: int, group_size: int, compute_dtype: torch.dtype,
@@ -153,9 +158,7 @@ class Int4Linear(nn.Module):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.native is not None:
-            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            y = self.native.q4_linear(x32, self.weight_int4, self.out_features, self.bias)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
+            return _native_forward(self.native.q4_linear, x, self.weight_int4, self.out_features, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(self.compute_dtype), self.weight_int4, self.group_size, self.scales_and_zeros
         ).to(x.dtype)
