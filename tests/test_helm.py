@@ -354,7 +354,7 @@ EVERY_ENGINE_OPTION = {"dtype": "bfloat16", "quantization": "int8", "max_model_l
                        "program_scheduling": True,
                        "program_max_wait_s": 2.5,
                        "speculation": {"method": "ngram", "num_draft_tokens": 6, "min_n": 1, "max_n": 5,
-                                       "shared_context": True, "shared_max_entries": 999}}
+                                       "shared_context": True, "shared_max_entries": 999, "verify_cost": 0.25}}
 EVERY_POOL_CONFIG = {"price": {"input_per_1m": 0.5, "output_per_1m": 1.5}, "timeout_s": 33,
                      "connect_timeout_s": 4, "max_retries": 5, "supports_tools": True, "supports_json_mode": True,
                      "supports_vision": True, "chat_template": "plain_turns", "tool_call_parser": "llama3_json", "affinity_prefix_chars": 128}

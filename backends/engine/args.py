@@ -32,6 +32,11 @@ class SpeculationConfig:
     requests in the same namespace (``add_request(..., namespace=)``; at most ``shared_max_entries`` n-grams
     per namespace, least frequently used evicted). "none" (the default) = off. Drafts never change greedy
     output; sampled output keeps its distribution.
+
+    A proposal is cut to the number of drafts whose expected accepted tokens pay for their verification
+    (none when no number does): ``verify_cost`` None = the engine measures what a verify pass of k drafts
+    costs against a plain decode step; a number fixes it at ``verify_cost`` plain steps per draft (0 = always
+    send whole proposals).
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - not a field (no annotation)
@@ -42,6 +47,7 @@ class SpeculationConfig:
     max_n: int = 4
     shared_context: bool = False
     shared_max_entries: int = 32768
+    verify_cost: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATION_METHODS:
@@ -51,6 +57,8 @@ class SpeculationConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"speculation.{name} must be >= 1, got {value}")
+        if self.verify_cost is not None and not 0 <= self.verify_cost <= 10:
+            raise ValueError(f"speculation.verify_cost must be null or between 0 and 10, got {self.verify_cost}")
         if self.min_n > self.max_n:
             raise ValueError(f"speculation.min_n must be <= speculation.max_n, got {self.min_n} > {self.max_n}")
 

@@ -293,7 +293,10 @@ class LLMEngine:
         for item in batch.scheduled:
             if not item.seq.first_scheduled_time:
                 item.seq.first_scheduled_time = scheduled_at
+        started = time.perf_counter()
         committed = self.model_runner.run(batch)
+        if self.proposer is not None:
+            self.proposer.observe(batch, time.perf_counter() - started)
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
             self.block_manager.commit(item.seq)
@@ -321,7 +324,7 @@ class LLMEngine:
         return outputs
 
     def _speculated(self, item, num_accepted: int, iteration: IterationStats | None) -> None:
-        """Bookkeeping after a verification: counters, the proposer's adaptive k, and the blocks that held
+        """Bookkeeping after a verification: counters, the proposer's acceptance estimates, and the blocks that held
         only rejected drafts (a finished sequence has already freed all of its blocks)."""
         num_drafts = len(item.draft_token_ids)
         self._num_draft_tokens_total += num_drafts

@@ -9,11 +9,22 @@ The scheduler gives a sequence with drafts a chunk of 1 + k tokens starting at i
 sampler (``layers/sampler.py`` ``verify``) scores every position in the same forward pass and commits the
 accepted drafts plus one token of the target model, so each step commits >= 1.
 
-Adaptive k, per sequence (``DraftState``): after a verification that accepted ``a`` of ``k`` drafts, the next
-proposal has up to ``a + 1`` drafts when some were rejected, ``k + 1`` when all were accepted (capped by
-``num_draft_tokens``). An exponential moving average of the acceptance rate (weight 0.2 per verification,
-starting at 1) turns drafting off for the rest of the sequence once it falls below ``MIN_ACCEPTANCE``
-(about 11 consecutive fully rejected drafts): a sequence whose text does not repeat stops paying for it.
+How many drafts, per proposal: a verify pass of k drafts costs more than a plain decode step (on a CPU each
+scored row is real compute), so a draft is worth sending only when its expected gain beats that cost. With
+``p`` the estimated chance that a draft token is accepted given the ones before it were, k drafts commit
+1 + p + ... + p^k tokens on average, for ``VerifyCost.relative[k]`` plain steps of time; the proposer sends the
+k (0 to the proposal's length) with the best ratio, and nothing when no k beats a plain step (ratio 1).
+
+* ``p`` blends the sequence's recent acceptance (counts decayed by ``RECENCY`` per verification) with what
+  the engine has seen for proposals of the same kind (own text or shared table, and match length n: long
+  matches are right far more often than short ones), ``PRIOR_WEIGHT`` pseudo-counts of the latter. A
+  sequence whose drafts keep failing stops drafting; one that enters a copied passage (a long match) tries
+  again.
+* ``VerifyCost`` learns ``relative[k]`` from the engine's own steps: the wall time of single-sequence steps
+  with k drafts over that of single-sequence plain decode steps (moving averages), starting from
+  ``1 + PRIOR_DRAFT_COST * k``. ``SpeculationConfig.verify_cost`` fixes it at ``1 + verify_cost * k`` instead
+  (0: every proposal is sent whole).
+
 Steps where no n-gram matches draft nothing and cost nothing.
 
 Structured output: a draft is cut at the first token its grammar matcher refuses (checked with
@@ -32,39 +43,81 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from backends.engine.args import SpeculationConfig
 
-MIN_ACCEPTANCE = 0.1  # drafting stops for a sequence whose acceptance-rate average falls below this
-EMA_WEIGHT = 0.2
+RECENCY = 0.8  # a sequence's acceptance counts are multiplied by this at each verification
+PRIOR_WEIGHT = 4.0  # pseudo-counts of the engine-wide acceptance of the proposal's kind in a sequence's estimate
+PRIOR_DRAFT_COST = 0.3  # a draft's cost in plain steps until the engine has measured it
+COST_AVERAGE = 0.1  # weight of a new step time in VerifyCost's moving averages
 MAX_NAMESPACES = 64  # a shared draft table keeps this many namespaces at most (least recently used dropped)
 
 
-def ngram_lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+def ngram_lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
     """The up-to-``k`` tokens that followed the most recent earlier occurrence of the longest suffix n-gram
-    (``max_n`` >= n >= ``min_n``) of ``token_ids``; [] when none occurs."""
+    (``max_n`` >= n >= ``min_n``) of ``token_ids``, and that n; ([], 0) when none occurs."""
     num = len(token_ids)
     if k < 1 or num < min_n + 1:
-        return []
+        return [], 0
     arr = np.asarray(token_ids, dtype=np.int64)
     for n in range(min(max_n, num - 1), min_n - 1, -1):
         windows = sliding_window_view(arr[:-1], n)  # start i <= num-1-n: a token follows every window
         hits = np.flatnonzero((windows == arr[num - n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return arr[start:start + k].tolist()
-    return []
+            return arr[start:start + k].tolist(), n
+    return [], 0
 
 
 @dataclass
 class DraftState:
-    """One sequence's drafting state: the next proposal's size, its acceptance average, whether it drafts."""
+    """One sequence's drafting state: its recent acceptance and the kind of its pending proposal."""
 
-    k: int
-    acceptance: float = 1.0
-    enabled: bool = True
+    accepted: float = 0.0  # drafts accepted, decayed by RECENCY at each verification
+    tried: float = 0.0  # drafts compared with the target (the accepted ones and the first rejected one), alike
+    kind: tuple[bool, int] = (False, 0)  # the pending proposal's (from the shared table, match length n)
     num_drafted: int = 0
     num_accepted: int = 0
-    is_shared: bool = False  # the pending proposal came from the shared table
     num_shared_drafted: int = 0  # of num_drafted / num_accepted, those from the shared table
     num_shared_accepted: int = 0
+
+    @property
+    def is_shared(self) -> bool:
+        """The pending proposal came from the shared table."""
+        return self.kind[0]
+
+
+class VerifyCost:
+    """``relative[k]``: the time of a verify pass of k drafts in plain decode steps (``relative[0]`` = 1).
+    Learned from single-sequence steps (``observe``) unless fixed at ``1 + per_draft * k``."""
+
+    def __init__(self, max_drafts: int, per_draft: float | None = None) -> None:
+        self.fixed = per_draft is not None
+        cost = PRIOR_DRAFT_COST if per_draft is None else per_draft
+        self.relative = [1.0 + cost * k for k in range(max_drafts + 1)]
+        self.plain_step_s: float | None = None  # moving average of a single-sequence plain decode step
+
+    def observe(self, num_drafts: int, seconds: float) -> None:
+        """One single-sequence decode step that verified ``num_drafts`` drafts (0: a plain step) took
+        ``seconds``."""
+        if self.fixed or num_drafts >= len(self.relative):
+            return
+        if num_drafts == 0:
+            self.plain_step_s = seconds if self.plain_step_s is None else (
+                (1 - COST_AVERAGE) * self.plain_step_s + COST_AVERAGE * seconds)
+        elif self.plain_step_s:
+            ratio = max(1.0, seconds / self.plain_step_s)
+            self.relative[num_drafts] = (1 - COST_AVERAGE) * self.relative[num_drafts] + COST_AVERAGE * ratio
+
+
+def best_num_drafts(p: float, relative: list[float], most: int) -> int:
+    """The k in 0..``most`` with the most expected tokens per unit of time, (1 + p + ... + p^k) / relative[k];
+    0 when no k beats a plain step."""
+    best, best_rate, expected, term = 0, 1.0, 1.0, 1.0
+    for k in range(1, min(most, len(relative) - 1) + 1):
+        term *= p
+        expected += term
+        rate = expected / relative[k]
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
 
 
 # A table entry: (uses, next token ids) — uses = insertions of the n-gram plus lookups that found it, halved by
@@ -117,20 +170,20 @@ class SharedDraftTable:
         if len(space) > self.max_entries:
             self._evict(space)
 
-    def lookup(self, namespace: str, token_ids: list[int], k: int) -> list[int]:
+    def lookup(self, namespace: str, token_ids: list[int], k: int) -> tuple[list[int], int]:
         """Up to ``k`` tokens that followed the longest suffix n-gram of ``token_ids`` found in the namespace's
-        table ([] when none); a hit counts as a use."""
+        table, and that n (([], 0) when none); a hit counts as a use."""
         space = self._spaces.get(namespace)
         if space is None or k < 1:
-            return []
+            return [], 0
         self._spaces.move_to_end(namespace)
         for n in range(min(self.max_n, len(token_ids)), self.min_n - 1, -1):
             key = tuple(token_ids[-n:])
             entry = space.get(key)
             if entry is not None:
                 space[key] = (entry[0] + 1, entry[1])  # an update in place: the insertion order stays
-                return list(entry[1][:k])
-        return []
+                return list(entry[1][:k]), n
+        return [], 0
 
     def num_entries(self, namespace: str) -> int:
         space = self._spaces.get(namespace)
@@ -155,9 +208,11 @@ class SharedDraftTable:
 
 class NgramProposer:
     """Drafts for decoding sequences: their own text first, then (when given) the shared table of their
-    namespace; ``record`` feeds a finished sequence's output to that table."""
+    namespace, as many as pay for their verification; ``record`` feeds a finished sequence's output to that
+    table."""
 
-    def __init__(self, num_draft_tokens: int, min_n: int, max_n: int, shared: SharedDraftTable | None = None) -> None:
+    def __init__(self, num_draft_tokens: int, min_n: int, max_n: int, shared: SharedDraftTable | None = None,
+                 verify_cost: float | None = None) -> None:
         if num_draft_tokens < 1 or not 1 <= min_n <= max_n:
             raise ValueError(f"need num_draft_tokens >= 1 and 1 <= min_n <= max_n, got {num_draft_tokens}, "
                              f"{min_n}, {max_n}")
@@ -165,6 +220,9 @@ class NgramProposer:
         self.min_n = min_n
         self.max_n = max_n
         self.shared = shared
+        self.cost = VerifyCost(num_draft_tokens, verify_cost)
+        # engine-wide [accepted, tried] per proposal kind (from the shared table, match length n)
+        self.kinds: dict[tuple[bool, int], list[int]] = {}
 
     @classmethod
     def from_config(cls, config: SpeculationConfig) -> NgramProposer | None:
@@ -173,27 +231,35 @@ class NgramProposer:
             return None
         shared = (SharedDraftTable(config.min_n, config.max_n, config.num_draft_tokens, config.shared_max_entries)
                   if config.shared_context else None)
-        return cls(config.num_draft_tokens, config.min_n, config.max_n, shared)
+        return cls(config.num_draft_tokens, config.min_n, config.max_n, shared, config.verify_cost)
+
+    def acceptance(self, state: DraftState, kind: tuple[bool, int]) -> float:
+        """The estimated chance that a draft of this kind is accepted, given the drafts before it were."""
+        accepted, tried = self.kinds.get(kind, (0, 0))
+        prior = (accepted + 1) / (tried + 2)
+        return (state.accepted + PRIOR_WEIGHT * prior) / (state.tried + PRIOR_WEIGHT)
 
     def propose(self, seq, limit: int) -> list[int]:
         """Drafts for ``seq`` (a sequence about to decode its next token), at most ``limit`` of them."""
         state = seq.draft_state
         if state is None:
-            state = seq.draft_state = DraftState(self.num_draft_tokens)
-        if not state.enabled or limit < 1:
+            state = seq.draft_state = DraftState()
+        k = min(self.num_draft_tokens, limit)
+        if k < 1:
             return []
-        k = min(state.k, limit)
-        drafts = ngram_lookup(seq.token_ids, self.min_n, self.max_n, k)
-        state.is_shared = False
+        drafts, n = ngram_lookup(seq.token_ids, self.min_n, self.max_n, k)
+        state.kind = (False, n)
         if not drafts and self.shared is not None and seq.namespace is not None:
-            drafts = self.shared.lookup(seq.namespace, seq.token_ids, k)
-            state.is_shared = bool(drafts)
+            drafts, n = self.shared.lookup(seq.namespace, seq.token_ids, k)
+            state.kind = (True, n)
+        if drafts:
+            drafts = drafts[:best_num_drafts(self.acceptance(state, state.kind), self.cost.relative, len(drafts))]
         if drafts and seq.grammar is not None:
             drafts = grammar_prefix(seq.grammar, drafts)
         return drafts
 
     def update(self, seq, num_drafted: int, num_accepted: int) -> None:
-        """Adapt the sequence's k and acceptance average after one verification of ``num_drafted`` drafts."""
+        """Learn from one verification of ``num_drafted`` drafts of ``seq``, ``num_accepted`` accepted."""
         state = seq.draft_state
         if state is None or num_drafted == 0:
             return
@@ -202,14 +268,21 @@ class NgramProposer:
         if state.is_shared:
             state.num_shared_drafted += num_drafted
             state.num_shared_accepted += num_accepted
-        state.acceptance = (1 - EMA_WEIGHT) * state.acceptance + EMA_WEIGHT * num_accepted / num_drafted
-        if num_accepted == num_drafted:
-            state.k = min(self.num_draft_tokens, num_drafted + 1)
-        else:
-            state.k = min(self.num_draft_tokens, num_accepted + 1)
-        if state.acceptance < MIN_ACCEPTANCE:
-            state.enabled = False
+        tried = num_accepted + (num_accepted < num_drafted)  # the drafts after the first rejection were not tried
+        state.accepted = RECENCY * state.accepted + num_accepted
+        state.tried = RECENCY * state.tried + tried
+        counts = self.kinds.setdefault(state.kind, [0, 0])
+        counts[0] += num_accepted
+        counts[1] += tried
 
+    def observe(self, batch, seconds: float) -> None:
+        """One engine step took ``seconds``: a single sequence decoding (with or without drafts) teaches
+        ``cost`` what a draft costs."""
+        if len(batch.scheduled) != 1:
+            return
+        item = batch.scheduled[0]
+        if item.is_sampling and item.num_new_tokens == 1 + len(item.draft_token_ids) and item.seq.num_output_tokens:
+            self.cost.observe(len(item.draft_token_ids), seconds)
 
     def record(self, seq) -> None:
         """A finished sequence: its output joins its namespace's shared table (when there is one)."""

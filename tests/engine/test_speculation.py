@@ -15,13 +15,19 @@ from backends.engine.layers.sampler import SamplerInput, verify
 from backends.engine.llm_engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.sequence import Sequence
-from backends.engine.speculation import DraftState, NgramProposer, SharedDraftTable, ngram_lookup
+from backends.engine.speculation import (
+    NgramProposer,
+    SharedDraftTable,
+    VerifyCost,
+    best_num_drafts,
+    ngram_lookup,
+)
 from backends.engine.stats import IterationStats, SchedulerStats
 from backends.engine.structured_output import StructuredOutput
 from tests.engine.helpers import prompts, tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-NGRAM = SpeculationConfig(method="ngram")
+NGRAM = SpeculationConfig(method="ngram", verify_cost=0.0)  # every proposal verified whole, however it fares
 
 
 def repetitive_prompts(num: int, seed: int = 0) -> list[list[int]]:
@@ -56,28 +62,66 @@ def assert_no_leaks(engine: LLMEngine) -> None:
 def test_ngram_lookup_takes_the_longest_most_recent_match():
     #        0  1  2  3  4  5  6  7  8  9 10 11
     tokens = [1, 2, 3, 9, 8, 2, 3, 7, 1, 2, 3]
-    assert ngram_lookup(tokens, 1, 3, 2) == [9, 8]  # "1 2 3" (n=3) occurred at 0: followed by 9 8
-    assert ngram_lookup(tokens, 1, 2, 2) == [7, 1]  # n <= 2: "2 3" most recently at 5, followed by 7 1
-    assert ngram_lookup(tokens, 1, 3, 10) == [9, 8, 2, 3, 7, 1, 2, 3]  # up to the end of the sequence
-    assert ngram_lookup([4, 5, 6], 1, 3, 4) == []  # nothing repeats
-    assert ngram_lookup([5, 5], 1, 3, 4) == [5]  # the match may overlap the suffix
-    assert ngram_lookup([1, 2, 3], 2, 3, 0) == []
+    assert ngram_lookup(tokens, 1, 3, 2) == ([9, 8], 3)  # "1 2 3" (n=3) occurred at 0: followed by 9 8
+    assert ngram_lookup(tokens, 1, 2, 2) == ([7, 1], 2)  # n <= 2: "2 3" most recently at 5, followed by 7 1
+    assert ngram_lookup(tokens, 1, 3, 10) == ([9, 8, 2, 3, 7, 1, 2, 3], 3)  # up to the end of the sequence
+    assert ngram_lookup([4, 5, 6], 1, 3, 4) == ([], 0)  # nothing repeats
+    assert ngram_lookup([5, 5], 1, 3, 4) == ([5], 1)  # the match may overlap the suffix
+    assert ngram_lookup([1, 2, 3], 2, 3, 0) == ([], 0)
 
 
-def test_adaptive_k_and_turning_off():
-    proposer = NgramProposer(num_draft_tokens=4, min_n=1, max_n=3)
+def test_best_num_drafts_sends_what_pays_for_its_verification():
+    relative = [1.0, 1.3, 1.6, 1.9, 2.2]  # 0.3 plain steps per draft
+    assert best_num_drafts(1.0, relative, 4) == 4  # every draft accepted: 5 tokens for 2.2 steps
+    assert best_num_drafts(0.9, relative, 4) == 4  # (1 + .9 + .81 + .73 + .66) / 2.2 = 1.86 beats k = 3's 1.82
+    assert best_num_drafts(0.9, relative, 2) == 2  # never more than the proposal has
+    assert best_num_drafts(0.5, relative, 4) == 1  # 1.5 / 1.3 = 1.15; two drafts: 1.75 / 1.6 = 1.09
+    assert best_num_drafts(0.25, relative, 4) == 0  # 1.25 / 1.3 < 1: a plain step is better
+    assert best_num_drafts(0.05, [1.0] * 5, 4) == 4  # drafts that cost nothing are always sent
+    assert best_num_drafts(0.9, [1.0, 3.0, 3.0], 4) == 0  # too dear: nothing
+
+
+def test_drafts_stop_when_they_fail_and_resume_on_a_kind_that_succeeds():
+    """Each proposal is cut to what its estimated acceptance pays for: a sequence whose drafts keep failing
+    stops drafting, a long match of a kind the engine has seen succeed brings it back, and a sequence that
+    keeps accepting drafts the whole proposal."""
+    proposer = NgramProposer(num_draft_tokens=4, min_n=1, max_n=3, verify_cost=0.3)
     seq = Sequence(seq_id=0, request_id="r", prompt_token_ids=[1, 2, 3, 1, 2], params=GREEDY)
-    assert proposer.propose(seq, limit=10) == [3, 1, 2]  # k starts at num_draft_tokens (4); 3 tokens exist
-    assert proposer.propose(seq, limit=2) == [3, 1]
+    assert proposer.propose(seq, limit=10) == [3]  # nothing learned: p = 1/2 pays for one draft
     state = seq.draft_state
-    proposer.update(seq, 4, 1)
-    assert state.k == 2  # accepted 1 of 4: propose accepted + 1 next
-    proposer.update(seq, 2, 2)
-    assert state.k == 3  # all accepted: one more, up to num_draft_tokens
-    for _ in range(12):
-        proposer.update(seq, 3, 0)
-    assert not state.enabled and proposer.propose(seq, limit=10) == []  # acceptance stayed low: off
-    assert isinstance(state, DraftState) and state.num_drafted == 4 + 2 + 36 and state.num_accepted == 3
+    assert state.kind == (False, 2)
+    proposer.update(seq, 1, 0)  # rejected
+    assert proposer.propose(seq, limit=10) == []  # p = (0 + 4 * 1/3) / (1 + 4) = 0.27: not worth a draft
+    assert proposer.acceptance(state, (False, 2)) < 0.3
+    proposer.kinds[(False, 3)] = [90, 100]  # the engine's 3-token matches are right 90 % of the time
+    seq.token_ids += [3, 9, 1, 2, 3]
+    assert proposer.propose(seq, limit=10) == [9, 1]  # "1 2 3" matches: p = 0.71, two drafts pay best
+    for _ in range(3):
+        proposer.update(seq, 2, 2)
+    assert proposer.acceptance(state, (False, 3)) > 0.9  # p = 0.90: the whole proposal pays
+    assert proposer.propose(seq, limit=10) == [9, 1, 2, 3] and proposer.propose(seq, limit=2) == [9, 1]
+    assert (state.num_drafted, state.num_accepted) == (1 + 6, 6)
+    assert proposer.kinds[(False, 2)] == [0, 1] and proposer.kinds[(False, 3)] == [90 + 6, 100 + 6]
+
+
+def test_verify_cost_is_learned_from_single_sequence_steps():
+    cost = VerifyCost(max_drafts=4)
+    assert cost.relative == pytest.approx([1.0, 1.3, 1.6, 1.9, 2.2])  # the prior until measured
+    cost.observe(2, 0.5)  # no plain step measured yet: nothing to compare with
+    assert cost.relative[2] == pytest.approx(1.6)
+    for _ in range(100):
+        cost.observe(0, 0.010)
+        cost.observe(3, 0.025)
+    assert cost.plain_step_s == pytest.approx(0.010)
+    assert cost.relative[3] == pytest.approx(2.5, rel=1e-3)  # 25 ms / 10 ms
+    assert cost.relative[1] == pytest.approx(1.3)  # k = 1 never measured
+    cost.observe(1, 0.001)  # faster than a plain step (noise): counts as no dearer than one
+    assert cost.relative[1] == pytest.approx(0.9 * 1.3 + 0.1 * 1.0)
+    cost.observe(9, 1.0)  # more drafts than the proposer sends: ignored
+    fixed = VerifyCost(max_drafts=2, per_draft=0.0)
+    fixed.observe(0, 0.01)
+    fixed.observe(1, 0.05)
+    assert fixed.relative == [1.0, 1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------------------------- shared table
@@ -86,14 +130,14 @@ def test_adaptive_k_and_turning_off():
 def test_shared_table_maps_output_ngrams_to_what_followed_them():
     table = SharedDraftTable(min_n=2, max_n=3, num_next_tokens=3, max_entries=100)
     table.add("a", [7, 8, 9], [1, 2, 3, 4, 5])  # keys end in the prompt's last max_n tokens or the output
-    assert table.lookup("a", [0, 8, 9], k=4) == [1, 2, 3]  # "8 9" (the prompt's tail) → the output's start
-    assert table.lookup("a", [6, 2, 3], k=4) == [4, 5]  # "2 3": up to the end of the output
-    assert table.lookup("a", [1, 2, 3], k=1) == [4]
-    assert table.lookup("a", [9, 5], k=4) == []  # "9 5" never occurred; "5" ends the output: nothing followed
-    assert table.lookup("b", [8, 9], k=4) == []  # another namespace sees nothing
+    assert table.lookup("a", [0, 8, 9], k=4) == ([1, 2, 3], 2)  # "8 9" (the prompt's tail) → the output's start
+    assert table.lookup("a", [6, 2, 3], k=4)[0] == [4, 5]  # "2 3": up to the end of the output
+    assert table.lookup("a", [1, 2, 3], k=1)[0] == [4]
+    assert table.lookup("a", [9, 5], k=4)[0] == []  # "9 5" never occurred; "5" ends the output: nothing followed
+    assert table.lookup("b", [8, 9], k=4)[0] == []  # another namespace sees nothing
     table.add("a", [0], [2, 3, 9])  # a more recent output with "2 3": its continuation wins
-    assert table.lookup("a", [6, 2, 3], k=4) == [9]
-    assert table.lookup("a", [1, 2, 3], k=4) == [4, 5]  # the longer n-gram "1 2 3" still points at the first
+    assert table.lookup("a", [6, 2, 3], k=4)[0] == [9]
+    assert table.lookup("a", [1, 2, 3], k=4) == ([4, 5], 3)  # the longer n-gram "1 2 3" still points at the first
     # every n-gram (n = 2, 3) followed by an output token, once: 10 from the first output, 2 new from the second
     assert table.num_entries("a") == len({(8, 9), (7, 8, 9), (9, 1), (8, 9, 1), (1, 2), (9, 1, 2), (2, 3),
                                           (1, 2, 3), (3, 4), (2, 3, 4), (0, 2), (0, 2, 3)})
@@ -102,17 +146,17 @@ def test_shared_table_maps_output_ngrams_to_what_followed_them():
 def test_shared_table_is_bounded_and_evicts_the_least_frequently_used():
     table = SharedDraftTable(min_n=1, max_n=1, num_next_tokens=1, max_entries=4)
     table.add("ns", [1], [2, 3, 4])  # 1→2, 2→3, 3→4 (one use each)
-    assert table.lookup("ns", [2], k=1) == [3] and table.lookup("ns", [2], k=1) == [3]  # 2: three uses
-    assert table.lookup("ns", [3], k=1) == [4]  # 3: two uses
+    assert table.lookup("ns", [2], k=1)[0] == [3] and table.lookup("ns", [2], k=1)[0] == [3]  # 2: three uses
+    assert table.lookup("ns", [3], k=1)[0] == [4]  # 3: two uses
     table.add("ns", [4], [5, 6])  # 4→5, 5→6: 5 entries > 4: a sweep down to 4 - 4 // 4 = 3 entries
     assert table.num_entries("ns") == 3
-    assert table.lookup("ns", [1], k=1) == [] and table.lookup("ns", [4], k=1) == []  # fewest uses, oldest first
+    assert table.lookup("ns", [1], k=1)[0] == [] and table.lookup("ns", [4], k=1)[0] == []  # fewest uses, oldest first
     # the survivors' uses were halved (rounding up): 2: 3 → 2, 3: 2 → 1, 5: 1 → 1
     table.add("ns", [6], [7])
     table.add("ns", [7], [8])  # 5 entries again: of those used once (3, 5, 6, 7), the two oldest go
     assert table.num_entries("ns") == 3
-    assert table.lookup("ns", [3], k=1) == [] and table.lookup("ns", [5], k=1) == []
-    assert [table.lookup("ns", [t], k=1) for t in (2, 6, 7)] == [[3], [7], [8]]
+    assert table.lookup("ns", [3], k=1)[0] == [] and table.lookup("ns", [5], k=1)[0] == []
+    assert [table.lookup("ns", [t], k=1)[0] for t in (2, 6, 7)] == [[3], [7], [8]]
     for i in range(100):  # a long stream never holds more than the cap
         table.add("ns", [i], [1000 + i, 2000 + i])
         assert table.num_entries("ns") <= 4
@@ -122,15 +166,15 @@ def test_shared_table_drops_the_least_recently_used_namespace():
     table = SharedDraftTable(min_n=1, max_n=2, num_next_tokens=2, max_entries=8, max_namespaces=2)
     table.add("a", [1], [2])
     table.add("b", [1], [3])
-    assert table.lookup("a", [1], k=1) == [2]  # a is now the most recently used
+    assert table.lookup("a", [1], k=1)[0] == [2]  # a is now the most recently used
     table.add("c", [1], [4])
     assert table.namespaces == ["a", "c"]
-    assert table.lookup("b", [1], k=1) == []
+    assert table.lookup("b", [1], k=1)[0] == []
 
 
 def test_proposer_drafts_from_its_own_text_first_then_the_shared_table():
     table = SharedDraftTable(min_n=1, max_n=3, num_next_tokens=4, max_entries=100)
-    proposer = NgramProposer(num_draft_tokens=4, min_n=1, max_n=3, shared=table)
+    proposer = NgramProposer(num_draft_tokens=4, min_n=1, max_n=3, shared=table, verify_cost=0.0)
     table.add("ns", [9], [5, 6, 7, 8])
     own = Sequence(seq_id=0, request_id="r", prompt_token_ids=[5, 1, 5], params=GREEDY, namespace="ns")
     assert proposer.propose(own, limit=10) == [1, 5]  # "5" occurred in its own text: that wins
@@ -145,7 +189,7 @@ def test_proposer_drafts_from_its_own_text_first_then_the_shared_table():
     assert proposer.propose(other, limit=10) == [] and proposer.propose(anonymous, limit=10) == []
     fresh.token_ids += [6, 7, 8, 2]
     proposer.record(fresh)  # a finished sequence's output joins its namespace's table
-    assert table.lookup("ns", [7, 8], k=4) == [2]
+    assert table.lookup("ns", [7, 8], k=4)[0] == [2]
     proposer.record(anonymous)  # no namespace: nothing recorded
     assert table.namespaces == ["ns"]
 
@@ -444,12 +488,30 @@ def test_stats_report_drafted_and_accepted_tokens(tiny_model_dir):
     assert sum(it.num_generation_tokens for _, it in records) == 3 * 40
 
 
+def test_engine_measures_the_verify_cost_on_its_own_steps(tiny_model_dir):
+    """With ``verify_cost`` unset, a single sequence's plain and verify steps set the cost the proposer prices
+    drafts with; output stays identical to speculation off."""
+    folder = tiny_model_dir("llama")
+    batch = repetitive_prompts(1, seed=3)
+    [off] = tiny_engine(folder).generate(batch, GREEDY)
+    engine = tiny_engine(folder, speculation=SpeculationConfig(method="ngram"))
+    [on] = engine.generate(batch, GREEDY)
+    assert on.token_ids == off.token_ids
+    cost = engine.proposer.cost
+    assert not cost.fixed and cost.plain_step_s is not None and cost.plain_step_s > 0
+    prior = VerifyCost(max_drafts=4).relative
+    assert engine.stats().num_draft_tokens_total > 0
+    assert any(a != b for a, b in zip(cost.relative, prior, strict=True)), "no verify step was measured"
+    assert all(r >= 1.0 for r in cost.relative)
+
+
 def test_engine_args_validate_speculation():
     assert EngineArgs().speculation == SpeculationConfig(method="none", shared_context=False)
     for bad, key in ((dict(method="eagle"), "speculation.method must be one of none, ngram"),
                      (dict(min_n=5, max_n=3), "speculation.min_n must be <= speculation.max_n"),
                      (dict(num_draft_tokens=0), "speculation.num_draft_tokens must be >= 1"),
-                     (dict(shared_max_entries=0), "speculation.shared_max_entries must be >= 1")):
+                     (dict(shared_max_entries=0), "speculation.shared_max_entries must be >= 1"),
+                     (dict(verify_cost=-0.5), "speculation.verify_cost must be null or between 0 and 10")):
         with pytest.raises(ValueError, match=key):
             SpeculationConfig(**bad)
     with pytest.raises(ValueError, match="speculation must be a SpeculationConfig"):
@@ -467,8 +529,10 @@ def test_speculation_settings_nest_in_a_pool_and_in_the_engine_serve_flag():
                                               "engine": {"speculation": speculation}},
                                              {"name": "llm", "model": "gemma3-270m"}]}).pool("slm").engine
 
-    want = SpeculationConfig(method="ngram", num_draft_tokens=6, min_n=1, max_n=3, shared_context=True)
-    values = {"method": "ngram", "num_draft_tokens": 6, "min_n": 1, "max_n": 3, "shared_context": True}
+    want = SpeculationConfig(method="ngram", num_draft_tokens=6, min_n=1, max_n=3, shared_context=True,
+                             verify_cost=0.5)
+    values = {"method": "ngram", "num_draft_tokens": 6, "min_n": 1, "max_n": 3, "shared_context": True,
+              "verify_cost": 0.5}
     assert pool_engine(values).speculation == want
     assert speculation_of(json.dumps(values)) == want
     assert speculation_of("ngram") == SpeculationConfig(method="ngram")
