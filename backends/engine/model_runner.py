@@ -8,7 +8,8 @@ import logging
 import torch
 
 from backends.engine.config import EngineConfig
-from backends.engine.layers.attention import AttentionMetadata, PrefillChunk, decode_slots
+from backends.engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, decode_slots
+from backends.engine.layers.norm import GemmaRMSNorm, RMSNorm
 from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample, verify
 from backends.engine.loader import load_model
 from backends.engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -26,6 +27,15 @@ def _triton_available(device: torch.device) -> bool:
     return True
 
 
+def _use_compiled_ops(model: torch.nn.Module, kernels) -> None:
+    """The norms and attention of a model with native quantized linears run compiled too: at batch 1 their
+    many small torch calls cost as much as the matrix products, and the kernels keep the same contract (a
+    row's result does not depend on the batch)."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, GemmaRMSNorm, Attention)):
+            module.kernels = kernels
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -41,6 +51,8 @@ class ModelRunner:
             kernels = native.kernel()
             log.info("quantization %s: %s", config.quantization,
                      f"native kernels ({kernels.isa})" if kernels else f"torch's kernels ({native.unavailable_reason()})")
+            if kernels is not None and self.device.type == "cpu":
+                _use_compiled_ops(self.model, kernels)
         self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
         self.num_blocks = config.args.num_kv_blocks or self._blocks_for_memory()

@@ -1,4 +1,4 @@
-"""The native int4 kernel (backends/engine/layers/quant_kernels.c via native.py): its packing, its arithmetic
+"""The native int4 kernel (backends/engine/layers/cpu_kernels.c via native.py): its packing, its arithmetic
 against a float64 reference of the same scheme, the contract that a row's result does not depend on its batch
 or the thread count, the fallback to torch's kernel, and the engine on it (greedy speculation identity)."""
 
@@ -16,7 +16,7 @@ from tests.engine.helpers import prompts, tiny_engine
 
 
 @pytest.fixture(scope="module")
-def kernel() -> native.QuantKernels:
+def kernel() -> native.CpuKernels:
     k = native.kernel()
     assert k is not None, f"the native kernel must build on the test machine: {native.unavailable_reason()}"
     return k
@@ -25,7 +25,7 @@ def kernel() -> native.QuantKernels:
 PACK = {4: (native.pack_q4, native.unpack_q4), 8: (native.pack_q8, native.unpack_q8)}
 
 
-def run(kernels: native.QuantKernels, bits: int, *args) -> torch.Tensor:
+def run(kernels: native.CpuKernels, bits: int, *args) -> torch.Tensor:
     return (kernels.q4_linear if bits == 4 else kernels.q8_linear)(*args)
 
 
@@ -138,7 +138,7 @@ def test_without_the_kernel_int4_falls_back_to_torch_with_a_reason(monkeypatch, 
     monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert native.kernel() is None
-    assert native.unavailable_reason().startswith("building quant_kernels.c failed")
+    assert native.unavailable_reason().startswith("building cpu_kernels.c failed")
     assert not list((tmp_path / "kernels").glob("*.so"))
     # a cache folder that cannot be created (a read-only home): a reason too, not an exception
     monkeypatch.setattr(native, "_state", {})
@@ -146,7 +146,7 @@ def test_without_the_kernel_int4_falls_back_to_torch_with_a_reason(monkeypatch, 
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("SWITCHYARD_HOME", str(blocker))
-    assert native.kernel() is None and native.unavailable_reason().startswith("building quant_kernels.c failed")
+    assert native.kernel() is None and native.unavailable_reason().startswith("building cpu_kernels.c failed")
 
 
 def test_the_kernel_is_built_once_per_machine_into_the_cache(monkeypatch, tmp_path):
@@ -154,10 +154,10 @@ def test_the_kernel_is_built_once_per_machine_into_the_cache(monkeypatch, tmp_pa
     monkeypatch.setenv("SWITCHYARD_HOME", str(tmp_path))
     k = native.kernel()
     assert k is not None and k.isa in ("avx-vnni", "avx2")
-    [built] = (tmp_path / "kernels").glob("quant_kernels-*.so")
+    [built] = (tmp_path / "kernels").glob("cpu_kernels-*.so")
     monkeypatch.setattr(native, "_state", {})
     assert native.kernel() is not None
-    assert list((tmp_path / "kernels").glob("quant_kernels-*.so")) == [built]
+    assert list((tmp_path / "kernels").glob("cpu_kernels-*.so")) == [built]
 
 
 @pytest.mark.parametrize("method,layer_type", [("int4", Int4Linear), ("int8", Int8Linear)])
@@ -199,7 +199,7 @@ def test_the_avx2_path_gives_the_same_bits_as_the_vnni_path(kernel, tmp_path):
     target = tmp_path / "avx2.so"
     flags = [*native.FLAGS, "-mno-avx512f", "-mno-avxvnni"]
     subprocess.run([cc, *flags, str(native.SOURCE), "-o", str(target), "-lm"], check=True, capture_output=True)
-    avx2 = native.QuantKernels(ctypes.CDLL(str(target)), "avx2")
+    avx2 = native.CpuKernels(ctypes.CDLL(str(target)), "avx2")
     g = torch.Generator().manual_seed(11)
     for m in (1, 5):
         x = torch.randn(m, 192, generator=g) * 4
@@ -207,3 +207,105 @@ def test_the_avx2_path_gives_the_same_bits_as_the_vnni_path(kernel, tmp_path):
         for bits in (4, 8):
             blocks = PACK[bits][0](w)
             assert torch.equal(run(kernel, bits, x, blocks, 24, None), run(avx2, bits, x, blocks, 24, None))
+
+
+# ------------------------------------------------------------------------------ the float32 ops around them
+
+
+def test_rms_norm_matches_a_float64_reference_and_does_not_depend_on_the_batch(kernel):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 64, generator=g) * 3
+    w = torch.randn(64, generator=g)
+    for offset in (0.0, 1.0):  # Llama's w, Gemma's (1 + w)
+        y = kernel.rms_norm(x, w, 1e-6, offset)
+        x64 = x.double()
+        want = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + w.double())
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(kernel.rms_norm(x[i:i + 1], w, 1e-6, offset)[0], y[i]) for i in range(7))
+    wide = torch.randn(5, 96, generator=g)
+    assert torch.equal(kernel.rms_norm(wide[:, 16:80], w, 1e-6, 0.0),  # rows with a stride
+                       kernel.rms_norm(wide[:, 16:80].contiguous(), w, 1e-6, 0.0))
+    assert kernel.rms_norm(torch.randn(2, 12), torch.ones(12), 1e-6, 0.0) is None  # not a multiple of 8: torch's
+
+
+def paged_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_paged_attention_matches_torch_and_does_not_depend_on_the_batch_or_threads(kernel):
+    """Decode rows and chunk rows (positions start .. start + n - 1) of sequences with scattered block tables:
+    the compiled kernel agrees with the torch reference (GQA, with and without a sliding window), and each
+    row's bits are the same alone, in the step's batch, and on 1 or 2 threads."""
+    from backends.engine.layers.attention import paged_prefill_attention_torch
+
+    block_size, kv_heads, heads, head_dim = 4, 2, 6, 16
+    k_cache, v_cache = paged_cache(64, block_size, kv_heads, head_dim, seed=1)
+    g = torch.Generator().manual_seed(2)
+    # (block table, first row's position, rows): a decode row at 13, a chunk of 3 at 5..7, a long chunk at 0..29
+    seqs = [(torch.randperm(64, generator=g)[:8].int(), 13, 1), (torch.randperm(64, generator=g)[:8].int(), 5, 3),
+            (torch.randperm(64, generator=g)[:8].int(), 0, 30)]
+    slots, offsets, lengths = [], [], []
+    base = 0
+    for table, start, num in seqs:
+        pos = torch.arange(start + num)
+        keys = table[pos // block_size].long() * block_size + pos % block_size
+        slots.append(keys)
+        offsets += [base] * num
+        lengths += list(range(start + 1, start + num + 1))
+        base += len(keys)
+    rows = native.AttentionRows(torch.cat(slots), torch.tensor(offsets), torch.tensor(lengths))
+    total = sum(num for _, _, num in seqs)
+    qkv = torch.randn(total, heads + 2 * kv_heads, head_dim, generator=g)
+    q = qkv[:, :heads]  # strided tokens, as the models pass it
+    for window in (None, 6):
+        out = kernel.paged_attention(q, k_cache, v_cache, rows, 0.25, window)
+        row = 0
+        for table, start, num in seqs:
+            want = paged_prefill_attention_torch(q[row:row + num].contiguous(), k_cache, v_cache, table, start, 0.25,
+                                                 sliding_window=window)
+            torch.testing.assert_close(out[row:row + num], want, rtol=1e-5, atol=1e-5)
+            row += num
+        for t in range(total):
+            one = native.AttentionRows(rows.slots, rows.offsets[t:t + 1], rows.lengths[t:t + 1])
+            assert torch.equal(kernel.paged_attention(q[t:t + 1], k_cache, v_cache, one, 0.25, window)[0], out[t])
+    # enough work for the kernel's threads: the same bits on one thread and on two
+    big = native.AttentionRows(rows.slots[-30:].repeat(40), torch.arange(1200) // 30 * 30,
+                               (torch.arange(1200) % 30) + 1)
+    qs = torch.randn(1200, heads, head_dim, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = kernel.paged_attention(qs, k_cache, v_cache, big, 0.25, None)
+        torch.set_num_threads(2)
+        two_threads = kernel.paged_attention(qs, k_cache, v_cache, big, 0.25, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, two_threads)
+    assert kernel.paged_attention(torch.randn(1, 6, 12), *paged_cache(4, 4, 2, 12, seed=3), rows, 0.25, None) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_int4_engine_runs_norms_and_attention_compiled_and_greedy_survives_preemption_and_prefix_hits(
+        kernel, tiny_model_dir, arch):
+    """Every row's attention and norms go through the compiled kernels too, so a sequence recomputed after
+    preemption, or resumed from cached prefix blocks, with speculation's verify passes, answers exactly what
+    a roomy engine answers it alone."""
+    from backends.engine.layers.attention import Attention
+    from backends.engine.layers.norm import GemmaRMSNorm, RMSNorm
+
+    folder = tiny_model_dir(arch)
+    base = prompts(6, [6, 9, 7], seed=8)
+    batch = [(p * 3)[:14] for p in base]
+    params = SamplingParams(temperature=0, max_tokens=26, ignore_eos=True)
+    roomy = tiny_engine(folder, quantization="int4")
+    compiled = [m for m in roomy.model_runner.model.modules() if isinstance(m, Attention | RMSNorm | GemmaRMSNorm)]
+    assert compiled and all(m.kernels is kernel for m in compiled)
+    want = [roomy.generate([p], params)[0].token_ids for p in batch]
+    tight = tiny_engine(folder, quantization="int4", num_kv_blocks=20, max_model_len=64,
+                        speculation=SpeculationConfig(method="ngram", verify_cost=0.0))
+    assert [r.token_ids for r in tight.generate(batch, params)] == want
+    assert tight.stats().num_preemptions > 0 and tight.stats().num_accepted_tokens_total > 0
+    again = [tight.generate([batch[0]], params)[0] for _ in range(2)]  # the second resumes from cached blocks
+    assert [r.token_ids for r in again] == want[:1] * 2 and again[1].num_cached_tokens > 0

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.engine.layers.native import AttentionRows, CpuKernels
+
 
 def store_kvcache_torch(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -168,6 +170,7 @@ class AttentionMetadata:
     block_size: int = 16
     decode_slots: torch.Tensor | None = None  # [num_decodes, max_len] (torch path)
     _decode_masks: dict = field(default_factory=dict)
+    _kernel_rows: AttentionRows | None = None
     rope_cache: dict = field(default_factory=dict)  # per-step cos/sin, keyed by the rotary module's params
 
     def decode_mask(self, sliding_window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -187,6 +190,27 @@ class AttentionMetadata:
                 allowed &= pos >= lens - sliding_window
             self._decode_masks[sliding_window] = _additive(allowed.view(-1, 1, 1, max_len), dtype)
         return self._decode_masks[sliding_window]
+
+
+    def kernel_rows(self) -> AttentionRows:
+        """Every row's keys for the compiled attention (CPU path): decode rows, then each chunk's rows."""
+        if self._kernel_rows is None:
+            slots, offsets, lengths = [], [], []
+            if self.num_decode_tokens:
+                assert self.decode_slots is not None and self.decode_context_lens is not None
+                batch, max_len = self.decode_slots.shape
+                slots.append(self.decode_slots.reshape(-1))
+                offsets.append(torch.arange(batch, dtype=torch.int64) * max_len)
+                lengths.append(self.decode_context_lens.long())
+            base = sum(s.numel() for s in slots)
+            for chunk in self.prefills:
+                keys = chunk.slots if chunk.start_pos > 0 else self.slot_mapping[chunk.row:chunk.row + chunk.num_tokens]
+                slots.append(keys)
+                offsets.append(torch.full((chunk.num_tokens,), base, dtype=torch.int64))
+                lengths.append(torch.arange(chunk.start_pos + 1, chunk.start_pos + chunk.num_tokens + 1))
+                base += keys.numel()
+            self._kernel_rows = AttentionRows(torch.cat(slots), torch.cat(offsets), torch.cat(lengths))
+        return self._kernel_rows
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -214,6 +238,7 @@ class Attention(nn.Module):
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.kernels: CpuKernels | None = None  # set by the model runner: every row through the compiled kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] → [N, Hq, D]."""
@@ -228,6 +253,11 @@ class Attention(nn.Module):
             v_flat = self.v_cache.view(rows, self.num_kv_heads, self.head_dim)
             k_flat.index_copy_(0, meta.slot_mapping, k)
             v_flat.index_copy_(0, meta.slot_mapping, v)
+        if self.kernels is not None and self.softcap is None:
+            out = self.kernels.paged_attention(q, self.k_cache, self.v_cache, meta.kernel_rows(), self.scale,
+                                               self.sliding_window)
+            if out is not None:
+                return out
         nd = meta.num_decode_tokens
         out = torch.empty_like(q) if meta.prefills else None
         if nd:

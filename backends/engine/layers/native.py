@@ -1,7 +1,8 @@
-"""The engine's compiled CPU kernels: ``quant_kernels.c`` (4-bit or 8-bit weights x activations in two int8
-levels, with AVX-VNNI, or AVX2 without it), built once per machine with the system C compiler (``-O3 -march=native
--fopenmp``; no FMA contraction, so the C source alone decides every rounding), cached by source, compiler
-flags and CPU, and called through ctypes.
+"""The engine's compiled CPU kernels: ``cpu_kernels.c`` (4-bit or 8-bit weights x activations in two int8
+levels, with AVX-VNNI, or AVX2 without it; and the float32 RMSNorm and paged attention around them), built
+once per machine with the system C compiler (``-O3 -march=native -fopenmp``; no FMA contraction, so the C
+source alone decides every rounding), cached by source, compiler flags and CPU, and called through ctypes.
+The engine runs them wherever its weights are quantized on a CPU (``ModelRunner``).
 
 ``kernel()`` returns the loaded kernels, or None when it cannot run here: no C compiler, a CPU without
 AVX2/FMA/F16C, a failed build, or ``SWITCHYARD_NATIVE_KERNELS=0``. Callers then use torch's own kernels;
@@ -21,13 +22,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("quant_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 GROUP_SIZE = 32
@@ -36,9 +38,11 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-class QuantKernels:
-    """``q4_linear`` / ``q8_linear(x, blocks, out_features, bias)``: ``x`` [M, K] float32 contiguous,
-    ``blocks`` the packed weights (``pack_q4`` / ``pack_q8``) → [M, out_features] float32."""
+class CpuKernels:
+    """The compiled kernels. ``q4_linear`` / ``q8_linear(x, blocks, out_features, bias)``: ``x`` [M, K] float32
+    contiguous, ``blocks`` the packed weights (``pack_q4`` / ``pack_q8``) → [M, out_features] float32.
+    ``rms_norm`` and ``paged_attention``: the float32 ops around them (``None`` where a shape does not suit the
+    kernel: the caller runs torch's op)."""
 
     def __init__(self, lib: ctypes.CDLL, isa: str) -> None:
         self.isa = isa
@@ -47,6 +51,14 @@ class QuantKernels:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             fn.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._rms_norm = lib.rms_norm
+        self._rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr]
+        self._rms_norm.restype = None
+        self._attention = lib.paged_attention
+        self._attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64,
+                                    ptr, ctypes.c_int]
+        self._attention.restype = ctypes.c_int
 
     def q4_linear(self, x: torch.Tensor, blocks: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,6 +80,44 @@ class QuantKernels:
         if rc != 0:
             raise MemoryError(f"the quantized kernel could not allocate {2 * m * k} bytes of activations")
         return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
+        """``x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the last dim of float32 ``x`` [M, D] (rows
+        may be strided, elements contiguous); None when D is not a multiple of 8 or the dtypes differ."""
+        m, d = x.shape
+        if d % 8 or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.stride(1) != 1:
+            return None
+        y = torch.empty(m, d, dtype=torch.float32)
+        self._rms_norm(x.data_ptr(), m, d, x.stride(0), weight.data_ptr(), eps, offset, y.data_ptr())
+        return y
+
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: AttentionRows,
+                        scale: float, window: int | None) -> torch.Tensor | None:
+        """Causal attention of q [T, Hq, D] (float32; tokens may be strided, heads contiguous) over the paged
+        caches [num_blocks, block_size, Hkv, D] for the keys ``rows`` names → [T, Hq, D]; None when the shapes
+        or dtypes do not suit the kernel."""
+        t, hq, d = q.shape
+        hkv = k_cache.shape[2]
+        if (d % 8 or hq % hkv or q.dtype != torch.float32 or k_cache.dtype != torch.float32
+                or q.stride(2) != 1 or q.stride(1) != d):
+            return None
+        out = torch.empty(t, hq, d, dtype=torch.float32)
+        rc = self._attention(q.data_ptr(), t, q.stride(0), hq, hkv, d, k_cache.data_ptr(), v_cache.data_ptr(),
+                             rows.slots.data_ptr(), rows.offsets.data_ptr(), rows.lengths.data_ptr(), scale,
+                             window or 0, out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("the attention kernel could not allocate its score buffer")
+        return out
+
+
+@dataclass
+class AttentionRows:
+    """The keys of each query row of a step, for ``paged_attention``: row t attends to the cache rows
+    ``slots[offsets[t] : offsets[t] + lengths[t]]`` (int64; positions 0 up to its own, in order)."""
+
+    slots: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
 
 
 TILE = 8  # output rows per tile
@@ -93,7 +143,7 @@ def _by_tile(per_row: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float weights → [ceil(N / 8), K / 32, 160] uint8, the layout ``quant_kernels.c`` reads: per tile of
+    """[N, K] float weights → [ceil(N / 8), K / 32, 160] uint8, the layout ``cpu_kernels.c`` reads: per tile of
     8 output rows and block of 32 inputs, the rows' 4-bit ``q`` (16 bytes a row; byte j holds weight j low and
     weight j + 16 high), then their fp16 scales ``d`` and fp16 offsets ``o`` (the block's minimum) in
     ``TILE_ORDER``, so that ``w ≈ q * d + o``. ``q`` is rounded against the fp16 values the kernel reads;
@@ -162,7 +212,7 @@ def _cache_dir() -> Path:
     return Path(home) / "kernels"
 
 
-def _build() -> tuple[QuantKernels | None, str]:
+def _build() -> tuple[CpuKernels | None, str]:
     if os.environ.get("SWITCHYARD_NATIVE_KERNELS", "1") == "0":
         return None, "SWITCHYARD_NATIVE_KERNELS=0"
     flags = _cpu_flags()
@@ -174,7 +224,7 @@ def _build() -> tuple[QuantKernels | None, str]:
         return None, "no C compiler (cc/gcc) on PATH"
     isa = "avx-vnni" if "avx_vnni" in flags or "avx512_vnni" in flags else "avx2"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, *sorted(flags))).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"quant_kernels-{key}.so"
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
     if not target.exists():
         tmp = None
         try:
@@ -192,12 +242,12 @@ def _build() -> tuple[QuantKernels | None, str]:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     try:
-        return QuantKernels(ctypes.CDLL(str(target)), isa), ""
+        return CpuKernels(ctypes.CDLL(str(target)), isa), ""
     except OSError as e:
         return None, f"loading {target.name} failed: {e}"
 
 
-def kernel() -> QuantKernels | None:
+def kernel() -> CpuKernels | None:
     """The kernels, built on first use (thread-safe); None where it cannot run (``unavailable_reason``)."""
     with _lock:
         if "kernel" not in _state:

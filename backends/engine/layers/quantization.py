@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from backends.engine.layers import native
-from backends.engine.layers.native import QuantKernels
+from backends.engine.layers.native import CpuKernels
 
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
@@ -33,7 +33,7 @@ INT4_GROUP_SIZE = 32
 KERNELS = ("auto", "native", "torch")
 
 
-def _native_kernels(kernel: str) -> QuantKernels | None:
+def _native_kernels(kernel: str) -> CpuKernels | None:
     """The native kernels for ``kernel`` = auto (where they build) / native (ValueError if they cannot) /
     torch (None)."""
     if kernel not in KERNELS:
@@ -61,7 +61,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
                  compute_dtype: torch.dtype, in_features: int, out_features: int,
-                 native_kernels: QuantKernels | None = None) -> None:
+                 native_kernels: CpuKernels | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
@@ -115,7 +115,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, bias: torch.Tensor | None,
                  in_features: int, out_features: int, group_size: int, compute_dtype: torch.dtype,
-                 native_kernel: QuantKernels | None = None) -> None:
+                 native_kernel: CpuKernels | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.compute_dtype = compute_dtype

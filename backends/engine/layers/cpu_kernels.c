@@ -209,3 +209,89 @@ int q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
               int num_threads) {
     return linear(8, x, M, K, w, N, bias, y, num_threads);
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The float32 ops around the matrix products, for the same contract (a row's result does not depend on the
+ * batch or the thread count): RMSNorm and causal attention over the paged KV cache. D (the normalized size,
+ * the head size) must be a multiple of 8; callers check.
+ */
+
+/* sum of a[i] * b[i], i < D, in 8 lanes then a fixed pairwise order */
+INLINE float dot8(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+/* y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * (offset + w) for M rows of D floats (row stride x_stride / D);
+ * offset 0 (Llama) or 1 (Gemma's (1 + w)). */
+void rms_norm(const float *x, int64_t M, int64_t D, int64_t x_stride, const float *w, float eps, float offset,
+              float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * x_stride;
+        float *yr = y + m * D;
+        const float r = 1.0f / sqrtf(dot8(xr, xr, D) / (float)D + eps);
+        const __m256 rv = _mm256_set1_ps(r), ov = _mm256_set1_ps(offset);
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 wv = _mm256_add_ps(ov, _mm256_loadu_ps(w + d));
+            _mm256_storeu_ps(yr + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + d), rv), wv));
+        }
+    }
+}
+
+/* Causal attention of T query rows (q row t at q + t * q_stride: Hq heads of D) over a paged cache (kc / vc:
+ * cache row s, kv head g at (s * Hkv + g) * D). Row t attends to the cache rows slots[off[t] .. off[t] + len[t])
+ * (positions 0 .. its own, in order), the last `window` of them when window > 0; query head h reads kv head
+ * h / (Hq / Hkv). out[t, h] = sum_j softmax_j(scale * q . k_j) * v_j, [T, Hq, D]. Returns 0, or -2 when the
+ * score buffer cannot be allocated. */
+int paged_attention(const float *q, int64_t T, int64_t q_stride, int64_t Hq, int64_t Hkv, int64_t D,
+                    const float *kc, const float *vc, const int64_t *slots, const int64_t *off, const int64_t *len,
+                    float scale, int64_t window, float *out, int num_threads) {
+    int64_t max_len = 0, total = 0;
+    for (int64_t t = 0; t < T; t++) {
+        max_len = len[t] > max_len ? len[t] : max_len;
+        total += len[t];
+    }
+    const int64_t G = Hq / Hkv;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (total * Hq * D > (1 << 20))
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(max_len > 0 ? max_len : 1));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t task = 0; task < T * Hq; task++) {
+            if (!scores) continue;
+            const int64_t t = task / Hq, h = task % Hq, g = h / G;
+            const float *qh = q + t * q_stride + h * D;
+            const int64_t *s = slots + off[t];
+            const int64_t lo = window > 0 && len[t] > window ? len[t] - window : 0, n = len[t] - lo;
+            float top = -INFINITY;
+            for (int64_t j = 0; j < n; j++) {
+                scores[j] = dot8(qh, kc + (s[lo + j] * Hkv + g) * D, D) * scale;
+                top = fmaxf(top, scores[j]);
+            }
+            float sum = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                scores[j] = expf(scores[j] - top);
+                sum += scores[j];
+            }
+            float *o = out + (t * Hq + h) * D;
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_setzero_ps());
+            for (int64_t j = 0; j < n; j++) {
+                const float *v = vc + (s[lo + j] * Hkv + g) * D;
+                const __m256 p = _mm256_set1_ps(scores[j]);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+            }
+            const __m256 inv = _mm256_set1_ps(1.0f / sum);
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}
