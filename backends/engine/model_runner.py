@@ -115,7 +115,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:start + num - num_drafts] + p.draft_token_ids)
             positions.extend(range(start, start + num))
             slots.append(self._slots(table, start, num))
-            chunk = PrefillChunk(row, num, start, table.to(self.device))
+            chunk = PrefillChunk(row, num, start, table.to(self.device), num_drafts=num_drafts)
             if start > 0:
                 chunk.slots = self._slots(table, 0, start + num).to(self.device)
             prefills.append(chunk)

@@ -287,11 +287,10 @@ def test_paged_attention_matches_torch_and_does_not_depend_on_the_batch_or_threa
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_int4_engine_runs_norms_and_attention_compiled_and_greedy_survives_preemption_and_prefix_hits(
-        kernel, tiny_model_dir, arch):
-    """Every row's attention and norms go through the compiled kernels too, so a sequence recomputed after
-    preemption, or resumed from cached prefix blocks, with speculation's verify passes, answers exactly what
-    a roomy engine answers it alone."""
+def test_int4_engine_runs_norms_and_decode_attention_compiled(kernel, tiny_model_dir, arch):
+    """The norms, and the attention of every decoded or verified row, go through the compiled kernels (prompt
+    chunks through SDPA): a sequence's greedy answer is the same alone, in a batch, resumed from cached prefix
+    blocks, and with speculation's verify passes."""
     from backends.engine.layers.attention import Attention
     from backends.engine.layers.norm import GemmaRMSNorm, RMSNorm
 
@@ -299,13 +298,52 @@ def test_int4_engine_runs_norms_and_attention_compiled_and_greedy_survives_preem
     base = prompts(6, [6, 9, 7], seed=8)
     batch = [(p * 3)[:14] for p in base]
     params = SamplingParams(temperature=0, max_tokens=26, ignore_eos=True)
-    roomy = tiny_engine(folder, quantization="int4")
-    compiled = [m for m in roomy.model_runner.model.modules() if isinstance(m, Attention | RMSNorm | GemmaRMSNorm)]
+    alone = tiny_engine(folder, quantization="int4")
+    compiled = [m for m in alone.model_runner.model.modules() if isinstance(m, Attention | RMSNorm | GemmaRMSNorm)]
     assert compiled and all(m.kernels is kernel for m in compiled)
-    want = [roomy.generate([p], params)[0].token_ids for p in batch]
-    tight = tiny_engine(folder, quantization="int4", num_kv_blocks=20, max_model_len=64,
-                        speculation=SpeculationConfig(method="ngram", verify_cost=0.0))
-    assert [r.token_ids for r in tight.generate(batch, params)] == want
-    assert tight.stats().num_preemptions > 0 and tight.stats().num_accepted_tokens_total > 0
-    again = [tight.generate([batch[0]], params)[0] for _ in range(2)]  # the second resumes from cached blocks
+    want = [alone.generate([p], params)[0].token_ids for p in batch]
+    spec = tiny_engine(folder, quantization="int4", max_num_batched_tokens=32,
+                       speculation=SpeculationConfig(method="ngram", verify_cost=0.0))
+    assert [r.token_ids for r in spec.generate(batch, params)] == want
+    assert spec.stats().num_accepted_tokens_total > 0
+    again = [spec.generate([batch[0]], params)[0] for _ in range(2)]  # the second resumes from cached blocks
     assert [r.token_ids for r in again] == want[:1] * 2 and again[1].num_cached_tokens > 0
+
+
+def test_a_step_mixing_decodes_verifies_and_prompt_chunks_matches_each_path_alone(kernel):
+    """One step with a decode row, a verify chunk and a prompt chunk: the compiled rows equal the kernel
+    called on them alone, the prompt chunk equals SDPA's; all close to the torch path."""
+    from backends.engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, decode_slots
+
+    heads, kv_heads, head_dim, block_size = 4, 2, 16, 4
+    layer = Attention(heads, kv_heads, head_dim, head_dim ** -0.5)
+    layer.k_cache, layer.v_cache = paged_cache(32, block_size, kv_heads, head_dim, seed=6)
+    g = torch.Generator().manual_seed(7)
+    tables = [torch.randperm(32, generator=g)[:8].int() for _ in range(3)]
+
+    def slots(table, start, num):
+        pos = torch.arange(start, start + num)
+        return table[pos // block_size].long() * block_size + pos % block_size
+
+    def meta():
+        verify = PrefillChunk(1, 3, 9, tables[1], slots=slots(tables[1], 0, 12), num_drafts=2)
+        prompt = PrefillChunk(4, 6, 0, tables[2])
+        m = AttentionMetadata(torch.cat([slots(tables[0], 10, 1), slots(tables[1], 9, 3), slots(tables[2], 0, 6)]),
+                              1, tables[0].view(1, -1), torch.tensor([11], dtype=torch.int32), [verify, prompt],
+                              block_size=block_size)
+        m.decode_slots = decode_slots(m.decode_block_tables, 11, block_size)
+        return m
+
+    q = torch.randn(10, heads, head_dim, generator=g)
+    k = torch.randn(10, kv_heads, head_dim, generator=g)
+    v = torch.randn(10, kv_heads, head_dim, generator=g)
+    layer.kernels = kernel
+    mixed = layer(q, k, v, meta())
+    rows = meta().kernel_rows()
+    assert rows.index.tolist() == [0, 1, 2, 3]
+    assert torch.equal(mixed[:4], kernel.paged_attention(q[:4].contiguous(), layer.k_cache, layer.v_cache, rows,
+                                                         layer.scale, None))
+    layer.kernels = None
+    torch_path = layer(q, k, v, meta())
+    assert torch.equal(mixed[4:], torch_path[4:])
+    torch.testing.assert_close(mixed, torch_path, rtol=1e-5, atol=1e-5)

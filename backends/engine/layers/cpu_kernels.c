@@ -241,11 +241,45 @@ void rms_norm(const float *x, int64_t M, int64_t D, int64_t x_stride, const floa
     }
 }
 
+/* e^x for x <= 0 (a score minus the row's largest), in 8 lanes: Cephes' expf polynomial, relative error about
+ * 2e-7; below -87 it returns e^-87 (about 1.6e-38, nothing next to the largest score's 1) */
+INLINE __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* the 8 scores scale * q . k_r, r < 8 (keys k_r of D floats), in one vector */
+INLINE __m256 scores8(const float *q, const float *const *k, int64_t D, __m256 scale) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[r] + d), acc[r]);
+    }
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+    return _mm256_mul_ps(sums, scale);
+}
+
 /* Causal attention of T query rows (q row t at q + t * q_stride: Hq heads of D) over a paged cache (kc / vc:
  * cache row s, kv head g at (s * Hkv + g) * D). Row t attends to the cache rows slots[off[t] .. off[t] + len[t])
  * (positions 0 .. its own, in order), the last `window` of them when window > 0; query head h reads kv head
- * h / (Hq / Hkv). out[t, h] = sum_j softmax_j(scale * q . k_j) * v_j, [T, Hq, D]. Returns 0, or -2 when the
- * score buffer cannot be allocated. */
+ * h / (Hq / Hkv). out[t, h] = sum_j softmax_j(scale * q . k_j) * v_j, [T, Hq, D]: scores 8 keys at a time
+ * (the rest one by one), the values summed in key order. Returns 0, or -2 when the score buffer cannot be
+ * allocated. */
 int paged_attention(const float *q, int64_t T, int64_t q_stride, int64_t Hq, int64_t Hkv, int64_t D,
                     const float *kc, const float *vc, const int64_t *slots, const int64_t *off, const int64_t *len,
                     float scale, int64_t window, float *out, int num_threads) {
@@ -255,10 +289,11 @@ int paged_attention(const float *q, int64_t T, int64_t q_stride, int64_t Hq, int
         total += len[t];
     }
     const int64_t G = Hq / Hkv;
+    const __m256 scale8 = _mm256_set1_ps(scale);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (total * Hq * D > (1 << 20))
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(max_len > 0 ? max_len : 1));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(max_len + 8));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
@@ -268,28 +303,40 @@ int paged_attention(const float *q, int64_t T, int64_t q_stride, int64_t Hq, int
             if (!scores) continue;
             const int64_t t = task / Hq, h = task % Hq, g = h / G;
             const float *qh = q + t * q_stride + h * D;
-            const int64_t *s = slots + off[t];
             const int64_t lo = window > 0 && len[t] > window ? len[t] - window : 0, n = len[t] - lo;
+            const int64_t *s = slots + off[t] + lo;
+            int64_t j = 0;
+            for (; j + 8 <= n; j += 8) {
+                const float *k8[8];
+                for (int r = 0; r < 8; r++) k8[r] = kc + (s[j + r] * Hkv + g) * D;
+                _mm256_storeu_ps(scores + j, scores8(qh, k8, D, scale8));
+            }
+            for (; j < n; j++) scores[j] = dot8(qh, kc + (s[j] * Hkv + g) * D, D) * scale;
             float top = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                scores[j] = dot8(qh, kc + (s[lo + j] * Hkv + g) * D, D) * scale;
-                top = fmaxf(top, scores[j]);
+            for (j = 0; j < n; j++) top = fmaxf(top, scores[j]);
+            const __m256 top8 = _mm256_set1_ps(top);
+            for (j = 0; j + 8 <= n; j += 8)
+                _mm256_storeu_ps(scores + j, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8)));
+            if (j < n) { /* the last n % 8 scores, padded with the largest (e^0, unused) */
+                float tail[8];
+                for (int r = 0; r < 8; r++) tail[r] = j + r < n ? scores[j + r] : top;
+                _mm256_storeu_ps(tail, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tail), top8)));
+                for (int r = 0; j + r < n; r++) scores[j + r] = tail[r];
             }
             float sum = 0.0f;
-            for (int64_t j = 0; j < n; j++) {
-                scores[j] = expf(scores[j] - top);
-                sum += scores[j];
-            }
-            float *o = out + (t * Hq + h) * D;
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_setzero_ps());
-            for (int64_t j = 0; j < n; j++) {
-                const float *v = vc + (s[lo + j] * Hkv + g) * D;
-                const __m256 p = _mm256_set1_ps(scores[j]);
-                for (int64_t d = 0; d < D; d += 8)
-                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
-            }
+            for (j = 0; j < n; j++) sum += scores[j];
             const __m256 inv = _mm256_set1_ps(1.0f / sum);
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+            float *o = out + (t * Hq + h) * D;
+            for (int64_t d0 = 0; d0 < D; d0 += 32) { /* 4 vectors of the output in registers over all keys */
+                const int nv = D - d0 >= 32 ? 4 : (int)((D - d0) / 8);
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                for (j = 0; j < n; j++) {
+                    const float *v = vc + (s[j] * Hkv + g) * D + d0;
+                    const __m256 p = _mm256_set1_ps(scores[j]);
+                    for (int u = 0; u < nv; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * u), acc[u]);
+                }
+                for (int u = 0; u < nv; u++) _mm256_storeu_ps(o + d0 + 8 * u, _mm256_mul_ps(acc[u], inv));
+            }
         }
         free(scores);
     }
