@@ -41,6 +41,7 @@ from typing import Any
 from backends.engine.args import EngineArgs, SpeculationConfig
 from backends.engine.llm_engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
+from backends.engine.speculation import ngram_lookup
 from backends.models import resolve_model_path
 from bench.engine import LlamaServer, ensure_llama_server, llama_stream, say
 
@@ -72,6 +73,7 @@ OURS = {
     "ngram": SpeculationConfig(method="ngram"),
     "ngram+shared": SpeculationConfig(method="ngram", shared_context=True),
 }
+NUM_DRAFTS_BOUND = 4  # SpeculationConfig's default num_draft_tokens
 LLAMA_SPEC_TYPES = ("ngram-mod", "ngram-cache")  # the first one the binary lists is measured
 
 
@@ -171,6 +173,23 @@ def run_ours_batch(engine: LLMEngine, prompt: list[int], max_tokens: int, concur
                accepted=s1.num_accepted_tokens_total - s0.num_accepted_tokens_total)
 
 
+def free_verify_bound(prompt: list[int], output: list[int], k: int) -> float:
+    """What n-gram speculation could at most gain on this greedy output: drafts from the request's own text
+    (any n from 1 to 8, the longest most recent match, up to k tokens), each verification as cheap as a plain
+    step; output tokens / steps."""
+    if not output:
+        return 1.0
+    done = steps = 0
+    while done < len(output):
+        drafts, _ = ngram_lookup(prompt + output[:done], 1, 8, k)
+        accepted = 0
+        while accepted < len(drafts) and done + accepted < len(output) and drafts[accepted] == output[done + accepted]:
+            accepted += 1
+        done += accepted + 1
+        steps += 1
+    return len(output) / steps
+
+
 # ------------------------------------------------------------------------------------ llama-server
 
 
@@ -255,6 +274,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     ctx = max(len(p) for p in prompts.values()) + opts.max_tokens + 64
     opts.llama_gguf = None
     results: dict[str, dict[str, Any]] = {}
+    bounds: dict[str, float] = {}  # free_verify_bound of each workload's output
     with contextlib.ExitStack() as stack:
         servers = start_llama(opts, stack, ctx, notes)
         warm = prompt_of(WARMUP)
@@ -279,7 +299,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             base = results[workload]["off"]["best_tok_s"]
             for summary in results[workload].values():
                 summary["best_vs_off"] = round(summary["best_tok_s"] / base, 2) if base else None
+            bound = bounds[workload] = round(free_verify_bound(prompt, off.runs[-1].tokens or [], NUM_DRAFTS_BOUND), 2)
             _print_workload(workload, results[workload])
+            print(f"  n-gram drafts from the request's own text, every verification free, k <= {NUM_DRAFTS_BOUND}: "
+                  f"at most {bound:.2f}x over off on this output", flush=True)
     load_after = os.getloadavg()
     if max(load_before[0], load_after[0]) > opts.threads + 0.5:
         notes.append(f"measured while other jobs ran (load average {load_before[0]:.1f} → {load_after[0]:.1f} on "
@@ -287,7 +310,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     return {"model": opts.model, "quantization": opts.quantization, "llama_gguf": opts.llama_gguf,
             "max_tokens": opts.max_tokens, "repeats": opts.repeats, "threads": opts.threads,
             "concurrency": opts.concurrency, "quick": opts.quick, "load_before": load_before,
-            "load_after": load_after, "workloads": results, "notes": notes}
+            "load_after": load_after, "workloads": results, "free_verify_bound": bounds, "notes": notes}
 
 
 def _print_workload(workload: str, rows: dict[str, dict[str, Any]]) -> None:

@@ -15,11 +15,11 @@ scored row is real compute), so a draft is worth sending only when its expected 
 1 + p + ... + p^k tokens on average, for ``VerifyCost.relative[k]`` plain steps of time; the proposer sends the
 k (0 to the proposal's length) with the best ratio, and nothing when no k beats a plain step (ratio 1).
 
-* ``p`` blends the sequence's recent acceptance (counts decayed by ``RECENCY`` per verification) with what
-  the engine has seen for proposals of the same kind (own text or shared table, and match length n: long
-  matches are right far more often than short ones), ``PRIOR_WEIGHT`` pseudo-counts of the latter. A
-  sequence whose drafts keep failing stops drafting; one that enters a copied passage (a long match) tries
-  again.
+* ``p`` is per proposal kind (own text or shared table, and match length n: long matches are right far more
+  often than short ones): the sequence's recent record with that kind (counts decayed by ``RECENCY`` per
+  verification) blended with ``PRIOR_WEIGHT`` pseudo-counts of the engine's record with it. A sequence
+  whose short matches keep failing stops sending them; one that enters a copied passage (a long match)
+  drafts again.
 * ``VerifyCost`` learns ``relative[k]`` from the engine's own steps: the wall time of single-sequence steps
   with k drafts over that of single-sequence plain decode steps (moving averages), starting from
   ``1 + PRIOR_DRAFT_COST * k``. ``SpeculationConfig.verify_cost`` fixes it at ``1 + verify_cost * k`` instead
@@ -36,7 +36,7 @@ the grammar allows there.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -70,9 +70,10 @@ def ngram_lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> tuple[
 class DraftState:
     """One sequence's drafting state: its recent acceptance and the kind of its pending proposal."""
 
-    accepted: float = 0.0  # drafts accepted, decayed by RECENCY at each verification
-    tried: float = 0.0  # drafts compared with the target (the accepted ones and the first rejected one), alike
-    kind: tuple[bool, int] = (False, 0)  # the pending proposal's (from the shared table, match length n)
+    # per proposal kind (from the shared table, match length n): [drafts accepted, drafts compared with the
+    # target (the accepted ones and the first rejected one)], decayed by RECENCY at each verification of that kind
+    recent: dict[tuple[bool, int], list[float]] = field(default_factory=dict)
+    kind: tuple[bool, int] = (False, 0)  # the pending proposal's
     num_drafted: int = 0
     num_accepted: int = 0
     num_shared_drafted: int = 0  # of num_drafted / num_accepted, those from the shared table
@@ -237,7 +238,8 @@ class NgramProposer:
         """The estimated chance that a draft of this kind is accepted, given the drafts before it were."""
         accepted, tried = self.kinds.get(kind, (0, 0))
         prior = (accepted + 1) / (tried + 2)
-        return (state.accepted + PRIOR_WEIGHT * prior) / (state.tried + PRIOR_WEIGHT)
+        own_accepted, own_tried = state.recent.get(kind, (0.0, 0.0))
+        return (own_accepted + PRIOR_WEIGHT * prior) / (own_tried + PRIOR_WEIGHT)
 
     def propose(self, seq, limit: int) -> list[int]:
         """Drafts for ``seq`` (a sequence about to decode its next token), at most ``limit`` of them."""
@@ -269,8 +271,9 @@ class NgramProposer:
             state.num_shared_drafted += num_drafted
             state.num_shared_accepted += num_accepted
         tried = num_accepted + (num_accepted < num_drafted)  # the drafts after the first rejection were not tried
-        state.accepted = RECENCY * state.accepted + num_accepted
-        state.tried = RECENCY * state.tried + tried
+        recent = state.recent.setdefault(state.kind, [0.0, 0.0])
+        recent[0] = RECENCY * recent[0] + num_accepted
+        recent[1] = RECENCY * recent[1] + tried
         counts = self.kinds.setdefault(state.kind, [0, 0])
         counts[0] += num_accepted
         counts[1] += tried

@@ -82,9 +82,9 @@ def test_best_num_drafts_sends_what_pays_for_its_verification():
 
 
 def test_drafts_stop_when_they_fail_and_resume_on_a_kind_that_succeeds():
-    """Each proposal is cut to what its estimated acceptance pays for: a sequence whose drafts keep failing
-    stops drafting, a long match of a kind the engine has seen succeed brings it back, and a sequence that
-    keeps accepting drafts the whole proposal."""
+    """Each proposal is cut to what its estimated acceptance pays for: a sequence whose drafts of one kind
+    keep failing stops sending them, a long match of a kind the engine has seen succeed is sent whole, and the
+    sequence's own record with that kind moves the number up and down."""
     proposer = NgramProposer(num_draft_tokens=4, min_n=1, max_n=3, verify_cost=0.3)
     seq = Sequence(seq_id=0, request_id="r", prompt_token_ids=[1, 2, 3, 1, 2], params=GREEDY)
     assert proposer.propose(seq, limit=10) == [3]  # nothing learned: p = 1/2 pays for one draft
@@ -95,13 +95,17 @@ def test_drafts_stop_when_they_fail_and_resume_on_a_kind_that_succeeds():
     assert proposer.acceptance(state, (False, 2)) < 0.3
     proposer.kinds[(False, 3)] = [90, 100]  # the engine's 3-token matches are right 90 % of the time
     seq.token_ids += [3, 9, 1, 2, 3]
-    assert proposer.propose(seq, limit=10) == [9, 1]  # "1 2 3" matches: p = 0.71, two drafts pay best
+    assert proposer.propose(seq, limit=10) == [9, 1, 2, 3]  # "1 2 3" matches: p = 0.89, the whole proposal
+    assert proposer.propose(seq, limit=2) == [9, 1]
     for _ in range(3):
-        proposer.update(seq, 2, 2)
-    assert proposer.acceptance(state, (False, 3)) > 0.9  # p = 0.90: the whole proposal pays
-    assert proposer.propose(seq, limit=10) == [9, 1, 2, 3] and proposer.propose(seq, limit=2) == [9, 1]
-    assert (state.num_drafted, state.num_accepted) == (1 + 6, 6)
-    assert proposer.kinds[(False, 2)] == [0, 1] and proposer.kinds[(False, 3)] == [90 + 6, 100 + 6]
+        proposer.update(seq, 4, 0)  # this sequence's 3-token matches fail: p = 0.54
+    assert proposer.propose(seq, limit=10) == [9]
+    for _ in range(3):
+        proposer.update(seq, 1, 1)
+    assert proposer.acceptance(state, (False, 3)) == pytest.approx(0.77, abs=0.01)
+    assert proposer.propose(seq, limit=10) == [9, 1, 2]  # three drafts pay best at p = 0.77
+    assert (state.num_drafted, state.num_accepted) == (1 + 12 + 3, 3)
+    assert proposer.kinds[(False, 2)] == [0, 1] and proposer.kinds[(False, 3)] == [90 + 3, 100 + 3 + 3]
 
 
 def test_verify_cost_is_learned_from_single_sequence_steps():
@@ -682,3 +686,16 @@ async def test_local_backend_passes_the_requests_namespace_to_the_shared_table(t
         assert backend.llm_engine.proposer.shared.namespaces == ["team-a", "team-b"]  # each output joins its own
     finally:
         await backend.close()
+
+
+def test_the_benchmarks_free_verification_bound():
+    """``bench speculation``'s ceiling for a drafter over the request's own text: steps are counted as if every
+    verification cost a plain step."""
+    from bench.speculation import free_verify_bound
+
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+    # step 1: "8" never occurred before → plain step (1); step 2: "1" → drafts 2 3 4 5, all right (+ 6);
+    # step 3: "... 5 6" → drafts 7 8 1 2, the first wrong (9): 7 tokens in 3 steps
+    assert free_verify_bound(prompt, [1, 2, 3, 4, 5, 6, 9], k=4) == pytest.approx(7 / 3)
+    assert free_verify_bound(prompt, [1, 2, 3, 4, 5, 6, 9], k=1) == pytest.approx(7 / 4)  # 1, 2+3, 4+5, 6+9
+    assert free_verify_bound(prompt, [], k=4) == 1.0
