@@ -192,7 +192,6 @@ class AttentionMetadata:
             self._decode_masks[sliding_window] = _additive(allowed.view(-1, 1, 1, max_len), dtype)
         return self._decode_masks[sliding_window]
 
-
     def kernel_rows(self) -> AttentionRows:
         """The rows the compiled attention computes (CPU path, the kernels set): decode rows and the rows of
         chunks that verify drafts, so a token's row is computed the same way decoded or verified. Prompt
@@ -251,7 +250,7 @@ class Attention(nn.Module):
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.kernels: CpuKernels | None = None  # set by the model runner: every row through the compiled kernel
+        self.kernels: CpuKernels | None = None  # set by the model runner: decode and verify rows go compiled
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] → [N, Hq, D]."""
