@@ -15,7 +15,8 @@ runs once per round, in that order, for ``--repeats`` rounds after a warm-up on 
 Decode tokens/s = (output tokens - 1) / (time of the last token - time of the first token). Reported per
 system: ``first`` = the first round (for the shared table and ngram-mod: only other workloads' outputs
 seen yet), ``best`` = the best round (from the second round on, both have seen this very request's
-answer). ``identical`` = the same output tokens as ``off`` (llama-server: the same text). ``--concurrency N``
+answer). ``identical`` = the same output tokens as ``off`` (llama-server: the same text; with ``--concurrency``,
+also every copy the same as the first). ``--concurrency N``
 sends N copies at once to switchyard only (prefix caching off, output tok/s of the batch with prefill);
 llama-server rows are c = 1 only. Acceptance = accepted / drafted tokens over all rounds (llama-server: its
 ``timings.draft_n_accepted / draft_n``).
@@ -87,6 +88,7 @@ class Run:
     num_tokens: int = 0
     drafted: int | None = None
     accepted: int | None = None
+    copies_agree: bool = True  # --concurrency N: the N copies answered the same tokens
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Row:
         accepted = sum(r.accepted or 0 for r in self.runs)
         same = (last.tokens == off.runs[-1].tokens if last.tokens is not None and off is not None
                 else last.text == off_text)
+        same = same and all(r.copies_agree for r in self.runs)
         return {"first_tok_s": round(self.runs[0].tok_s, 1), "best_tok_s": round(max(r.tok_s for r in self.runs), 1),
                 "output_tokens": last.num_tokens, "identical": same,
                 "acceptance": round(accepted / drafted, 2) if drafted else None,
@@ -168,9 +171,10 @@ def run_ours_batch(engine: LLMEngine, prompt: list[int], max_tokens: int, concur
     elapsed = time.perf_counter() - start
     s1 = engine.stats()
     outputs = [s.output_token_ids for s in seqs]
-    return Run(sum(len(t) for t in outputs) / elapsed, outputs[0] if all(t == outputs[0] for t in outputs) else None,
-               num_tokens=len(outputs[0]), drafted=s1.num_draft_tokens_total - s0.num_draft_tokens_total,
-               accepted=s1.num_accepted_tokens_total - s0.num_accepted_tokens_total)
+    return Run(sum(len(t) for t in outputs) / elapsed, outputs[0], num_tokens=len(outputs[0]),
+               drafted=s1.num_draft_tokens_total - s0.num_draft_tokens_total,
+               accepted=s1.num_accepted_tokens_total - s0.num_accepted_tokens_total,
+               copies_agree=all(t == outputs[0] for t in outputs))
 
 
 def free_verify_bound(prompt: list[int], output: list[int], k: int) -> float:
