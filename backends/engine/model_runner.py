@@ -30,7 +30,7 @@ def _triton_available(device: torch.device) -> bool:
 def _use_compiled_ops(model: torch.nn.Module, kernels) -> None:
     """The norms and attention of a model with native quantized linears run compiled too: at batch 1 their
     many small torch calls cost as much as the matrix products, and the kernels keep the same contract (a
-    row's result does not depend on the batch)."""
+    row's result does not depend on the batch, how its prompt was chunked, or a verify pass)."""
     for module in model.modules():
         if isinstance(module, (RMSNorm, GemmaRMSNorm, Attention)):
             module.kernels = kernels
@@ -115,7 +115,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:start + num - num_drafts] + p.draft_token_ids)
             positions.extend(range(start, start + num))
             slots.append(self._slots(table, start, num))
-            chunk = PrefillChunk(row, num, start, table.to(self.device), num_drafts=num_drafts)
+            chunk = PrefillChunk(row, num, start, table.to(self.device))
             if start > 0:
                 chunk.slots = self._slots(table, 0, start + num).to(self.device)
             prefills.append(chunk)

@@ -287,10 +287,10 @@ def test_paged_attention_matches_torch_and_does_not_depend_on_the_batch_or_threa
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_int4_engine_runs_norms_and_decode_attention_compiled(kernel, tiny_model_dir, arch):
-    """The norms, and the attention of every decoded or verified row, go through the compiled kernels (prompt
-    chunks through SDPA): a sequence's greedy answer is the same alone, in a batch, resumed from cached prefix
-    blocks, and with speculation's verify passes."""
+def test_int4_engine_output_does_not_depend_on_batching_chunking_preemption_or_drafts(kernel, tiny_model_dir, arch):
+    """Every row's norms and attention go through the compiled kernels too, so a sequence's greedy answer is
+    the same alone, in a batch whose token budget splits prompts into other chunks, recomputed after
+    preemption, resumed from cached prefix blocks, and with speculation's verify passes."""
     from backends.engine.layers.attention import Attention
     from backends.engine.layers.norm import GemmaRMSNorm, RMSNorm
 
@@ -302,17 +302,19 @@ def test_int4_engine_runs_norms_and_decode_attention_compiled(kernel, tiny_model
     compiled = [m for m in alone.model_runner.model.modules() if isinstance(m, Attention | RMSNorm | GemmaRMSNorm)]
     assert compiled and all(m.kernels is kernel for m in compiled)
     want = [alone.generate([p], params)[0].token_ids for p in batch]
-    spec = tiny_engine(folder, quantization="int4", max_num_batched_tokens=32,
-                       speculation=SpeculationConfig(method="ngram", verify_cost=0.0))
-    assert [r.token_ids for r in spec.generate(batch, params)] == want
-    assert spec.stats().num_accepted_tokens_total > 0
-    again = [spec.generate([batch[0]], params)[0] for _ in range(2)]  # the second resumes from cached blocks
+    chunked = tiny_engine(folder, quantization="int4", max_num_batched_tokens=16)  # 14-token prompts: most split in two
+    assert [r.token_ids for r in chunked.generate(batch, params)] == want
+    tight = tiny_engine(folder, quantization="int4", num_kv_blocks=20, max_model_len=64,
+                        speculation=SpeculationConfig(method="ngram", verify_cost=0.0))
+    assert [r.token_ids for r in tight.generate(batch, params)] == want
+    assert tight.stats().num_preemptions > 0 and tight.stats().num_accepted_tokens_total > 0
+    again = [tight.generate([batch[0]], params)[0] for _ in range(2)]  # the second resumes from cached blocks
     assert [r.token_ids for r in again] == want[:1] * 2 and again[1].num_cached_tokens > 0
 
 
-def test_a_step_mixing_decodes_verifies_and_prompt_chunks_matches_each_path_alone(kernel):
-    """One step with a decode row, a verify chunk and a prompt chunk: the compiled rows equal the kernel
-    called on them alone, the prompt chunk equals SDPA's; all close to the torch path."""
+def test_a_step_mixing_decodes_verifies_and_prompt_chunks_matches_each_row_alone(kernel):
+    """One step with a decode row, a verify chunk and a prompt chunk through the compiled attention: each row
+    equals the kernel on that row alone, and all are close to the torch path's."""
     from backends.engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, decode_slots
 
     heads, kv_heads, head_dim, block_size = 4, 2, 16, 4
@@ -326,7 +328,7 @@ def test_a_step_mixing_decodes_verifies_and_prompt_chunks_matches_each_path_alon
         return table[pos // block_size].long() * block_size + pos % block_size
 
     def meta():
-        verify = PrefillChunk(1, 3, 9, tables[1], slots=slots(tables[1], 0, 12), num_drafts=2)
+        verify = PrefillChunk(1, 3, 9, tables[1], slots=slots(tables[1], 0, 12))
         prompt = PrefillChunk(4, 6, 0, tables[2])
         m = AttentionMetadata(torch.cat([slots(tables[0], 10, 1), slots(tables[1], 9, 3), slots(tables[2], 0, 6)]),
                               1, tables[0].view(1, -1), torch.tensor([11], dtype=torch.int32), [verify, prompt],
@@ -340,10 +342,10 @@ def test_a_step_mixing_decodes_verifies_and_prompt_chunks_matches_each_path_alon
     layer.kernels = kernel
     mixed = layer(q, k, v, meta())
     rows = meta().kernel_rows()
-    assert rows.index.tolist() == [0, 1, 2, 3]
-    assert torch.equal(mixed[:4], kernel.paged_attention(q[:4].contiguous(), layer.k_cache, layer.v_cache, rows,
-                                                         layer.scale, None))
+    assert rows.lengths.tolist() == [11, 10, 11, 12, 1, 2, 3, 4, 5, 6]
+    for t in range(10):
+        one = native.AttentionRows(rows.slots, rows.offsets[t:t + 1], rows.lengths[t:t + 1])
+        assert torch.equal(mixed[t], kernel.paged_attention(q[t:t + 1], layer.k_cache, layer.v_cache, one,
+                                                            layer.scale, None)[0])
     layer.kernels = None
-    torch_path = layer(q, k, v, meta())
-    assert torch.equal(mixed[4:], torch_path[4:])
-    torch.testing.assert_close(mixed, torch_path, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, layer(q, k, v, meta()), rtol=1e-5, atol=1e-5)

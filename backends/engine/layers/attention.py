@@ -136,7 +136,6 @@ class PrefillChunk:
     start_pos: int
     block_table: torch.Tensor  # int32 [num_blocks]
     slots: torch.Tensor | None = None  # flat cache rows of positions 0..start_pos+num_tokens-1 (start_pos > 0)
-    num_drafts: int = 0  # the chunk's last num_drafts tokens are speculative drafts being verified
     _masks: dict = field(default_factory=dict)
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -193,36 +192,25 @@ class AttentionMetadata:
         return self._decode_masks[sliding_window]
 
     def kernel_rows(self) -> AttentionRows:
-        """The rows the compiled attention computes (CPU path, the kernels set): decode rows and the rows of
-        chunks that verify drafts, so a token's row is computed the same way decoded or verified. Prompt
-        chunks stay with SDPA, whose matrix products are faster over many rows."""
+        """Every row's keys, for the compiled attention (CPU path, the kernels set): decode rows, then each
+        chunk's rows (a chunk's row i attends to positions 0 .. start_pos + i)."""
         if self._kernel_rows is None:
-            slots, offsets, lengths, index = [], [], [], []
+            slots, offsets, lengths = [], [], []
             if self.num_decode_tokens:
                 assert self.decode_slots is not None and self.decode_context_lens is not None
                 batch, max_len = self.decode_slots.shape
                 slots.append(self.decode_slots.reshape(-1))
                 offsets.append(torch.arange(batch, dtype=torch.int64) * max_len)
                 lengths.append(self.decode_context_lens.long())
-                index.append(torch.arange(batch))
             base = sum(s.numel() for s in slots)
             for chunk in self.prefills:
-                if not chunk.num_drafts:
-                    continue
                 keys = chunk.slots if chunk.start_pos > 0 else self.slot_mapping[chunk.row:chunk.row + chunk.num_tokens]
                 slots.append(keys)
                 offsets.append(torch.full((chunk.num_tokens,), base, dtype=torch.int64))
                 lengths.append(torch.arange(chunk.start_pos + 1, chunk.start_pos + chunk.num_tokens + 1))
-                index.append(torch.arange(chunk.row, chunk.row + chunk.num_tokens))
                 base += keys.numel()
-            everything = all(chunk.num_drafts for chunk in self.prefills)
-            self._kernel_rows = AttentionRows(_cat(slots), _cat(offsets), _cat(lengths),
-                                              None if everything else _cat(index))
+            self._kernel_rows = AttentionRows(torch.cat(slots), torch.cat(offsets), torch.cat(lengths))
         return self._kernel_rows
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -250,7 +238,7 @@ class Attention(nn.Module):
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.kernels: CpuKernels | None = None  # set by the model runner: decode and verify rows go compiled
+        self.kernels: CpuKernels | None = None  # set by the model runner: every row goes compiled
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] → [N, Hq, D]."""
@@ -266,7 +254,8 @@ class Attention(nn.Module):
             k_flat.index_copy_(0, meta.slot_mapping, k)
             v_flat.index_copy_(0, meta.slot_mapping, v)
         if self.kernels is not None and self.softcap is None:
-            out = self._compiled(q, k, v, meta)
+            out = self.kernels.paged_attention(q, self.k_cache, self.v_cache, meta.kernel_rows(), self.scale,
+                                               self.sliding_window)
             if out is not None:
                 return out
         nd = meta.num_decode_tokens
@@ -285,26 +274,6 @@ class Attention(nn.Module):
         for chunk in meta.prefills:
             rows_ = slice(chunk.row, chunk.row + chunk.num_tokens)
             out[rows_] = self._prefill(q[rows_], k[rows_], v[rows_], chunk)
-        return out
-
-    def _compiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  meta: AttentionMetadata) -> torch.Tensor | None:
-        """Decode and verify rows through the compiled kernel, prompt chunks through SDPA; None when the
-        kernel does not take these shapes."""
-        rows = meta.kernel_rows()
-        if rows.index is None:  # no prompt chunk in the step
-            return self.kernels.paged_attention(q, self.k_cache, self.v_cache, rows, self.scale, self.sliding_window)
-        out = torch.empty_like(q)
-        if rows.index.numel():
-            compiled = self.kernels.paged_attention(q[rows.index], self.k_cache, self.v_cache, rows, self.scale,
-                                                    self.sliding_window)
-            if compiled is None:
-                return None
-            out[rows.index] = compiled
-        for chunk in meta.prefills:
-            if not chunk.num_drafts:
-                rows_ = slice(chunk.row, chunk.row + chunk.num_tokens)
-                out[rows_] = self._prefill(q[rows_], k[rows_], v[rows_], chunk)
         return out
 
     def _decode_torch(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,

@@ -260,26 +260,79 @@ INLINE __m256 exp_neg(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* the 8 scores scale * q . k_r, r < 8 (keys k_r of D floats), in one vector */
-INLINE __m256 scores8(const float *q, const float *const *k, int64_t D, __m256 scale) {
-    __m256 acc[8];
-    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[r] + d), acc[r]);
+/* One query row's attention for the G query heads that read kv head g (G a constant at each call, so the
+ * head loops unroll): each key and value vector is loaded once for all G heads. Scores 4 keys at a time
+ * (the rest one by one), softmax with exp_neg, values summed in key order with 4 output vectors in registers.
+ * q: the row's first head of the group; s: the row's n key slots; sc: G * stride floats of scratch. */
+INLINE void attend_group(const float *q, int64_t D, const float *kc, const float *vc, int64_t Hkv, int64_t g,
+                         const int64_t *s, int64_t n, float scale, float *sc, int64_t stride, float *out,
+                         const int G) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k[4];
+        for (int r = 0; r < 4; r++) k[r] = kc + (s[j + r] * Hkv + g) * D;
+        __m256 acc[4][4];
+        for (int h = 0; h < G; h++)
+            for (int r = 0; r < 4; r++) acc[h][r] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            __m256 qv[4];
+            for (int h = 0; h < G; h++) qv[h] = _mm256_loadu_ps(q + h * D + d);
+            for (int r = 0; r < 4; r++) {
+                const __m256 kv = _mm256_loadu_ps(k[r] + d);
+                for (int h = 0; h < G; h++) acc[h][r] = _mm256_fmadd_ps(qv[h], kv, acc[h][r]);
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            const __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+            const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1)); /* k0..k3 */
+            _mm_storeu_ps(sc + h * stride + j, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+        }
     }
-    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-    return _mm256_mul_ps(sums, scale);
+    for (; j < n; j++)
+        for (int h = 0; h < G; h++) sc[h * stride + j] = dot8(q + h * D, kc + (s[j] * Hkv + g) * D, D) * scale;
+    float inv[4];
+    for (int h = 0; h < G; h++) {
+        float *row = sc + h * stride;
+        float top = -INFINITY;
+        for (j = 0; j < n; j++) top = fmaxf(top, row[j]);
+        const __m256 top8 = _mm256_set1_ps(top);
+        for (j = 0; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(row + j, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(row + j), top8)));
+        if (j < n) { /* the last n % 8 scores, padded with the largest (e^0, unused) */
+            float tail[8];
+            for (int r = 0; r < 8; r++) tail[r] = j + r < n ? row[j + r] : top;
+            _mm256_storeu_ps(tail, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tail), top8)));
+            for (int r = 0; j + r < n; r++) row[j + r] = tail[r];
+        }
+        float sum = 0.0f;
+        for (j = 0; j < n; j++) sum += row[j];
+        inv[h] = 1.0f / sum;
+    }
+    for (int64_t d0 = 0; d0 < D; d0 += 32) { /* 4 vectors of each head's output in registers over all keys */
+        const int nv = D - d0 >= 32 ? 4 : (int)((D - d0) / 8);
+        __m256 acc[4][4];
+        for (int h = 0; h < G; h++)
+            for (int u = 0; u < 4; u++) acc[h][u] = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) {
+            const float *v = vc + (s[j] * Hkv + g) * D + d0;
+            for (int u = 0; u < nv; u++) {
+                const __m256 vv = _mm256_loadu_ps(v + 8 * u);
+                for (int h = 0; h < G; h++)
+                    acc[h][u] = _mm256_fmadd_ps(_mm256_set1_ps(sc[h * stride + j]), vv, acc[h][u]);
+            }
+        }
+        for (int h = 0; h < G; h++)
+            for (int u = 0; u < nv; u++)
+                _mm256_storeu_ps(out + h * D + d0 + 8 * u, _mm256_mul_ps(acc[h][u], _mm256_set1_ps(inv[h])));
+    }
 }
 
 /* Causal attention of T query rows (q row t at q + t * q_stride: Hq heads of D) over a paged cache (kc / vc:
  * cache row s, kv head g at (s * Hkv + g) * D). Row t attends to the cache rows slots[off[t] .. off[t] + len[t])
  * (positions 0 .. its own, in order), the last `window` of them when window > 0; query head h reads kv head
- * h / (Hq / Hkv). out[t, h] = sum_j softmax_j(scale * q . k_j) * v_j, [T, Hq, D]: scores 8 keys at a time
- * (the rest one by one), the values summed in key order. Returns 0, or -2 when the score buffer cannot be
- * allocated. */
+ * h / (Hq / Hkv). out[t, h] = sum_j softmax_j(scale * q . k_j) * v_j, [T, Hq, D]. One task per row and kv
+ * head (attend_group: up to 4 query heads at once, a group of more in slices of 4). Returns 0, or -2 when the
+ * score buffer cannot be allocated. */
 int paged_attention(const float *q, int64_t T, int64_t q_stride, int64_t Hq, int64_t Hkv, int64_t D,
                     const float *kc, const float *vc, const int64_t *slots, const int64_t *off, const int64_t *len,
                     float scale, int64_t window, float *out, int num_threads) {
@@ -288,57 +341,33 @@ int paged_attention(const float *q, int64_t T, int64_t q_stride, int64_t Hq, int
         max_len = len[t] > max_len ? len[t] : max_len;
         total += len[t];
     }
-    const int64_t G = Hq / Hkv;
-    const __m256 scale8 = _mm256_set1_ps(scale);
+    const int64_t G = Hq / Hkv, stride = max_len + 8;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (total * Hq * D > (1 << 20))
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(max_len + 8));
-        if (!scores) {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(4 * stride));
+        if (!sc) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t task = 0; task < T * Hq; task++) {
-            if (!scores) continue;
-            const int64_t t = task / Hq, h = task % Hq, g = h / G;
-            const float *qh = q + t * q_stride + h * D;
+        for (int64_t task = 0; task < T * Hkv; task++) {
+            if (!sc) continue;
+            const int64_t t = task / Hkv, g = task % Hkv;
             const int64_t lo = window > 0 && len[t] > window ? len[t] - window : 0, n = len[t] - lo;
             const int64_t *s = slots + off[t] + lo;
-            int64_t j = 0;
-            for (; j + 8 <= n; j += 8) {
-                const float *k8[8];
-                for (int r = 0; r < 8; r++) k8[r] = kc + (s[j + r] * Hkv + g) * D;
-                _mm256_storeu_ps(scores + j, scores8(qh, k8, D, scale8));
-            }
-            for (; j < n; j++) scores[j] = dot8(qh, kc + (s[j] * Hkv + g) * D, D) * scale;
-            float top = -INFINITY;
-            for (j = 0; j < n; j++) top = fmaxf(top, scores[j]);
-            const __m256 top8 = _mm256_set1_ps(top);
-            for (j = 0; j + 8 <= n; j += 8)
-                _mm256_storeu_ps(scores + j, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8)));
-            if (j < n) { /* the last n % 8 scores, padded with the largest (e^0, unused) */
-                float tail[8];
-                for (int r = 0; r < 8; r++) tail[r] = j + r < n ? scores[j + r] : top;
-                _mm256_storeu_ps(tail, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tail), top8)));
-                for (int r = 0; j + r < n; r++) scores[j + r] = tail[r];
-            }
-            float sum = 0.0f;
-            for (j = 0; j < n; j++) sum += scores[j];
-            const __m256 inv = _mm256_set1_ps(1.0f / sum);
-            float *o = out + (t * Hq + h) * D;
-            for (int64_t d0 = 0; d0 < D; d0 += 32) { /* 4 vectors of the output in registers over all keys */
-                const int nv = D - d0 >= 32 ? 4 : (int)((D - d0) / 8);
-                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                for (j = 0; j < n; j++) {
-                    const float *v = vc + (s[j] * Hkv + g) * D + d0;
-                    const __m256 p = _mm256_set1_ps(scores[j]);
-                    for (int u = 0; u < nv; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * u), acc[u]);
+            for (int64_t h0 = 0; h0 < G; h0 += 4) {
+                const float *qh = q + t * q_stride + (g * G + h0) * D;
+                float *o = out + (t * Hq + g * G + h0) * D;
+                switch (G - h0 >= 4 ? 4 : G - h0) {
+                    case 1: attend_group(qh, D, kc, vc, Hkv, g, s, n, scale, sc, stride, o, 1); break;
+                    case 2: attend_group(qh, D, kc, vc, Hkv, g, s, n, scale, sc, stride, o, 2); break;
+                    case 3: attend_group(qh, D, kc, vc, Hkv, g, s, n, scale, sc, stride, o, 3); break;
+                    default: attend_group(qh, D, kc, vc, Hkv, g, s, n, scale, sc, stride, o, 4); break;
                 }
-                for (int u = 0; u < nv; u++) _mm256_storeu_ps(o + d0 + 8 * u, _mm256_mul_ps(acc[u], inv));
             }
         }
-        free(scores);
+        free(sc);
     }
     return failed ? -2 : 0;
 }

@@ -113,13 +113,11 @@ class CpuKernels:
 @dataclass
 class AttentionRows:
     """The keys of each query row of a step, for ``paged_attention``: row t attends to the cache rows
-    ``slots[offsets[t] : offsets[t] + lengths[t]]`` (int64; positions 0 up to its own, in order). ``index``: the
-    rows of the step's batch these are (None: all of them, in order)."""
+    ``slots[offsets[t] : offsets[t] + lengths[t]]`` (int64; positions 0 up to its own, in order)."""
 
     slots: torch.Tensor
     offsets: torch.Tensor
     lengths: torch.Tensor
-    index: torch.Tensor | None = None
 
 
 TILE = 8  # output rows per tile
