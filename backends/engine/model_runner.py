@@ -8,6 +8,7 @@ import logging
 import torch
 
 from backends.engine.config import EngineConfig
+from backends.engine.layers import native
 from backends.engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, decode_slots
 from backends.engine.layers.norm import GemmaRMSNorm, RMSNorm
 from backends.engine.layers.sampler import SamplerInput, SamplerOutput, sample, verify
@@ -27,7 +28,7 @@ def _triton_available(device: torch.device) -> bool:
     return True
 
 
-def _use_compiled_ops(model: torch.nn.Module, kernels) -> None:
+def _use_compiled_ops(model: torch.nn.Module, kernels: native.CpuKernels) -> None:
     """The norms and attention of a model with native quantized linears run compiled too: at batch 1 their
     many small torch calls cost as much as the matrix products, and the kernels keep the same contract (a
     row's result does not depend on the batch, how its prompt was chunked, or a verify pass)."""
@@ -44,14 +45,13 @@ class ModelRunner:
             torch.set_num_threads(config.args.num_threads)
         self.model = load_model(config.model_path, config.hf_config, config.dtype, config.device)
         if config.quantization != "none":  # int8 / int4 weights (CPU decode is memory-bound)
-            from backends.engine.layers import native
             from backends.engine.layers.quantization import quantize_for_engine
 
             quantize_for_engine(self.model, config.quantization)  # lm_head in int8 under both
             kernels = native.kernel()
             log.info("quantization %s: %s", config.quantization,
                      f"native kernels ({kernels.isa})" if kernels else f"torch's kernels ({native.unavailable_reason()})")
-            if kernels is not None and self.device.type == "cpu":
+            if kernels is not None:  # quantization is a CPU format (EngineConfig: none on any other device)
                 _use_compiled_ops(self.model, kernels)
         self.block_size = config.args.block_size
         self.use_triton = _triton_available(self.device)
