@@ -59,16 +59,16 @@ def test_two_level_activations_are_closer_to_x_than_a_bf16_rounding():
 def test_pack_round_trip_is_exact_for_representable_weights_and_within_half_a_step_otherwise(bits):
     pack, unpack = PACK[bits]
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(13, 64, generator=g)
+    w = torch.randn(21, 64, generator=g)
     blocks = pack(w)
-    assert blocks.shape == (2, 2, 160 if bits == 4 else 272) and blocks.dtype == torch.uint8  # 13 rows: 2 tiles
-    back = unpack(blocks, 13)
-    groups = w.reshape(13, 2, 32)
+    assert blocks.shape == (2, 2, 320 if bits == 4 else 544) and blocks.dtype == torch.uint8  # 21 rows: 2 tiles
+    back = unpack(blocks, 21)
+    groups = w.reshape(21, 2, 32)
     step = (groups.amax(2) - groups.amin(2)) / 15 if bits == 4 else groups.abs().amax(2) / 127
-    err = (back - w).abs().reshape(13, 2, 32).amax(2)
+    err = (back - w).abs().reshape(21, 2, 32).amax(2)
     assert bool((err <= step * 0.5 + 2e-3).all())
     # weights already on the grid (q * d (+ o) with fp16 d and o) come back exactly
-    assert torch.equal(unpack(pack(back), 13), back)
+    assert torch.equal(unpack(pack(back), 21), back)
     with pytest.raises(ValueError, match="multiple of the int. (group|block) size 32"):
         pack(torch.randn(8, 40))
 
@@ -105,6 +105,34 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(kernel, 
         torch.set_num_threads(threads)
     for i in range(11):
         assert torch.equal(alone[i], batched[i]) and torch.equal(alone[i], shuffled[i])
+
+
+def test_amx_tiles_and_vnni_give_the_same_bits_for_every_batch_size(kernel):
+    """Where the CPU has AMX-INT8, products of 8 rows or more run on AMX tiles (8 tokens a tile, three weight
+    tiles at a time); the integer sums are the VNNI path's, so every float is too: with or without bias, a
+    ragged last weight tile, token counts across the 8-token chunks, one or two threads."""
+    has_amx, before = "amx_int8" in native._cpu_flags(), kernel.amx
+    assert kernel.use_amx(True) == has_amx  # on wherever the CPU has it (Linux grants the tile state)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(56, 192, generator=g)  # 4 weight tiles, the last one half padding
+    bias = torch.randn(56, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for bits in (4, 8):
+            blocks = PACK[bits][0](w)
+            for m in (1, 7, 8, 9, 16, 21):
+                x = torch.randn(m, 192, generator=g) * 2
+                for b in (None, bias):
+                    for n in (1, 2):
+                        torch.set_num_threads(n)
+                        kernel.use_amx(False)
+                        vnni = run(kernel, bits, x, blocks, 56, b)
+                        kernel.use_amx(True)
+                        tiles = run(kernel, bits, x, blocks, 56, b)
+                        assert torch.equal(vnni, tiles), (bits, m, b is None, n)
+    finally:
+        torch.set_num_threads(threads)
+        kernel.use_amx(before)
 
 
 @pytest.mark.parametrize("layer_type,tolerance", [(Int4Linear, 0.08), (Int8Linear, 0.015)])

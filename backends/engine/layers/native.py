@@ -1,12 +1,14 @@
 """The engine's compiled CPU kernels: ``cpu_kernels.c`` (4-bit or 8-bit weights x activations in two int8
-levels, with AVX-VNNI, or AVX2 without it; and the float32 RMSNorm and paged attention around them), built
+levels, on AMX tiles for 2 rows or more where the CPU has AMX-INT8, else with AVX-VNNI, or AVX2 without it;
+and the float32 RMSNorm and paged attention around them), built
 once per machine with the system C compiler (``-O3 -march=native -fopenmp``; no FMA contraction, so the C
 source alone decides every rounding), cached by source, compiler flags and CPU, and called through ctypes.
 The engine runs them wherever its weights are quantized on a CPU (``ModelRunner``).
 
 ``kernel()`` returns the loaded kernels, or None when it cannot run here: no C compiler, a CPU without
 AVX2/FMA/F16C, a failed build, or ``SWITCHYARD_NATIVE_KERNELS=0``. Callers then use torch's own kernels;
-``unavailable_reason()`` says why (logged once by the engine).
+``unavailable_reason()`` says why (logged once by the engine). ``SWITCHYARD_NATIVE_AMX=0`` keeps the AMX
+tiles off (the VNNI path then runs every product; the results are the same bits).
 
 The cache lives in ``$SWITCHYARD_HOME/kernels`` (default ``~/.cache/switchyard/kernels``): the same
 variable ``backends.models`` reads, read here because the engine imports nothing outside itself.
@@ -59,6 +61,16 @@ class CpuKernels:
         self._attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64,
                                     ptr, ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._amx_enable = lib.amx_enable
+        self._amx_enable.argtypes = [ctypes.c_int]
+        self._amx_enable.restype = ctypes.c_int
+        self.amx = self.use_amx(os.environ.get("SWITCHYARD_NATIVE_AMX", "1") != "0")
+
+    def use_amx(self, on: bool) -> bool:
+        """Run products of 2 rows or more on AMX tiles (where the CPU and Linux allow it) or not; returns
+        whether they do now. Both paths give the same bits."""
+        self.amx = bool(self._amx_enable(int(on)))
+        return self.amx
 
     def q4_linear(self, x: torch.Tensor, blocks: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
@@ -120,8 +132,7 @@ class AttentionRows:
     lengths: torch.Tensor
 
 
-TILE = 8  # output rows per tile
-TILE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the order of a tile's scales and offsets (the kernel's reduction order)
+TILE = 16  # output rows per tile
 
 
 def _groups(weight: torch.Tensor, what: str) -> torch.Tensor:
@@ -136,57 +147,67 @@ def _groups(weight: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _by_tile(per_row: torch.Tensor) -> torch.Tensor:
-    """[N', G, ...] per row and block → [N' / 8, G, 8 * ...]: each block's 8 rows of a tile side by side."""
-    rows, g = per_row.shape[:2]
-    tiled = per_row.reshape(rows // TILE, TILE, g, -1).permute(0, 2, 1, 3)
-    return tiled.reshape(rows // TILE, g, -1).contiguous() if per_row.dim() == 3 else tiled.squeeze(3).contiguous()
+    """[N', G] per row and block → [N' / 16, G, 16]: each block's 16 rows of a tile side by side."""
+    rows, g = per_row.shape
+    return per_row.reshape(rows // TILE, TILE, g).permute(0, 2, 1).contiguous()
+
+
+def _b_order(q: torch.Tensor) -> torch.Tensor:
+    """[N', G, 4 J] per row and block → [N' / 16, G, J * 64]: byte [j * 64 + r * 4 + i] = q[r][4 j + i], the
+    order of AMX's B matrix (and of the VNNI path's broadcast products)."""
+    rows, g, k = q.shape
+    tiled = q.reshape(rows // TILE, TILE, g, k // 4, 4).permute(0, 2, 3, 1, 4)  # [T, G, J, 16, 4]
+    return tiled.reshape(rows // TILE, g, k * TILE).contiguous()
+
+
+def _from_b_order(q: torch.Tensor, j: int) -> torch.Tensor:
+    """``_b_order``'s inverse: [T, G, j * 64] → [T, G, 16, 4 j]."""
+    tiles, g, _ = q.shape
+    return q.reshape(tiles, g, j, TILE, 4).permute(0, 1, 3, 2, 4).reshape(tiles, g, TILE, 4 * j)
 
 
 def pack_q4(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float weights → [ceil(N / 8), K / 32, 160] uint8, the layout ``cpu_kernels.c`` reads: per tile of
-    8 output rows and block of 32 inputs, the rows' 4-bit ``q`` (16 bytes a row; byte j holds weight j low and
-    weight j + 16 high), then their fp16 scales ``d`` and fp16 offsets ``o`` (the block's minimum) in
-    ``TILE_ORDER``, so that ``w ≈ q * d + o``. ``q`` is rounded against the fp16 values the kernel reads;
-    rows past N are zeros."""
+    """[N, K] float weights → [ceil(N / 16), K / 32, 320] uint8, the layout ``cpu_kernels.c`` reads: per tile of
+    16 output rows and block of 32 inputs, 256 bytes of 4-bit ``q`` (byte ``j * 64 + r * 4 + i`` holds row r's
+    weight 4 j + i low and weight 16 + 4 j + i high), then the rows' fp16 scales ``d`` and fp16 offsets ``o``
+    (the block's minimum), so that ``w ≈ q * d + o``. ``q`` is rounded against the fp16 values the kernel
+    reads; rows past N are zeros."""
     groups = _groups(weight, "int4 group")
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     d = ((hi - lo) / 15.0).to(torch.float16)
     o = lo.to(torch.float16)
     d32 = d.float().clamp(min=1e-10)
     q = torch.round((groups - o.float()[..., None]) / d32[..., None]).clamp(0, 15).to(torch.uint8)
-    nibbles = q[..., :16] | (q[..., 16:] << 4)  # [N', G, 16]
-    order = list(TILE_ORDER)
-    return torch.cat([_by_tile(nibbles), _by_tile(d)[..., order].view(torch.uint8),
-                      _by_tile(o)[..., order].view(torch.uint8)], dim=2).contiguous()
+    nibbles = _b_order(q[..., :16]) | (_b_order(q[..., 16:]) << 4)  # [T, G, 256]
+    return torch.cat([nibbles, _by_tile(d).view(torch.uint8), _by_tile(o).view(torch.uint8)], dim=2).contiguous()
 
 
 def unpack_q4(blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """The float weights ``pack_q4`` encodes: [out_features, K]."""
     tiles, g, _ = blocks.shape
-    qs = blocks[..., : TILE * 16].reshape(tiles, g, TILE, 16)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=3).float()  # [T, G, 8, 32]
-    inverse = [TILE_ORDER.index(r) for r in range(TILE)]
-    d = blocks[..., TILE * 16: TILE * 18].contiguous().view(torch.float16).float()[..., inverse]
-    o = blocks[..., TILE * 18:].contiguous().view(torch.float16).float()[..., inverse]
-    w = q * d[..., None] + o[..., None]  # [T, G, 8, 32]
+    qs = blocks[..., : TILE * 16]
+    q = torch.cat([_from_b_order(qs & 0x0F, 4), _from_b_order(qs >> 4, 4)], dim=3).float()  # [T, G, 16, 32]
+    d = blocks[..., TILE * 16: TILE * 18].contiguous().view(torch.float16).float()
+    o = blocks[..., TILE * 18:].contiguous().view(torch.float16).float()
+    w = q * d[..., None] + o[..., None]  # [T, G, 16, 32]
     return w.permute(0, 2, 1, 3).reshape(tiles * TILE, g * GROUP_SIZE)[:out_features]
 
 
 def pack_q8(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float weights → [ceil(N / 8), K / 32, 272] uint8: per tile of 8 output rows and block of 32
-    inputs, the rows' int8 ``q`` (32 bytes a row) then their fp16 scales ``d`` (``max|w| / 127`` of the
-    block) in row order, so that ``w ≈ q * d``; rows past N are zeros."""
+    """[N, K] float weights → [ceil(N / 16), K / 32, 544] uint8: per tile of 16 output rows and block of 32
+    inputs, 512 bytes of int8 ``q`` (byte ``j * 64 + r * 4 + i`` = row r's weight 4 j + i) then the rows' fp16
+    scales ``d`` (``max|w| / 127`` of the block), so that ``w ≈ q * d``; rows past N are zeros."""
     groups = _groups(weight, "int8 block")
     d = (groups.abs().amax(dim=2) / 127.0).to(torch.float16)
     d32 = d.float().clamp(min=1e-10)
     q = torch.round(groups / d32[..., None]).clamp(-127, 127).to(torch.int8)
-    return torch.cat([_by_tile(q.view(torch.uint8)), _by_tile(d).view(torch.uint8)], dim=2).contiguous()
+    return torch.cat([_b_order(q.view(torch.uint8)), _by_tile(d).view(torch.uint8)], dim=2).contiguous()
 
 
 def unpack_q8(blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """The float weights ``pack_q8`` encodes: [out_features, K]."""
     tiles, g, _ = blocks.shape
-    q = blocks[..., : TILE * GROUP_SIZE].contiguous().view(torch.int8).reshape(tiles, g, TILE, GROUP_SIZE).float()
+    q = _from_b_order(blocks[..., : TILE * GROUP_SIZE].contiguous().view(torch.int8), 8).float()
     d = blocks[..., TILE * GROUP_SIZE:].contiguous().view(torch.float16).float()
     w = q * d[..., None]
     return w.permute(0, 2, 1, 3).reshape(tiles * TILE, g * GROUP_SIZE)[:out_features]
