@@ -73,8 +73,8 @@ def test_weight_bytes_per_token_counts_tied_lm_head_once_and_one_embedding_row()
     norm = 2 * 64 * 4
     assert weight_bytes_per_token(model) == 100 * 64 * 4 + norm + 32 * 64 * 4  # lm_head reads the whole table
     quantize_for_engine(model, "int8")
-    if model.lm_head.kernel == "native":  # 8-row tiles; per 32 weights 32 bytes + an fp16 scale
-        int8 = lambda n, k: -(-n // 8) * 8 * (k // 32) * 34  # noqa: E731
+    if model.lm_head.kernel == "native":  # 16-row tiles; per 32 weights 32 bytes + an fp16 scale
+        int8 = lambda n, k: -(-n // 16) * 16 * (k // 32) * 34  # noqa: E731
     else:  # int8 weights + bf16 per-row scales
         int8 = lambda n, k: n * k + n * 2  # noqa: E731
     assert weight_bytes_per_token(model) == 64 * 4 + norm + int8(32, 64) + int8(100, 64)  # one fp32 row gathered
