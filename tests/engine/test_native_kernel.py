@@ -107,12 +107,22 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(kernel, 
         assert torch.equal(alone[i], batched[i]) and torch.equal(alone[i], shuffled[i])
 
 
-def test_amx_tiles_and_vnni_give_the_same_bits_for_every_batch_size(kernel):
+def test_amx_tiles_and_vnni_give_the_same_bits_for_every_batch_size(kernel, tmp_path, monkeypatch):
     """Where the CPU has AMX-INT8, products of 8 rows or more run on AMX tiles (8 tokens a tile, three weight
     tiles at a time); the integer sums are the VNNI path's, so every float is too: with or without bias, a
-    ragged last weight tile, token counts across the 8-token chunks, one or two threads."""
-    has_amx, before = "amx_int8" in native._cpu_flags(), kernel.amx
+    ragged last weight tile, token counts across the 8-token chunks, one or two threads. The VNNI side is a
+    second build loaded with ``SWITCHYARD_NATIVE_AMX=0``."""
+    import ctypes
+    import subprocess
+
+    has_amx = "amx_int8" in native._cpu_flags()
     assert kernel.use_amx(True) == has_amx  # on wherever the CPU has it (Linux grants the tile state)
+    target = tmp_path / "vnni.so"
+    subprocess.run([native.compiler(), *native.FLAGS, str(native.SOURCE), "-o", str(target), "-lm"], check=True,
+                   capture_output=True)
+    monkeypatch.setenv("SWITCHYARD_NATIVE_AMX", "0")
+    vnni = native.CpuKernels(ctypes.CDLL(str(target)), kernel.isa)
+    assert not vnni.amx
     g = torch.Generator().manual_seed(5)
     w = torch.randn(56, 192, generator=g)  # 4 weight tiles, the last one half padding
     bias = torch.randn(56, generator=g)
@@ -125,14 +135,10 @@ def test_amx_tiles_and_vnni_give_the_same_bits_for_every_batch_size(kernel):
                 for b in (None, bias):
                     for n in (1, 2):
                         torch.set_num_threads(n)
-                        kernel.use_amx(False)
-                        vnni = run(kernel, bits, x, blocks, 56, b)
-                        kernel.use_amx(True)
-                        tiles = run(kernel, bits, x, blocks, 56, b)
-                        assert torch.equal(vnni, tiles), (bits, m, b is None, n)
+                        assert torch.equal(run(vnni, bits, x, blocks, 56, b), run(kernel, bits, x, blocks, 56, b)), \
+                            (bits, m, b is None, n)
     finally:
         torch.set_num_threads(threads)
-        kernel.use_amx(before)
 
 
 @pytest.mark.parametrize("layer_type,tolerance", [(Int4Linear, 0.08), (Int8Linear, 0.015)])
