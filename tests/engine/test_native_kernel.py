@@ -108,8 +108,8 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(kernel, 
 
 
 def test_amx_tiles_and_vnni_give_the_same_bits_for_every_batch_size(kernel, tmp_path, monkeypatch):
-    """Where the CPU has AMX-INT8, products of 8 rows or more run on AMX tiles (8 tokens a tile, three weight
-    tiles at a time); the integer sums are the VNNI path's, so every float is too: with or without bias, a
+    """Where the CPU has AMX-INT8, products of 16 rows or more (int8: 8) run on AMX tiles (8 tokens a tile,
+    three weight tiles at a time); the integer sums are the VNNI path's, so every float is too: with or without bias, a
     ragged last weight tile, token counts across the 8-token chunks, one or two threads. The VNNI side is a
     second build loaded with ``SWITCHYARD_NATIVE_AMX=0``."""
     import ctypes
@@ -223,24 +223,27 @@ def test_int4_engine_greedy_tokens_identical_alone_batched_and_with_speculation(
     assert spec.stats().num_accepted_tokens_total > 0
 
 
-def test_the_avx2_path_gives_the_same_bits_as_the_vnni_path(kernel, tmp_path):
-    """A CPU without VNNI runs AVX2's maddubs instead of vpdpbusd: the same integer sums, so the same floats.
-    Built here without VNNI (and without AVX-512) and compared bit for bit with this machine's build."""
+@pytest.mark.parametrize("isa,flags", [("avx-vnni", ["-mno-avx512f"]), ("avx2", ["-mno-avx512f", "-mno-avxvnni"])])
+def test_the_256_bit_paths_give_the_same_bits_as_this_machines_build(kernel, tmp_path, isa, flags):
+    """A CPU without AVX-512 runs 256-bit AVX-VNNI (8 rows a register), one without VNNI AVX2's maddubs instead
+    of vpdpbusd: the same integer sums, so the same floats. Each is built here with those instruction sets
+    turned off and compared bit for bit with this machine's build, at batch sizes on either side of the
+    4-token groups and the AMX threshold."""
     import ctypes
     import subprocess
 
-    cc = native.compiler()
-    target = tmp_path / "avx2.so"
-    flags = [*native.FLAGS, "-mno-avx512f", "-mno-avxvnni"]
-    subprocess.run([cc, *flags, str(native.SOURCE), "-o", str(target), "-lm"], check=True, capture_output=True)
-    avx2 = native.CpuKernels(ctypes.CDLL(str(target)), "avx2")
+    target = tmp_path / f"{isa}.so"
+    subprocess.run([native.compiler(), *native.FLAGS, *flags, str(native.SOURCE), "-o", str(target), "-lm"],
+                   check=True, capture_output=True)
+    narrow = native.CpuKernels(ctypes.CDLL(str(target)), isa)
+    assert not narrow.amx
     g = torch.Generator().manual_seed(11)
-    for m in (1, 5):
+    for m in (1, 5, 17):
         x = torch.randn(m, 192, generator=g) * 4
         w = torch.randn(24, 192, generator=g)
         for bits in (4, 8):
             blocks = PACK[bits][0](w)
-            assert torch.equal(run(kernel, bits, x, blocks, 24, None), run(avx2, bits, x, blocks, 24, None))
+            assert torch.equal(run(kernel, bits, x, blocks, 24, None), run(narrow, bits, x, blocks, 24, None))
 
 
 # ------------------------------------------------------------------------------ the float32 ops around them

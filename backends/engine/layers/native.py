@@ -1,5 +1,6 @@
 """The engine's compiled CPU kernels: ``cpu_kernels.c`` (4-bit or 8-bit weights x activations in two int8
-levels, on AMX tiles for 8 rows or more where the CPU has AMX-INT8, else with AVX-VNNI, or AVX2 without it;
+levels, on AMX tiles for 16 rows or more (int8: 8) where the CPU has AMX-INT8, else with AVX-512 VNNI,
+AVX-VNNI, or AVX2 without them;
 and the float32 RMSNorm and paged attention around them), built
 once per machine with the system C compiler (``-O3 -march=native -fopenmp``; no FMA contraction, so the C
 source alone decides every rounding), cached by source, compiler flags and CPU, and called through ctypes.
@@ -67,7 +68,7 @@ class CpuKernels:
         self.amx = self.use_amx(os.environ.get("SWITCHYARD_NATIVE_AMX", "1") != "0")
 
     def use_amx(self, on: bool) -> bool:
-        """Run products of 8 rows or more on AMX tiles (where the CPU and Linux allow it) or not; returns
+        """Run products of 16 rows or more (int8: 8) on AMX tiles (where the CPU and Linux allow it) or not; returns
         whether they do now. Both paths give the same bits."""
         self.amx = bool(self._amx_enable(int(on)))
         return self.amx
