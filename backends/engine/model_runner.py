@@ -49,8 +49,11 @@ class ModelRunner:
 
             quantize_for_engine(self.model, config.quantization)  # lm_head in int8 under both
             kernels = native.kernel()
-            log.info("quantization %s: %s", config.quantization,
-                     f"native kernels ({kernels.isa})" if kernels else f"torch's kernels ({native.unavailable_reason()})")
+            if kernels is None:
+                how = f"torch's kernels ({native.unavailable_reason()})"
+            else:
+                how = f"native kernels ({kernels.isa}{' + amx' if kernels.amx else ''})"
+            log.info("quantization %s: %s", config.quantization, how)
             if kernels is not None:  # quantization is a CPU format (EngineConfig: none on any other device)
                 _use_compiled_ops(self.model, kernels)
         self.block_size = config.args.block_size

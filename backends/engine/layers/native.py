@@ -1,7 +1,6 @@
 """The engine's compiled CPU kernels: ``cpu_kernels.c`` (4-bit or 8-bit weights x activations in two int8
 levels, on AMX tiles for 16 rows or more (int8: 8) where the CPU has AMX-INT8, else with AVX-512 VNNI,
-AVX-VNNI, or AVX2 without them;
-and the float32 RMSNorm and paged attention around them), built
+AVX-VNNI, or AVX2 without them; and the float32 RMSNorm and paged attention around them), built
 once per machine with the system C compiler (``-O3 -march=native -fopenmp``; no FMA contraction, so the C
 source alone decides every rounding), cached by source, compiler flags and CPU, and called through ctypes.
 The engine runs them wherever its weights are quantized on a CPU (``ModelRunner``).
@@ -68,8 +67,8 @@ class CpuKernels:
         self.amx = self.use_amx(os.environ.get("SWITCHYARD_NATIVE_AMX", "1") != "0")
 
     def use_amx(self, on: bool) -> bool:
-        """Run products of 16 rows or more (int8: 8) on AMX tiles (where the CPU and Linux allow it) or not; returns
-        whether they do now. Both paths give the same bits."""
+        """Run products of 16 rows or more (int8: 8) on AMX tiles (where the CPU and Linux allow it) or not;
+        returns whether they do now. Both paths give the same bits."""
         self.amx = bool(self._amx_enable(int(on)))
         return self.amx
 
@@ -244,7 +243,8 @@ def _build() -> tuple[CpuKernels | None, str]:
     cc = compiler()
     if not cc:
         return None, "no C compiler (cc/gcc) on PATH"
-    isa = "avx-vnni" if "avx_vnni" in flags or "avx512_vnni" in flags else "avx2"
+    wide = {"avx512_vnni", "avx512bw", "avx512dq"} <= flags
+    isa = "avx512-vnni" if wide else "avx-vnni" if "avx_vnni" in flags or "avx512_vnni" in flags else "avx2"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, *sorted(flags))).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if not target.exists():
