@@ -60,6 +60,7 @@ INLINE __m256i pack_int8(const __m256i *v) {
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *ds, float *xs) {
     const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f), scale = _mm256_set1_ps(256.0f);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t g = 0; g < K / QK; g++) {
         const float *xb = x + g * QK;
         __m256 m = _mm256_setzero_ps();
@@ -72,9 +73,9 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *ds, float 
         __m256i q1[4], q2[4], sum = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), inv);
-            const __m256 r1 = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
-            const __m256 r2 = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, r1), scale),
-                                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+            const __m256 r1 = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v, nearest), lo), hi);
+            const __m256 r2 = _mm256_min_ps(
+                _mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, r1), scale), nearest), lo), hi);
             q1[j] = _mm256_cvtps_epi32(r1);
             q2[j] = _mm256_cvtps_epi32(r2);
             sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_slli_epi32(q1[j], 8), q2[j]));
@@ -112,7 +113,7 @@ INLINE __m256i sum4(const __m256i *s) {
     return _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
 }
 
-/* The float part of one block for 8 rows of one token: acc += float(sums) * (d * ds); off += o * xs */
+/* The float part of one block for 8 rows of one token: acc += float(sums) * (d * ds) */
 INLINE void accumulate(__m256i sums, __m256 d, float ds, __m256 *acc) {
     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(ds)), *acc);
 }
@@ -140,10 +141,12 @@ INLINE void tile_q4(const uint8_t *tile, int64_t G, int64_t K, const int8_t *xq,
                 const int8_t *x1 = xq + 2 * K * t + g * QK, *x2 = x1 + K;
                 __m256i s1[4], s2[4]; /* short chains: the sums are exact in any order */
                 for (int j = 0; j < 4; j++) {
-                    s1[j] = dot_acc(dot_acc(_mm256_setzero_si256(), lo[j], bcast4(x1 + 4 * j)), hi[j], bcast4(x1 + 16 + 4 * j));
-                    s2[j] = dot_acc(dot_acc(_mm256_setzero_si256(), lo[j], bcast4(x2 + 4 * j)), hi[j], bcast4(x2 + 16 + 4 * j));
+                    const __m256i z = _mm256_setzero_si256();
+                    s1[j] = dot_acc(dot_acc(z, lo[j], bcast4(x1 + 4 * j)), hi[j], bcast4(x1 + 16 + 4 * j));
+                    s2[j] = dot_acc(dot_acc(z, lo[j], bcast4(x2 + 4 * j)), hi[j], bcast4(x2 + 16 + 4 * j));
                 }
-                accumulate(_mm256_add_epi32(_mm256_slli_epi32(sum4(s1), 8), sum4(s2)), d, ds[G * t + g], &acc[2 * t + h]);
+                const __m256i sums = _mm256_add_epi32(_mm256_slli_epi32(sum4(s1), 8), sum4(s2));
+                accumulate(sums, d, ds[G * t + g], &acc[2 * t + h]);
                 off[2 * t + h] = _mm256_fmadd_ps(o, _mm256_set1_ps(xs[G * t + g]), off[2 * t + h]);
             }
         }
@@ -174,7 +177,8 @@ INLINE void tile_q8(const uint8_t *tile, int64_t G, int64_t K, const int8_t *xq,
                     s2[j] = dot_acc(dot_acc(_mm256_setzero_si256(), aw[j], _mm256_sign_epi8(bcast4(x2 + 4 * j), wv[j])),
                                     aw[4 + j], _mm256_sign_epi8(bcast4(x2 + 16 + 4 * j), wv[4 + j]));
                 }
-                accumulate(_mm256_add_epi32(_mm256_slli_epi32(sum4(s1), 8), sum4(s2)), d, ds[G * t + g], &out[2 * t + h]);
+                const __m256i sums = _mm256_add_epi32(_mm256_slli_epi32(sum4(s1), 8), sum4(s2));
+                accumulate(sums, d, ds[G * t + g], &out[2 * t + h]);
             }
         }
     }
@@ -349,7 +353,8 @@ static void amx_configure(int tokens) {
 /* The float part of one block for nt tokens of one weight tile, from its C tile (c: rows 2 t and 2 t + 1) */
 INLINE void amx_accumulate(int bits, const int32_t *c, const uint8_t *blk, const float *ds, const float *xs,
                            int64_t G, int64_t g, int nt, float *acc, float *off) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + (bits == 4 ? Q_BYTES_Q4 : Q_BYTES_Q8))));
+    const uint8_t *scales = blk + (bits == 4 ? Q_BYTES_Q4 : Q_BYTES_Q8);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
     const __m512 o = bits == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + Q_BYTES_Q4 + 32)))
                                : _mm512_setzero_ps();
     for (int t = 0; t < nt; t++) {
@@ -359,7 +364,8 @@ INLINE void amx_accumulate(int bits, const int32_t *c, const uint8_t *blk, const
                                                       _mm512_mul_ps(d, _mm512_set1_ps(ds[G * t + g])),
                                                       _mm512_load_ps(acc + 16 * t)));
         if (bits == 4)
-            _mm512_store_ps(off + 16 * t, _mm512_fmadd_ps(o, _mm512_set1_ps(xs[G * t + g]), _mm512_load_ps(off + 16 * t)));
+            _mm512_store_ps(off + 16 * t,
+                            _mm512_fmadd_ps(o, _mm512_set1_ps(xs[G * t + g]), _mm512_load_ps(off + 16 * t)));
     }
 }
 
@@ -431,8 +437,8 @@ static void amx_group(int bits, const uint8_t *w, int64_t tile_stride, int64_t t
             const int nr = (int)(N - n0 < TILE ? N - n0 : TILE);
             for (int t = 0; t < nt; t++) {
                 float out[TILE];
-                _mm512_storeu_ps(out, bits == 4 ? _mm512_add_ps(_mm512_load_ps(acc[i] + 16 * t), _mm512_load_ps(off[i] + 16 * t))
-                                                : _mm512_load_ps(acc[i] + 16 * t));
+                const __m512 a = _mm512_load_ps(acc[i] + 16 * t);
+                _mm512_storeu_ps(out, bits == 4 ? _mm512_add_ps(a, _mm512_load_ps(off[i] + 16 * t)) : a);
                 store_rows(out, bias, n0, nr, y + (m0 + t) * N);
             }
         }
