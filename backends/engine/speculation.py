@@ -44,7 +44,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from backends.engine.args import SpeculationConfig
 
 RECENCY = 0.8  # a sequence's acceptance counts are multiplied by this at each verification
-PRIOR_WEIGHT = 4.0  # pseudo-counts of the engine-wide acceptance of the proposal's kind in a sequence's estimate
+PRIOR_WEIGHT = 1.0  # pseudo-counts of the engine-wide acceptance of the proposal's kind in a sequence's estimate
 PRIOR_DRAFT_COST = 0.3  # a draft's cost in plain steps until the engine has measured it
 COST_AVERAGE = 0.1  # weight of a new step time in VerifyCost's moving averages
 MAX_NAMESPACES = 64  # a shared draft table keeps this many namespaces at most (least recently used dropped)
