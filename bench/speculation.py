@@ -74,7 +74,7 @@ OURS = {
     "ngram": SpeculationConfig(method="ngram"),
     "ngram+shared": SpeculationConfig(method="ngram", shared_context=True),
 }
-NUM_DRAFTS_BOUND = 4  # SpeculationConfig's default num_draft_tokens
+NUM_DRAFTS_BOUND = SpeculationConfig().num_draft_tokens  # the default most drafts a step
 LLAMA_SPEC_TYPES = ("ngram-mod", "ngram-cache")  # the first one the binary lists is measured
 
 

@@ -42,7 +42,7 @@ class SpeculationConfig:
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - not a field (no annotation)
 
     method: SpeculationMethod = "none"
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 8
     min_n: int = 2
     max_n: int = 4
     shared_context: bool = False
