@@ -8,9 +8,10 @@ the GGUF Q4_1 layout). ``quantize_for_engine`` is what the engine applies under 
 Kernels: where the engine's native kernels build (``layers/native.py``, the system C compiler, x86 with
 AVX2), both layers run them: weights with a scale per block of 32 inputs, activations quantized per block
 of 32 in two int8 levels (error below a bf16 rounding), integer dot products (AMX tiles for batches of 16 rows
-or more and AVX-512 VNNI where the CPU has them), and a row's result does not depend on the rest of its batch or the thread count. Elsewhere torch's packed kernels run: ``_weight_int8pack_mm``
-(a scale per output row) and ``_weight_int4pack_mm_for_cpu``, with activations cast to ``compute_dtype``
-(bf16: torch's CPU kernels are vectorized for it) and back. ``kernel=`` on ``from_linear`` and
+or more and AVX-512 VNNI where the CPU has them), and a row's result does not depend on the rest of its batch
+or the thread count. Elsewhere torch's packed kernels run: ``_weight_int8pack_mm`` (a scale per output row)
+and ``_weight_int4pack_mm_for_cpu``, with activations cast to ``compute_dtype`` (bf16: torch's CPU kernels are
+vectorized for it) and back. ``kernel=`` on ``from_linear`` and
 ``quantize_model`` picks one explicitly.
 
 Embeddings are never quantized; ``lm_head`` is left alone by ``quantize_model`` by default (it is tied to the
